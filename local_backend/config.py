@@ -1,0 +1,75 @@
+"""The engine's public data types: what to load, what to generate, what comes back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is only needed for the annotation
+    from PIL.Image import Image
+
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA to load, named in the config or per request.
+
+    `path` is a configured name, a .safetensors file under one of `lora_dirs`, a Hugging Face repo id
+    ("owner/name" or "owner/name/weights.safetensors", local cache only) or an https URL whose host is
+    in `lora_url_hosts`. For a configured name, the effective scale is the configured scale times
+    this one.
+    """
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny"  # "tiny" = the tiny random pipeline (local_backend.tiny); else a folder or repo id
+    device: str | None = None  # None = "cuda" if available else "cpu"
+    dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
+    offload: str = "none"  # none | model | sequential | group
+    quantization: str | None = None  # None | int8 | nf4 | fp4 (bitsandbytes) | int8wo | float8wo (torchao)
+    compile: bool = False  # torch.compile the transformer's repeated blocks
+    max_batch: int = 4  # max images in one pipeline call
+    max_queue: int = 16  # max waiting jobs; beyond -> QueueFullError
+    max_pixels: int = 1328 * 1328 * 4  # width*height above -> InvalidParamsError
+    default_steps: int = 50
+    default_cfg_scale: float = 4.0
+    scheduler: dict = field(default_factory=dict)  # FlowMatchEulerDiscreteScheduler config overrides
+    loras: dict[str, LoraSpec] = field(default_factory=dict)  # named LoRAs usable by name in requests
+    base_loras: list[LoraSpec] = field(default_factory=list)  # always active for this engine
+    lora_dirs: list[str] = field(default_factory=list)  # allowed folders for request file paths
+    lora_url_hosts: list[str] = field(default_factory=list)  # allowlist for https URLs (exact host)
+    lora_cache_dir: str | None = None  # default ~/.cache/qwen-image-proxy/loras
+    lora_max_bytes: int = 2 * 1024**3
+    lora_cache_size: int = 8  # LRU of loaded adapters (base LoRAs are pinned and not counted)
+    local_files_only: bool | None = None  # None = follow HF_HUB_OFFLINE
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    width: int = 1024
+    height: int = 1024
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None  # None -> config default
+    cfg_scale: float | None = None  # true_cfg_scale; None -> config default
+    seed: int | None = None  # None -> random (returned); image i gets seed + i
+    n: int = 1
+    loras: list[LoraSpec] = field(default_factory=list)  # at most 3 (plus the engine's base_loras)
+    deadline: float | None = None  # time.monotonic() deadline; past it the job is dropped/interrupted
+    on_step: Callable[[int, int], None] | None = None  # (step, total_steps), from the worker thread
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image]  # exactly width x height each
+    seeds: list[int]
+    steps_run: int  # denoising steps actually run
+    batch_size: int  # how many images shared the pipeline call(s)
+    seconds: float  # time from pick-up by the worker to completion

@@ -1,0 +1,329 @@
+"""Resolve, download, cache and activate LoRAs.
+
+Resolution (`LoraManager.resolve_request`) runs at submit time on the caller's thread and only
+touches the file system, so bad input fails synchronously. URL downloads run on a helper thread;
+the worker only takes a job once its downloads are done. Loading adapters into the pipeline
+(`LoraManager.activate`) runs on the engine's worker thread, like every other pipeline call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import EngineConfig, LoraSpec
+from .errors import LoraError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_LORAS = 3
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+\.safetensors)?$")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class LoraRef:
+    """A resolved LoRA: `source` yields (local safetensors path, content key) once available."""
+
+    label: str  # for error messages (URLs without their query string)
+    scale: float
+    source: Future
+
+    @property
+    def ready(self) -> bool:
+        return self.source.done()
+
+    def key(self) -> str:
+        return self.source.result()[1]
+
+
+def _done(path: str, key: str) -> Future:
+    fut: Future = Future()
+    fut.set_result((path, key))
+    return fut
+
+
+def _adapter_name(key: str) -> str:
+    # peft uses adapter names as module keys: keep them short and free of dots.
+    return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def check_safetensors(path: str, label: str) -> None:
+    """Read only the header: reject pickles, empty files and files without tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:
+        raise LoraError(f"LoRA {label!r} is not a safetensors file") from None
+    if not keys:
+        raise LoraError(f"LoRA {label!r} contains no tensors")
+
+
+def _safe_label(path: str) -> str:
+    parts = urllib.parse.urlsplit(path)
+    if parts.scheme in ("http", "https"):  # a query may carry a token: never echo it
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return path
+
+
+class LoraManager:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.cache_dir = Path(
+            config.lora_cache_dir or Path.home() / ".cache" / "qwen-image-proxy" / "loras"
+        ).expanduser()
+        self._lock = threading.Lock()
+        self._downloads: dict[str, Future] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> key, LRU order
+        self._pinned: set[str] = set()
+        self._allowed_dirs = [Path(d).expanduser().resolve() for d in config.lora_dirs]
+
+    # ----- resolution (caller's thread) -----
+
+    def resolve_request(self, specs: list[LoraSpec]) -> list[LoraRef]:
+        if len(specs) > MAX_REQUEST_LORAS:
+            raise LoraError(f"at most {MAX_REQUEST_LORAS} LoRAs per request, got {len(specs)}")
+        return [self.resolve(spec, trusted=False) for spec in specs]
+
+    def resolve(self, spec: LoraSpec, trusted: bool) -> LoraRef:
+        """trusted=True for paths from the engine's own config: no allowlists apply."""
+        path, scale = spec.path, spec.scale
+        if not isinstance(path, str) or not path.strip():
+            raise LoraError("a LoRA needs a path or a name")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise LoraError(f"LoRA {_safe_label(path)!r}: scale must be a finite number")
+        if path in self.config.loras:
+            named = self.config.loras[path]
+            ref = self.resolve(named, trusted=True)
+            return LoraRef(label=path, scale=named.scale * scale, source=ref.source)
+        label = _safe_label(path)
+        if "://" in path:
+            return LoraRef(label, scale, self._resolve_url(path, label, trusted))
+        file = self._find_file(path, trusted)
+        if file is not None:
+            return LoraRef(label, scale, self._file_source(file, label))
+        if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+            return LoraRef(label, scale, self._resolve_hub(path))
+        raise LoraError(f"LoRA {label!r} not found: not a configured name, an allowed file, a cached repo or a URL")
+
+    def _find_file(self, path: str, trusted: bool) -> Path | None:
+        """The real path of a local file, or None when `path` may still be a repo id."""
+        raw = Path(path).expanduser()
+        explicit = raw.is_absolute() or path.startswith((".", "~"))  # clearly meant as a file path
+        if trusted:
+            real = raw.resolve()
+            if real.is_file():
+                return real
+            if explicit:
+                raise LoraError(f"LoRA file {path!r} not found")
+            return None
+        if raw.is_absolute() and not self._allowed_dirs:
+            raise LoraError("LoRA file paths are not allowed (no LoRA folders are configured)")
+        escaped = False
+        for folder in self._allowed_dirs:
+            candidate = folder / raw  # an absolute raw stays itself
+            # resolve() follows symlinks and "..", so the containment check sees the real target.
+            real = candidate.resolve()
+            if real.is_relative_to(folder):
+                if real.is_file():
+                    return real
+            elif not any(real.is_relative_to(d) for d in self._allowed_dirs):
+                # Same answer whether or not the outside file exists: no probing of the disk.
+                escaped = escaped or raw.is_absolute() or ".." in raw.parts or candidate.is_symlink()
+        if escaped:
+            raise LoraError(f"LoRA {path!r} is outside the allowed LoRA folders")
+        if explicit:
+            raise LoraError(f"LoRA file {path!r} not found")
+        return None
+
+    def _file_source(self, file: Path, label: str) -> Future:
+        if file.suffix != ".safetensors":
+            raise LoraError(f"LoRA {label!r} is not a safetensors file (only .safetensors can be loaded)")
+        check_safetensors(str(file), label)
+        stat = file.stat()
+        return _done(str(file), f"file:{file}:{stat.st_size}:{stat.st_mtime_ns}")
+
+    def _resolve_hub(self, path: str) -> Future:
+        from huggingface_hub import snapshot_download
+
+        parts = path.split("/")
+        repo, weight = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        try:  # cache only: a request must never trigger a multi-GB hub download
+            folder = Path(snapshot_download(repo, local_files_only=True))
+        except Exception:
+            raise LoraError(f"LoRA repo {repo!r} is not in the local Hugging Face cache") from None
+        if weight is None:
+            files = sorted(folder.rglob("*.safetensors"))
+            if len(files) != 1:
+                found = ", ".join(str(f.relative_to(folder)) for f in files) or "none"
+                raise LoraError(f"LoRA repo {repo!r}: name one .safetensors file as {repo}/<file> (found: {found})")
+            file = files[0]
+        else:
+            file = folder / weight
+            if not file.is_file():
+                raise LoraError(f"LoRA file {weight!r} is not in the cached repo {repo!r}")
+        real = file.resolve()  # the blob's name is its content hash: a stable key
+        check_safetensors(str(real), path)
+        return _done(str(real), f"blob:{real}")
+
+    # ----- URLs (download helper thread) -----
+
+    def _resolve_url(self, url: str, label: str, trusted: bool) -> Future:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https":
+            raise LoraError(f"LoRA URL {label!r}: only https URLs are allowed")
+        host = (parts.hostname or "").lower()
+        if not trusted and host not in {h.lower() for h in self.config.lora_url_hosts}:
+            raise LoraError(f"LoRA URL host {host!r} is not allowed")
+        cached = self._cached_url(url)
+        if cached is not None:
+            return _done(str(cached), f"sha256:{cached.stem}")
+        with self._lock:
+            fut = self._downloads.get(url)
+            if fut is None or (fut.done() and fut.exception() is not None):  # retry failed downloads
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-download")
+                fut = self._executor.submit(self._download, url, label)
+                self._downloads[url] = fut
+            return fut
+
+    def _index_path(self) -> Path:
+        return self.cache_dir / "urls.json"
+
+    def _read_index(self) -> dict[str, str]:
+        try:
+            return json.loads(self._index_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _cached_url(self, url: str) -> Path | None:
+        digest = self._read_index().get(url)
+        if digest:
+            file = self.cache_dir / f"{digest}.safetensors"
+            if file.is_file():
+                return file
+        return None
+
+    def _download(self, url: str, label: str) -> tuple[str, str]:
+        limit = self.config.lora_max_bytes
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".part")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            opener = urllib.request.build_opener(_HttpsOnlyRedirects)
+            with os.fdopen(fd, "wb") as out, opener.open(url, timeout=60) as response:
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > limit:
+                    raise LoraError(f"LoRA URL {label!r} is larger than {limit} bytes")
+                while chunk := response.read(_CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise LoraError(f"LoRA URL {label!r} is larger than {limit} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            check_safetensors(tmp, label)
+            final = self.cache_dir / f"{digest.hexdigest()}.safetensors"
+            os.replace(tmp, final)  # content-addressed: two URLs with one file share it
+            self._record(url, digest.hexdigest())
+            return str(final), f"sha256:{digest.hexdigest()}"
+        except LoraError:
+            raise
+        except Exception as exc:
+            raise LoraError(f"LoRA URL {label!r} could not be downloaded: {type(exc).__name__}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _record(self, url: str, digest: str) -> None:
+        with self._lock:
+            index = self._read_index()
+            index[url] = digest
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".json")
+            with os.fdopen(fd, "w") as out:
+                json.dump(index, out)
+            os.replace(tmp, self._index_path())
+
+    # ----- adapters (worker thread only) -----
+
+    def activate(self, pipe, refs: list[LoraRef], pinned: bool = False) -> None:
+        """Make exactly `refs` active with their scales (none: plain base model)."""
+        weights: OrderedDict[str, float] = OrderedDict()
+        for ref in refs:
+            name = self._ensure_loaded(pipe, ref, keep=list(weights), pinned=pinned)
+            weights[name] = weights.get(name, 0.0) + ref.scale  # the same LoRA twice: deltas add
+        if not weights:
+            if self._loaded:
+                pipe.disable_lora()
+            return
+        pipe.enable_lora()
+        pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+
+    def _ensure_loaded(self, pipe, ref: LoraRef, keep: list[str], pinned: bool) -> str:
+        path, key = ref.source.result()  # raises the download's LoraError, if any
+        name = _adapter_name(key)
+        if pinned:
+            self._pinned.add(name)
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return name
+        self._evict(pipe, keep)
+        self._load(pipe, path, name, ref.label)
+        self._loaded[name] = key
+        return name
+
+    def _evict(self, pipe, keep: list[str]) -> None:
+        unpinned = [n for n in self._loaded if n not in self._pinned and n not in keep]
+        while len(unpinned) >= self.config.lora_cache_size:
+            victim = unpinned.pop(0)
+            pipe.delete_adapters(victim)
+            del self._loaded[victim]
+
+    def _load(self, pipe, path: str, name: str, label: str) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception:
+            raise LoraError(f"LoRA {label!r} is not a safetensors file") from None
+        try:
+            pipe.load_lora_weights(state, adapter_name=name)
+        except Exception as exc:
+            self._drop_partial(pipe, name)
+            raise LoraError(f"LoRA {label!r} does not fit this model: {str(exc)[:200]}") from None
+        # diffusers only logs a warning when no key matches a layer: check that it really loaded.
+        if name not in pipe.get_list_adapters().get("transformer", []):
+            self._drop_partial(pipe, name)
+            raise LoraError(f"LoRA {label!r} loaded no weights: none of its keys match a Qwen-Image layer")
+
+    @staticmethod
+    def _drop_partial(pipe, name: str) -> None:
+        if any(name in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(name)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    # Hub URLs redirect to a CDN, so other hosts are fine; a downgrade to http is not.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme != "https":
+            raise LoraError("LoRA URL redirected to a non-https address")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)

@@ -1,0 +1,43 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process, as in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "qip_requests_total", "Image requests by model and HTTP status", ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "qip_request_seconds", "Time to answer an image request", ["endpoint", "model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+            registry=self.registry,
+        )
+        self.route_attempts = Counter(
+            "qip_route_attempts_total", "Calls to a route and how they ended", ["model", "route", "outcome"],
+            registry=self.registry,
+        )
+        self.images = Counter(
+            "qip_images_total", "Images returned", ["model", "route"], registry=self.registry,
+        )
+        self.passthrough = Counter(
+            "qip_passthrough_requests_total", "Requests forwarded to the passthrough upstream", ["status"],
+            registry=self.registry,
+        )
+        self.local_queue = Gauge(
+            "qip_local_queue_depth", "Jobs waiting in a local engine", ["provider"], registry=self.registry,
+        )
+        self.local_steps = Counter(
+            "qip_local_denoise_steps_total", "Denoising steps run by a local engine", ["provider"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,137 @@
+"""Any OpenAI-compatible image upstream (Lumenfall and the like): POST {base_url}/images/generations."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Any
+
+import aiohttp
+
+from ..config import RouteConfig
+from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamError, UpstreamTimeout, redact
+from ..request import ImageRequest
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+
+# Request fields sent when set; everything the proxy does not know rides along in req.extra.
+_OPTIONAL_FIELDS = ("negative_prompt", "seed", "quality", "background", "style", "moderation", "user",
+                    "cfg_scale", "num_inference_steps", "prompt_enhancement")
+
+
+def to_native(req: ImageRequest, model: str, *, output_formats: frozenset[str],
+              response_format: str = "b64_json") -> dict[str, Any]:
+    body: dict[str, Any] = dict(req.extra)
+    body.update(model=model, prompt=req.prompt, n=req.n, size=req.size_text, response_format=response_format)
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            body[name] = value
+    if req.loras:
+        body["loras"] = [lora.model_dump() for lora in req.loras]
+    # Ask for the format only where the upstream makes it; otherwise the proxy converts.
+    if req.output_format in output_formats:
+        body["output_format"] = req.output_format
+        if req.output_compression is not None:
+            body["output_compression"] = req.output_compression
+    return body
+
+
+def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list[GeneratedImage]:
+    items = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        raise UpstreamError("the upstream answered without images")
+    images = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise UpstreamError("the upstream answered with a malformed data item")
+        common = dict(revised_prompt=item.get("revised_prompt"), compression_applied=compression_sent)
+        if item.get("b64_json"):
+            try:
+                images.append(GeneratedImage(data=base64.b64decode(item["b64_json"], validate=True), **common))
+            except (binascii.Error, ValueError):
+                raise UpstreamError("the upstream answered with invalid base64") from None
+        elif item.get("url"):
+            images.append(GeneratedImage(url=item["url"], **common))
+        else:
+            raise UpstreamError("the upstream answered with a data item that has neither url nor b64_json")
+    return images
+
+
+def error_from_status(status: int, payload: Any, retry_after: str | None) -> ProxyError:
+    """Map an upstream HTTP error to ours: client faults return at once, the rest fall back."""
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(err, dict):
+        message, param = str(err.get("message") or err.get("code") or ""), err.get("param")
+    else:
+        message, param = (str(err) if err else ""), None
+    detail = f"HTTP {status}" + (f": {message}" if message else "")
+    if status in (400, 422):
+        return InvalidRequest(f"The upstream rejected the request ({detail})", param=param)
+    if status == 429:
+        try:
+            wait = float(retry_after) if retry_after else None
+        except ValueError:
+            wait = None
+        return RateLimited(f"rate limited ({detail})", retry_after=wait)
+    if status == 408:
+        return UpstreamTimeout(f"upstream timeout ({detail})")
+    if status in (401, 403):
+        return UpstreamError(f"authentication with the upstream failed ({detail}); check the provider's api_key")
+    return UpstreamError(f"upstream error ({detail})")
+
+
+class OpenAICompatProvider(Provider):
+    kind = "openai"
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        self.base_url = str(options.get("base_url") or "").rstrip("/")
+        self.api_key = str(options.get("api_key") or "")
+        self.response_format = options.get("response_format", "b64_json")
+        self.capabilities = Capabilities(
+            max_images_per_call=int(options.get("max_images_per_call", 1)),
+            output_formats=frozenset(options.get("output_formats", ["png", "jpeg", "webp"])),
+            output_compression=True,
+        )
+        self.http: aiohttp.ClientSession | None = None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if not self.base_url:
+            return "no base_url configured"
+        if not self.api_key and self.options.get("api_key_required", True):
+            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
+            return f"no API key (set {hint})"
+        return None
+
+    async def start(self, ctx: ProviderContext) -> None:
+        self.http = ctx.http
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        body = to_native(req, route.model or req.model, output_formats=self.capabilities.output_formats,
+                         response_format=self.response_format)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        timeout = aiohttp.ClientTimeout(total=route.timeout or self.default_timeout)
+        try:
+            async with self.http.post(f"{self.base_url}/images/generations", json=body, headers=headers,
+                                      timeout=timeout) as resp:
+                try:
+                    payload = await resp.json(content_type=None)
+                except ValueError:
+                    payload = None
+                if resp.status >= 400:
+                    raise self._redacted(error_from_status(resp.status, payload, resp.headers.get("Retry-After")))
+                if payload is None:
+                    raise UpstreamError(f"the upstream answered HTTP {resp.status} with a body that is not JSON")
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
+        return from_native(payload, req, compression_sent="output_compression" in body)
+
+    def _redacted(self, error: ProxyError) -> ProxyError:
+        error.message = redact(error.message, [self.api_key])
+        return error

@@ -1,0 +1,81 @@
+"""Instant offline images: the prompt drawn on a background determined by (prompt, seed).
+
+For offline development and for testing apps: same sizes as the real model, no network, no GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+import textwrap
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..config import RouteConfig
+from ..request import SEED_MAX, ImageRequest
+from .base import Capabilities, GeneratedImage, Provider
+
+# Above this the drawing itself is the cost; real models have similar limits.
+MAX_PIXELS = 4096 * 4096
+
+
+def _palette(prompt: str, seed: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    digest = hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()
+    return tuple(digest[0:3]), tuple(digest[3:6])
+
+
+def draw_placeholder(prompt: str, seed: int, width: int, height: int) -> Image.Image:
+    """A deterministic picture of (prompt, seed): a two-colour gradient, shapes and the prompt text."""
+    top, bottom = _palette(prompt, seed)
+    # A vertical gradient built from a 1-pixel column, so the cost does not grow with width.
+    column = Image.new("RGB", (1, 256))
+    for y in range(256):
+        t = y / 255
+        column.putpixel((0, y), tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
+    im = column.resize((width, height), Image.Resampling.BILINEAR)
+
+    draw = ImageDraw.Draw(im)
+    rng = random.Random(f"{seed}:{prompt}")
+    for _ in range(6):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        r = max(1, int(min(width, height) * rng.uniform(0.05, 0.2)))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), outline=colour, width=max(1, r // 8))
+
+    font_size = max(8, min(width, height) // 16)
+    font = ImageFont.load_default(size=font_size)
+    chars_per_line = max(4, int(width / (font_size * 0.6)) - 2)
+    lines = textwrap.wrap(prompt, chars_per_line)[: max(1, height // (font_size * 2))]
+    lines.append(f"{width}x{height} seed {seed}")
+    y = font_size
+    for line in lines:
+        draw.text((font_size // 2 + 1, y + 1), line, fill=(0, 0, 0), font=font)
+        draw.text((font_size // 2, y), line, fill=(255, 255, 255), font=font)
+        y += int(font_size * 1.3)
+    return im
+
+
+def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    draw_placeholder(prompt, seed, width, height).save(out, format="PNG")
+    return out.getvalue()
+
+
+class PlaceholderProvider(Provider):
+    kind = "placeholder"
+    capabilities = Capabilities(max_images_per_call=10)
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        seeds = [
+            req.with_chunk(1, i).seed if req.seed is not None else random.randint(0, SEED_MAX)
+            for i in range(req.n)
+        ]
+        datas = await asyncio.gather(
+            *(asyncio.to_thread(render_png, req.prompt, s, req.width, req.height) for s in seeds)
+        )
+        return [
+            GeneratedImage(data=d, mime="image/png", width=req.width, height=req.height, seed=s)
+            for d, s in zip(datas, seeds, strict=True)
+        ]

@@ -1,0 +1,143 @@
+"""size / aspect_ratio / resolution -> exact (width, height), following the seed page's rules.
+
+- size "WxH" is exact pixels and wins; size "W:H" means aspect_ratio; "auto" or nothing = default.
+- aspect_ratio maps to the nearest supported ratio, compared on a log scale (7:1 with 4:1 and 8:1 -> 8:1).
+- resolution ("0.5K", "1K", "2K", "4K" or megapixels "0.25", "1") maps to the nearest tier, also on a
+  log scale; the shape is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequest
+
+MAX_SIDE = 14142  # the seed page's "1-14142px per side"
+
+_PIXELS = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
+_K_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[kK]\s*$")
+_MP_TIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:mp|MP|Mp)?\s*$")
+
+
+@dataclass(frozen=True)
+class SizeTable:
+    """A model's supported sizes: tier label -> ratio label -> (width, height)."""
+
+    tiers: dict[str, dict[str, tuple[int, int]]]
+    default: tuple[int, int]
+    max_side: int = MAX_SIDE
+    min_side: int = 1
+    max_pixels: int | None = None
+    default_ratio: str = field(init=False)
+    default_tier: str = field(init=False)
+
+    def __post_init__(self):
+        if not self.tiers or not all(self.tiers.values()):
+            raise ValueError("a size table needs at least one tier with one ratio")
+        for tier, ratios in self.tiers.items():
+            tier_megapixels(tier)
+            for ratio in ratios:
+                parse_ratio(ratio)
+        # The default size names the default tier and shape when it is in the table.
+        for tier, ratios in self.tiers.items():
+            for ratio, wh in ratios.items():
+                if tuple(wh) == tuple(self.default):
+                    object.__setattr__(self, "default_tier", tier)
+                    object.__setattr__(self, "default_ratio", ratio)
+                    return
+        w, h = self.default
+        object.__setattr__(self, "default_tier", _nearest_tier(self.tiers, w * h / 1e6))
+        object.__setattr__(self, "default_ratio", _nearest_ratio(self.tiers[self.default_tier], w / h))
+
+
+def parse_pixels(text: str) -> tuple[int, int] | None:
+    m = _PIXELS.match(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def parse_ratio(text: str) -> float:
+    m = _RATIO.match(text)
+    if not m or float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
+        raise ValueError(f"'{text}' is not an aspect ratio like '16:9'")
+    return float(m.group(1)) / float(m.group(2))
+
+
+def tier_megapixels(text: str) -> float:
+    """'1K' means about 1024x1024 pixels; a bare number is megapixels."""
+    if m := _K_TIER.match(text):
+        value = float(m.group(1)) ** 2 * 1024 * 1024 / 1e6
+    elif m := _MP_TIER.match(text):
+        value = float(m.group(1))
+    else:
+        raise ValueError(f"'{text}' is not a resolution tier like '1K' or a megapixel count like '0.25'")
+    if value <= 0:
+        raise ValueError(f"'{text}' must be greater than zero")
+    return value
+
+
+def _nearest_tier(tiers: dict[str, dict], megapixels: float) -> str:
+    return min(tiers, key=lambda t: abs(math.log(tier_megapixels(t)) - math.log(megapixels)))
+
+
+def _nearest_ratio(ratios: dict[str, tuple[int, int]], ratio: float) -> str:
+    return min(ratios, key=lambda r: abs(math.log(parse_ratio(r)) - math.log(ratio)))
+
+
+def check_bounds(width: int, height: int, table: SizeTable, param: str = "size") -> None:
+    for side in (width, height):
+        if not table.min_side <= side <= table.max_side:
+            raise InvalidRequest(
+                f"Invalid size {width}x{height}: each side must be between {table.min_side} "
+                f"and {table.max_side} pixels for this model.",
+                param=param,
+            )
+    if table.max_pixels and width * height > table.max_pixels:
+        raise InvalidRequest(
+            f"Invalid size {width}x{height}: {width * height} pixels is more than this model's "
+            f"limit of {table.max_pixels}.",
+            param=param,
+        )
+
+
+def resolve_size(
+    table: SizeTable,
+    size: str | None = None,
+    aspect_ratio: str | None = None,
+    resolution: str | None = None,
+) -> tuple[int, int]:
+    ratio_param = "aspect_ratio"
+    if size is not None and size.strip().lower() not in ("", "auto"):
+        if pixels := parse_pixels(size):
+            check_bounds(*pixels, table)
+            return pixels
+        if not _RATIO.match(size):
+            raise InvalidRequest(
+                f"Invalid size '{size}': use 'WxH' pixels (e.g. '1024x1024'), 'W:H' (e.g. '16:9') or 'auto'.",
+                param="size",
+            )
+        aspect_ratio, ratio_param = size, "size"
+
+    if aspect_ratio is None and resolution is None:
+        return tuple(table.default)
+
+    if resolution is None:
+        tier = table.default_tier
+    else:
+        try:
+            tier = _nearest_tier(table.tiers, tier_megapixels(resolution))
+        except ValueError as e:
+            raise InvalidRequest(f"Invalid resolution: {e}.", param="resolution") from None
+
+    ratios = table.tiers[tier]
+    if aspect_ratio is None:
+        ratio = table.default_ratio if table.default_ratio in ratios else None
+        ratio = ratio or _nearest_ratio(ratios, parse_ratio(table.default_ratio))
+    else:
+        try:
+            ratio = _nearest_ratio(ratios, parse_ratio(aspect_ratio))
+        except ValueError as e:
+            raise InvalidRequest(f"Invalid {ratio_param}: {e}.", param=ratio_param) from None
+    return tuple(ratios[ratio])

@@ -1,0 +1,46 @@
+"""Shared fixtures: build a config, start the proxy on a real port, talk to it with the openai package."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from openai import AsyncOpenAI
+
+from proxy import build_app, parse_config
+
+QWEN_1K = {
+    "default": "1024x1024",
+    "tiers": {
+        "1K": {
+            "1:1": "1024x1024", "4:3": "1183x887", "3:4": "887x1182", "2:3": "836x1254",
+            "3:2": "1254x836", "9:16": "768x1365", "16:9": "1365x768",
+        }
+    },
+}
+
+
+def base_config(tmp_path, **overrides) -> dict:
+    """A config dict with the placeholder model; tests add providers and models to it."""
+    cfg = {
+        "store": {"path": str(tmp_path / "images"), "ttl_seconds": 3600},
+        "providers": {"placeholder": {"kind": "placeholder"}},
+        "size_tables": {"qwen-image": copy.deepcopy(QWEN_1K)},
+        "models": {"qwen-image-placeholder": {"sizes": "qwen-image", "routes": ["placeholder"]}},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def start_proxy(aiohttp_server):
+    """start_proxy(config_dict, env=None, api_key="test") -> (server, AsyncOpenAI client)."""
+
+    async def start(config: dict, env: dict | None = None, api_key: str = "test", providers=None):
+        app = build_app(parse_config(config, env=env or {}), providers=providers)
+        # TestServer turns on handler_cancellation, as `serve` does: a client that hangs up cancels its request.
+        server = await aiohttp_server(app)
+        client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=api_key, max_retries=0, timeout=60)
+        return server, client
+
+    return start
