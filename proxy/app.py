@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,8 @@ class Gateway:
             max_download_bytes=int(config.store.max_download_mb * 1024 * 1024),
         )
         self.passthrough = Passthrough(config.passthrough) if config.passthrough.enabled else None
+        # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers.
+        self.mounted = False
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
         self.http: aiohttp.ClientSession | None = None
@@ -154,9 +157,12 @@ class Gateway:
                 response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
                                       code="internal_error").to_response()
             model = request.get("model", "")
-            self.metrics.requests.labels(endpoint=request.path, model=model, status=str(response.status)).inc()
+            # Templates, not raw paths: every image URL as its own label value would grow without bound.
+            endpoint = ("/images/{name}" if request.path.startswith("/images/")
+                        else "/v1/models/{model}" if request.path.startswith("/v1/models/") else request.path)
+            self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(response.status)).inc()
             if model:
-                self.metrics.latency.labels(endpoint=request.path, model=model).observe(time.monotonic() - started)
+                self.metrics.latency.labels(endpoint=endpoint, model=model).observe(time.monotonic() - started)
             return _with_id(response, request_id)
 
         return qwen_image_proxy
@@ -245,7 +251,7 @@ class Gateway:
         name = request.path[len("/v1/models/"):]
         if name in self.config.models:
             return web.json_response(self._model_card(name))
-        if self.passthrough:
+        if self.passthrough or self.mounted:
             raise NotServedHere
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
 
@@ -271,7 +277,7 @@ class Gateway:
         if not isinstance(model, str):
             raise InvalidRequest("Invalid 'model': must be a string.", param="model")
         if model not in self.config.models:
-            if self.passthrough:
+            if self.passthrough or self.mounted:
                 raise NotServedHere
             served = ", ".join(self.config.models) or "none"
             raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.",
@@ -288,18 +294,18 @@ class Gateway:
         if req.stream:
             return await self._stream(request, req, "image_generation")
         payload = await self._generate(request, req)
-        return web.json_response(payload)
+        return web.Response(text=dumps_with_b64(payload), content_type="application/json")
 
     async def _generate(self, request: web.Request, req: ImageRequest) -> dict:
         deadline = time.monotonic() + self.config.server.request_timeout
         result = await self.router.generate(req, deadline)
-        items, encoded = await render_images(
+        items, formats = await render_images(
             result.images, req, store=self.store, http=self.http,
             base_url=self.config.server.public_base_url or f"{request.scheme}://{request.host}",
             settings=self.output,
         )
         self.metrics.images.labels(model=req.model, route=result.route.name).inc(len(items))
-        out_format = next((e.format for e in encoded if e), req.output_format or "png")
+        out_format = next((f for f in formats if f), req.output_format or "png")
         payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
         for key in ("quality", "background"):
             if getattr(req, key) is not None:
@@ -337,6 +343,26 @@ class Gateway:
             await response.write(_sse(event["type"], event))
         await response.write_eof()
         return response
+
+
+def dumps_with_b64(payload: dict) -> str:
+    """json.dumps, with the megabytes of base64 spliced in rather than scanned for escaping.
+
+    Base64 text has no character JSON would escape, so it goes in as it is.
+    """
+    # A random marker: no text a client sent (a prompt, say) can collide with it.
+    nonce = secrets.token_hex(16)
+    images = [item.pop("b64_json", None) for item in payload["data"]]
+    for i, b64 in enumerate(images):
+        if b64 is not None:
+            payload["data"][i] = {"b64_json": f"{nonce}-{i}", **payload["data"][i]}
+    parts, rest = [], json.dumps(payload)
+    for i, b64 in enumerate(images):
+        if b64 is not None:
+            head, _, rest = rest.partition(f'"{nonce}-{i}"')
+            parts += [head, '"', b64, '"']
+    parts.append(rest)
+    return "".join(parts)
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -392,6 +418,7 @@ def image_proxy_middleware(config: Config, app: web.Application | None = None):
     routes. Pass `app` so the gateway is closed with it (it starts on the first request).
     """
     gateway = Gateway(config)
+    gateway.mounted = True
     if app is not None:
         app["qwen_image_gateway"] = gateway
 

@@ -93,11 +93,19 @@ class SizeTableConfig(_Strict):
     max_side: int = Field(default=MAX_SIDE, ge=1, le=MAX_SIDE)
     max_pixels: int | None = Field(default=None, ge=1)
 
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tier_labels_as_text(cls, tiers):
+        # YAML reads an unquoted megapixel tier such as `0.25:` as a number.
+        return {str(k): v for k, v in tiers.items()} if isinstance(tiers, dict) else tiers
+
     def build(self) -> SizeTable:
         def pixels(text: str) -> tuple[int, int]:
             wh = parse_pixels(text)
             if wh is None:
                 raise ValueError(f"'{text}' is not a size like '1024x1024'")
+            if not all(1 <= side <= self.max_side for side in wh):
+                raise ValueError(f"'{text}': each side must be between 1 and {self.max_side} pixels")
             return wh
 
         return SizeTable(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -96,6 +97,40 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
     return out.getvalue()
 
 
+def _normal_format(im: Image.Image) -> str:
+    fmt = (im.format or "").lower()
+    return {"jpg": "jpeg"}.get(fmt, fmt)
+
+
+def _unchanged(im: Image.Image, target: str | None, compression: int | None, size: tuple[int, int],
+               compression_applied: bool) -> bool:
+    fmt = _normal_format(im)
+    recompress = (target or fmt) in LOSSY and compression is not None and not compression_applied
+    return im.size == tuple(size) and (target or fmt) == fmt and fmt in MIME and not recompress
+
+
+def decode_b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text)
+    except (binascii.Error, ValueError):
+        raise UpstreamError("the route returned invalid base64") from None
+
+
+def unchanged_b64_format(text: str, target: str | None, compression: int | None, size: tuple[int, int],
+                         compression_applied: bool) -> str | None:
+    """The format of base64 image text when it needs no change, judged from its header alone; else None.
+
+    Spares decoding and re-encoding megabytes when an upstream's b64_json goes to a b64_json client.
+    """
+    head = text[:65536]
+    try:
+        im = Image.open(io.BytesIO(base64.b64decode(head[: len(head) - len(head) % 4])))
+    except Exception:
+        return None
+    with im:
+        return _normal_format(im) if _unchanged(im, target, compression, size, compression_applied) else None
+
+
 def convert(
     data: bytes,
     target: str | None,
@@ -109,17 +144,15 @@ def convert(
     """
     try:
         im = Image.open(io.BytesIO(data))
-        fmt = {"jpg": "jpeg"}.get((im.format or "").lower(), (im.format or "").lower())
     except Exception:
         raise UpstreamError("the route returned data that is not an image") from None
     with im:
-        target = target or (fmt if fmt in MIME else "png")
-        needs_resize = im.size != tuple(size)
-        recompress = target in LOSSY and compression is not None and not compression_applied
-        if not needs_resize and fmt == target and not recompress:
+        fmt = _normal_format(im)
+        if _unchanged(im, target, compression, size, compression_applied):
             return Encoded(data, fmt, *im.size)
+        target = target or (fmt if fmt in MIME else "png")
         im.load()
-        if needs_resize:
+        if im.size != tuple(size):
             im = im.resize(tuple(size), Image.Resampling.LANCZOS)
         return Encoded(encode_image(im, target, compression), target, *im.size)
 
@@ -170,10 +203,13 @@ async def render_images(
     http: aiohttp.ClientSession,
     base_url: str,
     settings: OutputSettings,
-) -> tuple[list[dict], list[Encoded | None]]:
-    """Turn provider images into OpenAI data items (url or b64_json) of the requested format and size."""
+) -> tuple[list[dict], list[str | None]]:
+    """Turn provider images into OpenAI data items (url or b64_json) of the requested format and size.
 
-    async def one(img: GeneratedImage) -> tuple[dict, Encoded | None]:
+    Returns the items and each one's format (None for an upstream URL handed on as it is).
+    """
+
+    async def one(img: GeneratedImage) -> tuple[dict, str | None]:
         revised = img.revised_prompt or req.prompt
         hand_on = (
             img.data is None
@@ -184,16 +220,21 @@ async def render_images(
         )
         if hand_on:
             return {"url": img.url, "revised_prompt": revised}, None
-        data = img.data if img.data is not None else await fetch_image(http, img.url, settings.max_download_bytes)
-        enc = await asyncio.to_thread(
-            convert, data, req.output_format, req.output_compression, (req.width, req.height),
-            img.compression_applied,
-        )
+        wanted = (req.output_format, req.output_compression, (req.width, req.height), img.compression_applied)
+        data = img.data
+        if data is None and img.b64 is not None:
+            if req.response_format == "b64_json" and (fmt := await asyncio.to_thread(
+                    unchanged_b64_format, img.b64, *wanted)):
+                return {"b64_json": img.b64, "revised_prompt": revised}, fmt
+            data = await asyncio.to_thread(decode_b64, img.b64)
+        if data is None:
+            data = await fetch_image(http, img.url, settings.max_download_bytes)
+        enc = await asyncio.to_thread(convert, data, *wanted)
         if req.response_format == "b64_json":
             b64 = await asyncio.to_thread(lambda: base64.b64encode(enc.data).decode("ascii"))
-            return {"b64_json": b64, "revised_prompt": revised}, enc
+            return {"b64_json": b64, "revised_prompt": revised}, enc.format
         name = await store.put(enc.data, enc.mime)
-        return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}, enc
+        return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}, enc.format
 
     results = await gather_or_cancel([one(img) for img in images])
-    return [item for item, _ in results], [enc for _, enc in results]
+    return [item for item, _ in results], [fmt for _, fmt in results]

@@ -72,6 +72,7 @@ class Passthrough:
                 headers["Content-Length"] = str(request.content_length)
         else:
             data = None
+        response: web.StreamResponse | None = None
         try:
             async with self.http.request(
                 request.method, self.target_url(request), headers=headers, data=data, allow_redirects=False,
@@ -83,11 +84,11 @@ class Passthrough:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("The passthrough upstream did not answer in time.") from None
-        except aiohttp.ClientError as e:
-            # Once the answer has started we cannot send an error any more: cut the connection.
-            if "response" in locals() and response.prepared:
-                log.warning("passthrough stream broke: %s", type(e).__name__)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if response is not None and response.prepared:
+                # The answer has started: no error can be sent any more, so the connection is cut.
+                log.warning("passthrough stream broke off: %s", type(e).__name__)
                 raise
+            if isinstance(e, asyncio.TimeoutError):
+                raise UpstreamTimeout("The passthrough upstream did not answer in time.") from None
             raise UpstreamError(f"The passthrough upstream could not be reached ({type(e).__name__}).") from None

@@ -145,7 +145,8 @@ def parse_body(fields: dict[str, Any]) -> _GenerationBody:
 
 
 def build_request(body: _GenerationBody, model: str, width: int, height: int) -> ImageRequest:
-    known = body.model_dump(exclude={"loras"})
+    # model_dump includes extra="allow" fields too: those go to `extra`, not to the constructor.
+    known = body.model_dump(exclude={"loras", *(body.model_extra or {})})
     known.pop("model", None)
     return ImageRequest(
         model=model,
@@ -162,7 +163,7 @@ def parse_json_bytes(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body is empty; send a JSON object with a 'prompt'.", code="invalid_json")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an int literal over 4300 digits
         raise InvalidRequest(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")

@@ -55,7 +55,10 @@ class SizeTable:
 
 def parse_pixels(text: str) -> tuple[int, int] | None:
     m = _PIXELS.match(text)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    # More digits than any real side (int() refuses past 4300 of them): not a size.
+    if not m or max(len(m.group(1)), len(m.group(2))) > 9:
+        return None
+    return int(m.group(1)), int(m.group(2))
 
 
 def parse_ratio(text: str) -> float:
@@ -68,13 +71,16 @@ def parse_ratio(text: str) -> float:
 def tier_megapixels(text: str) -> float:
     """'1K' means about 1024x1024 pixels; a bare number is megapixels."""
     if m := _K_TIER.match(text):
-        value = float(m.group(1)) ** 2 * 1024 * 1024 / 1e6
+        k = float(m.group(1))
+        value = k * k * 1024 * 1024 / 1e6  # not k ** 2: that raises OverflowError instead of giving inf
     elif m := _MP_TIER.match(text):
         value = float(m.group(1))
     else:
         raise ValueError(f"'{text}' is not a resolution tier like '1K' or a megapixel count like '0.25'")
     if value <= 0:
         raise ValueError(f"'{text}' must be greater than zero")
+    if math.isinf(value):
+        raise ValueError(f"'{text}' is too large")
     return value
 
 

@@ -28,6 +28,8 @@ class GeneratedImage:
 
     data: bytes | None = None
     url: str | None = None
+    # Base64 text as an upstream sent it: handed on untouched when nothing needs converting.
+    b64: str | None = None
     mime: str | None = None
     width: int | None = None
     height: int | None = None

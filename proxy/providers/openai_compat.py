@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import json
 from typing import Any
 
 import aiohttp
@@ -46,11 +45,8 @@ def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list
         if not isinstance(item, dict):
             raise UpstreamError("the upstream answered with a malformed data item")
         common = dict(revised_prompt=item.get("revised_prompt"), compression_applied=compression_sent)
-        if item.get("b64_json"):
-            try:
-                images.append(GeneratedImage(data=base64.b64decode(item["b64_json"], validate=True), **common))
-            except (binascii.Error, ValueError):
-                raise UpstreamError("the upstream answered with invalid base64") from None
+        if isinstance(item.get("b64_json"), str) and item["b64_json"]:
+            images.append(GeneratedImage(b64=item["b64_json"], **common))
         elif item.get("url"):
             images.append(GeneratedImage(url=item["url"], **common))
         else:
@@ -79,6 +75,13 @@ def error_from_status(status: int, payload: Any, retry_after: str | None) -> Pro
     if status in (401, 403):
         return UpstreamError(f"authentication with the upstream failed ({detail}); check the provider's api_key")
     return UpstreamError(f"upstream error ({detail})")
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 class OpenAICompatProvider(Provider):
@@ -118,19 +121,19 @@ class OpenAICompatProvider(Provider):
         try:
             async with self.http.post(f"{self.base_url}/images/generations", json=body, headers=headers,
                                       timeout=timeout) as resp:
-                try:
-                    payload = await resp.json(content_type=None)
-                except ValueError:
-                    payload = None
-                if resp.status >= 400:
-                    raise self._redacted(error_from_status(resp.status, payload, resp.headers.get("Retry-After")))
-                if payload is None:
-                    raise UpstreamError(f"the upstream answered HTTP {resp.status} with a body that is not JSON")
+                raw = await resp.read()
+                status, retry_after = resp.status, resp.headers.get("Retry-After")
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
-        return from_native(payload, req, compression_sent="output_compression" in body)
+        # Megabytes of JSON and base64: parse off the event loop.
+        payload = await asyncio.to_thread(_json_or_none, raw)
+        if status >= 400:
+            raise self._redacted(error_from_status(status, payload, retry_after))
+        if payload is None:
+            raise UpstreamError(f"the upstream answered HTTP {status} with a body that is not JSON")
+        return await asyncio.to_thread(from_native, payload, req, "output_compression" in body)
 
     def _redacted(self, error: ProxyError) -> ProxyError:
         error.message = redact(error.message, [self.api_key])

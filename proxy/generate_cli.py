@@ -1,0 +1,88 @@
+"""`qwen-image-proxy generate`: the local engine from the command line, without the server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import Config
+from .errors import ProxyError
+from .output import encode_image
+from .request import build_request, parse_body
+from .sizing import resolve_size
+
+_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+
+
+def _local_options(config: Config, model: str) -> dict:
+    if model not in config.models:
+        sys.exit(f"error: unknown model '{model}'; models: {', '.join(config.models)}")
+    for route in config.models[model].routes:
+        provider = config.providers[route.provider]
+        if provider.kind == "diffusers":
+            return provider.options
+    sys.exit(f"error: model '{model}' has no local (diffusers) route")
+
+
+def _output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+async def run_generate(args: argparse.Namespace, config: Config) -> None:
+    from tqdm import tqdm
+
+    from local_backend import Engine, EngineError
+
+    from .providers.local import engine_config, to_params
+
+    fmt = _FORMATS.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        sys.exit(f"error: cannot tell the image format from '{args.output}'; use .png, .jpg, .webp, .gif or .avif")
+    fields = {"prompt": args.prompt, "n": args.n, "size": args.size, "seed": args.seed,
+              "num_inference_steps": args.steps, "cfg_scale": args.cfg_scale,
+              "negative_prompt": args.negative_prompt,
+              "loras": [_lora(text) for text in args.lora] or None}
+    try:
+        body = parse_body({k: v for k, v in fields.items() if v is not None})
+        width, height = resolve_size(config.size_table(args.model), body.size, body.aspect_ratio, body.resolution)
+        req = build_request(body, args.model, width, height)
+    except ProxyError as e:
+        sys.exit(f"error: {e.message}")
+
+    engine = Engine(engine_config(_local_options(config, args.model)))
+    started = time.monotonic()
+    engine.load(lambda stage: print(f"loading: {stage}", file=sys.stderr))
+    print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    engine.start()
+    bar = tqdm(unit="step", desc="denoising", file=sys.stderr)
+
+    def on_step(step: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = await engine.generate(to_params(req, on_step))
+    except EngineError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        bar.close()
+        engine.close()
+    for path, image, seed in zip(_output_paths(args.output, req.n), result.images, result.seeds, strict=True):
+        path.write_bytes(encode_image(image, fmt, None))
+        print(f"{path}  {image.width}x{image.height}  seed {seed}")
+
+
+def _lora(text: str) -> dict:
+    # PATH[:SCALE]; a URL's own colon stays in the path.
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not scale.startswith("//"):
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"path": text, "scale": 1.0}

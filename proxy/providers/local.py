@@ -1,0 +1,187 @@
+"""The `diffusers` kind: an in-process Qwen-Image pipeline (local_backend) behind the proxy.
+
+torch and diffusers are imported only when a config uses this kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import fields
+from typing import Any
+
+from ..config import RouteConfig
+from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from ..output import MIME, encode_image
+from ..request import ImageRequest
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+
+log = logging.getLogger(__name__)
+
+# Options that belong to the provider, not to the engine.
+_PROVIDER_OPTIONS = {"timeout", "load_in_background"}
+
+
+def engine_config(options: dict[str, Any]):
+    """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
+    from local_backend import EngineConfig, LoraSpec
+
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = set(options) - known - _PROVIDER_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    values = {k: v for k, v in options.items() if k in known}
+
+    def spec(value) -> LoraSpec:
+        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
+
+    if "loras" in values:
+        values["loras"] = {name: spec(v) for name, v in (values["loras"] or {}).items()}
+    if "base_loras" in values:
+        values["base_loras"] = [spec(v) for v in values["base_loras"] or []]
+    for key in ("lora_dirs", "lora_url_hosts"):
+        if key in values:
+            values[key] = [v for v in values[key] or [] if v]
+    return EngineConfig(**values)
+
+
+def to_params(req: ImageRequest, on_step=None):
+    """ImageRequest -> local_backend.GenerationParams (pure)."""
+    from local_backend import GenerationParams, LoraSpec
+
+    return GenerationParams(
+        prompt=req.prompt,
+        width=req.width,
+        height=req.height,
+        negative_prompt=req.negative_prompt,
+        num_inference_steps=req.num_inference_steps,
+        cfg_scale=req.cfg_scale,
+        seed=req.seed,
+        n=req.n,
+        loras=[LoraSpec(lora.path, lora.scale) for lora in req.loras],
+        on_step=on_step,
+    )
+
+
+def _encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
+    return [encode_image(im, fmt, compression) for im in images]
+
+
+class LocalProvider(Provider):
+    kind = "diffusers"
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        self.engine = None
+        self._state: str | None = "not started"
+        self._load_task: asyncio.Task | None = None
+        self.metrics = None
+        try:
+            self.config = engine_config(options)
+        except ImportError as e:
+            self.config = None
+            self._state = f"the local backend is not installed ({e.name}); install with pip install '.[local]'"
+        except (TypeError, ValueError) as e:
+            self.config = None
+            self._state = f"invalid options: {e}"
+        max_batch = self.config.max_batch if self.config else 1
+        self.capabilities = Capabilities(
+            max_images_per_call=max_batch, output_formats=frozenset(MIME), output_compression=True
+        )
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._state
+
+    @property
+    def default_timeout(self) -> float:
+        return float(self.options.get("timeout", 1800))
+
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth if self.engine else 0
+
+    def _precheck(self) -> str | None:
+        """Why loading would fail before trying: no GPU where one is asked for, weights not on disk."""
+        import torch
+
+        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            return "no CUDA GPU on this machine"
+        return None
+
+    async def start(self, ctx: ProviderContext) -> None:
+        if self.config is None:
+            log.warning("provider %s unavailable: %s", self.name, self._state)
+            return
+        self.metrics = ctx.extras.get("metrics")
+        if reason := await asyncio.to_thread(self._precheck):
+            self._state = reason
+            log.warning("provider %s unavailable: %s", self.name, reason)
+            return
+        self._state = "loading the model"
+        self._load_task = asyncio.create_task(self._load())
+        # A big model loads in the background while the server answers; a small one can be waited for.
+        if not self.options.get("load_in_background", True):
+            await self._load_task
+
+    async def _load(self) -> None:
+        from local_backend import Engine
+
+        started = time.monotonic()
+        engine = Engine(self.config)
+
+        def progress(stage: str) -> None:
+            self._state = f"loading the model: {stage} ({time.monotonic() - started:.0f} s so far)"
+            log.info("provider %s: %s", self.name, stage)
+
+        try:
+            seconds = await asyncio.to_thread(engine.load, progress)
+            await asyncio.to_thread(engine.start)
+        except Exception as e:  # any failure leaves the route unusable with the reason shown
+            self._state = f"failed to load {self.config.model}: {type(e).__name__}: {e}"
+            log.error("provider %s: %s", self.name, self._state)
+            return
+        self.engine = engine
+        self._state = None
+        log.info("provider %s: %s loaded in %.1f s", self.name, self.config.model, seconds)
+
+    async def close(self) -> None:
+        if self._load_task and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine:
+            await asyncio.to_thread(self.engine.close)
+            self.engine = None
+
+    def _on_step(self, step: int, total: int) -> None:
+        if self.metrics:
+            self.metrics.local_steps.labels(provider=self.name).inc()
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        from local_backend import (
+            EngineError,
+            InvalidParamsError,
+            JobCancelledError,
+            QueueFullError,
+        )
+
+        if self.engine is None:
+            raise UpstreamError(f"the local model is not ready ({self._state})")
+        try:
+            result = await self.engine.generate(to_params(req, self._on_step))
+        except QueueFullError as e:
+            raise RateLimited(f"the local engine's queue is full: {e}", retry_after=e.retry_after) from None
+        except InvalidParamsError as e:
+            raise InvalidRequest(str(e), param=e.param) from None
+        except JobCancelledError as e:
+            raise UpstreamTimeout(f"the local job was stopped: {e}") from None
+        except EngineError as e:
+            raise UpstreamError(f"the local engine failed: {e}") from None
+        fmt = req.output_format or "png"
+        datas = await asyncio.to_thread(_encode_all, result.images, fmt, req.output_compression)
+        return [
+            GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
+                           compression_applied=True)
+            for data, im, seed in zip(datas, result.images, result.seeds, strict=True)
+        ]
