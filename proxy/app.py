@@ -38,6 +38,10 @@ log = logging.getLogger("proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_KEEPALIVE_SECONDS = 15
+REQUEST_ID = web.RequestKey("qip_request_id", str)
+MODEL = web.RequestKey("qip_model", str)
+# The raw body once read, so a request for a model served elsewhere can still be passed on.
+BODY = web.RequestKey("qip_body", bytes)
 
 
 class NotServedHere(Exception):
@@ -132,7 +136,7 @@ class Gateway:
         @web.middleware
         async def qwen_image_proxy(request: web.Request, handler: Handler) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-            request["request_id"] = request_id
+            request[REQUEST_ID] = request_id
             try:
                 target = self.match(request)
             except ProxyError as e:
@@ -156,7 +160,7 @@ class Gateway:
                 log.exception("request %s failed", request_id)
                 response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
                                       code="internal_error").to_response()
-            model = request.get("model", "")
+            model = request.get(MODEL, "")
             # Templates, not raw paths: every image URL as its own label value would grow without bound.
             endpoint = ("/images/{name}" if request.path.startswith("/images/")
                         else "/v1/models/{model}" if request.path.startswith("/v1/models/") else request.path)
@@ -183,12 +187,12 @@ class Gateway:
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
         """What the standalone app does with requests no gateway route answers."""
-        request_id = request.get("request_id") or uuid.uuid4().hex
+        request_id = request.get(REQUEST_ID) or uuid.uuid4().hex
         try:
             if self.passthrough and request.path.startswith("/v1/"):
                 self.authenticate(request)
                 self._check_length(request)
-                response = await self.passthrough.forward(request, body=request.get("body"))
+                response = await self.passthrough.forward(request, body=request.get(BODY))
                 self.metrics.passthrough.labels(status=str(response.status)).inc()
                 return response
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
@@ -242,7 +246,7 @@ class Gateway:
             async with self.http.get(f"{self.passthrough.base_url}/models", headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 payload = await resp.json(content_type=None) if resp.status == 200 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             payload = {}
         items = payload.get("data") if isinstance(payload, dict) else None
         return [m for m in items or [] if isinstance(m, dict) and m.get("id") not in exclude]
@@ -268,7 +272,7 @@ class Gateway:
             form = await request.post()
             return {k: v for k, v in form.items() if isinstance(v, str)}
         raw = await request.read()
-        request["body"] = raw
+        request[BODY] = raw
         return parse_json_bytes(raw)
 
     async def parse_generation(self, request: web.Request) -> ImageRequest:
@@ -282,7 +286,7 @@ class Gateway:
             served = ", ".join(self.config.models) or "none"
             raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.",
                                 param="model")
-        request["model"] = model
+        request[MODEL] = model
         body = parse_body(fields)
         width, height = resolve_size(self.size_tables[model], body.size, body.aspect_ratio, body.resolution)
         req = build_request(body, model, width, height)
@@ -389,6 +393,9 @@ def _from_http_exception(e: web.HTTPException) -> ProxyError:
     return ProxyError(e.reason)
 
 
+GATEWAY = web.AppKey("qwen_image_gateway", Gateway)
+
+
 def build_app(config: Config, providers: dict[str, Provider] | None = None) -> web.Application:
     """The standalone proxy: the gateway's routes, passthrough for other /v1 calls, OpenAI errors for the rest."""
     gateway = Gateway(config, providers)
@@ -396,7 +403,7 @@ def build_app(config: Config, providers: dict[str, Provider] | None = None) -> w
         middlewares=[gateway.middleware(fallback=gateway.fallback)],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
     )
-    app["gateway"] = gateway
+    app[GATEWAY] = gateway
     # Every request reaches the middleware; this route only makes aiohttp let it through.
     app.router.add_route("*", "/{tail:.*}", gateway.fallback)
 
@@ -420,7 +427,7 @@ def image_proxy_middleware(config: Config, app: web.Application | None = None):
     gateway = Gateway(config)
     gateway.mounted = True
     if app is not None:
-        app["qwen_image_gateway"] = gateway
+        app[GATEWAY] = gateway
 
         async def on_cleanup(_app: web.Application) -> None:
             await gateway.close()

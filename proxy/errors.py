@@ -83,6 +83,9 @@ class RateLimited(ProxyError):
 
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs):
         super().__init__(message, **kwargs)
+        # An upstream's Retry-After of "nan", "inf" or "-5" means nothing (and round() raises on the first two).
+        if retry_after is not None and not 0 <= retry_after < float("inf"):
+            retry_after = None
         self.retry_after = retry_after
         if retry_after is not None:
             self.headers.setdefault("Retry-After", str(max(1, round(retry_after))))

@@ -176,7 +176,7 @@ async def fetch_image(http: aiohttp.ClientSession, url: str, max_bytes: int, tim
                     raise UpstreamError(f"the image is larger than the {max_bytes} byte download limit")
                 chunks.append(chunk)
             return b"".join(chunks)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise UpstreamError(f"downloading the image failed: {type(e).__name__}") from None
 
 

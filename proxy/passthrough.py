@@ -8,6 +8,7 @@ import logging
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .config import PassthroughConfig
 from .errors import UpstreamError, UpstreamTimeout
@@ -74,8 +75,10 @@ class Passthrough:
             data = None
         response: web.StreamResponse | None = None
         try:
+            # encoded=True: the client's raw path and query as they are (yarl would turn %2F into /).
             async with self.http.request(
-                request.method, self.target_url(request), headers=headers, data=data, allow_redirects=False,
+                request.method, URL(self.target_url(request), encoded=True), headers=headers, data=data,
+                allow_redirects=False,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers))
@@ -84,7 +87,7 @@ class Passthrough:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             if response is not None and response.prepared:
                 # The answer has started: no error can be sent any more, so the connection is cut.
                 log.warning("passthrough stream broke off: %s", type(e).__name__)

@@ -67,7 +67,10 @@ class _GenerationBody(BaseModel):
     def _bool_to_on_off(cls, v):
         if isinstance(v, bool):
             return "on" if v else "off"
-        return v.lower() if isinstance(v, str) else v
+        if isinstance(v, str):
+            # Multipart forms send booleans as text.
+            return {"true": "on", "false": "off"}.get(v.lower(), v.lower())
+        return v
 
     @field_validator("loras", mode="before")
     @classmethod

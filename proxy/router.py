@@ -102,12 +102,16 @@ class Router:
                 async with asyncio.timeout(min(route.timeout, remaining)):
                     images = await generate_n(self._call(route), req, route.per_call)
             except TimeoutError:
-                error: ProxyError = UpstreamTimeout(f"timed out after {min(route.timeout, remaining):.0f} s")
+                error: ProxyError = UpstreamTimeout(f"timed out after {min(route.timeout, remaining):.3g} s")
             except ProxyError as e:
                 if not e.retryable:
                     self._count(req.model, route, "client_error")
                     raise
                 error = e
+            except Exception as e:
+                # A provider bug must not cost the request: log it and try the next route.
+                log.exception("model %s: route %s raised", req.model, route.name)
+                error = UpstreamError(f"internal error in the route ({type(e).__name__})")
             else:
                 route.breaker.record(True)
                 self._count(req.model, route, "ok")

@@ -65,9 +65,9 @@ class FilesystemStore:
 
     def sweep(self) -> int:
         removed, now = 0, time.time()
-        for path in self.root.glob("*"):
+        for path in self.root.iterdir():
             try:
-                if now - path.stat().st_mtime > self.ttl:
+                if path.is_file() and now - path.stat().st_mtime > self.ttl:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:

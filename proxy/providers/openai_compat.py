@@ -123,7 +123,7 @@ class OpenAICompatProvider(Provider):
                                       timeout=timeout) as resp:
                 raw = await resp.read()
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
