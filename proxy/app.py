@@ -147,7 +147,8 @@ class Gateway:
                 await self.start()
             started = time.monotonic()
             try:
-                if request.path not in ("/health",) and not request.path.startswith("/images/"):
+                # Health, metrics and image links stay open: probes, scrapers and browsers carry no key.
+                if request.path not in ("/health", "/metrics") and not request.path.startswith("/images/"):
                     self.authenticate(request)
                 response = await target(request)
             except NotServedHere:
@@ -192,7 +193,9 @@ class Gateway:
             if self.passthrough and request.path.startswith("/v1/"):
                 self.authenticate(request)
                 self._check_length(request)
-                response = await self.passthrough.forward(request, body=request.get(BODY))
+                # A client's key for this proxy is no key for the upstream: never forward it.
+                response = await self.passthrough.forward(request, body=request.get(BODY),
+                                                          drop_client_auth=bool(self._keys))
                 self.metrics.passthrough.labels(status=str(response.status)).inc()
                 return response
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
@@ -240,7 +243,7 @@ class Gateway:
         auth = self.config.passthrough.api_key
         if auth:
             headers["Authorization"] = f"Bearer {auth}"
-        elif "Authorization" in request.headers:
+        elif "Authorization" in request.headers and not self._keys:
             headers["Authorization"] = request.headers["Authorization"]
         try:
             async with self.http.get(f"{self.passthrough.base_url}/models", headers=headers,

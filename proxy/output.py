@@ -122,13 +122,29 @@ def unchanged_b64_format(text: str, target: str | None, compression: int | None,
 
     Spares decoding and re-encoding megabytes when an upstream's b64_json goes to a b64_json client.
     """
-    head = text[:65536]
-    try:
-        im = Image.open(io.BytesIO(base64.b64decode(head[: len(head) - len(head) % 4])))
-    except Exception:
+    im = _open_b64_head(text)
+    if im is None:
         return None
     with im:
         return _normal_format(im) if _unchanged(im, target, compression, size, compression_applied) else None
+
+
+def _open_b64_head(text: str) -> Image.Image | None:
+    """Pillow's view of an image's header, from the first 48 KiB of its base64 text."""
+    head = text[:65536]
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(head[: len(head) - len(head) % 4])))
+    except Exception:
+        return None
+
+
+def b64_is_image(text: str) -> bool:
+    """A cheap check that base64 text starts like an image, so a route that sends garbage falls back."""
+    im = _open_b64_head(text)
+    if im is None:
+        return False
+    im.close()
+    return True
 
 
 def convert(

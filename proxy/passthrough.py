@@ -55,11 +55,18 @@ class Passthrough:
         query = request.rel_url.raw_query_string
         return f"{self.base_url}{path}" + (f"?{query}" if query else "")
 
-    async def forward(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
-        """Send the request upstream and stream the answer back; body is given when already read."""
+    async def forward(self, request: web.Request, body: bytes | None = None,
+                      drop_client_auth: bool = False) -> web.StreamResponse:
+        """Send the request upstream and stream the answer back; body is given when already read.
+
+        The upstream gets the configured key; without one, the client's own Authorization unless
+        `drop_client_auth` (it was a key for this proxy).
+        """
         headers = forward_headers(request.headers, frozenset({"host", "content-length"}))
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
+        elif drop_client_auth:
+            headers.pop("Authorization", None)
         if request.remote:
             prior = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote

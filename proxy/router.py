@@ -11,7 +11,7 @@ from .config import ModelConfig, RouteConfig
 from .errors import ProxyError, RateLimited, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from .output import generate_n
 from .providers.base import GeneratedImage, Provider
-from .request import ImageRequest
+from .request import ImageRequest, with_route_defaults
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class Router:
                 break
             try:
                 async with asyncio.timeout(min(route.timeout, remaining)):
-                    images = await generate_n(self._call(route), req, route.per_call)
+                    # The route's `params` fill what the client left unset (before n is split: seeds follow).
+                    route_req = with_route_defaults(req, route.config.params)
+                    images = await generate_n(self._call(route), route_req, route.per_call)
             except TimeoutError:
                 error: ProxyError = UpstreamTimeout(f"timed out after {min(route.timeout, remaining):.3g} s")
             except ProxyError as e:

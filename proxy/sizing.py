@@ -65,7 +65,10 @@ def parse_ratio(text: str) -> float:
     m = _RATIO.match(text)
     if not m or float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
         raise ValueError(f"'{text}' is not an aspect ratio like '16:9'")
-    return float(m.group(1)) / float(m.group(2))
+    ratio = float(m.group(1)) / float(m.group(2))
+    if not 0 < ratio < math.inf:
+        raise ValueError(f"'{text}' is not a usable aspect ratio")
+    return ratio
 
 
 def tier_megapixels(text: str) -> float:

@@ -181,11 +181,16 @@ def test_payloads_without_images_are_upstream_errors(payload):
         from_native(payload, request(), compression_sent=False)
 
 
-@pytest.mark.parametrize("bad", ["@@@ not base64 @@@", "abc"])
-def test_bad_base64_is_an_upstream_error_when_decoded(bad):
-    images = from_native({"data": [{"b64_json": bad}]}, request(), compression_sent=False)
+@pytest.mark.parametrize("bad", ["@@@ not base64 @@@", "abc", base64.b64encode(b"not an image at all").decode()])
+def test_b64_that_is_not_an_image_is_an_upstream_error(bad):
+    # Raised in the provider, so the router falls back to the next route.
     with pytest.raises(UpstreamError):
-        decode_b64(images[0].b64)
+        from_native({"data": [{"b64_json": bad}]}, request(), compression_sent=False)
+
+
+def test_undecodable_b64_is_an_upstream_error():
+    with pytest.raises(UpstreamError):
+        decode_b64("abc")
 
 
 # --- error_from_status ---------------------------------------------------------------------------------

@@ -288,3 +288,9 @@ def test_size_table_rejects_empty_or_bad_labels():
 def test_size_table_default_names_its_tier_and_ratio():
     table = multi_tier(default=(2730, 1536))
     assert (table.default_tier, table.default_ratio) == ("2K", "16:9")
+
+
+def test_absurd_aspect_ratio_is_rejected(qwen):
+    with pytest.raises(InvalidRequest) as e:
+        resolve_size(qwen, aspect_ratio="9" * 400 + ":1")
+    assert e.value.param == "aspect_ratio"

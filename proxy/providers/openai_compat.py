@@ -10,6 +10,7 @@ import aiohttp
 
 from ..config import RouteConfig
 from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamError, UpstreamTimeout, redact
+from ..output import b64_is_image
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 
@@ -46,6 +47,8 @@ def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list
             raise UpstreamError("the upstream answered with a malformed data item")
         common = dict(revised_prompt=item.get("revised_prompt"), compression_applied=compression_sent)
         if isinstance(item.get("b64_json"), str) and item["b64_json"]:
+            if not b64_is_image(item["b64_json"]):
+                raise UpstreamError("the upstream answered with b64_json that is not an image")
             images.append(GeneratedImage(b64=item["b64_json"], **common))
         elif item.get("url"):
             images.append(GeneratedImage(url=item["url"], **common))
