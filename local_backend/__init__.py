@@ -1,0 +1,38 @@
+"""In-process Qwen-Image generation with diffusers: one pipeline on one worker thread.
+
+Usable on its own::
+
+    from local_backend import Engine, EngineConfig, GenerationParams
+    with Engine(EngineConfig(model="tiny")) as engine:
+        result = engine.generate_sync(GenerationParams("a cat", width=256, height=256))
+
+Importing this package does not import torch or diffusers; loading a pipeline does.
+"""
+
+from .config import EngineConfig, GenerationParams, GenerationResult, LoraSpec
+from .engine import Engine, Job
+from .errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidParamsError,
+    JobCancelledError,
+    LoraError,
+    QueueFullError,
+)
+from .tiny import build_tiny_pipeline
+
+__all__ = [
+    "DeadlineExceededError",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "GenerationParams",
+    "GenerationResult",
+    "InvalidParamsError",
+    "Job",
+    "JobCancelledError",
+    "LoraError",
+    "LoraSpec",
+    "QueueFullError",
+    "build_tiny_pipeline",
+]

@@ -26,7 +26,9 @@ def validate_config(config: EngineConfig) -> None:
     if config.dtype is not None and config.dtype not in DTYPES:
         raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
     if config.quantization is not None and config.quantization not in QUANTIZATIONS:
-        raise EngineError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {config.quantization!r}")
+        raise EngineError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {config.quantization!r}"
+        )
     for name in ("max_batch", "max_queue", "max_pixels", "default_steps", "lora_cache_size"):
         if getattr(config, name) < 1:
             raise EngineError(f"{name} must be at least 1")
@@ -58,7 +60,9 @@ def _quantization_config(name: str, dtype):
 
     if name in ("int8", "nf4", "fp4"):
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise EngineError(f"quantization {name!r} needs the bitsandbytes package (pip install bitsandbytes)")
+            raise EngineError(
+                f"quantization {name!r} needs the bitsandbytes package (pip install bitsandbytes)"
+            )
         if name == "int8":
             backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
         else:
@@ -142,13 +146,19 @@ def load_pipeline(config: EngineConfig, progress: Progress | None = None):
     except EngineError:
         raise
     except Exception as exc:  # from_pretrained raises many kinds; keep the message, drop the trace
-        hint = " (offline: only the local Hugging Face cache is used)" if kwargs.get("local_files_only") else ""
-        raise EngineError(f"could not load model {config.model!r}{hint}: {type(exc).__name__}: {exc}") from exc
+        hint = (
+            " (offline: only the local Hugging Face cache is used)" if kwargs.get("local_files_only") else ""
+        )
+        raise EngineError(
+            f"could not load model {config.model!r}{hint}: {type(exc).__name__}: {exc}"
+        ) from exc
     pipe.set_progress_bar_config(disable=True)
 
     if config.scheduler:
         report("applying scheduler overrides")
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **config.scheduler)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, **config.scheduler
+        )
 
     _place(pipe, config, device, report)
     if config.compile:

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,19 +108,23 @@ class LoraManager:
             raise LoraError("a LoRA needs a path or a name")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise LoraError(f"LoRA {_safe_label(path)!r}: scale must be a finite number")
-        if path in self.config.loras:
+        if path in self.config.loras:  # operator-configured: trusted, its own scale times this one
             named = self.config.loras[path]
-            ref = self.resolve(named, trusted=True)
-            return LoraRef(label=path, scale=named.scale * scale, source=ref.source)
+            return LoraRef(path, named.scale * scale, self._source(named.path, trusted=True))
+        return LoraRef(_safe_label(path), scale, self._source(path, trusted))
+
+    def _source(self, path: str, trusted: bool) -> Future:
         label = _safe_label(path)
         if "://" in path:
-            return LoraRef(label, scale, self._resolve_url(path, label, trusted))
+            return self._resolve_url(path, label, trusted)
         file = self._find_file(path, trusted)
         if file is not None:
-            return LoraRef(label, scale, self._file_source(file, label))
+            return self._file_source(file, label)
         if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
-            return LoraRef(label, scale, self._resolve_hub(path))
-        raise LoraError(f"LoRA {label!r} not found: not a configured name, an allowed file, a cached repo or a URL")
+            return self._resolve_hub(path)
+        raise LoraError(
+            f"LoRA {label!r} not found: not a configured name, an allowed file, a cached repo or a URL"
+        )
 
     def _find_file(self, path: str, trusted: bool) -> Path | None:
         """The real path of a local file, or None when `path` may still be a repo id."""
@@ -162,6 +167,8 @@ class LoraManager:
         from huggingface_hub import snapshot_download
 
         parts = path.split("/")
+        if ".." in parts:
+            raise LoraError(f"LoRA {path!r}: '..' is not allowed in a repo path")
         repo, weight = "/".join(parts[:2]), "/".join(parts[2:]) or None
         try:  # cache only: a request must never trigger a multi-GB hub download
             folder = Path(snapshot_download(repo, local_files_only=True))
@@ -171,7 +178,9 @@ class LoraManager:
             files = sorted(folder.rglob("*.safetensors"))
             if len(files) != 1:
                 found = ", ".join(str(f.relative_to(folder)) for f in files) or "none"
-                raise LoraError(f"LoRA repo {repo!r}: name one .safetensors file as {repo}/<file> (found: {found})")
+                raise LoraError(
+                    f"LoRA repo {repo!r}: name one .safetensors file as {repo}/<file> (found: {found})"
+                )
             file = files[0]
         else:
             file = folder / weight
@@ -302,7 +311,9 @@ class LoraManager:
         except Exception:
             raise LoraError(f"LoRA {label!r} is not a safetensors file") from None
         try:
-            pipe.load_lora_weights(state, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns on every adapter after the first: expected here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(state, adapter_name=name)
         except Exception as exc:
             self._drop_partial(pipe, name)
             raise LoraError(f"LoRA {label!r} does not fit this model: {str(exc)[:200]}") from None

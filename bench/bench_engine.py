@@ -1,0 +1,283 @@
+"""Local engine benchmarks (numbers, not tests).
+
+Default (CPU): what the engine costs on top of calling the same pipeline directly, on the tiny
+model: queue hand-off, worker thread, step callback, PIL output. Runs are interleaved and the
+median is compared; the target is < 5 %.
+
+    python bench/bench_engine.py [--size 256 --steps 8 --reps 9]
+
+--gpu (needs CUDA): seconds per image of the real-size Qwen-Image transformer (20B, default
+config) and VAE in bf16 with random weights (speed does not depend on weight values). The text
+encoder is skipped: random prompt embeddings shaped like Qwen2.5-VL's (3584 wide) are passed in.
+
+    python bench/bench_engine.py --gpu [--sizes 1024 1328 --batches 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
+
+# Qwen/Qwen-Image's scheduler_config.json (the timing barely depends on it).
+QWEN_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+
+# ----- CPU: engine overhead -----
+
+
+def bench_overhead(args) -> None:
+    import torch
+
+    from local_backend import Engine, EngineConfig, GenerationParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(EngineConfig(model="tiny", device="cpu", max_batch=4, max_queue=64))
+    engine.load(lambda stage: print(f"  [load] {stage}"))
+    engine.start()
+    pipe = engine.pipe  # the very same pipeline object the engine drives
+    size, steps = args.size, args.steps
+    kwargs = dict(width=size, height=size, num_inference_steps=steps, true_cfg_scale=4.0)
+
+    def direct(seed: int):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(prompt="a red fox in the snow", negative_prompt=" ", generator=generator, **kwargs).images
+
+    def through_engine(seed: int):
+        params = GenerationParams(
+            "a red fox in the snow",
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            cfg_scale=4.0,
+            seed=seed,
+        )
+        return engine.generate_sync(params).images
+
+    def timed(fn, seed: int) -> float:
+        started = time.perf_counter()
+        fn(seed)
+        return time.perf_counter() - started
+
+    print(f"tiny model, CPU ({torch.get_num_threads()} threads), {size}x{size}, {steps} steps, true CFG 4")
+    for seed in range(2):  # warm-up: allocator, oneDNN kernels
+        direct(seed)
+        through_engine(seed)
+    direct_times, engine_times = [], []
+    for rep in range(args.reps):  # interleaved, so load drift hits both alike
+        direct_times.append(timed(direct, rep))
+        engine_times.append(timed(through_engine, rep))
+    d, e = statistics.median(direct_times), statistics.median(engine_times)
+    print(f"  direct pipeline call  median {d * 1000:8.1f} ms   (min {min(direct_times) * 1000:.1f})")
+    print(f"  engine.generate_sync  median {e * 1000:8.1f} ms   (min {min(engine_times) * 1000:.1f})")
+    print(
+        f"  engine overhead       {(e - d) * 1000:+8.1f} ms = {(e - d) / d * 100:+.2f} % of the median (target < 5 %)"
+    )
+
+    # Runs differ by more than the overhead on a shared machine, so also time, within each engine
+    # run, the part spent outside the pipeline call: queue, thread hand-off, result, PIL resize.
+    inside = _TimedPipe(pipe)
+    engine._pipe = inside  # a bench-only peek; the engine reads the pipeline through this attribute
+    outside = []
+    for rep in range(args.reps):
+        total = timed(through_engine, rep)
+        outside.append(total - inside.last)
+    engine._pipe = pipe
+    o = statistics.median(outside)
+    print(f"  outside the pipe call median {o * 1000:8.2f} ms per job = {o / d * 100:.3f} % of a direct call")
+
+    # Batching: four compatible jobs queued at once share pipeline calls.
+    gate = threading.Event()
+    blocker = engine.submit(
+        GenerationParams(
+            "hold", width=size, height=size, num_inference_steps=2, on_step=lambda s, t: gate.wait(30)
+        )
+    )
+    jobs = [
+        engine.submit(
+            GenerationParams(
+                f"prompt {i}", width=size, height=size, num_inference_steps=steps, cfg_scale=4.0, seed=i
+            )
+        )
+        for i in range(4)
+    ]
+    started = time.perf_counter()
+    gate.set()
+    blocker.future.result()
+    batch_start = time.perf_counter()
+    results = [job.future.result() for job in jobs]
+    batched = time.perf_counter() - batch_start
+    print(
+        f"  4 queued jobs         {batched * 1000:8.1f} ms in batches of {results[0].batch_size} "
+        f"= {batched / 4 * 1000:.1f} ms/image vs {d * 1000:.1f} solo (gate released after "
+        f"{(batch_start - started) * 1000:.0f} ms)"
+    )
+    engine.close()
+
+
+class _TimedPipe:
+    """Forwards everything to the pipeline and times its __call__."""
+
+    def __init__(self, pipe):
+        self._pipe, self.last = pipe, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self._pipe(*args, **kwargs)
+        finally:
+            self.last = time.perf_counter() - started
+
+
+# ----- GPU: real-size speed -----
+
+
+def build_real_size_pipeline(
+    device: str, dtype, transformer_kwargs: dict | None = None, vae_kwargs: dict | None = None
+):
+    """QwenImagePipeline with random real-size transformer and VAE, no text encoder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    previous = torch.get_default_dtype()
+    # Create parameters directly in bf16 on the GPU: 20B parameters in fp32 would need 80 GB.
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            transformer = QwenImageTransformer2DModel(**(transformer_kwargs or {})).eval()
+            vae = AutoencoderKLQwenImage(**(vae_kwargs or {})).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_real_size(
+    pipe, size: int, batch: int, steps: int, cfg: float, text_tokens: int, device: str
+) -> float:
+    """One timed pipeline call with random prompt embeddings; returns seconds."""
+    import torch
+
+    width = pipe.transformer.config.joint_attention_dim  # 3584 = Qwen2.5-VL-7B's hidden size
+    dtype = pipe.transformer.dtype
+
+    def embeds():
+        values = torch.randn(batch, text_tokens, width, device=device, dtype=dtype)
+        return values, torch.ones(batch, text_tokens, device=device, dtype=torch.long)
+
+    prompt_embeds, prompt_mask = embeds()
+    extra = {}
+    if cfg > 1:
+        negative, negative_mask = embeds()
+        extra = {"negative_prompt_embeds": negative, "negative_prompt_embeds_mask": negative_mask}
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    pipe(
+        prompt_embeds=prompt_embeds,
+        prompt_embeds_mask=prompt_mask,
+        true_cfg_scale=cfg,
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        generator=generators,
+        output_type="pil",
+        **extra,
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def bench_gpu(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_engine.py --gpu needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    device, dtype = "cuda", torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights")
+    started = time.perf_counter()
+    pipe = build_real_size_pipeline(device, dtype)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    print(
+        f"built transformer ({params / 1e9:.1f} B params) + VAE in {time.perf_counter() - started:.0f} s; "
+        f"weights use {torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+    )
+    modes = [(50, 4.0), (8, 1.0)]  # the official recipe; Lightning-style 8 steps without CFG
+    print(f"{'size':>9} {'steps':>5} {'cfg':>4} {'batch':>5} {'s/call':>8} {'s/image':>8} {'peak GiB':>9}")
+    for size in args.sizes:
+        for steps, cfg in modes:
+            for batch in args.batches:
+                try:
+                    run_real_size(
+                        pipe, size, batch, 2, cfg, args.text_tokens, device
+                    )  # warm-up: kernels, allocator
+                    torch.cuda.reset_peak_memory_stats()
+                    times = [
+                        run_real_size(pipe, size, batch, steps, cfg, args.text_tokens, device)
+                        for _ in range(args.reps)
+                    ]
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"{size:>4}x{size:<4} {steps:>5} {cfg:>4} {batch:>5}   out of memory")
+                    continue
+                seconds = statistics.median(times)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(
+                    f"{size:>4}x{size:<4} {steps:>5} {cfg:>4} {batch:>5} {seconds:8.2f} {seconds / batch:8.2f} "
+                    f"{peak:9.1f}",
+                    flush=True,
+                )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gpu", action="store_true", help="real-size speed on a CUDA GPU")
+    parser.add_argument("--size", type=int, default=256, help="CPU mode: image side")
+    parser.add_argument("--steps", type=int, default=8, help="CPU mode: denoising steps")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (CPU 9, GPU 1)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU mode: torch threads (0 = torch default)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 1328], help="GPU mode: image sides")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="GPU mode: images per call")
+    parser.add_argument("--text-tokens", type=int, default=128, help="GPU mode: prompt length in tokens")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        args.reps = args.reps or 1
+        bench_gpu(args)
+    else:
+        args.reps = args.reps or 9
+        bench_overhead(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Helpers for tests that need the tiny local pipeline or LoRA files (shared across test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_SUBDIR = "tiny-qwen-image"
+
+
+def tiny_pipeline_dir(tmp: str | Path) -> Path:
+    """Build the tiny random pipeline under `tmp` once and return its folder.
+
+    Load it with the real QwenImagePipeline.from_pretrained (EngineConfig(model=str(path))).
+    """
+    from local_backend import build_tiny_pipeline
+
+    path = Path(tmp) / TINY_SUBDIR
+    if not (path / "model_index.json").exists():
+        build_tiny_pipeline(path)
+    return path
+
+
+def _transformer_config(pipeline_dir_or_pipe) -> dict:
+    import json
+
+    if hasattr(pipeline_dir_or_pipe, "transformer"):
+        return dict(pipeline_dir_or_pipe.transformer.config)
+    return json.loads((Path(pipeline_dir_or_pipe) / "transformer" / "config.json").read_text())
+
+
+def lora_state_dict(pipeline_dir_or_pipe, seed: int = 0, rank: int = 4, strength: float = 10.0) -> dict:
+    """A random PEFT LoRA for the pipeline's transformer, in diffusers' key format.
+
+    `strength` multiplies lora_B: at 1.0 a random LoRA moves the tiny model's pixels by only 1-2
+    levels; 10 makes its effect obvious (mean ~6 levels) without saturating.
+    """
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    # A fresh transformer built from the config: only the shapes matter, and the caller's
+    # pipeline is never touched.
+    config = {k: v for k, v in _transformer_config(pipeline_dir_or_pipe).items() if not k.startswith("_")}
+    transformer = QwenImageTransformer2DModel.from_config(config)
+    torch.manual_seed(seed)
+    transformer.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,  # random A and B: the LoRA really changes the output
+        )
+    )
+    state = get_peft_model_state_dict(transformer)
+    return {
+        f"transformer.{key}": (value * strength if "lora_B" in key else value).detach().clone().contiguous()
+        for key, value in state.items()
+    }
+
+
+def make_lora_file(pipeline_dir_or_pipe, path: str | Path, seed: int = 0, strength: float = 10.0) -> Path:
+    """Write a random LoRA (.safetensors) for the tiny pipeline (a folder or a loaded pipeline)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora_state_dict(pipeline_dir_or_pipe, seed, strength=strength), str(path))
+    return path
