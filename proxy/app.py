@@ -11,6 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -324,8 +325,6 @@ class Gateway:
 
     async def _stream(self, request: web.Request, req: ImageRequest, prefix: str) -> web.StreamResponse:
         """OpenAI image streaming: one `completed` event per image (keepalive comments while waiting)."""
-        from dataclasses import replace
-
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         work = asyncio.ensure_future(self._generate(request, replace(req, response_format="b64_json")))
