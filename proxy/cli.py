@@ -44,8 +44,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         table = config.size_table(name)
         print(f"{name}  (default {table.default[0]}x{table.default[1]})")
         for route in routes:
-            reason = route.provider.unavailable_reason
-            state = "ready" if reason is None else f"unavailable: {reason}"
+            reason = route.provider.preflight()
+            state = "usable" if reason is None else f"unavailable: {reason}"
             print(f"  -> {route.name} [{route.provider.kind}] {state}")
 
 
@@ -59,9 +59,12 @@ def cmd_check_config(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     problems = 0
     for name in config.models:
-        if not gateway.router.usable(name):
+        routes = gateway.router.routes[name]
+        reasons = [(route.name, route.provider.preflight()) for route in routes]
+        if all(reason is not None for _, reason in reasons):
             problems += 1
-            print(f"warning: model {name} has no usable route: {gateway.router.why_unusable(name)}")
+            detail = "; ".join(f"route '{r}': {why}" for r, why in reasons)
+            print(f"warning: model {name} has no usable route: {detail}")
     print(f"{args.config}: {len(config.providers)} providers, {len(config.models)} models, "
           f"{problems} without a usable route")
     sys.exit(1 if args.strict and problems else 0)

@@ -43,6 +43,7 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
     fmt = _FORMATS.get(Path(args.output).suffix.lower())
     if fmt is None:
         sys.exit(f"error: cannot tell the image format from '{args.output}'; use .png, .jpg, .webp, .gif or .avif")
+    options = _local_options(config, args.model)  # before config.size_table(), which raises KeyError
     fields = {"prompt": args.prompt, "n": args.n, "size": args.size, "seed": args.seed,
               "num_inference_steps": args.steps, "cfg_scale": args.cfg_scale,
               "negative_prompt": args.negative_prompt,
@@ -54,15 +55,21 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
     except ProxyError as e:
         sys.exit(f"error: {e.message}")
 
-    engine = Engine(engine_config(_local_options(config, args.model)))
     started = time.monotonic()
-    engine.load(lambda stage: print(f"loading: {stage}", file=sys.stderr))
+    try:
+        engine = Engine(engine_config(options))
+        engine.load(lambda stage: print(f"loading: {stage}", file=sys.stderr))
+    except (EngineError, TypeError, ValueError) as e:  # a bad option, or a model that does not load
+        sys.exit(f"error: {e}")
     print(f"loaded in {time.monotonic() - started:.1f} s", file=sys.stderr)
     engine.start()
     bar = tqdm(unit="step", desc="denoising", file=sys.stderr)
 
+    # n above max_batch runs as several pipeline calls, each reporting its own steps.
+    calls = -(-req.n // max(1, engine.config.max_batch))
+
     def on_step(step: int, total: int) -> None:
-        bar.total = total
+        bar.total = total * calls
         bar.update(1)
 
     try:

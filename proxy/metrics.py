@@ -35,7 +35,8 @@ class Metrics:
             "qip_local_queue_depth", "Jobs waiting in a local engine", ["provider"], registry=self.registry,
         )
         self.local_steps = Counter(
-            "qip_local_denoise_steps_total", "Denoising steps run by a local engine", ["provider"],
+            "qip_local_denoise_steps_total",
+            "Denoising steps run by a local engine, counted per job (k jobs sharing a batch add k a step)", ["provider"],
             registry=self.registry,
         )
 

@@ -61,6 +61,10 @@ class Provider(ABC):
         """Why this provider cannot serve now (missing key, model not loaded...); None when it can."""
         return None
 
+    def preflight(self) -> str | None:
+        """For `models` / `check-config`: what would stop this provider serving, without starting it."""
+        return self.unavailable_reason
+
     @property
     def default_timeout(self) -> float:
         return float(self.options.get("timeout", 300))

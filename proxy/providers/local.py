@@ -64,6 +64,29 @@ def to_params(req: ImageRequest, on_step=None):
     )
 
 
+def _weights_problem(config) -> str | None:
+    """Whether the weights are on disk, when they may not be downloaded."""
+    from pathlib import Path
+
+    from local_backend.loading import local_files_only
+
+    model = config.model
+    if model == "tiny" or not local_files_only(config):
+        return None
+    if Path(model).expanduser().is_dir():
+        return None if (Path(model).expanduser() / "model_index.json").is_file() else (
+            f"{model} has no model_index.json (not a diffusers pipeline folder)")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            return None
+    except ValueError:  # not a repo id either
+        return f"{model} is neither a pipeline folder nor a Hugging Face repo id"
+    return (f"the weights of {model} are not in the Hugging Face cache "
+            f"(run `huggingface-cli download {model}`, or set local_files_only: false)")
+
+
 def _encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
     return [encode_image(im, fmt, compression) for im in images]
 
@@ -109,7 +132,12 @@ class LocalProvider(Provider):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
-        return None
+        return _weights_problem(self.config)
+
+    def preflight(self) -> str | None:
+        if self.config is None:
+            return self._state
+        return self._precheck()
 
     async def start(self, ctx: ProviderContext) -> None:
         if self.config is None:
