@@ -299,25 +299,24 @@ class Engine:
     # ----- cancelling -----
 
     def _cancel(self, job: Job) -> None:
+        self._stop(job, JobCancelledError, "cancelled")
+
+    def _expire(self, job: Job) -> None:
+        self._stop(job, DeadlineExceededError, "deadline_hit")
+
+    def _stop(self, job: Job, error: type[JobCancelledError], flag: str) -> None:
+        """Drop a waiting job at once; flag a running one (the step callback interrupts it)."""
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
-                _settle(job.future, error=JobCancelledError(steps_run=job.steps_run))
+                _settle(job.future, error=error(steps_run=job.steps_run))
             elif job in self._running:
-                job.cancelled = True  # the step callback interrupts; the call's end settles it
+                setattr(job, flag, True)  # the call's end settles it
             self._cond.notify_all()
 
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-
-    def _expire(self, job: Job) -> None:
-        with self._cond:
-            if job in self._waiting:
-                self._waiting.remove(job)
-                _settle(job.future, error=DeadlineExceededError(steps_run=job.steps_run))
-            elif job in self._running:
-                job.deadline_hit = True  # the step callback interrupts; the call's end settles it
 
     def _sweep(self) -> None:
         """Drop waiting jobs whose LoRA download failed. Holds the lock."""

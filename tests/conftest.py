@@ -44,3 +44,23 @@ def start_proxy(aiohttp_server):
         return server, client
 
     return start
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random-weight pipeline, built once per session and loaded with the real from_pretrained."""
+    from .local_helpers import tiny_pipeline_dir
+
+    return tiny_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a busy 2-core box OpenMP threads spinning
+    against other processes make each call several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

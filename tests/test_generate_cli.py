@@ -21,8 +21,6 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .local_helpers import tiny_pipeline_dir  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 180
 
@@ -56,12 +54,6 @@ def run_all(commands: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.C
     """Run the commands in parallel; {name: finished process}."""
     procs = {name: start(args, cwd) for name, args in commands.items()}
     return {name: finish(proc) for name, proc in procs.items()}
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    # The same folder as test_local_e2e.py's: built once per session, whichever module runs first.
-    return tiny_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
 
 
 @pytest.fixture(scope="module")

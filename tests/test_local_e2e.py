@@ -29,7 +29,7 @@ from proxy import parse_config  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
-from .local_helpers import make_lora_file, tiny_pipeline_dir  # noqa: E402
+from .local_helpers import make_lora_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -46,23 +46,7 @@ MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    # As in test_local_engine.py: the tiny model gains nothing from threads, and on a busy 2-core
-    # box OpenMP threads spinning against other processes make each call several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    # One build per session, shared with test_generate_cli.py (tiny_pipeline_dir skips a built folder).
-    return tiny_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -27,27 +27,12 @@ from local_backend import (  # noqa: E402
     QueueFullError,
 )
 from local_backend.errors import DeadlineExceededError  # noqa: E402
-from tests.local_helpers import lora_state_dict, make_lora_file, tiny_pipeline_dir  # noqa: E402
+from tests.local_helpers import lora_state_dict, make_lora_file  # noqa: E402
 
 SIZE = 32
 STEPS = 3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    # The tiny model gains nothing from threads, and on a busy 2-core box OpenMP threads that
-    # spin against other processes make each call ~5x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory.mktemp("tiny"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
