@@ -111,13 +111,6 @@ class ServiceUnavailable(ProxyError):
     code = "no_route_available"
 
 
-class ClientGone(ProxyError):
-    """The client disconnected; nothing is sent back."""
-
-    status = 499
-    code = "client_closed_request"
-
-
 def redact(text: str, secrets: list[str]) -> str:
     """Remove secrets an upstream may have echoed back before the text reaches a client or a log."""
     for secret in secrets:

@@ -68,15 +68,6 @@ class Encoded:
         return MIME[self.format]
 
 
-def sniff_format(data: bytes) -> str | None:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "").lower()
-    except Exception:
-        return None
-    return {"jpg": "jpeg"}.get(fmt, fmt)
-
-
 def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
     """Encode a Pillow image in fmt; compression is OpenAI's output_compression (100 = best quality)."""
     out = io.BytesIO()
