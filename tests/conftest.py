@@ -8,6 +8,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from proxy import build_app, parse_config
+from proxy.store import FilesystemStore
 
 QWEN_1K = {
     "default": "1024x1024",
@@ -44,6 +45,15 @@ def start_proxy(aiohttp_server):
         return server, client
 
     return start
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """A started filesystem image store with a 60 s TTL."""
+    s = FilesystemStore(tmp_path / "images", ttl_seconds=60)
+    await s.start()
+    yield s
+    await s.close()
 
 
 @pytest.fixture(scope="session")

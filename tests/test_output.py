@@ -16,7 +16,6 @@ from proxy.errors import InvalidRequest, RateLimited, UpstreamError
 from proxy.output import OutputSettings, check_output_request, convert, generate_n, render_images
 from proxy.providers.base import GeneratedImage
 from proxy.request import SEED_MAX, ImageRequest
-from proxy.store import FilesystemStore
 
 
 def noisy(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
@@ -273,14 +272,6 @@ async def test_a_failing_chunk_cancels_its_siblings():
 
 
 PNG_96x64 = encoded(noisy())
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = FilesystemStore(tmp_path / "images", ttl_seconds=600)
-    await s.start()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

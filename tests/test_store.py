@@ -12,14 +12,6 @@ import pytest
 from proxy.store import FilesystemStore
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = FilesystemStore(tmp_path / "images", ttl_seconds=60)
-    await s.start()
-    yield s
-    await s.close()
-
-
 def age(path, seconds: float) -> None:
     past = time.time() - seconds
     os.utime(path, (past, past))
