@@ -1,33 +1,53 @@
-# make run   - install into .venv and serve on 127.0.0.1:8000 with models.yaml
-# make test  - lint and run the test suite
+# make run   - install what serving needs into .venv and serve with models.yaml
+#              (make run CONFIG=other.yaml PORT=9000 HOST=0.0.0.0)
+# make test  - install the test tools too, lint and run the test suite
 # make bench - print benchmark numbers (not tests)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip
 CONFIG ?= models.yaml
+PORT ?=
+HOST ?=
+# One stamp per install, so `make test` after `make run` still adds the test tools.
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test lint bench clean
+SERVE_ARGS := --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-install: $(STAMP)
+.PHONY: install install-test run test lint bench clean
 
-# Reinstall when the dependencies change. torch is pinned in pyproject (a CPU wheel on these machines).
-$(STAMP): pyproject.toml
+install: $(RUN_STAMP)
+install-test: $(TEST_STAMP)
+
+$(PY):
+	@echo "creating the virtual environment in $(VENV)..."
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[local,test]'
-	touch $(STAMP)
+	@echo "updating pip..."
+	$(PIP) install --upgrade --progress-bar off pip
+
+# Reinstall when the dependencies change. torch is pinned in pyproject (a CPU wheel on these machines);
+# the shipped models.yaml serves the tiny local model, so serving needs the local engine.
+$(RUN_STAMP): pyproject.toml | $(PY)
+	@echo "installing the proxy and the local engine (torch 2.13.0, diffusers, transformers; this takes a while)..."
+	$(PIP) install --progress-bar off -e '.[local]'
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	@echo "installing the proxy, the local engine and the test tools (pytest, ruff, hypothesis, openai)..."
+	$(PIP) install --progress-bar off -e '.[local,test]'
+	@touch $@ $(RUN_STAMP)
 
 run: install
-	$(VENV)/bin/qwen-image-proxy serve --config $(CONFIG)
+	$(VENV)/bin/qwen-image-proxy serve $(SERVE_ARGS)
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q
 
-bench: install
+bench: install-test
 	$(PY) bench/bench_proxy.py
 	$(PY) bench/bench_engine.py
 

@@ -74,8 +74,22 @@ def check_safetensors(path: str, label: str) -> None:
         raise LoraError(f"LoRA {label!r} contains no tensors")
 
 
+def _text_problem(path: str) -> str | None:
+    """What makes `path` unusable as text, before it reaches the file system or a message."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it contains a lone surrogate)"
+    if "\x00" in path:
+        return "must not contain NUL characters"
+    return None
+
+
 def _safe_label(path: str) -> str:
-    parts = urllib.parse.urlsplit(path)
+    try:
+        parts = urllib.parse.urlsplit(path)
+    except ValueError:  # malformed, e.g. an unclosed IPv6 bracket: still never echo a query
+        return path.split("?", 1)[0]
     if parts.scheme in ("http", "https"):  # a query may carry a token: never echo it
         return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     return path
@@ -106,12 +120,19 @@ class LoraManager:
         path, scale = spec.path, spec.scale
         if not isinstance(path, str) or not path.strip():
             raise LoraError("a LoRA needs a path or a name")
+        if problem := _text_problem(path):
+            raise LoraError(f"a LoRA path {problem}")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise LoraError(f"LoRA {_safe_label(path)!r}: scale must be a finite number")
         if path in self.config.loras:  # operator-configured: trusted, its own scale times this one
             named = self.config.loras[path]
             return LoraRef(path, named.scale * scale, self._source(named.path, trusted=True))
-        return LoraRef(_safe_label(path), scale, self._source(path, trusted))
+        try:
+            source = self._source(path, trusted)
+        except (OSError, ValueError) as e:  # e.g. a name too long for the file system, a malformed URL
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # never the server's paths
+            raise LoraError(f"LoRA {_safe_label(path)[:200]!r} cannot be used: {reason}") from None
+        return LoraRef(_safe_label(path), scale, source)
 
     def _source(self, path: str, trusted: bool) -> Future:
         label = _safe_label(path)

@@ -1,48 +1,56 @@
-"""build_app(config) and the mountable middleware: the HTTP side of the gateway."""
+"""build_app(config) and the mountable middleware: dispatch, auth, errors, request log, draining."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from .api import admin, generations
 from .config import Config
 from .errors import (
     AuthenticationFailed,
     InvalidRequest,
     MethodNotAllowed,
-    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    ShuttingDown,
 )
+from .fetch import FetchPolicy, GuardedFetcher
 from .metrics import Metrics
-from .output import OutputSettings, check_output_request, render_images
+from .output import OutputSettings
 from .passthrough import Passthrough
 from .providers import Provider, ProviderContext, build_providers
-from .request import ImageRequest, build_request, parse_body, parse_json_bytes
 from .router import Router
-from .sizing import resolve_size
 from .store import FilesystemStore
 
 log = logging.getLogger("proxy")
+access_log = logging.getLogger("proxy.requests")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SSE_KEEPALIVE_SECONDS = 15
 REQUEST_ID = web.RequestKey("qip_request_id", str)
 MODEL = web.RequestKey("qip_model", str)
 # The raw body once read, so a request for a model served elsewhere can still be passed on.
 BODY = web.RequestKey("qip_body", bytes)
+# The RouteResult of a served image request (route name and attempts for headers and the log).
+ROUTE = web.RequestKey("qip_route", object)
+# The error a stream ended with (its HTTP status was 200 before it was known).
+STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
+# How often a request waiting for its route checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
+# Paths that carry no key: probes, scrapers and browsers following image links.
+OPEN_PATHS = ("/health", "/ready", "/metrics")
+ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models")
 
 
 class NotServedHere(Exception):
@@ -56,27 +64,43 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.providers = providers if providers is not None else build_providers(config)
-        self.router = Router(config.models, self.providers, self.metrics)
+        self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
+                             max_load_wait=config.server.max_load_wait)
         self.size_tables = {name: config.size_table(name) for name in config.models}
         self.store = FilesystemStore(config.store.path, config.store.ttl_seconds)
         self.output = OutputSettings(
             rehost_upstream_urls=config.store.rehost_upstream_urls,
-            max_download_bytes=int(config.store.max_download_mb * 1024 * 1024),
+            fetch_policy=FetchPolicy(max_bytes=int(config.store.max_download_mb * 1024 * 1024)),
         )
-        self.passthrough = Passthrough(config.passthrough) if config.passthrough.enabled else None
-        # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers.
+        # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
+        self.fetcher = GuardedFetcher()
+        self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024))
+                            if config.passthrough.enabled else None)
+        # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers,
+        # and the admin endpoints are served only under admin_prefix (None: not at all).
         self.mounted = False
+        self.admin_prefix: str | None = ""
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
         self.http: aiohttp.ClientSession | None = None
+        self.keepalive_seconds = 15.0
+        # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
+        self.draining = False
+        self._shutdown_cancelled = False
+        self._inflight: set[asyncio.Future] = set()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._routes: dict[str, dict[str, Handler]] = {
-            "/health": {"GET": self.health},
-            "/metrics": {"GET": self.metrics_endpoint},
-            "/v1/models": {"GET": self.list_models},
-            "/v1/images/generations": {"POST": self.generations},
+            "/health": {"GET": partial(admin.health, self)},
+            "/ready": {"GET": partial(admin.ready, self)},
+            "/metrics": {"GET": partial(admin.metrics, self)},
+            "/v1/models": {"GET": partial(admin.list_models, self)},
+            "/v1/images/generations": {"POST": partial(generations.generations, self)},
         }
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -96,6 +120,25 @@ class Gateway:
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
+    async def drain(self) -> None:
+        """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
+        with a clear 503 (or a stream error event) rather than a dropped connection."""
+        self.draining = True
+        grace = self.config.server.shutdown_grace
+        pending = {f for f in self._inflight if not f.done()}
+        if pending:
+            log.info("draining: %d request(s) in flight, up to %.0f s", len(pending), grace)
+            await asyncio.wait(pending, timeout=grace)
+        left = {f for f in self._inflight if not f.done()}
+        if left:
+            log.warning("draining: cancelling %d request(s) still running after %.0f s", len(left), grace)
+            self._shutdown_cancelled = True
+            for f in left:
+                f.cancel()
+            await asyncio.wait(left, timeout=2)
+        # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
+        await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         if not self._started:
             return
@@ -105,8 +148,30 @@ class Gateway:
         if self.passthrough:
             await self.passthrough.close()
         await self.store.close()
+        await self.fetcher.close()
         await self.http.close()
         self._started = False
+
+    async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a request's routing as a task of its own, watched for a client that hangs up (also when the
+        host app's server does not cancel handlers) and for the end of the shutdown grace."""
+        work = asyncio.ensure_future(coro)
+        self._inflight.add(work)
+        work.add_done_callback(self._inflight.discard)
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
+                transport = request.transport
+                if not work.done() and (transport is None or transport.is_closing()):
+                    work.cancel()
+                    raise asyncio.CancelledError("the client disconnected")
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        if work.cancelled() and self._shutdown_cancelled:
+            raise ShuttingDown("The server is shutting down and stopped this request before it finished; "
+                               "retry it.", retry_after=1)
+        return work.result()
 
     # ---- dispatch ---------------------------------------------------------------------------------
 
@@ -114,16 +179,22 @@ class Gateway:
         """The handler for a request this gateway answers itself; None for anything else."""
         path = request.path
         if path.startswith("/images/"):
-            methods = {"GET": self.image_file, "HEAD": self.image_file}
-        elif path.startswith("/v1/models/"):
-            methods = {"GET": self.get_model}
-        else:
+            methods = {"GET": partial(admin.image_file, self), "HEAD": partial(admin.image_file, self)}
+        elif path.startswith("/v1/images/"):
             methods = self._routes.get(path)
+        else:
+            if self.admin_prefix is None or not path.startswith(self.admin_prefix):
+                return None
+            path = path[len(self.admin_prefix):]
+            if path.startswith("/v1/models/"):
+                methods = {"GET": partial(admin.get_model, self)}
+            else:
+                methods = self._routes.get(path) if path in ADMIN_PATHS else None
         if methods is None:
             return None
         if request.method not in methods:
             allowed = ", ".join(methods)
-            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {allowed}.",
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}.",
                                    headers={"Allow": allowed})
         return methods[request.method]
 
@@ -147,31 +218,55 @@ class Gateway:
             if not self._started:
                 await self.start()
             started = time.monotonic()
+            outcome = "ok"
             try:
-                # Health, metrics and image links stay open: probes, scrapers and browsers carry no key.
-                if request.path not in ("/health", "/metrics") and not request.path.startswith("/images/"):
+                if not request.path.startswith(("/images/", *(f"{self.admin_prefix or ''}{p}" for p in OPEN_PATHS))):
                     self.authenticate(request)
+                if self.draining and request.path.startswith("/v1/images/"):
+                    raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
             except NotServedHere:
                 return await (fallback or handler)(request)
+            except asyncio.CancelledError:
+                self._log_request(request, 499, started, "cancelled")
+                raise
             except ProxyError as e:
-                response = e.to_response()
+                response, outcome = e.to_response(), _outcome(e)
             except web.HTTPException as e:
-                response = _from_http_exception(e).to_response()
+                error = _from_http_exception(e)
+                response, outcome = error.to_response(), _outcome(error)
             except Exception:
                 log.exception("request %s failed", request_id)
                 response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
                                       code="internal_error").to_response()
-            model = request.get(MODEL, "")
-            # Templates, not raw paths: every image URL as its own label value would grow without bound.
-            endpoint = ("/images/{name}" if request.path.startswith("/images/")
-                        else "/v1/models/{model}" if request.path.startswith("/v1/models/") else request.path)
-            self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(response.status)).inc()
-            if model:
-                self.metrics.latency.labels(endpoint=endpoint, model=model).observe(time.monotonic() - started)
+                outcome = "error"
+            if STREAM_ERROR in request:
+                outcome = _outcome(request[STREAM_ERROR])
+            self._log_request(request, response.status, started, outcome)
             return _with_id(response, request_id)
 
         return qwen_image_proxy
+
+    def _log_request(self, request: web.Request, status: int, started: float, outcome: str) -> None:
+        """One line per image request (never for probes), and the counters behind /metrics."""
+        model = request.get(MODEL, "")
+        # Templates, not raw paths: every image URL as its own label value would grow without bound.
+        path = request.path
+        endpoint = ("/images/{name}" if path.startswith("/images/")
+                    else "/v1/models/{model}" if "/v1/models/" in path else path)
+        seconds = time.monotonic() - started
+        self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(status)).inc()
+        if not path.startswith("/v1/images/"):
+            return
+        self.metrics.outcomes.labels(model=model, outcome=outcome).inc()
+        if model:
+            self.metrics.latency.labels(endpoint=endpoint, model=model).observe(seconds)
+        result = request.get(ROUTE)
+        route = result.route.name if result else "-"
+        attempts = result.calls if result else 0
+        access_log.info("request_id=%s endpoint=%s model=%s route=%s attempts=%d status=%d duration_ms=%.0f "
+                        "outcome=%s", request[REQUEST_ID], endpoint, model or "-", route, attempts, status,
+                        seconds * 1000, outcome)
 
     def authenticate(self, request: web.Request) -> None:
         if not self._keys:
@@ -208,171 +303,13 @@ class Gateway:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit:.0f} bytes.")
 
-    # ---- handlers ---------------------------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        models = {
-            name: {"ready": bool(self.router.usable(name)),
-                   "routes": [r.provider.describe() for r in self.router.routes[name]]}
-            for name in self.config.models
-        }
-        status = "ok" if all(m["ready"] for m in models.values()) else "degraded"
-        return web.json_response({"status": status, "models": models})
-
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        for provider in self.providers.values():
-            if hasattr(provider, "queue_depth"):
-                self.metrics.local_queue.labels(provider=provider.name).set(provider.queue_depth)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
-
-    def _model_card(self, name: str) -> dict:
-        cfg = self.config.models[name]
-        card = {"id": name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
-        if cfg.description:
-            card["description"] = cfg.description
-        return card
-
-    async def list_models(self, request: web.Request) -> web.Response:
-        data = [self._model_card(name) for name in self.config.models]
-        if self.passthrough:
-            data += await self._upstream_models(request, exclude={m["id"] for m in data})
-        return web.json_response({"object": "list", "data": data})
-
-    async def _upstream_models(self, request: web.Request, exclude: set[str]) -> list[dict]:
-        """The passthrough upstream's models, so apps see one list; ours win on a name clash."""
-        headers = {}
-        auth = self.config.passthrough.api_key
-        if auth:
-            headers["Authorization"] = f"Bearer {auth}"
-        elif "Authorization" in request.headers and not self._keys:
-            headers["Authorization"] = request.headers["Authorization"]
-        try:
-            async with self.http.get(f"{self.passthrough.base_url}/models", headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                payload = await resp.json(content_type=None) if resp.status == 200 else {}
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            payload = {}
-        items = payload.get("data") if isinstance(payload, dict) else None
-        return [m for m in items or [] if isinstance(m, dict) and m.get("id") not in exclude]
-
-    async def get_model(self, request: web.Request) -> web.StreamResponse:
-        name = request.path[len("/v1/models/"):]
-        if name in self.config.models:
-            return web.json_response(self._model_card(name))
-        if self.passthrough or self.mounted:
-            raise NotServedHere
-        raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
-
-    async def image_file(self, request: web.Request) -> web.StreamResponse:
-        name = request.path[len("/images/"):]
-        found = await asyncio.to_thread(self.store.lookup, name)
-        if found is None:
-            raise NotFound("This image does not exist or has expired.", code="image_not_found")
-        path, content_type = found
-        return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "private, max-age=3600"})
-
-    async def read_fields(self, request: web.Request) -> dict:
-        if request.content_type == "multipart/form-data":
-            form = await request.post()
-            return {k: v for k, v in form.items() if isinstance(v, str)}
-        raw = await request.read()
-        request[BODY] = raw
-        return parse_json_bytes(raw)
-
-    async def parse_generation(self, request: web.Request) -> ImageRequest:
-        fields = await self.read_fields(request)
-        model = fields.get("model") or self.default_model
-        if not isinstance(model, str):
-            raise InvalidRequest("Invalid 'model': must be a string.", param="model")
-        if model not in self.config.models:
-            if self.passthrough or self.mounted:
-                raise NotServedHere
-            served = ", ".join(self.config.models) or "none"
-            raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.",
-                                param="model")
-        request[MODEL] = model
-        body = parse_body(fields)
-        width, height = resolve_size(self.size_tables[model], body.size, body.aspect_ratio, body.resolution)
-        req = build_request(body, model, width, height)
-        check_output_request(req)
-        return req
-
-    async def generations(self, request: web.Request) -> web.StreamResponse:
-        req = await self.parse_generation(request)
-        if req.stream:
-            return await self._stream(request, req, "image_generation")
-        payload = await self._generate(request, req)
-        return web.Response(text=dumps_with_b64(payload), content_type="application/json")
-
-    async def _generate(self, request: web.Request, req: ImageRequest) -> dict:
-        deadline = time.monotonic() + self.config.server.request_timeout
-        result = await self.router.generate(req, deadline)
-        items, formats = await render_images(
-            result.images, req, store=self.store, http=self.http,
-            base_url=self.config.server.public_base_url or f"{request.scheme}://{request.host}",
-            settings=self.output,
-        )
-        self.metrics.images.labels(model=req.model, route=result.route.name).inc(len(items))
-        out_format = next((f for f in formats if f), req.output_format or "png")
-        payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
-        for key in ("quality", "background"):
-            if getattr(req, key) is not None:
-                payload[key] = getattr(req, key)
-        seeds = [img.seed for img in result.images]
-        if all(s is not None for s in seeds):
-            payload["seeds"] = seeds
-        return payload
-
-    async def _stream(self, request: web.Request, req: ImageRequest, prefix: str) -> web.StreamResponse:
-        """OpenAI image streaming: one `completed` event per image (keepalive comments while waiting)."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        work = asyncio.ensure_future(self._generate(request, replace(req, response_format="b64_json")))
-        try:
-            while not work.done():
-                await asyncio.wait({work}, timeout=SSE_KEEPALIVE_SECONDS)
-                if not work.done():
-                    await response.write(b": keepalive\n\n")
-            payload = work.result()
-        except ProxyError as e:
-            await response.write(_sse("error", e.to_dict()))
-            await response.write_eof()
-            return response
-        finally:
-            if not work.done():
-                work.cancel()
-        for item in payload["data"]:
-            event = {"type": f"{prefix}.completed", "b64_json": item["b64_json"], "created_at": payload["created"],
-                     "size": payload["size"], "quality": req.quality or "auto",
-                     "background": req.background or "auto", "output_format": payload["output_format"],
-                     "revised_prompt": item["revised_prompt"]}
-            await response.write(_sse(event["type"], event))
-        await response.write_eof()
-        return response
-
-
-def dumps_with_b64(payload: dict) -> str:
-    """json.dumps, with the megabytes of base64 spliced in rather than scanned for escaping.
-
-    Base64 text has no character JSON would escape, so it goes in as it is.
-    """
-    # A random marker: no text a client sent (a prompt, say) can collide with it.
-    nonce = secrets.token_hex(16)
-    images = [item.pop("b64_json", None) for item in payload["data"]]
-    for i, b64 in enumerate(images):
-        if b64 is not None:
-            payload["data"][i] = {"b64_json": f"{nonce}-{i}", **payload["data"][i]}
-    parts, rest = [], json.dumps(payload)
-    for i, b64 in enumerate(images):
-        if b64 is not None:
-            head, _, rest = rest.partition(f'"{nonce}-{i}"')
-            parts += [head, '"', b64, '"']
-    parts.append(rest)
-    return "".join(parts)
-
-
-def _sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+def _outcome(error: ProxyError) -> str:
+    if isinstance(error, ShuttingDown):
+        return "shutdown"
+    if error.status < 500 and error.status != 429:
+        return "client_error"
+    return "timeout" if error.status == 504 else "failed"
 
 
 def _with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse:
@@ -398,6 +335,22 @@ def _from_http_exception(e: web.HTTPException) -> ProxyError:
 GATEWAY = web.AppKey("qwen_image_gateway", Gateway)
 
 
+def _lifecycle(app: web.Application, gateway: Gateway) -> None:
+    async def on_startup(_app: web.Application) -> None:
+        await gateway.start()
+
+    async def on_shutdown(_app: web.Application) -> None:
+        await gateway.drain()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await gateway.close()
+
+    app[GATEWAY] = gateway
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+
+
 def build_app(config: Config, providers: dict[str, Provider] | None = None) -> web.Application:
     """The standalone proxy: the gateway's routes, passthrough for other /v1 calls, OpenAI errors for the rest."""
     gateway = Gateway(config, providers)
@@ -405,34 +358,24 @@ def build_app(config: Config, providers: dict[str, Provider] | None = None) -> w
         middlewares=[gateway.middleware(fallback=gateway.fallback)],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
     )
-    app[GATEWAY] = gateway
     # Every request reaches the middleware; this route only makes aiohttp let it through.
     app.router.add_route("*", "/{tail:.*}", gateway.fallback)
-
-    async def on_startup(_app: web.Application) -> None:
-        await gateway.start()
-
-    async def on_cleanup(_app: web.Application) -> None:
-        await gateway.close()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    _lifecycle(app, gateway)
     return app
 
 
-def image_proxy_middleware(config: Config, app: web.Application | None = None):
+def image_proxy_middleware(config: Config, app: web.Application | None = None, *,
+                           admin_prefix: str | None = None):
     """The interception as a middleware for an existing aiohttp app.
 
-    Image calls for the models in `config` are answered here; everything else reaches the app's own
-    routes. Pass `app` so the gateway is closed with it (it starts on the first request).
+    Only POST /v1/images/* for the models in `config` (and GET /images/<id> for url answers) are
+    answered here; everything else reaches the app's own routes. /health, /ready, /metrics and
+    /v1/models are served only when `admin_prefix` is given ("" for the root, or e.g. "/qip").
+    Pass `app` so the gateway starts, drains and closes with it.
     """
     gateway = Gateway(config)
     gateway.mounted = True
+    gateway.admin_prefix = admin_prefix.rstrip("/") if admin_prefix is not None else None
     if app is not None:
-        app[GATEWAY] = gateway
-
-        async def on_cleanup(_app: web.Application) -> None:
-            await gateway.close()
-
-        app.on_cleanup.append(on_cleanup)
+        _lifecycle(app, gateway)
     return gateway.middleware()

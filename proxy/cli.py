@@ -6,18 +6,108 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
+from typing import NoReturn
 
 from .config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG", "models.yaml")
+# Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
+# requests (server.shutdown_grace, in its on_shutdown hook).
+SHUTDOWN_TIMEOUT = 5
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("qwen-image-proxy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import proxy
+
+        return getattr(proxy, "__version__", "unknown")
+
+
+def _fail(message: str) -> NoReturn:
+    """Print each line of a problem as `error: ...` and exit 1."""
+    for line in str(message).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        _fail(str(e))
+
+
+def _load_checked(path: str) -> tuple[Config, dict]:
+    """What `serve` and `check-config` both accept: the config, and its providers built but not started."""
+    from .providers import build_providers
+
+    config = _load(path)
+    try:
+        return config, build_providers(config)
+    except ConfigError as e:
+        _fail(f"{path}: {e}")
+
+
+def _port(text: str) -> int:
+    """argparse type for --port: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for host:port (every address the name has), or OSError naming why not.
+
+    Done before the app starts, so a busy port fails at once, before any model begins to load.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(e.errno, e.strerror) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, address in dict.fromkeys((i[0], i[1], i[2], i[4]) for i in infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this machine lacks (IPv6 off): skipped, as asyncio does
+                continue
+            sockets.append(sock)
+            if os.name != "nt":  # on Windows it would let two servers share the port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" and "0.0.0.0" each get their own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and sockets[0] is not sock:  # one port the system picked, on every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise OSError(0, "no usable address")
+    return sockets
+
+
+def _reason(e: OSError) -> str:
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -25,20 +115,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .app import build_app
 
-    config = _load(args.config)
+    config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = args.host or config.server.host, args.port or config.server.port
+    host = config.server.host if args.host is None else args.host
+    port = config.server.port if args.port is None else args.port
+    try:
+        sockets = listen(host, port)
+    except OSError as e:
+        _fail(f"cannot listen on {_where(host, port)}: {_reason(e)}")
+    port = sockets[0].getsockname()[1]  # the one the system picked, for port 0
+    app = build_app(config, providers=providers)
     # handler_cancellation: a client that hangs up cancels its request, and with it a local GPU job.
-    web.run_app(build_app(config), host=host, port=port, handler_cancellation=True,
-                print=lambda *_: logging.getLogger("proxy").info("serving on http://%s:%s", host, port))
+    web.run_app(app, sock=sockets, shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=True,
+                print=lambda *_: logging.getLogger("proxy").info("serving on http://%s", _where(host, port)))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    config = _load(args.config)
     from .app import Gateway
 
-    gateway = Gateway(config)
+    config, providers = _load_checked(args.config)
+    gateway = Gateway(config, providers)
     for name in config.models:
         routes = gateway.router.routes[name]
         table = config.size_table(name)
@@ -50,13 +147,11 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
-    config = _load(args.config)
+    """Rejects exactly what `serve` rejects (the same loading and building), without starting anything."""
     from .app import Gateway
 
-    try:
-        gateway = Gateway(config)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    config, providers = _load_checked(args.config)
+    gateway = Gateway(config, providers)
     problems = 0
     for name in config.models:
         routes = gateway.router.routes[name]
@@ -78,6 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-image-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qwen-image-proxy {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(sub.add_parser("serve", help="run the HTTP proxy"))
     serve.add_argument("--host", help="default: server.host from the config")
-    serve.add_argument("--port", type=int, help="default: server.port from the config")
+    serve.add_argument("--port", type=_port, help="default: server.port from the config (0: any free port)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 
 from aiohttp import web
 
@@ -13,6 +17,8 @@ class ProxyError(Exception):
     code: str | None = None
     # Whether the router may try the next route after this failure.
     retryable = False
+    # Whether trying the same route again may help (not after a refused login, say).
+    retry_same_route = True
 
     def __init__(
         self,
@@ -21,6 +27,7 @@ class ProxyError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -28,6 +35,12 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
         self.headers = dict(headers or {})
+        # An upstream's Retry-After of "nan", "inf" or "-5" means nothing (and round() raises on the first two).
+        if retry_after is not None and not 0 <= retry_after < math.inf:
+            retry_after = None
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after))))
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -81,15 +94,6 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs):
-        super().__init__(message, **kwargs)
-        # An upstream's Retry-After of "nan", "inf" or "-5" means nothing (and round() raises on the first two).
-        if retry_after is not None and not 0 <= retry_after < float("inf"):
-            retry_after = None
-        self.retry_after = retry_after
-        if retry_after is not None:
-            self.headers.setdefault("Retry-After", str(max(1, round(retry_after))))
-
 
 class UpstreamError(ProxyError):
     """A route failed for a reason that is not the client's fault (5xx, auth, connect)."""
@@ -100,15 +104,60 @@ class UpstreamError(ProxyError):
     retryable = True
 
 
+class UpstreamRefused(UpstreamError):
+    """The upstream refused for a reason another try would not fix (bad key, no credit, unknown model)."""
+
+    retry_same_route = False
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream said it is overloaded or down for a while (503), usually with a Retry-After."""
+
+    status = 503
+    code = "upstream_unavailable"
 
 
 class ServiceUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "no_route_available"
+
+
+class ModelLoading(ServiceUnavailable):
+    """A route's model is still loading and did not finish within the wait allowed."""
+
+    code = "model_loading"
+    retryable = True
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` (OpenAI's) or `Retry-After` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -40,5 +40,26 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.outcomes = Counter(
+            "qip_request_outcomes_total",
+            "Image requests by how they ended: ok, client_error, failed, timeout, cancelled, shutdown",
+            ["model", "outcome"], registry=self.registry,
+        )
+        self.route_state = Gauge(
+            "qip_route_state",
+            "1 for each route's current state (ready, loading, circuit_open, half_open, missing_key, "
+            "no_gpu, unavailable)", ["model", "route", "state"], registry=self.registry,
+        )
+
+    def refresh(self, gateway) -> None:
+        """Gauges read at scrape time: local queue depths and route states."""
+        for provider in gateway.providers.values():
+            if hasattr(provider, "queue_depth"):
+                self.local_queue.labels(provider=provider.name).set(provider.queue_depth)
+        self.route_state.clear()
+        for model, routes in gateway.router.routes.items():
+            for route in routes:
+                self.route_state.labels(model=model, route=route.name, state=route.state).set(1)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""The emulation layer: n by parallel calls, url vs b64_json, format conversion and compression."""
+"""The emulation layer: n by parallel calls, image checks, format conversion and compression, url vs b64_json."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import base64
 import binascii
 import io
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-import aiohttp
 from PIL import Image
+from yarl import URL
 
 from .errors import InvalidRequest, UpstreamError
+from .fetch import FetchError, FetchPolicy, GuardedFetcher
+from .imagecheck import BadImage, ImageInfo, check_image
 from .providers.base import GeneratedImage
 from .request import ImageRequest
 
@@ -88,18 +90,6 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
     return out.getvalue()
 
 
-def _normal_format(im: Image.Image) -> str:
-    fmt = (im.format or "").lower()
-    return {"jpg": "jpeg"}.get(fmt, fmt)
-
-
-def _unchanged(im: Image.Image, target: str | None, compression: int | None, size: tuple[int, int],
-               compression_applied: bool) -> bool:
-    fmt = _normal_format(im)
-    recompress = (target or fmt) in LOSSY and compression is not None and not compression_applied
-    return im.size == tuple(size) and (target or fmt) == fmt and fmt in MIME and not recompress
-
-
 def decode_b64(text: str) -> bytes:
     try:
         return base64.b64decode(text)
@@ -107,35 +97,27 @@ def decode_b64(text: str) -> bytes:
         raise UpstreamError("the route returned invalid base64") from None
 
 
-def unchanged_b64_format(text: str, target: str | None, compression: int | None, size: tuple[int, int],
-                         compression_applied: bool) -> str | None:
-    """The format of base64 image text when it needs no change, judged from its header alone; else None.
-
-    Spares decoding and re-encoding megabytes when an upstream's b64_json goes to a b64_json client.
-    """
-    im = _open_b64_head(text)
-    if im is None:
-        return None
-    with im:
-        return _normal_format(im) if _unchanged(im, target, compression, size, compression_applied) else None
-
-
-def _open_b64_head(text: str) -> Image.Image | None:
-    """Pillow's view of an image's header, from the first 48 KiB of its base64 text."""
-    head = text[:65536]
+def _strict_b64(text: str) -> bytes | None:
+    """The bytes of text that is pure base64 (safe to hand on inside JSON as it is); else None."""
     try:
-        return Image.open(io.BytesIO(base64.b64decode(head[: len(head) - len(head) % 4])))
-    except Exception:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
         return None
 
 
-def b64_is_image(text: str) -> bool:
-    """A cheap check that base64 text starts like an image, so a route that sends garbage falls back."""
-    im = _open_b64_head(text)
-    if im is None:
-        return False
-    im.close()
-    return True
+def _needs_change(info: ImageInfo, target: str | None, compression: int | None, size: tuple[int, int],
+                  compression_applied: bool) -> bool:
+    fmt = target or info.format
+    recompress = fmt in LOSSY and compression is not None and not compression_applied
+    return (info.width, info.height) != tuple(size) or fmt != info.format or recompress
+
+
+def inspect(data: bytes, max_pixels: int | None = None) -> ImageInfo:
+    """The structural check every image passes before it can reach a client (CPU: off the event loop)."""
+    try:
+        return check_image(data, max_pixels=max_pixels)
+    except BadImage as e:
+        raise UpstreamError(f"the route returned a bad image: {e}") from None
 
 
 def convert(
@@ -144,47 +126,54 @@ def convert(
     compression: int | None,
     size: tuple[int, int],
     compression_applied: bool = False,
+    max_pixels: int | None = None,
 ) -> Encoded:
-    """Bring image bytes to the target format and size; untouched when nothing needs changing.
+    """Bring image bytes to the target format and size; untouched (checked structurally) when nothing
+    needs changing, else fully decoded and re-encoded. target None keeps the produced format.
 
-    target None keeps the produced format. CPU-bound: call it off the event loop.
+    CPU-bound: call it off the event loop. Any flaw in the bytes is an UpstreamError (the route failed).
     """
+    info = inspect(data, max_pixels)
+    if not _needs_change(info, target, compression, size, compression_applied):
+        return Encoded(data, info.format, info.width, info.height)
+    target = target or info.format
     try:
-        im = Image.open(io.BytesIO(data))
-    except Exception:
-        raise UpstreamError("the route returned data that is not an image") from None
-    with im:
-        fmt = _normal_format(im)
-        if _unchanged(im, target, compression, size, compression_applied):
-            return Encoded(data, fmt, *im.size)
-        target = target or (fmt if fmt in MIME else "png")
-        im.load()
-        if im.size != tuple(size):
-            im = im.resize(tuple(size), Image.Resampling.LANCZOS)
-        return Encoded(encode_image(im, target, compression), target, *im.size)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.size != tuple(size):
+                im = im.resize(tuple(size), Image.Resampling.LANCZOS)
+            return Encoded(encode_image(im, target, compression), target, *im.size)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None
 
 
-async def fetch_image(http: aiohttp.ClientSession, url: str, max_bytes: int, timeout: float = 120) -> bytes:
-    """Download an upstream image (URL or data URI) with a size cap."""
+async def fetch_image(fetcher: GuardedFetcher, url: str, policy: FetchPolicy) -> bytes:
+    """An upstream image by URL (through the guarded fetcher) or data URI."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
-        try:
-            return base64.b64decode(payload) if ";base64" in header else payload.encode()
-        except ValueError:
-            raise UpstreamError("the route returned a malformed data URI") from None
+        if ";base64" not in header:
+            raise UpstreamError("the route returned a data URI that is not base64")
+        if len(payload) > policy.max_bytes * 4 // 3 + 4:
+            raise UpstreamError(f"the image is larger than the {policy.max_bytes} byte download limit")
+        return await asyncio.to_thread(decode_b64, payload)
     try:
-        async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status != 200:
-                raise UpstreamError(f"downloading the image failed with HTTP {resp.status}")
-            chunks, total = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise UpstreamError(f"the image is larger than the {max_bytes} byte download limit")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except (TimeoutError, aiohttp.ClientError) as e:
-        raise UpstreamError(f"downloading the image failed: {type(e).__name__}") from None
+        return await fetcher.fetch(url, policy)
+    except FetchError as e:
+        raise UpstreamError(f"downloading the image failed: {e}") from None
+
+
+def url_policy(url: str, general: FetchPolicy, trusted_origin: str | None) -> FetchPolicy:
+    """The rules for an image URL a provider answered with: its own origin (the operator configured
+    it, be it on the loopback or the office network) is trusted; any other URL gets the general rules."""
+    if trusted_origin:
+        try:
+            parsed = URL(url)
+            if parsed.is_absolute() and str(parsed.origin()) == trusted_origin:
+                return replace(general, allow_private=True, allow_http=True,
+                               allowed_hosts=frozenset({parsed.host or ""}))
+        except ValueError:
+            pass
+    return general
 
 
 def check_output_request(req: ImageRequest) -> None:
@@ -199,49 +188,81 @@ def check_output_request(req: ImageRequest) -> None:
 @dataclass
 class OutputSettings:
     rehost_upstream_urls: bool = True
-    max_download_bytes: int = 64 * 1024 * 1024
+    # Rules for the image URLs upstreams answer with (SSRF guard); max_bytes caps each download.
+    fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    # Images the proxy checks or decodes may have at most this many pixels (or 4x the requested size,
+    # whichever is more): a tiny file that claims 100000x100000 is refused before anything decodes.
+    max_image_pixels: int = 4096 * 4096
 
 
-async def render_images(
-    images: list[GeneratedImage],
-    req: ImageRequest,
-    *,
-    store,
-    http: aiohttp.ClientSession,
-    base_url: str,
-    settings: OutputSettings,
-) -> tuple[list[dict], list[str | None]]:
-    """Turn provider images into OpenAI data items (url or b64_json) of the requested format and size.
+@dataclass
+class FinalImage:
+    """An image as the client will get it: checked, in the requested format and size."""
 
-    Returns the items and each one's format (None for an upstream URL handed on as it is).
+    data: bytes | None
+    format: str | None
+    seed: int | None = None
+    revised_prompt: str | None = None
+    # The upstream's own base64 text of exactly `data`: handed on without encoding it again.
+    b64: str | None = None
+    # An upstream URL handed on untouched (store.rehost_upstream_urls: false and nothing to convert).
+    url: str | None = None
+
+    @property
+    def mime(self) -> str:
+        return MIME[self.format]
+
+
+def _finish_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest, max_pixels: int) -> FinalImage:
+    keep_b64 = False
+    if data is None:
+        data = _strict_b64(img.b64)
+        keep_b64 = data is not None
+        if data is None:  # line breaks or junk: decode leniently, re-encode on the way out
+            data = decode_b64(img.b64)
+    enc = convert(data, req.output_format, req.output_compression, (req.width, req.height),
+                  img.compression_applied, max_pixels)
+    b64 = img.b64 if keep_b64 and enc.data is data else None
+    return FinalImage(enc.data, enc.format, img.seed, img.revised_prompt, b64=b64)
+
+
+async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetcher: GuardedFetcher,
+                        settings: OutputSettings, trusted_origin: str | None = None) -> list[FinalImage]:
+    """Download, check and convert a route's images: part of the route attempt, so a failure falls back.
+
+    `trusted_origin` is the answering provider's own origin (scheme://host:port) whose URLs it may serve.
     """
+    max_pixels = max(settings.max_image_pixels, 4 * req.width * req.height)
 
-    async def one(img: GeneratedImage) -> tuple[dict, str | None]:
-        revised = img.revised_prompt or req.prompt
+    async def one(img: GeneratedImage) -> FinalImage:
         hand_on = (
-            img.data is None
+            img.data is None and img.b64 is None
             and not settings.rehost_upstream_urls
             and req.response_format == "url"
             and req.output_format is None
             and req.output_compression is None
         )
         if hand_on:
-            return {"url": img.url, "revised_prompt": revised}, None
-        wanted = (req.output_format, req.output_compression, (req.width, req.height), img.compression_applied)
+            return FinalImage(None, None, img.seed, img.revised_prompt, url=img.url)
         data = img.data
-        if data is None and img.b64 is not None:
-            if req.response_format == "b64_json" and (fmt := await asyncio.to_thread(
-                    unchanged_b64_format, img.b64, *wanted)):
-                return {"b64_json": img.b64, "revised_prompt": revised}, fmt
-            data = await asyncio.to_thread(decode_b64, img.b64)
-        if data is None:
-            data = await fetch_image(http, img.url, settings.max_download_bytes)
-        enc = await asyncio.to_thread(convert, data, *wanted)
-        if req.response_format == "b64_json":
-            b64 = await asyncio.to_thread(lambda: base64.b64encode(enc.data).decode("ascii"))
-            return {"b64_json": b64, "revised_prompt": revised}, enc.format
-        name = await store.put(enc.data, enc.mime)
-        return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}, enc.format
+        if data is None and img.b64 is None:
+            data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
+        return await asyncio.to_thread(_finish_bytes, img, data, req, max_pixels)
 
-    results = await gather_or_cancel([one(img) for img in images])
-    return [item for item, _ in results], [fmt for _, fmt in results]
+    return await gather_or_cancel([one(img) for img in images])
+
+
+async def render_images(finals: list[FinalImage], req: ImageRequest, *, store, base_url: str) -> list[dict]:
+    """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
+
+    async def one(img: FinalImage) -> dict:
+        revised = img.revised_prompt or req.prompt
+        if img.url is not None:
+            return {"url": img.url, "revised_prompt": revised}
+        if req.response_format == "b64_json":
+            b64 = img.b64 or await asyncio.to_thread(lambda: base64.b64encode(img.data).decode("ascii"))
+            return {"b64_json": b64, "revised_prompt": revised}
+        name = await store.put(img.data, img.mime)
+        return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}
+
+    return await gather_or_cancel([one(img) for img in finals])

@@ -1,9 +1,15 @@
-"""Every other /v1 request, forwarded unchanged and unbuffered to the configured default upstream."""
+"""Every other /v1 request, forwarded unchanged and unbuffered to the configured default upstream.
+
+The client's path stays under the upstream's base path: dot segments (however they are encoded)
+are resolved here and a path that climbs out of /v1 is a 404 that never reaches the upstream.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -11,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import PassthroughConfig
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,64 @@ HOP_BY_HOP = frozenset({
 })
 
 
+# A segment still changing after this many rounds of percent-decoding is refused outright.
+MAX_DECODE_ROUNDS = 8
+
+
+def _decoded(segment: str) -> str | None:
+    """Percent-decode until nothing changes (%252e -> %2e -> .); None if it never settles."""
+    for _ in range(MAX_DECODE_ROUNDS):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return decoded
+        segment = decoded
+    return None
+
+
+def confined_path(raw_path: str) -> str | None:
+    """The raw path with its dot segments resolved, or None when it climbs above / or is ambiguous.
+
+    A segment is a dot segment when it decodes (at any depth of percent-encoding) to "." or "..",
+    so "%2e%2e" and "%252e%252e" count as "..". Refused outright: backslashes and control characters
+    anywhere (some servers read "\\" as "/"), and a dot part behind an encoded slash ("..%2f") or
+    before a ";" ("..;x"), which an upstream that decodes %2F or strips path parameters before
+    routing would read as a dot segment. Empty segments
+    ("//") are dropped, so an upstream that merges slashes sees the same path. What is left holds
+    no dot segment at any encoding depth and keeps the client's own encoding otherwise.
+    """
+    segments = raw_path.split("/")[1:] if raw_path.startswith("/") else None
+    if not segments:
+        return None
+    kept: list[str] = []
+    for i, raw in enumerate(segments):
+        last = i == len(segments) - 1
+        decoded = _decoded(raw)
+        if decoded is None or "\\" in decoded or any(c < " " or c == "\x7f" for c in decoded):
+            return None
+        # Behind an encoded slash or a ";parameter" (Tomcat reads "..;x" as ".."), a dot part is ambiguous.
+        parts = [part.split(";", 1)[0] for part in decoded.split("/")]
+        if (len(parts) > 1 or ";" in decoded) and any(part in (".", "..") for part in parts):
+            return None
+        if decoded in (".", ".."):
+            if decoded == "..":
+                if not kept:
+                    return None
+                kept.pop()
+            if last:
+                kept.append("")  # "/a/b/.." is "/a/", as RFC 3986 5.2.4 has it
+        elif raw or last:
+            kept.append(raw)
+    return "/" + "/".join(kept)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int | None) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+
+
 def forward_headers(headers, extra_drop: frozenset[str] = frozenset()) -> CIMultiDict:
     """Copy headers minus hop-by-hop ones, including those the Connection header names."""
     named = {h.strip().lower() for value in headers.getall("Connection", []) for h in value.split(",")}
@@ -30,9 +94,11 @@ def forward_headers(headers, extra_drop: frozenset[str] = frozenset()) -> CIMult
 
 
 class Passthrough:
-    def __init__(self, config: PassthroughConfig):
+    def __init__(self, config: PassthroughConfig, max_body_bytes: int | None = None):
         self.config = config
         self.base_url = (config.base_url or "").rstrip("/")
+        # Bodies over this are refused with 413; chunked ones (no Content-Length) are counted as they go.
+        self.max_body_bytes = max_body_bytes
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -48,12 +114,17 @@ class Passthrough:
             await self.http.close()
 
     def target_url(self, request: web.Request) -> str:
+        """base_url plus the client's path below its own /v1 (normalised), plus the raw query.
+
+        NotFound (OpenAI's unknown_url) when the path leaves /v1.
+        """
+        path = confined_path(request.rel_url.raw_path)
+        first, _, rest = (path or "")[1:].partition("/")
+        if path is None or _decoded(first) != "v1":
+            raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
         # base_url ends in /v1 (like OpenAI's); the client's path is relative to its own /v1.
-        path = request.rel_url.raw_path
-        if path.startswith("/v1/"):
-            path = path[3:]
         query = request.rel_url.raw_query_string
-        return f"{self.base_url}{path}" + (f"?{query}" if query else "")
+        return f"{self.base_url}/{rest}" + (f"?{query}" if query else "")
 
     async def forward(self, request: web.Request, body: bytes | None = None,
                       drop_client_auth: bool = False) -> web.StreamResponse:
@@ -62,6 +133,8 @@ class Passthrough:
         The upstream gets the configured key; without one, the client's own Authorization unless
         `drop_client_auth` (it was a key for this proxy).
         """
+        url = URL(self.target_url(request), encoded=True)
+        limit = self.max_body_bytes
         headers = forward_headers(request.headers, frozenset({"host", "content-length"}))
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
@@ -72,20 +145,24 @@ class Passthrough:
             headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote
         headers["X-Forwarded-Proto"] = request.scheme
         headers["X-Forwarded-Host"] = request.host
+        over: list[int] = []  # set when a chunked body ran over the limit
         if body is not None:
             data = body
         elif request.body_exists:
             data = request.content
             if request.content_length is not None:
+                if limit is not None and request.content_length > limit:
+                    raise _too_large(limit)
                 headers["Content-Length"] = str(request.content_length)
+            elif limit is not None:
+                data = _capped(request.content, limit, over)
         else:
             data = None
         response: web.StreamResponse | None = None
         try:
             # encoded=True: the client's raw path and query as they are (yarl would turn %2F into /).
             async with self.http.request(
-                request.method, URL(self.target_url(request), encoded=True), headers=headers, data=data,
-                allow_redirects=False,
+                request.method, url, headers=headers, data=data, allow_redirects=False,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers))
@@ -95,6 +172,9 @@ class Passthrough:
                 await response.write_eof()
                 return response
         except (TimeoutError, aiohttp.ClientError) as e:
+            if over and (response is None or not response.prepared):
+                # The upstream got at most `limit` bytes and a cut connection, never the body's end.
+                raise _too_large(limit) from None
             if response is not None and response.prepared:
                 # The answer has started: no error can be sent any more, so the connection is cut.
                 log.warning("passthrough stream broke off: %s", type(e).__name__)
@@ -102,3 +182,14 @@ class Passthrough:
             if isinstance(e, asyncio.TimeoutError):
                 raise UpstreamTimeout("The passthrough upstream did not answer in time.") from None
             raise UpstreamError(f"The passthrough upstream could not be reached ({type(e).__name__}).") from None
+
+
+async def _capped(stream: aiohttp.StreamReader, limit: int, over: list[int]) -> AsyncIterator[bytes]:
+    """The body as it arrives; past `limit` bytes it stops with an error, which cuts the upstream request."""
+    total = 0
+    async for chunk in stream.iter_any():
+        total += len(chunk)
+        if total > limit:
+            over.append(total)
+            raise _BodyTooLarge
+        yield chunk

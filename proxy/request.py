@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import email.errors
 import json
+import math
+import re
+import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+from urllib.parse import parse_qsl
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequest
@@ -14,12 +22,30 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
 SEED_MAX = 2**32 - 1
 MAX_N = 10
 MAX_LORAS = 3
+# Client input limits. JSON nested deeper than this is refused (json.loads itself gives up near 1,000).
+MAX_JSON_DEPTH = 64
+# A JSON integer literal with more digits is refused (Python's own int() limit, with a clearer message).
+MAX_INT_DIGITS = 4300
+# Unknown fields are passed on to upstreams as JSON: at most this many bytes of them.
+MAX_EXTRA_BYTES = 256 * 1024
+MAX_FORM_FIELDS = 1000
+# JSON bodies above this are parsed off the event loop.
+_THREAD_PARSE_BYTES = 1024 * 1024
+
+
+def _not_bool(v: Any) -> Any:
+    # pydantic reads true as 1: a boolean where a number belongs is the client's mistake.
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not a boolean")
+    return v
 
 
 class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
     scale: float = Field(default=1.0, ge=-10, le=10)
+
+    _scale_not_bool = field_validator("scale", mode="before")(_not_bool)
 
 
 class _GenerationBody(BaseModel):
@@ -57,6 +83,17 @@ class _GenerationBody(BaseModel):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("seed", "n", "output_compression", "num_inference_steps", "partial_images", mode="before")
+    @classmethod
+    def _whole_number(cls, v):
+        _not_bool(v)
+        if isinstance(v, float) and v.is_integer():
+            # 1e308 is then "less than or equal to 10", not pydantic's "unable to parse input string".
+            return int(v)
+        return v
+
+    _cfg_not_bool = field_validator("cfg_scale", mode="before")(_not_bool)
+
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, v):
@@ -78,8 +115,8 @@ class _GenerationBody(BaseModel):
         # Multipart forms can only carry strings: accept the list as JSON text.
         if isinstance(v, str):
             try:
-                return json.loads(v)
-            except json.JSONDecodeError:
+                return _loads(v)
+            except ValueError:
                 raise ValueError("must be a JSON array of {path, scale}") from None
         return v
 
@@ -123,12 +160,12 @@ class ImageRequest:
         return replace(self, n=n, seed=seed)
 
 
-def _describe(error: dict) -> tuple[str, str]:
-    loc = [str(p) for p in error.get("loc", ())]
-    param = loc[0] if loc else None
+def _describe(error: dict) -> tuple[str, str | None]:
+    loc = list(error.get("loc", ()))
+    param = _safe(str(loc[0])) if loc else None
     path = param or "body"
     for part in loc[1:]:
-        path += f"[{part}]" if part.isdigit() else f".{part}"
+        path += f"[{part}]" if isinstance(part, int) else f".{_safe(str(part))}"
     if error["type"] == "missing":
         return f"Missing required parameter: '{path}'.", param
     msg = error["msg"]
@@ -138,13 +175,17 @@ def _describe(error: dict) -> tuple[str, str]:
 
 
 def parse_body(fields: dict[str, Any]) -> _GenerationBody:
+    """Validate a request's fields (from JSON or a form): every mistake is an InvalidRequest naming the field."""
     if not isinstance(fields, dict):
         raise InvalidRequest("The request body must be a JSON object.", param=None, code="invalid_json")
+    check_values(fields)
     try:
-        return _GenerationBody.model_validate(fields)
+        body = _GenerationBody.model_validate(fields)
     except ValidationError as e:
         message, param = _describe(e.errors()[0])
         raise InvalidRequest(message, param=param) from None
+    _check_extra(body.model_extra or {})
+    return body
 
 
 def build_request(body: _GenerationBody, model: str, width: int, height: int) -> ImageRequest:
@@ -161,16 +202,277 @@ def build_request(body: _GenerationBody, model: str, width: int, height: int) ->
     )
 
 
+# ---- reading a request body ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file part of a multipart form (the images and mask of an edit)."""
+
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+class Body(NamedTuple):
+    fields: dict[str, Any]
+    # File parts of a multipart form, in order (empty unless asked for).
+    files: list[Upload]
+    # The body's bytes when it was read whole (JSON, urlencoded), for passthrough; None for multipart.
+    raw: bytes | None
+
+
+async def read_fields(request: web.Request) -> tuple[dict[str, Any], bytes | None]:
+    """The fields of a JSON object body or of a form (file parts ignored), and the raw bytes of a
+    body read whole (None for multipart, which is parsed as a stream).
+
+    Every malformed body is an InvalidRequest (400); a body over the app's client_max_size raises
+    aiohttp's HTTPRequestEntityTooLarge (413) unchanged.
+    """
+    body = await read_body(request, files=False)
+    return body.fields, body.raw
+
+
+async def read_body(request: web.Request, *, files: bool = True) -> Body:
+    """read_fields plus the file parts of a multipart form, read into memory when `files` is true."""
+    try:
+        return await _read_body(request, files)
+    except InvalidRequest:
+        if request.content.exception() is not None:
+            _drop_broken_body(request)
+        raise
+
+
+def _drop_broken_body(request: web.Request) -> None:
+    """The body broke in transit (bad gzip, chunking): after the answer, aiohttp would read the rest of
+    it ("lingering close"), meet the same error and log it at ERROR with a traceback. Mark the body
+    finished and close the connection once the 400 is sent: there is nothing more to read from it."""
+    if request.protocol is not None:
+        request.protocol.close()
+    request.content.feed_eof()
+
+
+async def _read_body(request: web.Request, files: bool) -> Body:
+    try:
+        ctype, charset = request.content_type, request.charset
+    except (ValueError, LookupError, email.errors.MessageError):  # the stdlib's header parser gives up
+        header = _printable(request.headers.get("Content-Type", ""))[:200]
+        raise InvalidRequest(f"The Content-Type header cannot be parsed: '{header}'.",
+                             code="invalid_content_type") from None
+    if ctype == "multipart/form-data":
+        fields, uploads = await _read_multipart(request, files)
+        check_values(fields)
+        return Body(fields, uploads, None)
+    raw = await _read_raw(request)
+    # `curl -d '{...}'` sends JSON labelled as a form: read it as what it is.
+    if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
+        fields = _parse_urlencoded(raw, charset)
+        check_values(fields)
+    elif len(raw) > _THREAD_PARSE_BYTES:
+        fields = await asyncio.to_thread(parse_json_bytes, raw)
+    else:
+        fields = parse_json_bytes(raw)
+    return Body(fields, [], raw)
+
+
+async def _read_raw(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except (web.RequestPayloadError, HttpProcessingError) as e:  # a broken chunked or gzip body, one cut short
+        raise InvalidRequest(f"The request body could not be read: {_reason(e)}.", code="invalid_body") from None
+
+
+# What aiohttp's form parser raises for a malformed body: a missing or bad boundary, truncated parts,
+# bad part headers, unknown charsets or transfer encodings, bad base64, undecodable text.
+# HTTPRequestEntityTooLarge (413) is none of these and goes through.
+_FORM_ERRORS = (ValueError, LookupError, RuntimeError, AssertionError, zlib.error, HttpProcessingError,
+                web.RequestPayloadError, web.HTTPBadRequest)
+
+
+async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[str, str], list[Upload]]:
+    try:
+        form = await request.post()
+    except _FORM_ERRORS as e:
+        raise InvalidRequest(f"The multipart/form-data body is malformed: {_reason(e)}.",
+                             code="invalid_multipart") from None
+    fields: dict[str, str] = {}
+    uploads: list[Upload] = []
+    try:
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                if keep_files:
+                    data = await asyncio.to_thread(value.file.read)
+                    uploads.append(Upload(name, value.filename, value.content_type, data))
+                continue
+            if not isinstance(value, str):  # a part with a non-text Content-Type and no filename
+                try:
+                    value = bytes(value).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidRequest(f"Invalid '{_safe(name)}': the form field is not UTF-8 text.",
+                                         param=_safe(name), code="invalid_multipart") from None
+            fields[name] = value  # a repeated field: the last one wins, as in JSON
+    finally:
+        for value in form.values():
+            if isinstance(value, web.FileField):
+                value.file.close()
+    return fields, uploads
+
+
+def _parse_urlencoded(raw: bytes, charset: str | None) -> dict[str, str]:
+    charset = charset or "utf-8"
+    try:
+        pairs = parse_qsl(raw.rstrip().decode(charset), keep_blank_values=True, encoding=charset,
+                          errors="strict", max_num_fields=MAX_FORM_FIELDS)
+    except (ValueError, LookupError) as e:  # an unknown charset, undecodable text, too many fields
+        raise InvalidRequest(f"The application/x-www-form-urlencoded body is malformed: {_reason(e)}.",
+                             code="invalid_form") from None
+    return dict(pairs)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, web.RequestPayloadError) and isinstance(e.__cause__, HttpProcessingError):
+        e = e.__cause__  # the parser's own words
+    text = e.message if isinstance(e, HttpProcessingError) else str(e)
+    text = _printable(" ".join(str(text).split())).rstrip(".")
+    return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)
+
+
+# ---- JSON and text checks ------------------------------------------------------------------------
+
+
 def parse_json_bytes(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
+    """A JSON object body: strict UTF-8, finite numbers, at most MAX_JSON_DEPTH deep, no lone surrogates."""
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: it is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+            f"position {e.start}).", code="invalid_json") from None
+    if not text.strip():
         raise InvalidRequest("The request body is empty; send a JSON object with a 'prompt'.", code="invalid_json")
     try:
-        data = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an int literal over 4300 digits
+        data = _loads(text)
+    except ValueError as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Only a \uD800-\uDFFF escape makes a lone surrogate: strict UTF-8 text cannot hold one.
+    if _SURROGATE_ESCAPE.search(text):
+        check_values(data)
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is too large")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _loads(text: str) -> Any:
+    """json.loads without NaN, Infinity, numbers that overflow, giant ints or deep nesting (ValueError)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    # Each level needs a [ or {: only count when there could be enough of them.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in value (a scalar is 0), without recursion; stops past the limit."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+    return deepest
+
+
+def _printable(text: str) -> str:
+    """Text from a client made encodable (lone surrogates as \\udXXX escapes)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _safe(name: str) -> str:
+    """A field name from a client, fit for a message and for `param`."""
+    name = _printable(name)
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
+def check_values(fields: dict[str, Any]) -> None:
+    """Every name and string in fields is valid Unicode and nothing nests over MAX_JSON_DEPTH.
+
+    A lone surrogate ("\\ud800" in JSON) cannot be encoded as UTF-8: it would break the image drawn,
+    the JSON sent upstream or the tokenizer, so it is refused here with the field's name.
+    """
+    for key, value in fields.items():
+        param = _safe(key) if isinstance(key, str) else str(key)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            raise InvalidRequest(f"Invalid parameter name '{param}': contains invalid Unicode (a lone surrogate).",
+                                 param=param)
+        stack = [(value, param, 2)]  # the body itself is level 1
+        while stack:
+            v, path, depth = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    raise InvalidRequest(f"Invalid '{path}': contains invalid Unicode (a lone surrogate).",
+                                         param=param)
+                continue
+            if isinstance(v, dict):
+                items = [(k, c, f"{path}.{_safe(k) if isinstance(k, str) else k}") for k, c in v.items()]
+            elif isinstance(v, list | tuple):
+                items = [(None, c, f"{path}[{i}]") for i, c in enumerate(v)]
+            else:
+                continue
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequest(f"Invalid '{param}': nested more than {MAX_JSON_DEPTH} levels deep.",
+                                     param=param)
+            for k, c, child_path in items:
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    raise InvalidRequest(
+                        f"Invalid '{child_path}': the name contains invalid Unicode (a lone surrogate).",
+                        param=param)
+                stack.append((c, child_path, depth + 1))
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    """Unknown fields go to upstreams as JSON: they must be JSON, and not too much of it."""
+    sizes = {}
+    for key, value in extra.items():
+        try:
+            sizes[key] = len(key) + len(json.dumps(value, allow_nan=False)) + 4
+        except (TypeError, ValueError, RecursionError):
+            raise InvalidRequest(f"Invalid '{_safe(key)}': must be a JSON value.", param=_safe(key)) from None
+    total = sum(sizes.values())
+    if total > MAX_EXTRA_BYTES:
+        biggest = max(sizes, key=sizes.get)
+        raise InvalidRequest(
+            f"The unknown parameters ({', '.join(_safe(k) for k in list(sizes)[:5])}"
+            f"{', ...' if len(sizes) > 5 else ''}) are {total} bytes of JSON; at most {MAX_EXTRA_BYTES} "
+            f"are passed on to upstreams.", param=_safe(biggest))
 
 
 _FIELDS = set(ImageRequest.__dataclass_fields__) - {"extra", "model", "prompt", "width", "height"}

@@ -94,7 +94,7 @@ def test_missing_provider_variable_is_recorded_not_fatal():
 def test_missing_vars_are_per_provider_and_sorted():
     data = minimal()
     data["providers"]["two"] = {"kind": "openai", "base_url": "${Z_URL}", "api_key": "${B_KEY}",
-                                "extra": ["${A_VAR}"]}
+                                "output_formats": ["${A_VAR}"]}
     cfg = parse_config(data, env={"UP_KEY": "k"})
     assert cfg.missing_vars == {"two": ["A_VAR", "B_KEY", "Z_URL"]}
     assert openai_provider(cfg, "two").unavailable_reason == "no base_url configured"
@@ -301,3 +301,191 @@ def test_repo_models_yaml_with_a_key_and_overrides():
     assert cfg.server.port == 9999
     assert cfg.server.api_keys == ["proxy-key"]
     assert OpenAICompatProvider("lumenfall", cfg.providers["lumenfall"].options).unavailable_reason is None
+
+
+# --- strictness: unknown keys, types, kinds, references (one line per problem) -------------------------
+
+
+def lines_of(data, env=None) -> list[str]:
+    return config_error(data, env).splitlines()
+
+
+def with_value(path: str, value) -> dict:
+    """minimal() with the key at a dotted path set (a local tiny provider 'loc' is there too)."""
+    data = minimal()
+    data["providers"]["loc"] = {"kind": "diffusers", "model": "tiny", "device": "cpu"}
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, suggestion",
+    [
+        ("modles", "models"),
+        ("server.prot", "port"),
+        ("server.shutdown_grce", "shutdown_grace"),
+        ("store.pth", "path"),
+        ("passthrough.base_ulr", "base_url"),
+        ("routing.retires", "retries"),
+        ("routing.breaker_treshold", "breaker_threshold"),
+        ("size_tables.qwen-image.defualt", "default"),
+        ("models.x.descripton", "description"),
+        ("models.x.routes.0.timout", "timeout"),
+        ("models.x.routes.0.retrys", "retries"),
+        ("providers.up.api_kye", "api_key"),
+        ("providers.up.timout", "timeout"),
+        ("providers.up.max_image_per_call", "max_images_per_call"),
+        ("providers.up.knd", "kind"),
+        ("providers.placeholder.timout", "timeout"),
+        ("providers.loc.modle", "model"),
+        ("providers.loc.load_in_backgroud", "load_in_background"),
+        ("providers.loc.lora_dir", "lora_dirs"),
+    ],
+)
+def test_unknown_keys_name_the_path_and_suggest_the_nearest(path, suggestion):
+    assert lines_of(with_value(path, 1)) == [f"config: {path}: unknown key; did you mean '{suggestion}'?"]
+
+
+def test_unknown_key_without_a_near_one_lists_the_known_keys():
+    assert lines_of(with_value("providers.placeholder.colour", "red")) == [
+        "config: providers.placeholder.colour: unknown key; known keys: kind, timeout"]
+
+
+def test_unknown_key_in_an_inline_size_table_is_one_line():
+    data = minimal()
+    data["models"]["x"]["sizes"] = {"defualt": "64x64", "tiers": {"1K": {"1:1": "64x64"}}}
+    assert lines_of(data) == ["config: models.x.sizes.defualt: unknown key; did you mean 'default'?"]
+
+
+def test_missing_vars_is_not_a_config_key():
+    assert "missing_vars: unknown key" in config_error(minimal(missing_vars={"up": ["X"]}))
+
+
+@pytest.mark.parametrize(
+    "path, value, line",
+    [
+        ("server.port", "abc", "server.port: Input should be a valid integer, got 'abc'"),
+        ("server.port", 70000, "server.port: Input should be less than or equal to 65535, got 70000"),
+        ("server.log_level", "loud", "server.log_level: Input should be 'debug', 'info', 'warning', 'error' or "
+                                     "'critical', got 'loud'"),
+        ("routing.retries", "twice", "routing.retries: Input should be a valid integer, got 'twice'"),
+        ("providers.up.max_images_per_call", "many",
+         "providers.up.max_images_per_call: Input should be a valid integer, got 'many'"),
+        ("providers.up.max_images_per_call", 0,
+         "providers.up.max_images_per_call: Input should be greater than or equal to 1, got 0"),
+        ("providers.up.output_formats", "png", "providers.up.output_formats: Input should be a valid list, got 'png'"),
+        ("providers.up.response_format", "png",
+         "providers.up.response_format: Input should be 'b64_json' or 'url', got 'png'"),
+        ("providers.up.api_key_required", "perhaps",
+         "providers.up.api_key_required: Input should be a valid boolean, got 'perhaps'"),
+        ("providers.placeholder.timeout", "soon", "providers.placeholder.timeout: Input should be a valid number, "
+                                                  "got 'soon'"),
+        ("providers.loc.offload", "disk",
+         "providers.loc.offload: Input should be 'none', 'model', 'sequential' or 'group', got 'disk'"),
+        ("providers.loc.max_batch", "lots", "providers.loc.max_batch: Input should be a valid integer, got 'lots'"),
+        ("providers.loc.lora_dirs", "loras", "providers.loc.lora_dirs: Input should be a valid list, got 'loras'"),
+    ],
+)
+def test_wrong_types_are_one_line_each(path, value, line):
+    assert lines_of(with_value(path, value)) == [f"config: {line}"]
+
+
+def test_every_problem_is_reported_one_line_each():
+    data = with_value("providers.up.timout", 1)
+    data["providers"]["loc"]["max_batch"] = "many"
+    assert lines_of(data) == [
+        "config: providers.up.timout: unknown key; did you mean 'timeout'?",
+        "config: providers.loc.max_batch: Input should be a valid integer, got 'many'",
+    ]
+    data = minimal(server={"port": "abc", "hots": "x"})
+    assert len(lines_of(data)) == 2
+
+
+def test_values_of_secret_fields_are_never_shown():
+    for data in (minimal(server={"api_keys": "sk-topsecret"}),
+                 minimal(passthrough={"api_key": 987654321}),
+                 with_value("providers.up.api_key", 987654321)):
+        msg = config_error(data)
+        assert "topsecret" not in msg and "987654321" not in msg
+        assert len(msg.splitlines()) == 1
+
+
+def test_provider_options_keep_their_types_from_variables():
+    data = minimal()
+    data["providers"]["up"].update(max_images_per_call="${N}", timeout="${T}", api_key_required="${REQ}")
+    data["providers"]["loc"] = {"kind": "diffusers", "model": "tiny", "max_batch": "${N}",
+                                "load_in_background": "false", "lora_dirs": ["${DIR:-}"]}
+    cfg = parse_config(data, env={"N": "3", "T": "45", "REQ": "no", "UP_KEY": "k"})
+    assert cfg.providers["up"].options == {"base_url": "https://up.example/v1", "api_key": "k",
+                                           "max_images_per_call": 3, "timeout": 45.0, "api_key_required": False}
+    assert cfg.providers["loc"].options == {"model": "tiny", "max_batch": 3, "load_in_background": False,
+                                            "lora_dirs": [""]}
+    assert openai_provider(cfg).capabilities.max_images_per_call == 3
+
+
+def test_unknown_provider_kind_is_a_load_error():
+    data = with_value("providers.up.kind", "opnai")
+    assert lines_of(data) == ["config: providers.up.kind: unknown provider kind 'opnai'; did you mean 'openai'?"]
+    msg = config_error(with_value("providers.up.kind", "dall-e"))
+    assert msg == "config: providers.up.kind: unknown provider kind 'dall-e'; known kinds: diffusers, openai, placeholder"
+
+
+def test_references_suggest_the_nearest_name():
+    data = minimal()
+    data["models"]["x"]["routes"] = ["placeholdr"]
+    assert lines_of(data) == ["config: models.x.routes.0: provider 'placeholdr' is not defined under providers; "
+                              "did you mean 'placeholder'?"]
+    data["models"]["x"] = {"sizes": "qwen-imag", "routes": ["placeholder"]}
+    assert lines_of(data) == ["config: models.x.sizes: size table 'qwen-imag' is not defined under size_tables; "
+                              "did you mean 'qwen-image'?"]
+
+
+def test_default_model_must_be_a_configured_model():
+    assert lines_of(minimal(server={"default_model": "y"})) == [
+        "config: server.default_model: 'y' is not a configured model (models: x)"]
+    assert lines_of(minimal(server={"default_model": "xx"})) == [
+        "config: server.default_model: 'xx' is not a configured model; did you mean 'x'?"]
+    assert parse_config(minimal(server={"default_model": "x"}), env={}).server.default_model == "x"
+    # empty (e.g. an unset ${VAR:-}) means the first model
+    assert parse_config(minimal(server={"default_model": ""}), env={}).server.default_model is None
+
+
+def test_bad_size_table_names_its_path():
+    data = minimal()
+    data["size_tables"]["qwen-image"]["default"] = "huge"
+    assert lines_of(data) == ["config: size_tables.qwen-image: 'huge' is not a size like '1024x1024'"]
+
+
+def test_yaml_error_is_one_line(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("server:\n  port: 8000\n   host: x\n")
+    msg = str(pytest.raises(ConfigError, load_config, path, env={}).value)
+    assert len(msg.splitlines()) == 1
+    assert msg.startswith(f"{path} is not valid YAML: ") and "line 3" in msg
+
+
+def test_every_kind_declares_its_options():
+    from proxy.providers import KINDS, options_model
+
+    for kind in KINDS:
+        cls = provider_class(kind)
+        assert isinstance(getattr(cls, "options_schema", None), dict), kind
+        assert "timeout" in options_model(cls).model_fields
+
+
+def test_diffusers_options_are_the_engine_config_and_the_provider_options():
+    from dataclasses import fields
+
+    from local_backend.config import DTYPES, OFFLOAD_MODES, EngineConfig
+    from local_backend.loading import QUANTIZATIONS
+    from proxy.providers.local import _PROVIDER_OPTIONS, LocalProvider
+
+    schema = LocalProvider.options_schema
+    assert set(schema) == {f.name for f in fields(EngineConfig)} | _PROVIDER_OPTIONS
+    assert schema["offload"] == OFFLOAD_MODES
+    assert schema["dtype"] == (None, *DTYPES)
+    assert schema["quantization"] == (None, *QUANTIZATIONS)

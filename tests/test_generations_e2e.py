@@ -98,6 +98,8 @@ def upstream_config(tmp_path, providers: dict, routes: list, **extra_models) -> 
     cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
     cfg["providers"].update(providers)
     cfg["models"]["qwen-image"] = {"sizes": "small", "routes": routes}
+    # The default retries within a route (2), with backoffs short enough for tests.
+    cfg["routing"] = {"backoff_base": 0.01, "backoff_max": 0.05}
     for name, model_routes in extra_models.items():
         cfg["models"][name] = {"sizes": "small", "routes": model_routes}
     return cfg
@@ -320,7 +322,8 @@ async def test_route_params_are_defaults(start_proxy, tmp_path, fake_upstream):
     _, client = await start_proxy(cfg)
     await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json",
                                  extra_body={"num_inference_steps": 12, "watermark": False})
-    (sent_a,), (sent_b,) = a.image_bodies, b.image_bodies
+    assert len(a.image_bodies) == 3  # the first call and its 2 retries, then route b
+    sent_a, (sent_b,) = a.image_bodies[0], b.image_bodies
     assert (sent_a["acceleration"], sent_a["negative_prompt"], sent_a["num_inference_steps"]) == (
         "none", "from route a", 12)
     # Each route's own params; what the client sent wins.
@@ -406,7 +409,8 @@ async def test_fallback_to_second_route(start_proxy, tmp_path, fake_upstream, fa
     r = await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json")
     assert time.monotonic() - started < 1.5
     assert decode(r.data[0].b64_json).size == (64, 64)
-    assert len(first.image_calls) == (0 if failure == "unreachable" else 1)
+    # Retried twice on the route first, except a failed login: another try would fail the same way.
+    assert len(first.image_calls) == {"unreachable": 0, "401": 1}.get(failure, 3)
     assert len(second.image_calls) == 1
 
 
@@ -421,7 +425,7 @@ async def test_corrupt_upstream_answer_falls_back(start_proxy, tmp_path, fake_up
     _, client = await start_proxy(cfg)
     r = await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json")
     assert decode(r.data[0].b64_json).size == (64, 64)
-    assert len(first.image_calls) == 1 and len(second.image_calls) == 1
+    assert len(first.image_calls) == 3 and len(second.image_calls) == 1
 
 
 @pytest.mark.parametrize("item", [{"b64_json": "!!!not base64!!!"},
@@ -486,6 +490,7 @@ async def test_all_routes_rate_limited(start_proxy, tmp_path, fake_upstream):
     b.fail(429, "RATE_LIMITED", "slow down too", retry_after="3")
     cfg = upstream_config(tmp_path, {"a": openai_provider(a, a.api_key), "b": openai_provider(b, b.api_key)},
                           ["a", "b"])
+    cfg["routing"]["retries"] = 0  # else the last route sits out its 3 s before trying again
     _, client = await start_proxy(cfg)
     with pytest.raises(RateLimitError) as e:
         await client.images.generate(model="qwen-image", prompt="p")
@@ -528,9 +533,13 @@ async def test_missing_key_skips_route(start_proxy, tmp_path, fake_upstream):
 
     status, _, text = await call(server, "GET", "/health")
     health = json.loads(text)
-    assert status == 200 and health["status"] == "degraded"
+    assert status == 200 and health["status"] == "ok"
     assert health["models"]["dead"]["ready"] is False
+    assert health["models"]["dead"]["routes"][0]["state"] == "missing_key"
     assert health["models"]["qwen-image"]["ready"] is True
+    # A model with no possible route does not hold readiness back; the others serve.
+    status, _, text = await call(server, "GET", "/ready")
+    assert status == 200 and json.loads(text)["waiting_for"] == []
 
 
 async def test_stream_reports_upstream_failure(start_proxy, tmp_path, fake_upstream):

@@ -7,13 +7,20 @@ import base64
 import io
 import random
 
-import aiohttp
 import pytest
 from aiohttp import web
 from PIL import Image
 
 from proxy.errors import InvalidRequest, RateLimited, UpstreamError
-from proxy.output import OutputSettings, check_output_request, convert, generate_n, render_images
+from proxy.fetch import FetchPolicy, GuardedFetcher
+from proxy.output import (
+    OutputSettings,
+    check_output_request,
+    convert,
+    finish_images,
+    generate_n,
+    render_images,
+)
 from proxy.providers.base import GeneratedImage
 from proxy.request import SEED_MAX, ImageRequest
 
@@ -36,6 +43,9 @@ def decode(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
+
+
+PNG_96x64 = encoded(noisy())
 
 
 def request(**kwargs) -> ImageRequest:
@@ -85,11 +95,10 @@ def test_conversion_to_each_format(source, target, pil_format):
         assert out.data != data
 
 
-def test_unknown_source_format_becomes_png_when_no_format_is_asked():
-    data = encoded(noisy(), "BMP")
-    out = convert(data, None, None, (96, 64))
-    assert decode(out.data).format == "PNG"
-    assert out.format == "png"
+def test_formats_outside_the_five_are_refused():
+    # BMP, TIFF...: no route of ours makes them; treat them as a broken answer (the route falls back).
+    with pytest.raises(UpstreamError):
+        convert(encoded(noisy(), "BMP"), None, None, (96, 64))
 
 
 @pytest.mark.parametrize("target", ["jpeg", "webp", "avif"])
@@ -147,10 +156,31 @@ def test_resize_to_the_requested_size(target):
     assert out.format == (target or "png")
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n truncated", b"{}"])
-def test_non_image_data_is_an_upstream_error(data):
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n truncated", b"{}",
+                                  PNG_96x64[:-20], PNG_96x64[: len(PNG_96x64) // 2]])
+@pytest.mark.parametrize("target", [None, "png", "jpeg"])
+def test_non_image_data_is_an_upstream_error(data, target):
+    # Truncated images included, whether they would pass through untouched (None, png) or be converted.
     with pytest.raises(UpstreamError):
-        convert(data, "png", None, (96, 64))
+        convert(data, target, None, (96, 64))
+
+
+def test_a_jpeg_cut_short_is_an_upstream_error():
+    data = encoded(noisy(), "JPEG", quality=90)
+    for cut in (len(data) - 2, len(data) // 2, 200):
+        with pytest.raises(UpstreamError):
+            convert(data[:cut], None, None, (96, 64))
+        with pytest.raises(UpstreamError):
+            convert(data[:cut], "png", None, (96, 64))
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    # A 6000x6000 black PNG is ~35 KB on disk and 108 MB decoded.
+    bomb = encoded(Image.new("RGB", (6000, 6000)))
+    assert len(bomb) < 200_000
+    with pytest.raises(UpstreamError) as e:
+        convert(bomb, "jpeg", None, (96, 64), max_pixels=4096 * 4096)
+    assert "6000x6000" in e.value.message
 
 
 def test_check_output_request():
@@ -271,13 +301,12 @@ async def test_a_failing_chunk_cancels_its_siblings():
 # --- render_images ---------------------------------------------------------------------------------
 
 
-PNG_96x64 = encoded(noisy())
-
-
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
+    """The guarded fetcher the proxy downloads upstream image URLs with."""
+    fetcher = GuardedFetcher()
+    yield fetcher
+    await fetcher.close()
 
 
 @pytest.fixture
@@ -305,12 +334,19 @@ async def upstream(aiohttp_server):
     app.router.add_get("/missing", missing)
     server = await aiohttp_server(app)
     server.hits = hits
+    # The provider whose answers carry these URLs is configured with this origin: trusted.
+    server.origin = str(server.make_url("").origin())
     return server
 
 
-async def render(images, req, store, http, **settings):
-    return await render_images(images, req, store=store, http=http, base_url="http://proxy.test/",
-                               settings=OutputSettings(**settings))
+async def render(images, req, store, http, trusted_origin=None, max_download_bytes=None, **settings):
+    """The route attempt's finish step, then rendering: (items, each image's format)."""
+    if max_download_bytes is not None:
+        settings["fetch_policy"] = FetchPolicy(max_bytes=max_download_bytes)
+    finals = await finish_images(images, req, fetcher=http, settings=OutputSettings(**settings),
+                                 trusted_origin=trusted_origin)
+    items = await render_images(finals, req, store=store, base_url="http://proxy.test/")
+    return items, [img.format for img in finals]
 
 
 async def test_b64_json(store, http):
@@ -368,7 +404,8 @@ async def test_malformed_data_uri(store, http):
 
 async def test_http_url_is_downloaded_and_converted(store, http, upstream):
     req = request(response_format="b64_json", output_format="jpeg")
-    items, _ = await render([GeneratedImage(url=str(upstream.make_url("/img.png")))], req, store, http)
+    items, _ = await render([GeneratedImage(url=str(upstream.make_url("/img.png")))], req, store, http,
+                            trusted_origin=upstream.origin)
     im = decode(base64.b64decode(items[0]["b64_json"]))
     assert (im.format, im.size) == ("JPEG", (96, 64))
     assert upstream.hits == ["/img.png"]
@@ -376,7 +413,8 @@ async def test_http_url_is_downloaded_and_converted(store, http, upstream):
 
 async def test_http_url_rehosted_for_url_responses(store, http, upstream):
     upstream_url = str(upstream.make_url("/img.png"))
-    items, _ = await render([GeneratedImage(url=upstream_url)], request(response_format="url"), store, http)
+    items, _ = await render([GeneratedImage(url=upstream_url)], request(response_format="url"), store, http,
+                            trusted_origin=upstream.origin)
     assert items[0]["url"] != upstream_url
     path, _ = store.lookup(items[0]["url"].rsplit("/", 1)[1])
     assert path.read_bytes() == PNG_96x64
@@ -395,7 +433,7 @@ async def test_http_url_handed_on_when_rehosting_is_off(store, http, upstream):
 async def test_download_is_needed_for_conversion_even_when_rehosting_is_off(store, http, upstream):
     upstream_url = str(upstream.make_url("/img.png"))
     items, _ = await render([GeneratedImage(url=upstream_url)], request(response_format="url", output_format="webp"),
-                            store, http, rehost_upstream_urls=False)
+                            store, http, rehost_upstream_urls=False, trusted_origin=upstream.origin)
     assert items[0]["url"].endswith(".webp")
     assert upstream.hits == ["/img.png"]
 
@@ -403,21 +441,40 @@ async def test_download_is_needed_for_conversion_even_when_rehosting_is_off(stor
 async def test_download_size_cap(store, http, upstream):
     with pytest.raises(UpstreamError) as e:
         await render([GeneratedImage(url=str(upstream.make_url("/big.png")))], request(response_format="b64_json"),
-                     store, http, max_download_bytes=100_000)
+                     store, http, max_download_bytes=100_000, trusted_origin=upstream.origin)
     assert "100000" in e.value.message
 
 
 async def test_download_http_error(store, http, upstream):
     with pytest.raises(UpstreamError) as e:
         await render([GeneratedImage(url=str(upstream.make_url("/missing")))], request(response_format="b64_json"),
-                     store, http)
+                     store, http, trusted_origin=upstream.origin)
     assert "404" in e.value.message
 
 
 async def test_download_connection_error(store, http, unused_tcp_port):
     with pytest.raises(UpstreamError):
         await render([GeneratedImage(url=f"http://127.0.0.1:{unused_tcp_port}/x.png")],
-                     request(response_format="b64_json"), store, http)
+                     request(response_format="b64_json"), store, http,
+                     trusted_origin=f"http://127.0.0.1:{unused_tcp_port}")
+
+
+@pytest.mark.parametrize("path", ["/img.png", "/secret"])
+async def test_urls_off_the_provider_origin_get_the_ssrf_rules(store, http, upstream, path):
+    # An upstream answering with a URL on another origin (here the loopback, as an attacker would
+    # point it at a metadata service or an internal admin page) is refused, and nothing is fetched.
+    with pytest.raises(UpstreamError) as e:
+        await render([GeneratedImage(url=str(upstream.make_url(path)))], request(response_format="b64_json"),
+                     store, http, trusted_origin="https://api.upstream.example")
+    assert "scheme http is not allowed" in e.value.message or "loopback" in e.value.message
+    assert upstream.hits == []
+
+
+async def test_a_trusted_origin_covers_that_origin_only(store, http, upstream):
+    other_port = upstream.make_url("/img.png").with_port(upstream.port + 1 if upstream.port < 65535 else 1)
+    with pytest.raises(UpstreamError):
+        await render([GeneratedImage(url=str(other_port))], request(response_format="b64_json"), store, http,
+                     trusted_origin=upstream.origin)
 
 
 async def test_upstream_image_of_another_size_is_resized(store, http):

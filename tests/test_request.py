@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+import logging
+import math
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.request import (
+    MAX_EXTRA_BYTES,
+    MAX_JSON_DEPTH,
     SEED_MAX,
     ImageRequest,
     LoraRef,
+    Upload,
     build_request,
     parse_body,
     parse_json_bytes,
+    read_body,
+    read_fields,
     with_route_defaults,
 )
 
@@ -352,3 +363,504 @@ def test_route_default_unknown_keys_become_extras_and_client_extras_win():
 def test_no_route_defaults_returns_the_request():
     req = req_from({"prompt": "x"})
     assert with_route_defaults(req, {}) is req
+
+
+# --- numbers, booleans and odd types: always a 400 naming the field --------------------------------
+
+
+@pytest.mark.parametrize("field", ["seed", "n", "output_compression", "num_inference_steps", "partial_images",
+                                   "cfg_scale"])
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_not_a_number(field, value):
+    e = invalid({"prompt": "x", field: value})
+    assert e.param == field
+    assert "not a boolean" in e.message
+
+
+def test_a_boolean_lora_scale_is_refused():
+    e = invalid({"prompt": "x", "loras": [{"path": "a", "scale": True}]})
+    assert e.param == "loras"
+    assert "loras[0].scale" in e.message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 1e308), ("n", -1e308), ("seed", 1e300), ("output_compression", 1e300), ("num_inference_steps", 1e20),
+    ("n", 10**4000), ("seed", 10**400), ("cfg_scale", 10**4000), ("cfg_scale", 1e308),
+    ("n", "9" * 5000), ("seed", "9" * 5000), ("cfg_scale", "9" * 5000), ("output_compression", "1" * 100),
+    ("seed", math.nan), ("seed", math.inf), ("n", -math.inf), ("cfg_scale", math.nan), ("cfg_scale", math.inf),
+    ("num_inference_steps", math.nan), ("partial_images", 1e10),
+])
+def test_huge_and_non_finite_numbers(field, value):
+    e = invalid({"prompt": "x", field: value})
+    assert e.param == field
+    assert e.message.startswith(f"Invalid '{field}'")
+
+
+def test_a_huge_whole_float_reads_as_out_of_range():
+    assert "less than or equal to 10" in invalid({"prompt": "x", "n": 1e308}).message
+
+
+def test_whole_floats_are_integers():
+    req = req_from({"prompt": "x", "n": 2.0, "seed": 7.0, "num_inference_steps": 20.0})
+    assert (req.n, req.seed, req.num_inference_steps) == (2, 7, 20)
+    assert isinstance(req.n, int)
+
+
+@pytest.mark.parametrize("field", ["size", "aspect_ratio", "resolution", "model", "negative_prompt", "user",
+                                   "quality", "background", "style", "moderation"])
+@pytest.mark.parametrize("value", [5, 1.5, True, [], ["64x64"], {"w": 1}])
+def test_text_fields_must_be_strings(field, value):
+    e = invalid({"prompt": "x", field: value})
+    assert e.param == field
+    assert "valid string" in e.message
+
+
+@pytest.mark.parametrize("loras", [
+    5, True, "x", "{}", '"a"', "[1]", "[[]]", '[{"path": 1}]', '[{"path": "a", "scale": NaN}]',
+    '[{"path": "a", "scale": 1e999}]', "[" * 5000 + "]" * 5000, [[]], [None], [{"path": 1}], [{"path": None}],
+    [{"path": ["a"]}], [{"path": "a", "scale": "big"}], [{"path": "a", "scale": math.nan}], {"0": {"path": "a"}},
+])
+def test_loras_of_the_wrong_shape(loras):
+    e = invalid({"prompt": "x", "loras": loras})
+    assert e.param == "loras"
+    assert e.message.startswith("Invalid 'loras")
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), ("false", False),
+                                             ("yes", True), ("0", False), (1, True)])
+def test_stream_accepts_booleans_and_form_text(value, expected):
+    assert req_from({"prompt": "x", "stream": value}).stream is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, [], {}, None])
+def test_bad_stream(value):
+    assert invalid({"prompt": "x", "stream": value}).param == "stream"
+
+
+@pytest.mark.parametrize("field, value", [("n", "abc"), ("n", ""), ("n", "1.5"), ("seed", "-1"), ("seed", "0x10"),
+                                          ("cfg_scale", "nan"), ("cfg_scale", "inf"), ("output_compression", " "),
+                                          ("loras", "")])
+def test_form_text_that_is_not_a_number(field, value):
+    # Multipart forms carry every field as text.
+    assert invalid({"prompt": "x", field: value}).param == field
+
+
+def test_form_text_numbers():
+    req = req_from({"prompt": "x", "n": "3", "seed": "42", "cfg_scale": "4.5", "stream": "true",
+                    "num_inference_steps": "20"})
+    assert (req.n, req.seed, req.cfg_scale, req.stream, req.num_inference_steps) == (3, 42, 4.5, True, 20)
+
+
+def test_error_paths_name_list_positions_and_keys():
+    e = invalid({"prompt": "x", "loras": [{"path": "a"}, {"path": "b", "0": 1}]})
+    assert e.param == "loras"
+    assert "'loras[1].0'" in e.message
+
+
+# --- invalid Unicode and control characters ------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "model", "size", "aspect_ratio", "resolution",
+                                   "user", "quality", "watermark"])
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\udc80", "ok \ud83d"])
+def test_lone_surrogates_are_refused(field, text):
+    fields = {"prompt": "x", field: text}
+    e = invalid(fields)
+    assert e.param == field
+    assert e.message == f"Invalid '{field}': contains invalid Unicode (a lone surrogate)."
+    assert e.code == "invalid_value"
+    json.dumps(e.to_dict(), ensure_ascii=False).encode()  # the message itself is valid UTF-8
+
+
+@pytest.mark.parametrize("fields, param, in_message", [
+    ({"prompt": "x", "loras": [{"path": "a\ud800"}]}, "loras", "'loras[0].path'"),
+    ({"prompt": "x", "loras": [{"path": "a", "\ud800": 1}]}, "loras", "name contains invalid Unicode"),
+    ({"prompt": "x", "image_size": {"a": [1, {"b": "\udc00"}]}}, "image_size", "'image_size.a[1].b'"),
+    ({"prompt": "x", "tags": ["ok", "\ud800"]}, "tags", "'tags[1]'"),
+    ({"prompt": "x", "\ud800": 1}, "\\ud800", "parameter name '\\ud800'"),
+    ({"prompt": "x", "opts": {"k\udfff": 1}}, "opts", "'opts.k\\udfff'"),
+])
+def test_lone_surrogates_anywhere_are_refused(fields, param, in_message):
+    e = invalid(fields)
+    assert e.param == param
+    assert in_message in e.message
+    e.message.encode("utf-8")  # printable: the surrogate is shown as an escape
+
+
+def test_surrogate_pairs_and_other_unicode_are_fine():
+    prompt = "emoji \U0001f600, accents é, CJK 猫, RTL \u05d0, zero-width \u200b, BOM \ufeff, max \U0010ffff"
+    assert req_from({"prompt": prompt}).prompt == prompt
+    # json.loads joins an escaped pair into one character.
+    assert parse_json_bytes(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001f600"}
+
+
+@pytest.mark.parametrize("prompt", ["a\x00b", "\x00", "tab\tnew\nline\rret", "\x1b[31mred\x7f", "\x0b\x0c\x1fa"])
+def test_control_characters_are_kept(prompt):
+    # JSON escapes them for upstreams, tokenizers and the placeholder's drawing cope: nothing to refuse.
+    req = req_from({"prompt": prompt, "negative_prompt": prompt})
+    assert (req.prompt, req.negative_prompt) == (prompt, prompt)
+
+
+# --- unknown fields: they go upstream, so they are bounded -----------------------------------------------
+
+
+def nested(depth: int):
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def test_extras_may_nest_up_to_the_limit():
+    # The body is level 1, so an extra may hold MAX_JSON_DEPTH - 1 levels of containers.
+    req = req_from({"prompt": "x", "deep": nested(MAX_JSON_DEPTH - 1)})
+    assert req.extra["deep"] == nested(MAX_JSON_DEPTH - 1)
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 200, 5000])
+def test_extras_nested_too_deep_are_refused(depth):
+    e = invalid({"prompt": "x", "deep": nested(depth)})
+    assert e.param == "deep"
+    assert f"nested more than {MAX_JSON_DEPTH} levels deep" in e.message
+
+
+def test_extras_over_the_size_limit_are_refused():
+    assert req_from({"prompt": "x", "blob": "a" * (MAX_EXTRA_BYTES - 100)}).extra["blob"]
+    e = invalid({"prompt": "x", "small": 1, "blob": "a" * MAX_EXTRA_BYTES})
+    assert e.param == "blob"
+    assert str(MAX_EXTRA_BYTES) in e.message
+    # Many small fields count together.
+    e = invalid({"prompt": "x", **{f"f{i}": "v" * 100 for i in range(3000)}})
+    assert "are passed on to upstreams" in e.message
+
+
+def test_the_prompt_is_not_an_extra():
+    # Only unknown fields are capped; a long prompt is the route's business.
+    assert len(req_from({"prompt": "p" * (2 * MAX_EXTRA_BYTES)}).prompt) == 2 * MAX_EXTRA_BYTES
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, object(), {1, 2}, b"bytes", {"k": math.nan},
+                                   [{(1, 2): "tuple key"}]])
+def test_extras_must_be_json(value):
+    # Possible from Python callers only: JSON bodies and forms cannot carry these.
+    e = invalid({"prompt": "x", "odd": value})
+    assert e.param == "odd"
+    assert "must be a JSON value" in e.message
+
+
+# --- parse_json_bytes: strict JSON ------------------------------------------------------------------
+
+
+def deep_json(depth: int) -> bytes:
+    return b'{"prompt": "x", "a": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize("raw, in_message", [
+    (b'{"prompt": "x", "n": NaN}', "NaN is not a JSON number"),
+    (b'{"prompt": "x", "cfg_scale": Infinity}', "Infinity is not a JSON number"),
+    (b'{"prompt": "x", "cfg_scale": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"prompt": "x", "cfg_scale": 1e400}', "too large"),
+    (b'{"prompt": "x", "extra": [-1.5e99999]}', "too large"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
+    (b'{"prompt": "x", "seed": -' + b"9" * 5000 + b"}", "more than 4300 digits"),
+    (deep_json(MAX_JSON_DEPTH + 1), f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (deep_json(990), f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (deep_json(1_000), f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (deep_json(100_000), f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (b"[" * 100_000, f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (b'{"a": ' * 5_000, f"nested more than {MAX_JSON_DEPTH} levels deep"),
+    (b'{"prompt": "caf\xe9"}', "not UTF-8 text (byte 0xe9 at position 15)"),
+    (b'\xef\xbb\xbf\xef\xbb\xbf{"prompt": "x"}', "not valid JSON"),
+    (b'{"prompt": "x"} trailing', "not valid JSON"),
+    (b'{"prompt": "x",}', "not valid JSON"),
+    (b"{'prompt': 'x'}", "not valid JSON"),
+    (b"\x00", "not valid JSON"),
+    (b"null", "JSON object"),
+    (b"1e999", "too large"),
+    (b'"\\ud800"', "JSON object"),
+])
+def test_parse_json_bytes_is_strict(raw, in_message):
+    with pytest.raises(InvalidRequest) as e:
+        parse_json_bytes(raw)
+    assert e.value.code == "invalid_json"
+    assert e.value.status == 400
+    assert e.value.param is None
+    assert in_message in e.value.message
+
+
+def test_parse_json_bytes_limits_are_inclusive():
+    assert parse_json_bytes(deep_json(MAX_JSON_DEPTH))["prompt"] == "x"
+    assert parse_json_bytes(b'{"seed": ' + b"9" * 4300 + b"}")["seed"] == int("9" * 4300)
+    assert parse_json_bytes(b'{"x": 1.7976931348623157e308}')["x"] == 1.7976931348623157e308
+
+
+def test_parse_json_bytes_accepts_a_utf8_bom_and_duplicate_keys():
+    assert parse_json_bytes(b'\xef\xbb\xbf{"prompt": "a", "prompt": "b"}') == {"prompt": "b"}
+
+
+def test_parse_json_bytes_refuses_lone_surrogates_with_the_field():
+    with pytest.raises(InvalidRequest) as e:
+        parse_json_bytes(b'{"prompt": "a\\ud800", "n": 1}')
+    assert e.value.param == "prompt"
+    assert e.value.message == "Invalid 'prompt': contains invalid Unicode (a lone surrogate)."
+    with pytest.raises(InvalidRequest) as e:
+        parse_json_bytes(b'{"prompt": "a", "x": {"\\uDC00": 1}}')
+    assert e.value.param == "x"
+
+
+# --- read_fields over HTTP ---------------------------------------------------------------------------
+
+
+def echo_app(client_max_size: int = 8 * 1024 * 1024) -> web.Application:
+    """A tiny app answering what read_fields / read_body made of the body, or the error."""
+
+    async def fields(request: web.Request) -> web.Response:
+        try:
+            got, raw = await read_fields(request)
+        except ProxyError as e:
+            return e.to_response()
+        return web.json_response({"fields": got, "raw": None if raw is None else raw.decode("utf-8", "replace")})
+
+    async def files(request: web.Request) -> web.Response:
+        try:
+            body = await read_body(request)
+        except ProxyError as e:
+            return e.to_response()
+        assert all(isinstance(f, Upload) for f in body.files)
+        return web.json_response({"fields": body.fields, "files": [
+            [f.field, f.filename, f.content_type, f.data.decode("latin-1")] for f in body.files]})
+
+    app = web.Application(client_max_size=client_max_size)
+    app.router.add_post("/fields", fields)
+    app.router.add_post("/files", files)
+    return app
+
+
+@pytest.fixture
+async def echo(aiohttp_client):
+    """echo(data, content_type=..., path="/fields", headers=None) -> (status, JSON answer)."""
+    client = await aiohttp_client(echo_app())
+
+    async def send(data: bytes, content_type: str | None = "application/json", path: str = "/fields",
+                   headers: dict | None = None):
+        hdrs = dict(headers or {})
+        skip = ()
+        if content_type is None:
+            skip = ("Content-Type",)
+        else:
+            hdrs["Content-Type"] = content_type
+        async with client.post(path, data=data, headers=hdrs, skip_auto_headers=skip) as r:
+            return r.status, await r.json(content_type=None)
+
+    return send
+
+
+def assert_error(status: int, answer: dict, code: str, param=None) -> dict:
+    assert status == 400
+    err = answer["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["code"] == code
+    assert err["param"] == param
+    return err
+
+
+BOUNDARY = "qip-b0undary"
+
+
+def part(name: str | bytes, value: bytes, *headers: str, filename: str | None = None) -> bytes:
+    name = name if isinstance(name, bytes) else name.encode()
+    disposition = b'Content-Disposition: form-data; name="' + name + b'"'
+    if filename is not None:
+        disposition += f'; filename="{filename}"'.encode()
+    return b"\r\n".join([disposition, *(h.encode() for h in headers)]) + b"\r\n\r\n" + value
+
+
+def multipart(*parts: bytes, boundary: str = BOUNDARY, end: bool = True) -> bytes:
+    b = boundary.encode()
+    body = b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts)
+    return body + (b"--" + b + b"--\r\n" if end else b"")
+
+
+FORM = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+async def test_read_fields_json_keeps_the_raw_body(echo):
+    raw = b'{"prompt": "a cat", "n": 2, "extra": {"k": [1, 2.5, null, true]}}'
+    status, answer = await echo(raw)
+    assert status == 200
+    assert answer["fields"] == json.loads(raw)
+    assert answer["raw"] == raw.decode()
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "text/plain", None,
+                                          "application/octet-stream", "APPLICATION/JSON"])
+async def test_read_fields_reads_json_whatever_the_label(echo, content_type):
+    status, answer = await echo(b'{"prompt": "x"}', content_type)
+    assert (status, answer["fields"]) == (200, {"prompt": "x"})
+
+
+async def test_read_fields_reads_json_sent_as_a_form_by_curl(echo):
+    status, answer = await echo(b'{"prompt": "x", "n": 2}', "application/x-www-form-urlencoded")
+    assert (status, answer["fields"]) == (200, {"prompt": "x", "n": 2})
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe{}", b"[1]", b'{"n": NaN}', deep_json(100),
+                                 deep_json(50_000), b'{"seed": ' + b"1" * 5000 + b"}"])
+async def test_read_fields_bad_json_is_a_400(echo, raw):
+    assert_error(*await echo(raw), code="invalid_json")
+
+
+async def test_read_fields_lone_surrogate_is_a_400_naming_the_field(echo):
+    err = assert_error(*await echo(b'{"prompt": "x", "negative_prompt": "\\udead"}'), code="invalid_value",
+                       param="negative_prompt")
+    assert err["message"] == "Invalid 'negative_prompt': contains invalid Unicode (a lone surrogate)."
+
+
+async def test_read_fields_parses_a_big_json_body_off_the_loop(echo):
+    raw = json.dumps({"prompt": "x", "pad": "p" * 1_100_000}).encode()
+    status, answer = await echo(raw)
+    assert status == 200 and len(answer["fields"]["pad"]) == 1_100_000
+    assert_error(*await echo(raw[:-2]), code="invalid_json")
+
+
+async def test_read_fields_urlencoded(echo):
+    raw = b"prompt=a+red+fox&n=2&size=16%3A9&stream=true&empty=&prompt2=caf%C3%A9"
+    status, answer = await echo(raw, "application/x-www-form-urlencoded")
+    assert status == 200
+    assert answer["fields"] == {"prompt": "a red fox", "n": "2", "size": "16:9", "stream": "true", "empty": "",
+                                "prompt2": "café"}
+    assert answer["raw"] == raw.decode()
+
+
+@pytest.mark.parametrize("raw, content_type", [
+    (b"prompt=caf%E9", "application/x-www-form-urlencoded"),
+    (b"prompt=\xff", "application/x-www-form-urlencoded"),
+    (b"prompt=x", "application/x-www-form-urlencoded; charset=bogus"),
+    (b"&".join(b"f%d=1" % i for i in range(1001)), "application/x-www-form-urlencoded"),
+])
+async def test_read_fields_bad_urlencoded_is_a_400(echo, raw, content_type):
+    assert_error(*await echo(raw, content_type), code="invalid_form")
+
+
+async def test_read_fields_multipart(echo):
+    raw = multipart(part("prompt", "a café".encode()), part("n", b"3"),
+                    part("loras", b'[{"path": "a"}]', "Content-Type: application/json"),
+                    part("latin", "é".encode("latin-1"), "Content-Type: text/plain; charset=latin-1"),
+                    part("image", b"\x89PNG\xff", "Content-Type: image/png", filename="a.png"),
+                    part("n", b"4"))
+    status, answer = await echo(raw, FORM)
+    assert status == 200
+    # The file part is ignored; a repeated field: the last wins; a JSON part is text.
+    assert answer == {"fields": {"prompt": "a café", "n": "4", "loras": '[{"path": "a"}]', "latin": "é"},
+                      "raw": None}
+
+
+async def test_read_body_keeps_the_file_parts(echo):
+    raw = multipart(part("prompt", b"x"), part("image", b"\x89PNG\xff", "Content-Type: image/png", filename="a.png"),
+                    part("image", b"GIF89a", filename="b.gif"))
+    status, answer = await echo(raw, FORM, path="/files")
+    assert status == 200
+    assert answer == {"fields": {"prompt": "x"}, "files": [["image", "a.png", "image/png", "\x89PNG\xff"],
+                                                           ["image", "b.gif", "application/octet-stream", "GIF89a"]]}
+
+
+async def test_read_fields_the_openai_package_form(echo):
+    # What aiohttp's FormData (and the openai package) send: no Content-Type on text fields.
+    form = aiohttp.FormData()
+    form.add_field("prompt", "a lighthouse")
+    form.add_field("size", "64x64")
+    form.add_field("image", b"\x89PNG", filename="in.png", content_type="image/png")
+    writer = form()
+    chunks = []
+
+    class Sink:
+        async def write(self, data):
+            chunks.append(bytes(data))
+
+    await writer.write(Sink())
+    status, answer = await echo(b"".join(chunks), writer.content_type)
+    assert (status, answer["fields"]) == (200, {"prompt": "a lighthouse", "size": "64x64"})
+
+
+MALFORMED_MULTIPART = {
+    "no boundary": (FORM.split(";")[0], multipart(part("prompt", b"x"))),
+    "empty boundary": ("multipart/form-data; boundary=", multipart(part("prompt", b"x"))),
+    "boundary too long": ("multipart/form-data; boundary=" + "b" * 71, multipart(part("prompt", b"x"), boundary="b" * 71)),
+    "wrong boundary": (FORM, multipart(part("prompt", b"x"), boundary="other")),
+    "empty body": (FORM, b""),
+    "cut in the headers": (FORM, multipart(part("prompt", b"x"))[:30]),
+    "cut in a value": (FORM, multipart(part("prompt", b"x" * 100))[:-40]),
+    "no closing boundary": (FORM, multipart(part("prompt", b"x"), end=False)),
+    "junk after a boundary": (FORM, b"--" + BOUNDARY.encode() + b"\r\n" + part("a", b"1") + b"\r\n--" +
+                              BOUNDARY.encode() + b"junk\r\n"),
+    "bad header line": (FORM, multipart(part("prompt", b"x", "no colon here"))),
+    "header line too long": (FORM, multipart(part("prompt", b"x", "X-Long: " + "y" * 9000))),
+    "too many headers": (FORM, multipart(part("prompt", b"x", *["X-H: 1"] * 200))),
+    "unknown charset": (FORM, multipart(part("prompt", b"x", "Content-Type: text/plain; charset=bogus"))),
+    "undecodable text": (FORM, multipart(part("prompt", b"caf\xe9", "Content-Type: text/plain; charset=utf-8"))),
+    "bad utf-16": (FORM, multipart(part("prompt", b"\x00\xd8x", "Content-Type: text/plain; charset=utf-16-le"))),
+    "bad base64": (FORM, multipart(part("prompt", b"abc", "Content-Transfer-Encoding: base64"))),
+    "unknown transfer encoding": (FORM, multipart(part("prompt", b"x", "Content-Transfer-Encoding: rot13"))),
+    "nested multipart": (FORM, multipart(part("prompt", b"x", "Content-Type: multipart/mixed; boundary=zz"))),
+    "part without a name": (FORM, multipart(b"Content-Disposition: form-data\r\n\r\nx")),
+    "part without headers": (FORM, multipart(b"\r\nx")),
+    "bad _charset_": (FORM, multipart(part("_charset_", b"c" * 40), part("prompt", b"x"))),
+    "undecodable _charset_": (FORM, multipart(part("_charset_", b"\xff"), part("prompt", b"x"))),
+}
+
+
+@pytest.mark.parametrize("content_type, raw", MALFORMED_MULTIPART.values(), ids=MALFORMED_MULTIPART.keys())
+async def test_read_fields_malformed_multipart_is_a_400(echo, content_type, raw):
+    err = assert_error(*await echo(raw, content_type), code="invalid_multipart")
+    assert err["message"].startswith("The multipart/form-data body is malformed: ")
+
+
+async def test_read_fields_binary_form_field_must_be_utf8(echo):
+    raw = multipart(part("prompt", b"\xff\xfe", "Content-Type: application/octet-stream"))
+    err = assert_error(*await echo(raw, FORM), code="invalid_multipart", param="prompt")
+    assert "not UTF-8" in err["message"]
+    raw = multipart(part("prompt", "ok é".encode(), "Content-Type: application/octet-stream"))
+    assert (await echo(raw, FORM))[1]["fields"] == {"prompt": "ok é"}
+
+
+async def test_read_fields_form_name_that_is_not_utf8_is_a_400(echo):
+    # aiohttp reads header bytes that are not UTF-8 as lone surrogates.
+    raw = multipart(part(b"pr\xffompt", b"x"))
+    err = assert_error(*await echo(raw, FORM), code="invalid_value", param="pr\\udcffompt")
+    assert "invalid Unicode" in err["message"]
+
+
+@pytest.mark.parametrize("content_type, raw", [
+    ("application/json", json.dumps({"prompt": "x" * 5000}).encode()),
+    ("application/x-www-form-urlencoded", b"prompt=" + b"x" * 5000),
+    (FORM, multipart(part("prompt", b"x" * 5000))),
+    (FORM, multipart(part("image", b"x" * 5000, filename="a.png"))),
+])
+async def test_read_fields_over_the_size_limit_is_a_413(aiohttp_client, content_type, raw):
+    client = await aiohttp_client(echo_app(client_max_size=1000))
+    async with client.post("/fields", data=raw, headers={"Content-Type": content_type}) as r:
+        assert r.status == 413
+
+
+@pytest.mark.parametrize("content_type, raw, code", [
+    ("application/json", b"\x1f\x8b not gzip", "invalid_body"),
+    (FORM, b"--" + BOUNDARY.encode() + b"\r\n\x1f\x8b not gzip", "invalid_multipart"),
+])
+async def test_read_fields_broken_compressed_body_is_a_400_and_logs_nothing(aiohttp_client, caplog, content_type,
+                                                                           raw, code):
+    client = await aiohttp_client(echo_app())
+    headers = {"Content-Type": content_type, "Content-Encoding": "gzip"}
+    async with client.post("/fields", data=raw, headers=headers) as r:
+        err = assert_error(r.status, await r.json(), code=code)
+    assert "Can not decode content-encoding: gzip" in err["message"]
+    # After the answer aiohttp would read the rest of the body ("lingering") and log the error again.
+    await asyncio.sleep(0.1)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("content_type", [";1FKf5ybrb12*", "utf-8''>?*0*@ ;1*0*", "multipart/form-data; ;a*"])
+async def test_read_fields_unparseable_content_type_is_a_400(echo, content_type):
+    # Python's email header parser, which aiohttp uses, raises IndexError on these.
+    err = assert_error(*await echo(b'{"prompt": "x"}', content_type), code="invalid_content_type")
+    assert "Content-Type header cannot be parsed" in err["message"]

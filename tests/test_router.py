@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from proxy.config import ModelConfig, RouteConfig
+from proxy.config import ModelConfig, RouteConfig, RoutingConfig
 from proxy.errors import (
     InvalidRequest,
     RateLimited,
     ServiceUnavailable,
     UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from proxy.providers.base import Capabilities, GeneratedImage, Provider
 from proxy.request import ImageRequest
@@ -63,11 +66,15 @@ def request(model: str = "m", **kwargs) -> ImageRequest:
     return ImageRequest(prompt="a cat", model=model, **kwargs)
 
 
-def router_for(*providers: FakeProvider, routes: list | None = None, extra_models: dict | None = None) -> Router:
+def router_for(*providers: FakeProvider, routes: list | None = None, extra_models: dict | None = None,
+               max_load_wait: float = 120, **routing) -> Router:
+    """A router over fake providers; no retries within a route unless `retries` is given."""
     models = {"m": ModelConfig.model_validate({"sizes": "t", "routes": routes or [p.name for p in providers]})}
     for name, model_routes in (extra_models or {}).items():
         models[name] = ModelConfig.model_validate({"sizes": "t", "routes": model_routes})
-    return Router(models, {p.name: p for p in providers})
+    routing = {"retries": 0, "backoff_base": 0.01, "backoff_max": 0.05, **routing}
+    return Router(models, {p.name: p for p in providers}, routing=RoutingConfig(**routing),
+                  max_load_wait=max_load_wait)
 
 
 def soon(seconds: float = 10) -> float:
@@ -132,7 +139,7 @@ async def test_invalid_request_does_not_trip_the_breaker():
         with pytest.raises(InvalidRequest):
             await router.generate(request(), soon())
     assert len(a.calls) == 10
-    assert not router.routes["m"][0].breaker.is_open()
+    assert router.routes["m"][0].breaker.state == "closed"
 
 
 async def test_route_config_reaches_the_provider():
@@ -244,17 +251,23 @@ def test_breaker_unit(monkeypatch):
     breaker = CircuitBreaker(threshold=3, cooldown=10)
     for _ in range(2):
         breaker.record(False)
-    assert not breaker.is_open()
+    assert breaker.state == "closed" and breaker.allow()
     breaker.record(False)
-    assert breaker.is_open()
+    assert breaker.state == "open" and not breaker.allow()
     now[0] += 9.9
-    assert breaker.is_open()
+    assert not breaker.allow()
     now[0] += 0.2
-    assert not breaker.is_open()  # half-open: the route gets another try
-    breaker.record(False)  # which fails: open again at once
-    assert breaker.is_open()
+    assert breaker.state == "half_open"
+    assert breaker.allow()  # the one probe...
+    assert not breaker.allow()  # ...at a time
+    breaker.record(False)  # which fails: open again at once, for a whole cooldown
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] += 10.1
+    assert breaker.allow()
+    breaker.release()  # a probe that ended in a client error judges nothing: the slot frees
+    assert breaker.allow()
     breaker.record(True)
-    assert not breaker.is_open()
+    assert breaker.state == "closed" and breaker.allow() and breaker.allow()
     assert breaker.failures == 0
 
 
@@ -288,7 +301,7 @@ async def test_breaker_closes_after_cooldown_and_success_resets():
     breaker.threshold, breaker.cooldown = 2, 0.05
     for _ in range(2):
         await router.generate(request(), soon())
-    assert breaker.is_open()
+    assert breaker.state == "open"
     assert (await router.generate(request(), soon())).route.name == "b"
     assert len(a.calls) == 2
     await asyncio.sleep(0.06)
@@ -371,3 +384,268 @@ async def test_route_timeout_is_capped_by_the_remaining_time():
         await router.generate(request(), time.monotonic() + 0.1)
     assert time.monotonic() - t0 < 1
     assert len(b.calls) == 1
+
+
+# --- retries within a route ----------------------------------------------------------------------------
+
+
+def flaky_then_ok(*errors: Exception) -> Behaviour:
+    """Fails with each error in turn, then succeeds."""
+    pending = list(errors)
+
+    async def behaviour(req):
+        if pending:
+            raise pending.pop(0)
+        return await ok(req)
+
+    return behaviour
+
+
+async def test_a_flaky_route_is_retried_before_falling_back():
+    a = FakeProvider("a", flaky_then_ok(UpstreamError("HTTP 502"), UpstreamError("HTTP 502")))
+    b = FakeProvider("b")
+    result = await router_for(a, b, retries=2).generate(request(), soon())
+    assert result.route.name == "a"
+    assert len(a.calls) == 3 and b.calls == []
+    assert result.calls == 3
+    assert [why for _, why in result.attempts] == ["HTTP 502", "HTTP 502", "ok"]
+
+
+async def test_retries_run_out_then_the_next_route():
+    a = FakeProvider("a", failing(UpstreamError("HTTP 500")))
+    b = FakeProvider("b")
+    result = await router_for(a, b, retries=2).generate(request(), soon())
+    assert result.route.name == "b"
+    assert len(a.calls) == 3
+    assert result.calls == 4
+
+
+async def test_route_retries_override():
+    a = FakeProvider("a", failing(UpstreamError("HTTP 500")))
+    router = router_for(a, FakeProvider("b"), retries=2, routes=[{"provider": "a", "retries": 0}, "b"])
+    await router.generate(request(), soon())
+    assert len(a.calls) == 1
+
+
+async def test_client_errors_are_never_retried():
+    a = FakeProvider("a", failing(InvalidRequest("bad prompt", param="prompt")))
+    with pytest.raises(InvalidRequest):
+        await router_for(a, retries=3).generate(request(), soon())
+    assert len(a.calls) == 1
+
+
+async def test_backoff_is_exponential_with_full_jitter(monkeypatch):
+    waits: list[float] = []
+    bounds: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    def uniform(lo, hi):
+        bounds.append(hi)
+        return hi / 2
+
+    monkeypatch.setattr("proxy.router.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("proxy.router.random.uniform", uniform)
+    a = FakeProvider("a", failing(UpstreamError("HTTP 500")))
+    with pytest.raises(UpstreamError):
+        await router_for(a, retries=4, backoff_base=0.5, backoff_max=3).generate(request(), soon(60))
+    assert bounds == [0.5, 1.0, 2.0, 3.0]  # doubling, capped at backoff_max
+    assert waits == [0.25, 0.5, 1.0, 1.5]
+
+
+async def test_retry_after_is_honoured_on_the_same_route():
+    a = FakeProvider("a", flaky_then_ok(UpstreamUnavailable("HTTP 503", retry_after=0.3)))
+    t0 = time.monotonic()
+    result = await router_for(a, retries=1, backoff_max=1).generate(request(), soon())
+    assert 0.29 <= time.monotonic() - t0 < 1
+    assert result.route.name == "a" and len(a.calls) == 2
+
+
+async def test_a_long_retry_after_moves_on_when_another_route_is_left():
+    a = FakeProvider("a", failing(RateLimited("busy", retry_after=30)))
+    b = FakeProvider("b")
+    t0 = time.monotonic()
+    result = await router_for(a, b, retries=2, backoff_max=1).generate(request(), soon())
+    assert time.monotonic() - t0 < 1
+    assert result.route.name == "b" and len(a.calls) == 1
+
+
+async def test_a_retry_after_past_the_deadline_is_not_waited_for():
+    a = FakeProvider("a", failing(RateLimited("busy", retry_after=5)))
+    t0 = time.monotonic()
+    with pytest.raises(RateLimited) as e:
+        await router_for(a, retries=2).generate(request(), soon(1))
+    assert time.monotonic() - t0 < 0.5
+    assert e.value.headers["Retry-After"] == "5"
+
+
+async def test_every_route_overloaded_with_retry_after_is_a_503_with_retry_after():
+    a = FakeProvider("a", failing(UpstreamUnavailable("HTTP 503", retry_after=4)))
+    b = FakeProvider("b", failing(RateLimited("HTTP 429", retry_after=2)))
+    with pytest.raises(ServiceUnavailable) as e:
+        await router_for(a, b).generate(request(), soon())
+    assert e.value.status == 503
+    assert e.value.headers["Retry-After"] == "2"
+
+
+async def test_a_bad_image_in_finish_is_a_route_failure():
+    # The finish step (download, checks, conversion) is part of the route attempt.
+    a, b = FakeProvider("a"), FakeProvider("b")
+    seen = []
+
+    async def finish(images, req, provider):
+        seen.append(req)
+        if len(seen) == 1:
+            raise UpstreamError("the route returned a bad image: PNG truncated")
+        return ["final"]
+
+    result = await router_for(a, b).generate(request(), soon(), finish)
+    assert result.route.name == "b"
+    assert result.images == ["final"]
+    assert "truncated" in result.attempts[0][1]
+
+
+async def test_a_crash_in_finish_falls_back_too():
+    async def finish(images, req, provider):
+        if not finish.crashed:
+            finish.crashed = True
+            raise OSError("image file is truncated")
+        return images
+
+    finish.crashed = False
+    result = await router_for(FakeProvider("a"), FakeProvider("b")).generate(request(), soon(), finish)
+    assert result.route.name == "b"
+
+
+# --- half-open ----------------------------------------------------------------------------------------
+
+
+async def test_half_open_lets_one_probe_through_at_a_time():
+    gate = asyncio.Event()
+    calls = {"n": 0}
+
+    async def probe_waits(req):
+        calls["n"] += 1
+        await gate.wait()
+        return await ok(req)
+
+    a, b = FakeProvider("a", probe_waits), FakeProvider("b")
+    router = router_for(a, b, breaker_threshold=1, breaker_cooldown=0.05)
+    breaker = router.routes["m"][0].breaker
+    breaker.record(False)
+    assert breaker.state == "open"
+    await asyncio.sleep(0.06)
+    assert router.routes["m"][0].state == "half_open"
+    probe = asyncio.create_task(router.generate(request(), soon()))
+    await asyncio.sleep(0.01)
+    # While the probe runs, others go to b.
+    others = [await router.generate(request(), soon()) for _ in range(3)]
+    assert [r.route.name for r in others] == ["b"] * 3
+    assert calls["n"] == 1
+    gate.set()
+    assert (await probe).route.name == "a"
+    assert breaker.state == "closed"
+    assert (await router.generate(request(), soon())).route.name == "a"
+
+
+async def test_a_cancelled_probe_frees_the_slot():
+    a, b = FakeProvider("a", hang), FakeProvider("b")
+    router = router_for(a, b, breaker_threshold=1, breaker_cooldown=0)
+    breaker = router.routes["m"][0].breaker
+    breaker.record(False)
+    task = asyncio.create_task(router.generate(request(), soon()))
+    await asyncio.sleep(0.01)
+    assert breaker.probing
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not breaker.probing
+
+
+# --- loading routes ------------------------------------------------------------------------------------
+
+
+class LoadingProvider(FakeProvider):
+    """A provider whose model loads until `loaded` is set (or fails to load)."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(name, **kwargs)
+        self.loaded = asyncio.Event()
+        self.failed: str | None = None
+        self.waited: list[float] = []
+
+    @property
+    def unavailable_reason(self):
+        if self.failed:
+            return self.failed
+        return None if self.loaded.is_set() else "loading the model"
+
+    @property
+    def loading_stage(self):
+        return None if self.loaded.is_set() or self.failed else "loading the model: transformer (3 s so far)"
+
+    async def wait_ready(self, timeout):
+        self.waited.append(timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.loaded.wait(), timeout)
+        return self.unavailable_reason is None
+
+
+async def test_a_request_waits_for_a_loading_route():
+    a = LoadingProvider("a")
+    router = router_for(a)
+    assert [r.name for r in router.candidates("m")] == ["a"]
+    task = asyncio.create_task(router.generate(request(), soon()))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    a.loaded.set()
+    result = await task
+    assert result.route.name == "a" and len(a.calls) == 1
+
+
+async def test_loading_past_max_load_wait_is_a_503_with_retry_after_and_the_stage():
+    a = LoadingProvider("a")
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as e:
+        await router_for(a, max_load_wait=0.1).generate(request(), soon())
+    assert 0.09 <= time.monotonic() - t0 < 1
+    assert e.value.status == 503 and e.value.code == "model_loading"
+    assert "transformer" in e.value.message
+    assert int(e.value.headers["Retry-After"]) >= 1
+
+
+async def test_loading_wait_is_capped_by_the_deadline():
+    a = LoadingProvider("a")
+    with pytest.raises(ServiceUnavailable):
+        await router_for(a, max_load_wait=60).generate(request(), soon(0.1))
+    assert a.waited and a.waited[0] <= 0.1
+
+
+async def test_a_loading_route_is_skipped_when_a_later_one_can_serve():
+    a, b = LoadingProvider("a"), FakeProvider("b")
+    result = await router_for(a, b).generate(request(), soon())
+    assert result.route.name == "b" and a.waited == []
+    assert "loading" in result.attempts[0][1]
+
+
+async def test_a_load_that_fails_while_waiting_is_a_route_failure():
+    a = LoadingProvider("a")
+
+    async def fail_soon():
+        await asyncio.sleep(0.05)
+        a.failed = "failed to load: out of memory"
+        a.loaded.set()
+
+    asyncio.create_task(fail_soon())
+    with pytest.raises(UpstreamError) as e:
+        await router_for(a).generate(request(), soon())
+    assert "out of memory" in e.value.message
+
+
+async def test_a_refused_login_is_not_retried_on_the_same_route():
+    a = FakeProvider("a", failing(UpstreamRefused("authentication with the upstream failed (HTTP 401)")))
+    result = await router_for(a, FakeProvider("b"), retries=2).generate(request(), soon())
+    assert result.route.name == "b" and len(a.calls) == 1

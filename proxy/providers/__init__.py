@@ -1,8 +1,15 @@
-"""Provider kinds by name. The local kind is imported only when a config uses it (it pulls in torch)."""
+"""Provider kinds by name, and the options each kind accepts in models.yaml.
+
+The local kind is imported only when a config uses it; importing it does not import torch (loading does).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..config import Config, ConfigError
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
@@ -21,12 +28,39 @@ def provider_class(kind: str) -> type[Provider]:
     return getattr(importlib.import_module(module), attr)
 
 
+@functools.cache
+def options_model(cls: type[Provider]) -> type[BaseModel]:
+    """The pydantic model of a provider class's `options_schema` (every option optional, no others).
+
+    `options_schema` maps each option the provider reads to one of:
+    - a type: `float`, `str | None`, `list[str]`, `dict` (checked in pydantic's lax mode, so the text a
+      ${VAR} expands to still becomes a number: "8000" -> 8000);
+    - a tuple of the allowed values: `("b64_json", "url")`;
+    - `(type, {"ge": 1})`: a type with pydantic Field limits (ge, gt, le, lt, min_length...).
+    A class without `options_schema` accepts no options besides `kind`.
+    """
+    fields: dict[str, Any] = {}
+    for name, spec in (getattr(cls, "options_schema", None) or {}).items():
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict):
+            fields[name] = (spec[0], Field(default=None, **spec[1]))
+        elif isinstance(spec, tuple):
+            fields[name] = (Literal[spec], None)
+        else:
+            fields[name] = (spec, None)
+    return create_model(f"{cls.kind} options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
 def build_providers(config: Config) -> dict[str, Provider]:
+    """One provider object per configured provider, not started (nothing connects or loads yet)."""
     providers = {}
     for name, pc in config.providers.items():
         cls = provider_class(pc.kind)
-        providers[name] = cls(name, pc.options, config.missing_vars.get(name))
+        try:
+            providers[name] = cls(name, pc.options, config.missing_vars.get(name))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"providers.{name}: {e}") from None
     return providers
 
 
-__all__ = ["Capabilities", "GeneratedImage", "Provider", "ProviderContext", "build_providers", "provider_class"]
+__all__ = ["KINDS", "Capabilities", "GeneratedImage", "Provider", "ProviderContext", "build_providers",
+           "options_model", "provider_class"]

@@ -61,9 +61,37 @@ class Provider(ABC):
         """Why this provider cannot serve now (missing key, model not loaded...); None when it can."""
         return None
 
+    @property
+    def loading_stage(self) -> str | None:
+        """While the provider is getting ready (a model loading): what it is doing now; else None.
+
+        A loading provider is also unavailable (unavailable_reason is set), but the router waits for it
+        (wait_ready) instead of treating it as missing.
+        """
+        return None
+
+    @property
+    def state(self) -> str:
+        """ready | loading | missing_key | no_gpu | unavailable: for /health, /ready and /metrics."""
+        if self.unavailable_reason is None:
+            return "ready"
+        if self.loading_stage:
+            return "loading"
+        return "missing_key" if self.missing_vars else "unavailable"
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a loading provider to become usable; True once it is."""
+        return self.unavailable_reason is None
+
     def preflight(self) -> str | None:
         """For `models` / `check-config`: what would stop this provider serving, without starting it."""
         return self.unavailable_reason
+
+    @property
+    def trusted_origin(self) -> str | None:
+        """scheme://host:port whose image URLs this provider's answers may point at even when it is not a
+        public address (the operator chose it); other URLs are fetched under the general SSRF rules."""
+        return None
 
     @property
     def default_timeout(self) -> float:
@@ -76,7 +104,7 @@ class Provider(ABC):
         pass
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "ready": self.unavailable_reason is None,
+        return {"name": self.name, "kind": self.kind, "state": self.state, "ready": self.unavailable_reason is None,
                 "reason": self.unavailable_reason}
 
     @abstractmethod

@@ -84,7 +84,7 @@ def _weights_problem(config) -> str | None:
     except ValueError:  # not a repo id either
         return f"{model} is neither a pipeline folder nor a Hugging Face repo id"
     return (f"the weights of {model} are not in the Hugging Face cache "
-            f"(run `huggingface-cli download {model}`, or set local_files_only: false)")
+            f"(run `hf download {model}`, or set local_files_only: false)")
 
 
 def _encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
@@ -93,12 +93,40 @@ def _encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
 
 class LocalProvider(Provider):
     kind = "diffusers"
+    # The options this kind reads in models.yaml: local_backend.EngineConfig's fields plus timeout and
+    # load_in_background. Any other key is a config error (proxy.providers.options_model).
+    options_schema = {
+        "model": str,
+        "device": str | None,
+        "dtype": (None, "bfloat16", "float16", "float32"),
+        "offload": ("none", "model", "sequential", "group"),
+        "quantization": (None, "int8", "nf4", "fp4", "int8wo", "float8wo"),
+        "compile": bool,
+        "max_batch": (int, {"ge": 1}),
+        "max_queue": (int, {"ge": 1}),
+        "max_pixels": (int, {"ge": 1}),
+        "default_steps": (int, {"ge": 1}),
+        "default_cfg_scale": float,
+        "scheduler": dict,
+        "loras": dict[str, str | dict] | None,
+        "base_loras": list[str | dict] | None,
+        "lora_dirs": list[str] | None,
+        "lora_url_hosts": list[str] | None,
+        "lora_cache_dir": str | None,
+        "lora_max_bytes": (int, {"ge": 1}),
+        "lora_cache_size": (int, {"ge": 1}),
+        "local_files_only": bool | None,
+        "timeout": (float, {"gt": 0}),
+        "load_in_background": bool,
+    }
 
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
         self.engine = None
-        self._state: str | None = "not started"
+        self._state: str | None = "not started"  # why it cannot serve (None: it can), unless loading
         self._load_task: asyncio.Task | None = None
+        self._stage = ""  # while loading: what the load is doing now
+        self._load_started = 0.0
         self.metrics = None
         try:
             self.config = engine_config(options)
@@ -115,7 +143,23 @@ class LocalProvider(Provider):
 
     @property
     def unavailable_reason(self) -> str | None:
-        return self._state
+        return self.loading_stage or self._state
+
+    @property
+    def loading_stage(self) -> str | None:
+        """While the model loads: e.g. "loading the model: moving the pipeline to cuda (41 s so far)"."""
+        if self._load_task is None or self._load_task.done() or self.engine is not None:
+            return None  # not started, loaded, or failed (a failed load is unavailable, not loading)
+        stage = f": {self._stage}" if self._stage else ""
+        return f"loading the model{stage} ({time.monotonic() - self._load_started:.0f} s so far)"
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a load in progress. A waiter that gives up never stops the load."""
+        task = self._load_task
+        if task is not None and not task.done() and timeout > 0:
+            # asyncio.wait neither cancels the task on timeout nor when this waiter is cancelled.
+            await asyncio.wait([task], timeout=timeout)
+        return self.unavailable_reason is None
 
     @property
     def default_timeout(self) -> float:
@@ -148,7 +192,8 @@ class LocalProvider(Provider):
             self._state = reason
             log.warning("provider %s unavailable: %s", self.name, reason)
             return
-        self._state = "loading the model"
+        self._state, self._stage = "loading the model", ""
+        self._load_started = time.monotonic()
         self._load_task = asyncio.create_task(self._load())
         # A big model loads in the background while the server answers; a small one can be waited for.
         if not self.options.get("load_in_background", True):
@@ -157,16 +202,21 @@ class LocalProvider(Provider):
     async def _load(self) -> None:
         from local_backend import Engine
 
-        started = time.monotonic()
-        engine = Engine(self.config)
-
-        def progress(stage: str) -> None:
-            self._state = f"loading the model: {stage} ({time.monotonic() - started:.0f} s so far)"
+        def progress(stage: str) -> None:  # from the loading thread
+            self._stage = stage
             log.info("provider %s: %s", self.name, stage)
 
+        engine = None
         try:
+            engine = Engine(self.config)
             seconds = await asyncio.to_thread(engine.load, progress)
+            progress("starting the engine")
             await asyncio.to_thread(engine.start)
+        except asyncio.CancelledError:  # closed while loading: a load still running drops its pipeline
+            if engine is not None:
+                engine.close()
+            self._state = "closed"
+            raise
         except Exception as e:  # any failure leaves the route unusable with the reason shown
             self._state = f"failed to load {self.config.model}: {type(e).__name__}: {e}"
             log.error("provider %s: %s", self.name, self._state)
@@ -178,6 +228,7 @@ class LocalProvider(Provider):
     async def close(self) -> None:
         if self._load_task and not self._load_task.done():
             self._load_task.cancel()
+            await asyncio.wait([self._load_task])  # it closes its half-made engine
         if self.engine:
             await asyncio.to_thread(self.engine.close)
             self.engine = None

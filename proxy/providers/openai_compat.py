@@ -7,10 +7,20 @@ import json
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from ..config import RouteConfig
-from ..errors import InvalidRequest, ProxyError, RateLimited, UpstreamError, UpstreamTimeout, redact
-from ..output import b64_is_image
+from ..errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    redact,
+    retry_after_from_headers,
+)
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 
@@ -47,17 +57,16 @@ def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list
             raise UpstreamError("the upstream answered with a malformed data item")
         common = dict(revised_prompt=item.get("revised_prompt"), compression_applied=compression_sent)
         if isinstance(item.get("b64_json"), str) and item["b64_json"]:
-            if not b64_is_image(item["b64_json"]):
-                raise UpstreamError("the upstream answered with b64_json that is not an image")
+            # Checked with the rest of the route's images (output.finish_images): a bad one falls back.
             images.append(GeneratedImage(b64=item["b64_json"], **common))
-        elif item.get("url"):
+        elif isinstance(item.get("url"), str) and item["url"]:
             images.append(GeneratedImage(url=item["url"], **common))
         else:
             raise UpstreamError("the upstream answered with a data item that has neither url nor b64_json")
     return images
 
 
-def error_from_status(status: int, payload: Any, retry_after: str | None) -> ProxyError:
+def error_from_status(status: int, payload: Any, retry_after: float | None) -> ProxyError:
     """Map an upstream HTTP error to ours: client faults return at once, the rest fall back."""
     err = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(err, dict):
@@ -68,16 +77,16 @@ def error_from_status(status: int, payload: Any, retry_after: str | None) -> Pro
     if status in (400, 422):
         return InvalidRequest(f"The upstream rejected the request ({detail})", param=param)
     if status == 429:
-        try:
-            wait = float(retry_after) if retry_after else None
-        except ValueError:
-            wait = None
-        return RateLimited(f"rate limited ({detail})", retry_after=wait)
+        return RateLimited(f"rate limited ({detail})", retry_after=retry_after)
+    if status == 503:
+        return UpstreamUnavailable(f"upstream unavailable ({detail})", retry_after=retry_after)
     if status == 408:
         return UpstreamTimeout(f"upstream timeout ({detail})")
     if status in (401, 403):
-        return UpstreamError(f"authentication with the upstream failed ({detail}); check the provider's api_key")
-    return UpstreamError(f"upstream error ({detail})")
+        return UpstreamRefused(f"authentication with the upstream failed ({detail}); check the provider's api_key")
+    if status in (402, 404, 409):
+        return UpstreamRefused(f"upstream error ({detail})")
+    return UpstreamError(f"upstream error ({detail})", retry_after=retry_after)
 
 
 def _json_or_none(raw: bytes) -> Any:
@@ -89,6 +98,17 @@ def _json_or_none(raw: bytes) -> Any:
 
 class OpenAICompatProvider(Provider):
     kind = "openai"
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    options_schema = {
+        "base_url": str | None,
+        "api_key": str | None,
+        "api_key_required": bool,
+        "max_images_per_call": (int, {"ge": 1}),
+        "output_formats": list[str],
+        "response_format": ("b64_json", "url"),
+        "timeout": (float, {"gt": 0}),
+        "retries": (int, {"ge": 0, "le": 10}),
+    }
 
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
@@ -111,6 +131,13 @@ class OpenAICompatProvider(Provider):
             return f"no API key (set {hint})"
         return None
 
+    @property
+    def trusted_origin(self) -> str | None:
+        try:
+            return str(URL(self.base_url).origin()) if self.base_url else None
+        except ValueError:
+            return None
+
     async def start(self, ctx: ProviderContext) -> None:
         self.http = ctx.http
 
@@ -125,7 +152,7 @@ class OpenAICompatProvider(Provider):
             async with self.http.post(f"{self.base_url}/images/generations", json=body, headers=headers,
                                       timeout=timeout) as resp:
                 raw = await resp.read()
-                status, retry_after = resp.status, resp.headers.get("Retry-After")
+                status, retry_after = resp.status, retry_after_from_headers(resp.headers)
         except TimeoutError:
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:

@@ -1,0 +1,109 @@
+"""Health, readiness, metrics, the model list and the image files behind response_format=url."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from ..errors import ModelNotFound, NotFound
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+# Route states that mean "this model can get there" (now, or once loaded / cooled down).
+_POSSIBLE = {"ready", "loading", "circuit_open", "half_open"}
+
+
+def model_states(gw: Gateway) -> dict[str, dict]:
+    """Each model's routes and their states (never a secret: reasons name variables, not values)."""
+    models = {}
+    for name in gw.config.models:
+        routes = []
+        for route in gw.router.routes[name]:
+            info = route.provider.describe()
+            info.update(state=route.state, circuit=route.breaker.state)
+            if route.provider.loading_stage:
+                info["reason"] = route.provider.loading_stage
+            routes.append(info)
+        ready = any(r["ready"] for r in routes)
+        possible = any(r["state"] in _POSSIBLE for r in routes)
+        state = "ready" if ready else ("loading" if any(r["state"] == "loading" for r in routes)
+                                       else "unavailable")
+        models[name] = {"ready": ready, "state": state, "possible": possible, "routes": routes}
+    return models
+
+
+async def health(gw: Gateway, request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves, whatever its models are doing."""
+    return web.json_response({"status": "draining" if gw.draining else "ok", "models": model_states(gw)})
+
+
+async def ready(gw: Gateway, request: web.Request) -> web.Response:
+    """Readiness: 200 when every model that has a possible route can serve now; 503 while loading or draining."""
+    models = model_states(gw)
+    waiting = [name for name, m in models.items() if m["possible"] and not m["ready"]]
+    ok = not gw.draining and not waiting
+    status = "draining" if gw.draining else ("ready" if ok else "not_ready")
+    body = {"status": status, "waiting_for": waiting, "models": models}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics(gw: Gateway, request: web.Request) -> web.Response:
+    gw.metrics.refresh(gw)
+    return web.Response(body=gw.metrics.render(), headers={"Content-Type": gw.metrics.content_type})
+
+
+def _model_card(gw: Gateway, name: str) -> dict:
+    cfg = gw.config.models[name]
+    card = {"id": name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
+    if cfg.description:
+        card["description"] = cfg.description
+    return card
+
+
+async def list_models(gw: Gateway, request: web.Request) -> web.Response:
+    data = [_model_card(gw, name) for name in gw.config.models]
+    if gw.passthrough:
+        data += await _upstream_models(gw, request, exclude={m["id"] for m in data})
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str]) -> list[dict]:
+    """The passthrough upstream's models, so apps see one list; ours win on a name clash."""
+    headers = {}
+    auth = gw.config.passthrough.api_key
+    if auth:
+        headers["Authorization"] = f"Bearer {auth}"
+    elif "Authorization" in request.headers and not gw.has_keys:
+        headers["Authorization"] = request.headers["Authorization"]
+    try:
+        async with gw.http.get(f"{gw.passthrough.base_url}/models", headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            payload = await resp.json(content_type=None) if resp.status == 200 else {}
+    except (TimeoutError, aiohttp.ClientError, ValueError):
+        payload = {}
+    items = payload.get("data") if isinstance(payload, dict) else None
+    return [m for m in items or [] if isinstance(m, dict) and m.get("id") not in exclude]
+
+
+async def get_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    from ..app import NotServedHere
+
+    name = request.path[len("/v1/models/"):]
+    if name in gw.config.models:
+        return web.json_response(_model_card(gw, name))
+    if gw.passthrough or gw.mounted:
+        raise NotServedHere
+    raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+
+
+async def image_file(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    name = request.path.rsplit("/images/", 1)[1]
+    found = await asyncio.to_thread(gw.store.lookup, name)
+    if found is None:
+        raise NotFound("This image does not exist or has expired.", code="image_not_found")
+    path, content_type = found
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "private, max-age=3600"})

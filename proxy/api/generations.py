@@ -1,0 +1,105 @@
+"""POST /v1/images/generations: parse -> router (route attempt includes the image checks) -> render."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..errors import InvalidRequest, ModelNotFound
+from ..output import check_output_request, finish_images, render_images
+from ..request import ImageRequest, build_request, parse_body, read_fields
+from ..router import RouteResult
+from ..sizing import resolve_size
+from . import stream
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+
+async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
+    from ..app import BODY, MODEL, NotServedHere
+
+    fields, raw = await read_fields(request)
+    if raw is not None:
+        request[BODY] = raw
+    model = fields.get("model") or gw.default_model
+    if not isinstance(model, str):
+        raise InvalidRequest("Invalid 'model': must be a string.", param="model")
+    if model not in gw.config.models:
+        if gw.passthrough or gw.mounted:
+            raise NotServedHere
+        served = ", ".join(gw.config.models) or "none"
+        raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.", param="model")
+    request[MODEL] = model
+    body = parse_body(fields)
+    width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
+    req = build_request(body, model, width, height)
+    check_output_request(req)
+    return req
+
+
+async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    req = await parse_generation(gw, request)
+    if req.stream:
+        return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
+    result, payload = await generate(gw, request, req)
+    response = web.Response(text=dumps_with_b64(payload), content_type="application/json")
+    response.headers.update(route_headers(result))
+    return response
+
+
+async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
+    """Route the request (images checked and converted inside each route attempt), then render it."""
+    from ..app import ROUTE
+
+    deadline = time.monotonic() + gw.config.server.request_timeout
+
+    async def finish(images, route_req, provider):
+        return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
+                                   trusted_origin=provider.trusted_origin)
+
+    result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+    request[ROUTE] = result
+    base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
+    items = await render_images(result.images, req, store=gw.store, base_url=base_url)
+    gw.metrics.images.labels(model=req.model, route=result.route.name).inc(len(items))
+    out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
+    payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
+    for key in ("quality", "background"):
+        if getattr(req, key) is not None:
+            payload[key] = getattr(req, key)
+    seeds = [img.seed for img in result.images]
+    if all(s is not None for s in seeds):
+        payload["seeds"] = seeds
+    return result, payload
+
+
+def route_headers(result: RouteResult) -> dict[str, str]:
+    """Which route served and how many calls it took (retries and fallbacks included)."""
+    return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}
+
+
+def dumps_with_b64(payload: dict) -> str:
+    """json.dumps, with the megabytes of base64 spliced in rather than scanned for escaping.
+
+    Base64 text has no character JSON would escape, so it goes in as it is (output.py hands on only
+    text that decoded strictly as base64).
+    """
+    # A random marker: no text a client sent (a prompt, say) can collide with it.
+    nonce = secrets.token_hex(16)
+    images = [item.pop("b64_json", None) for item in payload["data"]]
+    for i, b64 in enumerate(images):
+        if b64 is not None:
+            payload["data"][i] = {"b64_json": f"{nonce}-{i}", **payload["data"][i]}
+    parts, rest = [], json.dumps(payload)
+    for i, b64 in enumerate(images):
+        if b64 is not None:
+            head, _, rest = rest.partition(f'"{nonce}-{i}"')
+            parts += [head, '"', b64, '"']
+    parts.append(rest)
+    return "".join(parts)

@@ -1,0 +1,391 @@
+"""The one guarded fetcher for URLs the proxy did not choose (upstream image URLs, LoRA URLs, edit images).
+
+A URL that arrives in data (an upstream's answer, a client's request) may point anywhere: at the
+cloud metadata service, at a database on the loopback interface, at the office network. Every such
+URL goes through `GuardedFetcher.fetch(url, policy)`, which
+
+- accepts https only (http when the policy allows it), no user:password@, no data:/file:/ftp:;
+- takes only hosts on the policy's allowlist, when it has one;
+- resolves the host name once and refuses it when ANY of its addresses is not a public one
+  (loopback, private, link-local, CGNAT, multicast, reserved, ... and the IPv6 forms that embed
+  such an IPv4 address), unless the policy allows private addresses or names the network;
+- connects to exactly the addresses it checked: the connector's resolver answers only with them,
+  so a DNS server that changes its answer between check and connect gains nothing;
+- follows redirects itself, checking every hop by the same rules;
+- caps the size (Content-Length and while streaming) and the total time.
+
+Refusals raise `FetchRefused` naming the rule; network trouble, HTTP status, size and time raise
+`FetchFailed`. Neither message carries anything the target sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+__all__ = ["FetchError", "FetchFailed", "FetchPolicy", "FetchRefused", "GuardedFetcher", "address_refusal"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# host -> addresses; sync or async.
+HostResolver = Callable[[str], Iterable[str] | Awaitable[Iterable[str]]]
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+# One dotted part of a numeric host as inet_aton reads it: decimal, 0x hex or 0 octal.
+_NUMERIC_PART = re.compile(r"(0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
+
+
+class FetchError(Exception):
+    """Base of the fetcher's errors."""
+
+
+class FetchRefused(FetchError):
+    """The URL breaks a rule of the policy; nothing was sent to it."""
+
+
+class FetchFailed(FetchError):
+    """The fetch was allowed but did not succeed: network, HTTP status, size cap or time."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    # Exact host names, or "*.example.com" for any name below example.com; empty = any public host.
+    allowed_hosts: frozenset[str] = frozenset()
+    allow_http: bool = False
+    # Tests and on-prem setups: loopback, private and other non-public addresses are let through.
+    allow_private: bool = False
+    # CIDRs allowed even when not public, e.g. ("10.1.0.0/16",).
+    allowed_networks: tuple[str, ...] = ()
+    max_bytes: int = 64 * 1024 * 1024
+    timeout: float = 60.0
+    max_redirects: int = 3
+    _networks: tuple[IPNetwork, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        hosts = [self.allowed_hosts] if isinstance(self.allowed_hosts, str) else self.allowed_hosts
+        object.__setattr__(self, "allowed_hosts", frozenset(h.strip().lower().rstrip(".") for h in hosts))
+        object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
+        # A bad CIDR is a configuration error: raise ValueError now, not on the first fetch.
+        object.__setattr__(self, "_networks",
+                           tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks))
+
+    def host_allowed(self, host: str) -> bool:
+        if not self.allowed_hosts:
+            return True
+        for entry in self.allowed_hosts:
+            if host == entry or (entry.startswith("*.") and host.endswith(entry[1:])):
+                return True
+        return False
+
+    def address_allowed(self, ip: IPAddress) -> bool:
+        """Whether a non-public address is let through by this policy."""
+        if self.allow_private:
+            return True
+        candidates = [ip]
+        embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        if embedded:
+            candidates.append(embedded[0])
+        return any(c.version == n.version and c in n for c in candidates for n in self._networks)
+
+
+# ---- address rules ------------------------------------------------------------------------------
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
+    """The IPv4 address an IPv6 form leads to, if it is one of those forms."""
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped, "IPv4-mapped"
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in NAT64:
+        return low32, "NAT64"
+    if ip in IPV4_TRANSLATED:
+        return low32, "IPv4-translated"
+    if ip.sixtofour:
+        return ip.sixtofour, "6to4"
+    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d, deprecated IPv4-compatible (:: and ::1 excluded)
+        return low32, "IPv4-compatible"
+    return None
+
+
+def address_refusal(ip: IPAddress) -> str | None:
+    """Why an address is not a public one ("loopback", ...), or None when it is public."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id:
+            return "scoped (zone id)"
+        embedded = _embedded_ipv4(ip)
+        if embedded:
+            v4, form = embedded
+            why = address_refusal(v4)
+            return f"{why} ({form} {v4})" if why else None
+        if ip in NAT64_LOCAL:
+            return "local-use NAT64"
+        if ip.is_site_local:
+            return "site-local"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if isinstance(ip, ipaddress.IPv4Address):
+        if ip in CGNAT:
+            return "shared address space (CGNAT)"
+        if ip == ipaddress.IPv4Address("255.255.255.255"):
+            return "broadcast"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    if not ip.is_global:
+        # Documentation, benchmarking, Teredo, ...: the standard library's special-purpose registry.
+        return "not a public address"
+    return None
+
+
+def parse_numeric_host(host: str) -> ipaddress.IPv4Address | None:
+    """Read a numeric host the way inet_aton does ("2130706433", "0x7f.1", "0177.0.0.1", "127.1").
+
+    None when the host is not numeric at all; ValueError when it is numeric but no address.
+    """
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_NUMERIC_PART.fullmatch(p) for p in parts):
+        return None
+    values = []
+    for p in parts:
+        if p[:2].lower() == "0x":
+            values.append(int(p[2:] or "0", 16))
+        elif len(p) > 1 and p[0] == "0":
+            values.append(int(p, 8))  # ValueError on 8 or 9, as inet_aton refuses them
+        else:
+            values.append(int(p))
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        raise ValueError(host)
+    number = 0
+    for v in head:
+        number = number << 8 | v
+    return ipaddress.IPv4Address(number << (8 * (4 - len(head))) | last)
+
+
+# ---- the resolver the connector uses --------------------------------------------------------------
+
+# host -> the addresses checked for it, for the fetch running in this task.
+_PINNED: contextvars.ContextVar[dict[str, list[IPAddress]] | None] = contextvars.ContextVar(
+    "qip_fetch_pinned", default=None)
+
+
+class _PinnedResolver(AbstractResolver):
+    """Answers only with addresses the fetch already checked; any other name fails to resolve."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[ResolveResult]:
+        pinned = (_PINNED.get() or {}).get(host.rstrip(".").lower())
+        if not pinned:
+            raise OSError(f"host {host} was not checked by the fetcher")
+        results: list[ResolveResult] = []
+        for ip in pinned:
+            fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            if family in (socket.AF_UNSPEC, fam):
+                results.append({"hostname": host, "host": str(ip), "port": port, "family": fam,
+                                "proto": 0, "flags": socket.AI_NUMERICHOST})
+        if not results:
+            raise OSError(f"host {host} has no checked address of the requested family")
+        return results
+
+    async def close(self) -> None:
+        pass
+
+
+# ---- the fetcher --------------------------------------------------------------------------------
+
+
+class GuardedFetcher:
+    """Fetches URLs by a FetchPolicy. One per process; `close()` it on shutdown.
+
+    `resolver`: how host names become addresses: an aiohttp AbstractResolver, or a callable
+    host -> addresses (sync or async). Default: the event loop's getaddrinfo.
+    """
+
+    def __init__(self, resolver: AbstractResolver | HostResolver | None = None):
+        self.resolver = resolver
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=_PinnedResolver(),
+                # Each fetch resolves and checks for itself: no DNS cache, and no connection kept
+                # for a later fetch whose policy (or whose answer for the same name) may differ.
+                use_dns_cache=False,
+                force_close=True,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,  # an environment proxy would connect for us, past the checks
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch(self, url: str, policy: FetchPolicy) -> bytes:
+        """The body of `url` after following allowed redirects, or FetchRefused / FetchFailed."""
+        try:
+            async with asyncio.timeout(policy.timeout):
+                return await self._fetch(url, policy)
+        except TimeoutError:
+            raise FetchFailed(f"the download did not finish within {policy.timeout:g} s") from None
+
+    async def _fetch(self, url: str, policy: FetchPolicy) -> bytes:
+        current = self.parse(url)
+        for hop in range(policy.max_redirects + 1):
+            host = self.check(current, policy)
+            addresses = await self.vet_addresses(host, current, policy)
+            token = _PINNED.set({host: addresses})
+            try:
+                result = await self._get(current, policy)
+            finally:
+                _PINNED.reset(token)
+            if isinstance(result, bytes):
+                return result
+            if hop == policy.max_redirects:
+                break
+            current = current.join(result)
+        raise FetchFailed(f"more than {policy.max_redirects} redirects")
+
+    @staticmethod
+    def parse(url: str) -> URL:
+        if url[:5].lower() == "data:":
+            raise FetchRefused("data: URLs are handled by the caller")
+        try:
+            return URL(url)
+        except (ValueError, TypeError) as e:
+            raise FetchRefused(f"the URL is malformed ({e.__class__.__name__})") from None
+
+    @staticmethod
+    def check(url: URL, policy: FetchPolicy) -> str:
+        """The URL-level rules; returns the host name to resolve (lower case, no trailing dot)."""
+        scheme = url.scheme.lower()
+        if scheme == "data":
+            raise FetchRefused("data: URLs are handled by the caller")
+        if scheme not in ("https", "http") or (scheme == "http" and not policy.allow_http):
+            raise FetchRefused(f"scheme {scheme or '(none)'} is not allowed")
+        if url.raw_user is not None or url.raw_password is not None:
+            raise FetchRefused("URLs with user information (user:password@) are not allowed")
+        raw_host = url.raw_host
+        if not raw_host:
+            raise FetchRefused("the URL has no host")
+        host = raw_host.lower().rstrip(".")
+        if not host or "%" in host:
+            raise FetchRefused(f"host {raw_host} is not a valid host name")
+        if not policy.host_allowed(host):
+            raise FetchRefused(f"host {host} is not on the allowlist")
+        return host
+
+    async def vet_addresses(self, host: str, url: URL, policy: FetchPolicy) -> list[IPAddress]:
+        """Resolve once; every address must pass, else the fetch is refused."""
+        literal = _literal_address(host)
+        if literal is not None:
+            addresses = [literal]
+        elif host == "localhost" or host.endswith(".localhost"):
+            addresses = [ipaddress.ip_address("127.0.0.1")]  # RFC 6761: loopback, whatever DNS says
+        else:
+            addresses = await self._resolve(host, url.port or 0)
+        for ip in addresses:
+            why = address_refusal(ip)
+            if why and not policy.address_allowed(ip):
+                shown = f"address {ip}" if literal is not None and str(ip) == host else f"host {host} resolves to {ip}, which"
+                raise FetchRefused(f"{shown} is {why}")
+        if literal is not None and str(literal) != host and ":" not in host:
+            # 0x7f000001, 127.1, 0177.0.0.1, ...: aiohttp would refuse to connect to these anyway.
+            raise FetchRefused(f"host {host} is a non-canonical form of the address {literal}")
+        return addresses
+
+    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            if self.resolver is None:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                raw = [info[4][0] for info in infos]
+            elif isinstance(self.resolver, AbstractResolver):
+                raw = [r["host"] for r in await self.resolver.resolve(host, port, socket.AF_UNSPEC)]
+            else:
+                answer = self.resolver(host)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+                raw = list(answer)
+        except OSError as e:
+            raise FetchFailed(f"host {host} could not be resolved ({e.__class__.__name__})") from None
+        addresses: list[IPAddress] = []
+        for item in raw:
+            try:
+                ip = ipaddress.ip_address(item)
+            except ValueError:
+                raise FetchFailed(f"host {host} resolved to something that is not an address") from None
+            if ip not in addresses:
+                addresses.append(ip)
+        if not addresses:
+            raise FetchFailed(f"host {host} has no address")
+        return addresses
+
+    async def _get(self, url: URL, policy: FetchPolicy) -> bytes | URL:
+        """One hop: the body on 200, the Location of a redirect, else FetchFailed."""
+        try:
+            async with self._http().get(url, allow_redirects=False,
+                                        headers={"Accept-Encoding": "identity"}) as resp:
+                if resp.status in REDIRECTS:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise FetchFailed(f"HTTP {resp.status} without a Location", status=resp.status)
+                    try:
+                        return URL(location)
+                    except ValueError:
+                        raise FetchRefused("the redirect's Location is not a valid URL") from None
+                if resp.status != 200:
+                    raise FetchFailed(f"HTTP {resp.status} from {url.host}", status=resp.status)
+                if resp.content_length is not None and resp.content_length > policy.max_bytes:
+                    raise FetchFailed(f"the body is larger than the {policy.max_bytes} byte limit")
+                chunks, total = [], 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    total += len(chunk)
+                    if total > policy.max_bytes:
+                        raise FetchFailed(f"the body is larger than the {policy.max_bytes} byte limit")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except aiohttp.ClientError as e:
+            raise FetchFailed(f"fetching from {url.host} failed ({e.__class__.__name__})") from None
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address a host names literally (IPv6, dotted quad or another inet_aton form), else None."""
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            raise FetchRefused(f"host {host} is not a valid IPv6 address") from None
+    try:
+        return parse_numeric_host(host)
+    except ValueError:
+        raise FetchRefused(f"host {host} is numeric but not a valid IPv4 address") from None
