@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -24,6 +25,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    Scrubber,
     ShuttingDown,
 )
 from .fetch import FetchPolicy, GuardedFetcher
@@ -64,8 +66,10 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.providers = providers if providers is not None else build_providers(config)
+        # Strings that come back from upstreams reach clients and logs only through this.
+        self.scrubber = Scrubber(configured_secrets(config))
         self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
-                             max_load_wait=config.server.max_load_wait)
+                             max_load_wait=config.server.max_load_wait, scrub=self.scrubber.text)
         self.size_tables = {name: config.size_table(name) for name in config.models}
         self.store = FilesystemStore(config.store.path, config.store.ttl_seconds)
         self.output = OutputSettings(
@@ -74,7 +78,8 @@ class Gateway:
         )
         # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
         self.fetcher = GuardedFetcher()
-        self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024))
+        self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
+                                        scrub=self.scrubber.text)
                             if config.passthrough.enabled else None)
         # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers,
         # and the admin endpoints are served only under admin_prefix (None: not at all).
@@ -231,7 +236,7 @@ class Gateway:
                 self._log_request(request, 499, started, "cancelled")
                 raise
             except ProxyError as e:
-                response, outcome = e.to_response(), _outcome(e)
+                response, outcome = self.scrubber.error(e).to_response(), _outcome(e)
             except web.HTTPException as e:
                 error = _from_http_exception(e)
                 response, outcome = error.to_response(), _outcome(error)
@@ -296,12 +301,27 @@ class Gateway:
                 return response
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
         except ProxyError as e:
-            return _with_id(e.to_response(), request_id)
+            return _with_id(self.scrubber.error(e).to_response(), request_id)
 
     def _check_length(self, request: web.Request) -> None:
         limit = self.config.server.max_body_mb * 1024 * 1024
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit:.0f} bytes.")
+
+
+_SECRET_OPTION = re.compile(r"(?i)key|token|secret|password")
+
+
+def configured_secrets(config: Config) -> list[str]:
+    """Every secret the config holds: proxy keys, the passthrough key, providers' keys and tokens."""
+    found = list(config.server.api_keys)
+    if config.passthrough.api_key:
+        found.append(config.passthrough.api_key)
+    for provider in config.providers.values():
+        for name, value in provider.options.items():
+            if isinstance(value, str) and _SECRET_OPTION.search(name):
+                found.append(value)
+    return found
 
 
 def _outcome(error: ProxyError) -> str:

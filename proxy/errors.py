@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -166,3 +167,38 @@ def redact(text: str, secrets: list[str]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "[redacted]")
     return text
+
+
+# Credentials that look like credentials, whoever they belong to: "Bearer <token>", "Key <token>" (fal),
+# "api_key": "...", and the usual prefixed key formats (sk-..., r8_..., fal keys are id:secret).
+_TOKEN_PATTERNS = [
+    # A token has a digit somewhere: "key provided" stays readable, "Key 4f2a...:9c1e..." does not.
+    re.compile(r"(?i)\b(bearer|key|token|basic)(\s+)(?=[A-Za-z._~+/:=-]*\d)[A-Za-z0-9._~+/:=-]{8,}"),
+    re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
+               r"(?!\[redacted\])[^\s\"',;}]{6,}"),
+    re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\br8_[A-Za-z0-9]{20,}"),
+]
+
+
+class Scrubber:
+    """Removes every configured secret, and anything shaped like a credential, from text that came from
+    an upstream (error messages, params, codes, revised prompts, passthrough error bodies)."""
+
+    def __init__(self, secrets: list[str]):
+        # Longest first: a key that contains another is removed whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        value = redact(value, self.secrets)
+        value = _TOKEN_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", value)
+        value = _TOKEN_PATTERNS[1].sub(lambda m: f"{m.group(1)}[redacted]", value)
+        return _TOKEN_PATTERNS[2].sub("[redacted]", value)
+
+    def value(self, value):
+        return self.text(value) if isinstance(value, str) else value
+
+    def error(self, error: ProxyError) -> ProxyError:
+        error.message = self.text(error.message)
+        error.param = self.value(error.param)
+        error.code = self.value(error.code)
+        return error

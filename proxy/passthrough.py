@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import unquote
 
 import aiohttp
@@ -20,6 +21,8 @@ from .config import PassthroughConfig
 from .errors import NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
+# Error bodies are small JSON; past this they are cut (they are scrubbed whole, so they are read whole).
+ERROR_BODY_LIMIT = 1024 * 1024
 
 # RFC 9110 7.6.1: meant for one connection only, never forwarded.
 HOP_BY_HOP = frozenset({
@@ -94,8 +97,11 @@ def forward_headers(headers, extra_drop: frozenset[str] = frozenset()) -> CIMult
 
 
 class Passthrough:
-    def __init__(self, config: PassthroughConfig, max_body_bytes: int | None = None):
+    def __init__(self, config: PassthroughConfig, max_body_bytes: int | None = None,
+                 scrub: Callable[[str], str] | None = None):
         self.config = config
+        # Applied to error bodies (status >= 400, not a stream): an upstream may echo the key it got.
+        self.scrub = scrub
         self.base_url = (config.base_url or "").rstrip("/")
         # Bodies over this are refused with 413; chunked ones (no Content-Length) are counted as they go.
         self.max_body_bytes = max_body_bytes
@@ -164,6 +170,8 @@ class Passthrough:
             async with self.http.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False,
             ) as upstream:
+                if self.scrub and upstream.status >= 400 and "event-stream" not in upstream.content_type:
+                    return await self._scrubbed(upstream)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers))
                 await response.prepare(request)
@@ -182,6 +190,22 @@ class Passthrough:
             if isinstance(e, asyncio.TimeoutError):
                 raise UpstreamTimeout("The passthrough upstream did not answer in time.") from None
             raise UpstreamError(f"The passthrough upstream could not be reached ({type(e).__name__}).") from None
+
+
+    async def _scrubbed(self, upstream: aiohttp.ClientResponse) -> web.Response:
+        """An error answer, read whole (capped) and scrubbed of secrets before it is handed on."""
+        raw = await upstream.content.read(ERROR_BODY_LIMIT)
+        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):  # bytes pass through undecoded (auto_decompress is off)
+            try:
+                raw = zlib.decompressobj(wbits=47).decompress(raw, ERROR_BODY_LIMIT)
+            except zlib.error:
+                raw = b""
+        elif encoding != "identity":
+            raw = b""  # an encoding we cannot read is not handed on unread
+        text = self.scrub(raw.decode("utf-8", "replace"))
+        headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}))
+        return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(), headers=headers)
 
 
 async def _capped(stream: aiohttp.StreamReader, limit: int, over: list[int]) -> AsyncIterator[bytes]:

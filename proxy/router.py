@@ -123,8 +123,10 @@ class RouteResult:
 
 class Router:
     def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics=None,
-                 routing: RoutingConfig | None = None, max_load_wait: float = 120.0):
+                 routing: RoutingConfig | None = None, max_load_wait: float = 120.0,
+                 scrub: Callable[[str], str] = str):
         self.metrics = metrics
+        self.scrub = scrub
         self.routing = routing or RoutingConfig()
         self.max_load_wait = max_load_wait
         self.routes: dict[str, list[Route]] = {}
@@ -232,7 +234,7 @@ class Router:
                 return images
             self._count(req.model, route, "error")
             log.warning("model %s: route %s failed (attempt %d): %s", req.model, route.name, attempt + 1,
-                        error.message)
+                        self.scrub(error.message))
             attempts.append((route.name, error.message))
             failures.append(error)
             if attempt == route.retries or not error.retry_same_route:

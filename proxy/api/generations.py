@@ -67,6 +67,8 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
     request[ROUTE] = result
     base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)
+    for item in items:  # an upstream's text: it may echo what it was sent, keys included
+        item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
     gw.metrics.images.labels(model=req.model, route=result.route.name).inc(len(items))
     out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
     payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}

@@ -50,7 +50,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
             await response.write(sse(event["type"], event))
     except ProxyError as e:
         request[STREAM_ERROR] = e
-        await _end_with_error(response, e)
+        await _end_with_error(response, gw.scrubber.error(e))
     except (ConnectionError, asyncio.CancelledError):
         raise  # the client left: nobody to tell
     except Exception:
