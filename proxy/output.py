@@ -90,6 +90,23 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
     return out.getvalue()
 
 
+def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Exactly `size`: centre-cropped to its aspect ratio, then resized; never stretched.
+
+    Routes with fixed ratio tables answer with a nearby shape; every route of a model must still give
+    the resolved size.
+    """
+    width, height = im.size
+    target = size[0] / size[1]
+    if width / height > target:  # too wide: trim the sides
+        keep = max(1, round(height * target))
+        box = ((width - keep) // 2, 0, (width - keep) // 2 + keep, height)
+    else:  # too tall: trim top and bottom
+        keep = max(1, round(width / target))
+        box = (0, (height - keep) // 2, width, (height - keep) // 2 + keep)
+    return im.resize(size, Image.Resampling.LANCZOS, box=box)
+
+
 def decode_b64(text: str) -> bytes:
     try:
         return base64.b64decode(text)
@@ -141,7 +158,7 @@ def convert(
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.size != tuple(size):
-                im = im.resize(tuple(size), Image.Resampling.LANCZOS)
+                im = fit(im, tuple(size))
             return Encoded(encode_image(im, target, compression), target, *im.size)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None

@@ -4,6 +4,10 @@
 - aspect_ratio maps to the nearest supported ratio, compared on a log scale (7:1 with 4:1 and 8:1 -> 8:1).
 - resolution ("0.5K", "1K", "2K", "4K" or megapixels "0.25", "1") maps to the nearest tier, also on a
   log scale; the shape is kept.
+
+Work limits, checked before any work starts: each image may have at most the table's `max_pixels`
+(DEFAULT_MAX_PIXELS when the table sets none: nothing is unbounded), and one request at most
+`max_total_pixels` over its n images (default WORK_FACTOR x max_pixels).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from dataclasses import dataclass, field
 from .errors import InvalidRequest
 
 MAX_SIDE = 14142  # the seed page's "1-14142px per side"
+# Per image, for a table without max_pixels: 16 MP (4096x4096, the "4K" tier). 14142x14142 is 200 MP,
+# about 600 MB of RGB for one image before any encoding: "1-14142 px a side" needs a pixel cap too.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# Per request, for a table without max_total_pixels: n x width x height up to this many images' worth.
+WORK_FACTOR = 4
 
 _PIXELS = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
@@ -31,12 +40,18 @@ class SizeTable:
     max_side: int = MAX_SIDE
     min_side: int = 1
     max_pixels: int | None = None
+    # n x width x height per request; None = WORK_FACTOR x pixel_limit.
+    max_total_pixels: int | None = None
     default_ratio: str = field(init=False)
     default_tier: str = field(init=False)
 
     def __post_init__(self):
         if not self.tiers or not all(self.tiers.values()):
             raise ValueError("a size table needs at least one tier with one ratio")
+        if self.max_total_pixels is not None and self.max_total_pixels < self.pixel_limit:
+            # Else one image at the largest allowed size would be refused as too much work.
+            raise ValueError(f"max_total_pixels ({self.max_total_pixels}) must be at least max_pixels "
+                             f"({self.pixel_limit})")
         for tier, ratios in self.tiers.items():
             tier_megapixels(tier)
             for ratio in ratios:
@@ -51,6 +66,16 @@ class SizeTable:
         w, h = self.default
         object.__setattr__(self, "default_tier", _nearest_tier(self.tiers, w * h / 1e6))
         object.__setattr__(self, "default_ratio", _nearest_ratio(self.tiers[self.default_tier], w / h))
+
+    @property
+    def pixel_limit(self) -> int:
+        """The most pixels one image may have."""
+        return self.max_pixels or DEFAULT_MAX_PIXELS
+
+    @property
+    def total_pixel_limit(self) -> int:
+        """The most pixels one request may ask for over all its images."""
+        return self.max_total_pixels or WORK_FACTOR * self.pixel_limit
 
 
 def parse_pixels(text: str) -> tuple[int, int] | None:
@@ -103,11 +128,28 @@ def check_bounds(width: int, height: int, table: SizeTable, param: str = "size")
                 f"and {table.max_side} pixels for this model.",
                 param=param,
             )
-    if table.max_pixels and width * height > table.max_pixels:
+    if width * height > table.pixel_limit:
         raise InvalidRequest(
             f"Invalid size {width}x{height}: {width * height} pixels is more than this model's "
-            f"limit of {table.max_pixels}.",
+            f"limit of {table.pixel_limit} pixels per image.",
             param=param,
+        )
+
+
+def check_work(table: SizeTable, width: int, height: int, n: int) -> None:
+    """Refuse a request whose images are too large, alone or together, before any work starts.
+
+    Call it once the size is resolved and n is known: a size from the table (aspect_ratio,
+    resolution) is checked here too, so a table entry above max_pixels cannot slip through.
+    """
+    check_bounds(width, height, table)
+    total = n * width * height
+    if total > table.total_pixel_limit:
+        most = table.total_pixel_limit // (width * height)
+        raise InvalidRequest(
+            f"Invalid n {n}: {n} images of {width}x{height} are {total} pixels, more than this model's "
+            f"limit of {table.total_pixel_limit} pixels per request; ask for at most {most} at this size.",
+            param="n",
         )
 
 

@@ -333,3 +333,12 @@ async def test_mounted_leaves_the_host_routes_alone_and_cancels_on_disconnect(ai
             await asyncio.wait_for(cancelled.wait(), 5)
     finally:
         await runner.cleanup()
+
+
+async def test_models_list_what_each_model_can_do(start_proxy, tmp_path):
+    _, client = await start_proxy(base_config(tmp_path))
+    models = {m.id: m for m in (await client.models.list()).data}
+    caps = models["qwen-image-placeholder"].model_extra["capabilities"]
+    assert caps["default_size"] == "1024x1024" and caps["sizes"]["1K"]["16:9"] == "1365x768"
+    assert caps["max_n"] == 10 and caps["edits"] is False
+    assert caps["routes"] == [{"name": "placeholder", "kind": "placeholder", "state": "ready"}]

@@ -528,3 +528,26 @@ async def test_upstream_b64_stored_for_url_responses(store, http):
 async def test_bad_upstream_b64_is_an_upstream_error(store, http, b64):
     with pytest.raises(UpstreamError):
         await render([GeneratedImage(b64=b64)], request(response_format="b64_json"), store, http)
+
+
+def test_another_shape_is_centre_cropped_not_stretched():
+    # A 200x100 image: left half red, right half blue, with a green band in the middle 100 px.
+    im = Image.new("RGB", (200, 100), (255, 0, 0))
+    im.paste((0, 0, 255), (100, 0, 200, 100))
+    im.paste((0, 255, 0), (50, 0, 150, 100))
+    out = decode(convert(encoded(im), "png", None, (50, 50)).data)
+    assert out.size == (50, 50)
+    # A square crop keeps the centre (green) only; stretching would have kept the red and blue sides.
+    assert all(greenish(out.getpixel((x, 25))) for x in (2, 47))
+
+
+def test_a_tall_image_is_cropped_top_and_bottom():
+    im = Image.new("RGB", (100, 300), (255, 0, 0))
+    im.paste((0, 255, 0), (0, 100, 100, 200))
+    out = decode(convert(encoded(im), "png", None, (100, 100)).data)
+    assert all(greenish(out.getpixel((50, y))) for y in (1, 98))
+
+
+def greenish(pixel) -> bool:
+    r, g, b = pixel[:3]
+    return g > 240 and r < 15 and b < 15

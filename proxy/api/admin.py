@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from ..errors import ModelNotFound, NotFound
+from ..request import MAX_N
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -57,10 +58,23 @@ async def metrics(gw: Gateway, request: web.Request) -> web.Response:
 
 
 def _model_card(gw: Gateway, name: str) -> dict:
+    """OpenAI's model object, plus what this model can do here (apps and the playground read it)."""
     cfg = gw.config.models[name]
     card = {"id": name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
     if cfg.description:
         card["description"] = cfg.description
+    table = gw.size_tables[name]
+    card["capabilities"] = {
+        "sizes": {tier: {ratio: f"{w}x{h}" for ratio, (w, h) in ratios.items()}
+                  for tier, ratios in table.tiers.items()},
+        "default_size": "{}x{}".format(*table.default),
+        "max_side": table.max_side,
+        "max_pixels": table.max_pixels,
+        "max_n": MAX_N,
+        "edits": False,
+        "stream": True,
+        "routes": [{"name": r.name, "kind": r.provider.kind, "state": r.state} for r in gw.router.routes[name]],
+    }
     return card
 
 

@@ -23,6 +23,7 @@ from ..errors import (
 )
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .extras import extras_for
 
 # Request fields sent when set; everything the proxy does not know rides along in req.extra.
 _OPTIONAL_FIELDS = ("negative_prompt", "seed", "quality", "background", "style", "moderation", "user",
@@ -31,7 +32,7 @@ _OPTIONAL_FIELDS = ("negative_prompt", "seed", "quality", "background", "style",
 
 def to_native(req: ImageRequest, model: str, *, output_formats: frozenset[str],
               response_format: str = "b64_json") -> dict[str, Any]:
-    body: dict[str, Any] = dict(req.extra)
+    body: dict[str, Any] = extras_for("openai", req.extra)
     body.update(model=model, prompt=req.prompt, n=req.n, size=req.size_text, response_format=response_format)
     for name in _OPTIONAL_FIELDS:
         value = getattr(req, name)
