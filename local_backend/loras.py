@@ -1,7 +1,8 @@
 """Resolve, download, cache and activate LoRAs.
 
 Resolution (`LoraManager.resolve_request`) runs at submit time on the caller's thread and only
-touches the file system, so bad input fails synchronously. URL downloads run on a helper thread;
+touches the file system, so bad input fails synchronously. URL downloads (`safe_download`: https
+only, every redirect hop on the allowlist, public addresses only, size and time caps) run on a helper thread;
 the worker only takes a job once its downloads are done. Loading adapters into the pipeline
 (`LoraManager.activate`) runs on the engine's worker thread, like every other pipeline call.
 """
@@ -17,7 +18,6 @@ import re
 import tempfile
 import threading
 import urllib.parse
-import urllib.request
 import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,12 +26,14 @@ from pathlib import Path
 
 from .config import EngineConfig, LoraSpec
 from .errors import LoraError
+from .safe_download import DownloadError, DownloadPolicy, DownloadRefused, check_url, download
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_LORAS = 3
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+\.safetensors)?$")
-_CHUNK = 1 << 20
+# Seconds for one LoRA download, redirects included (2 GB at ~4 MB/s).
+DOWNLOAD_TIMEOUT = 600.0
 
 
 @dataclass
@@ -213,13 +215,21 @@ class LoraManager:
 
     # ----- URLs (download helper thread) -----
 
+    def _policy(self, trusted: bool) -> DownloadPolicy:
+        """Request URLs: hosts on lora_url_hosts, public addresses. The operator's own: any host."""
+        return DownloadPolicy(
+            allowed_hosts=None if trusted else frozenset(self.config.lora_url_hosts),
+            allow_private=trusted,
+            max_bytes=self.config.lora_max_bytes,
+            timeout=DOWNLOAD_TIMEOUT,
+        )
+
     def _resolve_url(self, url: str, label: str, trusted: bool) -> Future:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "https":
-            raise LoraError(f"LoRA URL {label!r}: only https URLs are allowed")
-        host = (parts.hostname or "").lower()
-        if not trusted and host not in {h.lower() for h in self.config.lora_url_hosts}:
-            raise LoraError(f"LoRA URL host {host!r} is not allowed")
+        policy = self._policy(trusted)
+        try:
+            check_url(url, policy)  # at once, on the caller's thread; each hop is checked again
+        except DownloadRefused as e:
+            raise LoraError(f"LoRA URL {label!r} is not allowed: {e}") from None
         cached = self._cached_url(url)
         if cached is not None:
             return _done(str(cached), f"sha256:{cached.stem}")
@@ -228,7 +238,7 @@ class LoraManager:
             if fut is None or (fut.done() and fut.exception() is not None):  # retry failed downloads
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-download")
-                fut = self._executor.submit(self._download, url, label)
+                fut = self._executor.submit(self._download, url, label, policy)
                 self._downloads[url] = fut
             return fut
 
@@ -249,24 +259,24 @@ class LoraManager:
                 return file
         return None
 
-    def _download(self, url: str, label: str) -> tuple[str, str]:
-        limit = self.config.lora_max_bytes
+    def _download(self, url: str, label: str, policy: DownloadPolicy) -> tuple[str, str]:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".part")
         digest = hashlib.sha256()
-        size = 0
         try:
-            opener = urllib.request.build_opener(_HttpsOnlyRedirects)
-            with os.fdopen(fd, "wb") as out, opener.open(url, timeout=60) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise LoraError(f"LoRA URL {label!r} is larger than {limit} bytes")
-                while chunk := response.read(_CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise LoraError(f"LoRA URL {label!r} is larger than {limit} bytes")
+            with os.fdopen(fd, "wb") as out:
+
+                def sink(chunk: bytes) -> None:
                     digest.update(chunk)
                     out.write(chunk)
+
+                try:
+                    download(url, sink, policy)
+                except DownloadRefused as e:
+                    log.warning("LoRA URL %s refused: %s", label, e)
+                    raise LoraError(f"LoRA URL {label!r} refused: {e}") from None
+                except DownloadError as e:
+                    raise LoraError(f"LoRA URL {label!r} could not be downloaded: {e}") from None
             check_safetensors(tmp, label)
             final = self.cache_dir / f"{digest.hexdigest()}.safetensors"
             os.replace(tmp, final)  # content-addressed: two URLs with one file share it
@@ -352,10 +362,3 @@ class LoraManager:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    # Hub URLs redirect to a CDN, so other hosts are fine; a downgrade to http is not.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme != "https":
-            raise LoraError("LoRA URL redirected to a non-https address")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .api import admin, generations
+from .api import admin, edits, generations
 from .config import Config
 from .errors import (
     AuthenticationFailed,
@@ -74,8 +74,17 @@ class Gateway:
         self.store = FilesystemStore(config.store.path, config.store.ttl_seconds)
         self.output = OutputSettings(
             rehost_upstream_urls=config.store.rehost_upstream_urls,
-            fetch_policy=FetchPolicy(max_bytes=int(config.store.max_download_mb * 1024 * 1024)),
+            fetch_policy=FetchPolicy(max_bytes=int(config.store.max_download_mb * 1024 * 1024),
+                                     allowed_hosts=frozenset(config.fetch.upstream_image_hosts),
+                                     allowed_networks=tuple(config.fetch.allowed_networks),
+                                     allow_http=config.fetch.allow_http),
         )
+        # Edit inputs named by URL: only from hosts the operator listed (data: URLs need no fetch).
+        self.input_fetch_policy = FetchPolicy(
+            max_bytes=int(config.server.max_body_mb * 1024 * 1024),
+            allowed_hosts=frozenset(config.fetch.input_image_hosts),
+            allowed_networks=tuple(config.fetch.allowed_networks), allow_http=config.fetch.allow_http,
+        ) if config.fetch.input_image_hosts else None
         # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
         self.fetcher = GuardedFetcher()
         self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
@@ -101,6 +110,7 @@ class Gateway:
             "/metrics": {"GET": partial(admin.metrics, self)},
             "/v1/models": {"GET": partial(admin.list_models, self)},
             "/v1/images/generations": {"POST": partial(generations.generations, self)},
+            "/v1/images/edits": {"POST": partial(edits.edits, self)},
         }
 
     @property

@@ -72,6 +72,20 @@ class StoreConfig(_Strict):
     max_download_mb: float = 64
 
 
+class FetchConfig(_Strict):
+    """Where the proxy may fetch images from on a client's or an upstream's say-so (SSRF rules)."""
+
+    # Hosts (exact, or "*.example.com") that edit requests may name in images[].image_url; empty: none,
+    # only data: URLs and uploads.
+    input_image_hosts: list[str] = Field(default_factory=list)
+    # Hosts upstream image URLs may point at (besides the answering provider's own origin); empty: any
+    # public host.
+    upstream_image_hosts: list[str] = Field(default_factory=list)
+    # CIDRs let through although not public (an on-prem image host), e.g. ["10.1.0.0/16"].
+    allowed_networks: list[str] = Field(default_factory=list)
+    allow_http: bool = False
+
+
 class RoutingConfig(_Strict):
     """Retries within a route and the per-route circuit breaker."""
 
@@ -158,6 +172,8 @@ class ModelConfig(_Strict):
     sizes: str | SizeTableConfig
     description: str | None = None
     owned_by: str = "qwen-image-proxy"
+    # An edit model (/v1/images/edits) takes 1 to this many input images; 0: it does not edit.
+    max_input_images: int = Field(default=0, ge=0, le=16)
 
     @field_validator("routes", mode="before")
     @classmethod
@@ -173,6 +189,7 @@ class Config(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)

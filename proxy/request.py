@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequest
@@ -75,6 +76,7 @@ class _GenerationBody(BaseModel):
     loras: list[LoraRef] | None = Field(default=None, max_length=MAX_LORAS)
     stream: bool = False
     partial_images: int | None = Field(default=None, ge=0, le=3)
+    input_fidelity: Literal["high", "low"] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -122,6 +124,25 @@ class _GenerationBody(BaseModel):
 
 
 @dataclass(frozen=True)
+class InputImage:
+    """An image the client sent to edit (or a mask): checked bytes in one of the accepted formats."""
+
+    data: bytes
+    format: str  # png | jpeg | webp | gif
+    width: int
+    height: int
+
+    @property
+    def mime(self) -> str:
+        return f"image/{self.format}"
+
+    def data_uri(self) -> str:
+        import base64
+
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     prompt: str
     model: str
@@ -147,8 +168,18 @@ class ImageRequest:
     loras: tuple[LoraRef, ...] = ()
     stream: bool = False
     partial_images: int | None = None
+    input_fidelity: str | None = None
+    # Edits: the input images (1 or more, in order) and the optional mask (the first image's size).
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    # Index of this request's first image in the client's request (a part of n: see with_chunk).
+    first_index: int = 0
     # Fields the proxy does not know: passed through to upstreams that accept them.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.images)
 
     @property
     def size_text(self) -> str:
@@ -157,7 +188,7 @@ class ImageRequest:
     def with_chunk(self, n: int, offset: int) -> ImageRequest:
         """The request for a part of n images starting at image `offset` (seed + offset)."""
         seed = None if self.seed is None else (self.seed + offset) % (SEED_MAX + 1)
-        return replace(self, n=n, seed=seed)
+        return replace(self, n=n, seed=seed, first_index=self.first_index + offset)
 
 
 def _describe(error: dict) -> tuple[str, str | None]:
@@ -219,7 +250,7 @@ class Body(NamedTuple):
     fields: dict[str, Any]
     # File parts of a multipart form, in order (empty unless asked for).
     files: list[Upload]
-    # The body's bytes when it was read whole (JSON, urlencoded), for passthrough; None for multipart.
+    # The body's bytes, for passthrough of a call this proxy does not serve.
     raw: bytes | None
 
 
@@ -261,9 +292,13 @@ async def _read_body(request: web.Request, files: bool) -> Body:
         raise InvalidRequest(f"The Content-Type header cannot be parsed: '{header}'.",
                              code="invalid_content_type") from None
     if ctype == "multipart/form-data":
+        # Read whole first (within client_max_size), so a call this proxy does not serve can still be
+        # passed on as it came; then parse the form from those bytes.
+        raw = await _read_raw(request)
+        _replay(request, raw)
         fields, uploads = await _read_multipart(request, files)
         check_values(fields)
-        return Body(fields, uploads, None)
+        return Body(fields, uploads, raw)
     raw = await _read_raw(request)
     # `curl -d '{...}'` sends JSON labelled as a form: read it as what it is.
     if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
@@ -274,6 +309,14 @@ async def _read_body(request: web.Request, files: bool) -> Body:
     else:
         fields = parse_json_bytes(raw)
     return Body(fields, [], raw)
+
+
+def _replay(request: web.Request, raw: bytes) -> None:
+    """Make the body readable again by aiohttp's form parser, from bytes already read."""
+    stream = StreamReader(request.protocol, 1 << 16, loop=asyncio.get_running_loop())
+    stream.feed_data(raw)
+    stream.feed_eof()
+    request._payload = stream  # noqa: SLF001 - aiohttp parses forms from this stream only
 
 
 async def _read_raw(request: web.Request) -> bytes:
@@ -475,7 +518,8 @@ def _check_extra(extra: dict[str, Any]) -> None:
             f"are passed on to upstreams.", param=_safe(biggest))
 
 
-_FIELDS = set(ImageRequest.__dataclass_fields__) - {"extra", "model", "prompt", "width", "height"}
+_FIELDS = set(ImageRequest.__dataclass_fields__) - {"extra", "model", "prompt", "width", "height", "images",
+                                                    "mask", "first_index"}
 
 
 def with_route_defaults(req: ImageRequest, params: dict[str, Any]) -> ImageRequest:

@@ -159,6 +159,13 @@ class Router:
             raise ServiceUnavailable(
                 f"Model '{req.model}' has no usable route: {self.why_unusable(req.model)}."
             )
+        if req.is_edit:
+            able = [r for r in routes if r.provider.capabilities.edits
+                    and (req.mask is None or r.provider.capabilities.masks)]
+            if not able:
+                what = "an edit with a mask" if req.mask is not None else "edits"
+                raise ServiceUnavailable(f"No usable route of model '{req.model}' takes {what}.")
+            routes = able
         attempts: list[tuple[str, str]] = []
         failures: list[ProxyError] = []
         for i, route in enumerate(routes):

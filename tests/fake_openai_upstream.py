@@ -113,6 +113,7 @@ class FakeOpenAIUpstream:
     models: tuple[str, ...] = ("qwen-image", "gpt-4o-mini", "text-embedding-3-small")
 
     requests: list[Received] = field(default_factory=list)
+    edit_forms: list[tuple[dict, list]] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     failure: Failure | None = None
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -170,6 +171,8 @@ class FakeOpenAIUpstream:
             return self.error(401, "AUTHENTICATION_FAILED", "Invalid or missing API key")
         if path.endswith("/images/generations") and method == "POST":
             return await self.generations(request, received)
+        if path.endswith("/images/edits") and method == "POST":
+            return await self.edits(request, received)
         if path.endswith("/models") and method == "GET":
             return web.json_response({"object": "list", "data": [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake-upstream"}
@@ -203,6 +206,33 @@ class FakeOpenAIUpstream:
         )
 
     # images ----------------------------------------------------------------------------------------
+
+    async def edits(self, request: web.Request, received: Received) -> web.Response:
+        """OpenAI's multipart edit: fields as text, image / image[] files and a mask; recorded in
+        `edit_forms` as (fields, [(field, filename, bytes)])."""
+        from aiohttp import BodyPartReader, MultipartReader
+        from aiohttp.streams import StreamReader
+
+        stream = StreamReader(request.protocol, 1 << 16, loop=asyncio.get_running_loop())
+        stream.feed_data(received.body)
+        stream.feed_eof()
+        reader = MultipartReader(request.headers, stream)
+        fields, files = {}, []
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, BodyPartReader)
+            data = await part.read(decode=False)
+            if part.filename is not None:
+                files.append((part.name, part.filename, bytes(data)))
+            else:
+                fields[part.name] = bytes(data).decode()
+        self.edit_forms.append((fields, files))
+        if not any(name in ("image", "image[]") for name, _, _ in files):
+            return self.error(400, "INVALID_REQUEST", "image is required")
+        body = {**fields, "n": int(fields.get("n", 1))}
+        if "seed" in fields:
+            body["seed"] = int(fields["seed"])
+        received.json = body
+        return await self.generations(request, received)
 
     async def generations(self, request: web.Request, received: Received) -> web.Response:
         if self.delay:

@@ -278,10 +278,12 @@ async def test_upstream_request_conversion(start_proxy, tmp_path, fake_upstream)
     cfg = upstream_config(tmp_path, {"lumen": openai_provider(up, "${LUMEN_KEY}")},
                           [{"provider": "lumen", "model": "qwen-image-upstream-name"}])
     _, client = await start_proxy(cfg, env={"LUMEN_KEY": "up-key-1"}, api_key=CLIENT_KEY)
-    extras = {"watermark": False, "acceleration": "high", "cfg_scale": 3.5, "num_inference_steps": 20,
-              "negative_prompt": "blur", "loras": [{"path": "owner/lora", "scale": 0.7}]}
+    extras = {"cfg_scale": 3.5, "num_inference_steps": 20, "negative_prompt": "blur",
+              "loras": [{"path": "owner/lora", "scale": 0.7}], "custom_flag": False, "custom_steps": 20}
+    # Fields of one vendor (Alibaba's watermark, fal's acceleration, Replicate's go_fast) go only to it.
+    vendor_only = {"watermark": False, "acceleration": "high", "go_fast": True}
     r = await client.images.generate(model="qwen-image", prompt="a fox", n=3, response_format="b64_json",
-                                     extra_body={"seed": 10, "aspect_ratio": "16:9", **extras})
+                                     extra_body={"seed": 10, "aspect_ratio": "16:9", **extras, **vendor_only})
 
     # max_images_per_call defaults to 1: three calls, seed + i each.
     assert len(up.image_calls) == 3
@@ -296,7 +298,8 @@ async def test_upstream_request_conversion(start_proxy, tmp_path, fake_upstream)
         assert body["response_format"] == "b64_json"
         for key, value in extras.items():
             assert body[key] == value, key
-        assert type(body["watermark"]) is bool and type(body["num_inference_steps"]) is int
+        assert not set(vendor_only) & set(body)
+        assert type(body["custom_flag"]) is bool and type(body["num_inference_steps"]) is int
     for call_ in up.image_calls:
         assert call_.headers["Authorization"] == "Bearer up-key-1"
         assert call_.path == "/openai/v1/images/generations"
@@ -315,8 +318,8 @@ async def test_route_params_are_defaults(start_proxy, tmp_path, fake_upstream):
     a = await fake_upstream()
     b = await fake_upstream()
     a.fail(503, "UNAVAILABLE", "down for maintenance")
-    params_a = {"acceleration": "none", "negative_prompt": "from route a"}
-    params_b = {"acceleration": "regular", "num_inference_steps": 30, "negative_prompt": "lowres", "watermark": True}
+    params_a = {"sampler": "none", "negative_prompt": "from route a"}
+    params_b = {"sampler": "regular", "num_inference_steps": 30, "negative_prompt": "lowres", "watermark": True}
     cfg = upstream_config(tmp_path, {"a": openai_provider(a, a.api_key), "b": openai_provider(b, b.api_key)},
                           [{"provider": "a", "params": params_a}, {"provider": "b", "params": params_b}])
     _, client = await start_proxy(cfg)
@@ -324,11 +327,11 @@ async def test_route_params_are_defaults(start_proxy, tmp_path, fake_upstream):
                                  extra_body={"num_inference_steps": 12, "watermark": False})
     assert len(a.image_bodies) == 3  # the first call and its 2 retries, then route b
     sent_a, (sent_b,) = a.image_bodies[0], b.image_bodies
-    assert (sent_a["acceleration"], sent_a["negative_prompt"], sent_a["num_inference_steps"]) == (
+    assert (sent_a["sampler"], sent_a["negative_prompt"], sent_a["num_inference_steps"]) == (
         "none", "from route a", 12)
-    # Each route's own params; what the client sent wins.
-    assert sent_b["acceleration"] == "regular" and sent_b["negative_prompt"] == "lowres"
-    assert sent_b["num_inference_steps"] == 12 and sent_b["watermark"] is False
+    # Each route's own params; what the client sent wins; another vendor's field never reaches it.
+    assert sent_b["sampler"] == "regular" and sent_b["negative_prompt"] == "lowres"
+    assert sent_b["num_inference_steps"] == 12 and "watermark" not in sent_b
 
 
 async def test_route_max_images_per_call(start_proxy, tmp_path, fake_upstream):

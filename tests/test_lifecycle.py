@@ -342,3 +342,21 @@ async def test_models_list_what_each_model_can_do(start_proxy, tmp_path):
     assert caps["default_size"] == "1024x1024" and caps["sizes"]["1K"]["16:9"] == "1365x768"
     assert caps["max_n"] == 10 and caps["edits"] is False
     assert caps["routes"] == [{"name": "placeholder", "kind": "placeholder", "state": "ready"}]
+
+
+class SlowPlaceholder(PlaceholderProvider):
+    async def generate(self, req, route):
+        await asyncio.sleep(0.4)
+        return await super().generate(req, route)
+
+
+async def test_streams_send_keepalives_and_carry_the_request_id(start_proxy, tmp_path):
+    server, _ = await start_proxy(base_config(tmp_path), providers={"placeholder": SlowPlaceholder("placeholder", {})})
+    server.app[GATEWAY].keepalive_seconds = 0.1
+    body = {"model": "qwen-image-placeholder", "prompt": "p", "size": "64x64", "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                    headers={"X-Request-Id": "trace-123"}) as r:
+        text = await r.text()
+        assert r.headers["X-Request-Id"] == "trace-123"
+    assert text.count(": keepalive") >= 2
+    assert text.rstrip().endswith("}") and "event: image_generation.completed" in text

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.sizing import MAX_SIDE, SizeTable, parse_ratio, resolve_size, tier_megapixels
+from proxy.sizing import (
+    DEFAULT_MAX_PIXELS,
+    MAX_SIDE,
+    WORK_FACTOR,
+    SizeTable,
+    check_work,
+    parse_ratio,
+    resolve_size,
+    tier_megapixels,
+)
 
 QWEN_1K = {
     "1:1": (1024, 1024),
@@ -47,11 +58,17 @@ def multi_tier(default=(1024, 1024)) -> SizeTable:
         ("640*480", (640, 480)),
         (" 512 x 256 ", (512, 256)),
         ("1x1", (1, 1)),
-        (f"{MAX_SIDE}x{MAX_SIDE}", (MAX_SIDE, MAX_SIDE)),
+        (f"{MAX_SIDE}x1186", (MAX_SIDE, 1186)),  # 16.77 MP: just within the default pixel limit
+        ("4096x4096", (4096, 4096)),
     ],
 )
 def test_wxh_is_exact(qwen, size, expected):
     assert resolve_size(qwen, size) == expected
+
+
+def test_the_largest_sides_need_a_table_that_allows_their_pixels():
+    table = SizeTable(tiers={"1K": dict(QWEN_1K)}, default=(1024, 1024), max_pixels=MAX_SIDE * MAX_SIDE)
+    assert resolve_size(table, f"{MAX_SIDE}x{MAX_SIDE}") == (MAX_SIDE, MAX_SIDE)
 
 
 def test_wxh_wins_over_aspect_ratio_and_resolution():
@@ -239,6 +256,70 @@ def test_model_max_side_and_max_pixels():
         resolve_size(table, "2000x1001")  # each side fine, 2,002,000 pixels too many
     assert e.value.param == "size"
     assert "2000000" in e.value.message
+
+
+# --- work limits: pixels per image without max_pixels, and n x pixels per request -----------------
+
+
+@pytest.mark.parametrize("size", ["13000x13000", f"{MAX_SIDE}x{MAX_SIDE}", "4097x4096", f"{MAX_SIDE}x1187"])
+def test_a_table_without_max_pixels_still_has_a_limit(qwen, size):
+    assert qwen.max_pixels is None and qwen.pixel_limit == DEFAULT_MAX_PIXELS == 4096 * 4096
+    with pytest.raises(InvalidRequest) as e:
+        resolve_size(qwen, size)
+    assert e.value.param == "size" and e.value.status == 400
+    assert f"Invalid size {size}" in e.value.message and str(DEFAULT_MAX_PIXELS) in e.value.message
+
+
+def test_check_work_caps_n_times_pixels():
+    table = SizeTable(tiers={"1K": dict(QWEN_1K)}, default=(1024, 1024), max_pixels=2048 * 2048)
+    assert table.total_pixel_limit == WORK_FACTOR * 2048 * 2048
+    check_work(table, 2048, 2048, WORK_FACTOR)  # exactly at the cap
+    check_work(table, 1024, 1024, 10)
+    with pytest.raises(InvalidRequest) as e:
+        check_work(table, 2048, 2048, WORK_FACTOR + 1)
+    assert e.value.param == "n" and e.value.status == 400
+    assert "at most 4 at this size" in e.value.message and str(table.total_pixel_limit) in e.value.message
+    with pytest.raises(InvalidRequest) as e:
+        check_work(table, 13000, 13000, 4)  # one image alone is too large: the size is at fault
+    assert e.value.param == "size"
+
+
+def test_check_work_uses_an_explicit_request_cap():
+    table = SizeTable(tiers={"1K": dict(QWEN_1K)}, default=(1024, 1024), max_pixels=1024 * 1024,
+                      max_total_pixels=3 * 1024 * 1024)
+    check_work(table, 1024, 1024, 3)
+    with pytest.raises(InvalidRequest) as e:
+        check_work(table, 1024, 1024, 4)
+    assert e.value.param == "n"
+    with pytest.raises(ValueError, match="at least max_pixels"):
+        SizeTable(tiers={"1K": dict(QWEN_1K)}, default=(1024, 1024), max_pixels=1024 * 1024,
+                  max_total_pixels=1000)
+
+
+def test_check_work_catches_a_table_entry_above_the_limit():
+    # resolve_size returns table entries as they are; check_work still holds the line.
+    table = SizeTable(tiers={"4K": {"1:1": (4096, 4096)}}, default=(4096, 4096), max_pixels=2048 * 2048)
+    size = resolve_size(table, aspect_ratio="1:1")
+    with pytest.raises(InvalidRequest) as e:
+        check_work(table, *size, 1)
+    assert e.value.param == "size"
+
+
+def test_the_shipped_tables_have_limits_that_fit_their_sizes():
+    from proxy.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    tables = {name: t.build() for name, t in load_config(root / "models.yaml", env={}).size_tables.items()}
+    assert tables["qwen-image"].pixel_limit == 2048 * 2048  # Qwen-Image: native ~1.8 MP, up to ~4 MP
+    assert tables["tiny"].pixel_limit == 256 * 256
+    for name, table in tables.items():
+        for ratios in table.tiers.values():
+            for width, height in ratios.values():
+                check_work(table, width, height, 1)
+        check_work(table, *table.default, 1)
+        with pytest.raises(InvalidRequest):
+            resolve_size(table, "13000x13000")
+        assert table.total_pixel_limit >= 4 * table.pixel_limit, name
 
 
 # --- malformed values ------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
     req = await parse_generation(gw, request)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
+    return await respond(gw, request, req)
+
+
+async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:
+    """The JSON answer to a generation or an edit."""
     result, payload = await generate(gw, request, req)
     response = web.Response(text=dumps_with_b64(payload), content_type="application/json")
     response.headers.update(route_headers(result))

@@ -20,6 +20,10 @@ class Capabilities:
     output_formats: frozenset[str] = frozenset({"png"})
     # Whether it applies output_compression itself.
     output_compression: bool = False
+    # Whether it takes edit requests (ImageRequest.images, and a mask).
+    edits: bool = False
+    # Whether it takes a mask with an edit.
+    masks: bool = False
 
 
 @dataclass

@@ -67,6 +67,22 @@ def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list
     return images
 
 
+def edit_form(body: dict[str, Any], req: ImageRequest) -> aiohttp.FormData:
+    """The edit as OpenAI's multipart form: the fields as text, then image (or image[] for several) and mask."""
+    form = aiohttp.FormData()
+    for name, value in body.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        form.add_field(name, "true" if value is True else "false" if value is False else text)
+    field = "image" if len(req.images) == 1 else "image[]"
+    for i, image in enumerate(req.images):
+        form.add_field(field, image.data, filename=f"image-{i}.{image.format}", content_type=image.mime)
+    if req.mask is not None:
+        form.add_field("mask", req.mask.data, filename=f"mask.{req.mask.format}", content_type=req.mask.mime)
+    return form
+
+
 def error_from_status(status: int, payload: Any, retry_after: float | None) -> ProxyError:
     """Map an upstream HTTP error to ours: client faults return at once, the rest fall back."""
     err = payload.get("error") if isinstance(payload, dict) else None
@@ -120,6 +136,8 @@ class OpenAICompatProvider(Provider):
             max_images_per_call=int(options.get("max_images_per_call", 1)),
             output_formats=frozenset(options.get("output_formats", ["png", "jpeg", "webp"])),
             output_compression=True,
+            edits=True,
+            masks=True,
         )
         self.http: aiohttp.ClientSession | None = None
 
@@ -145,13 +163,16 @@ class OpenAICompatProvider(Provider):
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         body = to_native(req, route.model or req.model, output_formats=self.capabilities.output_formats,
                          response_format=self.response_format)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         timeout = aiohttp.ClientTimeout(total=route.timeout or self.default_timeout)
+        if req.is_edit:
+            url, send = f"{self.base_url}/images/edits", {"data": edit_form(body, req)}
+        else:
+            url, send = f"{self.base_url}/images/generations", {"json": body}
         try:
-            async with self.http.post(f"{self.base_url}/images/generations", json=body, headers=headers,
-                                      timeout=timeout) as resp:
+            async with self.http.post(url, headers=headers, timeout=timeout, **send) as resp:
                 raw = await resp.read()
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
         except TimeoutError:

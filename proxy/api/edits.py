@@ -1,0 +1,97 @@
+"""POST /v1/images/edits: multipart as the openai SDK sends it (image / image[] / mask files), or JSON
+with images[].image_url; inputs checked, the size following the first image unless one is asked."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..errors import InvalidRequest, ModelNotFound
+from ..inputs import InputReader, json_image_refs
+from ..output import check_output_request
+from ..request import ImageRequest, build_request, parse_body, read_body
+from ..sizing import resolve_size
+from . import generations, stream
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+IMAGE_FIELDS = ("image", "image[]")
+# Input images may be larger than what the model makes (a phone photo is 12 MP).
+MIN_INPUT_PIXELS = 4096 * 4096
+
+
+def edit_models(gw: Gateway) -> list[str]:
+    return [name for name, cfg in gw.config.models.items() if cfg.max_input_images > 0]
+
+
+async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
+    from ..app import BODY, MODEL, NotServedHere
+
+    body = await read_body(request, files=True)
+    if body.raw is not None:
+        request[BODY] = body.raw
+    fields = dict(body.fields)
+    refs, mask_ref = json_image_refs(fields)
+    default = gw.default_model if gw.default_model in edit_models(gw) else next(iter(edit_models(gw)), None)
+    model = fields.get("model") or default
+    if not isinstance(model, str):
+        raise InvalidRequest("Invalid 'model': must be a string.", param="model")
+    if model not in gw.config.models:
+        if gw.passthrough or gw.mounted:
+            raise NotServedHere
+        raise ModelNotFound(f"The model '{model}' does not exist. Edit models here: "
+                            f"{', '.join(edit_models(gw)) or 'none'}.", param="model")
+    request[MODEL] = model
+    limit = gw.config.models[model].max_input_images
+    if limit == 0:
+        raise InvalidRequest(f"The model '{model}' does not edit images. Edit models here: "
+                             f"{', '.join(edit_models(gw)) or 'none'}.", param="model")
+    uploads = [f for f in body.files if f.field in IMAGE_FIELDS]
+    masks = [f for f in body.files if f.field == "mask"]
+    if uploads and refs:
+        raise InvalidRequest("Send the images as files or as images[].image_url, not both.", param="images")
+    count = len(uploads) or len(refs)
+    if count == 0:
+        raise InvalidRequest("Missing required parameter: 'image'.", param="image")
+    if count > limit:
+        raise InvalidRequest(f"Invalid 'image': the model '{model}' takes at most {limit} image(s), "
+                             f"got {count}.", param="image")
+    if len(masks) > 1 or (masks and mask_ref):
+        raise InvalidRequest("Invalid 'mask': send one mask.", param="mask")
+
+    parsed = parse_body(fields)
+    table = gw.size_tables[model]
+    reader = InputReader(gw.fetcher, gw.input_fetch_policy, max(table.max_pixels or 0, MIN_INPUT_PIXELS),
+                         int(gw.config.server.max_body_mb * 1024 * 1024))
+    param = "image" if len(uploads) == 1 or len(refs) == 1 else None
+    jobs = [reader.from_upload(param or f"image[{i}]", u) for i, u in enumerate(uploads)]
+    jobs += [reader.from_url(param or p, url) for p, url in refs]
+    if masks:
+        jobs.append(reader.from_upload("mask", masks[0]))
+    elif mask_ref:
+        jobs.append(reader.from_url(*mask_ref))
+    checked = await asyncio.gather(*jobs)
+    images, mask = (checked[:-1], checked[-1]) if (masks or mask_ref) else (checked, None)
+    first = images[0]
+    if mask is not None and (mask.width, mask.height) != (first.width, first.height):
+        raise InvalidRequest(f"Invalid 'mask': it is {mask.width}x{mask.height}, the image is "
+                             f"{first.width}x{first.height}; they must be the same size.", param="mask")
+    size = None if parsed.size in (None, "auto") else parsed.size
+    aspect = parsed.aspect_ratio
+    if size is None and aspect is None and parsed.resolution is None:
+        aspect = f"{first.width}:{first.height}"  # the output follows the first image's shape
+    width, height = resolve_size(table, size, aspect, parsed.resolution)
+    req = replace(build_request(parsed, model, width, height), images=tuple(images), mask=mask)
+    check_output_request(req)
+    return req
+
+
+async def edits(gw: Gateway, request: web.Request) -> web.StreamResponse:
+    req = await parse_edit(gw, request)
+    if req.stream:
+        return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_edit")
+    return await generations.respond(gw, request, req)

@@ -1,0 +1,107 @@
+"""The images a client sends to edit: read from multipart parts or the JSON variant's image_url
+(data URLs, or http(s) URLs through the guarded fetcher), each checked before anything decodes it.
+
+Whatever a part's Content-Type says (the SDK sends application/octet-stream), the bytes must be a
+PNG, JPEG, WebP or GIF whose header is within the pixel limit, and must decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from typing import Any
+
+from PIL import Image
+
+from .errors import InvalidRequest
+from .fetch import FetchError, FetchPolicy, GuardedFetcher
+from .imagecheck import BadImage, check_image
+from .request import InputImage, Upload
+
+EDIT_FORMATS = ("png", "jpeg", "webp", "gif")
+
+
+def check_input(data: bytes, param: str, max_pixels: int) -> InputImage:
+    """Structure and header first (cheap, bounded), then a full decode. CPU: call off the event loop."""
+    if not data:
+        raise InvalidRequest(f"Invalid '{param}': the image is empty.", param=param, code="invalid_image")
+    try:
+        info = check_image(data, max_pixels=max_pixels)
+    except BadImage as e:
+        raise InvalidRequest(f"Invalid '{param}': {e}.", param=param, code="invalid_image") from None
+    if info.format not in EDIT_FORMATS:
+        raise InvalidRequest(f"Invalid '{param}': a {info.format.upper()} image; send PNG, JPEG, WebP or GIF.",
+                             param=param, code="invalid_image_format")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise InvalidRequest(f"Invalid '{param}': the image does not decode.", param=param,
+                             code="invalid_image") from None
+    return InputImage(data, info.format, info.width, info.height)
+
+
+def _data_url(url: str, param: str, max_bytes: int) -> bytes:
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise InvalidRequest(f"Invalid '{param}': a data URL must be base64.", param=param, code="invalid_image")
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise InvalidRequest(f"Invalid '{param}': the image is larger than {max_bytes} bytes.", param=param,
+                             code="invalid_image")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"Invalid '{param}': the data URL is not valid base64.", param=param,
+                             code="invalid_image") from None
+
+
+def json_image_refs(fields: dict[str, Any]) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
+    """The JSON variant: `images: [{image_url}]`, `mask: {image_url}` -> [(param, url)], mask (param, url)."""
+    images = fields.pop("images", None)
+    mask = fields.pop("mask", None)
+    refs = []
+    if images is not None:
+        if not isinstance(images, list) or not images:
+            raise InvalidRequest("Invalid 'images': must be a non-empty array of {image_url}.", param="images")
+        for i, item in enumerate(images):
+            url = item.get("image_url") if isinstance(item, dict) else None
+            if not isinstance(url, str) or not url:
+                raise InvalidRequest(f"Invalid 'images[{i}]': needs an image_url (file_id is not supported).",
+                                     param="images")
+            refs.append((f"images[{i}]", url))
+    mask_ref = None
+    if mask is not None:
+        url = mask.get("image_url") if isinstance(mask, dict) else None
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest("Invalid 'mask': needs an image_url.", param="mask")
+        mask_ref = ("mask", url)
+    return refs, mask_ref
+
+
+class InputReader:
+    """Turns uploads and image URLs into checked InputImages."""
+
+    def __init__(self, fetcher: GuardedFetcher, policy: FetchPolicy | None, max_pixels: int, max_bytes: int):
+        self.fetcher = fetcher
+        self.policy = policy  # None: image URLs other than data: are refused
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+
+    async def from_url(self, param: str, url: str) -> InputImage:
+        if url.startswith("data:"):
+            data = _data_url(url, param, self.max_bytes)
+        elif self.policy is None:
+            raise InvalidRequest(f"Invalid '{param}': image URLs are not fetched by this server; send the image "
+                                 "itself (a data: URL or a file upload).", param=param, code="invalid_image_url")
+        else:
+            try:
+                data = await self.fetcher.fetch(url, self.policy)
+            except FetchError as e:
+                raise InvalidRequest(f"Invalid '{param}': the image could not be fetched: {e}.", param=param,
+                                     code="invalid_image_url") from None
+        return await asyncio.to_thread(check_input, data, param, self.max_pixels)
+
+    async def from_upload(self, param: str, upload: Upload) -> InputImage:
+        return await asyncio.to_thread(check_input, upload.data, param, self.max_pixels)

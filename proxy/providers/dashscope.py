@@ -1,0 +1,490 @@
+"""Alibaba Cloud Model Studio / DashScope: qwen-image, qwen-image-plus, qwen-image-max.
+
+Two ways to call it, chosen by the `mode` option:
+
+- async (POST {base_url}/services/aigc/text2image/image-synthesis with `X-DashScope-Async: enable`,
+  then GET {base_url}/tasks/{task_id} until SUCCEEDED / FAILED / CANCELED / UNKNOWN). A task still
+  waiting when the request is cancelled (client gone, route deadline) is cancelled with
+  POST {base_url}/tasks/{task_id}/cancel, best effort (DashScope cancels PENDING tasks only).
+- sync (POST {base_url}/services/aigc/multimodal-generation/generation): one HTTP call.
+- auto (the default): async for the models DashScope documents it for (qwen-image, qwen-image-plus),
+  sync for the others (qwen-image-max).
+
+Options (models.yaml):
+  api_key            required (DASHSCOPE_API_KEY); a missing one makes the provider unavailable.
+  base_url           default https://dashscope-intl.aliyuncs.com/api/v1 (Singapore, international keys);
+                     mainland China keys: https://dashscope.aliyuncs.com/api/v1. Keys work in their own
+                     region only.
+  mode               auto | sync | async (default auto).
+  sizes              the "W*H" sizes the model accepts (default: qwen-image's five, DEFAULT_SIZES); the
+                     request's resolved size is sent as the nearest of them (aspect ratio on a log scale,
+                     then pixel count), and the proxy crops the answer to the resolved size.
+  max_images_per_call  images per call (default 1: qwen-image takes n=1 only); more are parallel calls.
+  poll_interval      first wait between task polls, seconds (default 0.25); grows x1.5 per poll up to
+  poll_max_interval  (default 2).
+  timeout            seconds for the whole call, polling included (default 300).
+  retries            accepted for symmetry with the other kinds (the route's `retries` governs).
+
+Field handling: seed -> parameters.seed, taken modulo 2**31 (DashScope accepts 0..2147483647, the proxy
+0..2**32-1; the client still sees its own seed); negative_prompt -> parameters.negative_prompt;
+prompt_enhancement on/off -> parameters.prompt_extend true/false; the `watermark` extra ->
+parameters.watermark. cfg_scale, num_inference_steps and loras have no DashScope equivalent and are not
+sent; other vendors' extras and unknown fields are not sent either. A prompt over 800 characters or a
+negative_prompt over 500 is refused (400) before any call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import time
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from ..config import RouteConfig
+from ..errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    redact,
+    retry_after_from_headers,
+)
+from ..request import ImageRequest
+from ..sizing import parse_pixels
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .extras import VENDOR_FIELDS, extras_for
+
+log = logging.getLogger(__name__)
+
+KIND = "dashscope"
+DEFAULT_BASE_URL = "https://dashscope-intl.aliyuncs.com/api/v1"
+MAINLAND_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+SYNC_PATH = "/services/aigc/multimodal-generation/generation"
+ASYNC_PATH = "/services/aigc/text2image/image-synthesis"
+
+# qwen-image's sizes: 16:9, 1:1, 9:16, 4:3, 3:4. Newer models also take 1472*1104 / 1104*1472 for 4:3 / 3:4:
+# set the provider's `sizes` option for those.
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((1664, 928), (1328, 1328), (928, 1664), (1472, 1140), (1140, 1472))
+# Models DashScope documents the async (task) API for; `mode: auto` uses sync for any other.
+ASYNC_MODELS = frozenset({"qwen-image", "qwen-image-plus"})
+
+MAX_PROMPT_CHARS = 800
+MAX_NEGATIVE_PROMPT_CHARS = 500
+SEED_MODULUS = 2**31  # DashScope's seed is 0..2147483647
+
+PENDING_STATES = frozenset({"PENDING", "RUNNING"})
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+# Transient errors in a row while polling a task before the attempt gives up.
+MAX_POLL_FAILURES = 3
+# Seconds allowed for the best-effort cancel of a task nobody waits for any more.
+CANCEL_TIMEOUT = 5.0
+
+
+# ---- pure converters --------------------------------------------------------------------------------
+
+
+def parse_sizes(values: list[str] | tuple[str, ...] | None) -> tuple[tuple[int, int], ...]:
+    """The `sizes` option ("W*H" or "WxH" strings) -> pixel pairs; ValueError on a bad entry."""
+    if values is None:
+        return DEFAULT_SIZES
+    sizes = []
+    for text in values:
+        wh = parse_pixels(str(text))
+        if wh is None or min(wh) < 1:
+            raise ValueError(f"sizes: '{text}' is not a size like '1328*1328'")
+        sizes.append(wh)
+    if not sizes:
+        raise ValueError("sizes: list at least one size")
+    return tuple(sizes)
+
+
+def native_size(width: int, height: int, sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES) -> tuple[int, int]:
+    """The allowed size nearest to width x height: closest aspect ratio (log scale), then pixel count."""
+    ratio, pixels = math.log(width / height), math.log(width * height)
+    return min(sizes, key=lambda s: (round(abs(math.log(s[0] / s[1]) - ratio), 9),
+                                     abs(math.log(s[0] * s[1]) - pixels)))
+
+
+def native_seed(seed: int | None) -> int | None:
+    """DashScope's seed for the proxy's: seeds from 2**31 up wrap around (seed % 2**31)."""
+    return None if seed is None else seed % SEED_MODULUS
+
+
+def resolve_mode(mode: str, model: str) -> str:
+    if mode in ("sync", "async"):
+        return mode
+    return "async" if model in ASYNC_MODELS else "sync"
+
+
+def _bool_extra(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # multipart forms send text
+        return value.lower() == "true"
+    raise InvalidRequest(f"Invalid '{name}': must be a boolean (true or false).", param=name)
+
+
+def check_limits(req: ImageRequest) -> None:
+    """DashScope's input limits, checked before any call so the client learns which field is too long."""
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"Invalid 'prompt': DashScope accepts at most {MAX_PROMPT_CHARS} characters; this one has "
+            f"{len(req.prompt)}.", param="prompt", code="string_above_max_length")
+    if req.negative_prompt is not None and len(req.negative_prompt) > MAX_NEGATIVE_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"Invalid 'negative_prompt': DashScope accepts at most {MAX_NEGATIVE_PROMPT_CHARS} characters; "
+            f"this one has {len(req.negative_prompt)}.", param="negative_prompt", code="string_above_max_length")
+
+
+def native_parameters(req: ImageRequest, sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES) -> dict[str, Any]:
+    """The `parameters` object both endpoints take."""
+    width, height = native_size(req.width, req.height, sizes)
+    params: dict[str, Any] = {"size": f"{width}*{height}", "n": req.n}
+    if req.negative_prompt is not None:
+        params["negative_prompt"] = req.negative_prompt
+    if req.prompt_enhancement is not None:
+        params["prompt_extend"] = req.prompt_enhancement == "on"
+    if req.seed is not None:
+        params["seed"] = native_seed(req.seed)
+    # Only Alibaba's own extras; other vendors' fields and unknown ones are not sent.
+    for name, value in extras_for(KIND, req.extra).items():
+        if name in VENDOR_FIELDS[KIND]:
+            params[name] = _bool_extra(name, value)
+    return params
+
+
+def to_native(req: ImageRequest, model: str, *, mode: str = "async",
+              sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES) -> dict[str, Any]:
+    """ImageRequest -> the JSON body for the async (image-synthesis) or sync (multimodal) endpoint."""
+    check_limits(req)
+    params = native_parameters(req, sizes)
+    if mode == "sync":
+        content = [{"text": req.prompt}]
+        return {"model": model, "input": {"messages": [{"role": "user", "content": content}]}, "parameters": params}
+    return {"model": model, "input": {"prompt": req.prompt}, "parameters": params}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def from_native(payload: Any) -> list[GeneratedImage]:
+    """A sync answer (output.choices) or a SUCCEEDED task (output.results) -> images (result URLs)."""
+    output = payload.get("output") if isinstance(payload, dict) else None
+    if not isinstance(output, dict):
+        raise UpstreamError("DashScope answered without an output object")
+    if "results" in output:
+        return _task_results(output["results"])
+    choices = output.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise UpstreamError("DashScope answered without images")
+    usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+    width, height = _int_or_none(usage.get("width")), _int_or_none(usage.get("height"))
+    images = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            raise UpstreamError("DashScope answered with a malformed choice")
+        # A text part beside the image, where there is one, is the rewritten prompt.
+        texts = [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str) and c["text"]]
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("image"), str) and part["image"]:
+                images.append(GeneratedImage(url=part["image"], width=width, height=height,
+                                             revised_prompt=texts[0] if texts else None))
+    if not images:
+        raise UpstreamError("DashScope answered without images")
+    return images
+
+
+def _task_results(results: Any) -> list[GeneratedImage]:
+    if not isinstance(results, list) or not results:
+        raise UpstreamError("the DashScope task succeeded without results")
+    images = []
+    for item in results:
+        if not isinstance(item, dict):
+            raise UpstreamError("the DashScope task answered with a malformed result")
+        if isinstance(item.get("url"), str) and item["url"]:
+            revised = item.get("actual_prompt")
+            images.append(GeneratedImage(url=item["url"],
+                                         revised_prompt=revised if isinstance(revised, str) and revised else None))
+        elif item.get("code"):
+            # One image of the task failed (its own code and message): the same rules as a failed task.
+            raise task_error({"task_status": "FAILED", **item})
+        else:
+            raise UpstreamError("the DashScope task answered with a result that has no url")
+    return images
+
+
+def task_id_of(payload: Any) -> str:
+    output = payload.get("output") if isinstance(payload, dict) else None
+    task_id = output.get("task_id") if isinstance(output, dict) else None
+    if not isinstance(task_id, str) or not task_id:
+        raise UpstreamError("DashScope accepted the task without a task_id")
+    return task_id
+
+
+def task_status_of(payload: Any) -> str:
+    output = payload.get("output") if isinstance(payload, dict) else None
+    status = output.get("task_status") if isinstance(output, dict) else None
+    if not isinstance(status, str) or not status:
+        raise UpstreamError("DashScope answered a task poll without a task_status")
+    return status.upper()
+
+
+def _norm(code: str) -> str:
+    return code.replace("_", "").lower()
+
+
+# Codes (or dotted parts of codes, as in "InternalError.Algo.InvalidParameter") that are the client's fault.
+_CLIENT_CODES = frozenset({"invalidparameter", "datainspectionfailed", "ipinfringementsuspect"})
+_POLICY_CODES = frozenset({"datainspectionfailed", "ipinfringementsuspect"})
+# Codes that another try on the same route would not fix: the key, the account, the model's access.
+_REFUSED_CODES = frozenset({"invalidapikey", "accessdenied", "arrearage", "unauthorized", "modelnotfound",
+                            "modelaccessdenied", "unsupportedoperation"})
+# DashScope's parameter names as they appear in its messages -> the client's field names.
+_PARAMS = (("negative_prompt", "negative_prompt"), ("prompt_extend", "prompt_enhancement"),
+           ("watermark", "watermark"), ("seed", "seed"), ("size", "size"), ("prompt", "prompt"))
+
+
+def _code_parts(code: str) -> set[str]:
+    return {_norm(code), *(_norm(part) for part in code.split("."))}
+
+
+def _param_named(message: str) -> str | None:
+    for native, ours in _PARAMS:
+        if re.search(rf"(?<![A-Za-z0-9_]){native}(?![A-Za-z0-9_])", message, re.IGNORECASE):
+            return ours
+    return None
+
+
+def _classify(code: str, message: str, status: int | None, retry_after: float | None, detail: str,
+              failed_task: bool = False) -> ProxyError:
+    parts = _code_parts(code) if code else set()
+    if parts & _CLIENT_CODES:
+        policy = bool(parts & _POLICY_CODES)
+        what = "The DashScope task failed" if failed_task else "DashScope rejected the request"
+        return InvalidRequest(f"{what} ({detail})", param=None if policy else _param_named(message),
+                              code="content_policy_violation" if policy else "invalid_value")
+    if any(p.startswith("throttling") for p in parts) or status == 429:
+        return RateLimited(f"rate limited by DashScope ({detail})", retry_after=retry_after)
+    if "invalidapikey" in parts or status == 401:
+        return UpstreamRefused(f"upstream authentication failed ({detail}); check the provider's api_key "
+                               "(DashScope keys work only in their own region's base_url)")
+    if parts & _REFUSED_CODES or status in (403, 404):
+        return UpstreamRefused(f"DashScope refused the request ({detail}); check the provider's api_key, "
+                               "base_url region and the route's model")
+    if failed_task:
+        return UpstreamError(f"the DashScope task failed ({detail})")
+    if status == 400:
+        return InvalidRequest(f"DashScope rejected the request ({detail})", param=_param_named(message))
+    if status == 503:
+        return UpstreamUnavailable(f"DashScope unavailable ({detail})", retry_after=retry_after)
+    if status in (408, 504) or "requesttimeout" in parts:
+        return UpstreamTimeout(f"DashScope timed out ({detail})")
+    return UpstreamError(f"DashScope error ({detail})", retry_after=retry_after)
+
+
+def error_from_payload(status: int, payload: Any, retry_after: float | None = None) -> ProxyError | None:
+    """The error in a DashScope answer, None when there is none.
+
+    An error is an HTTP status >= 400, or an HTTP 200 whose body carries a top-level `code`.
+    """
+    code = payload.get("code") if isinstance(payload, dict) else None
+    message = payload.get("message") if isinstance(payload, dict) else None
+    code = str(code) if code else ""
+    message = str(message) if message else ""
+    if status < 400 and not code:
+        return None
+    detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    return _classify(code, message, status if status >= 400 else None, retry_after, detail)
+
+
+def task_error(output: dict) -> ProxyError:
+    """A task that ended without images (FAILED, CANCELED, UNKNOWN): the client's fault or retryable."""
+    status = str(output.get("task_status") or "FAILED").upper()
+    code, message = str(output.get("code") or ""), str(output.get("message") or "")
+    if status == "UNKNOWN":
+        return UpstreamError("the DashScope task is unknown (expired or lost)")
+    if status == "CANCELED":
+        return UpstreamError("the DashScope task was canceled")
+    detail = (code or status) + (f": {message}" if message else "")
+    return _classify(code, message, None, None, detail, failed_task=True)
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+# ---- the provider -----------------------------------------------------------------------------------
+
+
+class DashScopeProvider(Provider):
+    kind = KIND
+    options_schema = {
+        "api_key": str | None,
+        "base_url": str | None,
+        "mode": ("auto", "sync", "async"),
+        "sizes": list[str],
+        "max_images_per_call": (int, {"ge": 1}),
+        "poll_interval": (float, {"gt": 0}),
+        "poll_max_interval": (float, {"gt": 0}),
+        "timeout": (float, {"gt": 0}),
+        "retries": (int, {"ge": 0, "le": 10}),
+    }
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = str(options.get("api_key") or "")
+        self.mode = options.get("mode") or "auto"
+        self.sizes = parse_sizes(options.get("sizes"))
+        self.poll_interval = float(options.get("poll_interval") or 0.25)
+        self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
+        self.capabilities = Capabilities(max_images_per_call=int(options.get("max_images_per_call") or 1),
+                                         output_formats=frozenset({"png"}), output_compression=False)
+        self.http: aiohttp.ClientSession | None = None
+        self._cancels: set[asyncio.Task] = set()
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if not self.api_key:
+            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
+            return f"no API key (set {hint})"
+        return None
+
+    @property
+    def trusted_origin(self) -> str | None:
+        try:
+            return str(URL(self.base_url).origin())
+        except ValueError:
+            return None
+
+    async def start(self, ctx: ProviderContext) -> None:
+        self.http = ctx.http
+
+    async def close(self) -> None:
+        # Let the best-effort cancels finish before the shared session closes.
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=CANCEL_TIMEOUT)
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        model = route.model or req.model
+        mode = resolve_mode(self.mode, model)
+        body = to_native(req, model, mode=mode, sizes=self.sizes)
+        deadline = time.monotonic() + (route.timeout or self.default_timeout)
+        if mode == "sync":
+            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, body)
+            self._raise_for(status, payload, retry_after)
+            return self._images(payload)
+
+        status, payload, retry_after = await self._call("POST", ASYNC_PATH, deadline, body, asynchronous=True)
+        self._raise_for(status, payload, retry_after)
+        task_id = task_id_of(payload)
+        try:
+            payload = await self._wait(task_id, deadline)
+        except BaseException:
+            # Cancelled (client gone, route deadline) or given up: nobody will collect this task.
+            self._cancel_later(task_id)
+            raise
+        if task_status_of(payload) != "SUCCEEDED":
+            raise self._redacted(task_error(payload["output"]))
+        return self._images(payload)
+
+    def _images(self, payload: Any) -> list[GeneratedImage]:
+        try:
+            return from_native(payload)
+        except ProxyError as e:
+            raise self._redacted(e) from None
+
+    # ---- I/O ----------------------------------------------------------------------------------------
+
+    def _headers(self, asynchronous: bool = False) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
+        if asynchronous:
+            headers["X-DashScope-Async"] = "enable"
+        return headers
+
+    async def _call(self, method: str, path: str, deadline: float, body: dict | None = None,
+                    asynchronous: bool = False) -> tuple[int, Any, float | None]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout("DashScope did not finish in time")
+        try:
+            async with self.http.request(method, f"{self.base_url}{path}", json=body,
+                                         headers=self._headers(asynchronous),
+                                         timeout=aiohttp.ClientTimeout(total=remaining)) as resp:
+                raw = await resp.read()
+                status, retry_after = resp.status, retry_after_from_headers(resp.headers)
+        except TimeoutError:
+            raise UpstreamTimeout(f"no answer from DashScope within {remaining:.3g} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"cannot reach DashScope ({type(e).__name__})") from None
+        payload = _json_or_none(raw)
+        if payload is None and status < 400:
+            raise UpstreamError(f"DashScope answered HTTP {status} with a body that is not JSON")
+        return status, payload, retry_after
+
+    def _raise_for(self, status: int, payload: Any, retry_after: float | None) -> None:
+        error = error_from_payload(status, payload, retry_after)
+        if error is not None:
+            raise self._redacted(error)
+
+    async def _wait(self, task_id: str, deadline: float) -> dict:
+        """Poll the task until it ends (its payload); backs off from poll_interval to poll_max_interval."""
+        interval, failures = self.poll_interval, 0
+        while True:
+            wait = interval
+            try:
+                status, payload, retry_after = await self._call("GET", f"/tasks/{task_id}", deadline)
+                self._raise_for(status, payload, retry_after)
+                state = task_status_of(payload)
+            except UpstreamTimeout:
+                raise
+            except ProxyError as e:
+                # A lost poll does not lose the task: a few transient failures in a row are sat out.
+                failures += 1
+                if not e.retryable or not e.retry_same_route or failures > MAX_POLL_FAILURES:
+                    raise
+                wait = max(wait, e.retry_after or 0)
+            else:
+                failures = 0
+                if state in TERMINAL_STATES:
+                    return payload
+            if time.monotonic() + wait >= deadline:
+                raise UpstreamTimeout(f"the DashScope task {task_id} did not finish in time")
+            await asyncio.sleep(wait)
+            interval = min(interval * 1.5, self.poll_max_interval)
+
+    def _cancel_later(self, task_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._cancel(task_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, task_id: str) -> None:
+        """POST /tasks/{id}/cancel, best effort: DashScope cancels only tasks still PENDING."""
+        try:
+            deadline = time.monotonic() + CANCEL_TIMEOUT
+            status, payload, _ = await self._call("POST", f"/tasks/{task_id}/cancel", deadline)
+            if error_from_payload(status, payload) is None:
+                log.info("%s: cancelled DashScope task %s", self.name, task_id)
+            else:
+                log.info("%s: DashScope did not cancel task %s (HTTP %s)", self.name, task_id, status)
+        except Exception as e:  # best effort: the task ends on its own
+            log.info("%s: cancelling DashScope task %s failed (%s)", self.name, task_id, type(e).__name__)
+
+    def _redacted(self, error: ProxyError) -> ProxyError:
+        error.message = redact(error.message, [self.api_key])
+        return error

@@ -1,0 +1,432 @@
+"""fal.ai through its queue API (fal-ai/qwen-image and the like).
+
+    POST {base_url}/{model}                 -> {request_id, status_url, response_url, cancel_url}
+    GET  .../requests/{id}/status           -> {"status": IN_QUEUE | IN_PROGRESS | COMPLETED, ...}
+    GET  .../requests/{id}                  -> {"images": [{url, content_type, width, height}], seed, prompt, ...}
+    PUT  .../requests/{id}/cancel           (when the client hangs up or the route's deadline passes)
+
+Every call carries `Authorization: Key <key>`. A COMPLETED status with an `error` is a failed request;
+its result URL then answers the error itself (a 422 for an input fal refused, a 5xx for a runner failure).
+
+The status, result and cancel URLs of the submit answer are followed only when they lie on the origin of
+`base_url` or on fal's own queue host (the key goes with them); otherwise they are built the way
+fal_client builds them: {base_url}/[namespace/]{owner}/{alias}/requests/{id}[/status|/cancel].
+
+The pure converters (to_native, from_native, error_from_status, poll_state, queue_handle) are tested
+without a network; FalProvider is the thin I/O around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from ..config import RouteConfig
+from ..errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    redact,
+    retry_after_from_headers,
+)
+from ..request import SEED_MAX, ImageRequest
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .extras import VENDOR_FIELDS, extras_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://queue.fal.run"
+# fal's own queue host: status/result/cancel URLs there are followed even when base_url is a mirror.
+KNOWN_QUEUE_ORIGINS = frozenset({"https://queue.fal.run"})
+# Formats fal's qwen-image makes itself; the proxy converts to the others.
+NATIVE_FORMATS = frozenset({"png", "jpeg"})
+# Input fields of fal's qwen-image the proxy does not model: sent when the request (or the route's
+# `params`) carries them. Nothing else from the request's unknown fields reaches fal.
+PASSTHROUGH_FIELDS = VENDOR_FIELDS["fal"]
+# fal's field names -> the proxy's, for the `param` of a 422.
+PARAM_NAMES = {"guidance_scale": "cfg_scale", "image_size": "size", "num_images": "n"}
+# Namespaces whose app ids have three parts (namespace/owner/alias), as in fal_client.
+APP_NAMESPACES = ("workflows", "comfy")
+STATES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+TIMEOUT_ERROR_TYPES = frozenset({"request_timeout", "startup_timeout"})
+
+_MODEL_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+# Status polls that may fail in a row (connection errors, 429, 5xx) before the request counts as failed.
+MAX_POLL_FAILURES = 3
+# Each HTTP call gets at most this long (and never longer than what is left of the route's time).
+CALL_TIMEOUT = 60.0
+CANCEL_TIMEOUT = 5.0
+_MAX_MESSAGE = 500
+_THREAD_PARSE_BYTES = 256 * 1024
+
+
+# ---- pure converters ------------------------------------------------------------------------------
+
+
+def app_id(model: str) -> str:
+    """The fal endpoint id of a route's model: 'fal-ai/qwen-image'; a bare name gets fal's 'fal-ai/'."""
+    model = model.strip().strip("/")
+    if "/" not in model:
+        model = f"fal-ai/{model}"
+    if not _MODEL_ID.fullmatch(model) or any(part in (".", "..") for part in model.split("/")):
+        raise UpstreamRefused(f"'{model[:100]}' is not a fal model id like 'fal-ai/qwen-image'; "
+                              "check the route's model")
+    return model
+
+
+def requests_base(base_url: str, model: str) -> str:
+    """{base_url}/[namespace/]{owner}/{alias}/requests: where a request's status, result and cancel live
+    (an endpoint's sub-path, as in fal-ai/flux/dev, is not part of it)."""
+    parts = model.split("/")
+    keep = 3 if parts[0] in APP_NAMESPACES and len(parts) >= 3 else 2
+    return f"{base_url}/{'/'.join(parts[:keep])}/requests"
+
+
+def native_format(req: ImageRequest) -> str | None:
+    """The output_format to ask fal for: the requested one where fal makes it, else a lossless png the
+    proxy converts (also for jpeg with output_compression, which fal does not take: no double loss)."""
+    fmt = req.output_format
+    if fmt is None:
+        return None
+    if fmt == "jpeg" and req.output_compression is None:
+        return "jpeg"
+    return "png"
+
+
+def to_native(req: ImageRequest) -> dict[str, Any]:
+    """ImageRequest -> the JSON input of fal's qwen-image."""
+    body: dict[str, Any] = {k: v for k, v in extras_for("fal", req.extra).items() if k in PASSTHROUGH_FIELDS}
+    body.update(prompt=req.prompt, image_size={"width": req.width, "height": req.height}, num_images=req.n)
+    if req.negative_prompt is not None:
+        body["negative_prompt"] = req.negative_prompt
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.cfg_scale is not None:
+        body["guidance_scale"] = req.cfg_scale
+    if req.num_inference_steps is not None:
+        body["num_inference_steps"] = req.num_inference_steps
+    if req.loras:
+        body["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in req.loras]
+    fmt = native_format(req)
+    if fmt is not None:
+        body["output_format"] = fmt
+    # prompt_enhancement: fal's qwen-image has no prompt rewriter; quality, style, ...: OpenAI's fields.
+    return body
+
+
+def from_native(payload: Any, req: ImageRequest) -> list[GeneratedImage]:
+    """fal's output -> images. `seed` is the first image's (image i used seed + i); `prompt` becomes the
+    revised prompt. An image fal flagged in has_nsfw_concepts is returned as fal made it (black)."""
+    items = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        raise UpstreamError("fal answered without images")
+    seed = payload.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        seed = None
+    prompt = payload.get("prompt")
+    revised = prompt if isinstance(prompt, str) and prompt else None
+    nsfw = payload.get("has_nsfw_concepts")
+    if isinstance(nsfw, list) and any(v is True for v in nsfw):
+        log.info("fal flagged %d of %d images as NSFW (fal returns them black)",
+                 sum(v is True for v in nsfw), len(items))
+    images = []
+    for i, item in enumerate(items):
+        url = item.get("url") if isinstance(item, dict) else None
+        if not isinstance(url, str) or not url:
+            raise UpstreamError("fal answered with an image that has no url")
+        mime = item.get("content_type")
+        images.append(GeneratedImage(
+            url=url,
+            mime=mime if isinstance(mime, str) else None,
+            width=_positive_int(item.get("width")),
+            height=_positive_int(item.get("height")),
+            seed=None if seed is None else (seed + i) % (SEED_MAX + 1),
+            revised_prompt=revised,
+        ))
+    return images
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
+
+
+def describe_detail(payload: Any) -> tuple[str, str | None]:
+    """fal's `detail` (a string, or FastAPI's list of {loc, msg, type}) -> (message, the proxy's param)."""
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    if detail is None and isinstance(payload, dict):
+        detail = payload.get("error") or payload.get("message")
+    if isinstance(detail, str):
+        return _clip(detail), None
+    if isinstance(detail, dict):
+        detail = [detail]
+    if not isinstance(detail, list):
+        return "", None
+    parts, param = [], None
+    for entry in detail[:5]:
+        if not isinstance(entry, dict):
+            parts.append(str(entry))
+            continue
+        loc = entry.get("loc")
+        loc = [p for p in loc if p != "body"] if isinstance(loc, list) else []
+        where = ".".join(str(p) for p in loc)
+        msg = str(entry.get("msg") or entry.get("type") or "invalid value")
+        parts.append(f"{where}: {msg}" if where else msg)
+        if param is None and loc and isinstance(loc[0], str):
+            param = PARAM_NAMES.get(loc[0], loc[0])
+    return _clip("; ".join(parts)), param
+
+
+def error_from_status(status: int, payload: Any, headers: Any = None) -> ProxyError:
+    """Map a fal HTTP error (submit, status, result) to ours: client faults return at once, the rest fall back."""
+    headers = headers if headers is not None else {}
+    message, param = describe_detail(payload)
+    error_type = payload.get("error_type") if isinstance(payload, dict) else None
+    error_type = str(error_type or headers.get("X-Fal-Error-Type") or "")
+    retryable = str(headers.get("X-Fal-Retryable") or "").strip().lower()
+    retry_after = retry_after_from_headers(headers)
+    detail = f"HTTP {status}" + (f" {error_type}" if error_type else "") + (f": {message}" if message else "")
+    if status in (400, 422):
+        return InvalidRequest(f"fal rejected the request ({detail})", param=param)
+    if status in (401, 403):
+        return UpstreamRefused(f"upstream authentication failed ({detail}); check the fal provider's api_key")
+    if status == 402:
+        return UpstreamRefused(f"fal refused the request ({detail}); check the account's balance")
+    if status == 404:
+        return UpstreamRefused(f"fal does not know this endpoint or request ({detail}); check the route's model")
+    if status == 429:
+        return RateLimited(f"rate limited by fal ({detail})", retry_after=retry_after)
+    if status in (408, 504) or error_type in TIMEOUT_ERROR_TYPES:
+        return UpstreamTimeout(f"fal timed out ({detail})")
+    if retryable == "false":
+        return UpstreamRefused(f"fal error, not retryable ({detail})")
+    if status == 503:
+        return UpstreamUnavailable(f"fal unavailable ({detail})", retry_after=retry_after)
+    return UpstreamError(f"fal error ({detail})", retry_after=retry_after)
+
+
+def failed_request_error(status_payload: Any) -> ProxyError:
+    """A COMPLETED status with an `error` whose result did not say more."""
+    error = status_payload.get("error") if isinstance(status_payload, dict) else None
+    error_type = status_payload.get("error_type") if isinstance(status_payload, dict) else None
+    text = _clip(str(error)) if error else "no reason given"
+    if error_type:
+        text = f"{error_type}: {text}"
+    if error_type in TIMEOUT_ERROR_TYPES:
+        return UpstreamTimeout(f"the fal request timed out ({text})")
+    return UpstreamError(f"the fal request failed ({text})")
+
+
+def poll_state(payload: Any) -> tuple[str, bool]:
+    """A status answer -> (IN_QUEUE | IN_PROGRESS | COMPLETED, whether it failed)."""
+    state = payload.get("status") if isinstance(payload, dict) else None
+    if state not in STATES:
+        raise UpstreamError(f"fal answered an unknown request status {str(state)[:40]!r}")
+    failed = state == "COMPLETED" and bool(payload.get("error") or payload.get("error_type"))
+    return state, failed
+
+
+@dataclass(frozen=True)
+class QueueHandle:
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+def _origin(url: str) -> str | None:
+    try:
+        parsed = URL(url)
+        return str(parsed.origin()) if parsed.is_absolute() and parsed.scheme in ("http", "https") else None
+    except ValueError:
+        return None
+
+
+def queue_handle(payload: Any, base_url: str, model: str) -> QueueHandle:
+    """The URLs of a submitted request: the answer's where they are on a trusted origin, else built."""
+    request_id = payload.get("request_id") if isinstance(payload, dict) else None
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+        raise UpstreamError("fal answered the submit without a usable request_id")
+    built = f"{requests_base(base_url, model)}/{request_id}"
+    trusted = KNOWN_QUEUE_ORIGINS | {_origin(base_url)}
+
+    def pick(key: str, fallback: str) -> str:
+        url = payload.get(key)
+        return url if isinstance(url, str) and _origin(url) in trusted else fallback
+
+    return QueueHandle(request_id, pick("status_url", f"{built}/status"), pick("response_url", built),
+                       pick("cancel_url", f"{built}/cancel"))
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+# ---- the provider ---------------------------------------------------------------------------------
+
+
+class FalProvider(Provider):
+    kind = "fal"
+    # The options this kind reads in models.yaml; any other key is a config error.
+    options_schema = {
+        "base_url": str | None,
+        "api_key": str | None,
+        "timeout": (float, {"gt": 0}),
+        "retries": (int, {"ge": 0, "le": 10}),
+        "max_images_per_call": (int, {"ge": 1, "le": 10}),
+        "poll_interval": (float, {"gt": 0, "le": 60}),
+        "poll_max_interval": (float, {"gt": 0, "le": 60}),
+    }
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = str(options.get("api_key") or "")
+        self.poll_interval = float(options.get("poll_interval") or 0.25)
+        self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
+        self.capabilities = Capabilities(
+            max_images_per_call=int(options.get("max_images_per_call") or 4),
+            output_formats=NATIVE_FORMATS,
+            output_compression=False,
+        )
+        self.http: aiohttp.ClientSession | None = None
+        # Cancel calls still in flight (kept referenced until they finish).
+        self._cancels: set[asyncio.Task] = set()
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if not self.api_key:
+            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
+            return f"no API key (set {hint})"
+        return None
+
+    @property
+    def trusted_origin(self) -> str | None:
+        return _origin(self.base_url)
+
+    async def start(self, ctx: ProviderContext) -> None:
+        self.http = ctx.http
+
+    async def close(self) -> None:
+        # Let cancel calls already sent finish (each has a short timeout of its own).
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=CANCEL_TIMEOUT)
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Key {self.api_key}", "Accept": "application/json"}
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        model = app_id(route.model or req.model)
+        limit = route.timeout or self.default_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        status, payload, headers = await self._call("POST", f"{self.base_url}/{model}", deadline,
+                                                    body=to_native(req))
+        if status >= 400:
+            raise self._redacted(error_from_status(status, payload, headers))
+        if payload is None:
+            raise UpstreamError(f"fal answered the submit with HTTP {status} and a body that is not JSON")
+        handle = queue_handle(payload, self.base_url, model)
+        try:
+            failed = await self._wait(handle, deadline, limit)
+        except BaseException:
+            # Cancelled (client gone, route deadline), timed out or failed while the job may still run:
+            # tell fal to drop it, from a task of its own (this one is being cancelled), then go on.
+            self._cancel_later(handle)
+            raise
+        status, result, headers = await self._call("GET", handle.response_url, deadline)
+        if status >= 400:
+            raise self._redacted(error_from_status(status, result, headers))
+        if failed:
+            raise self._redacted(failed_request_error(failed))
+        if result is None:
+            raise UpstreamError(f"fal answered the result with HTTP {status} and a body that is not JSON")
+        return from_native(result, req)
+
+    async def _wait(self, handle: QueueHandle, deadline: float, limit: float) -> dict | None:
+        """Poll the status with backoff until COMPLETED: None, or the status answer when the request failed."""
+        loop = asyncio.get_running_loop()
+        interval, failures = self.poll_interval, 0
+        while True:
+            if loop.time() >= deadline:
+                raise UpstreamTimeout(f"fal did not finish within {limit:.3g} s")
+            try:
+                status, payload, headers = await self._call("GET", handle.status_url, deadline)
+            except UpstreamTimeout:
+                raise
+            except UpstreamError:  # cannot reach fal for now
+                failures += 1
+                if failures > MAX_POLL_FAILURES:
+                    raise
+            else:
+                if status >= 400:
+                    error = self._redacted(error_from_status(status, payload, headers))
+                    failures += 1
+                    if not (status == 429 or status >= 500) or failures > MAX_POLL_FAILURES:
+                        raise error
+                else:
+                    failures = 0
+                    state, failed = poll_state(payload)
+                    if state == "COMPLETED":
+                        return payload if failed else None
+            await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
+            interval = min(interval * 1.5, self.poll_max_interval)
+
+    async def _call(self, method: str, url: str, deadline: float, body: Any = None) -> tuple[int, Any, Any]:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise UpstreamTimeout("the route's time ran out before fal answered")
+        timeout = aiohttp.ClientTimeout(total=min(CALL_TIMEOUT, remaining))
+        try:
+            async with self.http.request(method, url, json=body, headers=self._headers, timeout=timeout) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except TimeoutError:
+            raise UpstreamTimeout(f"no answer from fal within {timeout.total:.3g} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"cannot reach fal ({type(e).__name__})") from None
+        # sync_mode results carry the images as data URIs: megabytes of JSON, parsed off the event loop.
+        payload = await asyncio.to_thread(_json_or_none, raw) if len(raw) > _THREAD_PARSE_BYTES \
+            else _json_or_none(raw)
+        return status, payload, headers
+
+    def _cancel_later(self, handle: QueueHandle) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(self._cancel(handle))
+        except RuntimeError:  # the loop is closing
+            return
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, handle: QueueHandle) -> None:
+        try:
+            async with self.http.put(handle.cancel_url, headers=self._headers,
+                                     timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
+                await resp.read()
+                log.info("fal request %s: cancel answered HTTP %d", handle.request_id, resp.status)
+        except (TimeoutError, aiohttp.ClientError, RuntimeError) as e:  # RuntimeError: the session closed
+            log.info("fal request %s: cancel failed (%s)", handle.request_id, type(e).__name__)
+
+    def _redacted(self, error: ProxyError) -> ProxyError:
+        error.message = redact(error.message, [self.api_key])
+        return error

@@ -1,0 +1,439 @@
+"""Replicate: POST {base_url}/models/{owner}/{name}/predictions, then poll the prediction until it ends.
+
+The create call asks Replicate to hold the answer while the model runs (`Prefer: wait`); an answer that is
+still `starting` / `processing` is polled with backoff. A prediction the proxy abandons (the client hung
+up, the route's deadline passed, polling broke) is cancelled upstream in the background.
+
+Replicate picks the pixel size from an aspect ratio; the proxy crops / resizes its image to the resolved
+size afterwards (output.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from ..config import RouteConfig
+from ..errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    redact,
+    retry_after_from_headers,
+)
+from ..request import SEED_MAX, ImageRequest
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .extras import VENDOR_FIELDS, extras_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.replicate.com/v1"
+
+# The ratios qwen/qwen-image takes; the vendor chooses the pixels for each.
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3")
+
+# The proxy's output formats by Replicate's names. gif and avif are made by the proxy from a lossless png.
+_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_LOSSY = {"jpg", "webp"}
+
+# Extras a client may send by their Replicate names: the Replicate-only fields, plus documented inputs of
+# qwen/qwen-image (img2img) and qwen/qwen-image-edit-plus that have no proxy field. Anything else is
+# not sent: Replicate validates inputs against the model's schema.
+NATIVE_EXTRAS = VENDOR_FIELDS["replicate"] | {"guidance", "enhance_prompt", "image", "strength"}
+
+# Replicate's input name -> the proxy field it came from (for `param` in error messages).
+_PROXY_FIELD = {
+    "guidance": "cfg_scale",
+    "enhance_prompt": "prompt_enhancement",
+    "output_quality": "output_compression",
+    "lora_weights": "loras",
+    "lora_scale": "loras",
+    "extra_lora_weights": "loras",
+    "extra_lora_scale": "loras",
+}
+
+PENDING = frozenset({"starting", "processing"})
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_SEED_LOG = re.compile(r"Using seed:\s*(\d{1,20})")
+_THROTTLE_WAIT = re.compile(r"available in (\d+(?:\.\d+)?) seconds?")
+_INPUT_FIELD = re.compile(r"\binput\.([A-Za-z_][A-Za-z0-9_]*)")
+# Consecutive failed polls (5xx, 429, connection errors) tolerated before the route gives up.
+MAX_POLL_ERRORS = 3
+_MAX_TEXT = 500
+
+
+# ---- pure converters -----------------------------------------------------------------------------
+
+
+def nearest_aspect_ratio(width: int, height: int) -> str:
+    """The allowed ratio closest to width:height on a log scale (so 2:1 and 1:2 are equally far from 1:1)."""
+    target = math.log(width / height)
+
+    def distance(ratio: str) -> float:
+        w, h = ratio.split(":")
+        return abs(math.log(int(w) / int(h)) - target)
+
+    return min(ASPECT_RATIOS, key=distance)
+
+
+def native_format(output_format: str | None) -> str | None:
+    """Replicate's output_format for the client's (None: the vendor's default, webp)."""
+    if output_format is None:
+        return None
+    return _FORMATS.get(output_format, "png")
+
+
+def to_native(req: ImageRequest) -> dict[str, Any]:
+    """ImageRequest -> the prediction's `input` object for qwen/qwen-image."""
+    body: dict[str, Any] = {k: v for k, v in extras_for("replicate", req.extra).items() }
+    body["prompt"] = req.prompt
+    body["aspect_ratio"] = nearest_aspect_ratio(req.width, req.height)
+    if req.negative_prompt is not None:
+        body["negative_prompt"] = req.negative_prompt
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.num_inference_steps is not None:
+        body["num_inference_steps"] = req.num_inference_steps
+    if req.cfg_scale is not None:
+        body["guidance"] = req.cfg_scale
+    if req.prompt_enhancement is not None:
+        body["enhance_prompt"] = req.prompt_enhancement == "on"
+    fmt = native_format(req.output_format)
+    if fmt is not None:
+        body["output_format"] = fmt
+    # Without output_format Replicate makes webp, which is lossy too.
+    if req.output_compression is not None and (fmt is None or fmt in _LOSSY):
+        body["output_quality"] = req.output_compression
+    if req.loras:
+        first, *rest = req.loras
+        body["lora_weights"] = first.path  # Replicate wants URLs: the path goes as the client gave it
+        body["lora_scale"] = first.scale
+        for key in ("extra_lora_weights", "extra_lora_scale"):
+            body.pop(key, None)
+        if rest:
+            body["extra_lora_weights"] = [lora.path for lora in rest]
+            body["extra_lora_scale"] = [lora.scale for lora in rest]
+    return body
+
+
+def compression_applied(req: ImageRequest, native_input: dict[str, Any]) -> bool:
+    """Whether Replicate encodes with the client's output_compression itself."""
+    return req.output_compression is not None and native_input.get("output_quality") == req.output_compression
+
+
+def seed_from_logs(logs: Any) -> int | None:
+    """The seed a prediction's logs name ("Using seed: 1234"); the last one if several."""
+    if not isinstance(logs, str):
+        return None
+    found = _SEED_LOG.findall(logs)
+    if not found:
+        return None
+    seed = int(found[-1])
+    return seed if 0 <= seed <= SEED_MAX else None
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
+
+
+def failure_error(prediction: dict[str, Any]) -> ProxyError:
+    """The error for a prediction that ended without output (all retryable: they may fall back)."""
+    status = prediction.get("status")
+    reason = _text(prediction["error"]) if prediction.get("error") else ""
+    if status == "failed":
+        return UpstreamError(f"the prediction failed: {reason or 'no reason given'}")
+    if status == "canceled":
+        return UpstreamError("the prediction was canceled upstream" + (f": {reason}" if reason else ""))
+    if status == "aborted":
+        return UpstreamTimeout("the prediction was aborted upstream before it started (its deadline passed)")
+    return UpstreamError(f"the prediction ended with status {_text(status)}")
+
+
+def from_native(prediction: Any, req: ImageRequest, compression_sent: bool = False) -> list[GeneratedImage]:
+    """A finished prediction -> its images (URLs the proxy downloads), with the seed the logs name."""
+    if not isinstance(prediction, dict):
+        raise UpstreamError("the upstream answered with something that is not a prediction")
+    if prediction.get("status") != "succeeded":
+        raise failure_error(prediction)
+    output = prediction.get("output")
+    items = [output] if isinstance(output, str) else output if isinstance(output, list) else []
+    urls = [u for u in items if isinstance(u, str) and u]
+    if not urls:
+        raise UpstreamError("the prediction succeeded without an image URL in its output")
+    seed = seed_from_logs(prediction.get("logs"))
+    if seed is None:
+        seed = req.seed
+    # One call makes req.n images (1): more outputs than asked would be mistaken for the next seeds.
+    return [GeneratedImage(url=url, seed=seed if i == 0 else None, compression_applied=compression_sent)
+            for i, url in enumerate(urls[: req.n])]
+
+
+def _problem(payload: Any) -> tuple[str, str | None]:
+    """An RFC 7807 problem's words and the input field it names (Replicate's name), if any."""
+    if not isinstance(payload, dict):
+        return "", None
+    detail, title = payload.get("detail"), payload.get("title")
+    words = _text(detail) if detail else (_text(title) if title else "")
+    field = None
+    invalid = payload.get("invalid_fields")
+    if isinstance(invalid, list) and invalid and isinstance(invalid[0], dict):
+        name = invalid[0].get("field")
+        if isinstance(name, str) and name:
+            field = name.removeprefix("input.")
+        if not detail and invalid[0].get("description"):
+            words = _text(invalid[0]["description"])
+    if field is None and isinstance(detail, str):
+        m = _INPUT_FIELD.search(detail)
+        field = m.group(1) if m else None
+    return words, field
+
+
+def error_from_status(status: int, payload: Any, retry_after: float | None,
+                      req: ImageRequest | None = None) -> ProxyError:
+    """Map a Replicate HTTP error (RFC 7807 problem JSON) to ours."""
+    words, field = _problem(payload)
+    detail = f"HTTP {status}" + (f": {words}" if words else "")
+    if status in (400, 422):
+        param = field
+        if field in _PROXY_FIELD and (req is None or field not in req.extra):
+            param = _PROXY_FIELD[field]
+        return InvalidRequest(f"The upstream rejected the request ({detail})", param=param)
+    if status == 429:
+        if retry_after is None and words:
+            m = _THROTTLE_WAIT.search(words)
+            retry_after = float(m.group(1)) if m else None
+        return RateLimited(f"rate limited by the upstream ({detail})", retry_after=retry_after)
+    if status in (401, 403):
+        return UpstreamRefused(f"upstream authentication failed ({detail}); check the provider's api_key")
+    if status in (402, 404, 409):
+        return UpstreamRefused(f"upstream error ({detail})")
+    if status == 503:
+        return UpstreamUnavailable(f"upstream unavailable ({detail})", retry_after=retry_after)
+    if status in (408, 504):
+        return UpstreamTimeout(f"upstream timeout ({detail})")
+    return UpstreamError(f"upstream error ({detail})", retry_after=retry_after)
+
+
+def _origin(url: str) -> str | None:
+    try:
+        parsed = URL(url)
+        return str(parsed.origin()) if parsed.is_absolute() and parsed.host else None
+    except ValueError:
+        return None
+
+
+def prediction_url(prediction: dict[str, Any], kind: str, base_url: str) -> str:
+    """Where to GET (kind "get") or cancel (kind "cancel") a prediction: its own `urls` entry when that is
+    on base_url's origin (the API token goes with it), else built from its id."""
+    urls = prediction.get("urls")
+    given = urls.get(kind) if isinstance(urls, dict) else None
+    if isinstance(given, str) and given and _origin(given) is not None and _origin(given) == _origin(base_url):
+        return given
+    pid = prediction.get("id")
+    if not isinstance(pid, str) or not _ID.fullmatch(pid):
+        raise UpstreamError("the upstream answered without a usable prediction id")
+    return f"{base_url}/predictions/{pid}" + ("/cancel" if kind == "cancel" else "")
+
+
+def split_model(model: str) -> tuple[str, str, str | None]:
+    """`owner/name` or `owner/name:version` -> (owner, name, version)."""
+    ref, colon, version = model.partition(":")
+    owner, _, name = ref.partition("/")
+    if not (_ID.fullmatch(owner) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)
+            and (not colon or re.fullmatch(r"[A-Za-z0-9]+", version))):
+        raise UpstreamRefused(
+            f"the route's model '{model}' is not a Replicate model name: set it to owner/name "
+            f"(e.g. qwen/qwen-image) or owner/name:version")
+    return owner, name, version or None
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+# ---- the provider --------------------------------------------------------------------------------
+
+
+class ReplicateProvider(Provider):
+    kind = "replicate"
+    options_schema = {
+        "base_url": str | None,
+        "api_key": str | None,
+        "timeout": (float, {"gt": 0}),
+        "retries": (int, {"ge": 0, "le": 10}),
+        # Prefer: wait=N on the create call (0: answer at once and poll from the start).
+        "wait_seconds": (int, {"ge": 0, "le": 60}),
+        # First wait between polls; it doubles up to poll_max_interval.
+        "poll_interval": (float, {"gt": 0}),
+        "poll_max_interval": (float, {"gt": 0}),
+        # Send Cancel-After (the route's timeout), so Replicate stops a prediction the proxy stopped waiting for
+        # even while the create call was still holding (before its id was known).
+        "cancel_after": bool,
+    }
+    capabilities = Capabilities(max_images_per_call=1, output_formats=frozenset({"png", "jpeg", "webp"}),
+                                output_compression=True)
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = str(options.get("api_key") or "")
+        wait = options.get("wait_seconds")
+        self.wait_seconds = 60 if wait is None else int(wait)
+        self.poll_interval = float(options.get("poll_interval") or 0.25)
+        self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
+        self.cancel_after = bool(options.get("cancel_after", True))
+        self.http: aiohttp.ClientSession | None = None
+        self._cancels: set[asyncio.Task] = set()
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if not self.api_key:
+            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
+            return f"no API key (set {hint})"
+        return None
+
+    @property
+    def trusted_origin(self) -> str | None:
+        return _origin(self.base_url)
+
+    async def start(self, ctx: ProviderContext) -> None:
+        self.http = ctx.http
+
+    async def close(self) -> None:
+        # Let cancel calls already on their way finish (they are short) before the shared session closes.
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=5)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json",
+                "Accept": "application/json"}
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        owner, name, version = split_model(route.model or req.model)
+        native_input = to_native(req)
+        body: dict[str, Any] = {"input": native_input}
+        if version:
+            url = f"{self.base_url}/predictions"
+            body["version"] = version
+        else:
+            url = f"{self.base_url}/models/{owner}/{name}/predictions"
+        limit = route.timeout or self.default_timeout
+        headers = self._headers()
+        if self.wait_seconds:
+            headers["Prefer"] = "wait" if self.wait_seconds == 60 else f"wait={self.wait_seconds}"
+        if self.cancel_after:
+            headers["Cancel-After"] = f"{max(1, math.ceil(limit))}s"
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        status, payload, retry_after = await self._call("POST", url, body, headers, limit, "create")
+        if status >= 300:
+            raise self._redacted(error_from_status(status, payload, retry_after, req))
+        if not isinstance(payload, dict):
+            raise UpstreamError(f"the upstream answered HTTP {status} with a body that is not a prediction")
+        try:
+            prediction = await self._wait(payload, end)
+        except BaseException:
+            # Cancelled (client gone, route deadline), timed out or polling broke: stop paying for it.
+            self._cancel_later(payload)
+            raise
+        try:
+            return from_native(prediction, req, compression_applied(req, native_input))
+        except ProxyError as e:
+            raise self._redacted(e) from None
+
+    async def _call(self, method: str, url: str, body: Any, headers: dict[str, str], timeout: float,
+                    what: str) -> tuple[int, Any, float | None]:
+        try:
+            async with self.http.request(method, url, json=body, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                raw = await resp.read()
+                status, retry_after = resp.status, retry_after_from_headers(resp.headers)
+        except TimeoutError:
+            raise UpstreamTimeout(f"no answer to the {what} call within {timeout:.3g} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
+        return status, _json_or_none(raw), retry_after
+
+    async def _wait(self, prediction: dict[str, Any], end: float) -> dict[str, Any]:
+        """Poll until the prediction ends; exponential backoff, bounded by `end` (loop time)."""
+        loop = asyncio.get_running_loop()
+        get_url = None
+        delay = self.poll_interval
+        errors = 0
+        while prediction.get("status") not in TERMINAL:
+            if get_url is None:
+                get_url = prediction_url(prediction, "get", self.base_url)
+            if loop.time() + delay >= end:
+                raise UpstreamTimeout(f"the prediction was still {_text(prediction.get('status'))} at the deadline")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.poll_max_interval)
+            try:
+                status, payload, retry_after = await self._call(
+                    "GET", get_url, None, self._headers(), max(0.1, min(30.0, end - loop.time())), "poll")
+            except UpstreamError as e:  # connection error or a slow answer: try again a few times
+                errors += 1
+                if errors >= MAX_POLL_ERRORS:
+                    raise self._redacted(e) from None
+                continue
+            if status >= 300:
+                error = error_from_status(status, payload, retry_after)
+                if status in (401, 403):
+                    raise self._redacted(error)
+                errors += 1
+                if errors >= MAX_POLL_ERRORS or not (status == 429 or status >= 500):
+                    if status == 404:
+                        error = UpstreamError(f"the prediction disappeared upstream (HTTP {status})")
+                    raise self._redacted(error)
+                if error.retry_after is not None:
+                    delay = max(delay, min(error.retry_after, self.poll_max_interval * 4))
+                continue
+            if not isinstance(payload, dict):
+                errors += 1
+                if errors >= MAX_POLL_ERRORS:
+                    raise UpstreamError("the upstream answered a poll with a body that is not a prediction")
+                continue
+            errors = 0
+            prediction = payload
+        return prediction
+
+    def _cancel_later(self, prediction: dict[str, Any]) -> None:
+        """POST the prediction's cancel URL in a background task (the caller may itself be cancelled)."""
+        try:
+            url = prediction_url(prediction, "cancel", self.base_url)
+        except UpstreamError:
+            return
+        task = asyncio.get_running_loop().create_task(self._cancel(url))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, url: str) -> None:
+        try:
+            async with self.http.post(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10)) as r:
+                await r.read()
+                if r.status >= 300:
+                    log.warning("provider %s: cancelling a prediction answered HTTP %d", self.name, r.status)
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:  # RuntimeError: session closed
+            log.warning("provider %s: cancelling a prediction failed (%s)", self.name, type(e).__name__)
+
+    def _redacted(self, error: ProxyError) -> ProxyError:
+        error.message = redact(error.message, [self.api_key])
+        return error
