@@ -11,6 +11,8 @@ if TYPE_CHECKING:  # PIL is only needed for the annotation
 
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 DTYPES = ("bfloat16", "float16", "float32")
+TASKS = ("generate", "edit")
+PREVIEWS = ("latent", "vae")
 
 
 @dataclass
@@ -29,7 +31,11 @@ class LoraSpec:
 
 @dataclass
 class EngineConfig:
-    model: str = "tiny"  # "tiny" = the tiny random pipeline (local_backend.tiny); else a folder or repo id
+    # "tiny" / "tiny-edit" = the tiny random pipelines (local_backend.tiny); else a folder or repo id
+    model: str = "tiny"
+    # generate: text-to-image (QwenImagePipeline); edit: an edit model (QwenImageEditPlusPipeline, or
+    # QwenImageEditPipeline for the first Qwen-Image-Edit), whose jobs need input images
+    task: str = "generate"
     device: str | None = None  # None = "cuda" if available else "cpu"
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     offload: str = "none"  # none | model | sequential | group
@@ -49,6 +55,7 @@ class EngineConfig:
     lora_max_bytes: int = 2 * 1024**3
     lora_cache_size: int = 8  # LRU of loaded adapters (base LoRAs are pinned and not counted)
     local_files_only: bool | None = None  # None = follow HF_HUB_OFFLINE
+    preview: str = "latent"  # how partial images are made: latent (linear map, cheap) | vae (decoder pass)
 
 
 @dataclass
@@ -64,6 +71,15 @@ class GenerationParams:
     loras: list[LoraSpec] = field(default_factory=list)  # at most 3 (plus the engine's base_loras)
     deadline: float | None = None  # time.monotonic() deadline; past it the job is dropped/interrupted
     on_step: Callable[[int, int], None] | None = None  # (step, total_steps), from the worker thread
+    # Edits (an engine with task="edit"): 1 to 3 input images (1 for the first Edit model), and an
+    # optional mask the size of the first image: transparent pixels (or, without alpha, white ones)
+    # are repainted, the rest is kept. A mask works with one input image.
+    images: list[Image] = field(default_factory=list)
+    mask: Image | None = None
+    # Previews while the images are denoised: on_partial(image_index, partial_index, image) is called
+    # partial_images times per image (0..3), from the worker thread; the preview is width x height.
+    partial_images: int = 0
+    on_partial: Callable[[int, int, Image], None] | None = None
 
 
 @dataclass

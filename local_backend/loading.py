@@ -1,15 +1,16 @@
-"""Load a QwenImagePipeline for the engine: source, dtype, device, offload, quantization, compile."""
+"""Load the engine's pipeline: class (by task), source, dtype, device, offload, quantization, compile."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import DTYPES, OFFLOAD_MODES, EngineConfig
+from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
 from .errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ def validate_config(config: EngineConfig) -> None:
     for name in ("max_batch", "max_queue", "max_pixels", "default_steps", "lora_cache_size"):
         if getattr(config, name) < 1:
             raise EngineError(f"{name} must be at least 1")
+    if config.task not in TASKS:
+        raise EngineError(f"task must be one of {', '.join(TASKS)}, not {config.task!r}")
+    if config.preview not in PREVIEWS:
+        raise EngineError(f"preview must be one of {', '.join(PREVIEWS)}, not {config.preview!r}")
+    tiny_task = {"tiny": "generate", "tiny-edit": "edit"}.get(config.model)
+    if tiny_task is not None and tiny_task != config.task:
+        raise EngineError(f"model {config.model!r} is for task {tiny_task!r}, not {config.task!r}")
 
 
 def resolve_device(config: EngineConfig) -> str:
@@ -83,12 +91,57 @@ def _quantization_config(name: str, dtype):
 
 
 def _model_source(config: EngineConfig, progress: Progress) -> str:
-    if config.model == "tiny":
-        from .tiny import TINY_VERSION, tiny_pipeline_dir
+    if config.model in ("tiny", "tiny-edit"):
+        from .tiny import TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
 
-        progress(f"preparing the tiny pipeline ({TINY_VERSION})")
-        return str(tiny_pipeline_dir())
+        edit = config.model == "tiny-edit"
+        progress(f"preparing the tiny pipeline ({TINY_EDIT_VERSION if edit else TINY_VERSION})")
+        return str(tiny_pipeline_dir(edit=edit))
     return os.path.expanduser(config.model)
+
+
+def _declared_class(source: str, local_only: bool) -> str | None:
+    """The pipeline class a model declares in its model_index.json (None when it cannot be read here)."""
+    try:
+        if Path(source).is_dir():
+            return json.loads((Path(source) / "model_index.json").read_text()).get("_class_name")
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(source, local_files_only=local_only).get("_class_name")
+    except Exception:  # from_pretrained will say what is wrong
+        return None
+
+
+def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
+    """The diffusers class for the task, checked against what the model declares."""
+    import diffusers
+
+    from .edit import EDIT_PIPELINES
+
+    declared = _declared_class(source, local_only)
+    if config.task == "edit":
+        if declared is not None and declared not in EDIT_PIPELINES:
+            raise EngineError(
+                f"model {config.model!r} is a {declared}, not an edit pipeline "
+                f"({' or '.join(EDIT_PIPELINES)}): use task: generate, or an edit model"
+            )
+        return getattr(diffusers, declared or "QwenImageEditPlusPipeline")
+    if declared in EDIT_PIPELINES:
+        raise EngineError(f"model {config.model!r} is an edit pipeline ({declared}): set task: edit")
+    return diffusers.QwenImagePipeline
+
+
+def _area_scale(source: str) -> float | None:
+    """The edit working-area factor a model folder asks for (the tiny edit model: local_backend.tiny)."""
+    from .tiny import EXTRAS_FILE
+
+    path = Path(source) / EXTRAS_FILE
+    if not path.is_file():
+        return None
+    scale = json.loads(path.read_text()).get("edit_area_scale")
+    if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise EngineError(f"{path}: edit_area_scale must be a number in (0, 1]")
+    return float(scale)
 
 
 def _place(pipe, config: EngineConfig, device: str, progress: Progress) -> None:
@@ -121,9 +174,12 @@ def _place(pipe, config: EngineConfig, device: str, progress: Progress) -> None:
 
 
 def load_pipeline(config: EngineConfig, progress: Progress | None = None):
-    """Return (pipeline, device, seconds). Raises EngineError with a readable message."""
+    """Return (pipeline, device, seconds). Raises EngineError with a readable message.
+
+    An edit pipeline carries `working_area_scale` (None for real models: see local_backend.edit).
+    """
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     report = progress or (lambda stage: None)
     validate_config(config)
@@ -140,9 +196,16 @@ def load_pipeline(config: EngineConfig, progress: Progress | None = None):
         report(f"preparing {config.quantization} quantization")
         kwargs["quantization_config"] = _quantization_config(config.quantization, dtype)
 
+    local_only = kwargs.get("local_files_only", True)
+    pipeline_class = _pipeline_class(config, source, local_only)
     report(f"loading {config.model} ({str(dtype).removeprefix('torch.')})")
     try:
-        pipe = QwenImagePipeline.from_pretrained(source, **kwargs)
+        if config.task == "edit":
+            from .edit import load_processor
+
+            hub = {} if Path(source).is_dir() else {"local_files_only": local_only}
+            kwargs["processor"] = load_processor(source, hub)
+        pipe = pipeline_class.from_pretrained(source, **kwargs)
     except EngineError:
         raise
     except Exception as exc:  # from_pretrained raises many kinds; keep the message, drop the trace
@@ -153,6 +216,8 @@ def load_pipeline(config: EngineConfig, progress: Progress | None = None):
             f"could not load model {config.model!r}{hint}: {type(exc).__name__}: {exc}"
         ) from exc
     pipe.set_progress_bar_config(disable=True)
+    if config.task == "edit":
+        pipe.working_area_scale = _area_scale(source)
 
     if config.scheduler:
         report("applying scheduler overrides")

@@ -1,19 +1,31 @@
-"""A tiny random-weight Qwen-Image pipeline, built offline.
+"""Tiny random-weight Qwen-Image pipelines, built offline: text-to-image and edit.
 
-It is the dev default (model="tiny") and the test fixture. Shapes come from diffusers' own
-pipeline tests. Every component is built after seeding torch, so the weights (and thus the
-pixels for a given seed) are the same on every machine. It is saved with save_pretrained and
-always loaded back with from_pretrained, so the real loading code is what runs.
+They are the dev defaults (model="tiny", model="tiny-edit") and the test fixtures. Shapes come
+from diffusers' own pipeline tests. Every component is built after seeding torch, so the weights
+(and thus the pixels for a given seed) are the same on every machine. They are saved with
+save_pretrained and always loaded back with from_pretrained, so the real loading code is what runs.
+
+The edit pipeline (QwenImageEditPlusPipeline) adds a Qwen2VLProcessor, saved as the real
+Qwen-Image-Edit repos lay it out (a `processor/` folder). Its working sizes are shrunk: diffusers
+resizes every input to about 1 megapixel for the VAE and 384x384 for the vision encoder, which on
+a tiny model would make an edit take 20-70 s on a CPU. A `qwen-image-proxy.json` file in the folder
+carries the factor (`edit_area_scale`) the loader applies to those areas (local_backend.edit).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 TINY_VERSION = "tiny-qwen-image-v1"
+TINY_EDIT_VERSION = "tiny-qwen-image-edit-v1"
+# The file beside model_index.json that tells the loader how much to shrink the edit working sizes.
+EXTRAS_FILE = "qwen-image-proxy.json"
+# 1/256 of the areas: the VAE's 1024x1024 becomes 64x64, the vision encoder's 384x384 becomes 24x24.
+TINY_EDIT_AREA_SCALE = 1 / 256
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -38,15 +50,10 @@ def _tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=SPECIAL_TOKENS[1:])
 
 
-def build_tiny_pipeline(path: str | os.PathLike):
-    """Build the tiny pipeline and save_pretrained it into `path`. Returns the pipeline."""
+def _components() -> dict:
+    """The tiny model's components (the same weights for both pipelines)."""
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -106,26 +113,64 @@ def build_tiny_pipeline(path: str | os.PathLike):
     )
     torch.manual_seed(0)
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    pipe = QwenImagePipeline(
-        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
-    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+    }
+
+
+def build_tiny_pipeline(path: str | os.PathLike):
+    """Build the tiny text-to-image pipeline and save_pretrained it into `path`. Returns the pipeline."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(**_components())
     pipe.save_pretrained(str(path))
     return pipe
 
 
-def tiny_pipeline_dir() -> Path:
-    """The tiny pipeline's cache folder, built once (atomically) on first use."""
+def build_tiny_edit_pipeline(path: str | os.PathLike):
+    """Build the tiny edit pipeline (QwenImageEditPlusPipeline) into `path`. Returns the folder.
+
+    Load it with local_backend's loader (Engine, EngineConfig(model=path, task="edit")): without
+    torchvision, transformers cannot build a Qwen2VLProcessor by itself (local_backend.edit).
+    """
+    from diffusers import QwenImageEditPlusPipeline
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    components = _components()
+    # A processor without a video processor cannot be saved by transformers, so the pipeline is saved
+    # without one and the processor's parts go where the real repos keep them (processor/).
+    pipe = QwenImageEditPlusPipeline(processor=None, **components)
+    pipe.save_pretrained(str(path))
+    # 28 = the vision tower's patch (14) x merge (2): condition images become 1-4 vision tokens.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)
+    image_processor.save_pretrained(str(path / "processor"))
+    components["tokenizer"].save_pretrained(str(path / "processor"))
+    index = json.loads((path / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (path / EXTRAS_FILE).write_text(json.dumps({"edit_area_scale": TINY_EDIT_AREA_SCALE}) + "\n")
+    return path
+
+
+def tiny_pipeline_dir(edit: bool = False) -> Path:
+    """The tiny pipeline's cache folder (the edit one with edit=True), built once (atomically) on first use."""
+    version = TINY_EDIT_VERSION if edit else TINY_VERSION
     root = os.environ.get("QWEN_IMAGE_PROXY_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "qwen-image-proxy"
-    target = base / TINY_VERSION
+    target = base / version
     if (target / "model_index.json").exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a concurrent or interrupted build never leaves a
     # half-written folder where loaders look.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
-        build_tiny_pipeline(tmp)
+        (build_tiny_edit_pipeline if edit else build_tiny_pipeline)(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

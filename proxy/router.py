@@ -121,6 +121,14 @@ class RouteResult:
         return sum(1 for _, why in self.attempts if not why.startswith("skipped"))
 
 
+def _retries(route: RouteConfig, provider: Provider, routing: RoutingConfig) -> int:
+    """The route's own `retries`, else its provider's `retries` option, else routing.retries."""
+    if route.retries is not None:
+        return route.retries
+    value = provider.options.get("retries")
+    return routing.retries if value is None else int(value)
+
+
 class Router:
     def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics=None,
                  routing: RoutingConfig | None = None, max_load_wait: float = 120.0,
@@ -137,7 +145,7 @@ class Router:
                 Route(r, providers[r.provider],
                       breakers.setdefault(r.provider, CircuitBreaker(self.routing.breaker_threshold,
                                                                      self.routing.breaker_cooldown)),
-                      self.routing.retries if r.retries is None else r.retries)
+                      _retries(r, providers[r.provider], self.routing))
                 for r in cfg.routes
             ]
 

@@ -147,7 +147,7 @@ def test_generate_errors(workdir):
         "not local": "model 'placeholder' has no local (diffusers) route",
         "extension": "cannot tell the image format from 'x.txt'",
         "size": "Invalid size 9999x9999",
-        "option": "unknown option(s) no_such_option",
+        "option": "no_such_option: unknown key",
     }
     for name, message in expected.items():
         run = runs[name]

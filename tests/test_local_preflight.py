@@ -16,7 +16,7 @@ def test_tiny_needs_nothing_on_disk():
 def test_missing_weights_are_named_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty Hugging Face cache
     reason = preflight(model="Qwen/Qwen-Image", local_files_only=True)
-    assert "Qwen/Qwen-Image" in reason and "huggingface-cli download" in reason
+    assert "Qwen/Qwen-Image" in reason and "hf download" in reason
 
 
 def test_weights_may_be_downloaded_when_allowed(tmp_path, monkeypatch):

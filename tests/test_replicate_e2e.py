@@ -368,3 +368,14 @@ async def test_route_model_must_be_owner_and_name(start_proxy, tmp_path, fake_re
     raw = await client.images.with_raw_response.generate(model=MODEL, prompt="p", response_format="b64_json")
     assert raw.headers["x-qip-route"] == "placeholder"
     assert fake.requests == []
+
+
+async def test_a_prediction_lost_while_polling_falls_back_and_is_cancelled(start_proxy, tmp_path, fake_replicate):
+    fake = await fake_replicate(polls_before_done=None)
+    fake.fail_poll(404, "The requested resource could not be found.", times=None)
+    _, client = await start(start_proxy, tmp_path, fake,
+                            routes=[{"provider": "rep", "model": "qwen/qwen-image", "retries": 0}, "placeholder"])
+    raw = await client.images.with_raw_response.generate(model=MODEL, prompt="p", response_format="b64_json")
+    assert raw.headers["x-qip-route"] == "placeholder"  # a 404 on a poll is the route's failure, not a 400
+    assert len(fake.polls) == 1
+    await asyncio.wait_for(fake.cancelled.wait(), 5)  # polling gave up: the prediction is stopped

@@ -15,6 +15,8 @@ VENDOR_FIELDS: dict[str, frozenset[str]] = {
     "replicate": frozenset({
         "disable_safety_checker", "extra_lora_scale", "extra_lora_weights", "go_fast", "image_size",
         "lora_scale", "lora_weights", "output_quality", "replicate_weights",
+        # Replicate's own names for fields the proxy has under other names.
+        "guidance", "enhance_prompt", "strength",
     }),
 }
 

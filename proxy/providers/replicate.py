@@ -98,7 +98,7 @@ def native_format(output_format: str | None) -> str | None:
 
 def to_native(req: ImageRequest) -> dict[str, Any]:
     """ImageRequest -> the prediction's `input` object for qwen/qwen-image."""
-    body: dict[str, Any] = {k: v for k, v in extras_for("replicate", req.extra).items() }
+    body: dict[str, Any] = {k: v for k, v in extras_for("replicate", req.extra).items() if k in NATIVE_EXTRAS}
     body["prompt"] = req.prompt
     body["aspect_ratio"] = nearest_aspect_ratio(req.width, req.height)
     if req.negative_prompt is not None:
@@ -398,10 +398,10 @@ class ReplicateProvider(Provider):
                 error = error_from_status(status, payload, retry_after)
                 if status in (401, 403):
                     raise self._redacted(error)
+                if not (status == 429 or status >= 500):  # 404 and the like: not the client's fault here
+                    raise self._redacted(UpstreamError(f"polling the prediction failed: {error.message}"))
                 errors += 1
-                if errors >= MAX_POLL_ERRORS or not (status == 429 or status >= 500):
-                    if status == 404:
-                        error = UpstreamError(f"the prediction disappeared upstream (HTTP {status})")
+                if errors >= MAX_POLL_ERRORS:
                     raise self._redacted(error)
                 if error.retry_after is not None:
                     delay = max(delay, min(error.retry_after, self.poll_max_interval * 4))
