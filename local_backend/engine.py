@@ -15,6 +15,15 @@ also for a batch of identical prompts, so it is float rounding of batch-size-dep
 (matmul/conv blocking), not padding. Bit-exact batch invariance is not possible with these
 kernels (on GPUs neither), so all prompts batch together.
 
+Edits (an engine with task="edit") run one job per call: the edit pipelines take one prompt per
+call, so a job's own images (n, with one generator each) share a call and nothing else does. A
+mask switches the job to the inpainting pipeline built around the same components
+(local_backend.edit says what it can and cannot do).
+
+Partial images: a job with partial_images > 0 and an on_partial callback gets that many previews
+per image, made from the latents in the step callback (local_backend.previews), each job's for its
+own images only.
+
 Isolation: one job never fails another. Text the tokenizer cannot take (lone surrogates) is refused
 at submit, before it can join a batch. If a batched call raises anyway, each of its jobs runs again
 in a call of its own: the culprit fails alone (as InvalidParamsError when the tokenizer rejects its
@@ -32,6 +41,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 
 from .config import EngineConfig, GenerationParams, GenerationResult
+from .edit import MAX_IMAGES, check_images, check_mask, inpaint_working_size, paste_kept, working_area_scale
 from .errors import (
     DeadlineExceededError,
     EngineError,
@@ -42,6 +52,7 @@ from .errors import (
 )
 from .loading import load_pipeline, validate_config
 from .loras import LoraManager, LoraRef
+from .previews import MAX_PARTIALS, Previewer, preview_steps
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,10 @@ class Job:
         self.steps: int = plan["steps"]
         self.cfg: float = plan["cfg"]
         self.negative: str | None = plan["negative"]  # None: no CFG
+        self.inputs: list = plan["images"]  # edits: the input images, RGB
+        self.mask = plan["mask"]  # inpainting: "L", 255 = repaint
+        self.preview_at: list[int] = plan["preview_at"]  # steps after which previews are due
+        self.partials_sent: dict[int, int] = {}  # image index -> previews handed over (never twice)
         self.loras = loras
         self.images: list = [None] * len(self.seeds)
         self.next_index = 0  # images handed to pipeline calls so far
@@ -130,6 +145,10 @@ class Engine:
         self._pipe = None
         self._device: str | None = None
         self._multiple = 16  # size granularity; read from the pipeline once loaded
+        self._max_images = 0  # input images an edit takes (0: a text-to-image pipeline)
+        self._area_scale: float | None = None  # edit working sizes (tiny models: local_backend.edit)
+        self._inpaint = None  # the inpainting pipeline around the edit pipeline's components
+        self._previewer: Previewer | None = None
         self._loras = LoraManager(self.config)
         self._base_loras: list[LoraRef] = []
         self._cond = threading.Condition()
@@ -174,6 +193,18 @@ class Engine:
             if self._closed:  # closed while it loaded: drop the pipeline rather than keep it
                 raise EngineError("the engine was closed while it loaded")
             self._multiple = pipe.vae_scale_factor * 2
+            if self.config.task == "edit":
+                self._max_images = MAX_IMAGES.get(type(pipe).__name__, 1)
+                self._area_scale = getattr(pipe, "working_area_scale", None)
+                self._inpaint = _inpaint_pipeline(pipe)
+            self._previewer = Previewer(pipe, self.config.preview)
+            if self.config.preview == "latent":
+                if progress:
+                    progress("fitting the preview map")
+                try:  # now rather than in the first call that wants previews
+                    self._previewer.matrix()
+                except Exception:
+                    log.exception("could not fit the latent preview map; will retry on first use")
             self._pipe, self._device = pipe, device
             return time.monotonic() - started
 
@@ -204,7 +235,7 @@ class Engine:
     def _release_pipeline(self) -> None:
         import torch
 
-        self._pipe = None
+        self._pipe = self._inpaint = self._previewer = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -299,6 +330,10 @@ class Engine:
         # pipeline ignores the negative prompt, so drop it (one batch key for all such jobs).
         do_cfg = scale > 1
         negative = (p.negative_prompt if p.negative_prompt is not None else " ") if do_cfg else None
+        partials = p.partial_images
+        if not _is_int(partials) or not 0 <= partials <= MAX_PARTIALS:
+            raise InvalidParamsError(f"partial_images must be an integer from 0 to {MAX_PARTIALS}", "partial_images")
+        images, mask = self._plan_inputs(p)
         return {
             "seeds": [seed + i for i in range(p.n)],
             "size": (p.width, p.height),
@@ -306,7 +341,40 @@ class Engine:
             "steps": steps,
             "cfg": float(scale) if do_cfg else 1.0,
             "negative": negative,
+            "images": images,
+            "mask": mask,
+            "preview_at": preview_steps(steps, partials) if p.on_partial is not None else [],
         }
+
+    def _plan_inputs(self, p: GenerationParams) -> tuple[list, object]:
+        """The input images and mask of an edit, checked and converted (RGB, "L")."""
+        images = p.images if p.images is not None else []
+        if self.config.task != "edit":
+            if images or p.mask is not None:
+                raise InvalidParamsError(
+                    "this model makes images from text: it takes no input images or mask (use an edit model)",
+                    "images" if images else "mask",
+                )
+            return [], None
+        if isinstance(images, (list, tuple)) and not images:
+            many = self._max_images
+            raise InvalidParamsError(
+                f"this model edits images: give {'1 to ' + str(many) if many > 1 else 'one'} input "
+                f"image{'s' if many > 1 else ''}",
+                "images",
+            )
+        prepared = check_images(images, self._max_images)
+        if p.mask is None:
+            return prepared, None
+        if self._inpaint is None:
+            raise InvalidParamsError("masks are not supported by this model", "mask")
+        if len(prepared) > 1:
+            raise InvalidParamsError(
+                f"a mask works with one input image, and this edit has {len(prepared)}: "
+                "send the image to edit alone, or drop the mask",
+                "mask",
+            )
+        return prepared, check_mask(p.mask, prepared[0])
 
     def _generation_size(self, width: int, height: int) -> tuple[int, int]:
         """The nearest size the model can make (a multiple of vae_scale_factor * 2); resized after."""
@@ -444,6 +512,8 @@ class Engine:
             return slots
 
     def _batch_key(self, job: Job) -> tuple:
+        if job.inputs:  # an edit: one prompt per call, so a call of its own
+            return ("edit", id(job))
         weights: dict[str, float] = {}
         for ref in self._base_loras + job.loras:
             weights[ref.key()] = weights.get(ref.key(), 0.0) + ref.scale
@@ -451,9 +521,8 @@ class Engine:
 
     def _execute(self, slots: list[tuple[Job, int]]) -> None:
         import torch
-        from PIL import Image
 
-        pipe, first = self._pipe, slots[0][0]
+        first = slots[0][0]
         jobs = [job for job, _ in slots]
         prompts, negatives, generators, owners = [], [], [], []
         for job, count in slots:
@@ -463,13 +532,17 @@ class Engine:
                 # CPU generators: the same seed gives the same noise on every device.
                 generators.append(torch.Generator("cpu").manual_seed(job.seeds[index]))
                 owners.append((job, index))
-        self._loras.activate(pipe, self._base_loras + first.loras)
+        self._loras.activate(self._pipe, self._base_loras + first.loras)
 
         steps_done = 0
+        previous = None  # the last step's latents, kept only when a preview is due after this step
+        previews = any(job.preview_at for job in jobs)
 
         def on_step_end(pipeline, step, timestep, tensors):
-            nonlocal steps_done
+            nonlocal steps_done, previous
             steps_done = step + 1
+            if previews:
+                previous = self._make_previews(pipeline, tensors["latents"], previous, steps_done, owners, work_size)
             for job in jobs:
                 if job.params.on_step is not None and not job.cancelled:
                     try:
@@ -481,33 +554,92 @@ class Engine:
                     pipeline._interrupt = True  # diffusers skips the remaining steps
             return {}
 
-        started = time.monotonic()
-        output = pipe(
-            prompt=prompts,
-            negative_prompt=negatives if first.negative is not None else None,
-            true_cfg_scale=first.cfg,
-            width=first.gen_size[0],
-            height=first.gen_size[1],
-            num_inference_steps=first.steps,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-            output_type="pil",
-        )
+        with working_area_scale(self._area_scale):
+            pipe, kwargs, work_size = self._call(first, prompts, negatives, generators)
+            started = time.monotonic()
+            output = pipe(
+                true_cfg_scale=first.cfg,
+                num_inference_steps=first.steps,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+                **kwargs,
+            )
         seconds = time.monotonic() - started
         self._call_seconds = (
             seconds if self._call_seconds is None else 0.7 * self._call_seconds + 0.3 * seconds
         )
 
         for (job, index), image in zip(owners, output.images, strict=True):
-            if image.size != job.size:
-                image = image.resize(job.size, Image.LANCZOS)
-            job.images[index] = image
+            job.images[index] = _final_image(job, image)
         for job, count in slots:  # only now: a failed call is run again from the same images
             job.next_index += count
         for job in jobs:
             job.steps_run = steps_done if job.steps_run == 0 else min(job.steps_run, steps_done)
             job.batch_size = max(job.batch_size, len(prompts))
             self._finish(job)
+
+    def _call(self, first: Job, prompts: list, negatives: list, generators: list):
+        """(pipeline, its arguments, the size it works at) for a call of these images."""
+        cfg = first.negative is not None
+        if not first.inputs:  # text to image: any number of prompts
+            kwargs = {"prompt": prompts, "negative_prompt": negatives if cfg else None}
+            kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+            return self._pipe, kwargs, first.gen_size
+        # An edit: one prompt, its images made with num_images_per_prompt (one generator each).
+        kwargs = {
+            "prompt": first.params.prompt,
+            "negative_prompt": first.negative,
+            "num_images_per_prompt": len(generators),
+        }
+        if first.mask is None:
+            many = self._max_images > 1
+            kwargs.update(image=list(first.inputs) if many else first.inputs[0])
+            kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+            return self._pipe, kwargs, first.gen_size
+        # Inpainting works at ~1 MP of its input's aspect ratio, whatever the asked size: give it the
+        # input stretched to the asked shape, so the result only needs resizing (local_backend.edit).
+        from PIL import Image
+
+        image, mask = first.inputs[0], first.mask
+        if image.size != first.gen_size:
+            image = image.resize(first.gen_size, Image.LANCZOS)
+            mask = mask.resize(first.gen_size, Image.NEAREST)
+        kwargs.update(image=image, mask_image=mask, strength=1.0)
+        return self._inpaint, kwargs, inpaint_working_size(first.gen_size, self._multiple)
+
+    def _make_previews(self, pipeline, latents, previous, steps_done: int, owners: list, work_size):
+        """Hand out the previews due after this step; return the latents to keep for the next step."""
+        due = []  # (row, job, image index, partial index)
+        for row, (job, index) in enumerate(owners):
+            if job.cancelled or job.params.on_partial is None:
+                continue
+            for k, at in enumerate(job.preview_at):
+                if at == steps_done and k >= job.partials_sent.get(index, 0):
+                    due.append((row, job, index, k))
+        if due:
+            rows = sorted({row for row, *_ in due})
+            try:
+                estimate = self._previewer.estimate(
+                    latents[rows], None if previous is None else previous[rows], pipeline.scheduler
+                )
+                made = self._previewer.render(estimate, work_size, [owners[row][0].size for row in rows])
+            except Exception:  # previews are a courtesy: never worth a job
+                log.exception("could not make partial images")
+                made = None
+            if made is not None:
+                by_row = dict(zip(rows, made, strict=True))
+                for row, job, index, k in due:
+                    job.partials_sent[index] = k + 1
+                    try:
+                        job.params.on_partial(index, k, by_row[row])
+                    except Exception:  # a caller's callback must not kill the job
+                        log.exception("on_partial callback failed")
+        wanted = any(
+            steps_done + 1 in job.preview_at and not job.cancelled and job.params.on_partial is not None
+            for job, _ in owners
+        )
+        return latents.detach().clone() if wanted else None
 
     def _finish(self, job: Job) -> None:
         with self._cond:
@@ -566,6 +698,33 @@ class Engine:
             except Exception as e:
                 return InvalidParamsError(f"the model's tokenizer cannot read the {name}: {_summary(e)}", name)
         return _wrap(exc)
+
+
+def _inpaint_pipeline(pipe):
+    """QwenImageEditInpaintPipeline around an edit pipeline's own components (no extra memory)."""
+    from diffusers import QwenImageEditInpaintPipeline
+
+    if type(pipe).__name__ not in MAX_IMAGES:
+        return None
+    # The constructor, not from_pipe: from_pipe casts the shared modules to its dtype (fp32 by default).
+    inpaint = QwenImageEditInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
+
+
+def _final_image(job: Job, image):
+    """The pipeline's image as the caller gets it: exactly the asked size, a mask's kept area restored."""
+    from PIL import Image
+
+    if image.size != job.size:
+        image = image.resize(job.size, Image.LANCZOS)
+    if job.mask is None:
+        return image
+    original, mask = job.inputs[0], job.mask
+    if original.size != job.size:
+        original = original.resize(job.size, Image.LANCZOS)
+        mask = mask.resize(job.size, Image.NEAREST)
+    return paste_kept(image, original, mask)
 
 
 def _check_text(text: str, name: str) -> None:

@@ -84,10 +84,7 @@ class Previewer:
         with torch.no_grad():
             latents = pipe._unpack_latents(packed, work_size[1], work_size[0], pipe.vae_scale_factor)
             latents = latents[:, :, 0]  # (B, C, h, w): one frame
-            if self.method == "vae":
-                rgb = self._decode(latents)
-            else:
-                rgb = self._project(latents)
+            rgb = self._decode(latents) if self.method == "vae" else self._project(latents)
             pixels = ((rgb.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [_to_image(pixels[i], size) for i, size in enumerate(out_sizes)]

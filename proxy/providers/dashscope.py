@@ -23,7 +23,8 @@ Options (models.yaml):
   poll_interval      first wait between task polls, seconds (default 0.25); grows x1.5 per poll up to
   poll_max_interval  (default 2).
   timeout            seconds for the whole call, polling included (default 300).
-  retries            accepted for symmetry with the other kinds (the route's `retries` governs).
+  retries            extra attempts on this provider's routes after a retryable failure (default:
+                     routing.retries; a route's own `retries` wins).
 
 Field handling: seed -> parameters.seed, taken modulo 2**31 (DashScope accepts 0..2147483647, the proxy
 0..2**32-1; the client still sees its own seed); negative_prompt -> parameters.negative_prompt;
