@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 from yarl import URL
 
+from .cpu import run_cpu
 from .errors import InvalidRequest, UpstreamError
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, ImageInfo, check_image
@@ -105,6 +106,10 @@ def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         keep = max(1, round(width / target))
         box = (0, (height - keep) // 2, width, (height - keep) // 2 + keep)
     return im.resize(size, Image.Resampling.LANCZOS, box=box)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def decode_b64(text: str) -> bytes:
@@ -230,17 +235,28 @@ class FinalImage:
         return MIME[self.format]
 
 
-def _finish_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest, max_pixels: int) -> FinalImage:
+def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
+                   max_pixels: int) -> tuple[bytes, bool, FinalImage | None]:
+    """The image's bytes (decoded from base64 when needed), whether the upstream's base64 text can be
+    handed on, and the final image when it passes through untouched (None: it needs converting)."""
     keep_b64 = False
     if data is None:
         data = _strict_b64(img.b64)
         keep_b64 = data is not None
         if data is None:  # line breaks or junk: decode leniently, re-encode on the way out
             data = decode_b64(img.b64)
+    info = inspect(data, max_pixels)
+    if _needs_change(info, req.output_format, req.output_compression, (req.width, req.height),
+                     img.compression_applied):
+        return data, keep_b64, None
+    b64 = img.b64 if keep_b64 else None
+    return data, keep_b64, FinalImage(data, info.format, img.seed, img.revised_prompt, b64=b64)
+
+
+def _converted(img: GeneratedImage, data: bytes, req: ImageRequest, max_pixels: int) -> FinalImage:
     enc = convert(data, req.output_format, req.output_compression, (req.width, req.height),
                   img.compression_applied, max_pixels)
-    b64 = img.b64 if keep_b64 and enc.data is data else None
-    return FinalImage(enc.data, enc.format, img.seed, img.revised_prompt, b64=b64)
+    return FinalImage(enc.data, enc.format, img.seed, img.revised_prompt)
 
 
 async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetcher: GuardedFetcher,
@@ -264,7 +280,10 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
         data = img.data
         if data is None and img.b64 is None:
             data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
-        return await asyncio.to_thread(_finish_bytes, img, data, req, max_pixels)
+        size = len(data) if data is not None else len(img.b64)
+        data, _, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
+        # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
+        return final or await asyncio.to_thread(_converted, img, data, req, max_pixels)
 
     return await gather_or_cancel([one(img) for img in images])
 
@@ -277,7 +296,7 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store, b
         if img.url is not None:
             return {"url": img.url, "revised_prompt": revised}
         if req.response_format == "b64_json":
-            b64 = img.b64 or await asyncio.to_thread(lambda: base64.b64encode(img.data).decode("ascii"))
+            b64 = img.b64 or await run_cpu(len(img.data), _b64, img.data)
             return {"b64_json": b64, "revised_prompt": revised}
         name = await store.put(img.data, img.mime)
         return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}

@@ -6,6 +6,7 @@ torch and diffusers are imported only when a config uses this kind.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from dataclasses import fields
@@ -14,7 +15,8 @@ from typing import Any
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..output import MIME, encode_image
-from ..request import ImageRequest
+from ..partials import PartialImage, threadsafe_emitter
+from ..request import ImageRequest, InputImage
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,9 @@ def engine_config(options: dict[str, Any]):
     return EngineConfig(**values)
 
 
-def to_params(req: ImageRequest, on_step=None):
-    """ImageRequest -> local_backend.GenerationParams (pure)."""
+def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None):
+    """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
+    input images decoded (decode_inputs); without on_partial no previews are made."""
     from local_backend import GenerationParams, LoraSpec
 
     return GenerationParams(
@@ -61,7 +64,41 @@ def to_params(req: ImageRequest, on_step=None):
         n=req.n,
         loras=[LoraSpec(lora.path, lora.scale) for lora in req.loras],
         on_step=on_step,
+        images=list(images),
+        mask=mask,
+        partial_images=(req.partial_images or 0) if on_partial is not None else 0,
+        on_partial=on_partial,
     )
+
+
+def decode_inputs(req: ImageRequest):
+    """The request's input images and mask as Pillow images (CPU work: run it off the event loop)."""
+    from PIL import Image
+
+    def decode(item: InputImage, param: str):
+        try:
+            image = Image.open(io.BytesIO(item.data))
+            image.load()
+        except Exception as e:  # checked at parse time, so this is rare: still the client's input
+            raise InvalidRequest(f"the {param} could not be decoded: {type(e).__name__}", param=param) from None
+        return image
+
+    return [decode(item, "image") for item in req.images], (
+        decode(req.mask, "mask") if req.mask is not None else None
+    )
+
+
+def partial_sender(req: ImageRequest, emit):
+    """on_partial for the engine: encodes each preview in the request's format and emits it (from the
+    engine's worker thread; `emit` is proxy.partials.threadsafe_emitter()'s function)."""
+    fmt = req.output_format or "png"
+
+    def on_partial(index: int, partial_index: int, image) -> None:
+        data = encode_image(image, fmt, req.output_compression)
+        emit(PartialImage(image_index=req.first_index + index, partial_index=partial_index, data=data,
+                          format=fmt))
+
+    return on_partial
 
 
 def _weights_problem(config) -> str | None:
@@ -71,7 +108,7 @@ def _weights_problem(config) -> str | None:
     from local_backend.loading import local_files_only
 
     model = config.model
-    if model == "tiny" or not local_files_only(config):
+    if model in ("tiny", "tiny-edit") or not local_files_only(config):
         return None
     if Path(model).expanduser().is_dir():
         return None if (Path(model).expanduser() / "model_index.json").is_file() else (
@@ -97,6 +134,8 @@ class LocalProvider(Provider):
     # load_in_background. Any other key is a config error (proxy.providers.options_model).
     options_schema = {
         "model": str,
+        "task": ("generate", "edit"),
+        "preview": ("latent", "vae"),
         "device": str | None,
         "dtype": (None, "bfloat16", "float16", "float32"),
         "offload": ("none", "model", "sequential", "group"),
@@ -137,8 +176,10 @@ class LocalProvider(Provider):
             self.config = None
             self._state = f"invalid options: {e}"
         max_batch = self.config.max_batch if self.config else 1
+        edits = bool(self.config and self.config.task == "edit")
         self.capabilities = Capabilities(
-            max_images_per_call=max_batch, output_formats=frozenset(MIME), output_compression=True
+            max_images_per_call=max_batch, output_formats=frozenset(MIME), output_compression=True,
+            edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
         )
 
     @property
@@ -247,8 +288,11 @@ class LocalProvider(Provider):
 
         if self.engine is None:
             raise UpstreamError(f"the local model is not ready ({self._state})")
+        emit = threadsafe_emitter() if req.partial_images else None  # on the loop: it binds the loop
+        on_partial = partial_sender(req, emit) if emit is not None else None
+        images, mask = await asyncio.to_thread(decode_inputs, req) if req.images or req.mask else ([], None)
         try:
-            result = await self.engine.generate(to_params(req, self._on_step))
+            result = await self.engine.generate(to_params(req, self._on_step, images, mask, on_partial))
         except QueueFullError as e:
             raise RateLimited(f"the local engine's queue is full: {e}", retry_after=e.retry_after) from None
         except InvalidParamsError as e:
