@@ -6,6 +6,13 @@ median is compared; the target is < 5 %.
 
     python bench/bench_engine.py [--size 256 --steps 8 --reps 9]
 
+--partials (CPU): what partial images cost. On the tiny model, in the same run, interleaved:
+calls without previews, with 3 previews by the latent map and with 3 by the half-size VAE decode
+(the time the denoising loop loses); then, at the real model's latent size (16 channels, 128x128
+for 1024x1024), the per-preview cost of the latent map, its resize and a PNG encode.
+
+    python bench/bench_engine.py --partials [--size 256 --steps 8 --reps 9]
+
 --gpu (needs CUDA): seconds per image of the real-size Qwen-Image transformer (20B, default
 config) and VAE in bf16 with random weights (speed does not depend on weight values). The text
 encoder is skipped: random prompt embeddings shaped like Qwen2.5-VL's (3584 wide) are passed in.
@@ -148,6 +155,112 @@ class _TimedPipe:
             self.last = time.perf_counter() - started
 
 
+# ----- CPU: partial images -----
+
+
+def bench_partials(args) -> None:
+    import io
+
+    import torch
+
+    from local_backend import Engine, EngineConfig, GenerationParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size, steps, count = args.size, args.steps, 3
+    engines = {}
+    for method in ("latent", "vae"):
+        engine = Engine(EngineConfig(model="tiny", device="cpu", preview=method))
+        started = time.perf_counter()
+        engine.start()
+        engines[method] = engine
+        print(f"  [{method}] loaded in {time.perf_counter() - started:.2f} s")
+    pipe = engines["latent"].pipe
+    started = time.perf_counter()
+    engines["latent"]._previewer.matrix()  # fitted on the first preview: done here, timed apart
+    print(f"  fitting the latent map (once per engine): {(time.perf_counter() - started) * 1000:.1f} ms")
+
+    # Load on a shared machine moves whole runs by more than the previews cost, so also time the
+    # preview work itself, inside each call (the step callback's _make_previews).
+    inside = {method: [0.0] for method in engines}
+    for method, engine in engines.items():
+        real = engine._make_previews
+
+        def timed_previews(*a, _real=real, _acc=inside[method]):
+            started = time.perf_counter()
+            try:
+                return _real(*a)
+            finally:
+                _acc[0] += time.perf_counter() - started
+
+        engine._make_previews = timed_previews  # a bench-only peek
+    received: list = []
+
+    def run(method: str | None, seed: int) -> float:
+        engine = engines[method or "latent"]
+        params = GenerationParams(
+            "a red fox in the snow", width=size, height=size, num_inference_steps=steps, cfg_scale=4.0,
+            seed=seed, partial_images=count if method else 0,
+            on_partial=(lambda i, k, im: received.append(im)) if method else None,
+        )
+        started = time.perf_counter()
+        engine.generate_sync(params)
+        return time.perf_counter() - started
+
+    print(f"tiny model, CPU ({torch.get_num_threads()} threads), {size}x{size}, {steps} steps, true CFG 4, "
+          f"{count} partial images")
+    modes = [None, "latent", "vae"]
+    for seed in range(2):
+        for mode in modes:
+            run(mode, seed)
+    times: dict = {mode: [] for mode in modes}
+    for method in engines:
+        inside[method][0] = 0.0
+    for rep in range(args.reps):  # interleaved, so load drift hits all alike
+        for mode in modes:
+            times[mode].append(run(mode, rep))
+    base = statistics.median(times[None])
+    print(f"  no previews           median {base * 1000:8.1f} ms   (min {min(times[None]) * 1000:.1f})")
+    for mode in ("latent", "vae"):
+        t = statistics.median(times[mode])
+        own = inside[mode][0] / args.reps
+        print(f"  {count} previews ({mode:6}) median {t * 1000:8.1f} ms   (min {min(times[mode]) * 1000:.1f})"
+              f"   {(t - base) * 1000:+.1f} ms = {(t - base) / base * 100:+.2f} %;"
+              f" inside the loop {own * 1000:.2f} ms per call = {own / base * 100:.2f} %")
+    assert len(received) == count * 2 * (args.reps + 2)
+    for engine in engines.values():
+        engine.close()
+
+    # The same work at the real model's latent size, measured apart (no 20B transformer here).
+    from local_backend.previews import Previewer
+
+    class RealShaped:  # what Previewer reads from a pipeline
+        vae_scale_factor = 8
+        _unpack_latents = staticmethod(pipe._unpack_latents)
+
+    previewer = Previewer(RealShaped())
+    previewer._matrix = torch.randn(17, 3) * 0.1  # a 16-channel map (its values do not change the cost)
+    packed = torch.randn(1, 64 * 64, 64)  # 1024x1024: 128x128 latents of 16 channels, packed 2x2
+    previous = packed + 0.01 * torch.randn_like(packed)
+
+    class Sched:
+        sigmas, step_index = torch.tensor([1.0, 0.6, 0.3, 0.0]), 2
+
+    def one(encode: bool) -> float:
+        started = time.perf_counter()
+        estimate = previewer.estimate(packed, previous, Sched())
+        image = previewer.render(estimate, (1024, 1024), [(1024, 1024)])[0]
+        if encode:
+            image.save(io.BytesIO(), format="PNG")
+        return time.perf_counter() - started
+
+    for encode in (False, True):
+        one(encode)
+        t = statistics.median(one(encode) for _ in range(args.reps))
+        what = "estimate + map + resize + PNG encode" if encode else "estimate + map + resize to 1024x1024"
+        print(f"  real-size latents: {what}: {t * 1000:.1f} ms per preview")
+
+
 # ----- GPU: real-size speed -----
 
 
@@ -263,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--gpu", action="store_true", help="real-size speed on a CUDA GPU")
+    parser.add_argument("--partials", action="store_true", help="CPU: the cost of partial images")
     parser.add_argument("--size", type=int, default=256, help="CPU mode: image side")
     parser.add_argument("--steps", type=int, default=8, help="CPU mode: denoising steps")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (CPU 9, GPU 1)")
@@ -274,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpu:
         args.reps = args.reps or 1
         bench_gpu(args)
+    elif args.partials:
+        args.reps = args.reps or 9
+        bench_partials(args)
     else:
         args.reps = args.reps or 9
         bench_overhead(args)

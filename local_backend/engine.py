@@ -197,14 +197,7 @@ class Engine:
                 self._max_images = MAX_IMAGES.get(type(pipe).__name__, 1)
                 self._area_scale = getattr(pipe, "working_area_scale", None)
                 self._inpaint = _inpaint_pipeline(pipe)
-            self._previewer = Previewer(pipe, self.config.preview)
-            if self.config.preview == "latent":
-                if progress:
-                    progress("fitting the preview map")
-                try:  # now rather than in the first call that wants previews
-                    self._previewer.matrix()
-                except Exception:
-                    log.exception("could not fit the latent preview map; will retry on first use")
+            self._previewer = Previewer(pipe, self.config.preview)  # fits its map on first use
             self._pipe, self._device = pipe, device
             return time.monotonic() - started
 
@@ -541,14 +534,14 @@ class Engine:
         def on_step_end(pipeline, step, timestep, tensors):
             nonlocal steps_done, previous
             steps_done = step + 1
-            if previews:
-                previous = self._make_previews(pipeline, tensors["latents"], previous, steps_done, owners, work_size)
             for job in jobs:
                 if job.params.on_step is not None and not job.cancelled:
                     try:
                         job.params.on_step(steps_done, first.steps)
                     except Exception:  # a caller's callback must not kill the batch
                         log.exception("on_step callback failed")
+            if previews:
+                previous = self._make_previews(pipeline, tensors["latents"], previous, steps_done, owners, work_size)
             with self._cond:
                 if self._closed or all(job.cancelled or job.deadline_hit for job in jobs):
                     pipeline._interrupt = True  # diffusers skips the remaining steps

@@ -226,6 +226,7 @@ class LoraManager:
 
     def _resolve_url(self, url: str, label: str, trusted: bool) -> Future:
         policy = self._policy(trusted)
+        urllib.parse.urlsplit(url)  # malformed (an unclosed IPv6 bracket): ValueError, reported by resolve()
         try:
             check_url(url, policy)  # at once, on the caller's thread; each hop is checked again
         except DownloadRefused as e:

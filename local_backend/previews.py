@@ -11,11 +11,12 @@ step callback: that preview shows the latents as they are.)
 How, two methods (EngineConfig.preview):
 
 - "latent" (default): a fixed linear map of the latent channels (plus a bias) to RGB, one value per
-  latent pixel, upscaled to the output size. The map is fitted once per engine, on first use, by
-  least squares: the model's own VAE encodes a set of synthetic colour images and each latent pixel
-  is paired with the mean colour of the image patch it covers. That is the same kind of matrix
-  ComfyUI ships per model family, derived here from whichever VAE is loaded (real, fine-tuned or
-  the tiny random one). Cost per preview: a matrix product over h*w*C values and one resize.
+  latent pixel, upscaled to the output size. The map is fitted once per engine, on the first
+  preview, by least squares (fit_latent_rgb): latents of synthetic colour images, paired with the
+  colours the model's own VAE decodes them to. That is the same kind of matrix ComfyUI ships per
+  model family, derived here from whichever VAE is loaded (real, fine-tuned or the tiny random
+  one). The fit is one small VAE encode and decode (about 0.1 s for the tiny model on a CPU).
+  Cost per preview: a matrix product over h*w*C values and one resize.
 - "vae": the VAE decodes the estimate at half the latent resolution (a quarter of a full decode);
   truer colours and detail, but a decoder pass per preview.
 
@@ -158,11 +159,14 @@ def synthetic_images(count: int, side: int, cell: int, seed: int = 0):
     return torch.cat(images) * 2 - 1
 
 
-def fit_latent_rgb(pipe, count: int = 12, cells: int = 16, ridge: float = 1e-3):
+def fit_latent_rgb(pipe, count: int = 6, cells: int = 8, ridge: float = 1e-3):
     """Fit the (C + 1, 3) map from normalized latents (as the denoising loop holds them) to RGB.
 
-    The VAE encodes `count` synthetic images of cells x cells latent pixels; each latent pixel is
-    paired with the mean colour of the patch it covers. Ridge-regularized least squares, in float64.
+    The latents: the VAE encodes `count` synthetic images of cells x cells latent pixels, and the same
+    latents again with noise added (denoising estimates are not clean image latents). The colours:
+    what the VAE's decoder makes of each latent pixel (the mean of the patch it decodes to), so the
+    map imitates the final decode even where encoder and decoder disagree (as in a random tiny VAE).
+    Ridge-regularized least squares, in float64.
     """
     import torch
     import torch.nn.functional as F
@@ -171,12 +175,15 @@ def fit_latent_rgb(pipe, count: int = 12, cells: int = 16, ridge: float = 1e-3):
     scale = pipe.vae_scale_factor
     images = synthetic_images(count, cells * scale, scale)
     device = pipe._execution_device  # right under every offload mode
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        encoded = vae.encode(images.to(device, vae.dtype).unsqueeze(2)).latent_dist.mode()[:, :, 0]
-    encoded = encoded.float()
-    mean, std = _latent_stats(vae, encoded)
-    latents = ((encoded - mean) / std).cpu().double()  # (N, C, h, w)
-    targets = F.avg_pool2d(images.double(), scale)  # (N, 3, h, w)
+        encoded = vae.encode(images.to(device, vae.dtype).unsqueeze(2)).latent_dist.mode()
+        mean, std = _latent_stats(vae, encoded[:, :, 0].float())
+        noise = torch.randn(encoded.shape, generator=generator).to(device) * 0.5 * std.unsqueeze(2)
+        raw = torch.cat([encoded.float(), encoded.float() + noise]).to(vae.dtype)
+        decoded = vae.decode(raw, return_dict=False)[0][:, :, 0].float().clamp(-1, 1)
+    latents = ((raw[:, :, 0].float() - mean) / std).cpu().double()  # (N, C, h, w)
+    targets = F.avg_pool2d(decoded.cpu().double(), scale)  # (N, 3, h, w)
     if targets.shape[-2:] != latents.shape[-2:]:
         targets = F.interpolate(targets, size=latents.shape[-2:], mode="area")
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
@@ -188,4 +195,3 @@ def fit_latent_rgb(pipe, count: int = 12, cells: int = 16, ridge: float = 1e-3):
     log.info("fitted the latent preview map on %d latent pixels (RMS error %.3f of a [-1, 1] range)",
              len(x), residual)
     return matrix.float()
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 import time
@@ -15,11 +14,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from PIL import Image
 
 from .api import admin, edits, generations
 from .config import Config
 from .errors import (
-    AuthenticationFailed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -32,6 +31,7 @@ from .fetch import FetchPolicy, GuardedFetcher
 from .metrics import Metrics
 from .output import OutputSettings
 from .passthrough import Passthrough
+from .policy import API_KEY, KeyPolicy
 from .providers import Provider, ProviderContext, build_providers
 from .router import Router
 from .store import FilesystemStore
@@ -71,6 +71,9 @@ class Gateway:
         self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
                              max_load_wait=config.server.max_load_wait, scrub=self.scrubber.text)
         self.size_tables = {name: config.size_table(name) for name in config.models}
+        # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.
+        limits = [t.pixel_limit for t in self.size_tables.values()] or [0]
+        Image.MAX_IMAGE_PIXELS = max(OutputSettings.max_image_pixels, 4 * max(limits))
         self.store = FilesystemStore(config.store.path, config.store.ttl_seconds)
         self.output = OutputSettings(
             rehost_upstream_urls=config.store.rehost_upstream_urls,
@@ -96,6 +99,8 @@ class Gateway:
         self.admin_prefix: str | None = ""
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
+        # Who may call what: key names, per-key models and limits, the /metrics key.
+        self.policy = KeyPolicy(config.server, self.metrics)
         self.http: aiohttp.ClientSession | None = None
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
@@ -170,6 +175,11 @@ class Gateway:
     async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run a request's routing as a task of its own, watched for a client that hangs up (also when the
         host app's server does not cancel handlers) and for the end of the shutdown grace."""
+        try:  # the model is known now: may this key use it? (403)
+            self.policy.check_model(request.get(API_KEY), request.get(MODEL))
+        except ProxyError:
+            coro.close()
+            raise
         work = asyncio.ensure_future(coro)
         self._inflight.add(work)
         work.add_done_callback(self._inflight.discard)
@@ -235,8 +245,8 @@ class Gateway:
             started = time.monotonic()
             outcome = "ok"
             try:
-                if not request.path.startswith(("/images/", *(f"{self.admin_prefix or ''}{p}" for p in OPEN_PATHS))):
-                    self.authenticate(request)
+                # The key (401), and image calls held to its limits while they run (429).
+                target = await self.authenticate(request, target)
                 if self.draining and request.path.startswith("/v1/images/"):
                     raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
@@ -271,6 +281,10 @@ class Gateway:
                     else "/v1/models/{model}" if "/v1/models/" in path else path)
         seconds = time.monotonic() - started
         self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(status)).inc()
+        key = request.get(API_KEY)
+        if key is not None:  # its name only: never its value
+            self.metrics.requests_by_key.labels(key=key.name, endpoint=endpoint, model=model,
+                                                status=str(status)).inc()
         if not path.startswith("/v1/images/"):
             return
         self.metrics.outcomes.labels(model=model, outcome=outcome).inc()
@@ -279,30 +293,40 @@ class Gateway:
         result = request.get(ROUTE)
         route = result.route.name if result else "-"
         attempts = result.calls if result else 0
-        access_log.info("request_id=%s endpoint=%s model=%s route=%s attempts=%d status=%d duration_ms=%.0f "
-                        "outcome=%s", request[REQUEST_ID], endpoint, model or "-", route, attempts, status,
-                        seconds * 1000, outcome)
+        access_log.info("request_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
+                        "duration_ms=%.0f outcome=%s", request[REQUEST_ID], key.name if key else "-", endpoint,
+                        model or "-", route, attempts, status, seconds * 1000, outcome)
 
-    def authenticate(self, request: web.Request) -> None:
-        if not self._keys:
-            return
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        # Compare against every key so the time taken says nothing about which one was close.
-        ok = [hmac.compare_digest(given, key) for key in self._keys]
-        if not given or not any(ok):
-            raise AuthenticationFailed(
-                "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key configured "
-                "under server.api_keys."
-            )
+    async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
+        """The caller's key (401 without a valid one; see proxy/policy.py), kept as request[API_KEY].
+
+        An image call gets `handler` back wrapped to run under the key's limits (rpm and concurrency,
+        429 past them), holding its slot until it ends; any other call counts against the key's rpm
+        alone. Probes and image links carry no key; /metrics needs server.metrics_key when one is set.
+        """
+        prefix = self.admin_prefix or ""
+        if request.path == f"{prefix}/metrics":
+            self.policy.check_metrics_key(request.headers.get("Authorization"))
+            return handler
+        if request.path.startswith(("/images/", *(f"{prefix}{p}" for p in OPEN_PATHS))):
+            return handler
+        if API_KEY in request:  # admitted already: an image call for a model served elsewhere, passed on
+            return handler
+        key = self.policy.identify(request.headers.get("Authorization"))
+        if key is None:
+            return handler
+        request[API_KEY] = key
+        if handler is not None and request.path.startswith("/v1/images/"):
+            return self.policy.guard(key, handler)
+        await self.policy.admit(key, image=False)
+        return handler
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
         """What the standalone app does with requests no gateway route answers."""
         request_id = request.get(REQUEST_ID) or uuid.uuid4().hex
         try:
             if self.passthrough and request.path.startswith("/v1/"):
-                self.authenticate(request)
+                await self.authenticate(request)
                 self._check_length(request)
                 # A client's key for this proxy is no key for the upstream: never forward it.
                 response = await self.passthrough.forward(request, body=request.get(BODY),

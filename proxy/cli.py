@@ -111,24 +111,34 @@ def _reason(e: OSError) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
     from .app import build_app
+    from .server import ConnectionLimits, is_loopback, run
 
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("proxy")
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
+    # No keys: loopback only, unless the operator says otherwise (then a warning on every start).
+    open_to_network = not config.server.api_keys and is_loopback(host) is False
+    if open_to_network and not config.server.allow_unauthenticated:
+        _fail(f"refusing to listen on {_where(host, port)} without API keys: set server.api_keys, listen on "
+              "127.0.0.1, or set server.allow_unauthenticated: true")
     try:
         sockets = listen(host, port)
     except OSError as e:
         _fail(f"cannot listen on {_where(host, port)}: {_reason(e)}")
     port = sockets[0].getsockname()[1]  # the one the system picked, for port 0
+    if open_to_network:
+        log.warning("listening on %s without API keys (server.allow_unauthenticated): anyone who can reach "
+                    "it can use it", _where(host, port))
     app = build_app(config, providers=providers)
-    # handler_cancellation: a client that hangs up cancels its request, and with it a local GPU job.
-    web.run_app(app, sock=sockets, shutdown_timeout=SHUTDOWN_TIMEOUT, handler_cancellation=True,
-                print=lambda *_: logging.getLogger("proxy").info("serving on http://%s", _where(host, port)))
+    server = config.server
+    limits = ConnectionLimits(header_timeout=server.header_timeout, body_timeout=server.body_timeout,
+                              keepalive_timeout=server.keepalive_timeout)
+    run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
+        on_ready=lambda: log.info("serving on http://%s", _where(host, port)))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -171,6 +181,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
     asyncio.run(run_generate(args, _load(args.config)))
 
 
+def cmd_ray_serve(args: argparse.Namespace) -> None:
+    """Deploy the pool of every `kind: ray` provider to a running Ray cluster (or print its Serve config)."""
+    from local_backend.ray_app import build_app, serve_application
+
+    config, providers = _load_checked(args.config)
+    pools = {name: p for name, p in providers.items() if p.kind == "ray"}
+    wanted = args.provider or list(pools)
+    missing = [name for name in wanted if name not in pools]
+    if missing:
+        _fail(f"{args.config}: no provider of kind ray named {', '.join(missing)} (kind ray: {', '.join(pools) or 'none'})")
+    if not pools:
+        _fail(f"{args.config} has no provider of kind: ray")
+    chosen = [pools[name] for name in wanted]
+    apps = [serve_application(p.app_name, p.pool_options, p.route_prefix) for p in chosen]
+    if args.print_config:  # a Serve config file: `serve deploy`, or KubeRay's serveConfigV2
+        import yaml
+
+        http = {"host": args.http_host, "port": args.http_port}
+        print(yaml.safe_dump({"http_options": http, "applications": apps}, sort_keys=False), end="")
+        return
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        _fail("ray is not installed: pip install '.[local,ray]' (on every node of the cluster too)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    address = args.address or chosen[0].address
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as e:  # no cluster there: say how to start one
+        _fail(f"cannot connect to a Ray cluster at {address}: {type(e).__name__}: {e}\n"
+              "start one first (`ray start --head` on this machine), or pass --address")
+    serve.start(http_options={"host": args.http_host, "port": args.http_port})
+    for pool, app in zip(chosen, apps, strict=True):
+        print(f"deploying {app['name']} at {app['route_prefix']} ({pool.engine.model}); waiting for its replicas...")
+        serve.run(build_app(pool.pool_options), name=app["name"], route_prefix=app["route_prefix"])
+        state = serve.status().applications[app["name"]]
+        replicas = {str(k): v for d in state.deployments.values() for k, v in d.replica_states.items()}
+        print(f"{app['name']}: {state.status}, replicas {replicas}")
+    print("the pools keep running after this command; `serve shutdown` (or `serve delete <app>`) removes them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-image-proxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qwen-image-proxy {version()}")
@@ -205,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=1)
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
     gen.set_defaults(func=cmd_generate)
+
+    ray_serve = with_config(sub.add_parser("ray-serve", help="deploy the kind: ray pools to a running Ray cluster"))
+    ray_serve.add_argument("--provider", action="append", metavar="NAME", help="only this provider (repeatable)")
+    ray_serve.add_argument("--address", help="the Ray cluster (default: the provider's address option, else auto)")
+    ray_serve.add_argument("--http-host", default="0.0.0.0", help="Serve's HTTP ingress, when Serve is not running yet")
+    ray_serve.add_argument("--http-port", type=_port, default=8001,
+                           help="default: %(default)s (8000 is the proxy's); only when Serve is not running yet")
+    ray_serve.add_argument("--print-config", action="store_true",
+                           help="print the Serve config file (serve deploy, KubeRay) instead of deploying")
+    ray_serve.set_defaults(func=cmd_ray_serve)
     return parser
 
 

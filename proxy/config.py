@@ -10,12 +10,22 @@ import difflib
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .sizing import MAX_SIDE, SizeTable, parse_pixels
 
@@ -30,11 +40,140 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A key's name shows in logs and metrics (its value never does).
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A client key as the proxy uses it: a name (all that logs, metrics and errors ever show), the value
+    clients send, and what it may do (None: no limit)."""
+
+    name: str
+    value: str = field(repr=False)
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    concurrency: int | None = None
+
+
+def _env_from(context: Any) -> dict[str, str]:
+    """The environment parse_config was given (os.environ when validated without one)."""
+    env = context.get("env") if isinstance(context, dict) else None
+    return dict(os.environ) if env is None else env
+
+
+def _env_of(info: ValidationInfo) -> dict[str, str]:
+    return _env_from(info.context)
+
+
+class ApiKeyConfig(_Strict):
+    """One entry of server.api_keys (or of server.api_keys_file) written as a mapping."""
+
+    # Default: key-<position> (file-key-<position> in api_keys_file).
+    name: str | None = None
+    # Exactly one of: the value itself, the environment variable holding it, a file holding it.
+    key: str | None = None
+    key_env: str | None = None
+    key_file: str | None = None
+    # Models this key may use (default: all); requests for others get 403.
+    models: list[str] | None = Field(default=None, min_length=1)
+    # Requests per minute (image calls and passed-through calls alike); default: no limit.
+    rpm: int | None = Field(default=None, ge=1)
+    # Image requests in flight at once; default: no limit.
+    concurrency: int | None = Field(default=None, ge=1)
+    _value: str = PrivateAttr(default="")
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, name: str | None) -> str | None:
+        if name is not None and not _KEY_NAME.fullmatch(name):
+            raise ValueError("a key's name is 1-64 letters, digits, '.', '_' or '-' (it shows in logs and "
+                             "metrics)")
+        return name
+
+    def model_post_init(self, context: Any) -> None:
+        # Not a model_validator: that would rename this member of the `str | ApiKeyConfig` union in error
+        # locations, and the paths in messages would lose their way. A ValueError here is a validation error.
+        given = [f for f in ("key", "key_env", "key_file") if getattr(self, f) is not None]
+        if len(given) != 1:
+            got = f" (got {', '.join(given)})" if given else ""
+            raise ValueError(f"give exactly one of key, key_env or key_file{got}")
+        if self.key is not None:
+            value = self.key
+        elif self.key_env is not None:
+            value = _env_from(context).get(self.key_env)
+            if value is None:
+                raise ValueError(f"key_env: the environment variable {self.key_env} is not set")
+        else:
+            try:
+                value = Path(self.key_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"key_file: cannot read {self.key_file}: "
+                                 f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+        value = value.strip()
+        if not value:
+            raise ValueError(f"the key is empty{f' ({given[0]})' if given[0] != 'key' else ''}")
+        if self.name is not None and value == self.name:
+            raise ValueError("the name must not be the key itself: names show in logs and metrics")
+        self._value = value
+
+    def resolved(self, default_name: str) -> ApiKey:
+        return ApiKey(self.name or default_name, self._value,
+                      tuple(self.models) if self.models else None, self.rpm, self.concurrency)
+
+
+class _KeysFile(str):
+    """server.api_keys_file after validation: still its path, with the keys read from it."""
+
+    keys: list[ApiKey]
+
+
+def _resolve_keys(entries: list[str | ApiKeyConfig], prefix: str) -> list[ApiKey]:
+    """Entries -> ApiKeys, unnamed ones named by position; empty strings (an unset ${VAR:-}) are dropped."""
+    keys = []
+    for i, entry in enumerate(entries, 1):
+        if isinstance(entry, str):
+            if entry.strip():
+                keys.append(ApiKey(f"{prefix}-{i}", entry.strip()))
+        else:
+            keys.append(entry.resolved(f"{prefix}-{i}"))
+    return keys
+
+
+def _check_unique(keys: list[ApiKey], where: str) -> None:
+    names: dict[str, int] = {}
+    values: set[str] = set()
+    for key in keys:
+        names[key.name] = names.get(key.name, 0) + 1
+        if key.value in values:
+            raise ValueError(f"the key named '{key.name}' has the same value as another key{where}")
+        values.add(key.value)
+    twice = [name for name, n in names.items() if n > 1]
+    if twice:
+        raise ValueError(f"two keys are named '{twice[0]}'{where}; give each key its own name")
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Bearer keys clients must send; empty = no auth (fine on loopback, not on a network).
-    api_keys: list[str] = Field(default_factory=list)
+    # Bearer keys clients must send: strings, or mappings with a name, models and limits (ApiKeyConfig).
+    # Empty = no auth (fine on loopback; `serve` refuses other addresses unless allow_unauthenticated).
+    # After validation this holds the key values alone (every accepted value, api_keys_file's included);
+    # the full entries are `keys`.
+    api_keys: list[str | ApiKeyConfig] = Field(default_factory=list)
+    # A YAML (or JSON) list of more entries of the same form, read at start-up.
+    api_keys_file: str | None = None
+    # Serve without keys on an address other than loopback.
+    allow_unauthenticated: bool = False
+    # When set, /metrics needs `Authorization: Bearer <metrics_key>`; otherwise it is open.
+    metrics_key: str | None = None
+    metrics_key_env: str | None = None
+    # Slow clients (seconds): the whole request head must arrive within header_timeout; a body that sends
+    # nothing for body_timeout is cut off (400); an idle keep-alive connection is closed after
+    # keepalive_timeout.
+    header_timeout: float = Field(default=10, gt=0)
+    body_timeout: float = Field(default=30, gt=0)
+    keepalive_timeout: float = Field(default=15, gt=0)
     max_body_mb: float = Field(default=50, gt=0)
     request_timeout: float = Field(default=600, gt=0)
     # Base of the URLs handed out for response_format=url; default: the request's own host.
@@ -47,10 +186,78 @@ class ServerConfig(_Strict):
     # How long a request waits for a route whose model is still loading before a 503 with Retry-After.
     max_load_wait: float = Field(default=120, ge=0)
 
+    _keys: list[ApiKey] = PrivateAttr(default_factory=list)
+
+    @property
+    def keys(self) -> list[ApiKey]:
+        """Every client key with its name, models and limits (api_keys, then api_keys_file's)."""
+        return self._keys
+
     @field_validator("api_keys")
     @classmethod
-    def _drop_empty(cls, keys: list[str]) -> list[str]:
-        return [k for k in keys if k]
+    def _unique_keys(cls, entries: list[str | ApiKeyConfig]) -> list[str | ApiKeyConfig]:
+        _check_unique(_resolve_keys(entries, "key"), "")
+        return entries
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _read_keys_file(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if not path:
+            return None
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+        if data is None:
+            data = []
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a list of keys (strings, or mappings like api_keys entries)")
+        entries: list[str | ApiKeyConfig] = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                entries.append(item)
+                continue
+            if not isinstance(item, dict):  # never shown: an unquoted key may read as a number
+                raise ValueError(f"{path}: {i}: each entry is a string or a mapping (quote keys that look "
+                                 "like numbers)")
+            try:
+                entries.append(ApiKeyConfig.model_validate(item, context=info.context))
+            except ValidationError as e:
+                raise ValueError(f"{path}: " + "; ".join(validation_problems(ApiKeyConfig, e, (str(i),)))) from None
+        keys = _resolve_keys(entries, "file-key")
+        earlier = info.data.get("api_keys")
+        _check_unique((_resolve_keys(earlier, "key") if earlier else []) + keys, " (in api_keys and this file)")
+        found = _KeysFile(path)
+        found.keys = keys
+        return found
+
+    @field_validator("metrics_key")
+    @classmethod
+    def _empty_metrics_key(cls, value: str | None) -> str | None:
+        return (value.strip() or None) if value is not None else None
+
+    @field_validator("metrics_key_env")
+    @classmethod
+    def _metrics_key_from_env(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if not name:
+            return None
+        if info.data.get("metrics_key"):
+            raise ValueError("give metrics_key or metrics_key_env, not both")
+        if not _env_of(info).get(name, "").strip():
+            raise ValueError(f"the environment variable {name} is not set")
+        return name
+
+    @model_validator(mode="after")
+    def _collect_keys(self, info: ValidationInfo) -> ServerConfig:
+        self._keys = _resolve_keys(self.api_keys, "key")
+        if isinstance(self.api_keys_file, _KeysFile):
+            self._keys += self.api_keys_file.keys
+        self.api_keys = [key.value for key in self._keys]
+        if self.metrics_key_env:
+            self.metrics_key = _env_of(info)[self.metrics_key_env].strip()
+        return self
 
     @field_validator("public_base_url", "default_model")
     @classmethod
@@ -63,13 +270,75 @@ class ServerConfig(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+_S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "secret_access_key_env",
+            "presign", "public_url", "serve_via_proxy", "timeout")
+
+
 class StoreConfig(_Strict):
-    kind: Literal["filesystem"] = "filesystem"
+    """Where images behind response_format=url live: a folder (filesystem) or an S3-compatible bucket."""
+
+    kind: Literal["filesystem", "s3"] = "filesystem"
     path: str = "var/images"
     ttl_seconds: float = Field(default=3600, gt=0)
     # Upstream URLs expire and reveal the provider: download and serve them ourselves by default.
     rehost_upstream_urls: bool = True
     max_download_mb: float = 64
+    # kind: s3 (any S3-compatible server: AWS, MinIO, R2, Ceph...). Credentials: the variables named by
+    # access_key_id_env / secret_access_key_env, else the standard AWS_* variables and instance roles.
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    prefix: str = ""
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    # url answers: presigned GET links valid for ttl_seconds (true), or public_url + name (false, for a
+    # public bucket or a CDN; default: the bucket's own path-style URL).
+    presign: bool = True
+    public_url: str | None = None
+    # url answers point at the proxy's own /images/<id>, streamed from the bucket (clients never see S3).
+    serve_via_proxy: bool = False
+    # Seconds one call to the bucket may take (an upload of a large image included).
+    timeout: float = Field(default=30, gt=0)
+
+    @field_validator("bucket", "endpoint_url", "region", "access_key_id_env", "secret_access_key_env",
+                     "public_url")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> StoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("kind: s3 needs a bucket")
+        if self.kind == "filesystem":
+            given = [k for k in _S3_ONLY if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is an option of kind: s3 (this store is kind: filesystem)")
+        return self
+
+
+class StateConfig(_Strict):
+    """Idempotency records and shared counters: in this process's memory, or in Redis (shared by every
+    process and machine that uses the same redis_url)."""
+
+    # redis://[user:password@]host:port/db, rediss:// for TLS; empty: in memory.
+    redis_url: str | None = None
+    key_prefix: str = "qip:"
+    # Seconds a Redis call may take (connect included) before the request gets 503 state_unavailable.
+    socket_timeout: float = Field(default=2, gt=0)
+    # How long an Idempotency-Key's answer is kept, and the largest answer kept (b64_json answers are big).
+    idempotency_ttl: float = Field(default=86400, gt=0)
+    idempotency_max_mb: float = Field(default=64, ge=0)
+    # In memory only: at most this many answers and this many MB of them (least recently used go first).
+    memory_max_records: int = Field(default=10000, ge=1)
+    memory_max_mb: float = Field(default=512, ge=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
 
 
 class FetchConfig(_Strict):
@@ -143,6 +412,8 @@ class SizeTableConfig(_Strict):
     tiers: dict[str, dict[str, str]]
     max_side: int = Field(default=MAX_SIDE, ge=1, le=MAX_SIDE)
     max_pixels: int | None = Field(default=None, ge=1)
+    # n x width x height per request; default 4 x max_pixels.
+    max_total_pixels: int | None = Field(default=None, ge=1)
 
     @field_validator("tiers", mode="before")
     @classmethod
@@ -164,6 +435,7 @@ class SizeTableConfig(_Strict):
             default=pixels(self.default),
             max_side=self.max_side,
             max_pixels=self.max_pixels,
+            max_total_pixels=self.max_total_pixels,
         )
 
 
@@ -187,6 +459,7 @@ class ModelConfig(_Strict):
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
@@ -408,7 +681,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None, source: str = "co
         else:
             expanded[key] = expand_env(value, env, set())
     try:
-        config = Config.model_validate(expanded)
+        config = Config.model_validate(expanded, context={"env": env})  # key_env and metrics_key_env read env
     except ValidationError as e:
         problems = validation_problems(Config, e)
     else:

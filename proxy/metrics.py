@@ -45,6 +45,16 @@ class Metrics:
             "Image requests by how they ended: ok, client_error, failed, timeout, cancelled, shutdown",
             ["model", "outcome"], registry=self.registry,
         )
+        # Key names only (a key's value never becomes a label): unnamed keys are key-1, key-2, ...
+        self.requests_by_key = Counter(
+            "qip_requests_by_key_total", "Requests by client key name, endpoint, model and HTTP status",
+            ["key", "endpoint", "model", "status"], registry=self.registry,
+        )
+        self.key_rejections = Counter(
+            "qip_key_rejections_total",
+            "Requests refused by a key's policy: rate_limit_exceeded, concurrency_limit_exceeded, "
+            "model_not_allowed", ["key", "reason"], registry=self.registry,
+        )
         self.route_state = Gauge(
             "qip_route_state",
             "1 for each route's current state (ready, loading, circuit_open, half_open, missing_key, "

@@ -1,4 +1,8 @@
-"""The image store behind response_format=url: files with unguessable ids that expire after a TTL."""
+"""The image store behind response_format=url: images with unguessable names that expire after a TTL.
+
+Two kinds behind one interface (`ImageStore`): a folder served by the proxy itself (`FilesystemStore`,
+here) and an S3-compatible bucket (`proxy.store_s3.S3Store`, presigned links or streamed by the proxy).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,15 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from .config import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +32,71 @@ CONTENT_TYPES = {ext: mime for mime, ext in EXTENSIONS.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpeg|webp|gif|avif)$")
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The image store cannot take or give images now (the bucket is unreachable, refuses us, times out).
+
+    A url answer is never silently turned into b64_json: the client gets this 503 with Retry-After."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "The image store is unavailable; retry shortly.", *, retry_after: float = 5):
+        super().__init__(message, retry_after=retry_after)
+
+
+@dataclass
+class StoredImage:
+    """A live image to answer GET /images/<name> with: a local file (`path`), or a stream of chunks."""
+
+    content_type: str
+    size: int | None = None
+    path: Path | None = None
+    chunks: AsyncIterator[bytes] | None = None
+
+
+class ImageStore(Protocol):
+    ttl: float
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(self, data: bytes, mime: str) -> str:
+        """Store bytes; returns the name (id + extension). Raises StoreUnavailable."""
+        ...
+
+    async def url_for(self, name: str, base_url: str) -> str:
+        """The link a url answer carries: the proxy's /images/<name> under base_url, or a presigned one."""
+        ...
+
+    async def open(self, name: str) -> StoredImage | None:
+        """The image for GET /images/<name>; None when unknown, expired or not a valid name."""
+        ...
+
+
+def new_name(mime: str) -> str:
+    return f"{secrets.token_urlsafe(24)}.{EXTENSIONS[mime]}"
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def proxy_url(base_url: str, name: str) -> str:
+    return f"{base_url.rstrip('/')}/images/{name}"
+
+
+def make_store(config: StoreConfig) -> ImageStore:
+    """The store the config names (the S3 one needs the `s3` extra: `pip install 'qwen-image-proxy[s3]'`)."""
+    if config.kind == "s3":
+        from .store_s3 import S3Store
+
+        return S3Store.from_config(config)
+    return FilesystemStore(config.path, config.ttl_seconds)
+
+
 class FilesystemStore:
+    """Files in one folder, served by the proxy at /images/<name>; a background sweeper removes expired ones."""
+
     def __init__(self, root: str | os.PathLike, ttl_seconds: float):
         self.root = Path(root)
         self.ttl = ttl_seconds
@@ -38,9 +114,24 @@ class FilesystemStore:
 
     async def put(self, data: bytes, mime: str) -> str:
         """Store bytes; returns the file name (id + extension) to build a URL from."""
-        name = f"{secrets.token_urlsafe(24)}.{EXTENSIONS[mime]}"
-        await asyncio.to_thread(self._write, name, data)
+        name = new_name(mime)
+        try:
+            await asyncio.to_thread(self._write, name, data)
+        except OSError as e:  # a full or read-only disk: the client's request is not at fault
+            log.warning("image store: cannot write %s: %s", name, e)
+            raise StoreUnavailable("The image store cannot save images now (the server's disk refused); "
+                                   "retry shortly or ask for response_format=b64_json.") from None
         return name
+
+    async def url_for(self, name: str, base_url: str) -> str:
+        return proxy_url(base_url, name)
+
+    async def open(self, name: str) -> StoredImage | None:
+        found = await asyncio.to_thread(self.lookup, name)
+        if found is None:
+            return None
+        path, content_type = found
+        return StoredImage(content_type=content_type, path=path)
 
     def _write(self, name: str, data: bytes) -> None:
         # Write then rename, so a reader never sees half a file.
@@ -50,7 +141,7 @@ class FilesystemStore:
 
     def lookup(self, name: str) -> tuple[Path, str] | None:
         """The path and Content-Type of a live file; None when unknown or expired."""
-        if not _NAME.match(name):
+        if not valid_name(name):
             return None
         path = self.root / name
         try:

@@ -10,6 +10,11 @@
 - POST /api/v1/tasks/{task_id}/cancel: cancels a PENDING task; any other: 400 UnsupportedOperation.
 - POST /api/v1/services/aigc/multimodal-generation/generation (sync): input.messages[0].content
   [{"text": prompt}] -> output.choices[0].message.content[{"image": url}], usage{width, height, image_count}.
+- Edits, on the sync endpoint with an edit model (qwen-image-edit: 1 image, n = 1; -plus / -max: 1 to 3
+  images, n 1..6, optional size "W*H" 512..2048 a side): content [{"image": URL or data URI}, ...,
+  {"text": prompt}] (exactly one text). Data URIs are decoded and kept (`edit_images`); one that does not
+  decode, a wrong count or a text-to-image model given images is 400 InvalidParameter. Without size the
+  output has the last image's aspect ratio at about `edit_pixels` pixels (the vendor: about 1024*1024).
 - Result images: real PNGs of the requested "W*H" (the vendor's fixed sizes) whose colour comes from the
   seed (seed + i for image i), served by the fake itself under /oss/... with OSS-like signed query strings.
 - Auth: `Authorization: Bearer <key>`, else 401 InvalidApiKey. Errors are {"code", "message", "request_id"}.
@@ -24,13 +29,17 @@ PENDING until cancelled), pending_polls / running_polls. Every request is record
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+from PIL import Image
 
 from .fake_openai_upstream import make_image
 
@@ -40,6 +49,23 @@ ASYNC_PATH = f"{PREFIX}/services/aigc/text2image/image-synthesis"
 VENDOR_SIZES = ("1664*928", "1328*1328", "928*1664", "1472*1140", "1140*1472", "1472*1104", "1104*1472")
 ASYNC_MODELS = ("qwen-image", "qwen-image-plus")
 SYNC_MODELS = ("qwen-image", "qwen-image-plus", "qwen-image-max")
+# Edit model -> (most input images, most n, whether it takes parameters.size).
+EDIT_MODELS = {"qwen-image-edit": (1, 1, False), "qwen-image-edit-plus": (3, 6, True),
+               "qwen-image-edit-max": (3, 6, True)}
+
+
+def read_image(value: str) -> tuple[bytes, tuple[int, int]] | None:
+    """A data URI's bytes and image size; None when it does not decode."""
+    header, sep, payload = value.partition(",")
+    if not (sep and header.startswith("data:image/") and header.endswith(";base64")):
+        return None
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return data, im.size
+    except (ValueError, OSError):
+        return None
 
 
 @dataclass
@@ -90,7 +116,12 @@ class FakeDashScope:
     # False: result URLs point at files the fake does not have (an expired OSS link: 404).
     serve_files: bool = True
 
+    # Pixels of an edit's output without size (the vendor makes about 1024*1024).
+    edit_pixels: int = 64 * 64
+
     requests: list[Received] = field(default_factory=list)
+    # Each edit call's input images (data URIs decoded; URLs kept as text), in order.
+    edit_images: list[list[bytes | str]] = field(default_factory=list)
     tasks: dict[str, Task] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     call_failure: Failure | None = None
@@ -200,6 +231,51 @@ class FakeDashScope:
                               {"Retry-After": f.retry_after} if f.retry_after is not None else None)
         return None
 
+    def _check_edit(self, body: dict, content: list) -> tuple[web.Response | None, list, tuple[int, int] | None]:
+        """An edit's checks: (an InvalidParameter answer or None, the images read, the output size)."""
+        model = body.get("model")
+        parts = [c for c in content if isinstance(c, dict) and "image" in c]
+        texts = [c for c in content if isinstance(c, dict) and "text" in c]
+        if model not in EDIT_MODELS:
+            if parts:
+                return self.error(400, "InvalidParameter", f"Model {model} does not support image input."), [], None
+            return None, [], None
+        most_images, most_n, takes_size = EDIT_MODELS[model]
+        if len(texts) != 1:
+            return self.error(400, "InvalidParameter", "The content must have exactly one text."), [], None
+        if not 1 <= len(parts) <= most_images:
+            return self.error(400, "InvalidParameter",
+                              f"The number of input images should be in [1, {most_images}]."), [], None
+        images, sizes = [], []
+        for part in parts:
+            value = part["image"]
+            if isinstance(value, str) and value.startswith(("http://", "https://")):
+                images.append(value)
+                sizes.append((1024, 1024))
+                continue
+            read = read_image(value) if isinstance(value, str) else None
+            if read is None:
+                return self.error(400, "InvalidParameter", "The image is not a valid URL or base64 data."), [], None
+            images.append(read[0])
+            sizes.append(read[1])
+        params = body.get("parameters") or {}
+        n = params.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= most_n:
+            return self.error(400, "InvalidParameter", f"n should be in [1, {most_n}]"), [], None
+        size = params.get("size")
+        if size is not None and takes_size:
+            try:
+                w, h = (int(v) for v in size.split("*"))
+            except (AttributeError, ValueError):
+                w = h = 0
+            if not (512 <= w <= 2048 and 512 <= h <= 2048):
+                return self.error(400, "InvalidParameter", "size should be width*height in [512, 2048]."), [], None
+            return None, images, (w, h)
+        # The last image's aspect ratio at about edit_pixels.
+        lw, lh = sizes[-1]
+        w = max(1, round(math.sqrt(self.edit_pixels * lw / lh)))
+        return None, images, (w, max(1, round(self.edit_pixels / w)))
+
     def _check(self, body: Any, prompt: Any, models: tuple[str, ...]) -> web.Response | None:
         """The real service's checks on a request body: an InvalidParameter answer, or None."""
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
@@ -214,11 +290,13 @@ class FakeDashScope:
         negative = params.get("negative_prompt", body["input"].get("negative_prompt"))
         if negative is not None and (not isinstance(negative, str) or len(negative) > 500):
             return self.error(400, "InvalidParameter", "Range of negative_prompt length should be [0, 500]")
-        if params.get("size", "1328*1328") not in self.allowed_sizes:
+        if body.get("model") not in EDIT_MODELS and params.get("size", "1328*1328") not in self.allowed_sizes:
             return self.error(400, "InvalidParameter", "The size is not match the allowed size "
                                                        f"{list(self.allowed_sizes)}")
         n = params.get("n", 1)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_n:
+        if body.get("model") in EDIT_MODELS:
+            pass  # checked by _check_edit
+        elif not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_n:
             return self.error(400, "InvalidParameter", f"n should be in [1, {self.max_n}]")
         seed = params.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1):
@@ -228,10 +306,11 @@ class FakeDashScope:
                 return self.error(400, "InvalidParameter", f"{key} should be a boolean")
         return None
 
-    def _images(self, request: web.Request, body: dict, prompt: str) -> list[tuple[str, str]]:
+    def _images(self, request: web.Request, body: dict, prompt: str,
+                size: tuple[int, int] | None = None) -> list[tuple[str, str]]:
         """(url, actual_prompt) per image; the PNG files are stored for /oss/ downloads."""
         params = body.get("parameters") or {}
-        width, height = (int(v) for v in params.get("size", "1328*1328").split("*"))
+        width, height = size or (int(v) for v in params.get("size", "1328*1328").split("*"))
         seed = params.get("seed")
         actual = f"{prompt}, rewritten by the fake" if params.get("prompt_extend", True) else prompt
         out = []
@@ -309,17 +388,23 @@ class FakeDashScope:
         failed = self._failed_call()
         if failed is not None:
             return failed
-        prompt = None
+        prompt, content = None, []
         try:
             content = body["input"]["messages"][0]["content"]
             prompt = next(part["text"] for part in content if "text" in part)
         except (KeyError, IndexError, TypeError, StopIteration):
             pass
-        refused = self._check(body, prompt, SYNC_MODELS)
+        refused = self._check(body, prompt, SYNC_MODELS + tuple(EDIT_MODELS))
         if refused is not None:
             return refused
-        images = await asyncio.to_thread(self._images, request, body, prompt)
-        width, height = (int(v) for v in (body.get("parameters") or {}).get("size", "1328*1328").split("*"))
+        refused, inputs, size = await asyncio.to_thread(self._check_edit, body, content if isinstance(content, list)
+                                                        else [])
+        if refused is not None:
+            return refused
+        if body.get("model") in EDIT_MODELS:
+            self.edit_images.append(inputs)
+        images = await asyncio.to_thread(self._images, request, body, prompt, size)
+        width, height = size or (int(v) for v in (body.get("parameters") or {}).get("size", "1328*1328").split("*"))
         return web.json_response({
             "output": {"choices": [{"finish_reason": "stop", "message": {
                 "role": "assistant", "content": [{"image": url} for url, _ in images]}}]},

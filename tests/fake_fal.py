@@ -14,6 +14,12 @@
   with sync_mode they come back as data URIs.
 - PUT .../requests/{id}/cancel: 202 CANCELLATION_REQUESTED, or 400 ALREADY_COMPLETED.
 
+Edit endpoints (an app id with "qwen-image-edit" in it): fal-ai/qwen-image-edit and
+fal-ai/qwen-image-edit-lora need `image_url` (one URL or data URI), the others (-2511, -2509, -plus...)
+`image_urls` (a non-empty list); a missing, malformed or undecodable image is a 422 naming the field.
+Data URIs are decoded and kept (`Job.images`, `edit_images`); without image_size the output has the
+first input's size. Edit ranges: num_inference_steps 1..50, guidance_scale 0..20, num_images 1..4.
+
 Input is validated like fal's qwen-image (types, ranges, at most 3 LoRAs): a mistake is a 422 with
 FastAPI's `{"detail": [{"loc": ["body", field], "msg", "type"}]}`, at submit (`validate_at="submit"`)
 or, as the queue does it, when the request runs (COMPLETED with an error, the result answers the 422).
@@ -49,6 +55,13 @@ INPUT_FIELDS = frozenset({
 })
 
 
+SINGLE_IMAGE_APPS = ("fal-ai/qwen-image-edit", "fal-ai/qwen-image-edit-lora")
+
+
+def is_edit_app(app: str) -> bool:
+    return "qwen-image-edit" in app
+
+
 def seed_colour(seed: int) -> tuple[int, int, int]:
     return tuple(hashlib.sha256(str(seed).encode()).digest()[:3])
 
@@ -79,20 +92,60 @@ class Job:
     # (status, payload) of a failed request's result; None when it succeeded.
     error: tuple[int, dict, dict] | None = None
     result: dict | None = None
+    # An edit's input images: the bytes of each data URI (or the URL as text), and their sizes.
+    images: list[bytes | str] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _invalid(field_name: str, msg: str, type_: str) -> dict:
     return {"loc": ["body", field_name], "msg": msg, "type": type_}
 
 
-def validate(body: Any) -> list[dict]:
-    """fal's 422 detail for an input qwen-image would refuse (empty when it is fine)."""
+def read_image(value: Any) -> tuple[bytes | str, tuple[int, int] | None] | None:
+    """An image input: (the data URI's bytes, their size) or (an http(s) URL, None); None if unusable."""
+    if not isinstance(value, str):
+        return None
+    if value.startswith(("http://", "https://")):
+        return value, None
+    header, sep, payload = value.partition(",")
+    if not (sep and header.startswith("data:image/") and header.endswith(";base64")):
+        return None
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return data, im.size
+    except (ValueError, OSError):
+        return None
+
+
+def edit_images(app: str, body: dict) -> tuple[list[dict], list[tuple[bytes | str, tuple[int, int] | None]]]:
+    """The 422 problems of an edit's image input, and the images read."""
+    name = "image_url" if "/".join(app.split("/")[:2]) in SINGLE_IMAGE_APPS else "image_urls"
+    if name not in body:
+        return [_invalid(name, "Field required", "missing")], []
+    values = [body[name]] if name == "image_url" else body[name]
+    if name == "image_urls" and (not isinstance(values, list) or not values):
+        return [_invalid(name, "Input should be a non-empty list of URLs", "list_type")], []
+    images = []
+    for i, value in enumerate(values):
+        got = read_image(value)
+        if got is None:
+            loc = ["body", name] if name == "image_url" else ["body", name, i]
+            return [{"loc": loc, "msg": "Could not load the image from the URL", "type": "image_load_error"}], []
+        images.append(got)
+    return [], images
+
+
+def validate(body: Any, app: str = "fal-ai/qwen-image") -> list[dict]:
+    """fal's 422 detail for an input the app would refuse (empty when it is fine)."""
     if not isinstance(body, dict):
         return [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]
-    problems = []
+    edit = is_edit_app(app)
+    problems = edit_images(app, body)[0] if edit else []
     if not isinstance(body.get("prompt"), str):
         problems.append(_invalid("prompt", "Field required", "missing"))
-    size = body.get("image_size", "landscape_4_3")
+    size = body.get("image_size", "square_hd" if edit else "landscape_4_3")
     if isinstance(size, dict):
         for side in ("width", "height"):
             v = size.get(side)
@@ -101,8 +154,8 @@ def validate(body: Any) -> list[dict]:
                                  "type": "int_range"})
     elif size not in PRESETS:
         problems.append(_invalid("image_size", "Input should be a preset or {width, height}", "literal_error"))
-    ranges = {"num_inference_steps": (2, 250, int), "num_images": (1, 4, int), "guidance_scale": (0, 20, float),
-              "seed": (0, 2**63 - 1, int)}
+    ranges = {"num_inference_steps": (1, 50, int) if edit else (2, 250, int), "num_images": (1, 4, int),
+              "guidance_scale": (0, 20, float), "seed": (0, 2**63 - 1, int)}
     for name, (lo, hi, kind) in ranges.items():
         if name in body:
             v = body[name]
@@ -185,6 +238,11 @@ class FakeFal:
         return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
 
     @property
+    def edit_images(self) -> list[list[bytes | str]]:
+        """Each accepted edit submit's input images, in submit order (data URIs decoded to bytes)."""
+        return [job.images for job in self.jobs.values() if job.images]
+
+    @property
     def status_calls(self) -> list[Received]:
         return self.calls("GET", "/status")
 
@@ -243,16 +301,21 @@ class FakeFal:
                 if times is not None:
                     self._submit_failure = (status, detail, headers, times - 1)
                 return self.reply({"detail": detail}, status, headers)
-        if self.validate_at == "submit" and (problems := validate(body)):
+        app = "/".join(parts)
+        if self.validate_at == "submit" and (problems := validate(body, app)):
             return self.reply({"detail": problems}, 422)
         job = Job(uuid.uuid4().hex, "/".join(parts[:2]), body if isinstance(body, dict) else {})
+        if is_edit_app(app) and isinstance(body, dict):
+            read = edit_images(app, body)[1]
+            job.images = [data for data, _ in read]
+            job.image_sizes = [wh for _, wh in read if wh is not None]
         if self._request_failure is not None:
             status, payload, headers, times = self._request_failure
             if times is None or times > 0:
                 if times is not None:
                     self._request_failure = (status, payload, headers, times - 1)
                 job.error = (status, payload, headers)
-        if job.error is None and (problems := validate(body)):
+        if job.error is None and (problems := validate(body, app)):
             job.error = (422, {"detail": problems}, {})
         self.jobs[job.id] = job
         base = "http://fal-elsewhere.invalid" if self.foreign_urls else str(request.url.origin())
@@ -292,11 +355,15 @@ class FakeFal:
             status, payload, headers = job.error
             return self.reply(payload, status, headers)
         if job.result is None:
-            job.result = await asyncio.to_thread(self.make_output, job.input, str(request.url.origin()))
+            job.result = await asyncio.to_thread(self.make_output, job.input, str(request.url.origin()),
+                                                 job.image_sizes[0] if job.image_sizes else None)
         return self.reply(job.result)
 
-    def make_output(self, body: dict, base: str) -> dict:
-        size = body.get("image_size", "landscape_4_3")
+    def make_output(self, body: dict, base: str, input_size: tuple[int, int] | None = None) -> dict:
+        # An edit without image_size follows its (first) input image.
+        size = body.get("image_size", input_size or "landscape_4_3")
+        if isinstance(size, tuple):
+            size = {"width": size[0], "height": size[1]}
         width, height = self.fixed_size or ((size["width"], size["height"]) if isinstance(size, dict)
                                             else PRESETS[size])
         n = body.get("num_images", 1)

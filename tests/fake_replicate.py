@@ -10,6 +10,11 @@
   the outcome (`succeeded` with `output` as an array of URLs, or `failed` with `error`); None: it runs
   until cancelled. `logs` say "Using seed: N" (N random when the input has none).
 - POST /v1/predictions/{id}/cancel: a running prediction becomes `canceled`.
+- Edit models: qwen/qwen-image-edit-plus (`image`: a list of URIs) and qwen/qwen-image-edit (`image`: one
+  URI), with their own schema (prompt, image, aspect_ratio incl. match_input_image, go_fast, seed,
+  output_format, output_quality, disable_safety_checker). Data URIs are decoded and kept
+  (`Prediction.images`, `edit_images`); one that does not decode is a 422 naming input.image. With
+  match_input_image the output has the first input's size.
 - GET /files/<name>: the images (real PNG / JPEG / WebP of the vendor's fixed size for the aspect ratio,
   coloured by the seed), without auth, as Replicate's file CDN serves them.
 - Errors are RFC 7807 problem JSON `{type, title, status, detail, instance}`; 429 carries Retry-After.
@@ -21,6 +26,7 @@ fail_create(...), fail_poll(...). Every request is recorded (`requests`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import random
@@ -76,6 +82,50 @@ INPUT_SCHEMA: dict[str, tuple[Any, str]] = {
     "strength": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
 }
 
+def _is_uri(v: Any) -> bool:
+    return isinstance(v, str) and (v.startswith(("http://", "https://")) or v.startswith("data:"))
+
+
+def _common_edit(image_check: tuple[Any, str]) -> dict[str, tuple[Any, str]]:
+    ratios = (MATCH_INPUT, *ASPECT_RATIOS)
+    return {
+        "prompt": INPUT_SCHEMA["prompt"],
+        "image": image_check,
+        "aspect_ratio": (lambda v: v in ratios, f"one of {', '.join(ratios)}"),
+        "go_fast": INPUT_SCHEMA["go_fast"],
+        "seed": INPUT_SCHEMA["seed"],
+        "output_format": INPUT_SCHEMA["output_format"],
+        "output_quality": INPUT_SCHEMA["output_quality"],
+        "disable_safety_checker": INPUT_SCHEMA["disable_safety_checker"],
+    }
+
+
+MATCH_INPUT = "match_input_image"
+# Each model's input schema.
+SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
+    "qwen/qwen-image": INPUT_SCHEMA,
+    "someone/qwen-image-lora": INPUT_SCHEMA,
+    "qwen/qwen-image-edit-plus": _common_edit(
+        (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_uri(x) for x in v), "a non-empty list of URIs")),
+    "qwen/qwen-image-edit": _common_edit((_is_uri, "a URI")),
+}
+EDIT_MODELS = ("qwen/qwen-image-edit-plus", "qwen/qwen-image-edit")
+
+
+def read_data_uri(value: str) -> tuple[bytes, tuple[int, int]] | None:
+    """A data URI's bytes and the image's size; None when it is not a decodable image."""
+    header, sep, payload = value.partition(",")
+    if not (sep and header.startswith("data:image/") and header.endswith(";base64")):
+        return None
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return data, im.size
+    except (ValueError, OSError):
+        return None
+
+
 _CREATE = re.compile(r"/v1/models/([^/]+)/([^/]+)/predictions")
 _PREDICTION = re.compile(r"/v1/predictions/([^/]+)")
 _CANCEL = re.compile(r"/v1/predictions/([^/]+)/cancel")
@@ -112,6 +162,9 @@ class Prediction:
     created_at: str = ""
     started_at: str | None = None
     completed_at: str | None = None
+    # An edit's input images (data URIs decoded; URLs kept as text) and the first one's size.
+    images: list[bytes | str] = field(default_factory=list)
+    input_size: tuple[int, int] | None = None
 
 
 def problem(status: int, title: str, detail: str, headers: dict | None = None, **extra) -> web.Response:
@@ -128,7 +181,7 @@ def _now() -> str:
 @dataclass
 class FakeReplicate:
     api_key: str = "r8_fake_token_0123456789abcdef"
-    models: tuple[str, ...] = ("qwen/qwen-image",)
+    models: tuple[str, ...] = ("qwen/qwen-image", *EDIT_MODELS)
     # version id -> owner/name, for POST /v1/predictions {"version": ...}.
     versions: dict[str, str] = field(default_factory=lambda: {"5a6b7c8d9e": "someone/qwen-image-lora"})
     # GETs that still answer `processing` before the outcome; None: runs until cancelled.
@@ -187,6 +240,11 @@ class FakeReplicate:
         return [r.json.get("input") for r in self.creates if isinstance(r.json, dict)]
 
     @property
+    def edit_images(self) -> list[list[bytes | str]]:
+        """Each accepted edit's input images, in order of creation."""
+        return [p.images for p in self.predictions.values() if p.model in EDIT_MODELS]
+
+    @property
     def polls(self) -> list[Received]:
         return [r for r in self.requests if r.method == "GET" and r.path.startswith("/v1/predictions/")]
 
@@ -243,13 +301,28 @@ class FakeReplicate:
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
             return problem(422, "Input validation failed", "- input: input is required",
                            invalid_fields=[{"type": "required", "field": "input", "description": "input is required"}])
-        invalid = self.validate(body["input"])
+        invalid = self.validate(body["input"], model)
+        images: list[bytes | str] = []
+        input_size = None
+        if not invalid and model in EDIT_MODELS:
+            given = body["input"]["image"]
+            for value in given if isinstance(given, list) else [given]:
+                if value.startswith("data:"):
+                    read = read_data_uri(value)
+                    if read is None:
+                        invalid = [{"type": "invalid", "field": "input.image",
+                                    "description": "image: could not read the file from the data URI"}]
+                        break
+                    images.append(read[0])
+                    input_size = input_size or read[1]
+                else:
+                    images.append(value)
         if invalid:
             detail = "\n".join(f"- {f['field']}: {f['description']}" for f in invalid)
             return problem(422, "Input validation failed", detail, invalid_fields=invalid)
 
         p = Prediction(id=uuid.uuid4().hex[:20], model=model, version=version or "hidden", input=body["input"],
-                       polls_left=self.polls_before_done, created_at=_now())
+                       polls_left=self.polls_before_done, created_at=_now(), images=images, input_size=input_size)
         self.predictions[p.id] = p
         wait = self.prefer_wait(request.headers.get("Prefer"))
         if wait is not None:
@@ -269,12 +342,15 @@ class FakeReplicate:
         return float(m.group(1)) if m.group(1) else 60.0
 
     @staticmethod
-    def validate(inp: dict) -> list[dict]:
+    def validate(inp: dict, model: str = "qwen/qwen-image") -> list[dict]:
+        schema = SCHEMAS.get(model, INPUT_SCHEMA)
         invalid = []
-        if "prompt" not in inp:
-            invalid.append({"type": "required", "field": "input.prompt", "description": "prompt is required"})
+        required = ("prompt", "image") if model in EDIT_MODELS else ("prompt",)
+        for name in required:
+            if name not in inp:
+                invalid.append({"type": "required", "field": f"input.{name}", "description": f"{name} is required"})
         for name, value in inp.items():
-            rule = INPUT_SCHEMA.get(name)
+            rule = schema.get(name)
             if rule is None:
                 invalid.append({"type": "additional_property_not_allowed", "field": f"input.{name}",
                                 "description": f"Additional property {name} is not allowed"})
@@ -333,7 +409,11 @@ class FakeReplicate:
             p.logs += f"Traceback (most recent call last):\n  ...\nRuntimeError: {self.error}\n"
             return
         fmt = p.input.get("output_format", "webp")
-        width, height = self.sizes[p.input.get("aspect_ratio", "16:9")]
+        ratio = p.input.get("aspect_ratio", MATCH_INPUT if p.model in EDIT_MODELS else "16:9")
+        if ratio == MATCH_INPUT:
+            width, height = p.input_size or self.sizes["1:1"]
+        else:
+            width, height = self.sizes[ratio]
         im = Image.new("RGB", (width, height), seed_colour(seed))
         out = io.BytesIO()
         kwargs = {"quality": p.input.get("output_quality", 80)} if fmt in ("jpg", "webp") else {}

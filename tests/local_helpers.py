@@ -20,6 +20,42 @@ def tiny_pipeline_dir(tmp: str | Path) -> Path:
     return path
 
 
+TINY_EDIT_SUBDIR = "tiny-qwen-image-edit"
+
+
+def tiny_edit_pipeline_dir(tmp: str | Path) -> Path:
+    """Build the tiny random edit pipeline (QwenImageEditPlusPipeline) under `tmp` once; return its folder.
+
+    Load it with EngineConfig(model=str(path), task="edit"): the real from_pretrained, with the
+    processor put together without torchvision (local_backend.edit.load_processor).
+    """
+    from local_backend.tiny import build_tiny_edit_pipeline
+
+    path = Path(tmp) / TINY_EDIT_SUBDIR
+    if not (path / "model_index.json").exists():
+        build_tiny_edit_pipeline(path)
+    return path
+
+
+def image_bytes(image, fmt: str = "PNG") -> bytes:
+    """A Pillow image encoded (PNG by default)."""
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB"):
+    """A random image (different for each seed)."""
+    import numpy as np
+    from PIL import Image
+
+    channels = len(mode)
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels if channels > 1 else pixels[:, :, 0], mode)
+
+
 def _transformer_config(pipeline_dir_or_pipe) -> dict:
     import json
 

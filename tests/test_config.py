@@ -274,9 +274,13 @@ def test_repo_models_yaml_loads_with_an_empty_environment():
     assert cfg.server.host == "127.0.0.1"
     assert cfg.server.api_keys == []
     assert cfg.passthrough.enabled is False
-    assert cfg.missing_vars == {"lumenfall": ["LUMENFALL_API_KEY"]}
+    assert cfg.missing_vars == {"lumenfall": ["LUMENFALL_API_KEY"], "fal": ["FAL_KEY"],
+                                "replicate": ["REPLICATE_API_TOKEN"], "dashscope": ["DASHSCOPE_API_KEY"],
+                                "dashscope-new": ["DASHSCOPE_API_KEY"]}
 
-    assert [r.provider for r in cfg.models["qwen-image"].routes] == ["lumenfall", "local-gpu"]
+    assert [r.provider for r in cfg.models["qwen-image"].routes] == [
+        "lumenfall", "fal", "replicate", "dashscope", "local-gpu"]
+    assert cfg.models["qwen-image-edit"].max_input_images == 3
     assert [r.provider for r in cfg.models["qwen-image-placeholder"].routes] == ["placeholder"]
     assert [r.provider for r in cfg.models["qwen-image-tiny"].routes] == ["local-tiny"]
 
@@ -296,7 +300,8 @@ def test_repo_models_yaml_loads_with_an_empty_environment():
 
 def test_repo_models_yaml_with_a_key_and_overrides():
     cfg = load_config(REPO_MODELS_YAML, env={"LUMENFALL_API_KEY": "lf-123", "QIP_PORT": "9999",
-                                             "QIP_API_KEY": "proxy-key"})
+                                             "QIP_API_KEY": "proxy-key", "FAL_KEY": "f", "DASHSCOPE_API_KEY": "d",
+                                             "REPLICATE_API_TOKEN": "r"})
     assert cfg.missing_vars == {}
     assert cfg.server.port == 9999
     assert cfg.server.api_keys == ["proxy-key"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
+
 import pytest
 
 from proxy.config import ConfigError, parse_config
@@ -11,6 +14,8 @@ from proxy.providers.dashscope import (
     DEFAULT_BASE_URL,
     DEFAULT_SIZES,
     DashScopeProvider,
+    edit_max_images,
+    edit_size,
     error_from_payload,
     from_native,
     native_seed,
@@ -21,8 +26,9 @@ from proxy.providers.dashscope import (
     task_id_of,
     task_status_of,
     to_native,
+    to_native_edit,
 )
-from proxy.request import build_request, parse_body
+from proxy.request import InputImage, build_request, parse_body
 
 NEWER_SIZES = parse_sizes(["1664*928", "1472*1104", "1328*1328", "1104*1472", "928*1664"])
 
@@ -341,3 +347,69 @@ def test_options_are_typed_and_checked():
         parse_config(config(api_key="k", poll_intervall=1), env={})
     with pytest.raises(ConfigError, match="sizes"):
         build_providers(parse_config(config(api_key="k", sizes=["huge"]), env={}))
+
+
+# --- edits -------------------------------------------------------------------------------------------
+
+
+def edit_request(count=1, width=1183, height=887, **fields):
+    images = tuple(InputImage(bytes([i]) * 8, "webp", 640, 480) for i in range(count))
+    return replace(request(width, height, **fields), images=images)
+
+
+def uri(i: int) -> str:
+    return "data:image/webp;base64," + base64.b64encode(bytes([i]) * 8).decode()
+
+
+def test_edit_body():
+    req = edit_request(3, n=4, seed=2**31 + 5, negative_prompt="blur", prompt_enhancement="off", watermark="true",
+                       cfg_scale=3.0, num_inference_steps=20, loras=[{"path": "owner/l"}], go_fast=True, mystery=1)
+    assert to_native_edit(req, "qwen-image-edit-plus") == {
+        "model": "qwen-image-edit-plus",
+        "input": {"messages": [{"role": "user", "content": [
+            {"image": uri(0)}, {"image": uri(1)}, {"image": uri(2)}, {"text": "a cat"}]}]},
+        "parameters": {"size": "1183*887", "n": 4, "seed": 5, "negative_prompt": "blur", "prompt_extend": False,
+                       "watermark": True},
+    }
+
+
+@pytest.mark.parametrize(("model", "wh", "size"), [
+    ("qwen-image-edit-plus", (1183, 887), "1183*887"),
+    ("qwen-image-edit-plus-2025-12-15", (512, 2048), "512*2048"),
+    ("qwen-image-edit-max", (1024, 1024), "1024*1024"),
+    ("qwen-image-edit-plus", (80, 64), None),      # below what it takes: follows the input
+    ("qwen-image-edit-plus", (2049, 1024), None),
+    ("qwen-image-edit", (1024, 1024), None),       # no custom size documented
+    ("some-other-edit", (1024, 1024), None),
+])
+def test_edit_size_only_where_documented(model, wh, size):
+    assert edit_size(edit_request(1, *wh), model) == size
+    assert to_native_edit(edit_request(1, *wh), model)["parameters"].get("size") == size
+
+
+@pytest.mark.parametrize(("model", "most"), [
+    ("qwen-image-edit", 1), ("qwen-image-edit-2025-08-19", 1), ("qwen-image-edit-plus", 3),
+    ("qwen-image-edit-plus-2025-10-30", 3), ("qwen-image-edit-max", 3), ("qwen-image-2.0", None),
+])
+def test_edit_max_images(model, most):
+    assert edit_max_images(model) == most
+
+
+def test_too_many_images_refuse_the_route():
+    with pytest.raises(UpstreamRefused, match="at most 1 input image") as e:
+        to_native_edit(edit_request(2), "qwen-image-edit")
+    assert not e.value.retry_same_route
+    with pytest.raises(UpstreamRefused, match="at most 3"):
+        to_native_edit(edit_request(4), "qwen-image-edit-plus")
+    assert len(to_native_edit(edit_request(4), "unknown-edit")["input"]["messages"][0]["content"]) == 5
+
+
+def test_edit_limits_checked_before_any_call():
+    with pytest.raises(InvalidRequest) as e:
+        to_native_edit(edit_request(1, prompt="x" * 801), "qwen-image-edit-plus")
+    assert e.value.param == "prompt"
+
+
+def test_edit_capabilities():
+    caps = DashScopeProvider("ds", {"api_key": "k"}).capabilities
+    assert caps.edits is True and caps.masks is False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+from dataclasses import replace
 
 import pytest
 from multidict import CIMultiDict
@@ -20,6 +22,7 @@ from proxy.providers import build_providers
 from proxy.providers.fal import (
     FalProvider,
     app_id,
+    edit_image_field,
     error_from_status,
     failed_request_error,
     from_native,
@@ -27,8 +30,9 @@ from proxy.providers.fal import (
     queue_handle,
     requests_base,
     to_native,
+    to_native_edit,
 )
-from proxy.request import build_request, parse_body, with_route_defaults
+from proxy.request import InputImage, build_request, parse_body, with_route_defaults
 
 from .fake_openai_upstream import SMALL_SIZES
 
@@ -285,4 +289,89 @@ def test_options_and_defaults(tmp_path):
 
     cfg["providers"]["fal2"]["api_kye"] = "typo"
     with pytest.raises(ConfigError, match="api_kye"):
+        parse_config(cfg, env={})
+
+
+# ---- edits ----------------------------------------------------------------------------------------------
+
+
+def edit_request(count=1, width=80, height=64, **fields):
+    images = tuple(InputImage(bytes([i]) * 8, "png", 64, 48) for i in range(count))
+    return replace(request(width, height, **fields), images=images)
+
+
+def uri(i: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(bytes([i]) * 8).decode()
+
+
+@pytest.mark.parametrize(("model", "option", "field"), [
+    ("fal-ai/qwen-image-edit", None, "image_url"),
+    ("fal-ai/qwen-image-edit-lora", None, "image_url"),
+    ("fal-ai/qwen-image-edit-2511", None, "image_urls"),
+    ("fal-ai/qwen-image-edit-2511/lora", None, "image_urls"),
+    ("fal-ai/qwen-image-edit-plus", None, "image_urls"),
+    ("fal-ai/qwen-image-2/edit", None, "image_urls"),
+    ("fal-ai/qwen-image-edit", "image_urls", "image_urls"),
+    ("someone/custom-edit", "image_url", "image_url"),
+])
+def test_edit_image_field(model, option, field):
+    assert edit_image_field(model, option) == field
+
+
+def test_edit_input_for_a_list_endpoint():
+    req = edit_request(3, n=2, seed=5, negative_prompt="blur", cfg_scale=4.0, num_inference_steps=28,
+                       prompt_enhancement="on", loras=[{"path": "owner/l"}], output_format="jpeg", quality="high",
+                       acceleration="regular", enable_safety_checker="false", sync_mode="true", use_turbo=True,
+                       go_fast=True, watermark=True, mystery=1)
+    assert to_native_edit(req, "fal-ai/qwen-image-edit-2511") == {
+        "prompt": "a cat", "image_urls": [uri(0), uri(1), uri(2)], "image_size": {"width": 80, "height": 64},
+        "num_images": 2, "seed": 5, "negative_prompt": "blur", "guidance_scale": 4.0, "num_inference_steps": 28,
+        "output_format": "jpeg", "acceleration": "regular", "enable_safety_checker": False, "sync_mode": True,
+    }
+
+
+def test_edit_input_for_a_single_image_endpoint():
+    body = to_native_edit(edit_request(1), "fal-ai/qwen-image-edit")
+    assert body == {"prompt": "a cat", "image_url": uri(0), "image_size": {"width": 80, "height": 64},
+                    "num_images": 1}
+    with pytest.raises(UpstreamRefused, match="takes one input image") as e:
+        to_native_edit(edit_request(2), "fal-ai/qwen-image-edit")
+    assert not e.value.retry_same_route and e.value.retryable
+
+
+def test_edit_loras_only_to_lora_endpoints():
+    req = edit_request(1, loras=[{"path": "owner/l", "scale": 0.5}])
+    assert "loras" not in to_native_edit(req, "fal-ai/qwen-image-edit-2511")
+    for model in ("fal-ai/qwen-image-edit-2511/lora", "fal-ai/qwen-image-edit-lora", "fal-ai/qwen-image-edit-plus-lora"):
+        assert to_native_edit(req, model)["loras"] == [{"path": "owner/l", "scale": 0.5}]
+
+
+def test_edit_extras_cannot_override_the_images():
+    req = edit_request(1, image_urls=["https://elsewhere/x.png"], image_url="https://elsewhere/y.png")
+    body = to_native_edit(req, "fal-ai/qwen-image-edit-2511")
+    assert body["image_urls"] == [uri(0)] and "image_url" not in body
+
+
+def test_generation_extras_from_a_form_are_booleans():
+    assert to_native(request(enable_safety_checker="False", use_turbo="true"))["enable_safety_checker"] is False
+    assert to_native(request(use_turbo="true"))["use_turbo"] is True
+    assert to_native(request(use_turbo="maybe"))["use_turbo"] == "maybe"  # fal names it in its 422
+
+
+def test_422_on_an_image_names_image():
+    error = error_from_status(422, {"detail": [{"loc": ["body", "image_urls", 1], "msg": "Could not load",
+                                                "type": "image_load_error"}]})
+    assert isinstance(error, InvalidRequest) and error.param == "image"
+    assert "image_urls.1: Could not load" in error.message
+
+
+def test_edit_capabilities_and_option(tmp_path):
+    provider = FalProvider("fal", {"api_key": "k"})
+    assert provider.capabilities.edits is True and provider.capabilities.masks is False
+    assert provider.edit_image_field is None
+    assert FalProvider("fal", {"api_key": "k", "edit_image_field": "image_url"}).edit_image_field == "image_url"
+    cfg = {"store": {"path": str(tmp_path)}, "size_tables": {"small": copy.deepcopy(SMALL_SIZES)},
+           "providers": {"fal": {"kind": "fal", "api_key": "k", "edit_image_field": "images"}},
+           "models": {"m": {"sizes": "small", "routes": ["fal"]}}}
+    with pytest.raises(ConfigError, match="edit_image_field"):
         parse_config(cfg, env={})

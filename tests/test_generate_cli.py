@@ -173,7 +173,8 @@ def test_models_and_check_config(tmp_path):
     models = runs["models"]
     assert models.returncode == 0, models.stderr
     listed = [line.split()[0] for line in models.stdout.splitlines() if not line.startswith(" ")]
-    assert listed == ["qwen-image", "qwen-image-placeholder", "qwen-image-tiny"]
+    assert listed[:3] == ["qwen-image", "qwen-image-placeholder", "qwen-image-tiny"]
+    assert {"qwen-image-edit", "qwen-image-plus", "qwen-image-max"} <= set(listed)
     assert "qwen-image-tiny  (default 64x64)" in models.stdout
     assert "qwen-image  (default 1024x1024)" in models.stdout
     assert "-> lumenfall [openai] unavailable: no API key (set LUMENFALL_API_KEY)" in models.stdout
@@ -185,7 +186,7 @@ def test_models_and_check_config(tmp_path):
 
     check, strict = runs["check"], runs["strict"]
     assert check.returncode == 0, check.stderr
-    assert "3 models" in check.stdout
+    assert "6 models" in check.stdout
     assert strict.returncode == 1, strict.stdout + strict.stderr
     warnings = [line for line in strict.stdout.splitlines() if line.startswith("warning:")]
     qwen = [line for line in warnings if "model qwen-image has no usable route" in line]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
+
 import pytest
 
 from proxy import parse_config
@@ -26,8 +29,9 @@ from proxy.providers.replicate import (
     seed_from_logs,
     split_model,
     to_native,
+    to_native_edit,
 )
-from proxy.request import build_request, parse_body
+from proxy.request import InputImage, build_request, parse_body
 
 BASE = "https://api.replicate.com/v1"
 
@@ -316,3 +320,67 @@ def test_options_and_defaults():
 def test_bad_options(options):
     with pytest.raises(ConfigError):
         parse_config(replicate_config(api_key="k", **options), env={})
+
+
+# --- edits ------------------------------------------------------------------------------------------
+
+
+def edit_request(count=1, width=1183, height=887, **fields):
+    images = tuple(InputImage(bytes([i]) * 8, "jpeg", 640, 480) for i in range(count))
+    return replace(request(width, height, **fields), images=images)
+
+
+def uri(i: int) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(bytes([i]) * 8).decode()
+
+
+def test_edit_input_follows_the_input_image():
+    req = edit_request(3, seed=4, negative_prompt="blur", cfg_scale=3.0, num_inference_steps=20,
+                       prompt_enhancement="on", loras=[{"path": "https://h/l.safetensors"}], output_format="png",
+                       go_fast="false", disable_safety_checker="true", output_quality="90", image_size="x",
+                       guidance=2, strength=0.5, watermark=True, acceleration="high", mystery=1)
+    assert to_native_edit(req, "qwen/qwen-image-edit-plus") == {
+        "prompt": "a cat", "image": [uri(0), uri(1), uri(2)], "aspect_ratio": "match_input_image", "seed": 4,
+        "output_format": "png", "go_fast": False, "disable_safety_checker": True, "output_quality": 90,
+    }
+
+
+@pytest.mark.parametrize(("fields", "ratio"), [
+    ({"size": "1365x768"}, "16:9"),
+    ({"size": "auto"}, "match_input_image"),
+    ({"aspect_ratio": "16:9"}, "16:9"),
+    ({"resolution": "1K"}, "16:9"),
+])
+def test_edit_aspect_ratio_when_the_client_asked_a_size(fields, ratio):
+    assert to_native_edit(edit_request(1, 1365, 768, **fields), "qwen/qwen-image-edit-plus")["aspect_ratio"] == ratio
+
+
+def test_edit_compression_and_format():
+    body = to_native_edit(edit_request(1, output_format="jpeg", output_compression=60), "qwen/qwen-image-edit-plus")
+    assert (body["output_format"], body["output_quality"]) == ("jpg", 60)
+
+
+def test_single_image_edit_model():
+    body = to_native_edit(edit_request(1), "qwen/qwen-image-edit")
+    assert body["image"] == uri(0)
+    with pytest.raises(UpstreamRefused, match="takes one input image") as e:
+        to_native_edit(edit_request(2), "qwen/qwen-image-edit:abc123")
+    assert not e.value.retry_same_route
+
+
+def test_generation_extras_from_a_form_are_typed():
+    body = to_native(request(go_fast="false", enhance_prompt="true", output_quality="70", strength="0.5",
+                             lora_scale="x"))
+    assert (body["go_fast"], body["enhance_prompt"], body["output_quality"], body["strength"]) == (False, True, 70, 0.5)
+    assert body["lora_scale"] == "x"  # Replicate names it in its 422
+
+
+def test_422_on_the_image_names_image():
+    error = error_from_status(422, {"detail": "- input.image: image must be a URI",
+                                    "invalid_fields": [{"field": "input.image", "description": "bad"}]}, None)
+    assert isinstance(error, InvalidRequest) and error.param == "image"
+
+
+def test_edit_capabilities():
+    caps = ReplicateProvider("rep", {"api_key": "k"}).capabilities
+    assert caps.edits is True and caps.masks is False and caps.max_images_per_call == 1

@@ -13,7 +13,7 @@ from ..errors import InvalidRequest, ModelNotFound
 from ..inputs import InputReader, json_image_refs
 from ..output import check_output_request
 from ..request import ImageRequest, build_request, parse_body, read_body
-from ..sizing import resolve_size
+from ..sizing import check_work, resolve_size
 from . import generations, stream
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
 
     parsed = parse_body(fields)
     table = gw.size_tables[model]
-    reader = InputReader(gw.fetcher, gw.input_fetch_policy, max(table.max_pixels or 0, MIN_INPUT_PIXELS),
+    reader = InputReader(gw.fetcher, gw.input_fetch_policy, max(table.pixel_limit, MIN_INPUT_PIXELS),
                          int(gw.config.server.max_body_mb * 1024 * 1024))
     param = "image" if len(uploads) == 1 or len(refs) == 1 else None
     jobs = [reader.from_upload(param or f"image[{i}]", u) for i, u in enumerate(uploads)]
@@ -85,6 +85,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     if size is None and aspect is None and parsed.resolution is None:
         aspect = f"{first.width}:{first.height}"  # the output follows the first image's shape
     width, height = resolve_size(table, size, aspect, parsed.resolution)
+    check_work(table, width, height, parsed.n)
     req = replace(build_request(parsed, model, width, height), images=tuple(images), mask=mask)
     check_output_request(req)
     return req

@@ -14,7 +14,7 @@ from ..errors import InvalidRequest, ModelNotFound
 from ..output import check_output_request, finish_images, render_images
 from ..request import ImageRequest, build_request, parse_body, read_fields
 from ..router import RouteResult
-from ..sizing import resolve_size
+from ..sizing import check_work, resolve_size
 from . import stream
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     request[MODEL] = model
     body = parse_body(fields)
     width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
+    check_work(gw.size_tables[model], width, height, body.n)
     req = build_request(body, model, width, height)
     check_output_request(req)
     return req

@@ -18,6 +18,7 @@ KINDS = {
     "openai": "proxy.providers.openai_compat:OpenAICompatProvider",
     "placeholder": "proxy.providers.placeholder:PlaceholderProvider",
     "diffusers": "proxy.providers.local:LocalProvider",
+    "ray": "proxy.providers.ray:RayProvider",
     "fal": "proxy.providers.fal:FalProvider",
     "replicate": "proxy.providers.replicate:ReplicateProvider",
     "dashscope": "proxy.providers.dashscope:DashScopeProvider",

@@ -10,6 +10,14 @@ Two ways to call it, chosen by the `mode` option:
 - auto (the default): async for the models DashScope documents it for (qwen-image, qwen-image-plus),
   sync for the others (qwen-image-max).
 
+Edits (a request with input images; the route's model an edit model: qwen-image-edit,
+qwen-image-edit-plus, qwen-image-edit-max and their dated versions) always use the sync endpoint, with
+content [{"image": <data URI>}, ..., {"text": <prompt>}]. qwen-image-edit takes one image, the -plus and
+-max series 1 to 3 (more refuse the route, so the next one is tried) and n up to 6 (set the route's
+max_images_per_call: 6). `size` is sent for the -plus / -max series only (their documented custom
+resolution, 512 to 2048 px a side) when the resolved size is within it; otherwise DashScope follows the
+input (the last image's aspect ratio, about 1024*1024) and the proxy crops. No masks.
+
 Options (models.yaml):
   api_key            required (DASHSCOPE_API_KEY); a missing one makes the provider unavailable.
   base_url           default https://dashscope-intl.aliyuncs.com/api/v1 (Singapore, international keys);
@@ -82,6 +90,12 @@ MAX_PROMPT_CHARS = 800
 MAX_NEGATIVE_PROMPT_CHARS = 500
 SEED_MODULUS = 2**31  # DashScope's seed is 0..2147483647
 
+EDIT_PREFIX = "qwen-image-edit"
+# Edit models with a documented custom output size (parameters.size, each side in EDIT_SIDE) and 1..3 images.
+EDIT_PLUS_PREFIXES = ("qwen-image-edit-plus", "qwen-image-edit-max")
+EDIT_SIDE = (512, 2048)
+EDIT_PLUS_MAX_IMAGES = 3
+
 PENDING_STATES = frozenset({"PENDING", "RUNNING"})
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
 # Transient errors in a row while polling a task before the attempt gives up.
@@ -149,7 +163,12 @@ def check_limits(req: ImageRequest) -> None:
 def native_parameters(req: ImageRequest, sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES) -> dict[str, Any]:
     """The `parameters` object both endpoints take."""
     width, height = native_size(req.width, req.height, sizes)
-    params: dict[str, Any] = {"size": f"{width}*{height}", "n": req.n}
+    return {"size": f"{width}*{height}", **_parameters(req)}
+
+
+def _parameters(req: ImageRequest) -> dict[str, Any]:
+    """`parameters` without the size: n, negative_prompt, prompt_extend, seed and the watermark extra."""
+    params: dict[str, Any] = {"n": req.n}
     if req.negative_prompt is not None:
         params["negative_prompt"] = req.negative_prompt
     if req.prompt_enhancement is not None:
@@ -172,6 +191,47 @@ def to_native(req: ImageRequest, model: str, *, mode: str = "async",
         content = [{"text": req.prompt}]
         return {"model": model, "input": {"messages": [{"role": "user", "content": content}]}, "parameters": params}
     return {"model": model, "input": {"prompt": req.prompt}, "parameters": params}
+
+
+def is_edit_plus(model: str) -> bool:
+    return model.startswith(EDIT_PLUS_PREFIXES)
+
+
+def edit_max_images(model: str) -> int | None:
+    """How many input images an edit model takes (None: not known here; DashScope decides)."""
+    if is_edit_plus(model):
+        return EDIT_PLUS_MAX_IMAGES
+    if model == EDIT_PREFIX or re.fullmatch(r"qwen-image-edit-\d{4}-\d{2}-\d{2}", model):
+        return 1
+    return None
+
+
+def edit_size(req: ImageRequest, model: str) -> str | None:
+    """parameters.size for an edit: the resolved size, for the models documented to take one, when it
+    is within their range; else None (the output follows the input images)."""
+    low, high = EDIT_SIDE
+    if is_edit_plus(model) and low <= req.width <= high and low <= req.height <= high:
+        return f"{req.width}*{req.height}"
+    return None
+
+
+def to_native_edit(req: ImageRequest, model: str) -> dict[str, Any]:
+    """An edit ImageRequest -> the sync (multimodal) body: the images as data URIs, then the prompt.
+
+    CPU: base64 of the images (call off the event loop). Too many images for the model: UpstreamRefused.
+    """
+    check_limits(req)
+    limit = edit_max_images(model)
+    if limit is not None and len(req.images) > limit:
+        raise UpstreamRefused(f"the DashScope model '{model}' takes at most {limit} input image(s); this edit "
+                              f"has {len(req.images)}")
+    params = _parameters(req)
+    size = edit_size(req, model)
+    if size is not None:
+        params = {"size": size, **params}
+    content: list[dict[str, str]] = [{"image": image.data_uri()} for image in req.images]
+    content.append({"text": req.prompt})
+    return {"model": model, "input": {"messages": [{"role": "user", "content": content}]}, "parameters": params}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -329,6 +389,10 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
+def _edit_json(req: ImageRequest, model: str) -> bytes:
+    return json.dumps(to_native_edit(req, model)).encode()
+
+
 # ---- the provider -----------------------------------------------------------------------------------
 
 
@@ -354,8 +418,10 @@ class DashScopeProvider(Provider):
         self.sizes = parse_sizes(options.get("sizes"))
         self.poll_interval = float(options.get("poll_interval") or 0.25)
         self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
+        # Edits go to the route's model (an edit model, on the sync endpoint); no masks.
         self.capabilities = Capabilities(max_images_per_call=int(options.get("max_images_per_call") or 1),
-                                         output_formats=frozenset({"png"}), output_compression=False)
+                                         output_formats=frozenset({"png"}), output_compression=False,
+                                         edits=True, masks=False)
         self.http: aiohttp.ClientSession | None = None
         self._cancels: set[asyncio.Task] = set()
 
@@ -383,9 +449,15 @@ class DashScopeProvider(Provider):
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         model = route.model or req.model
+        deadline = time.monotonic() + (route.timeout or self.default_timeout)
+        if req.is_edit:
+            # Megabytes of base64 and JSON: built off the event loop. Edits have the sync endpoint only.
+            body = await asyncio.to_thread(_edit_json, req, model)
+            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, body)
+            self._raise_for(status, payload, retry_after)
+            return self._images(payload)
         mode = resolve_mode(self.mode, model)
         body = to_native(req, model, mode=mode, sizes=self.sizes)
-        deadline = time.monotonic() + (route.timeout or self.default_timeout)
         if mode == "sync":
             status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, body)
             self._raise_for(status, payload, retry_after)
@@ -418,14 +490,20 @@ class DashScopeProvider(Provider):
             headers["X-DashScope-Async"] = "enable"
         return headers
 
-    async def _call(self, method: str, path: str, deadline: float, body: dict | None = None,
+    async def _call(self, method: str, path: str, deadline: float, body: dict | bytes | None = None,
                     asynchronous: bool = False) -> tuple[int, Any, float | None]:
+        """One HTTP call; `body` is a JSON object, or JSON already encoded."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("DashScope did not finish in time")
+        headers = self._headers(asynchronous)
+        if isinstance(body, bytes):
+            send: dict[str, Any] = {"data": body}
+            headers["Content-Type"] = "application/json"
+        else:
+            send = {"json": body}
         try:
-            async with self.http.request(method, f"{self.base_url}{path}", json=body,
-                                         headers=self._headers(asynchronous),
+            async with self.http.request(method, f"{self.base_url}{path}", **send, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining)) as resp:
                 raw = await resp.read()
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)

@@ -1,4 +1,4 @@
-"""fal.ai through its queue API (fal-ai/qwen-image and the like).
+"""fal.ai through its queue API (fal-ai/qwen-image, the fal-ai/qwen-image-edit family and the like).
 
     POST {base_url}/{model}                 -> {request_id, status_url, response_url, cancel_url}
     GET  .../requests/{id}/status           -> {"status": IN_QUEUE | IN_PROGRESS | COMPLETED, ...}
@@ -12,8 +12,14 @@ The status, result and cancel URLs of the submit answer are followed only when t
 `base_url` or on fal's own queue host (the key goes with them); otherwise they are built the way
 fal_client builds them: {base_url}/[namespace/]{owner}/{alias}/requests/{id}[/status|/cancel].
 
-The pure converters (to_native, from_native, error_from_status, poll_state, queue_handle) are tested
-without a network; FalProvider is the thin I/O around them.
+Edits (a request with input images) go to the route's model, an edit endpoint, with the images as data
+URIs: in `image_urls` (a list: fal-ai/qwen-image-edit-2511, -2509, -plus, qwen-image-2/edit and the
+newer ones) or in `image_url` (one image: fal-ai/qwen-image-edit and fal-ai/qwen-image-edit-lora),
+chosen by the model id or by the provider's `edit_image_field` option. A single-image endpoint given
+several images refuses the route (the next route is tried). fal's Qwen edit endpoints take no mask.
+
+The pure converters (to_native, to_native_edit, from_native, error_from_status, poll_state,
+queue_handle) are tested without a network; FalProvider is the thin I/O around them.
 """
 
 from __future__ import annotations
@@ -54,8 +60,16 @@ NATIVE_FORMATS = frozenset({"png", "jpeg"})
 # Input fields of fal's qwen-image the proxy does not model: sent when the request (or the route's
 # `params`) carries them. Nothing else from the request's unknown fields reaches fal.
 PASSTHROUGH_FIELDS = VENDOR_FIELDS["fal"]
+# Input fields of fal's Qwen edit endpoints the proxy does not model (use_turbo is qwen-image's only).
+EDIT_PASSTHROUGH_FIELDS = frozenset({"acceleration", "enable_safety_checker", "sync_mode"})
+# Edit endpoints that take one image in `image_url`; every other edit endpoint takes `image_urls`.
+SINGLE_IMAGE_APPS = frozenset({"fal-ai/qwen-image-edit", "fal-ai/qwen-image-edit-lora"})
+EDIT_IMAGE_FIELDS = ("image_url", "image_urls")
+# The types of the fal extras: multipart forms (how edits usually arrive) carry every value as text.
+_BOOL_EXTRAS = frozenset({"enable_safety_checker", "sync_mode", "use_turbo"})
 # fal's field names -> the proxy's, for the `param` of a 422.
-PARAM_NAMES = {"guidance_scale": "cfg_scale", "image_size": "size", "num_images": "n"}
+PARAM_NAMES = {"guidance_scale": "cfg_scale", "image_size": "size", "num_images": "n", "image_url": "image",
+               "image_urls": "image"}
 # Namespaces whose app ids have three parts (namespace/owner/alias), as in fal_client.
 APP_NAMESPACES = ("workflows", "comfy")
 STATES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
@@ -105,9 +119,19 @@ def native_format(req: ImageRequest) -> str | None:
     return "png"
 
 
-def to_native(req: ImageRequest) -> dict[str, Any]:
-    """ImageRequest -> the JSON input of fal's qwen-image."""
-    body: dict[str, Any] = {k: v for k, v in extras_for("fal", req.extra).items() if k in PASSTHROUGH_FIELDS}
+def _extras(req: ImageRequest, allowed: frozenset[str]) -> dict[str, Any]:
+    """The request's fal extras among `allowed`; "true"/"false" text (from a form) read as booleans."""
+    out = {}
+    for name, value in extras_for("fal", req.extra).items():
+        if name not in allowed:
+            continue
+        if name in _BOOL_EXTRAS and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        out[name] = value
+    return out
+
+
+def _common(req: ImageRequest, body: dict[str, Any]) -> dict[str, Any]:
     body.update(prompt=req.prompt, image_size={"width": req.width, "height": req.height}, num_images=req.n)
     if req.negative_prompt is not None:
         body["negative_prompt"] = req.negative_prompt
@@ -117,12 +141,53 @@ def to_native(req: ImageRequest) -> dict[str, Any]:
         body["guidance_scale"] = req.cfg_scale
     if req.num_inference_steps is not None:
         body["num_inference_steps"] = req.num_inference_steps
-    if req.loras:
-        body["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in req.loras]
     fmt = native_format(req)
     if fmt is not None:
         body["output_format"] = fmt
+    return body
+
+
+def to_native(req: ImageRequest) -> dict[str, Any]:
+    """ImageRequest -> the JSON input of fal's qwen-image."""
+    body = _common(req, _extras(req, PASSTHROUGH_FIELDS))
+    if req.loras:
+        body["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in req.loras]
     # prompt_enhancement: fal's qwen-image has no prompt rewriter; quality, style, ...: OpenAI's fields.
+    return body
+
+
+def edit_image_field(model: str, option: str | None = None) -> str:
+    """`image_url` or `image_urls`: the provider's `edit_image_field` option, else by the endpoint id
+    (fal-ai/qwen-image-edit and its -lora take one image_url; the newer edit endpoints a list)."""
+    if option:
+        return option
+    parts = model.split("/")
+    return "image_url" if "/".join(parts[:2]) in SINGLE_IMAGE_APPS else "image_urls"
+
+
+def takes_loras(model: str) -> bool:
+    """Whether an edit endpoint takes `loras`: fal's LoRA variants (fal-ai/qwen-image-edit-2511/lora,
+    fal-ai/qwen-image-edit-lora, fal-ai/qwen-image-edit-plus-lora); the plain edit endpoints have none."""
+    last = model.rstrip("/").split("/")[-1]
+    return last == "lora" or last.endswith("-lora")
+
+
+def to_native_edit(req: ImageRequest, model: str, image_field: str | None = None) -> dict[str, Any]:
+    """An edit ImageRequest -> the JSON input of a fal Qwen edit endpoint: the images as data URIs (CPU:
+    base64 of the images; call off the event loop for big ones).
+
+    image_size is the resolved size; prompt_enhancement has no fal equivalent, loras go only to the
+    LoRA endpoints (takes_loras). A single-image endpoint given several images: UpstreamRefused.
+    """
+    field = edit_image_field(model, image_field)
+    if field == "image_url" and len(req.images) > 1:
+        raise UpstreamRefused(f"the fal endpoint '{model}' takes one input image (image_url); this edit has "
+                              f"{len(req.images)}")
+    body = _common(req, _extras(req, EDIT_PASSTHROUGH_FIELDS))
+    uris = [image.data_uri() for image in req.images]
+    body[field] = uris[0] if field == "image_url" else uris
+    if req.loras and takes_loras(model):
+        body["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in req.loras]
     return body
 
 
@@ -281,6 +346,10 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
+def _edit_json(req: ImageRequest, model: str, image_field: str | None) -> bytes:
+    return json.dumps(to_native_edit(req, model, image_field)).encode()
+
+
 # ---- the provider ---------------------------------------------------------------------------------
 
 
@@ -295,6 +364,8 @@ class FalProvider(Provider):
         "max_images_per_call": (int, {"ge": 1, "le": 10}),
         "poll_interval": (float, {"gt": 0, "le": 60}),
         "poll_max_interval": (float, {"gt": 0, "le": 60}),
+        # Where an edit's images go: image_url (one) or image_urls (a list); default: by the route's model id.
+        "edit_image_field": EDIT_IMAGE_FIELDS,
     }
 
     def __init__(self, name, options, missing_vars=None):
@@ -303,10 +374,14 @@ class FalProvider(Provider):
         self.api_key = str(options.get("api_key") or "")
         self.poll_interval = float(options.get("poll_interval") or 0.25)
         self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
+        self.edit_image_field = options.get("edit_image_field")
         self.capabilities = Capabilities(
             max_images_per_call=int(options.get("max_images_per_call") or 4),
             output_formats=NATIVE_FORMATS,
             output_compression=False,
+            # Edits go to the route's model (an edit endpoint); fal's Qwen edit endpoints take no mask.
+            edits=True,
+            masks=False,
         )
         self.http: aiohttp.ClientSession | None = None
         # Cancel calls still in flight (kept referenced until they finish).
@@ -340,8 +415,12 @@ class FalProvider(Provider):
         limit = route.timeout or self.default_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
-        status, payload, headers = await self._call("POST", f"{self.base_url}/{model}", deadline,
-                                                    body=to_native(req))
+        if req.is_edit:
+            # Megabytes of base64 and JSON: built off the event loop.
+            body = await asyncio.to_thread(_edit_json, req, model, self.edit_image_field)
+        else:
+            body = json.dumps(to_native(req)).encode()
+        status, payload, headers = await self._call("POST", f"{self.base_url}/{model}", deadline, body=body)
         if status >= 400:
             raise self._redacted(error_from_status(status, payload, headers))
         if payload is None:
@@ -392,13 +471,15 @@ class FalProvider(Provider):
             await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
             interval = min(interval * 1.5, self.poll_max_interval)
 
-    async def _call(self, method: str, url: str, deadline: float, body: Any = None) -> tuple[int, Any, Any]:
+    async def _call(self, method: str, url: str, deadline: float, body: bytes | None = None) -> tuple[int, Any, Any]:
+        """One HTTP call; `body` is JSON already encoded."""
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise UpstreamTimeout("the route's time ran out before fal answered")
         timeout = aiohttp.ClientTimeout(total=min(CALL_TIMEOUT, remaining))
+        headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
         try:
-            async with self.http.request(method, url, json=body, headers=self._headers, timeout=timeout) as resp:
+            async with self.http.request(method, url, data=body, headers=headers, timeout=timeout) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except TimeoutError:

@@ -6,6 +6,12 @@ up, the route's deadline passed, polling broke) is cancelled upstream in the bac
 
 Replicate picks the pixel size from an aspect ratio; the proxy crops / resizes its image to the resolved
 size afterwards (output.py).
+
+Edits (a request with input images) go to the route's model, an edit model such as
+qwen/qwen-image-edit-plus, with the images as data URIs in `image` (a list; qwen/qwen-image-edit takes a
+single one) and `aspect_ratio: match_input_image`, or the ratio nearest the resolved size when the client
+asked for a size. Replicate takes data URIs for file inputs; very large images would be better uploaded
+through its Files API first (not done here). No mask: Replicate's Qwen edit models take none.
 """
 
 from __future__ import annotations
@@ -52,6 +58,17 @@ _LOSSY = {"jpg", "webp"}
 # not sent: Replicate validates inputs against the model's schema.
 NATIVE_EXTRAS = VENDOR_FIELDS["replicate"] | {"guidance", "enhance_prompt", "image", "strength"}
 
+# What an edit model (qwen/qwen-image-edit-plus, qwen/qwen-image-edit) takes besides prompt, image,
+# aspect_ratio, seed and output_format: the extras a client may send by their Replicate names.
+EDIT_EXTRAS = frozenset({"go_fast", "disable_safety_checker", "output_quality"})
+# Edit models that take one image as a string; the others take a list.
+SINGLE_IMAGE_MODELS = frozenset({"qwen/qwen-image-edit"})
+MATCH_INPUT = "match_input_image"
+# Extras' types: multipart forms (how edits usually arrive) carry every value as text.
+_BOOL_EXTRAS = frozenset({"go_fast", "disable_safety_checker", "enhance_prompt"})
+_INT_EXTRAS = frozenset({"output_quality"})
+_FLOAT_EXTRAS = frozenset({"guidance", "lora_scale", "strength"})
+
 # Replicate's input name -> the proxy field it came from (for `param` in error messages).
 _PROXY_FIELD = {
     "guidance": "cfg_scale",
@@ -61,6 +78,7 @@ _PROXY_FIELD = {
     "lora_scale": "loras",
     "extra_lora_weights": "loras",
     "extra_lora_scale": "loras",
+    "image": "image",
 }
 
 PENDING = frozenset({"starting", "processing"})
@@ -96,9 +114,65 @@ def native_format(output_format: str | None) -> str | None:
     return _FORMATS.get(output_format, "png")
 
 
+def _coerce(name: str, value: Any) -> Any:
+    """A Replicate extra as its input type where it came as text from a form; else as it is."""
+    if not isinstance(value, str):
+        return value
+    if name in _BOOL_EXTRAS and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        if name in _INT_EXTRAS:
+            return int(value)
+        if name in _FLOAT_EXTRAS:
+            return float(value)
+    except ValueError:
+        pass  # Replicate names the field in its 422
+    return value
+
+
+def _extras(req: ImageRequest, allowed: frozenset[str]) -> dict[str, Any]:
+    return {k: _coerce(k, v) for k, v in extras_for("replicate", req.extra).items() if k in allowed}
+
+
+def _output(req: ImageRequest, body: dict[str, Any]) -> None:
+    fmt = native_format(req.output_format)
+    if fmt is not None:
+        body["output_format"] = fmt
+    # Without output_format Replicate makes webp, which is lossy too.
+    if req.output_compression is not None and (fmt is None or fmt in _LOSSY):
+        body["output_quality"] = req.output_compression
+
+
+def client_sized(req: ImageRequest) -> bool:
+    """Whether the client asked for a size (else an edit's size follows its first image)."""
+    return (req.size is not None and req.size.strip().lower() not in ("", "auto")) \
+        or req.aspect_ratio is not None or req.resolution is not None
+
+
+def to_native_edit(req: ImageRequest, model: str) -> dict[str, Any]:
+    """An edit ImageRequest -> the `input` of a Replicate Qwen edit model (CPU: base64 of the images).
+
+    Edit models take prompt, image, aspect_ratio, seed, output_format, output_quality, go_fast and
+    disable_safety_checker only: negative_prompt, cfg_scale, num_inference_steps, prompt_enhancement and
+    loras are not sent. A single-image model given several images: UpstreamRefused (the next route).
+    """
+    single = model.partition(":")[0] in SINGLE_IMAGE_MODELS
+    if single and len(req.images) > 1:
+        raise UpstreamRefused(f"the Replicate model '{model}' takes one input image; this edit has "
+                              f"{len(req.images)}")
+    body = _extras(req, EDIT_EXTRAS)
+    uris = [image.data_uri() for image in req.images]
+    body.update(prompt=req.prompt, image=uris[0] if single else uris,
+                aspect_ratio=nearest_aspect_ratio(req.width, req.height) if client_sized(req) else MATCH_INPUT)
+    if req.seed is not None:
+        body["seed"] = req.seed
+    _output(req, body)
+    return body
+
+
 def to_native(req: ImageRequest) -> dict[str, Any]:
     """ImageRequest -> the prediction's `input` object for qwen/qwen-image."""
-    body: dict[str, Any] = {k: v for k, v in extras_for("replicate", req.extra).items() if k in NATIVE_EXTRAS}
+    body = _extras(req, NATIVE_EXTRAS)
     body["prompt"] = req.prompt
     body["aspect_ratio"] = nearest_aspect_ratio(req.width, req.height)
     if req.negative_prompt is not None:
@@ -111,12 +185,7 @@ def to_native(req: ImageRequest) -> dict[str, Any]:
         body["guidance"] = req.cfg_scale
     if req.prompt_enhancement is not None:
         body["enhance_prompt"] = req.prompt_enhancement == "on"
-    fmt = native_format(req.output_format)
-    if fmt is not None:
-        body["output_format"] = fmt
-    # Without output_format Replicate makes webp, which is lossy too.
-    if req.output_compression is not None and (fmt is None or fmt in _LOSSY):
-        body["output_quality"] = req.output_compression
+    _output(req, body)
     if req.loras:
         first, *rest = req.loras
         body["lora_weights"] = first.path  # Replicate wants URLs: the path goes as the client gave it
@@ -288,8 +357,9 @@ class ReplicateProvider(Provider):
         # even while the create call was still holding (before its id was known).
         "cancel_after": bool,
     }
+    # Edits go to the route's model (an edit model); Replicate's Qwen edit models take no mask.
     capabilities = Capabilities(max_images_per_call=1, output_formats=frozenset({"png", "jpeg", "webp"}),
-                                output_compression=True)
+                                output_compression=True, edits=True, masks=False)
 
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
@@ -327,8 +397,13 @@ class ReplicateProvider(Provider):
                 "Accept": "application/json"}
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
-        owner, name, version = split_model(route.model or req.model)
-        native_input = to_native(req)
+        model = route.model or req.model
+        owner, name, version = split_model(model)
+        if req.is_edit:
+            # Megabytes of base64: built off the event loop.
+            native_input = await asyncio.to_thread(to_native_edit, req, model)
+        else:
+            native_input = to_native(req)
         body: dict[str, Any] = {"input": native_input}
         if version:
             url = f"{self.base_url}/predictions"
@@ -344,7 +419,8 @@ class ReplicateProvider(Provider):
 
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
-        status, payload, retry_after = await self._call("POST", url, body, headers, limit, "create")
+        data = await asyncio.to_thread(json.dumps, body) if req.is_edit else json.dumps(body)
+        status, payload, retry_after = await self._call("POST", url, data.encode(), headers, limit, "create")
         if status >= 300:
             raise self._redacted(error_from_status(status, payload, retry_after, req))
         if not isinstance(payload, dict):
@@ -360,10 +436,11 @@ class ReplicateProvider(Provider):
         except ProxyError as e:
             raise self._redacted(e) from None
 
-    async def _call(self, method: str, url: str, body: Any, headers: dict[str, str], timeout: float,
+    async def _call(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float,
                     what: str) -> tuple[int, Any, float | None]:
+        """One HTTP call; `body` is JSON already encoded (the headers say application/json)."""
         try:
-            async with self.http.request(method, url, json=body, headers=headers,
+            async with self.http.request(method, url, data=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 raw = await resp.read()
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)

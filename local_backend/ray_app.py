@@ -1,0 +1,540 @@
+"""The engine as a Ray Serve application: a pool of replicas, one Engine each (one per GPU).
+
+Each replica owns one `Engine` (its queue, batching, LoRA cache) on its own GPU
+(`ray_actor_options: {num_gpus: 1}`; the tiny model gets a CPU), and Serve spreads requests over the
+replicas and adds or removes replicas with the load (`min_replicas` / `max_replicas`). Deploy it with
+`qwen-image-proxy ray-serve --config models.yaml` (every `kind: ray` provider), `serve run
+local_backend.ray_app:app` (the tiny model, one CPU replica), or a Serve config file whose application
+has `import_path: local_backend.ray_app:build_app` and the pool options as `args` (KubeRay does that).
+
+Pool options (the same keys as a `kind: ray` provider in models.yaml; see POOL_OPTIONS):
+
+    engine:                  EngineConfig fields ({model: Qwen/Qwen-Image, max_batch: 4, ...})
+    num_replicas:            a fixed pool (default 1) ...
+    min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s:
+                             ... or an autoscaled one (target_ongoing_requests defaults to max_batch)
+    max_ongoing_requests:    requests Serve sends one replica at once (default max_queue + max_batch)
+    max_queued_requests:     requests a caller's handle holds while every replica is busy (-1: no limit)
+    ray_actor_options:       default {num_gpus: 1}; {num_cpus: 1} for the tiny models or device cpu
+    graceful_shutdown_timeout_s: how long a stopping replica may finish its jobs (default 60)
+
+The wire format is plain data, so the caller needs neither torch nor this module's classes:
+
+- a request is a dict of GenerationParams fields (params_to_wire): values left at their defaults are
+  left out, callbacks never travel, LoRAs are {path, scale}, images and the mask are encoded image
+  files (bytes), and `deadline` is a time.time() instant (each replica turns it into its own
+  time.monotonic(); keep the clocks in sync, as NTP does);
+- a reply (`generate`, and the last item of `generate_stream`) is {"ok": true, "images": [PNG
+  bytes], "seeds", "steps_run", "batch_size", "seconds", "replica", "queue_depth"} or {"ok": false,
+  "error": {"type", "message", "param", "retry_after"}, ...}, where type is queue_full,
+  invalid_params, cancelled, deadline or engine; nothing raises across the wire on purpose;
+- `generate_stream` yields {"partial": {"image_index", "partial_index", "data": PNG bytes}} previews
+  first (when partial_images > 0);
+- over HTTP (Serve's ingress, for callers outside the cluster) the same dicts are JSON with the bytes
+  in base64: POST <route_prefix> {"params": {...}, "stream": false} answers the reply (status 200, 400,
+  429 with Retry-After, 503 or 500); with "stream": true, one JSON object a line (NDJSON).
+  GET <route_prefix>/stats answers one replica's counters.
+
+A caller that cancels its request (DeploymentResponse.cancel(), or an HTTP client that hangs up)
+cancels the replica's task, and with it the engine job: dropped from the queue, or stopped at the next
+denoising step.
+
+Importing this module imports neither ray nor torch: `app`, `EngineDeployment` and `build_app` import
+ray when used, so the proxy can check a pool's options without ray installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any
+
+from .config import EngineConfig, GenerationParams, LoraSpec
+from .errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidParamsError,
+    JobCancelledError,
+    QueueFullError,
+)
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "QwenImageEngine"
+DEFAULT_APP_NAME = "qwen-image"
+IMPORT_PATH = "local_backend.ray_app:build_app"
+
+# The options of a pool (build_app's args). Anything else is an error.
+POOL_OPTIONS = (
+    "engine",
+    "num_replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "ray_actor_options",
+    "graceful_shutdown_timeout_s",
+)
+_AUTOSCALING = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+# A replica that is stopped (scale-down, redeploy) lets its jobs finish for this long: Serve's 20 s
+# default is shorter than one large image on a busy GPU.
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+
+
+# ----- options -----------------------------------------------------------------------------------
+
+
+def engine_config(options: dict | None) -> EngineConfig:
+    """A pool's `engine` options -> EngineConfig; unknown keys are a ValueError that names them."""
+    options = dict(options or {})
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+
+    def spec(value) -> LoraSpec:
+        if isinstance(value, LoraSpec):
+            return value
+        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
+
+    if "loras" in options:
+        options["loras"] = {name: spec(v) for name, v in (options["loras"] or {}).items()}
+    if "base_loras" in options:
+        options["base_loras"] = [spec(v) for v in options["base_loras"] or []]
+    for key in ("lora_dirs", "lora_url_hosts"):
+        if key in options:
+            options[key] = [v for v in options[key] or [] if v]
+    return EngineConfig(**options)
+
+
+def _on_cpu(config: EngineConfig) -> bool:
+    return (config.device or "").startswith("cpu") or (config.device is None and config.model in ("tiny", "tiny-edit"))
+
+
+def deployment_options(options: dict | None) -> dict[str, Any]:
+    """Pool options -> the keyword arguments of Serve's `Deployment.options()` (pure; checks them)."""
+    options = dict(options or {})
+    unknown = set(options) - set(POOL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown pool option(s) {', '.join(sorted(unknown))}; known: {', '.join(POOL_OPTIONS)}")
+    config = engine_config(options.get("engine"))
+    out: dict[str, Any] = {}
+    autoscaled = any(options.get(k) is not None for k in _AUTOSCALING)
+    if autoscaled:
+        if options.get("num_replicas") is not None:
+            raise ValueError("give either num_replicas (a fixed pool) or min_replicas/max_replicas (autoscaled)")
+        low = options.get("min_replicas")
+        high = options.get("max_replicas")
+        low = 1 if low is None else int(low)
+        high = max(low, 1) if high is None else int(high)
+        if low < 0 or high < 1 or low > high:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1 (got {low}, {high})")
+        scaling: dict[str, Any] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            # A replica is busy, not overloaded, while it has a full batch of jobs.
+            "target_ongoing_requests": float(options.get("target_ongoing_requests") or config.max_batch),
+        }
+        for key in ("upscale_delay_s", "downscale_delay_s"):
+            if options.get(key) is not None:
+                scaling[key] = float(options[key])
+        out["autoscaling_config"] = scaling
+    else:
+        replicas = options.get("num_replicas")
+        replicas = 1 if replicas is None else int(replicas)
+        if replicas < 1:
+            raise ValueError("num_replicas must be at least 1")
+        out["num_replicas"] = replicas
+    ongoing = options.get("max_ongoing_requests")
+    # What one engine holds: a full queue plus the batch it runs. More would only be refused (429) by the
+    # engine, while Serve can hold them back for a replica that has room.
+    out["max_ongoing_requests"] = int(ongoing) if ongoing is not None else config.max_queue + config.max_batch
+    if options.get("max_queued_requests") is not None:
+        out["max_queued_requests"] = int(options["max_queued_requests"])
+    actor = options.get("ray_actor_options")
+    if actor is None:
+        actor = {"num_cpus": 1} if _on_cpu(config) else {"num_gpus": 1}
+    if not isinstance(actor, dict):
+        raise ValueError("ray_actor_options must be a mapping (e.g. {num_gpus: 1})")
+    out["ray_actor_options"] = dict(actor)
+    timeout = options.get("graceful_shutdown_timeout_s")
+    out["graceful_shutdown_timeout_s"] = float(DEFAULT_SHUTDOWN_TIMEOUT if timeout is None else timeout)
+    return out
+
+
+def serve_application(name: str, options: dict | None, route_prefix: str | None = None) -> dict:
+    """One entry of a Serve config file's `applications` (serve deploy, KubeRay's serveConfigV2)."""
+    deployment_options(options)  # checked before anything is written
+    return {
+        "name": name,
+        "route_prefix": route_prefix or f"/{name}",
+        "import_path": IMPORT_PATH,
+        "args": {k: v for k, v in (options or {}).items() if v is not None},
+    }
+
+
+# ----- the wire format -----------------------------------------------------------------------------
+
+
+def _encode_png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def _plain(value):
+    """A GenerationParams value as plain data: dataclasses -> dicts, Pillow images -> PNG bytes."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if hasattr(value, "save") and hasattr(value, "size"):  # a Pillow image
+        return _encode_png(value)
+    return value
+
+
+def _default(f):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def params_to_wire(params: GenerationParams) -> dict:
+    """GenerationParams -> the plain dict a replica takes (pure; the caller's side).
+
+    Every field travels except callbacks (a replica makes its own) and values left at their default.
+    `images` and `mask` may be Pillow images or already-encoded image files (bytes, sent as they are).
+    `deadline`, a time.monotonic() instant here, becomes a time.time() one.
+    """
+    wire: dict[str, Any] = {}
+    for f in fields(GenerationParams):
+        value = getattr(params, f.name)
+        if callable(value) or value == _default(f):
+            continue
+        if f.name == "deadline":
+            value = time.time() + (value - time.monotonic())
+        wire[f.name] = _plain(value)
+    return wire
+
+
+def _decode_image(data, name: str):
+    from PIL import Image
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidParamsError(f"{name} must be an encoded image file", name)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:
+        raise InvalidParamsError(f"the {name} could not be decoded: {type(e).__name__}", name) from None
+    return image
+
+
+def params_from_wire(wire: dict, on_partial=None) -> GenerationParams:
+    """The plain dict -> GenerationParams (the replica's side; InvalidParamsError for what is wrong).
+
+    A field this engine does not know is refused (a caller newer than the pool): it would be ignored
+    otherwise. Fields are converted by their declared type, so new plain fields need no code here.
+    """
+    if not isinstance(wire, dict):
+        raise InvalidParamsError("the request must be a mapping of generation parameters")
+    known = {f.name: f for f in fields(GenerationParams)}
+    unknown = set(wire) - set(known)
+    if unknown:
+        raise InvalidParamsError(
+            f"this pool's engine does not know the parameter(s) {', '.join(sorted(unknown))}", sorted(unknown)[0]
+        )
+    values: dict[str, Any] = {}
+    for name, value in wire.items():
+        kind = str(known[name].type)
+        if name == "deadline" and value is not None:
+            if not isinstance(value, (int, float)):
+                raise InvalidParamsError("deadline must be a time.time() instant", "deadline")
+            value = time.monotonic() + (float(value) - time.time())
+        elif callable(value):
+            raise InvalidParamsError(f"{name} cannot be sent to a pool", name)
+        elif "LoraSpec" in kind and value is not None:
+            try:
+                value = [LoraSpec(**v) if isinstance(v, dict) else LoraSpec(v) for v in value]
+            except TypeError as e:
+                raise InvalidParamsError(f"loras: {e}", "loras") from None
+        elif "Image" in kind and value is not None:
+            value = [_decode_image(v, name) for v in value] if isinstance(value, list) else _decode_image(value, name)
+        values[name] = value
+    if "prompt" not in values:
+        raise InvalidParamsError("prompt is required", "prompt")
+    params = GenerationParams(**values)
+    params.on_partial = on_partial if params.partial_images else None
+    return params
+
+
+def error_reply(exc: BaseException) -> dict:
+    """An engine exception -> the serializable error of a reply."""
+    if isinstance(exc, QueueFullError):
+        kind = "queue_full"
+    elif isinstance(exc, InvalidParamsError):
+        kind = "invalid_params"
+    elif isinstance(exc, DeadlineExceededError):
+        kind = "deadline"
+    elif isinstance(exc, JobCancelledError):
+        kind = "cancelled"
+    else:
+        kind = "engine"
+    message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+    return {
+        "type": kind,
+        "message": message[:1000],
+        "param": getattr(exc, "param", None),
+        "retry_after": getattr(exc, "retry_after", None),
+    }
+
+
+# Reply error type -> HTTP status on Serve's HTTP ingress.
+HTTP_STATUS = {"queue_full": 429, "invalid_params": 400, "cancelled": 503, "deadline": 504, "engine": 500}
+
+
+def _b64_in(value):
+    return base64.b64decode(value, validate=True) if isinstance(value, str) else value
+
+
+def wire_to_json(data):
+    """bytes -> base64 text, recursively (for JSON)."""
+    if isinstance(data, (bytes, bytearray)):
+        return base64.b64encode(data).decode("ascii")
+    if isinstance(data, dict):
+        return {k: wire_to_json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [wire_to_json(v) for v in data]
+    return data
+
+
+def params_from_json(body: dict) -> dict:
+    """The HTTP body's params: the wire dict with images and mask in base64."""
+    params = dict(body)
+    try:
+        if isinstance(params.get("images"), list):
+            params["images"] = [_b64_in(v) for v in params["images"]]
+        if params.get("mask") is not None:
+            params["mask"] = _b64_in(params["mask"])
+    except (binascii.Error, ValueError):
+        raise InvalidParamsError("images and mask must be base64 text", "images") from None
+    return params
+
+
+# ----- the replica ----------------------------------------------------------------------------------
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (a unit test, a plain actor)
+        import os
+
+        return f"pid{os.getpid()}"
+
+
+class EngineReplica:
+    """One replica of the pool: one Engine, its worker thread, and plain-data methods around it.
+
+    Plain Python: Serve wraps it (EngineDeployment); it can be used without Ray in a test.
+    """
+
+    def __init__(self, engine: dict | None = None):
+        from .engine import Engine
+
+        self.config = engine_config(engine)
+        self.replica_id = _replica_id()
+        self.engine = Engine(self.config)
+        started = time.monotonic()
+        self.engine.start()  # loads the pipeline (blocking: Serve waits for the constructor)
+        self._lock = threading.Lock()
+        self.counts = {"completed": 0, "failed": 0, "rejected": 0, "cancelled": 0, "expired": 0, "images": 0}
+        log.info("replica %s: %s loaded in %.1f s", self.replica_id, self.config.model, time.monotonic() - started)
+
+    # ----- what callers use -----
+
+    async def generate(self, wire: dict) -> dict:
+        """One request; the reply is plain data (see the module's docstring). Cancelling cancels the job."""
+        try:
+            params = params_from_wire(wire)
+        except InvalidParamsError as e:
+            return self._reply_error(e)
+        return await self._run(params)
+
+    async def generate_stream(self, wire: dict):
+        """Previews as the job makes them ({"partial": ...}), then the reply. Closing it cancels the job."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_partial(index: int, partial_index: int, image) -> None:  # the engine's worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, (index, partial_index, image))
+
+        try:
+            params = params_from_wire(wire, on_partial)
+        except InvalidParamsError as e:
+            yield self._reply_error(e)
+            return
+        task = asyncio.ensure_future(self._run(params))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            # Partials are queued (call_soon_threadsafe) before the job's result reaches the task, so
+            # every preview comes before the end marker.
+            while (item := await queue.get()) is not None:
+                index, partial_index, image = item
+                data = await asyncio.to_thread(_encode_png, image)
+                yield {"partial": {"image_index": index, "partial_index": partial_index, "data": data}}
+            yield await task
+        finally:
+            if not task.done():  # the caller went away (cancelled, or closed the stream)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def stats(self) -> dict:
+        """This replica's counters and queue (cheap: for /ready, /metrics and tests)."""
+        with self._lock:
+            counts = dict(self.counts)
+        return {"replica": self.replica_id, "queue_depth": self.engine.queue_depth, "model": self.config.model,
+                **counts}
+
+    def check_health(self) -> None:
+        """Serve's health check: a closed engine or a dead worker thread restarts the replica."""
+        thread = self.engine._thread
+        if self.engine._closed or thread is None or not thread.is_alive():
+            raise RuntimeError("the engine's worker is not running")
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __del__(self):  # Serve calls it when it stops the replica
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    # ----- HTTP (Serve's ingress) -----
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        if request.method == "GET" and request.url.path.rstrip("/").endswith("/stats"):
+            return JSONResponse(self.stats())
+        if request.method != "POST":
+            return JSONResponse({"ok": False, "error": {"type": "invalid_params", "message": "POST a JSON body"}},
+                                status_code=405)
+        try:
+            body = json.loads(await request.body())
+            if not isinstance(body, dict) or not isinstance(body.get("params"), dict):
+                raise InvalidParamsError('the body must be {"params": {...}, "stream": false}', "params")
+            wire = params_from_json(body["params"])
+        except (ValueError, InvalidParamsError) as e:
+            error = e if isinstance(e, InvalidParamsError) else InvalidParamsError(f"the body is not JSON: {e}")
+            return _json_reply(self._reply_error(error))
+        if body.get("stream"):
+
+            async def lines():
+                async for event in self.generate_stream(wire):
+                    yield json.dumps(wire_to_json(event)) + "\n"
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return _json_reply(await self.generate(wire))
+
+    # ----- inside -----
+
+    def _count(self, key: str, images: int = 0) -> None:
+        with self._lock:
+            self.counts[key] += 1
+            self.counts["images"] += images
+
+    def _reply_error(self, exc: BaseException) -> dict:
+        return {"ok": False, "error": error_reply(exc), "replica": self.replica_id,
+                "queue_depth": self.engine.queue_depth}
+
+    async def _run(self, params: GenerationParams) -> dict:
+        try:
+            result = await self.engine.generate(params)
+        except asyncio.CancelledError:  # the caller cancelled (deadline, client gone): the job is cancelled
+            self._count("cancelled")
+            raise
+        except QueueFullError as e:
+            self._count("rejected")
+            return self._reply_error(e)
+        except DeadlineExceededError as e:
+            self._count("expired")
+            return self._reply_error(e)
+        except JobCancelledError as e:
+            self._count("cancelled")
+            return self._reply_error(e)
+        except EngineError as e:
+            self._count("failed")
+            return self._reply_error(e)
+        images = await asyncio.to_thread(lambda: [_encode_png(im) for im in result.images])
+        self._count("completed", len(images))
+        return {
+            "ok": True,
+            "images": images,
+            "seeds": list(result.seeds),
+            "steps_run": result.steps_run,
+            "batch_size": result.batch_size,
+            "seconds": result.seconds,
+            "replica": self.replica_id,
+            "queue_depth": self.engine.queue_depth,
+        }
+
+
+def _json_reply(reply: dict):
+    from starlette.responses import JSONResponse
+
+    status, headers = 200, {}
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        status = HTTP_STATUS.get(error.get("type"), 500)
+        if error.get("retry_after") is not None:
+            headers["Retry-After"] = str(max(1, round(error["retry_after"])))
+    return JSONResponse(wire_to_json(reply), status_code=status, headers=headers)
+
+
+# ----- Serve ----------------------------------------------------------------------------------------
+
+_deployment = None
+
+
+def engine_deployment():
+    """EngineReplica as a Serve deployment (imports ray)."""
+    global _deployment
+    if _deployment is None:
+        from ray import serve
+
+        _deployment = serve.deployment(name=DEPLOYMENT_NAME)(EngineReplica)
+    return _deployment
+
+
+def build_app(args: dict | None = None):
+    """The Serve application of a pool (Serve's application builder: `import_path: ...:build_app`)."""
+    args = dict(args or {})
+    options = deployment_options(args)
+    return engine_deployment().options(**options).bind(args.get("engine") or {})
+
+
+def __getattr__(name: str):
+    # `serve run local_backend.ray_app:app`: the tiny model, one CPU replica. Built on first use, so
+    # importing this module does not import ray.
+    if name == "app":
+        return build_app({})
+    if name == "EngineDeployment":
+        return engine_deployment()
+    raise AttributeError(name)

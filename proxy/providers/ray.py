@@ -1,0 +1,555 @@
+"""The `ray` kind: a pool of local engines on a Ray cluster, one replica per GPU (local_backend.ray_app).
+
+The pool is a Ray Serve application (deployed by `qwen-image-proxy ray-serve`, `serve run` or KubeRay).
+The proxy reaches it one of two ways:
+
+- `handle`: the proxy process joins the cluster as a driver (`ray.init(address=...)`) and calls the
+  application through a Serve handle: Ray's own transport, streaming and cancellation;
+- `http`: Serve's HTTP ingress (`http_url`), for a proxy outside the cluster (no ray needed here).
+
+`transport: auto` (the default) takes the handle when `ray` is installed and the cluster answers, else
+the HTTP ingress when `http_url` is set. Either way a request is the local route's request
+(proxy.providers.local.to_params, then local_backend.ray_app.params_to_wire): every field, LoRAs,
+edits, seeds (image i gets seed + i), partial images; the replica answers PNG images, which the
+proxy converts like any route's. Cancelling the call (deadline, client gone) cancels the replica's
+job; a full engine queue is a 429 with Retry-After; a replica that dies with the request is a
+retryable failure, so the router tries again and Serve picks a live replica.
+
+Pool options (engine, num_replicas, min/max_replicas, ...) are local_backend.ray_app.POOL_OPTIONS:
+this provider checks them and `ray-serve` deploys them; they must match what was deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import aiohttp
+
+from ..config import RouteConfig
+from ..errors import (
+    InvalidRequest,
+    ProxyError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    retry_after_from_headers,
+)
+from ..partials import PartialImage, threadsafe_emitter
+from ..request import ImageRequest
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .local import to_params
+
+log = logging.getLogger(__name__)
+
+# The options that belong to the proxy's side; the rest describe the pool (ray_app.POOL_OPTIONS).
+CLIENT_OPTIONS = ("address", "app_name", "http_url", "route_prefix", "transport", "timeout", "retries",
+                  "status_interval")
+# Stats of a replica not heard from for this many status intervals are dropped (it was replaced).
+_STALE_INTERVALS = 4
+# Seconds one status probe may take before the proxy stops waiting for it.
+_PROBE_TIMEOUT = 5.0
+
+
+class _Partials:
+    """Marks that a request wants previews: to_params keeps partial_images only with an on_partial."""
+
+    def __call__(self, *args) -> None:  # never called here: the replica makes its own
+        pass
+
+
+# ----- the Ray connection (one per process: ray.init is global) ---------------------------------------
+
+_connect_lock = threading.Lock()
+_connected_by_us: set[str] = set()  # providers whose ray.init this process made
+
+
+def _connect(address: str, owner: str) -> None:
+    """Join the cluster as a driver unless this process already is one (blocking: run in a thread)."""
+    import ray
+
+    with _connect_lock:
+        if ray.is_initialized():
+            return
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        _connected_by_us.add(owner)
+
+
+def _disconnect(owner: str) -> None:
+    import ray
+
+    with _connect_lock:
+        if owner in _connected_by_us:
+            _connected_by_us.discard(owner)
+            if not _connected_by_us:
+                ray.shutdown()
+
+
+def _app_status(app_name: str, deployment: str) -> tuple[str | None, dict[str, int], str]:
+    """(application status or None when it is not deployed, replica states, message) from serve.status()."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return None, {}, ""
+    dep = app.deployments.get(deployment)
+    states = {str(k): int(v) for k, v in (dep.replica_states if dep else {}).items()}
+    message = app.message or (dep.message if dep else "")
+    return str(getattr(app.status, "value", app.status)), states, message or ""
+
+
+def ray_error(exc: BaseException) -> ProxyError:
+    """A Ray or Serve exception from a pool call -> the proxy's error (retryable unless said otherwise)."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    if isinstance(exc, sex.BackPressureError):
+        return RateLimited("every replica of the Ray pool is busy and its request queue is full", retry_after=1.0)
+    if isinstance(exc, rex.TaskCancelledError):  # RequestCancelledError too
+        return UpstreamTimeout("the Ray pool cancelled the request")
+    if isinstance(exc, rex.RayActorError):  # ActorDiedError, ActorUnavailableError
+        return UpstreamError("a replica of the Ray pool died or became unreachable while it had the request")
+    if isinstance(exc, (sex.DeploymentUnavailableError, sex.ReplicaUnavailableError)):
+        return UpstreamUnavailable("the Ray pool has no replica that can take the request now", retry_after=1.0)
+    if isinstance(exc, rex.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return UpstreamError(f"a replica of the Ray pool failed: {type(cause).__name__}")
+    return UpstreamError(f"the Ray pool call failed: {type(exc).__name__}")
+
+
+def reply_error(reply: dict) -> ProxyError:
+    """A replica's error reply (local_backend.ray_app.error_reply) -> the proxy's error."""
+    error = reply.get("error") or {}
+    kind, message = error.get("type"), str(error.get("message") or "unknown error")
+    if kind == "queue_full":
+        return RateLimited(f"the Ray pool's engine queue is full: {message}", retry_after=error.get("retry_after"))
+    if kind == "invalid_params":
+        param = error.get("param")
+        return InvalidRequest(message, param=param if isinstance(param, str) else None)
+    if kind in ("cancelled", "deadline"):
+        return UpstreamTimeout(f"the pool's job was stopped: {message}")
+    return UpstreamError(f"the pool's engine failed: {message}")
+
+
+def _unb64(value) -> bytes:
+    return base64.b64decode(value, validate=True) if isinstance(value, str) else value
+
+
+class RayProvider(Provider):
+    kind = "ray"
+    options_schema = {
+        # where the pool is
+        "address": str,  # ray.init address: "auto" (a node of the cluster), "ray://head:10001", "head:6379"
+        "app_name": str,  # the Serve application's name (default qwen-image)
+        "http_url": str | None,  # Serve's HTTP ingress, e.g. http://head:8000 (the transport outside the cluster)
+        "route_prefix": str | None,  # the application's HTTP route (default /<app_name>)
+        "transport": ("auto", "handle", "http"),
+        "timeout": (float, {"gt": 0}),
+        "retries": (int, {"ge": 0, "le": 10}),
+        "status_interval": (float, {"gt": 0}),  # seconds between pool status polls (default 5)
+        # the pool itself (local_backend.ray_app.POOL_OPTIONS): what `ray-serve` deploys
+        "engine": dict,
+        "num_replicas": (int, {"ge": 1}),
+        "min_replicas": (int, {"ge": 0}),
+        "max_replicas": (int, {"ge": 1}),
+        "target_ongoing_requests": (float, {"gt": 0}),
+        "upscale_delay_s": (float, {"ge": 0}),
+        "downscale_delay_s": (float, {"ge": 0}),
+        "max_ongoing_requests": (int, {"ge": 1}),
+        "max_queued_requests": (int, {"ge": -1}),
+        "ray_actor_options": dict,
+        "graceful_shutdown_timeout_s": (float, {"ge": 0}),
+    }
+
+    def __init__(self, name, options, missing_vars=None):
+        super().__init__(name, options, missing_vars)
+        from local_backend.ray_app import DEFAULT_APP_NAME, POOL_OPTIONS, deployment_options, engine_config
+
+        # Strict: a pool that could not be deployed is a config error, not a route that never works.
+        self.pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS and v is not None}
+        self.deployment = deployment_options(self.pool_options)
+        self.engine = engine_config(self.pool_options.get("engine"))
+        self.app_name = options.get("app_name") or DEFAULT_APP_NAME
+        self.address = options.get("address") or "auto"
+        self.route_prefix = options.get("route_prefix") or f"/{self.app_name}"
+        self.http_url = (options.get("http_url") or "").rstrip("/") or None
+        self.transport_option = options.get("transport") or "auto"
+        if self.transport_option == "http" and not self.http_url:
+            raise ValueError("transport: http needs http_url (Serve's HTTP ingress, e.g. http://head:8000)")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with /")
+        self.status_interval = float(options.get("status_interval") or 5.0)
+        edits = self.engine.task == "edit"
+        self.capabilities = Capabilities(
+            max_images_per_call=self.engine.max_batch, output_formats=frozenset({"png"}),
+            output_compression=False, edits=edits, masks=edits,
+        )
+        self.transport: str | None = None  # handle | http, once connected
+        self._handle = None
+        self._http: aiohttp.ClientSession | None = None
+        self._state: str | None = "not started"
+        self._stage: str | None = None  # while connecting or while the pool starts
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.app_status: str | None = None
+        self.replica_states: dict[str, int] = {}
+        self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
+
+    # ----- state -----
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._stage or self._state
+
+    @property
+    def loading_stage(self) -> str | None:
+        return self._stage
+
+    @property
+    def default_timeout(self) -> float:
+        return float(self.options.get("timeout", 1800))
+
+    @property
+    def trusted_origin(self) -> str | None:
+        return None  # the pool answers bytes, never URLs
+
+    @property
+    def running_replicas(self) -> int:
+        return self.replica_states.get("RUNNING", 0)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting in the pool's engines (the replicas' last reports)."""
+        return sum(int(r.get("queue_depth") or 0) for r in self.replicas.values())
+
+    @property
+    def replica_queue_depths(self) -> dict[str, int]:
+        return {rid: int(r.get("queue_depth") or 0) for rid, r in self.replicas.items()}
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            transport=self.transport, app=self.app_name, app_status=self.app_status,
+            replicas=dict(self.replica_states), queue_depth=self.queue_depth,
+            replica_stats={rid: {k: v for k, v in r.items() if k != "seen"} for rid, r in self.replicas.items()},
+        )
+        return info
+
+    def preflight(self) -> str | None:
+        if self.transport_option == "http":
+            return None
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            if self.transport_option == "handle" or not self.http_url:
+                return "ray is not installed (pip install '.[ray]'), and no http_url is set"
+        return None
+
+    async def wait_ready(self, timeout: float) -> bool:
+        if self._stage is not None and timeout > 0:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                pass
+        return self.unavailable_reason is None
+
+    # ----- lifecycle -----
+
+    async def start(self, ctx: ProviderContext) -> None:
+        self._http = ctx.http
+        self._stage = f"connecting to the Ray pool '{self.app_name}'"
+        self._state = None
+        self._task = asyncio.create_task(self._watch(), name=f"ray-pool-{self.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.transport == "handle":
+            await asyncio.to_thread(_disconnect, self.name)
+        self._handle = None
+        self._state, self._stage = "closed", None
+
+    async def _watch(self) -> None:
+        """Connect, then poll the pool's status and replica stats every status_interval seconds."""
+        while self.transport is None:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # shown as the reason; tried again
+                self._set(None, f"cannot reach the Ray pool: {type(e).__name__}: {str(e)[:300]}")
+            if self.transport is None:
+                await asyncio.sleep(self.status_interval)
+        while True:
+            try:
+                await self._poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("provider %s: status poll failed: %s: %s", self.name, type(e).__name__, e)
+                self._set(None, f"the Ray pool does not answer: {type(e).__name__}")
+            await asyncio.sleep(self.status_interval)
+
+    def _set(self, stage: str | None, state: str | None) -> None:
+        self._stage, self._state = stage, state
+        if stage is None:
+            self._ready.set()  # wake waiters: ready, or failed for a reason they should see
+        else:
+            self._ready.clear()
+
+    async def _connect(self) -> None:
+        want_handle = self.transport_option in ("auto", "handle")
+        if want_handle:
+            try:
+                self._stage = f"connecting to the Ray cluster at {self.address}"
+                await asyncio.to_thread(_connect, self.address, self.name)
+                self.transport = "handle"
+            except ImportError:
+                if self.transport_option == "handle" or not self.http_url:
+                    self._set(None, "ray is not installed (pip install '.[ray]'), and no http_url is set")
+                    return
+            except Exception as e:
+                if self.transport_option == "handle" or not self.http_url:
+                    raise
+                log.info("provider %s: no Ray cluster at %s (%s); using the HTTP ingress", self.name,
+                         self.address, type(e).__name__)
+        if self.transport is None:
+            self.transport = "http"
+        log.info("provider %s: Ray pool '%s' over %s", self.name, self.app_name, self.transport)
+        await self._poll()
+
+    async def _poll(self) -> None:
+        if self.transport == "handle":
+            await self._poll_handle()
+        else:
+            await self._poll_http()
+        cutoff = time.monotonic() - _STALE_INTERVALS * self.status_interval - _PROBE_TIMEOUT
+        self.replicas = {rid: r for rid, r in self.replicas.items() if r["seen"] >= cutoff}
+
+    async def _poll_handle(self) -> None:
+        from local_backend.ray_app import DEPLOYMENT_NAME
+        from ray import serve
+
+        status, states, message = await asyncio.to_thread(_app_status, self.app_name, DEPLOYMENT_NAME)
+        self.app_status, self.replica_states = status, states
+        if status is None:
+            self._handle = None
+            self._set(None, f"the Ray Serve application '{self.app_name}' is not deployed "
+                            "(qwen-image-proxy ray-serve --config <models.yaml> deploys it)")
+            return
+        if self._handle is None:
+            self._handle = await asyncio.to_thread(serve.get_app_handle, self.app_name)
+        running = self.running_replicas
+        if running or status == "RUNNING":  # RUNNING with 0 replicas: scaled to zero, Serve starts one
+            self._set(None, None)
+        elif status in ("DEPLOYING", "NOT_STARTED"):
+            total = sum(states.values())
+            self._set(f"the Ray pool is starting ({running} of {total} replicas running)", None)
+        else:
+            self._set(None, f"the Ray pool is {status.lower()}{': ' + message[:300] if message else ''}")
+        if running:
+            await self._probe(lambda: self._handle.stats.remote(), 2 * running)
+
+    async def _poll_http(self) -> None:
+        url = f"{self.http_url}{self.route_prefix}/stats"
+
+        async def one():
+            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT)) as resp:
+                if resp.status == 404:
+                    raise LookupError("not found")
+                resp.raise_for_status()
+                return await resp.json()
+
+        try:
+            got = await self._probe(one, 4)
+        except LookupError:
+            self._set(None, f"the Ray pool's HTTP ingress has no application at {self.route_prefix}")
+            return
+        if not got:
+            self._set(None, f"the Ray pool's HTTP ingress at {self.http_url} does not answer")
+            return
+        self.app_status = "RUNNING"
+        self.replica_states = {"RUNNING": len(self.replicas)}  # the ones seen lately
+        self._set(None, None)
+
+    async def _probe(self, call, count: int) -> int:
+        """Ask `count` replicas (Serve picks which; the least busy first) for their stats."""
+
+        async def ask():
+            response = call()
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    return await response
+            except BaseException:
+                if hasattr(response, "cancel"):
+                    response.cancel()
+                raise
+
+        results = await asyncio.gather(*(ask() for _ in range(count)), return_exceptions=True)
+        for r in results:
+            if isinstance(r, LookupError):
+                raise r
+        got = [r for r in results if isinstance(r, dict) and r.get("replica")]
+        for stats in got:
+            self._remember(stats)
+        return len(got)
+
+    def _remember(self, stats: dict, served: int = 0) -> None:
+        rid = str(stats["replica"])
+        entry = self.replicas.setdefault(rid, {"served": 0})
+        entry.update({k: v for k, v in stats.items() if k != "replica" and isinstance(v, (int, float, str))})
+        entry["served"] += served
+        entry["seen"] = time.monotonic()
+
+    # ----- generating -----
+
+    def wire(self, req: ImageRequest, route: RouteConfig, partials: bool) -> dict:
+        """ImageRequest -> the replica's plain dict (pure): the local route's mapping, input images as sent."""
+        from local_backend.ray_app import params_to_wire
+
+        params = to_params(req, images=[im.data for im in req.images],
+                           mask=req.mask.data if req.mask is not None else None,
+                           on_partial=_Partials() if partials else None)
+        # The queue drops a job that waits past the route's time (the router cancels it at the request's).
+        params.deadline = time.monotonic() + (route.timeout or self.default_timeout)
+        return params_to_wire(params)
+
+    async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
+        if self.transport is None or (self.transport == "handle" and self._handle is None):
+            raise UpstreamError(f"the Ray pool is not connected ({self.unavailable_reason})")
+        emit = threadsafe_emitter() if req.partial_images else None
+        fmt = req.output_format or "png"
+        wire = self.wire(req, route, partials=emit is not None)
+
+        async def on_partial(p: dict) -> None:
+            data = _unb64(p["data"])
+            if fmt != "png":  # the replica sends PNG: re-encode in the request's format
+                data = await asyncio.to_thread(_reencode, data, fmt, req.output_compression)
+            emit(PartialImage(image_index=req.first_index + int(p["image_index"]),
+                              partial_index=int(p["partial_index"]), data=data, format=fmt))
+
+        if self.transport == "handle":
+            reply = await self._call_handle(wire, on_partial if emit else None)
+        else:
+            reply = await self._call_http(wire, on_partial if emit else None)
+        return self._images(reply, req)
+
+    async def _call_handle(self, wire: dict, on_partial) -> dict:
+        handle = self._handle
+        loop = asyncio.get_running_loop()
+        try:
+            if on_partial is None:
+                response = handle.generate.remote(wire)
+                try:
+                    return await response
+                except BaseException:
+                    # Cancelling the awaiting task does not cancel a Serve request: do it (it blocks
+                    # briefly when the request is being assigned, so not on the loop).
+                    loop.run_in_executor(None, response.cancel)
+                    raise
+            stream = handle.options(stream=True).generate_stream.remote(wire)
+            reply = None
+            try:
+                async for event in stream:
+                    if "partial" in event:
+                        await on_partial(event["partial"])
+                    else:
+                        reply = event
+            except BaseException:
+                loop.run_in_executor(None, stream.cancel)
+                raise
+            if reply is None:
+                raise UpstreamError("the Ray pool's stream ended without a result")
+            return reply
+        except (asyncio.CancelledError, ProxyError):
+            raise
+        except Exception as e:
+            error = ray_error(e)
+            log.warning("provider %s: %s (%s)", self.name, error.message, type(e).__name__)
+            raise error from None
+
+    async def _call_http(self, wire: dict, on_partial) -> dict:
+        from local_backend.ray_app import wire_to_json
+
+        url = f"{self.http_url}{self.route_prefix}"
+        body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
+                                                            "stream": on_partial is not None}))
+        try:
+            # Leaving this block early (cancelled) closes the connection: Serve cancels the replica's job.
+            async with self._http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                if on_partial is None or resp.status != 200:
+                    text = await resp.read()
+                    try:
+                        reply = json.loads(text)
+                    except ValueError:
+                        reply = None
+                    if not isinstance(reply, dict) or "ok" not in reply:
+                        raise _http_error(resp.status, resp.headers)
+                    return reply
+                reply = None
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if "partial" in event:
+                        await on_partial(event["partial"])
+                    else:
+                        reply = event
+                if reply is None:
+                    raise UpstreamError("the Ray pool's stream ended without a result")
+                return reply
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"the Ray pool's HTTP ingress failed: {type(e).__name__}") from None
+        except ValueError:
+            raise UpstreamError("the Ray pool's HTTP ingress sent something that is not JSON") from None
+
+    def _images(self, reply: dict, req: ImageRequest) -> list[GeneratedImage]:
+        if not isinstance(reply, dict):
+            raise UpstreamError("the Ray pool answered something that is not a reply")
+        if reply.get("replica"):
+            self._remember({"replica": reply["replica"], "queue_depth": reply.get("queue_depth", 0)},
+                           served=1 if reply.get("ok") else 0)
+        if not reply.get("ok"):
+            raise reply_error(reply)
+        try:
+            datas = [_unb64(d) for d in reply["images"]]
+            seeds = list(reply.get("seeds") or [None] * len(datas))
+        except (KeyError, TypeError, binascii.Error):
+            raise UpstreamError("the Ray pool's reply has no readable images") from None
+        if len(datas) != req.n or len(seeds) != len(datas):
+            raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
+        return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed)
+                for data, seed in zip(datas, seeds, strict=True)]
+
+
+def _reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    from ..output import encode_image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return encode_image(image, fmt, compression)
+
+
+def _http_error(status: int, headers) -> ProxyError:
+    retry_after = retry_after_from_headers(headers)
+    if status == 429:
+        return RateLimited("the Ray pool's HTTP ingress is rate limiting", retry_after=retry_after or 1.0)
+    if status in (502, 503, 504):  # Serve: no replica yet, back pressure, timeouts
+        return UpstreamUnavailable(f"the Ray pool's HTTP ingress answered {status}", retry_after=retry_after or 1.0)
+    if status == 404:
+        return UpstreamError("the Ray pool's HTTP ingress has no such application (check route_prefix)")
+    return UpstreamError(f"the Ray pool's HTTP ingress answered {status}")

@@ -1,0 +1,223 @@
+"""The HTTP server under `serve`: aiohttp's, with bounds on slow clients, and the loopback check.
+
+aiohttp bounds idle keep-alive connections (keepalive_timeout) but has no limit on how long a request
+head may take to arrive, nor on a body that stops arriving. `GuardedRequestHandler` adds both to aiohttp's
+RequestHandler (the asyncio protocol of one connection):
+
+- header_timeout: from the moment the server waits for a request (the connection opened, or the first
+  byte of the next request on a keep-alive connection) its whole head must arrive within this many
+  seconds; otherwise the connection gets a 408 and is closed (a client trickling a head byte by byte).
+- body_timeout: while a handler runs and the request body is not complete, a client that sends nothing for
+  this many seconds has the body end with an error (the proxy answers 400) and the connection closed.
+  Time when the server itself stopped reading (flow control: the handler is not consuming) does not count.
+- keepalive_timeout: aiohttp's own: an idle keep-alive connection is closed after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+log = logging.getLogger("proxy")
+
+_TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout: float = 10
+    body_timeout: float = 30
+    keepalive_timeout: float = 15
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's RequestHandler with a deadline for each request head and a bound on a stalled body."""
+
+    __slots__ = ("_limits", "_head_timer", "_head_count", "_body_timer", "_body", "_last_read")
+
+    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_count = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body = None  # the payload (StreamReader) of the request being received
+        self._last_read = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._body = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count
+        super().data_received(data)
+        self._last_read = self._loop.time()
+        if self._request_count != parsed:  # a head arrived (or a malformed one, which aiohttp answers 400)
+            self._stop_head_timer()
+            payload = self._messages[-1][1] if self._messages else None
+            if payload is not None and not payload.is_eof():
+                self._watch_body(payload)
+        elif data and self._head_timer is None and self._waiting_for_request():
+            self._start_head_timer()  # the first bytes of the next request on a keep-alive connection
+
+    def _waiting_for_request(self) -> bool:
+        return self._waiter is not None and not self._waiter.done() and not self._request_in_progress
+
+    # ---- the request head -------------------------------------------------------------------------
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self._head_count = self._request_count
+        self._head_timer = self._loop.call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._request_count != self._head_count or self._request_in_progress:
+            return
+        log.debug("closing a connection from %s: no complete request head within %g s",
+                  self.peername, self._limits.header_timeout)
+        with contextlib.suppress(Exception):
+            self.transport.write(_TIMEOUT_408)
+        self.force_close()
+
+    # ---- the request body -------------------------------------------------------------------------
+
+    def _watch_body(self, payload) -> None:
+        self._body = payload
+        if self._body_timer is None:
+            self._body_timer = self._loop.call_later(self._limits.body_timeout, self._check_body)
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        payload = self._body
+        if payload is None or payload.is_eof() or self.transport is None:
+            self._body = None
+            return
+        now = self._loop.time()
+        if self._reading_paused or self._buffer_paused:  # the server holds the body back, not the client
+            self._last_read = now
+        quiet = now - self._last_read
+        request = self._current_request
+        if quiet < self._limits.body_timeout or request is None or request.content is not payload:
+            # Still arriving, or no handler is reading it yet (queued behind another request): look again.
+            wait = max(self._limits.body_timeout - quiet, 0.05)
+            self._body_timer = self._loop.call_later(wait, self._check_body)
+            return
+        log.info("request body from %s stalled: nothing for %g s; ending it", self.peername, quiet)
+        self._body = None
+        self.close()  # read nothing more from this connection, and close it once the handler answers
+        payload.set_exception(RequestPayloadError(
+            f"the request body stalled: no data for {self._limits.body_timeout:g} s"))
+        payload.feed_eof()  # nothing left to wait for (aiohttp would otherwise linger over the rest)
+
+
+class GuardedServer(web.Server):
+    """web.Server whose connections are GuardedRequestHandlers."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """web.AppRunner serving through GuardedServer: the app's startup, shutdown and cleanup as usual."""
+
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any):
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # starts the app and builds aiohttp's own Server
+        return GuardedServer(plain.request_handler, request_factory=plain.request_factory,
+                             handler_cancellation=plain.handler_cancellation, loop=plain._loop,
+                             limits=self.limits, **plain._kwargs)
+
+
+async def _serve(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
+                 shutdown_timeout: float, on_ready: Callable[[], None]) -> None:
+    # handler_cancellation: a client that hangs up cancels its request, and with it a local GPU job.
+    runner = GuardedAppRunner(app, limits, handle_signals=True, shutdown_timeout=shutdown_timeout,
+                              handler_cancellation=True)
+    await runner.setup()
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        on_ready()
+        await asyncio.Event().wait()  # until SIGINT / SIGTERM (GracefulExit) or cancellation
+    finally:
+        await runner.cleanup()
+
+
+def run(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
+        shutdown_timeout: float, on_ready: Callable[[], None]) -> None:
+    """web.run_app for already-bound sockets, with the slow-client bounds; returns after SIGINT/SIGTERM."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, sockets, limits, shutdown_timeout=shutdown_timeout,
+                                   on_ready=on_ready))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            for tasks in ({main}, asyncio.all_tasks(loop)):
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+# ---- the loopback check -------------------------------------------------------------------------
+
+
+def _loopback_address(text: str) -> bool:
+    addr = ipaddress.ip_address(text.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def is_loopback(host: str) -> bool | None:
+    """Whether every address `host` stands for is loopback (127.0.0.0/8, ::1, "localhost"); None when the
+    name does not resolve (listening on it fails anyway, with its own message)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if not name:
+        return False  # every interface
+    if name == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return _loopback_address(name)
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    return bool(infos) and all(_loopback_address(str(info[4][0])) for info in infos)

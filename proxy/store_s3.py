@@ -1,0 +1,232 @@
+"""The image store in an S3-compatible bucket (AWS S3, MinIO, Cloudflare R2, Ceph, ...), through obstore.
+
+url answers are presigned GET links that expire with the store's TTL, or (serve_via_proxy) links to the
+proxy's own /images/<name>, streamed from the bucket. A sweeper deletes objects older than the TTL, so a
+bucket needs no lifecycle rule (one that also removes the leftovers of a crashed process is still wise:
+see the README). Every failure to reach the bucket is a StoreUnavailable (503 store_unavailable).
+
+obstore (the Rust object_store crate) does the I/O on its own threads: uploads and downloads never
+hold the event loop, and signing is local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
+
+if TYPE_CHECKING:
+    from .config import StoreConfig
+
+log = logging.getLogger(__name__)
+
+# SigV4 presigned links live at most 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+# Objects are streamed to clients in chunks of about this size.
+STREAM_CHUNK = 256 * 1024
+
+
+def _obstore():
+    try:
+        import obstore
+        import obstore.store
+    except ImportError:  # pragma: no cover - the message is the point
+        raise RuntimeError("store.kind: s3 needs the obstore package: pip install 'qwen-image-proxy[s3]'") from None
+    return obstore
+
+
+class S3Store:
+    """Images as objects `<prefix><name>` in one bucket."""
+
+    def __init__(self, bucket: str, *, ttl_seconds: float, endpoint_url: str | None = None,
+                 region: str | None = None, prefix: str = "", access_key_id: str | None = None,
+                 secret_access_key: str | None = None, presign: bool = True, public_url: str | None = None,
+                 serve_via_proxy: bool = False, timeout: float = 30):
+        self.bucket = bucket
+        self.ttl = ttl_seconds
+        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
+        self.region = region
+        self.prefix = prefix.lstrip("/")
+        self.presign = presign
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.serve_via_proxy = serve_via_proxy
+        self.timeout = timeout
+        # Kept only to take them out of messages that reach logs (never out of this object otherwise).
+        self._secrets = [s for s in (access_key_id, secret_access_key) if s]
+        self._access_key_id = access_key_id
+        self._secret_access_key = secret_access_key
+        self._store: Any = None
+        self._sweeper: asyncio.Task | None = None
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, env: dict[str, str] | None = None) -> S3Store:
+        env = os.environ if env is None else env
+        key_id = env.get(config.access_key_id_env) if config.access_key_id_env else None
+        secret = env.get(config.secret_access_key_env) if config.secret_access_key_env else None
+        return cls(config.bucket, ttl_seconds=config.ttl_seconds, endpoint_url=config.endpoint_url,
+                   region=config.region, prefix=config.prefix, access_key_id=key_id, secret_access_key=secret,
+                   presign=config.presign, public_url=config.public_url, serve_via_proxy=config.serve_via_proxy,
+                   timeout=config.timeout)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def _client(self):
+        obstore = _obstore()
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint"] = self.endpoint_url
+        if self.region:
+            options["region"] = self.region
+        elif self.endpoint_url:
+            options["region"] = "us-east-1"  # MinIO and friends ignore it, but SigV4 needs one
+        if self._access_key_id and self._secret_access_key:
+            options["access_key_id"] = self._access_key_id
+            options["secret_access_key"] = self._secret_access_key
+        client_options = {
+            "timeout": timedelta(seconds=self.timeout),
+            "connect_timeout": timedelta(seconds=min(self.timeout, 5)),
+            "allow_http": bool(self.endpoint_url and self.endpoint_url.startswith("http://")),
+        }
+        # One quick retry at most: the router has already spent the client's time making the images.
+        retry = {"max_retries": 1, "retry_timeout": timedelta(seconds=self.timeout),
+                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=1),
+                             "base": 2.0}}
+        return obstore.store.S3Store(self.bucket, prefix=self.prefix or None, client_options=client_options,
+                                     retry_config=retry, **options)
+
+    async def start(self) -> None:
+        if self._store is None:
+            self._store = self._client()
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._store is not None:
+            self._store = None
+            # obstore's connection pool winds down on its own runtime threads once the client is dropped;
+            # a process that exits in that very moment can abort (SIGABRT) in interpreter teardown.
+            # A short pause lets it finish (measured: 20% of quick exits aborted without it, none with 10 ms).
+            await asyncio.sleep(0.05)
+
+    @property
+    def client(self):
+        if self._store is None:
+            self._store = self._client()
+        return self._store
+
+    # ---- the interface --------------------------------------------------------------------------
+
+    async def put(self, data: bytes, mime: str) -> str:
+        obstore = _obstore()
+        name = new_name(mime)
+        try:
+            await asyncio.wait_for(
+                obstore.put_async(self.client, name, data, attributes={"Content-Type": mime}, use_multipart=False),
+                self.timeout + 5)
+        except Exception as e:
+            raise self._unavailable("save images to", e) from None
+        return name
+
+    async def url_for(self, name: str, base_url: str) -> str:
+        if self.serve_via_proxy:
+            return proxy_url(base_url, name)
+        if not self.presign:
+            base = self.public_url or self._path_style_url()
+            return f"{base}/{self.prefix}{name}"
+        obstore = _obstore()
+        seconds = max(1, min(MAX_PRESIGN_SECONDS, math.ceil(self.ttl)))
+        try:
+            return await obstore.sign_async(self.client, "GET", name, timedelta(seconds=seconds))
+        except Exception as e:
+            raise self._unavailable("sign links to", e) from None
+
+    async def open(self, name: str) -> StoredImage | None:
+        if not valid_name(name):
+            return None
+        obstore = _obstore()
+        try:
+            result = await asyncio.wait_for(obstore.get_async(self.client, name), self.timeout)
+        except Exception as e:
+            if _is_not_found(e):
+                return None
+            raise self._unavailable("read images from", e) from None
+        meta = result.meta
+        if time.time() - meta["last_modified"].timestamp() > self.ttl:
+            with contextlib.suppress(Exception):
+                await obstore.delete_async(self.client, name)
+            return None
+        content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
+        return StoredImage(content_type=content_type, size=meta["size"], chunks=self._chunks(result))
+
+    async def _chunks(self, result) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in result.stream(min_chunk_size=STREAM_CHUNK):
+                yield bytes(chunk)
+        except Exception as e:
+            # Headers are out already: the connection is cut, which the client sees as a failed download.
+            raise self._unavailable("read images from", e) from None
+
+    # ---- expiry ---------------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Delete objects under the prefix older than the TTL; returns how many."""
+        obstore = _obstore()
+        cutoff = time.time() - self.ttl
+        removed = 0
+        try:
+            async for batch in obstore.list(self.client, chunk_size=500):
+                old = [m["path"] for m in batch if m["last_modified"].timestamp() < cutoff]
+                if old:
+                    await obstore.delete_async(self.client, old)
+                    removed += len(old)
+        except Exception as e:
+            raise self._unavailable("sweep", e) from None
+        return removed
+
+    async def _sweep_forever(self) -> None:
+        interval = min(max(self.ttl / 4, 1), 300)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await self.sweep()
+                if removed:
+                    log.debug("image store: removed %d expired objects", removed)
+            except StoreUnavailable:
+                pass  # logged by _unavailable; the next round tries again
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _path_style_url(self) -> str:
+        if self.endpoint_url:
+            return f"{self.endpoint_url}/{self.bucket}"
+        region = self.region or "us-east-1"
+        return f"https://{self.bucket}.s3.{region}.amazonaws.com"
+
+    def _unavailable(self, what: str, error: BaseException) -> StoreUnavailable:
+        detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        for secret in self._secrets:
+            detail = detail.replace(secret, "[redacted]")
+        log.warning("image store: cannot %s bucket %s: %s: %s", what, self.bucket, type(error).__name__, detail)
+        return StoreUnavailable(f"The image store (bucket '{self.bucket}') is unavailable: the proxy could not "
+                                f"{what} it. Retry shortly.")
+
+
+def _is_not_found(error: BaseException) -> bool:
+    try:
+        from obstore.exceptions import NotFoundError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(error, NotFoundError | FileNotFoundError)

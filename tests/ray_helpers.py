@@ -1,0 +1,81 @@
+"""Helpers for the Ray pool tests: a local cluster with a two-replica pool, replica stats, killing one."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+
+APP = "qip-test"
+ROUTE = "/qip-test"
+# The pool the tests run: the tiny model, two CPU replicas on this 2-core machine. max_ongoing_requests
+# is above what one engine holds (max_queue + max_batch = 5), so a flood reaches the engines' queue
+# limit (429) rather than waiting in Serve's.
+ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3}
+POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 16}
+
+
+@dataclass
+class Pool:
+    http_url: str
+    handle: object
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_pool() -> Pool:
+    """ray.init on this machine, Serve with HTTP on a free loopback port, the pool deployed and running."""
+    import ray
+    from ray import serve
+
+    from local_backend.ray_app import build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_app(POOL), name=APP, route_prefix=ROUTE)
+    return Pool(http_url=f"http://127.0.0.1:{port}", handle=handle)
+
+
+def stop_pool() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+async def pool_stats(handle, rounds: int = 12) -> dict[str, dict]:
+    """Every running replica's stats: Serve sends each call to the less busy of two replicas, so a few
+    concurrent calls reach them all."""
+    results = await asyncio.gather(*(handle.stats.remote() for _ in range(rounds)))
+    return {r["replica"]: r for r in results}
+
+
+async def wait_pool(handle, predicate, timeout: float = 30.0) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await pool_stats(handle)
+        if predicate(stats):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pool condition not reached in time: {stats}")
+        await asyncio.sleep(0.2)
+
+
+def replica_actor_names(app: str = APP) -> list[tuple[str, str]]:
+    import ray
+
+    return [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+
+
+def kill_replica(name: str, namespace: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

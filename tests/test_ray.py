@@ -1,0 +1,251 @@
+"""The `ray` kind: a real Ray cluster on this machine, a two-replica Serve pool of the tiny model
+(local_backend.ray_app), and the proxy in front of it through a Serve handle and over Serve's HTTP ingress.
+
+The pool tests carry the `ray` marker (pytest -m ray); the first few tests are pure (the wire format,
+the options, the Serve config) and need no ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import io
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+from openai import RateLimitError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from local_backend import GenerationParams, LoraSpec  # noqa: E402
+from local_backend.ray_app import (  # noqa: E402
+    deployment_options,
+    error_reply,
+    params_from_wire,
+    params_to_wire,
+    serve_application,
+)
+from proxy import parse_config  # noqa: E402
+from proxy.app import GATEWAY  # noqa: E402
+from proxy.providers import build_providers  # noqa: E402
+
+from .conftest import base_config  # noqa: E402
+from .ray_helpers import APP, ENGINE, POOL, ROUTE, kill_replica, pool_stats, replica_actor_names, wait_pool  # noqa: E402
+
+MODEL = "tiny"
+TINY_SIZES = {"default": "64x64", "max_side": 256, "tiers": {"0.004": {"1:1": "64x64"}}}
+
+
+# ---- pure: options, wire format, Serve config --------------------------------------------------------
+
+
+def ray_config(tmp_path, provider: dict | None = None, **overrides) -> dict:
+    cfg = base_config(tmp_path, **overrides)
+    cfg["providers"]["pool"] = {"kind": "ray", "app_name": APP, "route_prefix": ROUTE, "status_interval": 0.5,
+                                **POOL, **(provider or {})}
+    cfg["size_tables"]["tiny"] = copy.deepcopy(TINY_SIZES)
+    cfg["models"] = {MODEL: {"sizes": "tiny", "routes": ["pool"]}}
+    return cfg
+
+
+def test_options_are_strict(tmp_path):
+    providers = build_providers(parse_config(ray_config(tmp_path), env={}))
+    pool = providers["pool"]
+    assert pool.deployment["num_replicas"] == 2 and pool.deployment["max_ongoing_requests"] == 16
+    assert pool.capabilities.max_images_per_call == ENGINE["max_batch"]
+    with pytest.raises(Exception, match="modle"):
+        build_providers(parse_config(ray_config(tmp_path, {"engine": {"modle": "tiny"}}), env={}))
+    with pytest.raises(Exception, match="either num_replicas"):
+        build_providers(parse_config(ray_config(tmp_path, {"max_replicas": 4}), env={}))
+    with pytest.raises(Exception, match="replicas"):
+        parse_config(ray_config(tmp_path, {"replicas": 4}), env={})
+    scaled = deployment_options({"engine": {"model": "Qwen/Qwen-Image"}, "min_replicas": 0, "max_replicas": 8})
+    assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 8, "target_ongoing_requests": 4.0}
+    assert scaled["ray_actor_options"] == {"num_gpus": 1}  # one GPU per replica unless on the CPU
+    assert scaled["max_ongoing_requests"] == 16 + 4
+
+
+def test_wire_round_trip():
+    mask = Image.new("LA", (8, 8))
+    params = GenerationParams("a fox", width=64, height=48, seed=5, n=2, loras=[LoraSpec("style", 0.5)],
+                              images=[Image.new("RGB", (8, 8), (1, 2, 3))], mask=mask, partial_images=2,
+                              deadline=time.monotonic() + 30, on_partial=lambda *a: None)
+    wire = params_to_wire(params)
+    assert "on_partial" not in wire and "on_step" not in wire and "cfg_scale" not in wire  # defaults stay home
+    assert isinstance(wire["images"][0], bytes) and abs(wire["deadline"] - (time.time() + 30)) < 1
+    back = params_from_wire(wire)
+    assert (back.prompt, back.width, back.height, back.seed, back.n) == ("a fox", 64, 48, 5, 2)
+    assert back.loras == [LoraSpec("style", 0.5)] and back.images[0].getpixel((0, 0)) == (1, 2, 3)
+    assert back.mask.mode == "LA" and abs(back.deadline - (time.monotonic() + 30)) < 1
+    assert back.on_partial is None and back.partial_images == 2  # only the stream method makes previews
+    from local_backend import InvalidParamsError, QueueFullError
+
+    with pytest.raises(InvalidParamsError, match="future_field"):
+        params_from_wire({"prompt": "x", "future_field": 1})
+    assert error_reply(QueueFullError(retry_after=2.5))["type"] == "queue_full"
+
+
+def test_serve_config_for_kuberay(tmp_path, capsys):
+    import yaml
+
+    from proxy.cli import main
+
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(ray_config(tmp_path)))
+    main(["ray-serve", "--config", str(path), "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    app = printed["applications"][0]
+    assert app["import_path"] == "local_backend.ray_app:build_app" and app["route_prefix"] == ROUTE
+    assert app == serve_application(APP, POOL, ROUTE)
+
+
+# ---- a real pool ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_pool():
+    pytest.importorskip("ray.serve")
+    from .ray_helpers import start_pool, stop_pool
+
+    pool = start_pool()
+    yield pool
+    stop_pool()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process engine on the same tiny model: what the pool must answer."""
+    from local_backend import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(**ENGINE))
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def b64_pixels(item) -> np.ndarray:
+    return pixels(base64.b64decode(item.b64_json))
+
+
+async def start(start_proxy, tmp_path, provider: dict | None = None, **overrides):
+    server, client = await start_proxy(ray_config(tmp_path, provider, **overrides))
+    pool = server.app[GATEWAY].providers["pool"]
+    assert await pool.wait_ready(60), pool.unavailable_reason
+    return server, client, pool
+
+
+async def generate(client, prompt="a red fox", **extra):
+    return await client.images.generate(model=MODEL, prompt=prompt, size="64x64", response_format="b64_json",
+                                        n=extra.pop("n", 1), extra_body=extra or None)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("transport", ["handle", "http"])
+async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_path, transport):
+    provider = {"transport": transport}
+    if transport == "http":
+        provider["http_url"] = ray_pool.http_url
+    server, client, pool = await start(start_proxy, tmp_path, provider)
+    r = await generate(client, n=2, seed=7, num_inference_steps=3, cfg_scale=2.0, negative_prompt="blur")
+    expected = reference.generate_sync(GenerationParams("a red fox", width=64, height=64, seed=7, n=2,
+                                                        num_inference_steps=3, cfg_scale=2.0, negative_prompt="blur"))
+    for item, image in zip(r.data, expected.images, strict=True):
+        want = np.asarray(image.convert("RGB")).astype(np.int16)
+        assert int(np.abs(b64_pixels(item) - want).max()) <= 1
+    # /ready and /metrics show the pool.
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.make_url("/ready")) as resp:
+            route = (await resp.json())["models"][MODEL]["routes"][0]
+        async with s.get(server.make_url("/metrics")) as resp:
+            metrics = await resp.text()
+    assert route["transport"] == transport and route["replicas"] == {"RUNNING": 2}
+    assert sum(s["served"] for s in route["replica_stats"].values()) >= 1
+    assert 'qip_local_queue_depth{provider="pool"}' in metrics
+
+
+@pytest.mark.ray
+async def test_requests_spread_over_both_replicas(ray_pool, start_proxy, tmp_path):
+    _, client, pool = await start(start_proxy, tmp_path)
+    served_before = {rid: s["served"] for rid, s in pool.replicas.items()}
+    results = await asyncio.gather(*(generate(client, f"fox {i}", seed=i, num_inference_steps=6) for i in range(8)))
+    assert all(len(r.data) == 1 for r in results)
+    served = {rid: s["served"] - served_before.get(rid, 0) for rid, s in pool.replicas.items()}
+    assert sum(served.values()) == 8
+    assert len([n for n in served.values() if n > 0]) == 2, served  # each replica made some
+
+
+@pytest.mark.ray
+async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp_path):
+    _, client, _ = await start(start_proxy, tmp_path)
+    stream = await client.images.generate(model=MODEL, prompt="a kite", size="64x64", stream=True,
+                                          partial_images=2, extra_body={"seed": 3, "num_inference_steps": 4})
+    events = [event async for event in stream]
+    kinds = [e.type for e in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert pixels(base64.b64decode(events[-1].b64_json)).shape == (64, 64, 3)
+
+
+@pytest.mark.ray
+async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path):
+    server, _, _ = await start(start_proxy, tmp_path)
+    before = sum(s["cancelled"] for s in (await pool_stats(ray_pool.handle)).values())
+    body = {"model": MODEL, "prompt": "slow", "size": "64x64", "num_inference_steps": 1000}
+
+    async def post():
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                        headers={"Authorization": "Bearer test"}) as resp:
+            await resp.read()
+
+    task = asyncio.create_task(post())
+    await asyncio.sleep(1.5)  # routed and running in a replica
+    task.cancel()  # the client hangs up
+    await asyncio.gather(task, return_exceptions=True)
+    stats = await wait_pool(ray_pool.handle, lambda st: sum(s["cancelled"] for s in st.values()) > before)
+    assert all(s["queue_depth"] == 0 for s in stats.values())
+
+
+@pytest.mark.ray
+async def test_full_queues_are_429_with_retry_after(ray_pool, start_proxy, tmp_path):
+    _, client, _ = await start(start_proxy, tmp_path, routing={"retries": 0})
+    tasks = [asyncio.create_task(generate(client, f"flood {i}", num_inference_steps=300)) for i in range(14)]
+    try:
+        # Each engine holds a running call and 3 waiting jobs: 14 requests on 2 replicas overflow both.
+        done, _ = await asyncio.wait(tasks, timeout=20, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [t.exception() for t in done if t.exception() is not None]
+        assert errors and all(isinstance(e, RateLimitError) for e in errors), errors
+        assert float(errors[0].response.headers["retry-after"]) >= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # The hang-ups cancel every job: the pool is idle again.
+    await wait_pool(ray_pool.handle, lambda st: all(s["queue_depth"] == 0 for s in st.values()))
+
+
+@pytest.mark.ray
+async def test_a_killed_replica_loses_no_request(ray_pool, start_proxy, tmp_path):
+    """Last: it leaves the pool with one replica until Serve has started a new one."""
+    _, client, pool = await start(start_proxy, tmp_path)
+    calls = [client.images.with_raw_response.generate(model=MODEL, prompt=f"k{i}", size="64x64",
+                                                       response_format="b64_json",
+                                                       extra_body={"seed": i, "num_inference_steps": 40})
+             for i in range(4)]
+    tasks = [asyncio.create_task(c) for c in calls]
+    await asyncio.sleep(1.0)  # two on each replica, running or waiting
+    name, namespace = replica_actor_names()[0]
+    kill_replica(name, namespace)
+    raws = await asyncio.gather(*tasks)
+    assert all(len(raw.parse().data) == 1 for raw in raws)
+    # The victim's requests failed there and were retried on the other replica.
+    assert max(int(raw.headers["x-qip-attempts"]) for raw in raws) >= 2
