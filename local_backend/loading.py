@@ -104,10 +104,12 @@ def _declared_class(source: str, local_only: bool) -> str | None:
     """The pipeline class a model declares in its model_index.json (None when it cannot be read here)."""
     try:
         if Path(source).is_dir():
-            return json.loads((Path(source) / "model_index.json").read_text()).get("_class_name")
-        from diffusers import DiffusionPipeline
+            index = Path(source) / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
 
-        return DiffusionPipeline.load_config(source, local_files_only=local_only).get("_class_name")
+            index = Path(hf_hub_download(source, "model_index.json", local_files_only=local_only))
+        return json.loads(index.read_text()).get("_class_name")
     except Exception:  # from_pretrained will say what is wrong
         return None
 

@@ -112,7 +112,7 @@ def _reason(e: OSError) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .app import build_app
-    from .server import ConnectionLimits, is_loopback, run
+    from .server import ConnectionLimits, all_loopback, run
 
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
@@ -120,16 +120,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log = logging.getLogger("proxy")
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
-    # No keys: loopback only, unless the operator says otherwise (then a warning on every start).
-    open_to_network = not config.server.api_keys and is_loopback(host) is False
-    if open_to_network and not config.server.allow_unauthenticated:
-        _fail(f"refusing to listen on {_where(host, port)} without API keys: set server.api_keys, listen on "
-              "127.0.0.1, or set server.allow_unauthenticated: true")
     try:
         sockets = listen(host, port)
     except OSError as e:
         _fail(f"cannot listen on {_where(host, port)}: {_reason(e)}")
     port = sockets[0].getsockname()[1]  # the one the system picked, for port 0
+    # No keys: loopback only (the addresses bound, so names count by what they resolve to), unless the
+    # operator says otherwise, and then with a warning on every start.
+    open_to_network = not config.server.api_keys and not all_loopback(sockets)
+    if open_to_network and not config.server.allow_unauthenticated:
+        for sock in sockets:  # closed before anything is served
+            sock.close()
+        _fail(f"refusing to serve on {_where(host, port)} without API keys: set server.api_keys, listen on "
+              "127.0.0.1, or set server.allow_unauthenticated: true")
     if open_to_network:
         log.warning("listening on %s without API keys (server.allow_unauthenticated): anyone who can reach "
                     "it can use it", _where(host, port))

@@ -206,18 +206,7 @@ def _loopback_address(text: str) -> bool:
     return addr.is_loopback
 
 
-def is_loopback(host: str) -> bool | None:
-    """Whether every address `host` stands for is loopback (127.0.0.0/8, ::1, "localhost"); None when the
-    name does not resolve (listening on it fails anyway, with its own message)."""
-    name = host.strip().strip("[]").rstrip(".").lower()
-    if not name:
-        return False  # every interface
-    if name == "localhost":
-        return True
-    with contextlib.suppress(ValueError):
-        return _loopback_address(name)
-    try:
-        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return None
-    return bool(infos) and all(_loopback_address(str(info[4][0])) for info in infos)
+def all_loopback(sockets: list[socket.socket]) -> bool:
+    """Whether every socket is bound to a loopback address (127.0.0.0/8 or ::1; "localhost" resolves to
+    them); a socket on every interface (0.0.0.0, ::) or on any other address is not."""
+    return all(_loopback_address(str(sock.getsockname()[0])) for sock in sockets)

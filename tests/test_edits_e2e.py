@@ -147,3 +147,27 @@ async def test_edit_stream_uses_image_edit_events(edit_proxy):
     events = [event async for event in stream]
     assert [e.type for e in events] == ["image_edit.completed"]
     assert decode(events[0].b64_json).size == (80, 64)
+
+
+async def test_placeholder_edits_offline(start_proxy, tmp_path):
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = SMALL_SIZES
+    cfg["models"]["edit-placeholder"] = {"sizes": "small", "routes": ["placeholder"], "max_input_images": 3}
+    _, client = await start_proxy(cfg)
+    source = Image.new("RGB", (64, 64), (0, 0, 255))
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    # The mask keeps the left half (opaque) and edits the right half (transparent).
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 0, 64, 64))
+    mbuf = io.BytesIO()
+    mask.save(mbuf, format="PNG")
+    r = await client.images.edit(model="edit-placeholder", image=buf.getvalue(), mask=mbuf.getvalue(),
+                                 prompt="paint it", response_format="b64_json", extra_body={"seed": 3})
+    out = decode(r.data[0].b64_json).convert("RGB")
+    assert out.size == (64, 64)
+    assert out.getpixel((5, 60)) == (0, 0, 255)  # kept: the mask is opaque there
+    assert out.getpixel((60, 60)) != (0, 0, 255)  # edited: tinted
+    again = await client.images.edit(model="edit-placeholder", image=buf.getvalue(), mask=mbuf.getvalue(),
+                                     prompt="paint it", response_format="b64_json", extra_body={"seed": 3})
+    assert again.data[0].b64_json == r.data[0].b64_json  # same input, prompt and seed: same image

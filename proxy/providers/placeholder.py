@@ -93,6 +93,32 @@ def check_work(width: int, height: int, n: int) -> None:
         )
 
 
+def draw_edit(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> Image.Image:
+    """The first input image, visibly changed: fitted to the size, tinted with the (prompt, seed) colour
+    (only where the mask is transparent, when there is one), with the prompt drawn on it."""
+    from ..output import fit
+
+    with Image.open(io.BytesIO(image)) as src:
+        base = fit(src.convert("RGB"), (width, height))
+    tint = Image.new("RGB", (width, height), _palette(prompt, seed)[0])
+    changed = Image.blend(base, tint, 0.45)
+    if mask is not None:
+        with Image.open(io.BytesIO(mask)) as m:
+            alpha = m.convert("RGBA").getchannel("A").resize((width, height), Image.Resampling.NEAREST)
+        # OpenAI's mask: transparent pixels are the area to edit.
+        changed = Image.composite(base, changed, alpha.point(lambda a: 255 if a > 0 else 0))
+    label = _draw(prompt, seed, max(1, width), max(1, height), f"edit {width}x{height}")
+    text_area = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(text_area).rectangle((0, 0, width, max(1, height // 6)), fill=255)
+    return Image.composite(label, changed, text_area)
+
+
+def render_edit_png(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> bytes:
+    out = io.BytesIO()
+    draw_edit(prompt, seed, width, height, image, mask).save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return out.getvalue()
+
+
 def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     out = io.BytesIO()
     draw_placeholder(prompt, seed, width, height).save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -103,7 +129,7 @@ class PlaceholderProvider(Provider):
     kind = "placeholder"
     # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
     options_schema = {"timeout": (float, {"gt": 0})}
-    capabilities = Capabilities(max_images_per_call=10)
+    capabilities = Capabilities(max_images_per_call=10, edits=True, masks=True)
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         check_work(req.width, req.height, req.n)
@@ -111,9 +137,13 @@ class PlaceholderProvider(Provider):
             req.with_chunk(1, i).seed if req.seed is not None else random.randint(0, SEED_MAX)
             for i in range(req.n)
         ]
-        datas = await asyncio.gather(
-            *(asyncio.to_thread(render_png, req.prompt, s, req.width, req.height) for s in seeds)
-        )
+        if req.is_edit:
+            mask = req.mask.data if req.mask is not None else None
+            jobs = [asyncio.to_thread(render_edit_png, req.prompt, s, req.width, req.height, req.images[0].data, mask)
+                    for s in seeds]
+        else:
+            jobs = [asyncio.to_thread(render_png, req.prompt, s, req.width, req.height) for s in seeds]
+        datas = await asyncio.gather(*jobs)
         return [
             GeneratedImage(data=d, mime="image/png", width=req.width, height=req.height, seed=s)
             for d, s in zip(datas, seeds, strict=True)
