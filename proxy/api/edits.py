@@ -82,7 +82,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
                              f"{first.width}x{first.height}; they must be the same size.", param="mask")
     size = None if parsed.size in (None, "auto") else parsed.size
     aspect = parsed.aspect_ratio
-    if size is None and aspect is None and parsed.resolution is None:
+    if size is None and aspect is None:
         aspect = f"{first.width}:{first.height}"  # the output follows the first image's shape
     width, height = resolve_size(table, size, aspect, parsed.resolution)
     check_work(table, width, height, parsed.n)

@@ -1,0 +1,205 @@
+"""The real `serve` against slow clients (raw sockets on loopback): a request head trickled byte by byte, a
+connection that says nothing, an idle keep-alive connection, a body that stalls; and the bind guard."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import base_config
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAD, BODY, IDLE = 1.0, 1.0, 2.0  # server.header_timeout, body_timeout, keepalive_timeout
+MARGIN = 1.5  # scheduling slack on a busy machine
+
+
+class Serving:
+    """`python -m proxy serve` in a subprocess; its output is collected by a thread (the pipe never fills)."""
+
+    def __init__(self, tmp_path: Path, server: dict, *args: str):
+        cfg = base_config(tmp_path)
+        cfg["server"] = server
+        path = tmp_path / "models.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), *args],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r"serving on (http://\S+)", line):
+                self.url = m.group(1)
+                self._started.set()
+        self._started.set()
+
+    def wait_started(self, timeout: float = 30) -> str:
+        self._started.wait(timeout)
+        assert self.url, "the server never said where it listens:\n" + "".join(self.lines)
+        return self.url
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory):
+    serving = Serving(tmp_path_factory.mktemp("slow"),
+                      {"header_timeout": HEAD, "body_timeout": BODY, "keepalive_timeout": IDLE}, "--port", "0")
+    try:
+        url = serving.wait_started()
+        yield int(url.rsplit(":", 1)[1])
+    finally:
+        assert serving.stop() == 0
+        assert "Traceback" not in "".join(serving.lines), "".join(serving.lines)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (monotonic)."""
+    data = b""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data, time.monotonic()
+        if not chunk:
+            return data, time.monotonic()
+        data += chunk
+    raise AssertionError(f"the connection was still open after {limit} s (got {data[:200]!r})")
+
+
+def response_of(data: bytes) -> tuple[int, bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def test_a_trickled_request_head_is_cut_off(port):
+    head = b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 500
+    with connect(port) as sock:
+        opened = time.monotonic()
+        closed_at, got = None, b""
+        for byte in head:  # one byte every 50 ms; bounded: HEAD + MARGIN at most
+            if time.monotonic() - opened > HEAD + MARGIN:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed_at = time.monotonic()
+                break
+            if select.select([sock], [], [], 0.05)[0]:
+                got, closed_at = read_until_closed(sock, MARGIN)
+                break
+        assert closed_at is not None, f"still open {HEAD + MARGIN} s into a trickled head"
+    assert HEAD - 0.2 <= closed_at - opened <= HEAD + MARGIN
+    assert got == b"" or got.startswith(b"HTTP/1.1 408 Request Timeout")
+
+
+def test_a_connection_that_sends_nothing_is_closed(port):
+    with connect(port) as sock:
+        opened = time.monotonic()
+        _, closed_at = read_until_closed(sock, HEAD + MARGIN)
+    assert closed_at - opened <= HEAD + MARGIN
+
+
+def test_an_idle_keepalive_connection_is_closed(port):
+    with connect(port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        length = int(re.search(rb"(?i)content-length: (\d+)", data).group(1))
+        while len(data.partition(b"\r\n\r\n")[2]) < length:
+            data += sock.recv(65536)
+        answered = time.monotonic()
+        assert response_of(data)[0] == 200
+        rest, closed_at = read_until_closed(sock, IDLE + MARGIN)
+    assert rest == b""
+    assert IDLE - 0.2 <= closed_at - answered <= IDLE + MARGIN
+
+
+def post_head(length: int) -> bytes:
+    return (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_a_stalled_body_is_a_400_and_the_connection_closes(port):
+    body = json.dumps({"model": "qwen-image-placeholder", "prompt": "p", "size": "64x64"}).encode()
+    with connect(port) as sock:
+        sock.sendall(post_head(len(body)) + body[:10])
+        stalled = time.monotonic()
+        data, closed_at = read_until_closed(sock, BODY + MARGIN)
+    assert closed_at - stalled <= BODY + MARGIN
+    status, payload = response_of(data)
+    assert status == 400
+    error = json.loads(payload)["error"]
+    assert error["code"] == "invalid_body" and "stalled" in error["message"]
+
+
+def test_a_slow_but_steady_body_is_served(port):
+    body = json.dumps({"model": "qwen-image-placeholder", "prompt": "p" * 50, "size": "64x64",
+                       "response_format": "b64_json"}).encode()
+    with connect(port) as sock:
+        sock.sendall(post_head(len(body)))
+        third = len(body) // 3
+        for piece in (body[:third], body[third:2 * third], body[2 * third:]):
+            time.sleep(BODY * 0.6)  # each gap shorter than body_timeout; the whole body takes longer
+            sock.sendall(piece)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+    assert response_of(data)[0] == 200
+
+
+# ---- the bind guard -------------------------------------------------------------------------------------
+
+
+def test_serve_without_keys_refuses_other_addresses_than_loopback(tmp_path):
+    serving = Serving(tmp_path, {}, "--host", "0.0.0.0", "--port", "0")
+    assert serving.proc.wait(timeout=30) == 1
+    serving.wait_started(timeout=0) if False else None
+    time.sleep(0.1)  # the reader thread has the last line
+    lines = [line.rstrip("\n") for line in serving.lines]
+    assert len(lines) == 1 and re.fullmatch(
+        r"error: refusing to serve on 0\.0\.0\.0:\d+ without API keys: set server\.api_keys, listen on "
+        r"127\.0\.0\.1, or set server\.allow_unauthenticated: true", lines[0]), lines
+
+
+def test_allow_unauthenticated_starts_with_a_warning(tmp_path):
+    # Bound to every interface only for a moment; no traffic is sent anywhere.
+    serving = Serving(tmp_path, {"allow_unauthenticated": True}, "--host", "0.0.0.0", "--port", "0")
+    try:
+        url = serving.wait_started()
+        assert url.startswith("http://0.0.0.0:")
+        warnings = [line for line in serving.lines if "WARNING" in line and "without API keys" in line]
+        assert len(warnings) == 1 and "server.allow_unauthenticated" in warnings[0]
+    finally:
+        assert serving.stop() == 0
