@@ -5,6 +5,8 @@ Usable on its own::
     from local_backend import Engine, EngineConfig, GenerationParams
     with Engine(EngineConfig(model="tiny")) as engine:
         result = engine.generate_sync(GenerationParams("a cat", width=256, height=256))
+    with Engine(EngineConfig(model="tiny-edit", task="edit")) as engine:  # edits: 1-3 input images
+        edited = engine.generate_sync(GenerationParams("make it red", 256, 256, images=result.images))
 
 Importing this package does not import torch or diffusers; loading a pipeline does.
 """
@@ -19,7 +21,7 @@ from .errors import (
     LoraError,
     QueueFullError,
 )
-from .tiny import build_tiny_pipeline
+from .tiny import build_tiny_edit_pipeline, build_tiny_pipeline
 
 __all__ = [
     "DeadlineExceededError",
@@ -34,5 +36,6 @@ __all__ = [
     "LoraError",
     "LoraSpec",
     "QueueFullError",
+    "build_tiny_edit_pipeline",
     "build_tiny_pipeline",
 ]

@@ -121,17 +121,11 @@ def paste_kept(result: Image, original: Image, mask: Image) -> Image:
     Inside the mask, the first pixels from its edge blend softly into the original, so the seam does
     not show; outside it, the original comes back exactly.
     """
-    from PIL import ImageChops, ImageFilter
+    from PIL import Image, ImageChops, ImageFilter
 
     radius = max(1.0, min(result.size) / 256)
     soft = ImageChops.multiply(mask, mask.filter(ImageFilter.GaussianBlur(radius)))
-    return original.copy() if soft.getbbox() is None else _blend(result, original, soft)
-
-
-def _blend(result: Image, original: Image, weight: Image) -> Image:
-    from PIL import Image
-
-    return Image.composite(result, original, weight)
+    return Image.composite(result, original, soft)
 
 
 # ----- the processor -----

@@ -18,7 +18,8 @@ How, two methods (EngineConfig.preview):
   one). The fit is one small VAE encode and decode (about 0.1 s for the tiny model on a CPU).
   Cost per preview: a matrix product over h*w*C values and one resize.
 - "vae": the VAE decodes the estimate at half the latent resolution (a quarter of a full decode);
-  truer colours and detail, but a decoder pass per preview.
+  truer colours and detail, but a decoder pass per preview (and with offload: model, each one
+  moves the VAE onto the GPU and the transformer off it).
 
 The cost of both is measured by bench/bench_engine.py --partials.
 """
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("latent", "vae")
 MAX_PARTIALS = 3
 
 
@@ -72,7 +72,8 @@ class Previewer:
         sigma_next, sigma = float(sigmas[index]), float(sigmas[index - 1])
         if sigma_next == sigma:
             return latents
-        velocity = (latents - previous) / (sigma_next - sigma)
+        latents = latents.float()  # bf16 would lose the small difference between two steps
+        velocity = (latents - previous.float()) / (sigma_next - sigma)
         return latents - sigma_next * velocity
 
     # ----- rendering -----

@@ -13,8 +13,10 @@ Pool options (the same keys as a `kind: ray` provider in models.yaml; see POOL_O
     num_replicas:            a fixed pool (default 1) ...
     min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s:
                              ... or an autoscaled one (target_ongoing_requests defaults to max_batch)
-    max_ongoing_requests:    requests Serve sends one replica at once (default max_queue + max_batch)
-    max_queued_requests:     requests a caller's handle holds while every replica is busy (-1: no limit)
+    max_ongoing_requests:    requests Serve sends one replica at once (default 2 * max_batch, at most
+                             max_queue + max_batch); the rest wait in Serve, for the first free replica
+    max_queued_requests:     requests each caller holds while every replica is full (default -1, no
+                             limit: they wait for the deadline); past it a call fails at once (429)
     ray_actor_options:       default {num_gpus: 1}; {num_cpus: 1} for the tiny models or device cpu
     graceful_shutdown_timeout_s: how long a stopping replica may finish its jobs (default 60)
 
@@ -156,9 +158,12 @@ def deployment_options(options: dict | None) -> dict[str, Any]:
             raise ValueError("num_replicas must be at least 1")
         out["num_replicas"] = replicas
     ongoing = options.get("max_ongoing_requests")
-    # What one engine holds: a full queue plus the batch it runs. More would only be refused (429) by the
-    # engine, while Serve can hold them back for a replica that has room.
-    out["max_ongoing_requests"] = int(ongoing) if ongoing is not None else config.max_queue + config.max_batch
+    if ongoing is None:
+        # The batch a replica runs and the next one, waiting to join it: enough to keep its GPU busy and
+        # its batches full. Serve holds the rest and gives each to the first replica with room, a new
+        # one included (a job queued inside an engine stays there). Never more than the engine takes.
+        ongoing = min(2 * config.max_batch, config.max_queue + config.max_batch)
+    out["max_ongoing_requests"] = int(ongoing)
     if options.get("max_queued_requests") is not None:
         out["max_queued_requests"] = int(options["max_queued_requests"])
     actor = options.get("ray_actor_options")
@@ -365,6 +370,7 @@ class EngineReplica:
         self.engine.start()  # loads the pipeline (blocking: Serve waits for the constructor)
         self._lock = threading.Lock()
         self.counts = {"completed": 0, "failed": 0, "rejected": 0, "cancelled": 0, "expired": 0, "images": 0}
+        self.active = 0  # requests in this replica now (waiting or running)
         log.info("replica %s: %s loaded in %.1f s", self.replica_id, self.config.model, time.monotonic() - started)
 
     # ----- what callers use -----
@@ -409,13 +415,13 @@ class EngineReplica:
         """This replica's counters and queue (cheap: for /ready, /metrics and tests)."""
         with self._lock:
             counts = dict(self.counts)
-        return {"replica": self.replica_id, "queue_depth": self.engine.queue_depth, "model": self.config.model,
-                **counts}
+        return {"replica": self.replica_id, "queue_depth": self.engine.queue_depth, "active": self.active,
+                "model": self.config.model, **counts}
 
     def check_health(self) -> None:
         """Serve's health check: a closed engine or a dead worker thread restarts the replica."""
-        thread = self.engine._thread
-        if self.engine._closed or thread is None or not thread.is_alive():
+        thread = getattr(self.engine, "_thread", None)
+        if getattr(self.engine, "_closed", False) or thread is None or not thread.is_alive():
             raise RuntimeError("the engine's worker is not running")
 
     def close(self) -> None:
@@ -465,6 +471,13 @@ class EngineReplica:
                 "queue_depth": self.engine.queue_depth}
 
     async def _run(self, params: GenerationParams) -> dict:
+        self.active += 1  # on the replica's event loop only
+        try:
+            return await self._generate(params)
+        finally:
+            self.active -= 1
+
+    async def _generate(self, params: GenerationParams) -> dict:
         try:
             result = await self.engine.generate(params)
         except asyncio.CancelledError:  # the caller cancelled (deadline, client gone): the job is cancelled

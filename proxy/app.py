@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from PIL import Image
 
-from .api import admin, edits, generations
+from .api import admin, edits, generations, playground
 from .config import Config
 from .errors import (
     InvalidRequest,
@@ -203,7 +203,9 @@ class Gateway:
     def match(self, request: web.Request) -> Handler | None:
         """The handler for a request this gateway answers itself; None for anything else."""
         path = request.path
-        if path.startswith("/images/"):
+        if not self.mounted and playground.serves(path):
+            methods = {"GET": playground.handle, "HEAD": playground.handle}
+        elif path.startswith("/images/"):
             methods = {"GET": partial(admin.image_file, self), "HEAD": partial(admin.image_file, self)}
         elif path.startswith("/v1/images/"):
             methods = self._routes.get(path)
@@ -308,8 +310,9 @@ class Gateway:
         if request.path == f"{prefix}/metrics":
             self.policy.check_metrics_key(request.headers.get("Authorization"))
             return handler
-        if request.path.startswith(("/images/", *(f"{prefix}{p}" for p in OPEN_PATHS))):
-            return handler
+        if (request.path.startswith(("/images/", *(f"{prefix}{p}" for p in OPEN_PATHS)))
+                or (not self.mounted and playground.serves(request.path))):
+            return handler  # the page loads without a key; its API calls carry one
         if API_KEY in request:  # admitted already: an image call for a model served elsewhere, passed on
             return handler
         key = self.policy.identify(request.headers.get("Authorization"))
@@ -361,7 +364,9 @@ def configured_secrets(config: Config) -> list[str]:
 def _outcome(error: ProxyError) -> str:
     if isinstance(error, ShuttingDown):
         return "shutdown"
-    if error.status < 500 and error.status != 429:
+    if error.status == 429:
+        return "rate_limited"
+    if error.status < 500:
         return "client_error"
     return "timeout" if error.status == 504 else "failed"
 

@@ -222,7 +222,7 @@ def cmd_ray_serve(args: argparse.Namespace) -> None:
         serve.run(build_app(pool.pool_options), name=app["name"], route_prefix=app["route_prefix"])
         state = serve.status().applications[app["name"]]
         replicas = {str(k): v for d in state.deployments.values() for k, v in d.replica_states.items()}
-        print(f"{app['name']}: {state.status}, replicas {replicas}")
+        print(f"{app['name']}: {getattr(state.status, 'value', state.status)}, replicas {replicas}")
     print("the pools keep running after this command; `serve shutdown` (or `serve delete <app>`) removes them")
 
 

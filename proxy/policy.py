@@ -154,8 +154,8 @@ class KeyPolicy:
                 found = key
         if not given or found is None:
             raise AuthenticationFailed(
-                "Missing or invalid API key: send 'Authorization: Bearer <key>' with a key configured "
-                "under server.api_keys."
+                "Missing or invalid API key: send a key configured under server.api_keys as a Bearer token "
+                "in the Authorization header."
             )
         return found
 

@@ -120,17 +120,21 @@ class GuardedRequestHandler(RequestHandler):
             self._last_read = now
         quiet = now - self._last_read
         request = self._current_request
-        if quiet < self._limits.body_timeout or request is None or request.content is not payload:
-            # Still arriving, or no handler is reading it yet (queued behind another request): look again.
+        reading = request is not None and request.content is payload
+        if quiet < self._limits.body_timeout or (not reading and self._request_in_progress):
+            # Still arriving, or queued behind another request that is being handled: look again.
             wait = max(self._limits.body_timeout - quiet, 0.05)
             self._body_timer = self._loop.call_later(wait, self._check_body)
             return
-        log.info("request body from %s stalled: nothing for %g s; ending it", self.peername, quiet)
+        log.info("request body from %s stalled: nothing for %.1f s; ending it", self.peername, quiet)
         self._body = None
         self.close()  # read nothing more from this connection, and close it once the handler answers
-        payload.set_exception(RequestPayloadError(
-            f"the request body stalled: no data for {self._limits.body_timeout:g} s"))
-        payload.feed_eof()  # nothing left to wait for (aiohttp would otherwise linger over the rest)
+        if reading:  # the handler's read fails (the proxy answers 400)
+            payload.set_exception(RequestPayloadError(
+                f"the request body stalled: no data for {self._limits.body_timeout:g} s"))
+        # Nothing left to wait for: neither the handler nor aiohttp's draining of an unread body after the
+        # answer (up to 10 s) waits on the rest.
+        payload.feed_eof()
 
 
 class GuardedServer(web.Server):

@@ -14,6 +14,7 @@ ROUTE = "/qip-test"
 # limit (429) rather than waiting in Serve's.
 ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3}
 POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 16}
+EDIT_POOL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -59,10 +60,11 @@ class RedisServer:
         self.proc = None
 
     def pause(self) -> None:
-        self.proc.send_signal(19)  # SIGSTOP: the port stays open, nothing answers
+        self.proc.send_signal(signal.SIGSTOP)  # the port stays open, nothing answers
 
     def resume(self) -> None:
-        self.proc.send_signal(18)  # SIGCONT
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
 
 def redis_binary() -> str | None:
@@ -84,8 +86,7 @@ def redis_server():
     try:
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            server.resume()
+        server.resume()
         server.stop()
 
 

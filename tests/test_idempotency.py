@@ -47,6 +47,8 @@ def edit_config(tmp_path, **state) -> dict:
     cfg = base_config(tmp_path)
     cfg["models"][MODEL]["max_input_images"] = 2
     cfg["routing"] = {"retries": 0}
+    # A waiter that is never woken fails in seconds, not after the default 600.
+    cfg["server"] = {"request_timeout": 10}
     if state:
         cfg["state"] = state
     return cfg
@@ -155,7 +157,7 @@ async def test_waiters_run_again_when_the_first_attempt_fails(start_proxy, tmp_p
 
 
 async def test_keys_belong_to_the_client_that_sent_them(start_proxy, tmp_path):
-    server, provider = await start(start_proxy, tmp_path, server={"api_keys": ["key-a", "key-b"]})
+    server, provider = await start(start_proxy, tmp_path, server={"api_keys": ["key-a", "key-b"], "request_timeout": 10})
     status_a, _, body_a = await post(server, key="shared", auth="Bearer key-a")
     status_b, headers_b, body_b = await post(server, key="shared", auth="Bearer key-b")
     assert status_a == status_b == 200 and "Idempotent-Replayed" not in headers_b

@@ -36,7 +36,17 @@ from proxy.app import GATEWAY  # noqa: E402
 from proxy.providers import build_providers  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
-from .ray_helpers import APP, ENGINE, POOL, ROUTE, kill_replica, pool_stats, replica_actor_names, wait_pool  # noqa: E402
+from .ray_helpers import (  # noqa: E402
+    APP,
+    EDIT_POOL,
+    ENGINE,
+    POOL,
+    ROUTE,
+    kill_replica,
+    pool_stats,
+    replica_actor_names,
+    wait_pool,
+)
 
 MODEL = "tiny"
 TINY_SIZES = {"default": "64x64", "max_side": 256, "tiers": {"0.004": {"1:1": "64x64"}}}
@@ -68,7 +78,7 @@ def test_options_are_strict(tmp_path):
     scaled = deployment_options({"engine": {"model": "Qwen/Qwen-Image"}, "min_replicas": 0, "max_replicas": 8})
     assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 8, "target_ongoing_requests": 4.0}
     assert scaled["ray_actor_options"] == {"num_gpus": 1}  # one GPU per replica unless on the CPU
-    assert scaled["max_ongoing_requests"] == 16 + 4
+    assert scaled["max_ongoing_requests"] == 2 * 4  # two batches; Serve holds the rest
 
 
 def test_wire_round_trip():
@@ -197,10 +207,12 @@ async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp
 
 
 @pytest.mark.ray
-async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path):
-    server, _, _ = await start(start_proxy, tmp_path)
+@pytest.mark.parametrize("transport", ["handle", "http"])
+async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path, transport):
+    provider = {"transport": transport, "http_url": ray_pool.http_url}
+    server, _, _ = await start(start_proxy, tmp_path, provider)
     before = sum(s["cancelled"] for s in (await pool_stats(ray_pool.handle)).values())
-    body = {"model": MODEL, "prompt": "slow", "size": "64x64", "num_inference_steps": 1000}
+    body = {"model": MODEL, "prompt": "slow", "size": "64x64", "num_inference_steps": 500}
 
     async def post():
         async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
@@ -208,11 +220,12 @@ async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_pat
             await resp.read()
 
     task = asyncio.create_task(post())
-    await asyncio.sleep(1.5)  # routed and running in a replica
+    await wait_pool(ray_pool.handle, lambda st: sum(s["active"] for s in st.values()) == 1)  # in a replica
+    await asyncio.sleep(0.3)  # and running there
     task.cancel()  # the client hangs up
     await asyncio.gather(task, return_exceptions=True)
-    stats = await wait_pool(ray_pool.handle, lambda st: sum(s["cancelled"] for s in st.values()) > before)
-    assert all(s["queue_depth"] == 0 for s in stats.values())
+    await wait_pool(ray_pool.handle, lambda st: sum(s["cancelled"] for s in st.values()) > before
+                    and sum(s["active"] for s in st.values()) == 0)
 
 
 @pytest.mark.ray
@@ -231,6 +244,49 @@ async def test_full_queues_are_429_with_retry_after(ray_pool, start_proxy, tmp_p
         await asyncio.gather(*tasks, return_exceptions=True)
     # The hang-ups cancel every job: the pool is idle again.
     await wait_pool(ray_pool.handle, lambda st: all(s["queue_depth"] == 0 for s in st.values()))
+
+
+@pytest.fixture(scope="module")
+def edit_pool(ray_pool):
+    """A second application: the tiny edit model, one replica."""
+    from ray import serve
+
+    from local_backend.ray_app import build_app
+
+    options = {**EDIT_POOL, "engine": {**ENGINE, "model": "tiny-edit", "task": "edit"}}
+    serve.run(build_app(options), name=f"{APP}-edit", route_prefix=f"{ROUTE}-edit")
+    yield options
+    serve.delete(f"{APP}-edit")
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.ray
+async def test_an_edit_with_a_mask_through_the_pool(edit_pool, start_proxy, tmp_path):
+    provider = {**edit_pool, "app_name": f"{APP}-edit", "route_prefix": f"{ROUTE}-edit"}
+    cfg = ray_config(tmp_path, provider)
+    cfg["models"][MODEL]["max_input_images"] = 3
+    server, client = await start_proxy(cfg)
+    pool = server.app[GATEWAY].providers["pool"]
+    assert await pool.wait_ready(60), pool.unavailable_reason
+    assert pool.capabilities.edits and pool.capabilities.masks
+    rng = np.random.default_rng(1)
+    source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (8, 8, 40, 32))  # transparent: repaint
+    r = await client.images.edit(model=MODEL, image=("in.png", png(source), "image/png"), prompt="a hat",
+                                 mask=("mask.png", png(mask), "image/png"), response_format="b64_json",
+                                 extra_body={"seed": 2, "num_inference_steps": 2})
+    out, src = b64_pixels(r.data[0]), np.asarray(source).astype(np.int16)
+    inside = np.zeros((64, 64), bool)
+    inside[8:32, 8:40] = True
+    assert out.shape == (64, 64, 3)
+    assert (out[~inside] == src[~inside]).all()  # the kept area came back exactly: inputs travelled intact
+    assert (out[inside] != src[inside]).any()
 
 
 @pytest.mark.ray

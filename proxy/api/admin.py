@@ -71,7 +71,8 @@ def _model_card(gw: Gateway, name: str) -> dict:
         "max_side": table.max_side,
         "max_pixels": table.max_pixels,
         "max_n": MAX_N,
-        "edits": False,
+        "edits": cfg.max_input_images > 0,
+        "max_input_images": cfg.max_input_images,
         "stream": True,
         "routes": [{"name": r.name, "kind": r.provider.kind, "state": r.state} for r in gw.router.routes[name]],
     }

@@ -30,6 +30,7 @@ def edit_models(gw: Gateway) -> list[str]:
 
 async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     from ..app import BODY, MODEL, NotServedHere
+    from ..policy import API_KEY
 
     body = await read_body(request, files=True)
     if body.raw is not None:
@@ -46,6 +47,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
         raise ModelNotFound(f"The model '{model}' does not exist. Edit models here: "
                             f"{', '.join(edit_models(gw)) or 'none'}.", param="model")
     request[MODEL] = model
+    gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
     limit = gw.config.models[model].max_input_images
     if limit == 0:
         raise InvalidRequest(f"The model '{model}' does not edit images. Edit models here: "

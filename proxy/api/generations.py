@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     from ..app import BODY, MODEL, NotServedHere
+    from ..policy import API_KEY
 
     fields, raw = await read_fields(request)
     if raw is not None:
@@ -36,6 +37,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
         served = ", ".join(gw.config.models) or "none"
         raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.", param="model")
     request[MODEL] = model
+    gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
     body = parse_body(fields)
     width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
     check_work(gw.size_tables[model], width, height, body.n)

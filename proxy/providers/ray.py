@@ -78,6 +78,15 @@ def _connect(address: str, owner: str) -> None:
     with _connect_lock:
         if ray.is_initialized():
             return
+        # Ray's core worker installs a C-level handler for SIGTERM (and crash signals) that dumps a stack
+        # and kills the process: the proxy would die at once instead of draining its requests.
+        try:
+            from ray._private import ray_constants
+
+            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        except (ImportError, AttributeError):  # another Ray: its default stays
+            pass
+        # From a thread other than the main one, ray.init installs no Python signal handlers either.
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         _connected_by_us.add(owner)
 
@@ -337,8 +346,9 @@ class RayProvider(Provider):
         self.replicas = {rid: r for rid, r in self.replicas.items() if r["seen"] >= cutoff}
 
     async def _poll_handle(self) -> None:
-        from local_backend.ray_app import DEPLOYMENT_NAME
         from ray import serve
+
+        from local_backend.ray_app import DEPLOYMENT_NAME
 
         status, states, message = await asyncio.to_thread(_app_status, self.app_name, DEPLOYMENT_NAME)
         self.app_status, self.replica_states = status, states

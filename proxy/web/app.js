@@ -30,6 +30,23 @@ const state = {
 
 let mask;
 
+// sessionStorage, where the browser allows it (it may be switched off).
+function remember(name, value) {
+  try {
+    sessionStorage.setItem(name, value);
+  } catch {
+    // not kept: fine
+  }
+}
+
+function recall(name) {
+  try {
+    return sessionStorage.getItem(name);
+  } catch {
+    return null;
+  }
+}
+
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
@@ -140,7 +157,7 @@ async function loadModels() {
     return;
   }
   state.models = models.filter((m) => m && typeof m.id === "string" && m.capabilities);
-  const previous = sessionStorage.getItem("qip.model") || select.value;
+  const previous = recall("qip.model") || select.value;
   select.replaceChildren(...state.models.map((m) => {
     const routes = caps(m).routes || [];
     const ready = !routes.length || routes.some((r) => r.state === "ready");
@@ -162,7 +179,7 @@ function applyModel() {
   const card = state.models.find((m) => m.id === $("model").value) || null;
   state.model = card;
   if (!card) return;
-  sessionStorage.setItem("qip.model", card.id);
+  remember("qip.model", card.id);
   const c = caps(card);
   const routes = (c.routes || []).map((r) => `${r.name} (${String(r.state || "?").replace(/_/g, " ")})`);
   const info = [card.description, routes.length ? `Routes: ${routes.join(", ")}.` : "",
@@ -286,7 +303,8 @@ function renderImages(firstChanged = true) {
       renderImages(true);
     });
     return el("li", {}, el("img", { src: img.url, alt: label }),
-      el("span", { class: "thumb-text", text: `${i === 0 ? "First · " : ""}${img.width}×${img.height}` }), first, remove);
+      el("span", { class: "thumb-text", text: `${i === 0 ? "First · " : ""}${img.name} · ${img.width}×${img.height}` }),
+      first, remove);
   }));
   const max = maxImages();
   $("drop-text").textContent = state.images.length >= max ? `${max} of ${max} images chosen`
@@ -494,6 +512,8 @@ function createRun(request) {
     codeBox, images);
   $("empty")?.remove();
   $("gallery").prepend(article);
+  // One column (a phone): the results are below the form, so bring the new run into view.
+  if (matchMedia("(max-width: 860px)").matches) article.scrollIntoView({ block: "start" });
   return { article, meta, images, request, count: 0, started: performance.now() };
 }
 

@@ -1,0 +1,1143 @@
+"""What the gateway adds next to its upstream: real processes on loopback, one table (a benchmark, not a test).
+
+    python bench/bench_gateway.py            # ~3-4 minutes: 3 interleaved rounds, medians
+    python bench/bench_gateway.py --quick    # ~1 minute: the same table from fewer requests
+    python bench/bench_gateway.py --uvloop   # adds a column: the same proxy on uvloop's event loop
+    python bench/bench_gateway.py --profile  # then py-spy on the proxy during the c=16 / c=8 runs
+    python bench/bench_gateway.py --micro    # then the hot path's steps one by one, in this process
+    python bench/bench_gateway.py --memory   # then idle memory after the large run: malloc_trim, glibc knobs
+
+Processes (all on 127.0.0.1, each its own; with 2 cores they all share the CPU, the numbers say so):
+
+- the mock upstream (bench/mock_upstream.py): answers POST /v1/images/generations at once with a fixed
+  pre-encoded noise PNG, 64x64 ("small") or 1024x1024 ("large", ~3.1 MB, ~4.2 MB as base64);
+- the proxy, `python -m proxy serve --config <tmp config>` (one `openai` provider pointing at the mock,
+  retries 0, max_images_per_call 1, output_formats [png] so every other format is converted here);
+- the load generator (this file, --worker loadgen): one aiohttp client with a fixed concurrency, the
+  same for every target, driven by the orchestrator (this file) over stdin/stdout;
+- the orchestrator itself probes the target's GET /health every 10 ms during each run (the event
+  loop's worst stall) and reads the proxy's resident memory from /proc/<pid>/status.
+
+Each round runs every case against every target back to back (direct to the mock, then the proxy; the
+order alternates per round); the table shows the median over the rounds. See bench/README.md for what
+each row means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from yarl import URL
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+LOOPBACK = "127.0.0.1"
+MODEL = "qwen-image"
+MODEL_URL_UPSTREAM = "qwen-image-urlup"  # a second route whose upstream answers with URLs
+SMALL, LARGE = "64x64", "1024x1024"
+PROBE_INTERVAL = 0.010
+
+
+# ---------------------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    body: dict
+    concurrency: int
+    count: int  # the most requests of one run
+    seconds: float  # the most time one run may take (the in-flight requests then finish)
+    follow_url: bool = False  # url answers: the client also GETs each image (the time counts)
+    direct: bool = True  # also run straight against the mock (the same body)
+    proxy_only_reference: str | None = None  # else: compare with this case's direct run
+    min_bytes: int = 0
+
+
+def _body(size: str = LARGE, **more) -> dict:
+    """The request; the mock answers noise, or a photo-like image for a prompt that starts with "photo"."""
+    return {"model": MODEL, "prompt": "a benchmark", "size": size, "response_format": "b64_json", **more}
+
+
+PHOTO = "photo, a benchmark"
+
+
+def cases(quick: bool) -> list[Case]:
+    s = 0.25 if quick else 1.0  # fewer requests for --quick
+
+    def n(count: int) -> int:
+        return max(4, int(count * s))
+
+    def t(seconds: float) -> float:
+        return max(1.0, seconds * (0.4 if quick else 1.0))
+
+    big = 4_000_000
+    return [
+        Case("small_c1", _body(SMALL), 1, n(400), t(4), min_bytes=1000),
+        Case("large_c1", _body(LARGE), 1, n(60), t(5), min_bytes=big),
+        Case("small_c16", _body(SMALL), 16, n(1200), t(4), min_bytes=1000),
+        Case("large_c8", _body(LARGE), 8, n(120), t(6), min_bytes=big),
+        Case("url_c1", _body(LARGE, response_format="url"), 1, n(40), t(4), follow_url=True),
+        Case("url_c8", _body(LARGE, response_format="url"), 8, n(120), t(6), follow_url=True),
+        Case("upurl_c1", _body(LARGE, model=MODEL_URL_UPSTREAM), 1, n(40), t(4), direct=False,
+             proxy_only_reference="large_c1", min_bytes=big),
+        Case("n4_small_c1", _body(SMALL, n=4), 1, n(200), t(3), min_bytes=4000),
+        Case("n4_large_c1", _body(LARGE, n=4), 1, n(20), t(4), min_bytes=4 * big),
+        # Conversions of the photo-like image (noise is the encoders' worst case: the row after shows it).
+        Case("jpeg_c1", _body(LARGE, output_format="jpeg", prompt=PHOTO), 1, n(20), t(3), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("jpeg_c4", _body(LARGE, output_format="jpeg", prompt=PHOTO), 4, n(60), t(3), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("webp_c1", _body(LARGE, output_format="webp", prompt=PHOTO), 1, n(12), t(3), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("webp_c4", _body(LARGE, output_format="webp", prompt=PHOTO), 4, n(40), t(4), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("webp_noise_c1", _body(LARGE, output_format="webp"), 1, n(4), t(2), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("avif_c1", _body(LARGE, output_format="avif", prompt=PHOTO), 1, n(4), t(3), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+        Case("avif_c4", _body(LARGE, output_format="avif", prompt=PHOTO), 4, 4 if quick else 8, t(3), direct=False,
+             proxy_only_reference="large_c1", min_bytes=1000),
+    ]
+
+
+# ------------------------------------------------------------------------------------ small helpers
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def proc_status_kb(pid: int, field_name: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb(pid: int) -> float:
+    kb = proc_status_kb(pid, "VmRSS")
+    return kb / 1024 if kb is not None else math.nan
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM (the peak RSS) to the current RSS: Linux's clear_refs 5."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb(pid: int) -> float:
+    kb = proc_status_kb(pid, "VmHWM")
+    return kb / 1024 if kb is not None else math.nan
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = "?"
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "?"
+    return (f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, "
+            f"aiohttp {aiohttp.__version__}, commit {commit}")
+
+
+def loadavg() -> str:
+    """The system's 1, 5 and 15 minute load averages: other work on the machine skews every number."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------- the load generator
+
+
+async def _one_request(http: aiohttp.ClientSession, url: str, payload: bytes, case: dict) -> int:
+    """One request (and, for url answers, the GET of each image); returns the bytes received."""
+    async with http.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+    received = len(data)
+    if case["follow_url"]:
+        for item in json.loads(data)["data"]:
+            image_url = item["url"]
+            if URL(image_url).host != LOOPBACK:
+                raise RuntimeError(f"refusing a non-loopback image URL {image_url}")
+            async with http.get(image_url) as resp:
+                image = await resp.read()
+                if resp.status != 200 or not image.startswith(b"\x89PNG"):
+                    raise RuntimeError(f"GET image: HTTP {resp.status}")
+                received += len(image)
+    elif received < case["min_bytes"] or b'"b64_json"' not in data[:300]:
+        raise RuntimeError(f"short answer ({received} bytes): {data[:200]!r}")
+    return received
+
+
+async def load_run(http: aiohttp.ClientSession, spec: dict) -> dict:
+    """spec: url, body, concurrency, count, seconds, follow_url, min_bytes -> latencies and wall time."""
+    payload = json.dumps(spec["body"]).encode()
+    latencies: list[float] = []
+    errors: list[str] = []
+    remaining = spec["count"]
+    received = 0
+    deadline = time.perf_counter() + spec["seconds"]
+
+    async def worker() -> None:
+        nonlocal remaining, received
+        while remaining > 0 and time.perf_counter() < deadline and len(errors) < 20:
+            remaining -= 1
+            t0 = time.perf_counter()
+            try:
+                received += await _one_request(http, spec["url"], payload, spec)
+            except Exception as e:  # counted and reported, never hidden
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(spec["concurrency"])))
+    wall = time.perf_counter() - t0
+    return {"lat_ms": latencies, "wall": wall, "errors": len(errors), "first_error": errors[0] if errors else None,
+            "bytes": received}
+
+
+async def loadgen_worker() -> None:
+    """--worker loadgen: one JSON spec per stdin line, one JSON result per stdout line, until EOF."""
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as http:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            spec = json.loads(line)
+            result = await load_run(http, spec)
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+
+
+class LoadGen:
+    """The load generator process, driven line by line."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--worker", "loadgen",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024, cwd=ROOT)
+
+    async def run(self, spec: dict) -> dict:
+        self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=spec["seconds"] + 180)
+        if not line:
+            raise RuntimeError("the load generator exited")
+        return json.loads(line)
+
+    async def close(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+# --------------------------------------------------------------------------------- the processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def _wait_for_line(proc: subprocess.Popen, path: Path, pattern: str, seconds: float, name: str) -> re.Match:
+    deadline = time.monotonic() + seconds
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found = regex.search(text)
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not start within {seconds:.0f} s:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def start_mock(tmp: Path) -> Proc:
+    log = tmp / "mock.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port", "0"], cwd=ROOT,
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    found = _wait_for_line(popen, log, r"listening on (http://127\.0\.0\.1:\d+)", 60, "the mock upstream")
+    return Proc("mock", popen, found.group(1), log)
+
+
+def write_config(tmp: Path, mock_url: str, name: str) -> Path:
+    """The proxy's config (JSON is YAML): the mock as an openai provider, twice (b64 and url answers)."""
+    provider = {"kind": "openai", "base_url": f"{mock_url}/v1", "api_key": "bench", "max_images_per_call": 1,
+                "output_formats": ["png"], "timeout": 120}
+    config = {
+        "server": {"host": LOOPBACK, "port": 0, "max_body_mb": 64, "request_timeout": 300, "log_level": "info"},
+        "store": {"path": str(tmp / f"images-{name}"), "ttl_seconds": 900},
+        "routing": {"retries": 0},
+        "providers": {"mock": provider, "mock-url": {**provider, "response_format": "url"}},
+        "size_tables": {"bench": {"default": LARGE, "tiers": {"1K": {"1:1": LARGE}}}},
+        "models": {MODEL: {"sizes": "bench", "routes": ["mock"]},
+                   MODEL_URL_UPSTREAM: {"sizes": "bench", "routes": ["mock-url"]}},
+    }
+    path = tmp / f"config-{name}.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def start_proxy(tmp: Path, mock_url: str, name: str, *, patches: tuple[str, ...] = (), wrapper: bool = False,
+                env: dict | None = None) -> Proc:
+    """`python -m proxy serve`; or, with patches (or wrapper), this file's --worker proxy: the same CLI in a
+    process that first applies the named patches (PATCHES) and takes SIGUSR1 as malloc_trim(0)."""
+    config = write_config(tmp, mock_url, name)
+    log = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+    if patches or wrapper:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "proxy", "--config", str(config),
+               "--patches", ",".join(patches)]
+    else:
+        cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})})
+    found = _wait_for_line(popen, log, r"serving on http://(127\.0\.0\.1:\d+)", 120, f"the proxy ({name})")
+    return Proc(name, popen, f"http://{found.group(1)}", log)
+
+
+# Changes to try without editing the proxy: applied in the --worker proxy process before it serves, each
+# a stand-in for a change proposed in bench/README.md. Measure them as extra columns with --variant.
+
+
+def _patch_uvloop() -> None:
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _patch_pybase64() -> None:
+    """proxy.output's base64 calls (strict decode of the upstream's text, encode for b64_json) via pybase64."""
+    import pybase64
+
+    import proxy.output
+
+    class Base64:
+        b64decode = staticmethod(pybase64.b64decode)
+        b64encode = staticmethod(pybase64.b64encode)
+
+    proxy.output.base64 = Base64
+
+
+def spliced_loads(raw: bytes):
+    """json.loads of an image answer with each "b64_json" string cut out first (found with bytes.find, i.e.
+    memchr) and put back after parsing the small rest; any doubt -> plain json.loads of the whole."""
+    cuts, parts, pos = [], [], 0
+    while len(cuts) < 64:
+        key = raw.find(b'"b64_json"', pos)
+        if key < 0:
+            break
+        opening = raw.find(b'"', key + 10)
+        closing = raw.find(b'"', opening + 1) if opening >= 0 else -1
+        if closing < 0 or raw[key + 10:opening].strip() != b":" or raw[key - 1:key] == b"\\":
+            return json.loads(raw)
+        value = raw[opening + 1:closing]
+        if b"\\" in value:
+            return json.loads(raw)
+        parts.append(raw[pos:opening + 1])
+        cuts.append(value)
+        pos = closing
+    if not cuts:
+        return json.loads(raw)
+    parts.append(raw[pos:])
+    doc = json.loads(b"".join(parts))  # the skeleton: "" where each image was
+    items = doc.get("data") if isinstance(doc, dict) else None
+    slots = [item for item in items if isinstance(item, dict) and "b64_json" in item] if isinstance(items, list) else []
+    if len(slots) != len(cuts) or any(item["b64_json"] != "" for item in slots):
+        return json.loads(raw)
+    for item, value in zip(slots, cuts, strict=True):
+        item["b64_json"] = value.decode("ascii")
+    return doc
+
+
+def _patch_splice_json() -> None:
+    """openai_compat parses the upstream body with the b64_json strings cut out (spliced_loads)."""
+    from proxy.providers import openai_compat
+
+    def json_or_none(raw: bytes):
+        try:
+            return spliced_loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    openai_compat._json_or_none = json_or_none
+
+
+def _patch_orjson() -> None:
+    import orjson
+
+    from proxy.providers import openai_compat
+
+    def json_or_none(raw: bytes):
+        try:
+            return orjson.loads(raw)
+        except ValueError:
+            return None
+
+    openai_compat._json_or_none = json_or_none
+
+
+def _patch_quiet_access_log() -> None:
+    """No aiohttp access log line (the proxy.requests line stays): one log record less per request."""
+    import logging
+
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _patch_single_await() -> None:
+    """gather_or_cancel awaits a single awaitable directly: no task and no gather for n=1."""
+    import proxy.output
+
+    gather = proxy.output.gather_or_cancel
+
+    async def gather_or_cancel(aws):
+        if len(aws) == 1:
+            return [await aws[0]]
+        return await gather(aws)
+
+    proxy.output.gather_or_cancel = gather_or_cancel
+
+
+PATCHES = {"uvloop": _patch_uvloop, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
+           "orjson": _patch_orjson, "quiet-access-log": _patch_quiet_access_log, "single-await": _patch_single_await}
+
+
+def proxy_worker(config: str, patches: list[str]) -> None:
+    """--worker proxy: the proxy's own CLI in this process, after the named patches; SIGUSR1 = malloc_trim(0)."""
+    import ctypes
+
+    sys.path.insert(0, str(ROOT))
+    extra = os.environ.get("QIP_BENCH_EXTRA")  # a folder with pybase64 / orjson: pip install --target DIR ...
+    if extra:
+        sys.path.append(extra)
+    for name in patches:
+        PATCHES[name]()
+
+    def trim(_signum, _frame) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    signal.signal(signal.SIGUSR1, trim)
+    from proxy.cli import main as proxy_main
+
+    proxy_main(["serve", "--config", config])
+
+
+# ------------------------------------------------------------------------------ probe and one run
+
+
+async def probe(http: aiohttp.ClientSession, url: str, stop: asyncio.Event) -> list[float]:
+    """GET url every PROBE_INTERVAL until stop; the latency of each (ms). Late probes never burst."""
+    latencies: list[float] = []
+    next_at = time.perf_counter()
+    while not stop.is_set() and len(latencies) < 100_000:
+        t0 = time.perf_counter()
+        try:
+            async with http.get(url) as resp:
+                await resp.read()
+        except aiohttp.ClientError:
+            pass
+        latencies.append((time.perf_counter() - t0) * 1000)
+        next_at += PROBE_INTERVAL
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        else:
+            next_at = time.perf_counter()
+    return latencies
+
+
+@dataclass
+class RunResult:
+    p50: float
+    p99: float
+    rps: float
+    stall: float  # the worst /health latency during the run (ms)
+    probe_p50: float
+    rss_peak: float  # MB; nan for the mock
+    ok: int
+    errors: int
+    first_error: str | None = None
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    loadgen: LoadGen
+    probe_http: aiohttp.ClientSession
+    targets: dict[str, Proc] = field(default_factory=dict)  # "direct" -> mock, "proxy" -> proxy, ...
+
+    async def run(self, case: Case, target: str, *, count: int | None = None, seconds: float | None = None,
+                  with_probe: bool = True) -> RunResult:
+        proc = self.targets[target]
+        spec = {"url": f"{proc.base_url}/v1/images/generations", "body": case.body,
+                "concurrency": case.concurrency, "count": count or case.count,
+                "seconds": seconds or case.seconds, "follow_url": case.follow_url, "min_bytes": case.min_bytes}
+        is_proxy = target != "direct"
+        if is_proxy:
+            reset_peak(proc.pid)
+        stop = asyncio.Event()
+        prober = asyncio.ensure_future(probe(self.probe_http, f"{proc.base_url}/health", stop)) \
+            if with_probe else None
+        try:
+            out = await self.loadgen.run(spec)
+        finally:
+            stop.set()
+            probes = await prober if prober else []
+        lat = out["lat_ms"]
+        return RunResult(
+            p50=percentile(lat, 0.5), p99=percentile(lat, 0.99),
+            rps=len(lat) / out["wall"] if out["wall"] > 0 else math.nan,
+            stall=max(probes) if probes else math.nan, probe_p50=percentile(probes, 0.5),
+            rss_peak=peak_mb(proc.pid) if is_proxy else math.nan,
+            ok=len(lat), errors=out["errors"], first_error=out["first_error"])
+
+
+# ------------------------------------------------------------------------------------- sanity checks
+
+
+async def sanity(http: aiohttp.ClientSession, proxy_url: str) -> None:
+    """Each path answers what it should (format, size) before anything is timed."""
+    from PIL import Image
+
+    checks = [({"output_format": "jpeg", "prompt": PHOTO}, "JPEG"), ({"output_format": "webp", "prompt": PHOTO}, "WEBP"),
+              ({"output_format": "avif", "prompt": PHOTO}, "AVIF"), ({}, "PNG"), ({"model": MODEL_URL_UPSTREAM}, "PNG")]
+    for extra, fmt in checks:
+        async with http.post(f"{proxy_url}/v1/images/generations", json=_body(LARGE, **extra)) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"sanity {extra}: HTTP {resp.status} {data}")
+        im = Image.open(io.BytesIO(base64.b64decode(data["data"][0]["b64_json"])))
+        if im.format != fmt or im.size != (1024, 1024):
+            raise RuntimeError(f"sanity {extra}: got {im.format} {im.size}, expected {fmt} 1024x1024")
+    async with http.post(f"{proxy_url}/v1/images/generations", json=_body(SMALL, n=4)) as resp:
+        data = await resp.json()
+        if resp.status != 200 or len(data["data"]) != 4:
+            raise RuntimeError(f"sanity n=4: HTTP {resp.status}, {len(data.get('data', []))} images")
+    async with http.post(f"{proxy_url}/v1/images/generations", json=_body(LARGE, response_format="url")) as resp:
+        data = await resp.json()
+    async with http.get(data["data"][0]["url"]) as resp:
+        if resp.status != 200 or not (await resp.read()).startswith(b"\x89PNG"):
+            raise RuntimeError("sanity url: the stored image does not come back")
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    case: str
+    metric: str  # p50 | p99 | rps | stall | rss
+    compare: str  # "added" (proxy - direct, ms) | "ratio" (proxy / direct) | "" (none)
+    target: str = ""
+    check: object = None  # value compared (added, ratio or the proxy's own value) -> bool
+
+
+ROWS = [
+    Row("added p50, c=1, 64x64 b64", "small_c1", "p50", "added", "<= +0.4 ms", lambda v: v <= 0.4),
+    Row("added p99, c=1, 64x64 b64", "small_c1", "p99", "added"),
+    Row("added p50, c=1, 1024x1024 b64", "large_c1", "p50", "added", "<= +2 ms", lambda v: v <= 2.0),
+    Row("added p99, c=1, 1024x1024 b64", "large_c1", "p99", "added"),
+    Row("requests/s, c=16, 64x64 b64", "small_c16", "rps", "ratio", ">= 25 % of direct", lambda v: v >= 0.25),
+    Row("requests/s, c=8, 1024x1024 b64", "large_c8", "rps", "ratio", ">= 90 % of direct", lambda v: v >= 0.90),
+    Row("p50 under load, c=8, 1024x1024 b64", "large_c8", "p50", "added"),
+    Row("url: p50, c=1, 1024 (answer + GET)", "url_c1", "p50", "added"),
+    Row("url: requests/s, c=8, 1024", "url_c8", "rps", "ratio"),
+    Row("url: worst /health, c=8, 1024 (ms)", "url_c8", "stall", "", "<= 10 ms (no stall)", lambda v: v <= 10),
+    Row("upstream url -> b64: p50, c=1, 1024", "upurl_c1", "p50", "added"),
+    Row("n=4 as 4 calls: p50, c=1, 64x64", "n4_small_c1", "p50", "added"),
+    Row("n=4 as 4 calls: p50, c=1, 1024", "n4_large_c1", "p50", "added"),
+    Row("photo png -> jpeg: p50, c=1, 1024", "jpeg_c1", "p50", "added"),
+    Row("photo png -> jpeg: images/s, c=4, 1024", "jpeg_c4", "rps", ""),
+    Row("photo png -> webp: p50, c=1, 1024", "webp_c1", "p50", "added"),
+    Row("photo png -> webp: images/s, c=4, 1024", "webp_c4", "rps", "", ">= 20 images/s", lambda v: v >= 20),
+    Row("noise png -> webp: p50, c=1, 1024", "webp_noise_c1", "p50", "added"),
+    Row("photo png -> avif: p50, c=1, 1024", "avif_c1", "p50", "added"),
+    Row("photo png -> avif: images/s, c=4, 1024", "avif_c4", "rps", ""),
+]
+
+
+def _fmt(metric: str, v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    if metric in ("p50", "p99", "stall"):
+        return f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms"
+    if metric == "rps":
+        return f"{v:.0f}/s" if v >= 100 else f"{v:.1f}/s"
+    if metric == "rss":
+        return f"{v:.0f} MB"
+    return f"{v:.2f}"
+
+
+def _cmp(compare: str, v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    if compare == "added":
+        return f"{v:+.2f} ms" if abs(v) < 100 else f"{v:+.0f} ms"
+    if compare == "ratio":
+        return f"{v * 100:.0f} %"
+    return ""
+
+
+def build_table(results: dict, case_by_key: dict[str, Case], proxies: list[str], memory: dict) -> tuple[str, int]:
+    """The one table (markdown), and how many targets were missed."""
+    extra_cols = [f"{p}" for p in proxies[1:]]
+    head = ["measurement", "direct", "proxy", *extra_cols, "proxy vs direct", "target", "met",
+            "worst /health ms (direct / proxy)", "proxy RSS peak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    missed = 0
+
+    def series(case: str, target: str, metric: str) -> list[float]:
+        return [getattr(r, metric) for r in results.get(case, {}).get(target, [])]
+
+    def ref_direct(case_key: str) -> str:
+        case = case_by_key[case_key]
+        return case.proxy_only_reference if not case.direct else case_key
+
+    for row in ROWS:
+        if row.case not in results:
+            continue
+        ref = ref_direct(row.case)
+        metric = "stall" if row.metric == "stall" else row.metric
+        direct_vals = series(ref, "direct", metric)
+        direct = median(direct_vals)
+        cells = [row.label + (" (direct: b64 1024, c=1)" if ref != row.case and row.compare else "")]
+        cells.append(_fmt(metric, direct) if row.compare else "-")
+        compared = {}
+        for p in proxies:
+            vals = series(row.case, p, metric)
+            value = median(vals)
+            if row.compare == "added":
+                pairs = [a - b for a, b in zip(vals, direct_vals, strict=False)]
+                compared[p] = median(pairs)
+            elif row.compare == "ratio":
+                pairs = [a / b for a, b in zip(vals, direct_vals, strict=False) if b]
+                compared[p] = median(pairs)
+            else:
+                compared[p] = value
+            text = _fmt(metric, value)
+            if p != proxies[0] and row.compare:
+                text += f" ({_cmp(row.compare, compared[p])})"
+            cells.append(text)
+        main = compared[proxies[0]]
+        cells.append(_cmp(row.compare, main) if row.compare else "")
+        cells.append(row.target or "")
+        if row.check is not None and not math.isnan(main):
+            ok = row.check(main)
+            missed += not ok
+            cells.append("yes" if ok else "**no**")
+        else:
+            cells.append("")
+        d_stall = median(series(row.case, "direct", "stall")) if case_by_key[row.case].direct else math.nan
+        p_stall = median(series(row.case, proxies[0], "stall"))
+        cells.append(f"{_fmt('stall', d_stall).replace(' ms', '')} / {_fmt('stall', p_stall).replace(' ms', '')}")
+        cells.append(_fmt("rss", median(series(row.case, proxies[0], "rss_peak"))))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    # Memory rows: idle (at start and after the runs) and the peak during the large c=8 run.
+    idle_start, idle_after = memory["idle_start"], memory["idle_after"]
+    ok_idle = idle_after <= 60 and idle_start <= 60
+    missed += not ok_idle
+    n_extra = len(extra_cols)
+    lines.append("| " + " | ".join([
+        "proxy RSS idle: at start / after the runs", "-", f"{idle_start:.0f} / {idle_after:.0f} MB",
+        *[f"{memory['idle_start_' + p]:.0f} / {memory['idle_after_' + p]:.0f} MB" for p in proxies[1:]],
+        "", "<= 60 MB", "yes" if ok_idle else "**no**", "", ""]) + " |")
+    peak = median(series("large_c8", proxies[0], "rss_peak"))
+    ok_peak = peak <= 150
+    missed += not ok_peak
+    lines.append("| " + " | ".join([
+        "proxy RSS peak during c=8 1024 b64", "-", _fmt("rss", peak),
+        *[_fmt("rss", median(series("large_c8", p, "rss_peak"))) for p in proxies[1:]],
+        "", "<= 150 MB", "yes" if ok_peak else "**no**", "", ""]) + " |")
+    all_peaks = [r.rss_peak for case in results.values() for r in case.get(proxies[0], [])]
+    lines.append("| " + " | ".join([
+        "proxy RSS peak over every run", "-", _fmt("rss", max(all_peaks) if all_peaks else math.nan),
+        *["" for _ in range(n_extra)], "", "", "", "", ""]) + " |")
+    return "\n".join(lines), missed
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+
+# Where a sample goes: the innermost frame that matches decides (checked from the leaf up).
+CATEGORIES = [
+    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py",)),
+    ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/output.py")),
+    ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/",)),
+    ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
+    ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck.py",)),
+    ("response JSON (generations.dumps_with_b64)", ("dumps_with_b64 (proxy/",)),
+    ("logging (access log + proxy.requests)", ("(logging/__init__.py", "(aiohttp/web_log.py")),
+    ("Prometheus metrics", ("(prometheus_client/",)),
+    ("image store write", ("FilesystemStore.", "(proxy/store.py")),
+    ("JSON, other", ("(json/",)),
+    ("socket send (loopback TCP work in the syscall)", ("_SelectorSocketTransport.write ", "_write_ready",
+                                                        "_SelectorSocketTransport.writelines")),
+    ("socket receive + HTTP parsing", ("_read_ready", "data_received", "StreamReader.")),
+    ("thread hand-offs (to_thread, call_soon_threadsafe)", ("ThreadPoolExecutor.submit", "_write_to_self",
+                                                            "call_soon_threadsafe", "to_thread (")),
+]
+# The rest by the innermost frame's module.
+GENERIC = [("aiohttp request handling, other", ("(aiohttp/", "(multidict/", "(yarl/")),
+           ("the proxy's own code, other", ("(proxy/",)),
+           ("asyncio machinery, other", ("(asyncio/", "(selectors.py", "(threading.py", "(concurrent/"))]
+
+
+def categorize(frames: list[str]) -> str:
+    """The first category (in CATEGORIES' order) that any frame of the stack matches; waiting by the leaf."""
+    leaf = frames[-1]
+    if leaf.startswith(("EpollSelector.select", "_worker (concurrent/futures/thread.py")):
+        return "waiting (epoll, idle pool threads)"
+    for name, needles in CATEGORIES:
+        if any(n in frame for frame in frames for n in needles):
+            return name
+    for frame in reversed(frames):
+        for name, needles in GENERIC:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+def summarize_collapsed(path: Path, top: int = 14) -> str:
+    """py-spy's raw (collapsed) stacks -> where the samples went: by category, self time, and the loop thread."""
+    total = 0
+    loop_count = 0
+    by_cat: dict[str, int] = {}
+    self_time: dict[str, int] = {}
+    loop_self: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith(("thread ", "process "))]
+        if not frames:
+            continue
+        total += count
+        cat = categorize(frames)
+        by_cat[cat] = by_cat.get(cat, 0) + count
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + count
+        if any("run_forever" in f for f in frames):
+            loop_count += count
+            loop_self[frames[-1]] = loop_self.get(frames[-1], 0) + count
+    if not total:
+        return "  (no samples)"
+
+    def short(frame: str) -> str:
+        return frame.replace(str(ROOT) + "/", "")
+
+    out = [f"  {total} samples, {loop_count * 100 / total:.0f} % of them on the event loop thread"]
+    out.append("  by category (innermost match):")
+    for name, c in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        out.append(f"    {c * 100 / total:5.1f} %  {name}")
+    out.append("  self time, top frames (a C call counts in the Python line that made it):")
+    for frame, c in sorted(self_time.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"    {c * 100 / total:5.1f} %  {short(frame)}")
+    return "\n".join(out)
+
+
+async def profile_runs(bench: Bench, case_by_key: dict[str, Case], seconds: float) -> None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("\nprofile: py-spy is not installed (pip install py-spy); skipped")
+        return
+    proxy = bench.targets["proxy"]
+    out_dir = bench.tmp
+    for key in ("small_c16", "large_c8"):
+        case = case_by_key[key]
+        raw = out_dir / f"profile-{key}.txt"
+        svg = out_dir / f"profile-{key}.svg"
+        gil = out_dir / f"profile-{key}-gil.txt"
+        print(f"\nprofile: py-spy on the proxy during {key} ({case.concurrency} concurrent, {seconds:.0f} s a recording)")
+        for fmt, path, more in (("raw", raw, []), ("raw", gil, ["--gil"]), ("flamegraph", svg, [])):
+            spy_proc = await asyncio.create_subprocess_exec(
+                spy, "record", "--pid", str(proxy.pid), "--rate", "250", "--duration", str(int(seconds)),
+                "--nonblocking", "--threads", *more, "--format", fmt, "-o", str(path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            await asyncio.sleep(0.3)
+            result = await bench.run(case, "proxy", count=10**6, seconds=seconds + 0.5, with_probe=False)
+            _, err = await asyncio.wait_for(spy_proc.communicate(), seconds + 30)
+            if spy_proc.returncode != 0 or not path.exists():
+                print(f"  py-spy failed ({spy_proc.returncode}): {err.decode(errors='replace')[-500:]}")
+                break
+            if path == raw:
+                print(f"  all threads ({result.rps:.0f} requests/s while profiled; py-spy 250 Hz, --nonblocking):")
+                print(summarize_collapsed(raw))
+            elif path == gil:
+                print("  only the thread holding the GIL (--gil): what keeps the event loop from running:")
+                print(summarize_collapsed(gil))
+        print(f"  stacks: {raw}, {gil}\n  flame graph: {svg}")
+
+
+# ---------------------------------------------------------------------------------------- micro costs
+
+
+def micro(quick: bool) -> None:
+    """The hot path's steps one by one at 1024x1024, in this process; and how long each holds the GIL."""
+    import zlib
+
+    sys.path.insert(0, str(ROOT))
+    from PIL import Image
+
+    from proxy.api.generations import dumps_with_b64
+    from proxy.imagecheck import check_image
+
+    sys.path.insert(0, str(HERE))
+    from mock_upstream import MockUpstream
+
+    mock = MockUpstream()
+    png = mock.png[f"{LARGE}-noise"]
+    b64 = mock.b64[f"{LARGE}-noise"]
+    body = mock.answer(f"{LARGE}-noise", 1, "b64_json", "http://127.0.0.1:1")
+    extra_path = os.environ.get("QIP_BENCH_EXTRA")  # a folder with pybase64 / orjson (pip install --target)
+    if extra_path:
+        sys.path.insert(0, extra_path)
+    optional = {}
+    for name in ("pybase64", "orjson", "simdjson"):
+        with contextlib.suppress(ImportError):
+            optional[name] = __import__(name)
+    reps = 5 if quick else 15
+
+    def timed(fn, *args) -> float:
+        fn(*args)
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(*args)
+            samples.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(samples)
+
+    def blocked(fn, *args) -> float:
+        """The event loop's longest gap (ms) while fn runs in a thread (asyncio.to_thread): GIL held."""
+
+        async def go() -> float:
+            gaps = [0.0]
+            done = False
+
+            async def ticker() -> None:  # asks for 0.5 ms sleeps; anything longer is the loop held up
+                while not done:
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.0005)
+                    gaps.append(time.perf_counter() - t0 - 0.0005)
+
+            tick = asyncio.ensure_future(ticker())
+            await asyncio.sleep(0.01)
+            for _ in range(3):
+                await asyncio.to_thread(fn, *args)
+            done = True
+            await tick
+            return max(gaps) * 1000
+
+        return asyncio.run(go())
+
+    payload = json.loads(body)
+    steps = [
+        ("json.loads of the upstream body (4.2 MB)", json.loads, body),
+        ("base64.b64decode(validate=True), 4.2 MB", lambda t: base64.b64decode(t, validate=True), b64),
+        ("check_image (PNG: chunks + CRC-32), 3.1 MB", check_image, png),
+        ("  of which zlib.crc32 over the whole file", zlib.crc32, png),
+        ("base64.b64encode, 3.1 MB (url->b64, conversions)", base64.b64encode, png),
+        ("dumps_with_b64 (the response JSON)", lambda p: dumps_with_b64({"data": [dict(p["data"][0])], "x": 1}),
+         payload),
+        ("bytes.decode('ascii') of 4.2 MB (a copy)", lambda b: b.decode("ascii"), body),
+        ("PNG decode 1024x1024 (Pillow load)", lambda d: Image.open(io.BytesIO(d)).load(), png),
+    ]
+    if "orjson" in optional:
+        steps.insert(1, ("  orjson.loads of the same body", optional["orjson"].loads, body))
+    if "pybase64" in optional:
+        pb = optional["pybase64"]
+        steps.insert(3, ("  pybase64.b64decode(validate=True)", lambda t: pb.b64decode(t, validate=True), b64))
+        steps.insert(7, ("  pybase64.b64encode", pb.b64encode, png))
+    print("\nmicro: the steps of a 1024x1024 b64 passthrough, median of", reps, "(ms); and the longest event loop "
+          "gap while each runs in asyncio.to_thread (the GIL it holds)")
+    print(f"  {'step':52s} {'time':>9s} {'loop gap':>10s}")
+    for label, fn, arg in steps:
+        print(f"  {label:52s} {timed(fn, arg):8.2f}  {blocked(fn, arg):9.2f}")
+    if "pybase64" not in optional or "orjson" not in optional:
+        print("  (pybase64 / orjson rows: pip install --target DIR pybase64 orjson; QIP_BENCH_EXTRA=DIR)")
+
+    # Encoder settings at 1024x1024: the noise image (the encoders' worst case) and the photo-like one.
+    noise = Image.open(io.BytesIO(png)).convert("RGB")
+    photo = Image.open(io.BytesIO(mock.png[f"{LARGE}-photo"])).convert("RGB")
+    print("\nmicro: encoder settings at 1024x1024, median ms and KB; noise and photo = the mock's two images")
+
+    def enc(im, **kw) -> tuple[float, int]:
+        out = io.BytesIO()
+        im.save(out, **kw)
+        size = out.tell()
+        return timed(lambda: im.save(io.BytesIO(), **kw)), size
+
+    reps = 3 if quick else 5  # `timed` reads it: fewer repeats for the slow encoders
+    for method in range(7):
+        a, sa = enc(noise, format="WEBP", quality=90, method=method)
+        b, sb = enc(photo, format="WEBP", quality=90, method=method)
+        print(f"  webp q90 method {method}{' (Pillow default)' if method == 4 else '':18s} noise {a:7.1f} ms "
+              f"{sa / 1024:6.0f} KB   photo {b:6.1f} ms {sb / 1024:5.0f} KB")
+    for q in (75, 80):
+        a, sa = enc(noise, format="WEBP", quality=q, method=4)
+        b, sb = enc(photo, format="WEBP", quality=q, method=4)
+        print(f"  webp q{q} method 4{'':18s} noise {a:7.1f} ms {sa / 1024:6.0f} KB   photo {b:6.1f} ms "
+              f"{sb / 1024:5.0f} KB")
+    for label, kw in (("jpeg q90", {"format": "JPEG", "quality": 90}),
+                      ("avif q80 (Pillow default speed)", {"format": "AVIF", "quality": 80}),
+                      ("avif q80 speed 8", {"format": "AVIF", "quality": 80, "speed": 8}),
+                      ("avif q80 speed 10", {"format": "AVIF", "quality": 80, "speed": 10})):
+        try:
+            a, sa = enc(noise, **kw)
+            b, sb = enc(photo, **kw)
+        except (OSError, ValueError, TypeError) as e:
+            print(f"  {label}: {e}")
+            continue
+        print(f"  {label:34s} noise {a:7.1f} ms {sa / 1024:6.0f} KB   photo {b:6.1f} ms {sb / 1024:5.0f} KB")
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+
+async def memory_runs(bench: Bench, mock: Proc, case_by_key: dict[str, Case]) -> None:
+    """Idle RSS after the large c=8 run: as is, after malloc_trim(0), and with glibc knobs set."""
+    variants = [("default glibc", {}),
+                ("MALLOC_MMAP_THRESHOLD_=1048576", {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
+                ("MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"})]
+    case = case_by_key["large_c8"]
+    print("\nmemory: a fresh proxy (--worker proxy, SIGUSR1 = malloc_trim(0)), the c=8 1024 b64 run, 3 s idle")
+    print(f"  {'variant':34s} {'start':>7s} {'peak':>7s} {'idle after':>11s} {'after trim':>11s} {'requests/s':>11s}")
+    for i, (label, env) in enumerate(variants):
+        proc = start_proxy(bench.tmp, mock.base_url, f"mem{i}", wrapper=True, env=env)
+        try:
+            bench.targets["mem"] = proc
+            await asyncio.sleep(1.0)
+            start = rss_mb(proc.pid)
+            result = await bench.run(case, "mem", with_probe=False)
+            await asyncio.sleep(3.0)
+            idle = rss_mb(proc.pid)
+            os.kill(proc.pid, signal.SIGUSR1)
+            await asyncio.sleep(1.0)
+            trimmed = rss_mb(proc.pid)
+            print(f"  {label:34s} {start:5.0f} MB {result.rss_peak:5.0f} MB {idle:8.0f} MB {trimmed:8.0f} MB "
+                  f"{result.rps:9.1f}/s")
+        finally:
+            bench.targets.pop("mem", None)
+            proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
+    """The extra proxy columns: --uvloop and each --variant NAME=PATCH+PATCH."""
+    found = [("proxy+uvloop", ("uvloop",))] if args.uvloop else []
+    for text in args.variant:
+        name, _, spec = text.partition("=")
+        patches = tuple(p for p in spec.split("+") if p)
+        unknown = [p for p in patches if p not in PATCHES]
+        if not name or not patches or unknown or name in ("direct", "proxy"):
+            raise ValueError(f"--variant {text}: want NAME=PATCH+PATCH with patches from {', '.join(PATCHES)}")
+        found.append((name, patches))
+    return found
+
+
+async def orchestrate(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qip-bench-gw-"))
+    all_cases = cases(args.quick)
+    if args.only:
+        wanted = set(args.only.split(","))
+        all_cases = [c for c in all_cases if c.key in wanted or c.key == "large_c1"]
+    case_by_key = {c.key: c for c in all_cases}
+    procs: list[Proc] = []
+    loadgen = LoadGen()
+    print(f"bench_gateway: {machine()}")
+    print(f"load average at the start: {loadavg()} (other work on these cores shows in every number)")
+    print("processes: mock upstream, proxy, load generator, and this orchestrator (the /health probe), all on "
+          f"{os.cpu_count()} cores: they share the CPU, so the direct target is as contended as the proxy")
+    try:
+        mock = start_mock(tmp)
+        procs.append(mock)
+        proxies = ["proxy"]
+        targets = {"direct": mock}
+        proxy = start_proxy(tmp, mock.base_url, "proxy")
+        procs.append(proxy)
+        targets["proxy"] = proxy
+        for name, patches in variants(args):
+            variant = start_proxy(tmp, mock.base_url, name, patches=patches)
+            procs.append(variant)
+            targets[name] = variant
+            proxies.append(name)
+        await loadgen.start()
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+            bench = Bench(args, tmp, loadgen, http, targets)
+            await asyncio.sleep(1.0)  # settle, then the idle memory before any request
+            memory = {}
+            for p in proxies:
+                memory["idle_start" if p == "proxy" else f"idle_start_{p}"] = rss_mb(targets[p].pid)
+            for p in proxies:
+                await sanity(http, targets[p].base_url)
+            # Warm-up, not recorded: every case on every target (connections, caches); the codecs warmed
+            # up already in the sanity checks, so a conversion case gets one request.
+            for case in all_cases:
+                conversion = case.body.get("output_format") is not None
+                for target in (["direct"] if case.direct else []) + proxies:
+                    await bench.run(case, target, count=1 if conversion else min(case.count, case.concurrency + 1),
+                                    seconds=1, with_probe=False)
+            print(f"warm-up done after {time.monotonic() - started:.0f} s; {args.rounds} rounds of "
+                  f"{len(all_cases)} cases")
+            results: dict[str, dict[str, list[RunResult]]] = {}
+            for rnd in range(args.rounds):
+                for case in all_cases:
+                    order = (["direct"] if case.direct else []) + proxies
+                    if rnd % 2:
+                        order.reverse()
+                    for target in order:
+                        res = await bench.run(case, target)
+                        results.setdefault(case.key, {}).setdefault(target, []).append(res)
+                        if res.errors:
+                            print(f"  ! {case.key} on {target}: {res.errors} errors, first: {res.first_error}")
+                print(f"round {rnd + 1} done after {time.monotonic() - started:.0f} s")
+            await asyncio.sleep(2.0)
+            for p in proxies:
+                memory["idle_after" if p == "proxy" else f"idle_after_{p}"] = rss_mb(targets[p].pid)
+            table, missed = build_table(results, case_by_key, proxies, memory)
+            print()
+            print(table)
+            print()
+            print(f"medians of {args.rounds} rounds; 'added' and 'ratio' are medians of the per-round pairs "
+                  "(direct and proxy run back to back). Targets missed: " + str(missed))
+            print("worst /health: the longest GET /health latency of a probe every 10 ms during the run; on the "
+                  "direct row it is the mock's, the noise floor of this machine")
+            if args.json:
+                Path(args.json).write_text(json.dumps(
+                    {k: {t: [r.__dict__ for r in rs] for t, rs in v.items()} for k, v in results.items()}, indent=1))
+            if args.profile:
+                await profile_runs(bench, case_by_key, 4 if args.quick else 8)
+            if args.memory:
+                await memory_runs(bench, mock, case_by_key)
+        if args.micro:
+            micro(args.quick)
+        print(f"\nload average at the end: {loadavg()}; total {time.monotonic() - started:.0f} s")
+        return 0
+    finally:
+        await loadgen.close()
+        for proc in reversed(procs):
+            proc.stop()
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer requests per run (~1 minute)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--uvloop", action="store_true", help="also a proxy on uvloop, as one more column")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH+PATCH",
+                        help="one more column: a proxy with these patches applied (" + ", ".join(PATCHES) + ")")
+    parser.add_argument("--profile", action="store_true", help="py-spy the proxy during c=16 small and c=8 large")
+    parser.add_argument("--micro", action="store_true", help="hot-path step costs and encoder settings")
+    parser.add_argument("--memory", action="store_true", help="idle RSS after load: malloc_trim, glibc knobs")
+    parser.add_argument("--only", help="comma-separated case keys (large_c1 always runs: the reference)")
+    parser.add_argument("--json", help="write every run's numbers here")
+    parser.add_argument("--keep", help="keep logs and profiles in this folder")
+    parser.add_argument("--worker", choices=["loadgen", "proxy"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "loadgen":
+        asyncio.run(loadgen_worker())
+        return
+    if args.worker == "proxy":
+        proxy_worker(args.config, [p for p in args.patches.split(",") if p])
+        return
+    if args.rounds < 1 or args.rounds > 9:
+        parser.error("--rounds: 1 to 9")
+    try:
+        variants(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.keep is not None:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    sys.exit(asyncio.run(orchestrate(args)))
+
+
+if __name__ == "__main__":
+    main()
