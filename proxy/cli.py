@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -136,12 +137,65 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if open_to_network:
         log.warning("listening on %s without API keys (server.allow_unauthenticated): anyone who can reach "
                     "it can use it", _where(host, port))
-    app = build_app(config, providers=providers)
     server = config.server
     limits = ConnectionLimits(header_timeout=server.header_timeout, body_timeout=server.body_timeout,
                               keepalive_timeout=server.keepalive_timeout)
-    run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
-        on_ready=lambda: log.info("serving on http://%s", _where(host, port)))
+
+    def serve_one(worker: str = "") -> None:
+        app = build_app(config, providers=providers)
+        run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
+            on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker))
+
+    workers = args.workers or 1
+    if workers == 1:
+        serve_one()
+        return
+    local = [name for name, pc in config.providers.items() if pc.kind == "diffusers"]
+    if local:
+        for sock in sockets:
+            sock.close()
+        _fail(f"--workers {workers}: local (diffusers) providers cannot be shared between processes "
+              f"({', '.join(local)}): each worker would load its own copy of the model. Serve them with one "
+              "worker, or as a pool with kind: ray.")
+    run_workers(workers, serve_one, log)
+
+
+def run_workers(count: int, serve_one, log: logging.Logger) -> None:
+    """`count` processes serving the same already-bound sockets (the kernel spreads connections over
+    them); SIGTERM / SIGINT go to every worker, and this returns when all have stopped."""
+    import signal
+
+    children: list[int] = []
+    for i in range(count):
+        pid = os.fork()
+        if pid == 0:  # the worker: its own event loop, app and limits (shared ones need state.redis_url)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                serve_one(f" (worker {i + 1} of {count}, pid {os.getpid()})")
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum, _frame) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for pid in children:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        failed += os.waitstatus_to_exitcode(status) != 0
+    if failed:
+        log.error("%d of %d workers exited with an error", failed, count)
+        sys.exit(1)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -239,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default: server.host from the config")
     serve.add_argument("--port", type=_port, help="default: server.port from the config (0: any free port)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes sharing the port (default 1); limits and idempotency are shared "
+                            "between them only with state.redis_url")
     serve.set_defaults(func=cmd_serve)
 
     models = with_config(sub.add_parser("models", help="list models, their routes and whether they are usable"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -39,7 +40,8 @@ def model_states(gw: Gateway) -> dict[str, dict]:
 
 async def health(gw: Gateway, request: web.Request) -> web.Response:
     """Liveness: 200 while the process serves, whatever its models are doing."""
-    return web.json_response({"status": "draining" if gw.draining else "ok", "models": model_states(gw)})
+    return web.json_response({"status": "draining" if gw.draining else "ok", "pid": os.getpid(),
+                              "models": model_states(gw)})
 
 
 async def ready(gw: Gateway, request: web.Request) -> web.Response:
