@@ -82,13 +82,13 @@ PHOTO = "photo, a benchmark"
 
 
 def cases(quick: bool) -> list[Case]:
-    s = 0.25 if quick else 1.0  # fewer requests for --quick
+    s = 0.4 if quick else 1.5  # fewer requests for --quick
 
     def n(count: int) -> int:
         return max(4, int(count * s))
 
     def t(seconds: float) -> float:
-        return max(1.0, seconds * (0.4 if quick else 1.0))
+        return max(1.0, seconds * (0.5 if quick else 1.2))
 
     big = 4_000_000
     return [
@@ -160,6 +160,22 @@ def reset_peak(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far, all its threads (schedstat: ns; else stat: clock ticks)."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        if total:
+            return total / 1e9
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 def peak_mb(pid: int) -> float:
@@ -532,6 +548,7 @@ class RunResult:
     stall: float  # the worst /health latency during the run (ms)
     probe_p50: float
     rss_peak: float  # MB; nan for the mock
+    cpu: float  # ms of CPU the target process (mock or proxy) used per answered request
     ok: int
     errors: int
     first_error: str | None = None
@@ -544,6 +561,18 @@ class Bench:
     loadgen: LoadGen
     probe_http: aiohttp.ClientSession
     targets: dict[str, Proc] = field(default_factory=dict)  # "direct" -> mock, "proxy" -> proxy, ...
+    probe_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds one /health costs each target
+
+    async def measure_probe_cost(self, target: str, seconds: float = 1.5) -> None:
+        """The CPU one /health probe costs the target when idle: taken off each run's CPU per request."""
+        proc = self.targets[target]
+        stop = asyncio.Event()
+        before = cpu_seconds(proc.pid)
+        prober = asyncio.ensure_future(probe(self.probe_http, f"{proc.base_url}/health", stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        probes = await prober
+        self.probe_cpu[target] = max(0.0, (cpu_seconds(proc.pid) - before) / max(1, len(probes)))
 
     async def run(self, case: Case, target: str, *, count: int | None = None, seconds: float | None = None,
                   with_probe: bool = True) -> RunResult:
@@ -557,9 +586,11 @@ class Bench:
         stop = asyncio.Event()
         prober = asyncio.ensure_future(probe(self.probe_http, f"{proc.base_url}/health", stop)) \
             if with_probe else None
+        cpu_before = cpu_seconds(proc.pid)
         try:
             out = await self.loadgen.run(spec)
         finally:
+            cpu_used = cpu_seconds(proc.pid) - cpu_before
             stop.set()
             probes = await prober if prober else []
         lat = out["lat_ms"]
@@ -568,6 +599,7 @@ class Bench:
             rps=len(lat) / out["wall"] if out["wall"] > 0 else math.nan,
             stall=max(probes) if probes else math.nan, probe_p50=percentile(probes, 0.5),
             rss_peak=peak_mb(proc.pid) if is_proxy else math.nan,
+            cpu=(cpu_used - len(probes) * self.probe_cpu.get(target, 0.0)) * 1000 / len(lat) if lat else math.nan,
             ok=len(lat), errors=out["errors"], first_error=out["first_error"])
 
 
@@ -615,14 +647,19 @@ class Row:
 ROWS = [
     Row("added p50, c=1, 64x64 b64", "small_c1", "p50", "added", "<= +0.4 ms", lambda v: v <= 0.4),
     Row("added p99, c=1, 64x64 b64", "small_c1", "p99", "added"),
+    Row("CPU per request, c=1, 64x64 b64 (mock / proxy)", "small_c1", "cpu", ""),
     Row("added p50, c=1, 1024x1024 b64", "large_c1", "p50", "added", "<= +2 ms", lambda v: v <= 2.0),
     Row("added p99, c=1, 1024x1024 b64", "large_c1", "p99", "added"),
+    Row("CPU per request, c=1, 1024x1024 b64 (mock / proxy)", "large_c1", "cpu", ""),
     Row("requests/s, c=16, 64x64 b64", "small_c16", "rps", "ratio", ">= 25 % of direct", lambda v: v >= 0.25),
     Row("requests/s, c=8, 1024x1024 b64", "large_c8", "rps", "ratio", ">= 90 % of direct", lambda v: v >= 0.90),
+    Row("CPU per request, c=16, 64x64 b64 (mock / proxy)", "small_c16", "cpu", ""),
+    Row("CPU per request, c=8, 1024x1024 b64 (mock / proxy)", "large_c8", "cpu", ""),
     Row("p50 under load, c=8, 1024x1024 b64", "large_c8", "p50", "added"),
     Row("url: p50, c=1, 1024 (answer + GET)", "url_c1", "p50", "added"),
     Row("url: requests/s, c=8, 1024", "url_c8", "rps", "ratio"),
     Row("url: worst /health, c=8, 1024 (ms)", "url_c8", "stall", "", "<= 10 ms (no stall)", lambda v: v <= 10),
+    Row("url: CPU per request, c=8, 1024 (mock / proxy)", "url_c8", "cpu", ""),
     Row("upstream url -> b64: p50, c=1, 1024", "upurl_c1", "p50", "added"),
     Row("n=4 as 4 calls: p50, c=1, 64x64", "n4_small_c1", "p50", "added"),
     Row("n=4 as 4 calls: p50, c=1, 1024", "n4_large_c1", "p50", "added"),
@@ -639,7 +676,7 @@ ROWS = [
 def _fmt(metric: str, v: float) -> str:
     if math.isnan(v):
         return "-"
-    if metric in ("p50", "p99", "stall"):
+    if metric in ("p50", "p99", "stall", "cpu"):
         return f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms"
     if metric == "rps":
         return f"{v:.0f}/s" if v >= 100 else f"{v:.1f}/s"
@@ -681,7 +718,7 @@ def build_table(results: dict, case_by_key: dict[str, Case], proxies: list[str],
         direct_vals = series(ref, "direct", metric)
         direct = median(direct_vals)
         cells = [row.label + (" (direct: b64 1024, c=1)" if ref != row.case and row.compare else "")]
-        cells.append(_fmt(metric, direct) if row.compare else "-")
+        cells.append(_fmt(metric, direct) if row.compare or metric == "cpu" else "-")
         compared = {}
         for p in proxies:
             vals = series(row.case, p, metric)
@@ -741,9 +778,11 @@ def build_table(results: dict, case_by_key: dict[str, Case], proxies: list[str],
 
 # Where a sample goes: the innermost frame that matches decides (checked from the leaf up).
 CATEGORIES = [
-    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py",)),
+    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py", "_strict_b64 (proxy/output.py",
+                                                         "decode_b64 (proxy/output.py")),
     ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/output.py")),
-    ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/",)),
+    ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/", "json_or_none (",
+                                                                       "spliced_loads (")),
     ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
     ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck.py",)),
     ("response JSON (generations.dumps_with_b64)", ("dumps_with_b64 (proxy/",)),
@@ -752,7 +791,8 @@ CATEGORIES = [
     ("image store write", ("FilesystemStore.", "(proxy/store.py")),
     ("JSON, other", ("(json/",)),
     ("socket send (loopback TCP work in the syscall)", ("_SelectorSocketTransport.write ", "_write_ready",
-                                                        "_SelectorSocketTransport.writelines")),
+                                                        "_SelectorSocketTransport.writelines",
+                                                        "StreamWriter._writelines", "StreamWriter._write ")),
     ("socket receive + HTTP parsing", ("_read_ready", "data_received", "StreamReader.")),
     ("thread hand-offs (to_thread, call_soon_threadsafe)", ("ThreadPoolExecutor.submit", "_write_to_self",
                                                             "call_soon_threadsafe", "to_thread (")),
@@ -768,6 +808,8 @@ def categorize(frames: list[str]) -> str:
     leaf = frames[-1]
     if leaf.startswith(("EpollSelector.select", "_worker (concurrent/futures/thread.py")):
         return "waiting (epoll, idle pool threads)"
+    if leaf.startswith(("run (proxy/server.py", "BaseEventLoop.run_until_complete")):
+        return "inside the event loop's C code (uvloop: socket I/O, epoll, callbacks)"
     for name, needles in CATEGORIES:
         if any(n in frame for frame in frames for n in needles):
             return name
@@ -790,6 +832,7 @@ def summarize_collapsed(path: Path, top: int = 14) -> str:
         if not count_text.isdigit():
             continue
         count = int(count_text)
+        on_loop = "MainThread" in stack.split(";", 1)[0]  # with --threads the stack starts with its thread
         frames = [f for f in stack.split(";") if not f.startswith(("thread ", "process "))]
         if not frames:
             continue
@@ -797,7 +840,7 @@ def summarize_collapsed(path: Path, top: int = 14) -> str:
         cat = categorize(frames)
         by_cat[cat] = by_cat.get(cat, 0) + count
         self_time[frames[-1]] = self_time.get(frames[-1], 0) + count
-        if any("run_forever" in f for f in frames):
+        if on_loop:
             loop_count += count
             loop_self[frames[-1]] = loop_self.get(frames[-1], 0) + count
     if not total:
@@ -821,21 +864,24 @@ async def profile_runs(bench: Bench, case_by_key: dict[str, Case], seconds: floa
     if not Path(spy).exists():
         print("\nprofile: py-spy is not installed (pip install py-spy); skipped")
         return
-    proxy = bench.targets["proxy"]
+    target = bench.args.profile_target
+    proxy = bench.targets[target]
     out_dir = bench.tmp
     for key in ("small_c16", "large_c8"):
-        case = case_by_key[key]
+        case = case_by_key.get(key)
+        if case is None:
+            continue
         raw = out_dir / f"profile-{key}.txt"
         svg = out_dir / f"profile-{key}.svg"
         gil = out_dir / f"profile-{key}-gil.txt"
-        print(f"\nprofile: py-spy on the proxy during {key} ({case.concurrency} concurrent, {seconds:.0f} s a recording)")
+        print(f"\nprofile: py-spy on {target} during {key} ({case.concurrency} concurrent, {seconds:.0f} s a recording)")
         for fmt, path, more in (("raw", raw, []), ("raw", gil, ["--gil"]), ("flamegraph", svg, [])):
             spy_proc = await asyncio.create_subprocess_exec(
                 spy, "record", "--pid", str(proxy.pid), "--rate", "250", "--duration", str(int(seconds)),
                 "--nonblocking", "--threads", *more, "--format", fmt, "-o", str(path),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             await asyncio.sleep(0.3)
-            result = await bench.run(case, "proxy", count=10**6, seconds=seconds + 0.5, with_probe=False)
+            result = await bench.run(case, target, count=10**6, seconds=seconds + 0.5, with_probe=False)
             _, err = await asyncio.wait_for(spy_proc.communicate(), seconds + 30)
             if spy_proc.returncode != 0 or not path.exists():
                 print(f"  py-spy failed ({spy_proc.returncode}): {err.decode(errors='replace')[-500:]}")
@@ -922,6 +968,7 @@ def micro(quick: bool) -> None:
         ("bytes.decode('ascii') of 4.2 MB (a copy)", lambda b: b.decode("ascii"), body),
         ("PNG decode 1024x1024 (Pillow load)", lambda d: Image.open(io.BytesIO(d)).load(), png),
     ]
+    steps.insert(1, ("  spliced_loads (b64_json cut out, the rest parsed)", spliced_loads, body))
     if "orjson" in optional:
         steps.insert(1, ("  orjson.loads of the same body", optional["orjson"].loads, body))
     if "pybase64" in optional:
@@ -1061,8 +1108,11 @@ async def orchestrate(args: argparse.Namespace) -> int:
                 for target in (["direct"] if case.direct else []) + proxies:
                     await bench.run(case, target, count=1 if conversion else min(case.count, case.concurrency + 1),
                                     seconds=1, with_probe=False)
+            for target in targets:
+                await bench.measure_probe_cost(target)
             print(f"warm-up done after {time.monotonic() - started:.0f} s; {args.rounds} rounds of "
-                  f"{len(all_cases)} cases")
+                  f"{len(all_cases)} cases; CPU per /health probe: " +
+                  ", ".join(f"{t} {c * 1000:.2f} ms" for t, c in bench.probe_cpu.items()))
             results: dict[str, dict[str, list[RunResult]]] = {}
             for rnd in range(args.rounds):
                 for case in all_cases:
@@ -1113,6 +1163,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH+PATCH",
                         help="one more column: a proxy with these patches applied (" + ", ".join(PATCHES) + ")")
     parser.add_argument("--profile", action="store_true", help="py-spy the proxy during c=16 small and c=8 large")
+    parser.add_argument("--profile-target", default="proxy", help="which proxy column --profile records")
     parser.add_argument("--micro", action="store_true", help="hot-path step costs and encoder settings")
     parser.add_argument("--memory", action="store_true", help="idle RSS after load: malloc_trim, glibc knobs")
     parser.add_argument("--only", help="comma-separated case keys (large_c1 always runs: the reference)")

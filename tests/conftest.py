@@ -64,6 +64,14 @@ def tiny_dir(tmp_path_factory):
     return tiny_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_edit_dir(tmp_path_factory):
+    """The tiny random-weight edit pipeline, built once per session (real save_pretrained/from_pretrained)."""
+    from .local_helpers import tiny_edit_pipeline_dir
+
+    return tiny_edit_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The tiny model gains nothing from threads, and on a busy 2-core box OpenMP threads spinning

@@ -51,11 +51,17 @@ def stop_pool() -> None:
     ray.shutdown()
 
 
-async def pool_stats(handle, rounds: int = 12) -> dict[str, dict]:
-    """Every running replica's stats: Serve sends each call to the less busy of two replicas, so a few
-    concurrent calls reach them all."""
-    results = await asyncio.gather(*(handle.stats.remote() for _ in range(rounds)))
-    return {r["replica"]: r for r in results}
+async def pool_stats(handle, replicas: int = 2, rounds: int = 10) -> dict[str, dict]:
+    """Each running replica's stats. Serve sends a call to the less busy of two replicas by a cached view
+    of their load, so a burst of calls can all land on one: ask again until `replicas` have answered."""
+    seen: dict[str, dict] = {}
+    for _ in range(rounds):
+        for r in await asyncio.gather(*(handle.stats.remote() for _ in range(8))):
+            seen[r["replica"]] = r
+        if len(seen) >= replicas:
+            break
+        await asyncio.sleep(0.05)
+    return seen
 
 
 async def wait_pool(handle, predicate, timeout: float = 30.0) -> dict[str, dict]:

@@ -186,7 +186,7 @@ def test_models_and_check_config(tmp_path):
 
     check, strict = runs["check"], runs["strict"]
     assert check.returncode == 0, check.stderr
-    assert "7 models" in check.stdout
+    assert "8 models" in check.stdout
     assert strict.returncode == 1, strict.stdout + strict.stderr
     warnings = [line for line in strict.stdout.splitlines() if line.startswith("warning:")]
     qwen = [line for line in warnings if "model qwen-image has no usable route" in line]

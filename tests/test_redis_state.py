@@ -217,3 +217,23 @@ async def test_redis_stopped_mid_run_is_a_quick_503(start_proxy, tmp_path, redis
     assert status == 503 and time.monotonic() - started < 2.5
     async with aiohttp.ClientSession() as s, s.get(server.make_url("/health")) as r:
         assert r.status == 200
+
+
+async def test_two_proxies_share_a_keys_rpm_and_concurrency(start_proxy, tmp_path, redis_server):  # noqa: F811
+    cfg = redis_config(tmp_path, redis_server.url)
+    cfg["server"] = {"api_keys": [{"name": "team", "key": "key-team", "rpm": 3, "concurrency": 1}],
+                     "request_timeout": 10}
+    server_one, _ = await start_proxy(cfg, providers={"placeholder": CountingPlaceholder(delay=0.4)})
+    server_two, _ = await start_proxy(cfg, providers={"placeholder": CountingPlaceholder(delay=0.4)})
+    auth = "Bearer key-team"
+    # One slot for the key across both proxies: the second concurrent call is refused.
+    results = await asyncio.gather(post(server_one, auth=auth), post(server_two, auth=auth))
+    assert sorted(status for status, _, _ in results) == [200, 429]
+    refused = next(body for status, _, body in results if status == 429)
+    assert json.loads(refused)["error"]["code"] == "concurrency_limit_exceeded"
+    # Three a minute across both: the two calls above counted one (the refused one nothing).
+    assert (await post(server_two, auth=auth))[0] == 200
+    assert (await post(server_one, auth=auth))[0] == 200
+    status, headers, body = await post(server_two, auth=auth)
+    assert status == 429 and json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["Retry-After"]) > 1

@@ -401,8 +401,8 @@ class RayProvider(Provider):
                 async with asyncio.timeout(_PROBE_TIMEOUT):
                     return await response
             except BaseException:
-                if hasattr(response, "cancel"):
-                    response.cancel()
+                if hasattr(response, "cancel"):  # a Serve call (see _call_handle)
+                    asyncio.get_running_loop().run_in_executor(None, response.cancel)
                 raise
 
         results = await asyncio.gather(*(ask() for _ in range(count)), return_exceptions=True)
