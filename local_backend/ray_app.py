@@ -35,7 +35,10 @@ The wire format is plain data, so the caller needs neither torch nor this module
 - over HTTP (Serve's ingress, for callers outside the cluster) the same dicts are JSON with the bytes
   in base64: POST <route_prefix> {"params": {...}, "stream": false} answers the reply (status 200, 400,
   429 with Retry-After, 503 or 500); with "stream": true, one JSON object a line (NDJSON).
-  GET <route_prefix>/stats answers one replica's counters.
+  GET <route_prefix>/stats answers every replica's counters: {"replicas": {id: stats}}.
+- `stats` answers this replica's counters and queue; the whole pool's are in a small named actor
+  (stats_actor(app_name)) that every replica reports to each second, readable without waiting behind
+  requests (calls through Serve wait for a free replica slot).
 
 A caller that cancels its request (DeploymentResponse.cancel(), or an HTTP client that hangs up)
 cancels the replica's task, and with it the engine job: dropped from the queue, or stopped at the next
@@ -50,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -340,18 +344,70 @@ def params_from_json(body: dict) -> dict:
     return params
 
 
+# ----- the pool's stats: a side channel that never waits behind requests -----------------------------
+
+# Every replica reports its stats each STATS_INTERVAL seconds to one small actor per application (no
+# CPU, named in STATS_NAMESPACE); callers read the whole pool from it with one actor call. Not through
+# Serve: a call there waits for a free slot on a replica, which a busy pool has none of. The actor
+# belongs to the replica that made it; if that replica goes, the others make a new one.
+STATS_NAMESPACE = "qwen-image-proxy"
+STATS_INTERVAL = 1.0
+STATS_TTL = 5.0  # a replica silent this long has gone (stopped, killed, its node lost)
+
+
+def stats_actor_name(app_name: str) -> str:
+    return f"pool-stats:{app_name}"
+
+
+class PoolStats:
+    """The stats actor's class (wrapped with ray.remote by stats_actor)."""
+
+    def __init__(self):
+        self._replicas: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica_id: str, stats: dict) -> None:
+        self._replicas[replica_id] = (time.monotonic(), stats)
+
+    def forget(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
+
+    def snapshot(self) -> dict[str, dict]:
+        """replica id -> its last stats, for the replicas heard from lately."""
+        now = time.monotonic()
+        self._replicas = {k: v for k, v in self._replicas.items() if now - v[0] <= STATS_TTL}
+        return {k: v[1] for k, v in self._replicas.items()}
+
+
+_remote_stats = None
+
+
+def stats_actor(app_name: str, create: bool = False):
+    """The application's stats actor (ValueError when there is none and create is false)."""
+    global _remote_stats
+    import ray
+
+    name = stats_actor_name(app_name)
+    if not create:
+        return ray.get_actor(name, namespace=STATS_NAMESPACE)
+    if _remote_stats is None:
+        _remote_stats = ray.remote(PoolStats)
+    return _remote_stats.options(name=name, namespace=STATS_NAMESPACE, get_if_exists=True, num_cpus=0).remote()
+
+
 # ----- the replica ----------------------------------------------------------------------------------
 
 
-def _replica_id() -> str:
+def _replica_context() -> tuple[str, str | None]:
+    """(this replica's id, its application's name); outside Serve (a test, a plain process) no app."""
     try:
         from ray import serve
 
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # not inside a Serve replica (a unit test, a plain actor)
+        context = serve.get_replica_context()
+        return context.replica_id.unique_id, context.app_name
+    except Exception:
         import os
 
-        return f"pid{os.getpid()}"
+        return f"pid{os.getpid()}", None
 
 
 class EngineReplica:
@@ -364,14 +420,17 @@ class EngineReplica:
         from .engine import Engine
 
         self.config = engine_config(engine)
-        self.replica_id = _replica_id()
+        self.replica_id, self.app_name = _replica_context()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.counts = {"completed": 0, "failed": 0, "rejected": 0, "cancelled": 0, "expired": 0, "images": 0}
+        self.active = 0  # requests in this replica now (waiting or running)
         self.engine = Engine(self.config)
         started = time.monotonic()
         self.engine.start()  # loads the pipeline (blocking: Serve waits for the constructor)
-        self._lock = threading.Lock()
-        self.counts = {"completed": 0, "failed": 0, "rejected": 0, "cancelled": 0, "expired": 0, "images": 0}
-        self.active = 0  # requests in this replica now (waiting or running)
         log.info("replica %s: %s loaded in %.1f s", self.replica_id, self.config.model, time.monotonic() - started)
+        if self.app_name is not None:
+            threading.Thread(target=self._report, name="qwen-image-pool-stats", daemon=True).start()
 
     # ----- what callers use -----
 
@@ -424,13 +483,43 @@ class EngineReplica:
         if getattr(self.engine, "_closed", False) or thread is None or not thread.is_alive():
             raise RuntimeError("the engine's worker is not running")
 
+    async def pool_stats(self) -> dict[str, dict]:
+        """Every replica's stats from the stats actor (this one's alone without it)."""
+        if self.app_name is not None:
+            try:
+                actor = await asyncio.to_thread(stats_actor, self.app_name)
+                async with asyncio.timeout(5):
+                    return await actor.snapshot.remote()
+            except Exception:  # not made yet, or being remade
+                pass
+        return {self.replica_id: self.stats()}
+
     def close(self) -> None:
+        self._stopping.set()
         self.engine.close()
 
     def __del__(self):  # Serve calls it when it stops the replica
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+    def _report(self) -> None:
+        """The stats thread: this replica's stats to the stats actor every STATS_INTERVAL seconds."""
+        import ray
+
+        actor = None
+        while not self._stopping.wait(STATS_INTERVAL):
+            try:
+                if actor is None:
+                    actor = stats_actor(self.app_name, create=True)
+                ray.get(actor.report.remote(self.replica_id, self.stats()), timeout=5)
+            except Exception:  # the actor's replica went away: make (or find) a new one next time
+                actor = None
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                actor.forget.remote(self.replica_id)
 
     # ----- HTTP (Serve's ingress) -----
 
@@ -438,7 +527,7 @@ class EngineReplica:
         from starlette.responses import JSONResponse, StreamingResponse
 
         if request.method == "GET" and request.url.path.rstrip("/").endswith("/stats"):
-            return JSONResponse(self.stats())
+            return JSONResponse({"replicas": await self.pool_stats()})
         if request.method != "POST":
             return JSONResponse({"ok": False, "error": {"type": "invalid_params", "message": "POST a JSON body"}},
                                 status_code=405)

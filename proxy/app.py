@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -28,13 +29,15 @@ from .errors import (
     ShuttingDown,
 )
 from .fetch import FetchPolicy, GuardedFetcher
+from .idempotency import Idempotency
 from .metrics import Metrics
 from .output import OutputSettings
 from .passthrough import Passthrough
 from .policy import API_KEY, KeyPolicy
 from .providers import Provider, ProviderContext, build_providers
 from .router import Router
-from .store import FilesystemStore
+from .state import make_state
+from .store import make_store
 
 log = logging.getLogger("proxy")
 access_log = logging.getLogger("proxy.requests")
@@ -74,7 +77,10 @@ class Gateway:
         # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.
         limits = [t.pixel_limit for t in self.size_tables.values()] or [0]
         Image.MAX_IMAGE_PIXELS = max(OutputSettings.max_image_pixels, 4 * max(limits))
-        self.store = FilesystemStore(config.store.path, config.store.ttl_seconds)
+        self.store = make_store(config.store)
+        # Idempotency records and shared counters: in memory, or in Redis with state.redis_url.
+        self.state = make_state(config)
+        self.idempotency = Idempotency.from_config(self.state, config)
         self.output = OutputSettings(
             rehost_upstream_urls=config.store.rehost_upstream_urls,
             fetch_policy=FetchPolicy(max_bytes=int(config.store.max_download_mb * 1024 * 1024),
@@ -100,7 +106,8 @@ class Gateway:
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
         # Who may call what: key names, per-key models and limits, the /metrics key.
-        self.policy = KeyPolicy(config.server, self.metrics)
+        # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
+        self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
         self.http: aiohttp.ClientSession | None = None
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
@@ -130,6 +137,7 @@ class Gateway:
                 return
             self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"})
             await self.store.start()
+            await self.state.start()
             if self.passthrough:
                 await self.passthrough.start()
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
@@ -168,6 +176,7 @@ class Gateway:
         if self.passthrough:
             await self.passthrough.close()
         await self.store.close()
+        await self.state.close()
         await self.fetcher.close()
         await self.http.close()
         self._started = False
@@ -354,6 +363,8 @@ def configured_secrets(config: Config) -> list[str]:
     found = list(config.server.api_keys)
     if config.passthrough.api_key:
         found.append(config.passthrough.api_key)
+    if config.state.redis_url and urlsplit(config.state.redis_url).password:
+        found.append(urlsplit(config.state.redis_url).password)
     for provider in config.providers.values():
         for name, value in provider.options.items():
             if isinstance(value, str) and _SECRET_OPTION.search(name):

@@ -299,6 +299,6 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store, b
             b64 = img.b64 or await run_cpu(len(img.data), _b64, img.data)
             return {"b64_json": b64, "revised_prompt": revised}
         name = await store.put(img.data, img.mime)
-        return {"url": f"{base_url.rstrip('/')}/images/{name}", "revised_prompt": revised}
+        return {"url": await store.url_for(name, base_url), "revised_prompt": revised}
 
     return await gather_or_cancel([one(img) for img in finals])

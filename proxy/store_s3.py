@@ -50,6 +50,7 @@ class S3Store:
                  region: str | None = None, prefix: str = "", access_key_id: str | None = None,
                  secret_access_key: str | None = None, presign: bool = True, public_url: str | None = None,
                  serve_via_proxy: bool = False, timeout: float = 30):
+        _obstore()  # a missing extra is a clear error when the gateway is built, not on the first request
         self.bucket = bucket
         self.ttl = ttl_seconds
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 APP = "qip-test"
 ROUTE = "/qip-test"
-# The pool the tests run: the tiny model, two CPU replicas on this 2-core machine. max_ongoing_requests
-# is above what one engine holds (max_queue + max_batch = 5), so a flood reaches the engines' queue
-# limit (429) rather than waiting in Serve's.
+# The pool the tests run: the tiny model, two CPU replicas on this 2-core machine. Serve sends a replica at
+# most 2 * max_batch = 4 requests (the default) and holds 4 more in front of the pool; past that, 429.
 ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3}
-POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 16}
+POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_queued_requests": 4}
 EDIT_POOL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 
 
@@ -51,23 +50,17 @@ def stop_pool() -> None:
     ray.shutdown()
 
 
-async def pool_stats(handle, replicas: int = 2, rounds: int = 10) -> dict[str, dict]:
-    """Each running replica's stats. Serve sends a call to the less busy of two replicas by a cached view
-    of their load, so a burst of calls can all land on one: ask again until `replicas` have answered."""
-    seen: dict[str, dict] = {}
-    for _ in range(rounds):
-        for r in await asyncio.gather(*(handle.stats.remote() for _ in range(8))):
-            seen[r["replica"]] = r
-        if len(seen) >= replicas:
-            break
-        await asyncio.sleep(0.05)
-    return seen
+async def pool_stats(app: str = APP) -> dict[str, dict]:
+    """Every running replica's stats, from the pool's stats actor (reported each second)."""
+    from local_backend.ray_app import stats_actor
+
+    return await stats_actor(app).snapshot.remote()
 
 
-async def wait_pool(handle, predicate, timeout: float = 30.0) -> dict[str, dict]:
+async def wait_pool(predicate, timeout: float = 30.0) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     while True:
-        stats = await pool_stats(handle)
+        stats = await pool_stats()
         if predicate(stats):
             return stats
         if time.monotonic() > deadline:

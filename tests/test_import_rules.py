@@ -18,9 +18,12 @@ PROBE = textwrap.dedent("""
     async def main():
         config = load_config(sys.argv[1], env={})
         # Keep only the models without a local route, as a proxy-only deployment would.
-        for name in ["qwen-image", "qwen-image-tiny"]:
-            config.models.pop(name)
-        for name in ["local-tiny", "local-gpu"]:
+        local = {name for name, p in config.providers.items() if p.kind in ("diffusers", "ray")}
+        assert {"local-tiny", "local-gpu", "local-tiny-edit"} <= local
+        for name, model in list(config.models.items()):
+            if any(r.provider in local for r in model.routes):
+                config.models.pop(name)
+        for name in local:
             config.providers.pop(name)
         app = build_app(config)
         gateway = next(iter(app.values()))

@@ -67,7 +67,7 @@ def ray_config(tmp_path, provider: dict | None = None, **overrides) -> dict:
 def test_options_are_strict(tmp_path):
     providers = build_providers(parse_config(ray_config(tmp_path), env={}))
     pool = providers["pool"]
-    assert pool.deployment["num_replicas"] == 2 and pool.deployment["max_ongoing_requests"] == 16
+    assert pool.deployment["num_replicas"] == 2 and pool.deployment["max_ongoing_requests"] == 4
     assert pool.capabilities.max_images_per_call == ENGINE["max_batch"]
     with pytest.raises(Exception, match="modle"):
         build_providers(parse_config(ray_config(tmp_path, {"engine": {"modle": "tiny"}}), env={}))
@@ -99,6 +99,23 @@ def test_wire_round_trip():
     with pytest.raises(InvalidParamsError, match="future_field"):
         params_from_wire({"prompt": "x", "future_field": 1})
     assert error_reply(QueueFullError(retry_after=2.5))["type"] == "queue_full"
+
+
+def test_replies_map_to_the_proxy_errors():
+    from local_backend import DeadlineExceededError, EngineError, InvalidParamsError, QueueFullError
+    from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+    from proxy.providers.ray import reply_error
+
+    def mapped(exc):
+        return reply_error({"ok": False, "error": error_reply(exc)})
+
+    full = mapped(QueueFullError(retry_after=2.5))
+    assert isinstance(full, RateLimited) and full.headers["Retry-After"] == "3"
+    bad = mapped(InvalidParamsError("seed must be an integer", "seed"))
+    assert isinstance(bad, InvalidRequest) and bad.param == "seed" and not bad.retryable
+    assert isinstance(mapped(DeadlineExceededError()), UpstreamTimeout)
+    broken = mapped(EngineError("out of GPU memory"))
+    assert type(broken) is UpstreamError and broken.retryable and "out of GPU memory" in broken.message
 
 
 def test_serve_config_for_kuberay(tmp_path, capsys):
@@ -211,7 +228,7 @@ async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp
 async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path, transport):
     provider = {"transport": transport, "http_url": ray_pool.http_url}
     server, _, _ = await start(start_proxy, tmp_path, provider)
-    before = sum(s["cancelled"] for s in (await pool_stats(ray_pool.handle)).values())
+    before = sum(s["cancelled"] for s in (await pool_stats()).values())
     body = {"model": MODEL, "prompt": "slow", "size": "64x64", "num_inference_steps": 500}
 
     async def post():
@@ -220,20 +237,20 @@ async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_pat
             await resp.read()
 
     task = asyncio.create_task(post())
-    await wait_pool(ray_pool.handle, lambda st: sum(s["active"] for s in st.values()) == 1)  # in a replica
+    await wait_pool(lambda st: sum(s["active"] for s in st.values()) == 1)  # in a replica
     await asyncio.sleep(0.3)  # and running there
     task.cancel()  # the client hangs up
     await asyncio.gather(task, return_exceptions=True)
-    await wait_pool(ray_pool.handle, lambda st: sum(s["cancelled"] for s in st.values()) > before
+    await wait_pool(lambda st: sum(s["cancelled"] for s in st.values()) > before
                     and sum(s["active"] for s in st.values()) == 0)
 
 
 @pytest.mark.ray
-async def test_full_queues_are_429_with_retry_after(ray_pool, start_proxy, tmp_path):
+async def test_a_full_pool_is_429_with_retry_after(ray_pool, start_proxy, tmp_path):
     _, client, _ = await start(start_proxy, tmp_path, routing={"retries": 0})
     tasks = [asyncio.create_task(generate(client, f"flood {i}", num_inference_steps=300)) for i in range(14)]
     try:
-        # Each engine holds a running call and 3 waiting jobs: 14 requests on 2 replicas overflow both.
+        # 2 replicas x 4 requests, 4 more held by Serve: the rest are turned away at once.
         done, _ = await asyncio.wait(tasks, timeout=20, return_when=asyncio.FIRST_EXCEPTION)
         errors = [t.exception() for t in done if t.exception() is not None]
         assert errors and all(isinstance(e, RateLimitError) for e in errors), errors
@@ -243,7 +260,7 @@ async def test_full_queues_are_429_with_retry_after(ray_pool, start_proxy, tmp_p
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # The hang-ups cancel every job: the pool is idle again.
-    await wait_pool(ray_pool.handle, lambda st: all(s["queue_depth"] == 0 for s in st.values()))
+    await wait_pool(lambda st: all(s["active"] == 0 for s in st.values()))
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +316,7 @@ async def test_a_killed_replica_loses_no_request(ray_pool, start_proxy, tmp_path
              for i in range(4)]
     tasks = [asyncio.create_task(c) for c in calls]
     # A replica is working on some of them (usually both are: Serve picks the less busy of two).
-    stats = await wait_pool(ray_pool.handle, lambda st: len(st) == 2 and any(s["active"] for s in st.values()))
+    stats = await wait_pool(lambda st: len(st) == 2 and any(s["active"] for s in st.values()))
     victim = next(rid for rid, s in stats.items() if s["active"])
     name, namespace = next((n, ns) for n, ns in replica_actor_names() if n.endswith(f"#{victim}"))
     kill_replica(name, namespace)

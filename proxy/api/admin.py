@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import TYPE_CHECKING
 
@@ -11,6 +10,7 @@ from aiohttp import web
 
 from ..errors import ModelNotFound, NotFound
 from ..request import MAX_N
+from ..store import StoreUnavailable
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -119,8 +119,22 @@ async def get_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 async def image_file(gw: Gateway, request: web.Request) -> web.StreamResponse:
     name = request.path.rsplit("/images/", 1)[1]
-    found = await asyncio.to_thread(gw.store.lookup, name)
+    found = await gw.store.open(name)
     if found is None:
         raise NotFound("This image does not exist or has expired.", code="image_not_found")
-    path, content_type = found
-    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "private, max-age=3600"})
+    headers = {"Content-Type": found.content_type, "Cache-Control": "private, max-age=3600"}
+    if found.path is not None:
+        return web.FileResponse(found.path, headers=headers)
+    response = web.StreamResponse(headers=headers)  # an object in a bucket, streamed through
+    response.content_length = found.size
+    await response.prepare(request)
+    if request.method != "HEAD":
+        try:
+            async for chunk in found.chunks:
+                await response.write(chunk)
+        except StoreUnavailable:  # headers are out: cut the connection, the client sees a short body
+            if request.transport is not None:
+                request.transport.close()
+            return response
+    await response.write_eof()
+    return response

@@ -15,6 +15,7 @@ from ..output import check_output_request, finish_images, render_images
 from ..request import ImageRequest, build_request, parse_body, read_fields
 from ..router import RouteResult
 from ..sizing import check_work, resolve_size
+from ..state import Answer
 from . import stream
 
 if TYPE_CHECKING:
@@ -55,10 +56,12 @@ async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:
     """The JSON answer to a generation or an edit."""
-    result, payload = await generate(gw, request, req)
-    response = web.Response(text=dumps_with_b64(payload), content_type="application/json")
-    response.headers.update(route_headers(result))
-    return response
+    async def work() -> Answer:
+        result, payload = await generate(gw, request, req)
+        return Answer(200, dumps_with_b64(payload).encode(), route_headers(result))
+
+    # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
+    return await gw.idempotency.respond(request, req, work)
 
 
 async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:

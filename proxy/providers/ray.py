@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import threading
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 # The options that belong to the proxy's side; the rest describe the pool (ray_app.POOL_OPTIONS).
 CLIENT_OPTIONS = ("address", "app_name", "http_url", "route_prefix", "transport", "timeout", "retries",
                   "status_interval")
-# Stats of a replica not heard from for this many status intervals are dropped (it was replaced).
-_STALE_INTERVALS = 4
 # Seconds one status probe may take before the proxy stops waiting for it.
 _PROBE_TIMEOUT = 5.0
 
@@ -210,6 +209,7 @@ class RayProvider(Provider):
         self.app_status: str | None = None
         self.replica_states: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
+        self._stats_actor = None
 
     # ----- state -----
 
@@ -342,8 +342,6 @@ class RayProvider(Provider):
             await self._poll_handle()
         else:
             await self._poll_http()
-        cutoff = time.monotonic() - _STALE_INTERVALS * self.status_interval - _PROBE_TIMEOUT
-        self.replicas = {rid: r for rid, r in self.replicas.items() if r["seen"] >= cutoff}
 
     async def _poll_handle(self) -> None:
         from ray import serve
@@ -367,52 +365,48 @@ class RayProvider(Provider):
             self._set(f"the Ray pool is starting ({running} of {total} replicas running)", None)
         else:
             self._set(None, f"the Ray pool is {status.lower()}{': ' + message[:300] if message else ''}")
-        if running:
-            await self._probe(lambda: self._handle.stats.remote(), 2 * running)
+        try:
+            self._update(await self._read_stats())
+        except Exception as e:  # the replicas make it within a second of starting; the last view stays
+            log.debug("provider %s: no pool stats yet (%s)", self.name, type(e).__name__)
+
+    async def _read_stats(self) -> dict:
+        from local_backend.ray_app import stats_actor
+
+        if self._stats_actor is None:
+            self._stats_actor = await asyncio.to_thread(stats_actor, self.app_name)
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                return await self._stats_actor.snapshot.remote()
+        except BaseException:
+            self._stats_actor = None  # gone with its replica: look it up again next time
+            raise
 
     async def _poll_http(self) -> None:
         url = f"{self.http_url}{self.route_prefix}/stats"
-
-        async def one():
+        try:
             async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT)) as resp:
                 if resp.status == 404:
-                    raise LookupError("not found")
-                resp.raise_for_status()
-                return await resp.json()
-
-        try:
-            got = await self._probe(one, 4)
-        except LookupError:
-            self._set(None, f"the Ray pool's HTTP ingress has no application at {self.route_prefix}")
+                    self._set(None, f"the Ray pool's HTTP ingress has no application at {self.route_prefix}")
+                    return
+                body = await resp.json() if resp.status == 200 else None
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            self._set(None, f"the Ray pool's HTTP ingress at {self.http_url} does not answer ({type(e).__name__})")
             return
-        if not got:
-            self._set(None, f"the Ray pool's HTTP ingress at {self.http_url} does not answer")
-            return
-        self.app_status = "RUNNING"
-        self.replica_states = {"RUNNING": len(self.replicas)}  # the ones seen lately
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            body = None  # busy (the call waits for a free replica like any request): still there
+        if isinstance(body, dict) and isinstance(body.get("replicas"), dict):
+            self._update(body["replicas"])
+            self.replica_states = {"RUNNING": len(self.replicas)}
+            self.app_status = "RUNNING"
         self._set(None, None)
 
-    async def _probe(self, call, count: int) -> int:
-        """Ask `count` replicas (Serve picks which; the least busy first) for their stats."""
-
-        async def ask():
-            response = call()
-            try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
-                    return await response
-            except BaseException:
-                if hasattr(response, "cancel"):  # a Serve call (see _call_handle)
-                    asyncio.get_running_loop().run_in_executor(None, response.cancel)
-                raise
-
-        results = await asyncio.gather(*(ask() for _ in range(count)), return_exceptions=True)
-        for r in results:
-            if isinstance(r, LookupError):
-                raise r
-        got = [r for r in results if isinstance(r, dict) and r.get("replica")]
-        for stats in got:
-            self._remember(stats)
-        return len(got)
+    def _update(self, snapshot: dict) -> None:
+        """The pool's replicas as the stats actor has them: the others are gone."""
+        for stats in snapshot.values():
+            if isinstance(stats, dict) and stats.get("replica"):
+                self._remember(stats)
+        self.replicas = {rid: r for rid, r in self.replicas.items() if rid in snapshot}
 
     def _remember(self, stats: dict, served: int = 0) -> None:
         rid = str(stats["replica"])
@@ -465,7 +459,7 @@ class RayProvider(Provider):
                 except BaseException:
                     # Cancelling the awaiting task does not cancel a Serve request: do it (it blocks
                     # briefly when the request is being assigned, so not on the loop).
-                    loop.run_in_executor(None, response.cancel)
+                    loop.run_in_executor(None, _cancel, response)
                     raise
             stream = handle.options(stream=True).generate_stream.remote(wire)
             reply = None
@@ -476,7 +470,7 @@ class RayProvider(Provider):
                     else:
                         reply = event
             except BaseException:
-                loop.run_in_executor(None, stream.cancel)
+                loop.run_in_executor(None, _cancel, stream)
                 raise
             if reply is None:
                 raise UpstreamError("the Ray pool's stream ended without a result")
@@ -540,6 +534,13 @@ class RayProvider(Provider):
             raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
         return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed)
                 for data, seed in zip(datas, seeds, strict=True)]
+
+
+def _cancel(response) -> None:
+    """Cancel a Serve call (best effort, in a thread: it waits for the call's replica assignment)."""
+    # It raises when the call failed or finished already (cancel fetches its outcome): nothing to stop.
+    with contextlib.suppress(Exception):
+        response.cancel()
 
 
 def _reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
