@@ -6,6 +6,8 @@
     python bench/bench_gateway.py --profile  # then py-spy on the proxy during the c=16 / c=8 runs
     python bench/bench_gateway.py --micro    # then the hot path's steps one by one, in this process
     python bench/bench_gateway.py --memory   # then idle memory after the large run: malloc_trim, glibc knobs
+    python bench/bench_gateway.py --variant all=pybase64+splice-json   # a column per patched proxy (PATCHES)
+    python bench/bench_gateway.py --no-table --micro                   # only the in-process step costs
 
 Processes (all on 127.0.0.1, each its own; with 2 cores they all share the CPU, the numbers say so):
 
@@ -490,7 +492,25 @@ def _patch_single_await() -> None:
     proxy.output.gather_or_cancel = gather_or_cancel
 
 
-PATCHES = {"uvloop": _patch_uvloop, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
+def _patch_fast_encoders() -> None:
+    """WebP with method 2 (Pillow's default is 4) and AVIF with speed 8 (Pillow's default is 6), as the
+    defaults of every Image.save in this process (what proxy.output.encode_image would pass)."""
+    from PIL import Image
+
+    save = Image.Image.save
+
+    def patched(self, fp, format=None, **params):  # noqa: A002 (Pillow's own name)
+        kind = (format or "").upper()
+        if kind == "WEBP":
+            params.setdefault("method", 2)
+        elif kind == "AVIF":
+            params.setdefault("speed", 8)
+        return save(self, fp, format, **params)
+
+    Image.Image.save = patched
+
+
+PATCHES = {"uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
            "orjson": _patch_orjson, "quiet-access-log": _patch_quiet_access_log, "single-await": _patch_single_await}
 
 
@@ -938,22 +958,20 @@ def micro(quick: bool) -> None:
         gap of a 0.5 ms ticker during each call, median over 5 calls (a C call that keeps the GIL shows
         its whole duration; scheduling noise shows less in the median)."""
 
+        async def ticker(gaps: list[float], done: asyncio.Event) -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.0005)
+                gaps.append(time.perf_counter() - t0 - 0.0005)
+
         async def go() -> float:
             worst: list[float] = []
             for _ in range(5):
-                gaps = [0.0]
-                done = False
-
-                async def ticker() -> None:
-                    while not done:
-                        t0 = time.perf_counter()
-                        await asyncio.sleep(0.0005)
-                        gaps.append(time.perf_counter() - t0 - 0.0005)
-
-                tick = asyncio.ensure_future(ticker())
+                gaps, done = [0.0], asyncio.Event()
+                tick = asyncio.ensure_future(ticker(gaps, done))
                 await asyncio.sleep(0.005)
                 await asyncio.to_thread(fn, *args)
-                done = True
+                done.set()
                 await tick
                 worst.append(max(gaps) * 1000)
             return statistics.median(worst)
@@ -992,34 +1010,37 @@ def micro(quick: bool) -> None:
     photo = Image.open(io.BytesIO(mock.png[f"{LARGE}-photo"])).convert("RGB")
     print("\nmicro: encoder settings at 1024x1024, median ms and KB; noise and photo = the mock's two images")
 
-    def enc(im, **kw) -> tuple[float, int]:
+    def psnr(original, data: bytes) -> float:
+        """PSNR (dB) of the encoded image against the original: the quality a setting gives up."""
+        from PIL import ImageChops, ImageStat
+
+        decoded = Image.open(io.BytesIO(data)).convert("RGB")
+        mse = statistics.mean(v ** 2 for v in ImageStat.Stat(ImageChops.difference(original, decoded)).rms)
+        return 10 * math.log10(255 ** 2 / mse) if mse else math.inf
+
+    def enc(im, **kw) -> tuple[float, int, float]:
         out = io.BytesIO()
         im.save(out, **kw)
-        size = out.tell()
-        return timed(lambda: im.save(io.BytesIO(), **kw)), size
+        return timed(lambda: im.save(io.BytesIO(), **kw)), out.tell(), psnr(im, out.getvalue())
 
     reps = 3 if quick else 5  # `timed` reads it: fewer repeats for the slow encoders
-    for method in range(7):
-        a, sa = enc(noise, format="WEBP", quality=90, method=method)
-        b, sb = enc(photo, format="WEBP", quality=90, method=method)
-        print(f"  webp q90 method {method}{' (Pillow default)' if method == 4 else '':18s} noise {a:7.1f} ms "
-              f"{sa / 1024:6.0f} KB   photo {b:6.1f} ms {sb / 1024:5.0f} KB")
-    for q in (75, 80):
-        a, sa = enc(noise, format="WEBP", quality=q, method=4)
-        b, sb = enc(photo, format="WEBP", quality=q, method=4)
-        print(f"  webp q{q} method 4{'':18s} noise {a:7.1f} ms {sa / 1024:6.0f} KB   photo {b:6.1f} ms "
-              f"{sb / 1024:5.0f} KB")
-    for label, kw in (("jpeg q90", {"format": "JPEG", "quality": 90}),
-                      ("avif q80 (Pillow default speed)", {"format": "AVIF", "quality": 80}),
-                      ("avif q80 speed 8", {"format": "AVIF", "quality": 80, "speed": 8}),
-                      ("avif q80 speed 10", {"format": "AVIF", "quality": 80, "speed": 10})):
+    settings = [(f"webp q90 method {m}{' (Pillow default)' if m == 4 else ''}",
+                 {"format": "WEBP", "quality": 90, "method": m}) for m in range(7)]
+    settings += [(f"webp q{q} method {m}", {"format": "WEBP", "quality": q, "method": m})
+                 for q, m in ((80, 4), (80, 2), (75, 2))]
+    settings += [("jpeg q90", {"format": "JPEG", "quality": 90}),
+                 ("avif q80 (Pillow default speed)", {"format": "AVIF", "quality": 80}),
+                 ("avif q80 speed 8", {"format": "AVIF", "quality": 80, "speed": 8}),
+                 ("avif q80 speed 10", {"format": "AVIF", "quality": 80, "speed": 10})]
+    print(f"  {'setting':34s} {'noise: ms':>10s} {'KB':>6s}   {'photo: ms':>10s} {'KB':>5s} {'PSNR':>8s}")
+    for label, kw in settings:
         try:
-            a, sa = enc(noise, **kw)
-            b, sb = enc(photo, **kw)
+            a, sa, _ = enc(noise, **kw)
+            b, sb, db = enc(photo, **kw)
         except (OSError, ValueError, TypeError) as e:
             print(f"  {label}: {e}")
             continue
-        print(f"  {label:34s} noise {a:7.1f} ms {sa / 1024:6.0f} KB   photo {b:6.1f} ms {sb / 1024:5.0f} KB")
+        print(f"  {label:34s} {a:10.1f} {sa / 1024:6.0f}   {b:10.1f} {sb / 1024:5.0f} {db:5.1f} dB")
 
 
 # -------------------------------------------------------------------------------------------- memory
