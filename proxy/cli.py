@@ -272,7 +272,7 @@ def cmd_ray_serve(args: argparse.Namespace) -> None:
               "start one first (`ray start --head` on this machine), or pass --address")
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     for pool, app in zip(chosen, apps, strict=True):
-        print(f"deploying {app['name']} at {app['route_prefix']} ({pool.engine.model}); waiting for its replicas...")
+        print(f"deploying {app['name']} at {app['route_prefix']} ({pool.engine_config.model}); waiting for its replicas...")
         serve.run(build_app(pool.pool_options), name=app["name"], route_prefix=app["route_prefix"])
         state = serve.status().applications[app["name"]]
         replicas = {str(k): v for d in state.deployments.values() for k, v in d.replica_states.items()}

@@ -8,11 +8,11 @@ PNG, JPEG, WebP or GIF whose header is within the pixel limit, and must decode.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 from typing import Any
 
+import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from PIL import Image
 
 from .errors import InvalidRequest

@@ -61,11 +61,23 @@ class Metrics:
             "no_gpu, unavailable)", ["model", "route", "state"], registry=self.registry,
         )
 
+        self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
+                                   registry=self.registry)
+        self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",
+                                ["provider", "replica"], registry=self.registry)
+
     def refresh(self, gateway) -> None:
         """Gauges read at scrape time: local queue depths and route states."""
         for provider in gateway.providers.values():
             if hasattr(provider, "queue_depth"):
                 self.local_queue.labels(provider=provider.name).set(provider.queue_depth)
+        self.pool_replicas.clear()
+        self.pool_queue.clear()
+        for p in gateway.providers.values():
+            for state, count in getattr(p, "replica_states", {}).items():
+                self.pool_replicas.labels(provider=p.name, state=state).set(count)
+            for replica, depth in getattr(p, "replica_queue_depths", {}).items():
+                self.pool_queue.labels(provider=p.name, replica=replica).set(depth)
         self.route_state.clear()
         for model, routes in gateway.router.routes.items():
             for route in routes:

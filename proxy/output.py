@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from PIL import Image
 from yarl import URL
 
@@ -87,6 +87,12 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
         kwargs["quality"] = DEFAULT_QUALITY[fmt] if compression is None else compression
     if fmt == "png":
         kwargs["optimize"] = False
+    # Measured at 1024x1024 on a photo-like image: WebP method 2 is 65 ms for 301 KB (the default
+    # method 4: 108 ms, 313 KB); AVIF speed 8 is 97 ms for 278 KB (the default: 296 ms, 281 KB).
+    elif fmt == "webp":
+        kwargs["method"] = 2
+    elif fmt == "avif":
+        kwargs["speed"] = 8
     im.save(out, format=fmt.upper(), **kwargs)
     return out.getvalue()
 

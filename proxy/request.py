@@ -137,7 +137,7 @@ class InputImage:
         return f"image/{self.format}"
 
     def data_uri(self) -> str:
-        import base64
+        import pybase64 as base64
 
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
 

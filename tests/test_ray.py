@@ -212,8 +212,9 @@ async def test_requests_spread_over_both_replicas(ray_pool, start_proxy, tmp_pat
 
 
 @pytest.mark.ray
-async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp_path):
-    _, client, _ = await start(start_proxy, tmp_path)
+@pytest.mark.parametrize("transport", ["handle", "http"])
+async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp_path, transport):
+    _, client, _ = await start(start_proxy, tmp_path, {"transport": transport, "http_url": ray_pool.http_url})
     stream = await client.images.generate(model=MODEL, prompt="a kite", size="64x64", stream=True,
                                           partial_images=2, extra_body={"seed": 3, "num_inference_steps": 4})
     events = [event async for event in stream]

@@ -6,12 +6,12 @@ Every stream ends: with the completed events, or with an OpenAI error event, and
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
 from typing import TYPE_CHECKING
 
+import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from aiohttp import web
 
 from ..errors import ProxyError

@@ -183,7 +183,7 @@ class RayProvider(Provider):
         # Strict: a pool that could not be deployed is a config error, not a route that never works.
         self.pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS and v is not None}
         self.deployment = deployment_options(self.pool_options)
-        self.engine = engine_config(self.pool_options.get("engine"))
+        self.engine_config = engine_config(self.pool_options.get("engine"))
         self.app_name = options.get("app_name") or DEFAULT_APP_NAME
         self.address = options.get("address") or "auto"
         self.route_prefix = options.get("route_prefix") or f"/{self.app_name}"
@@ -194,9 +194,9 @@ class RayProvider(Provider):
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with /")
         self.status_interval = float(options.get("status_interval") or 5.0)
-        edits = self.engine.task == "edit"
+        edits = self.engine_config.task == "edit"
         self.capabilities = Capabilities(
-            max_images_per_call=self.engine.max_batch, output_formats=frozenset({"png"}),
+            max_images_per_call=self.engine_config.max_batch, output_formats=frozenset({"png"}),
             output_compression=False, edits=edits, masks=edits,
         )
         self.transport: str | None = None  # handle | http, once connected
