@@ -405,6 +405,16 @@ class RouteConfig(_Strict):
     max_images_per_call: int | None = Field(default=None, ge=1)
     # Overrides routing.retries for this route.
     retries: int | None = Field(default=None, ge=0, le=10)
+    # Fields never sent on this route (the client's or the route's params): e.g. [negative_prompt, go_fast].
+    drop: list[str] = Field(default_factory=list)
+
+    @field_validator("drop")
+    @classmethod
+    def _droppable(cls, names: list[str]) -> list[str]:
+        core = {"prompt", "model", "size", "n", "response_format", "stream"}
+        if bad := sorted(set(names) & core):
+            raise ValueError(f"{', '.join(bad)} cannot be dropped: every route needs them")
+        return names
 
 
 class SizeTableConfig(_Strict):

@@ -522,10 +522,13 @@ _FIELDS = set(ImageRequest.__dataclass_fields__) - {"extra", "model", "prompt", 
                                                     "mask", "first_index"}
 
 
-def with_route_defaults(req: ImageRequest, params: dict[str, Any]) -> ImageRequest:
-    """Fill fields the client left unset from a route's `params`; unknown keys become extras."""
-    if not params:
+def with_route_defaults(req: ImageRequest, params: dict[str, Any], drop: list[str] | tuple = ()) -> ImageRequest:
+    """Fill fields the client left unset from a route's `params` (unknown keys become extras), then
+    leave out the fields the route drops."""
+    if not params and not drop:
         return req
     known = {k: v for k, v in params.items() if k in _FIELDS and getattr(req, k) is None}
-    extra = {k: v for k, v in params.items() if k not in _FIELDS}
-    return replace(req, **known, extra={**extra, **req.extra})
+    extra = {k: v for k, v in {**{k: v for k, v in params.items() if k not in _FIELDS}, **req.extra}.items()
+             if k not in drop}
+    cleared = {k: (() if k == "loras" else None) for k in drop if k in _FIELDS and k != "stream"}
+    return replace(req, **{**known, **cleared}, extra=extra)

@@ -222,7 +222,7 @@ class Router:
                          attempts: list, failures: list, last: bool) -> list[Any] | None:
         """The route's calls, retries included: its images, or None after recording why it failed."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
-        route_req = with_route_defaults(req, route.config.params)
+        route_req = with_route_defaults(req, route.config.params, route.config.drop)
         for attempt in range(route.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

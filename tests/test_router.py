@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -649,3 +650,20 @@ async def test_a_refused_login_is_not_retried_on_the_same_route():
     a = FakeProvider("a", failing(UpstreamRefused("authentication with the upstream failed (HTTP 401)")))
     result = await router_for(a, FakeProvider("b"), retries=2).generate(request(), soon())
     assert result.route.name == "b" and len(a.calls) == 1
+
+
+async def test_a_route_drops_fields_it_must_not_send():
+    a = FakeProvider("a")
+    router = router_for(a, routes=[{"provider": "a", "params": {"go_fast": True, "negative_prompt": "x"},
+                                    "drop": ["negative_prompt", "go_fast", "seed", "watermark"]}])
+    req = request(seed=5, negative_prompt="blur")
+    req = dataclasses.replace(req, extra={"watermark": True, "custom": 1})
+    await router.generate(req, soon())
+    sent, _ = a.calls[0]
+    assert sent.negative_prompt is None and sent.seed is None
+    assert sent.extra == {"custom": 1}
+
+
+def test_core_fields_cannot_be_dropped():
+    with pytest.raises(ValueError, match="prompt cannot be dropped"):
+        RouteConfig(provider="a", drop=["prompt"])
