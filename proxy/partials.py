@@ -40,6 +40,11 @@ def open_sink() -> PartialSink:
     return sink
 
 
+def partials_wanted() -> bool:
+    """Whether the current request streams and collects partial images."""
+    return _SINK.get() is not None
+
+
 def emit(partial: PartialImage) -> None:
     sink = _SINK.get()
     if sink is not None:

@@ -114,6 +114,9 @@ class FakeOpenAIUpstream:
 
     requests: list[Received] = field(default_factory=list)
     edit_forms: list[tuple[dict, list]] = field(default_factory=list)
+    # Image calls with stream=true are answered as OpenAI's image stream (partials, then completed).
+    can_stream: bool = False
+    stream_calls: int = 0
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     failure: Failure | None = None
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -257,6 +260,8 @@ class FakeOpenAIUpstream:
         seed = body.get("seed")
         images = await asyncio.to_thread(
             lambda: [make_image(width, height, None if seed is None else seed + i, fmt) for i in range(n)])
+        if body.get("stream") and self.can_stream:
+            return await self.stream_images(request, body, images, fmt)
         base = str(request.url.origin())
         data = []
         for im in images:
@@ -274,6 +279,25 @@ class FakeOpenAIUpstream:
                           "provider": "fake", "cost": 0.0}},
             headers={"X-Lumenfall-Request-Id": uuid.uuid4().hex, "X-Lumenfall-Provider": "fake"},
         )
+
+    async def stream_images(self, request: web.Request, body: dict, images: list[bytes], fmt: str):
+        """OpenAI image streaming: partial_images small previews per image, then its completed event."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        prefix = "image_edit" if request.path.endswith("/edits") else "image_generation"
+        for index, image in enumerate(images):
+            for k in range(int(body.get("partial_images") or 0)):
+                preview = make_image(16, 16, k, fmt)
+                event = {"type": f"{prefix}.partial_image", "b64_json": base64.b64encode(preview).decode(),
+                         "partial_image_index": k, "image_index": index, "output_format": fmt}
+                await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+                await asyncio.sleep(0.01)
+            event = {"type": f"{prefix}.completed", "b64_json": base64.b64encode(image).decode(),
+                     "output_format": fmt, "revised_prompt": f"{body['prompt']}, revised by the fake"}
+            await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        self.stream_calls += 1
+        await response.write_eof()
+        return response
 
     # passthrough side -----------------------------------------------------------------------------
 

@@ -96,3 +96,33 @@ async def test_a_disconnected_stream_cancels_the_local_job(start_proxy, tmp_path
             break
         await asyncio.sleep(0.1)
     assert not engine._running and engine.queue_depth == 0  # stopped at the next step, not 400 steps later
+
+
+async def test_partials_from_an_upstream_that_streams(start_proxy, aiohttp_server, tmp_path):
+    from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
+
+    streaming = await FakeOpenAIUpstream(can_stream=True).start(aiohttp_server)
+    plain = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = SMALL_SIZES
+    cfg["providers"]["streams"] = {"kind": "openai", "base_url": f"{streaming.url}/v1", "api_key": streaming.api_key,
+                                   "stream": True}
+    cfg["providers"]["plain"] = {"kind": "openai", "base_url": f"{plain.url}/v1", "api_key": plain.api_key}
+    cfg["models"]["up"] = {"sizes": "small", "routes": ["streams"]}
+    cfg["models"]["up-plain"] = {"sizes": "small", "routes": ["plain"]}
+    _, client = await start_proxy(cfg)
+
+    stream = await client.images.generate(model="up", prompt="p", size="64x64", stream=True, partial_images=2,
+                                          extra_body={"seed": 3})
+    events = [e async for e in stream]
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert streaming.stream_calls == 1 and streaming.image_bodies[0]["stream"] is True
+    decoded(events[-1].b64_json, "png")
+    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (16, 16)  # the upstream's preview
+    assert events[-1].revised_prompt == "p, revised by the fake"
+
+    # An upstream that cannot stream: the completed event only, and it was asked without stream.
+    stream = await client.images.generate(model="up-plain", prompt="p", size="64x64", stream=True, partial_images=2)
+    events = [e async for e in stream]
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert "stream" not in plain.image_bodies[0]

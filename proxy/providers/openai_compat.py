@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pybase64
 from yarl import URL
 
 from ..config import RouteConfig
@@ -21,6 +22,7 @@ from ..errors import (
     redact,
     retry_after_from_headers,
 )
+from ..partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .extras import extras_for
@@ -83,6 +85,68 @@ def edit_form(body: dict[str, Any], req: ImageRequest) -> aiohttp.FormData:
     return form
 
 
+async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, redacted) -> list[GeneratedImage]:
+    """An upstream's OpenAI image stream: partial images go on to the client's stream as they come,
+    completed events become the route's images, an error event is the route's failure."""
+    images: list[GeneratedImage] = []
+    async for event in _sse_events(resp.content):
+        kind = str(event.get("type") or "")
+        if "error" in event and not kind.endswith((".partial_image", ".completed")):
+            err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+            raise redacted(UpstreamError(f"the upstream's stream failed: {err.get('message') or err}"))
+        b64 = event.get("b64_json")
+        if not isinstance(b64, str) or not b64:
+            continue
+        if kind.endswith(".partial_image"):
+            data = await run_cpu(len(b64), _b64decode, b64)
+            if data is not None:
+                index = event.get("image_index") if isinstance(event.get("image_index"), int) else len(images)
+                emit(PartialImage(req.first_index + index, int(event.get("partial_image_index") or 0), data,
+                                  str(event.get("output_format") or req.output_format or "png")))
+        elif kind.endswith(".completed"):
+            images.append(GeneratedImage(b64=b64, revised_prompt=event.get("revised_prompt")))
+    if not images:
+        raise UpstreamError("the upstream's stream ended without a completed image")
+    return images
+
+
+async def _lines(stream: aiohttp.StreamReader):
+    """Lines of any length (aiohttp's own line reader refuses the megabyte lines of a completed image)."""
+    buf = bytearray()
+    async for chunk in stream.iter_any():
+        start, search = 0, len(buf)  # only the new bytes can hold a new line end
+        buf += chunk
+        while (end := buf.find(b"\n", search)) != -1:
+            yield bytes(buf[start:end]).rstrip(b"\r")
+            start = search = end + 1
+        del buf[:start]
+    if buf:
+        yield bytes(buf).rstrip(b"\r")
+    yield b""
+
+
+async def _sse_events(stream: aiohttp.StreamReader):
+    """The JSON data of each server-sent event (comments and keep-alives skipped)."""
+    data: list[bytes] = []
+    async for line in _lines(stream):
+        if not line:
+            if data:
+                payload = _json_or_none(b"\n".join(data))
+                data = []
+                if isinstance(payload, dict):
+                    yield payload
+            continue
+        if line.startswith(b"data:"):
+            data.append(line[5:].lstrip())
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+
+
 def error_from_status(status: int, payload: Any, retry_after: float | None) -> ProxyError:
     """Map an upstream HTTP error to ours: client faults return at once, the rest fall back."""
     err = payload.get("error") if isinstance(payload, dict) else None
@@ -125,6 +189,9 @@ class OpenAICompatProvider(Provider):
         "response_format": ("b64_json", "url"),
         "timeout": (float, {"gt": 0}),
         "retries": (int, {"ge": 0, "le": 10}),
+        # The upstream streams partial images (OpenAI's image streaming): streamed requests asking for
+        # partial_images are streamed through; otherwise they get the completed images only.
+        "stream": bool,
     }
 
     def __init__(self, name, options, missing_vars=None):
@@ -167,14 +234,19 @@ class OpenAICompatProvider(Provider):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         timeout = aiohttp.ClientTimeout(total=route.timeout or self.default_timeout)
+        if req.stream and req.partial_images and self.options.get("stream") and partials_wanted():
+            body.update(stream=True, partial_images=req.partial_images)
+            headers["Accept"] = "text/event-stream, application/json"
         if req.is_edit:
             url, send = f"{self.base_url}/images/edits", {"data": edit_form(body, req)}
         else:
             url, send = f"{self.base_url}/images/generations", {"json": body}
         try:
             async with self.http.post(url, headers=headers, timeout=timeout, **send) as resp:
-                raw = await resp.read()
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
+                if status < 400 and resp.content_type == "text/event-stream":
+                    return await read_event_stream(resp, req, self._redacted)
+                raw = await resp.read()
         except TimeoutError:
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:
