@@ -106,10 +106,13 @@ async def test_loading_past_max_load_wait_is_503_with_retry_after(start_proxy, t
     assert int(e.value.response.headers["Retry-After"]) >= 1
 
 
-async def test_shipped_offline_config_is_ready_without_keys_or_gpu(tmp_path):
-    """models.yaml as `make run` serves it: qwen-image has no possible route here, the rest serve."""
+async def test_shipped_offline_config_is_ready_without_keys_or_gpu(tmp_path, monkeypatch):
+    """models.yaml as `make run` serves it: qwen-image has no possible route here, the rest serve.
+
+    From an empty cache, as on a new machine: both tiny models are built and loaded at once."""
     from proxy import build_app, load_config
 
+    monkeypatch.setenv("QWEN_IMAGE_PROXY_CACHE", str(tmp_path / "cache"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LUMENFALL", "QIP_"))}
     env["QIP_STORE_PATH"] = str(tmp_path / "images")
     config = load_config(ROOT / "models.yaml", env=env)
@@ -122,8 +125,11 @@ async def test_shipped_offline_config_is_ready_without_keys_or_gpu(tmp_path):
         deadline = time.monotonic() + 60
         while model_states(gateway)["qwen-image-tiny"]["state"] == "loading" and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
+        while model_states(gateway)["qwen-image-edit-tiny"]["state"] == "loading" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         states = model_states(gateway)
         assert states["qwen-image-tiny"]["ready"] and states["qwen-image-placeholder"]["ready"]
+        assert states["qwen-image-edit-tiny"]["ready"], states["qwen-image-edit-tiny"]
         assert not states["qwen-image"]["possible"]
         assert {r["state"] for r in states["qwen-image"]["routes"]} <= {"missing_key", "no_gpu", "unavailable"}
     finally:
