@@ -53,7 +53,6 @@ import time
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from ..config import RouteConfig
 from ..errors import (
@@ -64,13 +63,13 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
-    redact,
     retry_after_from_headers,
 )
 from ..request import ImageRequest
 from ..sizing import parse_pixels
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import Capabilities, GeneratedImage
 from .extras import VENDOR_FIELDS, extras_for
+from .vendor import VendorProvider
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +395,8 @@ def _edit_json(req: ImageRequest, model: str) -> bytes:
 # ---- the provider -----------------------------------------------------------------------------------
 
 
-class DashScopeProvider(Provider):
+class DashScopeProvider(VendorProvider):
+    cancel_timeout = CANCEL_TIMEOUT
     kind = KIND
     options_schema = {
         "api_key": str | None,
@@ -413,7 +413,6 @@ class DashScopeProvider(Provider):
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = str(options.get("api_key") or "")
         self.mode = options.get("mode") or "auto"
         self.sizes = parse_sizes(options.get("sizes"))
         self.poll_interval = float(options.get("poll_interval") or 0.25)
@@ -422,30 +421,6 @@ class DashScopeProvider(Provider):
         self.capabilities = Capabilities(max_images_per_call=int(options.get("max_images_per_call") or 1),
                                          output_formats=frozenset({"png"}), output_compression=False,
                                          edits=True, masks=False)
-        self.http: aiohttp.ClientSession | None = None
-        self._cancels: set[asyncio.Task] = set()
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if not self.api_key:
-            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
-            return f"no API key (set {hint})"
-        return None
-
-    @property
-    def trusted_origin(self) -> str | None:
-        try:
-            return str(URL(self.base_url).origin())
-        except ValueError:
-            return None
-
-    async def start(self, ctx: ProviderContext) -> None:
-        self.http = ctx.http
-
-    async def close(self) -> None:
-        # Let the best-effort cancels finish before the shared session closes.
-        if self._cancels:
-            await asyncio.wait(set(self._cancels), timeout=CANCEL_TIMEOUT)
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         model = route.model or req.model
@@ -548,9 +523,7 @@ class DashScopeProvider(Provider):
             interval = min(interval * 1.5, self.poll_max_interval)
 
     def _cancel_later(self, task_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._cancel(task_id))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self.in_background(self._cancel(task_id))
 
     async def _cancel(self, task_id: str) -> None:
         """POST /tasks/{id}/cancel, best effort: DashScope cancels only tasks still PENDING."""
@@ -564,6 +537,4 @@ class DashScopeProvider(Provider):
         except Exception as e:  # best effort: the task ends on its own
             log.info("%s: cancelling DashScope task %s failed (%s)", self.name, task_id, type(e).__name__)
 
-    def _redacted(self, error: ProxyError) -> ProxyError:
-        error.message = redact(error.message, [self.api_key])
-        return error
+

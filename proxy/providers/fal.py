@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from ..config import RouteConfig
 from ..errors import (
@@ -43,12 +42,12 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
-    redact,
     retry_after_from_headers,
 )
 from ..request import SEED_MAX, ImageRequest
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import Capabilities, GeneratedImage
 from .extras import VENDOR_FIELDS, extras_for
+from .vendor import VendorProvider, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -315,25 +314,17 @@ class QueueHandle:
     cancel_url: str
 
 
-def _origin(url: str) -> str | None:
-    try:
-        parsed = URL(url)
-        return str(parsed.origin()) if parsed.is_absolute() and parsed.scheme in ("http", "https") else None
-    except ValueError:
-        return None
-
-
 def queue_handle(payload: Any, base_url: str, model: str) -> QueueHandle:
     """The URLs of a submitted request: the answer's where they are on a trusted origin, else built."""
     request_id = payload.get("request_id") if isinstance(payload, dict) else None
     if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
         raise UpstreamError("fal answered the submit without a usable request_id")
     built = f"{requests_base(base_url, model)}/{request_id}"
-    trusted = KNOWN_QUEUE_ORIGINS | {_origin(base_url)}
+    trusted = KNOWN_QUEUE_ORIGINS | {origin_of(base_url)}
 
     def pick(key: str, fallback: str) -> str:
         url = payload.get(key)
-        return url if isinstance(url, str) and _origin(url) in trusted else fallback
+        return url if isinstance(url, str) and origin_of(url) in trusted else fallback
 
     return QueueHandle(request_id, pick("status_url", f"{built}/status"), pick("response_url", built),
                        pick("cancel_url", f"{built}/cancel"))
@@ -353,7 +344,7 @@ def _edit_json(req: ImageRequest, model: str, image_field: str | None) -> bytes:
 # ---- the provider ---------------------------------------------------------------------------------
 
 
-class FalProvider(Provider):
+class FalProvider(VendorProvider):
     kind = "fal"
     # The options this kind reads in models.yaml; any other key is a config error.
     options_schema = {
@@ -371,7 +362,6 @@ class FalProvider(Provider):
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = str(options.get("api_key") or "")
         self.poll_interval = float(options.get("poll_interval") or 0.25)
         self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
         self.edit_image_field = options.get("edit_image_field")
@@ -383,28 +373,6 @@ class FalProvider(Provider):
             edits=True,
             masks=False,
         )
-        self.http: aiohttp.ClientSession | None = None
-        # Cancel calls still in flight (kept referenced until they finish).
-        self._cancels: set[asyncio.Task] = set()
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if not self.api_key:
-            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
-            return f"no API key (set {hint})"
-        return None
-
-    @property
-    def trusted_origin(self) -> str | None:
-        return _origin(self.base_url)
-
-    async def start(self, ctx: ProviderContext) -> None:
-        self.http = ctx.http
-
-    async def close(self) -> None:
-        # Let cancel calls already sent finish (each has a short timeout of its own).
-        if self._cancels:
-            await asyncio.wait(set(self._cancels), timeout=CANCEL_TIMEOUT)
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -492,12 +460,7 @@ class FalProvider(Provider):
         return status, payload, headers
 
     def _cancel_later(self, handle: QueueHandle) -> None:
-        try:
-            task = asyncio.get_running_loop().create_task(self._cancel(handle))
-        except RuntimeError:  # the loop is closing
-            return
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self.in_background(self._cancel(handle))
 
     async def _cancel(self, handle: QueueHandle) -> None:
         try:
@@ -508,6 +471,4 @@ class FalProvider(Provider):
         except (TimeoutError, aiohttp.ClientError, RuntimeError) as e:  # RuntimeError: the session closed
             log.info("fal request %s: cancel failed (%s)", handle.request_id, type(e).__name__)
 
-    def _redacted(self, error: ProxyError) -> ProxyError:
-        error.message = redact(error.message, [self.api_key])
-        return error
+

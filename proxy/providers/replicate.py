@@ -24,7 +24,6 @@ import re
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from ..config import RouteConfig
 from ..errors import (
@@ -35,12 +34,12 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
-    redact,
     retry_after_from_headers,
 )
 from ..request import SEED_MAX, ImageRequest
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import Capabilities, GeneratedImage
 from .extras import VENDOR_FIELDS, extras_for
+from .vendor import VendorProvider, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -298,20 +297,12 @@ def error_from_status(status: int, payload: Any, retry_after: float | None,
     return UpstreamError(f"upstream error ({detail})", retry_after=retry_after)
 
 
-def _origin(url: str) -> str | None:
-    try:
-        parsed = URL(url)
-        return str(parsed.origin()) if parsed.is_absolute() and parsed.host else None
-    except ValueError:
-        return None
-
-
 def prediction_url(prediction: dict[str, Any], kind: str, base_url: str) -> str:
     """Where to GET (kind "get") or cancel (kind "cancel") a prediction: its own `urls` entry when that is
     on base_url's origin (the API token goes with it), else built from its id."""
     urls = prediction.get("urls")
     given = urls.get(kind) if isinstance(urls, dict) else None
-    if isinstance(given, str) and given and _origin(given) is not None and _origin(given) == _origin(base_url):
+    if isinstance(given, str) and given and origin_of(given) is not None and origin_of(given) == origin_of(base_url):
         return given
     pid = prediction.get("id")
     if not isinstance(pid, str) or not _ID.fullmatch(pid):
@@ -341,7 +332,7 @@ def _json_or_none(raw: bytes) -> Any:
 # ---- the provider --------------------------------------------------------------------------------
 
 
-class ReplicateProvider(Provider):
+class ReplicateProvider(VendorProvider):
     kind = "replicate"
     options_schema = {
         "base_url": str | None,
@@ -364,33 +355,11 @@ class ReplicateProvider(Provider):
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = str(options.get("api_key") or "")
         wait = options.get("wait_seconds")
         self.wait_seconds = 60 if wait is None else int(wait)
         self.poll_interval = float(options.get("poll_interval") or 0.25)
         self.poll_max_interval = max(self.poll_interval, float(options.get("poll_max_interval") or 2.0))
         self.cancel_after = bool(options.get("cancel_after", True))
-        self.http: aiohttp.ClientSession | None = None
-        self._cancels: set[asyncio.Task] = set()
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if not self.api_key:
-            hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
-            return f"no API key (set {hint})"
-        return None
-
-    @property
-    def trusted_origin(self) -> str | None:
-        return _origin(self.base_url)
-
-    async def start(self, ctx: ProviderContext) -> None:
-        self.http = ctx.http
-
-    async def close(self) -> None:
-        # Let cancel calls already on their way finish (they are short) before the shared session closes.
-        if self._cancels:
-            await asyncio.wait(set(self._cancels), timeout=5)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json",
@@ -498,9 +467,7 @@ class ReplicateProvider(Provider):
             url = prediction_url(prediction, "cancel", self.base_url)
         except UpstreamError:
             return
-        task = asyncio.get_running_loop().create_task(self._cancel(url))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self.in_background(self._cancel(url))
 
     async def _cancel(self, url: str) -> None:
         try:
@@ -511,6 +478,4 @@ class ReplicateProvider(Provider):
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:  # RuntimeError: session closed
             log.warning("provider %s: cancelling a prediction failed (%s)", self.name, type(e).__name__)
 
-    def _redacted(self, error: ProxyError) -> ProxyError:
-        error.message = redact(error.message, [self.api_key])
-        return error
+
