@@ -30,6 +30,21 @@ class LoraSpec:
 
 
 @dataclass
+class TierSpec:
+    """A speed tier: adapters and scheduler settings on the engine's one set of weights (local_backend.tiers).
+
+    E.g. Lightning 8-step: loras=[LoraSpec(".../Qwen-Image-Lightning-8steps-V1.1.safetensors")], steps=8,
+    cfg_scale=1.0 and the Lightning scheduler settings. A request's own num_inference_steps and
+    cfg_scale still win over the tier's.
+    """
+
+    loras: list[LoraSpec] = field(default_factory=list)  # trusted (config) LoRAs, on for this tier's calls
+    scheduler: dict = field(default_factory=dict)  # overrides on top of the engine's scheduler config
+    steps: int | None = None  # None -> EngineConfig.default_steps
+    cfg_scale: float | None = None  # None -> EngineConfig.default_cfg_scale
+
+
+@dataclass
 class EngineConfig:
     # "tiny" / "tiny-edit" = the tiny random pipelines (local_backend.tiny); else a folder or repo id
     model: str = "tiny"
@@ -56,6 +71,11 @@ class EngineConfig:
     lora_cache_size: int = 8  # LRU of loaded adapters (base LoRAs are pinned and not counted)
     local_files_only: bool | None = None  # None = follow HF_HUB_OFFLINE
     preview: str = "latent"  # how partial images are made: latent (linear map, cheap) | vae (decoder pass)
+    # Speed tiers by name (TierSpec, or a dict of its fields with LoRAs as paths or {path, scale});
+    # "base" (no tier LoRAs, the defaults above) always exists and cannot be redefined.
+    tiers: dict[str, TierSpec] = field(default_factory=dict)
+    # OpenAI's `quality` (low | medium | high | auto | ...) -> tier name; an unmapped quality -> base
+    quality_tiers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +100,8 @@ class GenerationParams:
     # partial_images times per image (0..3), from the worker thread; the preview is width x height.
     partial_images: int = 0
     on_partial: Callable[[int, int, Image], None] | None = None
+    # A speed tier of EngineConfig.tiers (None: "base"); an unknown name -> InvalidParamsError("tier")
+    tier: str | None = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ submit jobs from any thread (or await them from asyncio) and get a concurrent Fu
 
 Batching: the worker takes the first ready job and fills the call, up to max_batch images, with
 other waiting jobs that need the same pipeline arguments (size, steps, cfg, CFG on/off, LoRAs
-and scales). Each image has its own CPU generator seeded with its own seed, so it gets the same
+and scales, speed tier: local_backend.tiers). Each image has its own CPU generator seeded with its own seed, so it gets the same
 initial noise as it would alone. Prompts of different lengths can share a call: diffusers pads
 the prompt embeddings and passes a mask, and the transformer's text RoPE positions do not depend
 on the padded length. Measured on the tiny model: a batched image differs from the same image
@@ -53,6 +53,7 @@ from .errors import (
 from .loading import load_pipeline, validate_config
 from .loras import LoraManager, LoraRef
 from .previews import MAX_PARTIALS, Previewer, preview_steps
+from .tiers import TierSet
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Job:
         self.mask = plan["mask"]  # inpainting: "L", 255 = repaint
         self.preview_at: list[int] = plan["preview_at"]  # steps after which previews are due
         self.partials_sent: dict[int, int] = {}  # image index -> previews handed over (never twice)
-        self.loras = loras
+        self.loras = loras  # the request's own (the tier's and the engine's base LoRAs join them)
+        self.tier: str = plan["tier"]
         self.images: list = [None] * len(self.seeds)
         self.next_index = 0  # images handed to pipeline calls so far
         self.steps_run = 0
@@ -142,6 +144,12 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         validate_config(self.config)
+        try:
+            self._tiers = TierSet(self.config)  # checks the tiers config
+        except EngineError:
+            raise
+        except Exception as e:  # a malformed tiers config (e.g. an unhashable name)
+            raise EngineError(f"tiers: {type(e).__name__}: {e}") from None
         self._pipe = None
         self._device: str | None = None
         self._multiple = 16  # size granularity; read from the pipeline once loaded
@@ -190,6 +198,7 @@ class Engine:
                 refs = [self._loras.resolve(spec, trusted=True) for spec in self.config.base_loras]
                 self._loras.activate(pipe, refs, pinned=True)
                 self._base_loras = refs
+            self._tiers.load(pipe, self._loras, self._base_loras, progress)
             if self._closed:  # closed while it loaded: drop the pipeline rather than keep it
                 raise EngineError("the engine was closed while it loaded")
             self._multiple = pipe.vae_scale_factor * 2
@@ -310,10 +319,13 @@ class Engine:
                 f"size {p.width}x{p.height} is larger than the limit of {cfg.max_pixels} pixels", "size"
             )
         gen_size = self._generation_size(p.width, p.height)
-        steps = cfg.default_steps if p.num_inference_steps is None else p.num_inference_steps
+        tier = self._tiers.get(p.tier)  # its steps and cfg_scale, unless the request sets them
+        default_steps = cfg.default_steps if tier.steps is None else tier.steps
+        default_scale = cfg.default_cfg_scale if tier.cfg_scale is None else tier.cfg_scale
+        steps = default_steps if p.num_inference_steps is None else p.num_inference_steps
         if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
             raise InvalidParamsError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}", "steps")
-        scale = cfg.default_cfg_scale if p.cfg_scale is None else p.cfg_scale
+        scale = default_scale if p.cfg_scale is None else p.cfg_scale
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise InvalidParamsError("cfg_scale must be a finite number >= 0", "cfg_scale")
         seed = random.randrange(2**31) if p.seed is None else p.seed
@@ -337,6 +349,7 @@ class Engine:
             "images": images,
             "mask": mask,
             "preview_at": preview_steps(steps, partials) if p.on_partial is not None else [],
+            "tier": tier.name,
         }
 
     def _plan_inputs(self, p: GenerationParams) -> tuple[list, object]:
@@ -508,9 +521,14 @@ class Engine:
         if job.inputs:  # an edit: one prompt per call, so a call of its own
             return ("edit", id(job))
         weights: dict[str, float] = {}
-        for ref in self._base_loras + job.loras:
+        for ref in self._active_loras(job):
             weights[ref.key()] = weights.get(ref.key(), 0.0) + ref.scale
-        return (job.gen_size, job.steps, job.cfg, job.negative is not None, tuple(sorted(weights.items())))
+        # The tier too: two tiers may share LoRAs but not their schedulers.
+        return (job.gen_size, job.steps, job.cfg, job.negative is not None, tuple(sorted(weights.items())),
+                job.tier)
+
+    def _active_loras(self, job: Job) -> list[LoraRef]:
+        return self._base_loras + self._tiers.loras(job.tier) + job.loras
 
     def _execute(self, slots: list[tuple[Job, int]]) -> None:
         import torch
@@ -525,7 +543,7 @@ class Engine:
                 # CPU generators: the same seed gives the same noise on every device.
                 generators.append(torch.Generator("cpu").manual_seed(job.seeds[index]))
                 owners.append((job, index))
-        self._loras.activate(self._pipe, self._base_loras + first.loras)
+        self._loras.activate(self._pipe, self._active_loras(first))
 
         steps_done = 0
         previous = None  # the last step's latents, kept only when a preview is due after this step
@@ -550,14 +568,22 @@ class Engine:
         with working_area_scale(self._area_scale):
             pipe, kwargs, work_size = self._call(first, prompts, negatives, generators)
             started = time.monotonic()
-            output = pipe(
-                true_cfg_scale=first.cfg,
-                num_inference_steps=first.steps,
-                generator=generators,
-                callback_on_step_end=on_step_end,
-                output_type="pil",
-                **kwargs,
-            )
+            scheduler = self._tiers.scheduler(first.tier)
+            saved = pipe.scheduler
+            if scheduler is not None:  # the tier's scheduler for this call only
+                pipe.scheduler = scheduler
+            try:
+                output = pipe(
+                    true_cfg_scale=first.cfg,
+                    num_inference_steps=first.steps,
+                    generator=generators,
+                    callback_on_step_end=on_step_end,
+                    output_type="pil",
+                    **kwargs,
+                )
+            finally:
+                if scheduler is not None:
+                    pipe.scheduler = saved
         seconds = time.monotonic() - started
         self._call_seconds = (
             seconds if self._call_seconds is None else 0.7 * self._call_seconds + 0.3 * seconds

@@ -28,7 +28,8 @@ _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 
 def engine_config(options: dict[str, Any]):
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
-    from local_backend import EngineConfig, LoraSpec
+    from local_backend import EngineConfig, EngineError, LoraSpec
+    from local_backend.tiers import parse_tiers
 
     known = {f.name for f in fields(EngineConfig)}
     unknown = set(options) - known - _PROVIDER_OPTIONS
@@ -46,12 +47,30 @@ def engine_config(options: dict[str, Any]):
     for key in ("lora_dirs", "lora_url_hosts"):
         if key in values:
             values[key] = [v for v in values[key] or [] if v]
-    return EngineConfig(**values)
+    for key in ("tiers", "quality_tiers"):
+        if key in values:
+            values[key] = values[key] or {}
+    config = EngineConfig(**values)
+    try:
+        parse_tiers(config)  # a bad tier is a config error now, not at load
+    except EngineError as e:
+        raise ValueError(str(e)) from None
+    return config
 
 
-def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None):
+def request_tier(req: ImageRequest, config) -> str | None:
+    """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
+    use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
+    from local_backend.tiers import choose_tier
+
+    return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
+                       use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
+
+
+def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None, tier=None):
     """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
-    input images decoded (decode_inputs); without on_partial no previews are made."""
+    input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
+    request_tier()'s answer."""
     from local_backend import GenerationParams, LoraSpec
 
     return GenerationParams(
@@ -69,6 +88,7 @@ def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=
         mask=mask,
         partial_images=(req.partial_images or 0) if on_partial is not None else 0,
         on_partial=on_partial,
+        tier=tier,
     )
 
 
@@ -158,6 +178,8 @@ class LocalProvider(Provider):
         "model": str,
         "task": ("generate", "edit"),
         "preview": ("latent", "vae"),
+        "tiers": dict[str, dict] | None,
+        "quality_tiers": dict[str, str] | None,
         "device": str | None,
         "dtype": (None, "bfloat16", "float16", "float32"),
         "offload": ("none", "model", "sequential", "group"),
@@ -204,6 +226,12 @@ class LocalProvider(Provider):
             max_images_per_call=max_batch, output_formats=frozenset(MIME), output_compression=True,
             edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
         )
+        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
+        self.tiers: list[dict] | None = None
+        if self.config is not None and self.config.tiers:
+            from local_backend.tiers import tier_summary
+
+            self.tiers = tier_summary(self.config)
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -322,7 +350,8 @@ class LocalProvider(Provider):
             sender = PartialSender(req, emit, self._encoder)
         images, mask = await asyncio.to_thread(decode_inputs, req) if req.images or req.mask else ([], None)
         try:
-            result = await self.engine.generate(to_params(req, self._on_step, images, mask, sender))
+            tier = request_tier(req, self.config)
+            result = await self.engine.generate(to_params(req, self._on_step, images, mask, sender, tier))
         except QueueFullError as e:
             raise RateLimited(f"the local engine's queue is full: {e}", retry_after=e.retry_after) from None
         except InvalidParamsError as e:
