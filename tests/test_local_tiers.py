@@ -225,6 +225,8 @@ async def test_tiers_through_the_proxy(start_proxy, tmp_path, tiny_dir, lora_dir
     provider = server.app[GATEWAY].providers["local"]
     assert provider.tiers == [{"name": "base", "steps": STEPS, "cfg_scale": 4.0},
                               {"name": "fast", "steps": TIER_STEPS, "cfg_scale": 1.0}]
+    card = (await client.models.retrieve("tiny")).model_extra["capabilities"]
+    assert card["tiers"] == provider.tiers  # what the playground's tier picker reads
 
     with pytest.raises(BadRequestError) as err:
         await client.images.generate(model="tiny", prompt="a cat", extra_body={"tier": "nope", "seed": 3})

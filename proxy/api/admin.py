@@ -78,6 +78,9 @@ def _model_card(gw: Gateway, name: str) -> dict:
         "stream": True,
         "routes": [{"name": r.name, "kind": r.provider.kind, "state": r.state} for r in gw.router.routes[name]],
     }
+    tiers = next((r.provider.tiers for r in gw.router.routes[name] if getattr(r.provider, "tiers", None)), None)
+    if tiers:
+        card["capabilities"]["tiers"] = tiers  # [{name, steps, cfg_scale}], base first
     return card
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 VENDOR_FIELDS: dict[str, frozenset[str]] = {
+    # The local engine's speed tier (the local kinds read it; no upstream knows it).
+    "diffusers": frozenset({"tier"}),
     "dashscope": frozenset({"watermark"}),
     "fal": frozenset({"acceleration", "enable_safety_checker", "sync_mode", "use_turbo"}),
     "replicate": frozenset({
