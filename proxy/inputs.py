@@ -15,10 +15,11 @@ from typing import Any
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from PIL import Image
 
+from .body import Upload
 from .errors import InvalidRequest
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, check_image
-from .request import InputImage, Upload
+from .request import InputImage
 
 EDIT_FORMATS = ("png", "jpeg", "webp", "gif")
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import email.errors
 import json
 import math
 import re
-import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NamedTuple
-from urllib.parse import parse_qsl
+from typing import Any, Literal
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.streams import StreamReader
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequest
@@ -231,154 +224,6 @@ def build_request(body: _GenerationBody, model: str, width: int, height: int) ->
         extra=dict(body.model_extra or {}),
         **known,
     )
-
-
-# ---- reading a request body ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upload:
-    """A file part of a multipart form (the images and mask of an edit)."""
-
-    field: str
-    filename: str
-    content_type: str
-    data: bytes
-
-
-class Body(NamedTuple):
-    fields: dict[str, Any]
-    # File parts of a multipart form, in order (empty unless asked for).
-    files: list[Upload]
-    # The body's bytes, for passthrough of a call this proxy does not serve.
-    raw: bytes | None
-
-
-async def read_fields(request: web.Request) -> tuple[dict[str, Any], bytes | None]:
-    """The fields of a JSON object body or of a form (file parts ignored), and the raw bytes of a
-    body read whole (None for multipart, which is parsed as a stream).
-
-    Every malformed body is an InvalidRequest (400); a body over the app's client_max_size raises
-    aiohttp's HTTPRequestEntityTooLarge (413) unchanged.
-    """
-    body = await read_body(request, files=False)
-    return body.fields, body.raw
-
-
-async def read_body(request: web.Request, *, files: bool = True) -> Body:
-    """read_fields plus the file parts of a multipart form, read into memory when `files` is true."""
-    try:
-        return await _read_body(request, files)
-    except InvalidRequest:
-        if request.content.exception() is not None:
-            _drop_broken_body(request)
-        raise
-
-
-def _drop_broken_body(request: web.Request) -> None:
-    """The body broke in transit (bad gzip, chunking): after the answer, aiohttp would read the rest of
-    it ("lingering close"), meet the same error and log it at ERROR with a traceback. Mark the body
-    finished and close the connection once the 400 is sent: there is nothing more to read from it."""
-    if request.protocol is not None:
-        request.protocol.close()
-    request.content.feed_eof()
-
-
-async def _read_body(request: web.Request, files: bool) -> Body:
-    try:
-        ctype, charset = request.content_type, request.charset
-    except (ValueError, LookupError, email.errors.MessageError):  # the stdlib's header parser gives up
-        header = _printable(request.headers.get("Content-Type", ""))[:200]
-        raise InvalidRequest(f"The Content-Type header cannot be parsed: '{header}'.",
-                             code="invalid_content_type") from None
-    if ctype == "multipart/form-data":
-        # Read whole first (within client_max_size), so a call this proxy does not serve can still be
-        # passed on as it came; then parse the form from those bytes.
-        raw = await _read_raw(request)
-        _replay(request, raw)
-        fields, uploads = await _read_multipart(request, files)
-        check_values(fields)
-        return Body(fields, uploads, raw)
-    raw = await _read_raw(request)
-    # `curl -d '{...}'` sends JSON labelled as a form: read it as what it is.
-    if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
-        fields = _parse_urlencoded(raw, charset)
-        check_values(fields)
-    elif len(raw) > _THREAD_PARSE_BYTES:
-        fields = await asyncio.to_thread(parse_json_bytes, raw)
-    else:
-        fields = parse_json_bytes(raw)
-    return Body(fields, [], raw)
-
-
-def _replay(request: web.Request, raw: bytes) -> None:
-    """Make the body readable again by aiohttp's form parser, from bytes already read."""
-    stream = StreamReader(request.protocol, 1 << 16, loop=asyncio.get_running_loop())
-    stream.feed_data(raw)
-    stream.feed_eof()
-    request._payload = stream  # noqa: SLF001 - aiohttp parses forms from this stream only
-
-
-async def _read_raw(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except (web.RequestPayloadError, HttpProcessingError) as e:  # a broken chunked or gzip body, one cut short
-        raise InvalidRequest(f"The request body could not be read: {_reason(e)}.", code="invalid_body") from None
-
-
-# What aiohttp's form parser raises for a malformed body: a missing or bad boundary, truncated parts,
-# bad part headers, unknown charsets or transfer encodings, bad base64, undecodable text.
-# HTTPRequestEntityTooLarge (413) is none of these and goes through.
-_FORM_ERRORS = (ValueError, LookupError, RuntimeError, AssertionError, zlib.error, HttpProcessingError,
-                web.RequestPayloadError, web.HTTPBadRequest)
-
-
-async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[str, str], list[Upload]]:
-    try:
-        form = await request.post()
-    except _FORM_ERRORS as e:
-        raise InvalidRequest(f"The multipart/form-data body is malformed: {_reason(e)}.",
-                             code="invalid_multipart") from None
-    fields: dict[str, str] = {}
-    uploads: list[Upload] = []
-    try:
-        for name, value in form.items():
-            if isinstance(value, web.FileField):
-                if keep_files:
-                    data = await asyncio.to_thread(value.file.read)
-                    uploads.append(Upload(name, value.filename, value.content_type, data))
-                continue
-            if not isinstance(value, str):  # a part with a non-text Content-Type and no filename
-                try:
-                    value = bytes(value).decode("utf-8")
-                except UnicodeDecodeError:
-                    raise InvalidRequest(f"Invalid '{_safe(name)}': the form field is not UTF-8 text.",
-                                         param=_safe(name), code="invalid_multipart") from None
-            fields[name] = value  # a repeated field: the last one wins, as in JSON
-    finally:
-        for value in form.values():
-            if isinstance(value, web.FileField):
-                value.file.close()
-    return fields, uploads
-
-
-def _parse_urlencoded(raw: bytes, charset: str | None) -> dict[str, str]:
-    charset = charset or "utf-8"
-    try:
-        pairs = parse_qsl(raw.rstrip().decode(charset), keep_blank_values=True, encoding=charset,
-                          errors="strict", max_num_fields=MAX_FORM_FIELDS)
-    except (ValueError, LookupError) as e:  # an unknown charset, undecodable text, too many fields
-        raise InvalidRequest(f"The application/x-www-form-urlencoded body is malformed: {_reason(e)}.",
-                             code="invalid_form") from None
-    return dict(pairs)
-
-
-def _reason(e: Exception) -> str:
-    if isinstance(e, web.RequestPayloadError) and isinstance(e.__cause__, HttpProcessingError):
-        e = e.__cause__  # the parser's own words
-    text = e.message if isinstance(e, HttpProcessingError) else str(e)
-    text = _printable(" ".join(str(text).split())).rstrip(".")
-    return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)
 
 
 # ---- JSON and text checks ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.body import Upload, read_body, read_fields
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.request import (
     MAX_EXTRA_BYTES,
@@ -19,12 +20,9 @@ from proxy.request import (
     SEED_MAX,
     ImageRequest,
     LoraRef,
-    Upload,
     build_request,
     parse_body,
     parse_json_bytes,
-    read_body,
-    read_fields,
     with_route_defaults,
 )
 

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..body import read_body
 from ..errors import InvalidRequest, ModelNotFound
 from ..inputs import InputReader, json_image_refs
 from ..output import check_output_request
-from ..request import ImageRequest, build_request, parse_body, read_body
+from ..request import ImageRequest, build_request, parse_body
 from ..sizing import check_work, resolve_size
 from . import generations, stream
 

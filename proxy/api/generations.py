@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..body import read_fields
 from ..errors import InvalidRequest, ModelNotFound
 from ..output import check_output_request, finish_images, render_images
-from ..request import ImageRequest, build_request, parse_body, read_fields
+from ..request import ImageRequest, build_request, parse_body
 from ..router import RouteResult
 from ..sizing import check_work, resolve_size
 from ..state import Answer
