@@ -34,17 +34,23 @@ def base_config(tmp_path, **overrides) -> dict:
 
 
 @pytest.fixture
-def start_proxy(aiohttp_server):
+async def start_proxy(aiohttp_server):
     """start_proxy(config_dict, env=None, api_key="test") -> (server, AsyncOpenAI client)."""
+    clients: list[AsyncOpenAI] = []
 
     async def start(config: dict, env: dict | None = None, api_key: str = "test", providers=None):
         app = build_app(parse_config(config, env=env or {}), providers=providers)
         # TestServer turns on handler_cancellation, as `serve` does: a client that hangs up cancels its request.
         server = await aiohttp_server(app)
         client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=api_key, max_retries=0, timeout=60)
+        clients.append(client)
         return server, client
 
-    return start
+    yield start
+    # Closed in this test's loop: a client left to the garbage collector closes in a later test's loop
+    # and logs "Event loop is closed" there, at ERROR.
+    for client in clients:
+        await client.close()
 
 
 @pytest.fixture

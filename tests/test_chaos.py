@@ -165,9 +165,8 @@ async def run_requests(client: AsyncOpenAI, count: int, concurrency: int, seed: 
 def chaos(aiohttp_server, start_proxy, tmp_path):
     async def make(last_works: bool, seeds=(1, 2)):
         ups = [await ChaosUpstream(seed).start(aiohttp_server) for seed in seeds]
-        server, _ = await start_proxy(chaos_config(tmp_path, ups, last_works))
-        client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0,
-                             timeout=REQUEST_TIMEOUT + 5)
+        server, client = await start_proxy(chaos_config(tmp_path, ups, last_works))
+        client = client.with_options(timeout=REQUEST_TIMEOUT + 5)  # shares the fixture's connection pool
         session = aiohttp.ClientSession()
 
         async def fetch(url: str) -> bytes:

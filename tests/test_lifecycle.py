@@ -252,6 +252,7 @@ async def test_sigterm_lets_in_flight_requests_finish(aiohttp_server, tmp_path):
             assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (64, 64)
         await wait_exit(proc, 10)
         assert time.monotonic() - t0 < 5
+        await client.close()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -281,6 +282,7 @@ async def test_sigterm_past_the_grace_ends_requests_with_a_clear_error(aiohttp_s
         assert "shutting down" in str(e.value)
         assert await wait_exit(proc, 10) == 0
         assert time.monotonic() - t0 < 1 + 5
+        await client.close()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -58,8 +58,21 @@ def with_keys(tmp_path, *keys, **server) -> dict:
     return cfg
 
 
+_clients: list[AsyncOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients():
+    """Clients closed in their own test's loop (one left to the garbage collector logs an ERROR later)."""
+    yield
+    while _clients:
+        await _clients.pop().close()
+
+
 def client_for(server, key: str) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=30)
+    client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=30)
+    _clients.append(client)
+    return client
 
 
 async def generate(client: AsyncOpenAI, model: str = MODEL):
