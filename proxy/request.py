@@ -300,7 +300,7 @@ def _depth(value: Any) -> int:
 
 
 def _printable(text: str) -> str:
-    """Text from a client made encodable (lone surrogates as \\udXXX escapes)."""
+    """Text from a client made encodable (lone surrogates as \\ud800-style escapes)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
