@@ -313,3 +313,43 @@ async def test_provider_redacts_a_key_the_upstream_echoes(aiohttp_server):
     assert key not in e.value.message
     assert "[redacted]" in e.value.message
     assert "402" in e.value.message
+
+
+# --- parse_answer: the image answer parsed without copying its base64 twice --------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from proxy.providers.openai_compat import parse_answer  # noqa: E402
+
+# Text made of pieces that trip a naive cutter: quotes, escapes, and the key itself inside strings.
+_texts = st.lists(st.sampled_from(list('ab "\\:{},\n\u00e9\u2603') + ['"b64_json"', '\\"b64_json\\": "']),
+                  max_size=12).map("".join)
+_b64 = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=", max_size=200)
+_item = st.fixed_dictionaries({"b64_json": _b64}, optional={"revised_prompt": _texts, "url": _texts})
+_answer = st.fixed_dictionaries({"data": st.lists(_item, max_size=5)},
+                                optional={"created": st.integers(), "note": _texts, "b64_json": _texts})
+
+
+@settings(max_examples=300, deadline=None)
+@given(_answer, st.sampled_from([None, 2]))
+def test_parse_answer_equals_json_loads_on_any_answer(answer, indent):
+    raw = json.dumps(answer, indent=indent, ensure_ascii=indent is None).encode()
+    assert parse_answer(raw) == json.loads(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | _texts.map(str.encode))
+def test_parse_answer_never_raises(raw):
+    got = parse_answer(raw)
+    try:
+        expected = json.loads(raw)
+    except ValueError:
+        return
+    assert got == expected
+
+
+def test_parse_answer_with_an_image_in_a_prompt():
+    doc = {"data": [{"revised_prompt": 'say "b64_json": "AAAA"', "b64_json": "iVBORw0KGgo="}]}
+    assert parse_answer(json.dumps(doc).encode()) == doc
+    assert parse_answer(b"not json") is None
