@@ -414,34 +414,10 @@ def _patch_pybase64() -> None:
 
 
 def spliced_loads(raw: bytes):
-    """json.loads of an image answer with each "b64_json" string cut out first (found with bytes.find, i.e.
-    memchr) and put back after parsing the small rest; any doubt -> plain json.loads of the whole."""
-    cuts, parts, pos = [], [], 0
-    while len(cuts) < 64:
-        key = raw.find(b'"b64_json"', pos)
-        if key < 0:
-            break
-        opening = raw.find(b'"', key + 10)
-        closing = raw.find(b'"', opening + 1) if opening >= 0 else -1
-        if closing < 0 or raw[key + 10:opening].strip() != b":" or raw[key - 1:key] == b"\\":
-            return json.loads(raw)
-        value = raw[opening + 1:closing]
-        if b"\\" in value:
-            return json.loads(raw)
-        parts.append(raw[pos:opening + 1])
-        cuts.append(value)
-        pos = closing
-    if not cuts:
-        return json.loads(raw)
-    parts.append(raw[pos:])
-    doc = json.loads(b"".join(parts))  # the skeleton: "" where each image was
-    items = doc.get("data") if isinstance(doc, dict) else None
-    slots = [item for item in items if isinstance(item, dict) and "b64_json" in item] if isinstance(items, list) else []
-    if len(slots) != len(cuts) or any(item["b64_json"] != "" for item in slots):
-        return json.loads(raw)
-    for item, value in zip(slots, cuts, strict=True):
-        item["b64_json"] = value.decode("ascii")
-    return doc
+    """The proxy's own answer parser (openai_compat.parse_answer: the b64_json strings cut out first)."""
+    from proxy.providers.openai_compat import parse_answer
+
+    return parse_answer(raw)
 
 
 def _patch_splice_json() -> None:

@@ -164,6 +164,12 @@ def convert(
     info = inspect(data, max_pixels)
     if not _needs_change(info, target, compression, size, compression_applied):
         return Encoded(data, info.format, info.width, info.height)
+    return reencode(data, info, target, compression, size)
+
+
+def reencode(data: bytes, info: ImageInfo, target: str | None, compression: int | None,
+             size: tuple[int, int]) -> Encoded:
+    """Decode checked image bytes in full and encode them in the target format at exactly `size`."""
     target = target or info.format
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -242,9 +248,9 @@ class FinalImage:
 
 
 def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
-                   max_pixels: int) -> tuple[bytes, bool, FinalImage | None]:
-    """The image's bytes (decoded from base64 when needed), whether the upstream's base64 text can be
-    handed on, and the final image when it passes through untouched (None: it needs converting)."""
+                   max_pixels: int) -> tuple[bytes, ImageInfo, FinalImage | None]:
+    """The image's bytes (decoded from base64 when needed), what its header says, and the final image
+    when it passes through untouched (None: it needs converting)."""
     keep_b64 = False
     if data is None:
         data = _strict_b64(img.b64)
@@ -254,14 +260,13 @@ def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
     info = inspect(data, max_pixels)
     if _needs_change(info, req.output_format, req.output_compression, (req.width, req.height),
                      img.compression_applied):
-        return data, keep_b64, None
+        return data, info, None
     b64 = img.b64 if keep_b64 else None
-    return data, keep_b64, FinalImage(data, info.format, img.seed, img.revised_prompt, b64=b64)
+    return data, info, FinalImage(data, info.format, img.seed, img.revised_prompt, b64=b64)
 
 
-def _converted(img: GeneratedImage, data: bytes, req: ImageRequest, max_pixels: int) -> FinalImage:
-    enc = convert(data, req.output_format, req.output_compression, (req.width, req.height),
-                  img.compression_applied, max_pixels)
+def _converted(img: GeneratedImage, data: bytes, info: ImageInfo, req: ImageRequest) -> FinalImage:
+    enc = reencode(data, info, req.output_format, req.output_compression, (req.width, req.height))
     return FinalImage(enc.data, enc.format, img.seed, img.revised_prompt)
 
 
@@ -287,9 +292,9 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
         if data is None and img.b64 is None:
             data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
         size = len(data) if data is not None else len(img.b64)
-        data, _, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
+        data, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
         # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
-        return final or await asyncio.to_thread(_converted, img, data, req, max_pixels)
+        return final or await asyncio.to_thread(_converted, img, data, info, req)
 
     return await gather_or_cancel([one(img) for img in images])
 

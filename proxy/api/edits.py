@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..body import read_body
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest
 from ..inputs import InputReader, json_image_refs
 from ..output import check_output_request
 from ..request import ImageRequest, build_request, parse_body
@@ -30,29 +30,20 @@ def edit_models(gw: Gateway) -> list[str]:
 
 
 async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
-    from ..app import BODY, MODEL, NotServedHere
-    from ..policy import API_KEY
+    from ..app import BODY
 
     body = await read_body(request, files=True)
     if body.raw is not None:
         request[BODY] = body.raw
     fields = dict(body.fields)
     refs, mask_ref = json_image_refs(fields)
-    default = gw.default_model if gw.default_model in edit_models(gw) else next(iter(edit_models(gw)), None)
-    model = fields.get("model") or default
-    if not isinstance(model, str):
-        raise InvalidRequest("Invalid 'model': must be a string.", param="model")
-    if model not in gw.config.models:
-        if gw.passthrough or gw.mounted:
-            raise NotServedHere
-        raise ModelNotFound(f"The model '{model}' does not exist. Edit models here: "
-                            f"{', '.join(edit_models(gw)) or 'none'}.", param="model")
-    request[MODEL] = model
-    gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
+    editing = edit_models(gw)
+    default = gw.default_model if gw.default_model in editing else next(iter(editing), None)
+    model = generations.served_model(gw, request, fields.get("model"), default, editing, "Edit models here")
     limit = gw.config.models[model].max_input_images
     if limit == 0:
         raise InvalidRequest(f"The model '{model}' does not edit images. Edit models here: "
-                             f"{', '.join(edit_models(gw)) or 'none'}.", param="model")
+                             f"{', '.join(editing) or 'none'}.", param="model")
     uploads = [f for f in body.files if f.field in IMAGE_FIELDS]
     masks = [f for f in body.files if f.field == "mask"]
     if uploads and refs:

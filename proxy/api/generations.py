@@ -23,23 +23,33 @@ if TYPE_CHECKING:
     from ..app import Gateway
 
 
-async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
-    from ..app import BODY, MODEL, NotServedHere
+def served_model(gw: Gateway, request: web.Request, asked, default: str | None, served: list[str],
+                 label: str = "Models served here") -> str:
+    """The model an image call names (or the default), checked: served here and allowed for the caller's
+    key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
+    from ..app import MODEL, NotServedHere
     from ..policy import API_KEY
 
-    fields, raw = await read_fields(request)
-    if raw is not None:
-        request[BODY] = raw
-    model = fields.get("model") or gw.default_model
+    model = asked or default
     if not isinstance(model, str):
         raise InvalidRequest("Invalid 'model': must be a string.", param="model")
     if model not in gw.config.models:
         if gw.passthrough or gw.mounted:
             raise NotServedHere
-        served = ", ".join(gw.config.models) or "none"
-        raise ModelNotFound(f"The model '{model}' does not exist. Models served here: {served}.", param="model")
+        raise ModelNotFound(f"The model '{model}' does not exist. {label}: {', '.join(served) or 'none'}.",
+                            param="model")
     request[MODEL] = model
     gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
+    return model
+
+
+async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
+    from ..app import BODY
+
+    fields, raw = await read_fields(request)
+    if raw is not None:
+        request[BODY] = raw
+    model = served_model(gw, request, fields.get("model"), gw.default_model, list(gw.config.models))
     body = parse_body(fields)
     width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
     check_work(gw.size_tables[model], width, height, body.n)
