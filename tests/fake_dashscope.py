@@ -41,6 +41,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
+from .fake_base import Received, ServedFake
 from .fake_openai_upstream import make_image
 
 PREFIX = "/api/v1"
@@ -66,14 +67,6 @@ def read_image(value: str) -> tuple[bytes, tuple[int, int]] | None:
             return data, im.size
     except (ValueError, OSError):
         return None
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: CIMultiDict
-    json: Any = None
 
 
 @dataclass
@@ -105,7 +98,7 @@ class Task:
 
 
 @dataclass
-class FakeDashScope:
+class FakeDashScope(ServedFake):
     api_key: str = "ds-key"
     allowed_sizes: tuple[str, ...] = VENDOR_SIZES
     max_n: int = 1
@@ -144,16 +137,6 @@ class FakeDashScope:
 
     def fail_poll(self, status: int, code: str, message: str, *, times: int | None = None) -> None:
         self.poll_failure = Failure(status, code, message, times)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
-        return app
-
-    async def start(self, aiohttp_server) -> FakeDashScope:
-        server = await aiohttp_server(self.app())
-        self.url = str(server.make_url("")).rstrip("/")
-        return self
 
     @property
     def base_url(self) -> str:

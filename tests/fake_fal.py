@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import random
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
+
+from .fake_base import Received, ServedFake
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg"}
 PRESETS = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
@@ -71,15 +72,6 @@ def make_image(width: int, height: int, colour: tuple[int, int, int], fmt: str) 
     Image.new("RGB", (width, height), colour).save(out, format=fmt.upper(),
                                                    **({"quality": 95} if fmt == "jpeg" else {}))
     return out.getvalue()
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: CIMultiDict
-    json: Any = None
-    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -175,7 +167,7 @@ def validate(body: Any, app: str = "fal-ai/qwen-image") -> list[dict]:
 
 
 @dataclass
-class FakeFal:
+class FakeFal(ServedFake):
     api_key: str = "fal-id-1234:fal-secret-5678"
     # What the status endpoint answers before COMPLETED, one per poll.
     statuses: tuple[str, ...] = ("IN_QUEUE", "IN_PROGRESS")
@@ -213,16 +205,6 @@ class FakeFal:
         """Accept submits, then let the request fail when it runs: COMPLETED with `error`, and the result
         answers this HTTP error."""
         self._request_failure = (status, {"detail": detail, "error_type": error_type}, headers or {}, times)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
-        return app
-
-    async def start(self, aiohttp_server) -> FakeFal:
-        server = await aiohttp_server(self.app())
-        self.url = str(server.make_url("")).rstrip("/")
-        return self
 
     # ---- what tests read ------------------------------------------------------------------------------
 

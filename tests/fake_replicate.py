@@ -40,6 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
+from .fake_base import Received, ServedFake
 from .fake_openai_upstream import seed_colour
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3")
@@ -132,15 +133,6 @@ _CANCEL = re.compile(r"/v1/predictions/([^/]+)/cancel")
 
 
 @dataclass
-class Received:
-    method: str
-    path: str
-    headers: CIMultiDict
-    json: Any = None
-    at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
 class Failure:
     status: int
     body: dict
@@ -179,7 +171,7 @@ def _now() -> str:
 
 
 @dataclass
-class FakeReplicate:
+class FakeReplicate(ServedFake):
     api_key: str = "r8_fake_token_0123456789abcdef"
     models: tuple[str, ...] = ("qwen/qwen-image", *EDIT_MODELS)
     # version id -> owner/name, for POST /v1/predictions {"version": ...}.
@@ -214,16 +206,6 @@ class FakeReplicate:
 
     def fail_poll(self, status: int, detail: str, *, times: int | None = 1) -> None:
         self.poll_failures.append(Failure(status, {"title": "Error", "detail": detail}, {}, times))
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
-        return app
-
-    async def start(self, aiohttp_server) -> FakeReplicate:
-        server = await aiohttp_server(self.app())
-        self.url = str(server.make_url("")).rstrip("/")
-        return self
 
     @property
     def base_url(self) -> str:
