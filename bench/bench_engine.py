@@ -18,6 +18,20 @@ config) and VAE in bf16 with random weights (speed does not depend on weight val
 encoder is skipped: random prompt embeddings shaped like Qwen2.5-VL's (3584 wide) are passed in.
 
     python bench/bench_engine.py --gpu [--sizes 1024 1328 --batches 1 4]
+
+--gpu --options (needs CUDA): the speed options of local_backend.accel at 1024x1024, one image: for
+each tier (base: 50 steps, CFG 4; lightning: 8 steps, no CFG; the Lightning LoRA itself is left out:
+random weights) x option (plain, compile, cache regular / high, fp8, together = compile + cache high
++ fp8): seconds per image (median of --reps, default 3, after a warm-up call), peak GPU memory, and how
+far the image is from plain bf16's at the same seed (mean and max absolute pixel difference). The
+options are applied by the engine's own code (local_backend.accel.Accel, quant_skip), so what is
+measured is what is served.
+
+    python bench/bench_engine.py --gpu --options [--size 1024 --reps 3]
+
+--cpu-smoke: the same table on the tiny model on the CPU (64x64, few steps): the code path, not speed.
+
+    python bench/bench_engine.py --cpu-smoke
 """
 
 from __future__ import annotations
@@ -371,6 +385,149 @@ def bench_gpu(args) -> None:
                 )
 
 
+# ----- the speed options (local_backend.accel): GPU table, CPU smoke -----
+
+OPTION_TIERS = [("base", 50, 4.0), ("lightning-8", 8, 1.0)]  # (tier, steps, true CFG)
+OPTIONS = ["plain", "compile", "cache-regular", "cache-high", "fp8", "together"]
+
+
+def _options_call(pipe, size: int, steps: int, cfg: float, text_tokens: int, device: str, accel, level: str):
+    """One pipeline call with fixed random prompt embeddings and seed: (seconds, image as an array)."""
+    import numpy as np
+    import torch
+
+    width = pipe.transformer.config.joint_attention_dim
+    dtype = pipe.transformer.dtype
+    noise = torch.Generator("cpu").manual_seed(1234)
+
+    def embeds():
+        values = torch.randn(1, text_tokens, width, generator=noise).to(device=device, dtype=dtype)
+        return values, torch.ones(1, text_tokens, device=device, dtype=torch.long)
+
+    prompt_embeds, prompt_mask = embeds()
+    negative, negative_mask = embeds()
+    extra = {"negative_prompt_embeds": negative, "negative_prompt_embeds_mask": negative_mask} if cfg > 1 else {}
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with accel.call(level, steps, cfg > 1):
+        image = pipe(prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_mask, true_cfg_scale=cfg,
+                     width=size, height=size, num_inference_steps=steps,
+                     generator=torch.Generator("cpu").manual_seed(0), output_type="pil", **extra).images[0]
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, np.asarray(image).astype(np.int16)
+
+
+def _quantize_fp8(transformer, layers: int) -> list[str]:
+    """float8 weight-only on the transformer in place, with the engine's skip list (accel.quant_skip)."""
+    import torch
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    from local_backend import EngineConfig
+    from local_backend.accel import quant_skip, skipped
+
+    skip = quant_skip(EngineConfig(quantization="float8wo"), layers)
+    quantize_(transformer, Float8WeightOnlyConfig(),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and not skipped(name, skip))
+    return skip
+
+
+def bench_options(pipe, device: str, size: int, reps: int, text_tokens: int, levels: dict | None = None) -> None:
+    """The table: tier x option -> s/image, peak GPU memory, difference from plain bf16 at the same seed."""
+    import statistics
+
+    import torch
+
+    from local_backend import EngineConfig
+    from local_backend.accel import Accel
+
+    cuda = device.startswith("cuda")
+    cache = levels if levels is not None else True
+    layers = len(pipe.transformer.transformer_blocks)
+    print(f"{'tier':<12} {'option':<14} {'s/image':>8} {'peak GiB':>9} {'diff mean':>10} {'diff max':>9}  notes")
+    reference: dict[str, object] = {}
+    quantized = False
+    for option in OPTIONS:
+        if option in ("fp8", "together") and not quantized:
+            skip = _quantize_fp8(pipe.transformer, layers)
+            quantized = True
+            print(f"  (fp8: float8 weight-only, kept in bf16: {', '.join(skip)})")
+        compile_on = option in ("compile", "together")
+        config = EngineConfig(compile=compile_on, cache=cache if option.startswith("cache") or option == "together"
+                              else None)
+        accel = Accel(config)
+        torch._dynamo.reset()
+        accel.prepare(pipe, device, lambda stage: None)
+        level = {"cache-regular": "regular", "cache-high": "high", "together": "high"}.get(option, "none")
+        notes = "; ".join(accel.warnings)
+        for tier, steps, cfg in OPTION_TIERS:
+            try:
+                _options_call(pipe, size, 2, cfg, text_tokens, device, accel, level)  # warm-up (compiles)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                runs = [_options_call(pipe, size, steps, cfg, text_tokens, device, accel, level) for _ in range(reps)]
+            except Exception as e:  # out of memory, a failing option: the row says so
+                if cuda:
+                    torch.cuda.empty_cache()
+                print(f"{tier:<12} {option:<14} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            seconds = statistics.median(t for t, _ in runs)
+            image = runs[-1][1]
+            if option == "plain":
+                reference[tier] = image
+            ref = reference.get(tier)
+            delta = "" if ref is None else f"{abs(image - ref).mean():10.2f} {int(abs(image - ref).max()):9d}"
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:9.1f}" if cuda else f"{'-':>9}"
+            print(f"{tier:<12} {option:<14} {seconds:8.2f} {peak} {delta or f'{0:10.2f} {0:9d}'}  {notes}",
+                  flush=True)
+        _release(pipe, accel)
+
+
+def _release(pipe, accel) -> None:
+    """Undo an option set's compile and cache before the next one (the same weights are reused)."""
+    if accel.compiled:
+        accel._uncompile()
+    if accel.levels:
+        import cache_dit
+
+        accel._restore_forward()
+        cache_dit.disable_cache(pipe.transformer)
+
+
+def bench_options_gpu(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_engine.py --gpu --options needs a CUDA GPU: torch.cuda.is_available() is False here "
+                 "(try --cpu-smoke for the code path on the tiny model)")
+    device, dtype = "cuda", torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, random weights, "
+          f"{args.size}x{args.size}, 1 image, median of {args.reps}")
+    pipe = build_real_size_pipeline(device, dtype)
+    bench_options(pipe, device, args.size, args.reps, args.text_tokens)
+
+
+def bench_cpu_smoke(args) -> None:
+    """The options table on the tiny model, on the CPU: exercises the code path (numbers mean little)."""
+    import torch
+
+    from local_backend.tiny import tiny_pipeline_dir
+
+    torch.set_num_threads(max(1, args.threads or 1))
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_pipeline_dir()), dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    global OPTION_TIERS
+    OPTION_TIERS = [("base", 8, 4.0), ("lightning-8", 4, 1.0)]  # few steps: a smoke run
+    levels = {"regular": {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.45, "max_warmup_steps": 2},
+              "high": {"Fn_compute_blocks": 1, "residual_diff_threshold": 1.0, "max_warmup_steps": 1}}
+    print(f"tiny model, CPU, bf16, {args.size}x{args.size}, 1 image, median of {args.reps} (code path only)")
+    bench_options(pipe, "cpu", args.size, args.reps, 8, levels)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -384,8 +541,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 1328], help="GPU mode: image sides")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="GPU mode: images per call")
     parser.add_argument("--text-tokens", type=int, default=128, help="GPU mode: prompt length in tokens")
+    parser.add_argument("--options", action="store_true", help="with --gpu: the speed options table")
+    parser.add_argument("--cpu-smoke", action="store_true", help="the speed options table on the tiny model (CPU)")
     args = parser.parse_args(argv)
-    if args.gpu:
+    if args.cpu_smoke:
+        args.reps = args.reps or 3
+        args.size = 64 if args.size == 256 else args.size
+        bench_cpu_smoke(args)
+    elif args.gpu and args.options:
+        args.reps = args.reps or 3
+        args.size = 1024 if args.size == 256 else args.size
+        bench_options_gpu(args)
+    elif args.gpu:
         args.reps = args.reps or 1
         bench_gpu(args)
     elif args.partials:

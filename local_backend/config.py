@@ -45,6 +45,21 @@ class TierSpec:
 
 
 @dataclass
+class PromptEnhancement:
+    """Prompt rewriting with the pipeline's own text encoder before generation (local_backend.enhance).
+
+    A job is rewritten when it asks (GenerationParams.prompt_enhancement=True), or when it does not
+    say and `default` is true. A rewrite that fails, comes out empty or runs past `timeout` leaves the
+    prompt as it was (GenerationResult.revised_prompt is then None).
+    """
+
+    max_new_tokens: int = 256  # at most this many tokens of rewritten prompt
+    timeout: float = 20.0  # seconds of generation per rewrite
+    instruction: str | None = None  # the system instruction; None: local_backend.enhance's for the task
+    default: bool = False  # rewrite jobs that do not say
+
+
+@dataclass
 class EngineConfig:
     # "tiny" / "tiny-edit" = the tiny random pipelines (local_backend.tiny); else a folder or repo id
     model: str = "tiny"
@@ -55,7 +70,14 @@ class EngineConfig:
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     offload: str = "none"  # none | model | sequential | group
     quantization: str | None = None  # None | int8 | nf4 | fp4 (bitsandbytes) | int8wo | float8wo (torchao)
-    compile: bool = False  # torch.compile the transformer's repeated blocks
+    # Speed options (local_backend.accel), all off by default. compile: torch.compile the transformer's
+    # repeated blocks: true, or {warm_sizes: [[w, h], ...] | "table", mode, dynamic, fullgraph, backend}
+    compile: bool | dict = False
+    attention_backend: str | None = None  # diffusers' set_attention_backend name (flash, _flash_3, sage, ...)
+    # cache-dit DBCache per fal `acceleration` level: true, or {regular: {...}, high: {...}, default: none}
+    cache: bool | dict | None = None
+    # int8wo / float8wo: module names left unquantized ("{last}": the last block); None: accel's default
+    quantization_skip: list[str] | None = None
     max_batch: int = 4  # max images in one pipeline call
     max_queue: int = 16  # max waiting jobs; beyond -> QueueFullError
     max_pixels: int = 1328 * 1328 * 4  # width*height above -> InvalidParamsError
@@ -76,6 +98,8 @@ class EngineConfig:
     tiers: dict[str, TierSpec] = field(default_factory=dict)
     # OpenAI's `quality` (low | medium | high | auto | ...) -> tier name; an unmapped quality -> base
     quality_tiers: dict[str, str] = field(default_factory=dict)
+    # Prompt rewriting with the text encoder (PromptEnhancement, or a dict of its fields); None: never
+    prompt_enhancement: PromptEnhancement | None = None
 
 
 @dataclass
@@ -102,6 +126,12 @@ class GenerationParams:
     on_partial: Callable[[int, int, Image], None] | None = None
     # A speed tier of EngineConfig.tiers (None: "base"); an unknown name -> InvalidParamsError("tier")
     tier: str | None = None
+    # fal's acceleration (none | regular | high): the cache-dit level when EngineConfig.cache is set
+    # (None: the cache's default level); without a cache it is checked and otherwise ignored
+    acceleration: str | None = None
+    # Rewrite the prompt first (EngineConfig.prompt_enhancement); None: that config's default. Without
+    # a configured prompt_enhancement the engine never rewrites (True is then ignored).
+    prompt_enhancement: bool | None = None
 
 
 @dataclass
@@ -111,3 +141,5 @@ class GenerationResult:
     steps_run: int  # denoising steps actually run
     batch_size: int  # how many images shared the pipeline call(s)
     seconds: float  # time from pick-up by the worker to completion
+    # The rewritten prompt the images were made from (prompt enhancement); None: the prompt as given
+    revised_prompt: str | None = None

@@ -1,4 +1,8 @@
-"""Load the engine's pipeline: class (by task), source, dtype, device, offload, quantization, compile."""
+"""Load the engine's pipeline: class (by task), source, dtype, device, offload, quantization.
+
+The speed options (compile, cache, attention backend) are applied to the loaded pipeline by
+local_backend.accel.
+"""
 
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ def local_files_only(config: EngineConfig) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _quantization_config(name: str, dtype):
+def _quantization_config(name: str, dtype, skip: list[str] | None = None):
     from diffusers import PipelineQuantizationConfig
 
     if name in ("int8", "nf4", "fp4"):
@@ -87,8 +91,11 @@ def _quantization_config(name: str, dtype):
 
     quant_type = Int8WeightOnlyConfig() if name == "int8wo" else Float8WeightOnlyConfig()
     # diffusers' TorchAoConfig takes AOBaseConfig objects, which transformers' does not share,
-    # so only the transformer (the 20B part) is quantized with torchao.
-    return PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(quant_type)})
+    # so only the transformer (the 20B part) is quantized with torchao. `skip`: the layers left in
+    # the model's dtype (local_backend.accel.quant_skip).
+    return PipelineQuantizationConfig(
+        quant_mapping={"transformer": TorchAoConfig(quant_type, modules_to_not_convert=list(skip or []))}
+    )
 
 
 def _model_source(config: EngineConfig, progress: Progress) -> str:
@@ -213,8 +220,15 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:
-        report(f"preparing {config.quantization} quantization")
-        kwargs["quantization_config"] = _quantization_config(config.quantization, dtype)
+        from .accel import TORCHAO, quant_skip, transformer_layers
+
+        skip = None
+        if config.quantization in TORCHAO:
+            layers = transformer_layers(source, kwargs.get("local_files_only", True))
+            skip = quant_skip(config, layers)
+        shown = f", kept in {str(dtype).removeprefix('torch.')}: {', '.join(skip)}" if skip else ""
+        report(f"preparing {config.quantization} quantization{shown}")
+        kwargs["quantization_config"] = _quantization_config(config.quantization, dtype, skip)
 
     local_only = kwargs.get("local_files_only", True)
     pipeline_class = _pipeline_class(config, source, local_only)
@@ -246,11 +260,7 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
         )
 
     _place(pipe, config, device, report)
-    if config.compile:
-        report("compiling the transformer")
-        # Regional compilation: every transformer block shares one compiled graph, so the
-        # first call compiles in seconds instead of minutes, at the same speed.
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    # compile, cache and the attention backend: local_backend.accel, applied by the engine
     seconds = time.monotonic() - started
     report(f"loaded in {seconds:.1f}s")
     return pipe, device, seconds

@@ -590,6 +590,7 @@ class EngineReplica:
             "ok": True,
             "images": images,
             "seeds": list(result.seeds),
+            "revised_prompt": result.revised_prompt,
             "steps_run": result.steps_run,
             "batch_size": result.batch_size,
             "seconds": result.seconds,

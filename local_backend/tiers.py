@@ -15,6 +15,10 @@ Choosing a tier for a request (`choose_tier`, used by the proxy): an explicit ti
 accelerated tier with the most steps, "high": the one with the fewest); then OpenAI's `quality`
 through `quality_tiers` (an unmapped quality: base). Without configured tiers every one of those
 but an explicit unknown tier name means base.
+
+With a block cache configured (EngineConfig.cache, local_backend.accel), `acceleration` picks the
+cache level instead and no longer picks a tier: tiers then come from `tier`, `use_turbo` and
+`quality` only, so "acceleration: high" with "quality: low" means the low-quality tier, cached hard.
 """
 
 from __future__ import annotations
@@ -130,9 +134,9 @@ def choose_tier(config: EngineConfig, *, tier=None, quality=None, use_turbo=None
     accelerated = sorted((t for t in tiers.values() if t.name != BASE), key=lambda t: _steps(config, t))
     if use_turbo is not None and _flag(use_turbo, "use_turbo"):
         return accelerated[0].name if accelerated else None
-    if acceleration is not None:
-        if acceleration not in ACCELERATIONS:
-            raise InvalidParamsError(f"acceleration must be one of {', '.join(ACCELERATIONS)}", "acceleration")
+    if acceleration is not None and acceleration not in ACCELERATIONS:
+        raise InvalidParamsError(f"acceleration must be one of {', '.join(ACCELERATIONS)}", "acceleration")
+    if acceleration is not None and config.cache in (None, False):  # with a cache it is the cache's level
         if acceleration == "none" or not accelerated:
             return None
         if acceleration == "high":

@@ -291,16 +291,16 @@ class Gateway:
         endpoint = ("/images/{name}" if path.startswith("/images/")
                     else "/v1/models/{model}" if "/v1/models/" in path else path)
         seconds = time.monotonic() - started
-        self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(status)).inc()
+        metrics = self.metrics
+        metrics.child(metrics.requests, endpoint, model, str(status)).inc()
         key = request.get(API_KEY)
         if key is not None:  # its name only: never its value
-            self.metrics.requests_by_key.labels(key=key.name, endpoint=endpoint, model=model,
-                                                status=str(status)).inc()
+            metrics.child(metrics.requests_by_key, key.name, endpoint, model, str(status)).inc()
         if not path.startswith("/v1/images/"):
             return
-        self.metrics.outcomes.labels(model=model, outcome=outcome).inc()
+        metrics.child(metrics.outcomes, model, outcome).inc()
         if model:
-            self.metrics.latency.labels(endpoint=endpoint, model=model).observe(seconds)
+            metrics.child(metrics.latency, endpoint, model).observe(seconds)
         result = request.get(ROUTE)
         route = result.route.name if result else "-"
         attempts = result.calls if result else 0
@@ -369,6 +369,8 @@ def configured_secrets(config: Config) -> list[str]:
         for name, value in provider.options.items():
             if isinstance(value, str) and _SECRET_OPTION.search(name):
                 found.append(value)
+            elif isinstance(value, dict):  # a nested key, e.g. prompt_enhancement's api_key
+                found += [v for k, v in value.items() if isinstance(v, str) and _SECRET_OPTION.search(str(k))]
     return found
 
 

@@ -228,6 +228,9 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             problems += 1
             detail = "; ".join(f"route '{r}': {why}" for r, why in reasons)
             print(f"warning: model {name} has no usable route: {detail}")
+    for pname, provider in providers.items():  # options a usable route would serve without
+        for warning in provider.warnings if provider.preflight() is None else []:
+            print(f"warning: provider {pname}: {warning}")
     print(f"{args.config}: {len(config.providers)} providers, {len(config.models)} models, "
           f"{problems} without a usable route")
     sys.exit(1 if args.strict and problems else 0)

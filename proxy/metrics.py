@@ -11,6 +11,7 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         self.requests = Counter(
             "qip_requests_total", "Image requests by model and HTTP status", ["endpoint", "model", "status"],
             registry=self.registry,
@@ -65,6 +66,16 @@ class Metrics:
                                    registry=self.registry)
         self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",
                                 ["provider", "replica"], registry=self.registry)
+
+    def child(self, metric, *values: str):
+        """metric.labels(*values) (in the metric's label order), remembered: prometheus_client takes a lock
+        and builds the key on every labels() call. Only for metrics that are never cleared; their label
+        values are few (endpoints, models, routes, statuses, outcomes, key names)."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def refresh(self, gateway) -> None:
         """Gauges read at scrape time: local queue depths and route states."""

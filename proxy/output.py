@@ -114,18 +114,22 @@ def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.resize(size, Image.Resampling.LANCZOS, box=box)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _b64(data: bytes) -> bytes:
+    """Base64 text as ASCII bytes: it goes into the response body as it is."""
+    return base64.b64encode(data)
 
 
-def decode_b64(text: str) -> bytes:
+def decode_b64(text: str | bytes | memoryview) -> bytes:
+    """Lenient: line breaks and other junk between the base64 characters are skipped; not ASCII is an error."""
+    if not isinstance(text, str) and not bytes(text).isascii():
+        raise UpstreamError("the route returned invalid base64")
     try:
         return base64.b64decode(text)
     except (binascii.Error, ValueError):
         raise UpstreamError("the route returned invalid base64") from None
 
 
-def _strict_b64(text: str) -> bytes | None:
+def _strict_b64(text: str | bytes | memoryview) -> bytes | None:
     """The bytes of text that is pure base64 (safe to hand on inside JSON as it is); else None."""
     try:
         return base64.b64decode(text, validate=True)
@@ -237,8 +241,9 @@ class FinalImage:
     format: str | None
     seed: int | None = None
     revised_prompt: str | None = None
-    # The upstream's own base64 text of exactly `data`: handed on without encoding it again.
-    b64: str | None = None
+    # Base64 text of exactly `data` (the upstream's own, or encoded here: str or ASCII bytes), handed on
+    # into the response as it is.
+    b64: str | bytes | memoryview | None = None
     # An upstream URL handed on untouched (store.rehost_upstream_urls: false and nothing to convert).
     url: str | None = None
 
@@ -262,7 +267,9 @@ def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
                      img.compression_applied):
         return data, info, None
     b64 = img.b64 if keep_b64 else None
-    return data, info, FinalImage(data, info.format, img.seed, img.revised_prompt, b64=b64)
+    # Handed on as the upstream's base64 text: the decoded bytes were needed for the check only.
+    kept = None if b64 is not None and req.response_format == "b64_json" else data
+    return data, info, FinalImage(kept, info.format, img.seed, img.revised_prompt, b64=b64)
 
 
 def _converted(img: GeneratedImage, data: bytes, info: ImageInfo, req: ImageRequest) -> FinalImage:

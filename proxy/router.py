@@ -278,7 +278,7 @@ class Router:
 
     def _count(self, model: str, route: Route, outcome: str) -> None:
         if self.metrics:
-            self.metrics.route_attempts.labels(model=model, route=route.name, outcome=outcome).inc()
+            self.metrics.child(self.metrics.route_attempts, model, route.name, outcome).inc()
 
     @staticmethod
     def _final_error(model: str, attempts: list[tuple[str, str]], failures: list[ProxyError]) -> ProxyError:

@@ -102,3 +102,27 @@ def make_lora_file(pipeline_dir_or_pipe, path: str | Path, seed: int = 0, streng
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(pipeline_dir_or_pipe, seed, strength=strength), str(path))
     return path
+
+
+def submit_while_held(engine, make_jobs):
+    """Submit jobs while the engine's worker is held inside a gate job, so that they all wait and the
+    worker then batches them as it likes; returns the jobs (make_jobs() submits them)."""
+    import threading
+
+    from local_backend import GenerationParams
+
+    started, release = threading.Event(), threading.Event()
+
+    def hold(step, total):
+        started.set()
+        release.wait(30)
+
+    gate = engine.submit(GenerationParams("gate", width=32, height=32, seed=99, num_inference_steps=2,
+                                          on_step=hold))
+    assert started.wait(30), "the gate job never started"
+    try:
+        jobs = make_jobs()
+    finally:
+        release.set()
+    gate.future.result(30)
+    return jobs

@@ -11,7 +11,8 @@ APP = "qip-test"
 ROUTE = "/qip-test"
 # The pool the tests run: the tiny model, two CPU replicas on this 2-core machine. Serve sends a replica at
 # most 2 * max_batch = 4 requests (the default) and holds 4 more in front of the pool; past that, 429.
-ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3}
+ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3,
+          "prompt_enhancement": {"max_new_tokens": 8}}  # with the text encoder, on when a request asks
 POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_queued_requests": 4}
 EDIT_POOL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 

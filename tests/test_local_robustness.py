@@ -161,11 +161,11 @@ def test_a_prompt_the_tokenizer_rejects_fails_alone(engine, monkeypatch, caplog)
     """Without the submit-time check, the real tokenizer's failure (a TypeError inside the Rust
     tokenizer) breaks the whole batched call: the jobs are run again one by one, the others get
     exactly their solo images, and the culprit's error is still the client's (400, not 502)."""
-    from local_backend import engine as engine_module
+    from local_backend import planning
 
     good = [params(f"good {i}", seed=20 + i, n=1 + (i == 1)) for i in range(3)]
     solo = [engine.generate_sync(p) for p in good]
-    monkeypatch.setattr(engine_module, "_check_text", lambda text, name: None)
+    monkeypatch.setattr(planning, "_check_text", lambda text, name: None)
     bad = params("a fox \ud800", seed=9)
     with caplog.at_level(logging.INFO, logger="local_backend"), fail_when_in_batch(engine) as calls:
         jobs = submit_batch(engine, [good[0], bad, good[1], good[2]])
@@ -189,9 +189,9 @@ def test_a_prompt_the_tokenizer_rejects_fails_alone(engine, monkeypatch, caplog)
 
 
 def test_negative_prompt_the_tokenizer_rejects_is_named(engine, monkeypatch):
-    from local_backend import engine as engine_module
+    from local_backend import planning
 
-    monkeypatch.setattr(engine_module, "_check_text", lambda text, name: None)
+    monkeypatch.setattr(planning, "_check_text", lambda text, name: None)
     jobs = submit_batch(engine, [params("fine", seed=3), params("fine", seed=4, negative_prompt="\ud800")])
     assert jobs[0].future.result(60).images
     with pytest.raises(InvalidParamsError) as err:

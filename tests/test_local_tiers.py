@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 
 import pytest
 
@@ -21,7 +20,7 @@ from proxy.app import GATEWAY  # noqa: E402
 from proxy.providers.local import engine_config  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
-from .local_helpers import make_lora_file  # noqa: E402
+from .local_helpers import make_lora_file, submit_while_held  # noqa: E402
 
 SIZE = 32
 STEPS = 3  # the engine's default_steps (base)
@@ -111,19 +110,10 @@ def test_base_after_a_tier_call_equals_base_alone(tiny_dir, lora_dir, engine):
 
 
 def test_jobs_of_different_tiers_do_not_share_a_call(engine):
-    started, release = threading.Event(), threading.Event()
-
-    def hold(step, total):
-        started.set()
-        release.wait(30)
-
-    gate = engine.submit(params("gate", num_inference_steps=2, on_step=hold, seed=99))
-    assert started.wait(30)
     same = {"num_inference_steps": TIER_STEPS, "cfg_scale": 1.0}  # only the tier differs
     tier_names = [None, "sched", "fast", "sched", "base"]
-    jobs = [engine.submit(params(f"p{i}", seed=10 + i, tier=t, **same)) for i, t in enumerate(tier_names)]
-    release.set()
-    gate.future.result(30)
+    jobs = submit_while_held(engine, lambda: [engine.submit(params(f"p{i}", seed=10 + i, tier=t, **same))
+                                              for i, t in enumerate(tier_names)])
     results = [job.future.result(30) for job in jobs]
     assert [r.batch_size for r in results] == [2, 2, 1, 2, 2]
     # A batched tier job gets the image it gets alone.

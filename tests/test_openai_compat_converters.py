@@ -353,3 +353,36 @@ def test_parse_answer_with_an_image_in_a_prompt():
     doc = {"data": [{"revised_prompt": 'say "b64_json": "AAAA"', "b64_json": "iVBORw0KGgo="}]}
     assert parse_answer(json.dumps(doc).encode()) == doc
     assert parse_answer(b"not json") is None
+
+
+# --- split_answer: the same answer, each image left in the body as a memoryview (no copy) ----------
+
+from proxy.providers.openai_compat import split_answer  # noqa: E402
+
+
+def _as_text(doc):
+    """split_answer's views as the strings json.loads gives."""
+    for item in doc["data"]:
+        if isinstance(item, dict) and isinstance(item.get("b64_json"), memoryview):
+            item["b64_json"] = str(item["b64_json"], "utf-8")
+    return doc
+
+
+@settings(max_examples=300, deadline=None)
+@given(_answer, st.sampled_from([None, 2]))
+def test_split_answer_is_json_loads_or_declines(answer, indent):
+    raw = json.dumps(answer, indent=indent, ensure_ascii=indent is None).encode()
+    doc = split_answer(raw)
+    if doc is None:  # the caller parses the whole body instead
+        return
+    images = [item["b64_json"] for item in doc["data"] if "b64_json" in item]
+    assert all(isinstance(v, memoryview) and v.obj is raw for v in images)  # views of the body: no copy
+    assert _as_text(doc) == json.loads(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | _texts.map(str.encode))
+def test_split_answer_never_raises(raw):
+    doc = split_answer(raw)
+    if doc is not None:
+        assert isinstance(doc, dict)

@@ -198,6 +198,14 @@ async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_pa
     assert route["transport"] == transport and route["replicas"] == {"RUNNING": 2}
     assert sum(s["served"] for s in route["replica_stats"].values()) >= 1
     assert 'qip_local_queue_depth{provider="pool"}' in metrics
+    # prompt_enhancement on: the replica rewrites with its text encoder and the rewrite comes back,
+    # and the image is the one the in-process engine makes from that rewritten prompt.
+    r = await generate(client, seed=3, prompt_enhancement="on")
+    revised = r.data[0].revised_prompt
+    assert revised and revised != "a red fox"
+    expected = reference.generate_sync(GenerationParams(revised, width=64, height=64, seed=3))
+    want = np.asarray(expected.images[0].convert("RGB")).astype(np.int16)
+    assert int(np.abs(b64_pixels(r.data[0]) - want).max()) <= 1
 
 
 @pytest.mark.ray

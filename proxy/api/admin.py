@@ -81,6 +81,10 @@ def _model_card(gw: Gateway, name: str) -> dict:
     tiers = next((r.provider.tiers for r in gw.router.routes[name] if getattr(r.provider, "tiers", None)), None)
     if tiers:
         card["capabilities"]["tiers"] = tiers  # [{name, steps, cfg_scale}], base first
+    levels = next((r.provider.accelerations for r in gw.router.routes[name]
+                   if getattr(r.provider, "accelerations", None)), None)
+    if levels:
+        card["capabilities"]["accelerations"] = levels  # fal's acceleration: the block cache's levels
     return card
 
 

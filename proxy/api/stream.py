@@ -58,7 +58,9 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
         while sink is not None and not sink.queue.empty():  # previews that came in with the result
             await response.write(await _partial_event(sink.queue.get_nowait(), prefix, common))
         for item in payload["data"]:
-            event = {"type": f"{prefix}.completed", "b64_json": item["b64_json"], "created_at": payload["created"],
+            b64 = item["b64_json"]
+            event = {"type": f"{prefix}.completed", "b64_json": b64 if isinstance(b64, str) else str(b64, "ascii"),
+                     "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
             await response.write(sse(event["type"], event))

@@ -63,7 +63,20 @@ def build_providers(config: Config) -> dict[str, Provider]:
             providers[name] = cls(name, pc.options, config.missing_vars.get(name))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"providers.{name}: {e}") from None
+    for name, provider in providers.items():  # the sizes each local route serves (compile warm-up)
+        if hasattr(provider, "serve_sizes"):
+            provider.serve_sizes(_served_sizes(config, name))
     return providers
+
+
+def _served_sizes(config: Config, provider: str) -> list[tuple[int, int]]:
+    """Every size in the size tables of the models with a route to `provider`, largest first."""
+    sizes = set()
+    for model, mc in config.models.items():
+        if any(route.provider == provider for route in mc.routes):
+            for ratios in config.size_table(model).tiers.values():
+                sizes.update(tuple(wh) for wh in ratios.values())
+    return sorted(sizes, key=lambda wh: (-wh[0] * wh[1], wh))
 
 
 __all__ = ["KINDS", "Capabilities", "GeneratedImage", "Provider", "ProviderContext", "build_providers",

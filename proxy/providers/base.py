@@ -32,8 +32,9 @@ class GeneratedImage:
 
     data: bytes | None = None
     url: str | None = None
-    # Base64 text as an upstream sent it: handed on untouched when nothing needs converting.
-    b64: str | None = None
+    # Base64 text as an upstream sent it (str, or its bytes: a memoryview of the upstream's answer): handed
+    # on untouched when nothing needs converting.
+    b64: str | bytes | memoryview | None = None
     mime: str | None = None
     width: int | None = None
     height: int | None = None
@@ -107,9 +108,18 @@ class Provider(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    @property
+    def warnings(self) -> list[str]:
+        """Options this provider serves without (e.g. a speed option that failed at load), with the reason;
+        it still serves. For /health, /ready and `check-config`."""
+        return []
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "state": self.state, "ready": self.unavailable_reason is None,
+        info = {"name": self.name, "kind": self.kind, "state": self.state, "ready": self.unavailable_reason is None,
                 "reason": self.unavailable_reason}
+        if warnings := self.warnings:
+            info["warnings"] = list(warnings)
+        return info
 
     @abstractmethod
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:

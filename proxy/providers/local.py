@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any
 
+from .. import enhance
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..output import MIME, encode_image
@@ -29,6 +30,7 @@ _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 def engine_config(options: dict[str, Any]):
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
     from local_backend import EngineConfig, EngineError, LoraSpec
+    from local_backend.accel import validate as validate_accel
     from local_backend.tiers import parse_tiers
 
     known = {f.name for f in fields(EngineConfig)}
@@ -50,9 +52,12 @@ def engine_config(options: dict[str, Any]):
     for key in ("tiers", "quality_tiers"):
         if key in values:
             values[key] = values[key] or {}
+    if "prompt_enhancement" in values:  # with: text_encoder -> the engine's; with: chat -> the provider's
+        values["prompt_enhancement"] = enhance.engine_spec(enhance.parse_options(values["prompt_enhancement"]))
     config = EngineConfig(**values)
     try:
         parse_tiers(config)  # a bad tier is a config error now, not at load
+        validate_accel(config)  # so is a bad speed option (compile, cache, attention_backend)
     except EngineError as e:
         raise ValueError(str(e)) from None
     return config
@@ -89,6 +94,8 @@ def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=
         partial_images=(req.partial_images or 0) if on_partial is not None else 0,
         on_partial=on_partial,
         tier=tier,
+        acceleration=req.extra.get("acceleration"),  # the cache level, when the engine has a cache
+        prompt_enhancement=enhance.requested(req.prompt_enhancement),
     )
 
 
@@ -184,7 +191,10 @@ class LocalProvider(Provider):
         "dtype": (None, "bfloat16", "float16", "float32"),
         "offload": ("none", "model", "sequential", "group"),
         "quantization": (None, "int8", "nf4", "fp4", "int8wo", "float8wo"),
-        "compile": bool,
+        "compile": bool | dict,  # local_backend.accel: true or {warm_sizes, mode, dynamic, fullgraph, backend}
+        "attention_backend": str | None,
+        "cache": bool | dict | None,  # cache-dit levels: true or {regular: {...}, high: {...}, default}
+        "quantization_skip": list[str] | None,
         "max_batch": (int, {"ge": 1}),
         "max_queue": (int, {"ge": 1}),
         "max_pixels": (int, {"ge": 1}),
@@ -201,6 +211,7 @@ class LocalProvider(Provider):
         "local_files_only": bool | None,
         "timeout": (float, {"gt": 0}),
         "load_in_background": bool,
+        "prompt_enhancement": dict | None,  # proxy.enhance: {with: text_encoder | chat, ...}
     }
 
     def __init__(self, name, options, missing_vars=None):
@@ -232,10 +243,48 @@ class LocalProvider(Provider):
             from local_backend.tiers import tier_summary
 
             self.tiers = tier_summary(self.config)
+        # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
+        self.accelerations: list[str] | None = None
+        self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
+        if self.config is not None and self.config.cache:
+            self.accelerations = ["none", "regular", "high"]
+        # prompt_enhancement with: chat is done here, before the engine (proxy.enhance); with:
+        # text_encoder by the engine itself (in self.config).
+        self.chat_enhancer: enhance.ChatEnhancer | None = None
+        self._http = None
+        if self.config is not None:
+            chat = enhance.parse_options(options.get("prompt_enhancement"))  # checked by engine_config
+            if chat is not None and chat.with_ == "chat":
+                self.chat_enhancer = enhance.ChatEnhancer(chat, name, self.config.task)
 
     @property
     def unavailable_reason(self) -> str | None:
         return self.loading_stage or self._state
+
+    @property
+    def warnings(self) -> list[str]:
+        """Speed options this route serves without, each with the reason: known ahead (a package not
+        installed, a backend this device cannot run) until the model is loaded, then what the load found."""
+        if self.engine is not None:
+            return self.engine.warnings
+        if self.config is None:
+            return []
+        if self._static_warnings is None:  # not started (check-config): found here, once
+            from local_backend.accel import static_warnings
+
+            self._static_warnings = static_warnings(self.config, self._device())
+        return self._static_warnings
+
+    def serve_sizes(self, sizes: list[tuple[int, int]]) -> None:
+        """The sizes of the models this route serves: what `compile: {warm_sizes: table}` warms."""
+        spec = self.config.compile if self.config is not None else None
+        if isinstance(spec, dict) and spec.get("warm_sizes") == "table" and sizes:
+            self.config.compile = {**spec, "warm_sizes": [list(size) for size in sizes]}
+
+    def _device(self) -> str:
+        import torch
+
+        return self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def loading_stage(self) -> str | None:
@@ -268,7 +317,11 @@ class LocalProvider(Provider):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
-        return _weights_problem(self.config)
+        from local_backend.accel import static_problems, static_warnings
+
+        self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
+        problems = static_problems(self.config, device)
+        return problems[0] if problems else _weights_problem(self.config)
 
     def preflight(self) -> str | None:
         if self.config is None:
@@ -280,6 +333,7 @@ class LocalProvider(Provider):
             log.warning("provider %s unavailable: %s", self.name, self._state)
             return
         self.metrics = ctx.extras.get("metrics")
+        self._http = ctx.http
         if reason := await asyncio.to_thread(self._precheck):
             self._state = reason
             log.warning("provider %s unavailable: %s", self.name, reason)
@@ -351,7 +405,9 @@ class LocalProvider(Provider):
         images, mask = await asyncio.to_thread(decode_inputs, req) if req.images or req.mask else ([], None)
         try:
             tier = request_tier(req, self.config)
-            result = await self.engine.generate(to_params(req, self._on_step, images, mask, sender, tier))
+            params = to_params(req, self._on_step, images, mask, sender, tier)
+            revised = await self._chat_rewrite(req, params)
+            result = await self.engine.generate(params)
         except QueueFullError as e:
             raise RateLimited(f"the local engine's queue is full: {e}", retry_after=e.retry_after) from None
         except InvalidParamsError as e:
@@ -366,6 +422,19 @@ class LocalProvider(Provider):
         datas = await asyncio.to_thread(_encode_all, result.images, fmt, req.output_compression)
         return [
             GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
+                           revised_prompt=result.revised_prompt or revised,
                            compression_applied=True)
             for data, im, seed in zip(datas, result.images, result.seeds, strict=True)
         ]
+
+    async def _chat_rewrite(self, req: ImageRequest, params) -> str | None:
+        """With prompt_enhancement `with: chat`: the rewritten prompt (already put into params), or None."""
+        if self.chat_enhancer is None:
+            return None
+        params.prompt_enhancement = False  # the engine has no rewriter of its own here
+        if not self.chat_enhancer.enabled(enhance.requested(req.prompt_enhancement)):
+            return None
+        revised = await self.chat_enhancer.rewrite(self._http, req.prompt)
+        if revised is not None:
+            params.prompt = revised
+        return revised

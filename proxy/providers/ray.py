@@ -532,7 +532,10 @@ class RayProvider(Provider):
             raise UpstreamError("the Ray pool's reply has no readable images") from None
         if len(datas) != req.n or len(seeds) != len(datas):
             raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
-        return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed)
+        revised = reply.get("revised_prompt")  # the replica's prompt_enhancement, if it rewrote
+        revised = revised if isinstance(revised, str) else None
+        return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed,
+                               revised_prompt=revised)
                 for data, seed in zip(datas, seeds, strict=True)]
 
 

@@ -1,0 +1,106 @@
+"""One pipeline call's pieces: the arguments for a call of these images, the previews due after a
+step, and the images as the caller gets them. Run on the engine's worker thread."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .edit import MAX_IMAGES, inpaint_working_size, paste_kept
+
+if TYPE_CHECKING:
+    from .jobs import Job
+
+log = logging.getLogger("local_backend.engine")  # the engine's logger: these run as part of its calls
+
+
+def call_arguments(first: Job, prompts: list, negatives: list, generators: list, *, pipe, inpaint,
+                   max_images: int, multiple: int):
+    """(pipeline, its arguments, the size it works at) for a call of these images."""
+    cfg = first.negative is not None
+    if not first.inputs:  # text to image: any number of prompts
+        kwargs = {"prompt": prompts, "negative_prompt": negatives if cfg else None}
+        kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+        return pipe, kwargs, first.gen_size
+    # An edit: one prompt, its images made with num_images_per_prompt (one generator each).
+    kwargs = {
+        "prompt": first.params.prompt,
+        "negative_prompt": first.negative,
+        "num_images_per_prompt": len(generators),
+    }
+    if first.mask is None:
+        many = max_images > 1
+        kwargs.update(image=list(first.inputs) if many else first.inputs[0])
+        kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+        return pipe, kwargs, first.gen_size
+    # Inpainting works at ~1 MP of its input's aspect ratio, whatever the asked size: give it the
+    # input stretched to the asked shape, so the result only needs resizing (local_backend.edit).
+    from PIL import Image
+
+    image, mask = first.inputs[0], first.mask
+    if image.size != first.gen_size:
+        image = image.resize(first.gen_size, Image.LANCZOS)
+        mask = mask.resize(first.gen_size, Image.NEAREST)
+    kwargs.update(image=image, mask_image=mask, strength=1.0)
+    return inpaint, kwargs, inpaint_working_size(first.gen_size, multiple)
+
+
+def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, owners: list, work_size):
+    """Hand out the previews due after this step; return the latents to keep for the next step."""
+    due = []  # (row, job, image index, partial index)
+    for row, (job, index) in enumerate(owners):
+        if job.cancelled or job.params.on_partial is None:
+            continue
+        for k, at in enumerate(job.preview_at):
+            if at == steps_done and k >= job.partials_sent.get(index, 0):
+                due.append((row, job, index, k))
+    if due:
+        rows = sorted({row for row, *_ in due})
+        try:
+            estimate = previewer.estimate(
+                latents[rows], None if previous is None else previous[rows], pipeline.scheduler
+            )
+            made = previewer.render(estimate, work_size, [owners[row][0].size for row in rows])
+        except Exception:  # previews are a courtesy: never worth a job
+            log.exception("could not make partial images")
+            made = None
+        if made is not None:
+            by_row = dict(zip(rows, made, strict=True))
+            for row, job, index, k in due:
+                job.partials_sent[index] = k + 1
+                try:
+                    job.params.on_partial(index, k, by_row[row])
+                except Exception:  # a caller's callback must not kill the job
+                    log.exception("on_partial callback failed")
+    wanted = any(
+        steps_done + 1 in job.preview_at and not job.cancelled and job.params.on_partial is not None
+        for job, _ in owners
+    )
+    return latents.detach().clone() if wanted else None
+
+
+def inpaint_pipeline(pipe):
+    """QwenImageEditInpaintPipeline around an edit pipeline's own components (no extra memory)."""
+    from diffusers import QwenImageEditInpaintPipeline
+
+    if type(pipe).__name__ not in MAX_IMAGES:
+        return None
+    # The constructor, not from_pipe: from_pipe casts the shared modules to its dtype (fp32 by default).
+    inpaint = QwenImageEditInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
+
+
+def final_image(job: Job, image):
+    """The pipeline's image as the caller gets it: exactly the asked size, a mask's kept area restored."""
+    from PIL import Image
+
+    if image.size != job.size:
+        image = image.resize(job.size, Image.LANCZOS)
+    if job.mask is None:
+        return image
+    original, mask = job.inputs[0], job.mask
+    if original.size != job.size:
+        original = original.resize(job.size, Image.LANCZOS)
+        mask = mask.resize(job.size, Image.NEAREST)
+    return paste_kept(image, original, mask)

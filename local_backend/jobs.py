@@ -1,0 +1,94 @@
+"""A submitted job and the small helpers that settle it: what the engine's queue holds."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING
+
+from .config import GenerationParams, GenerationResult
+from .errors import EngineError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .loras import LoraRef
+
+
+class Job:
+    """One submitted request. `future` yields a GenerationResult or raises an EngineError."""
+
+    def __init__(self, engine: Engine, params: GenerationParams, plan: dict, loras: list[LoraRef]):
+        self.future: Future[GenerationResult] = Future()
+        self.params = params
+        self.seeds: list[int] = plan["seeds"]
+        self.size: tuple[int, int] = plan["size"]  # what the caller gets
+        self.gen_size: tuple[int, int] = plan["gen_size"]  # what the pipeline makes
+        self.steps: int = plan["steps"]
+        self.cfg: float = plan["cfg"]
+        self.negative: str | None = plan["negative"]  # None: no CFG
+        self.inputs: list = plan["images"]  # edits: the input images, RGB
+        self.mask = plan["mask"]  # inpainting: "L", 255 = repaint
+        self.preview_at: list[int] = plan["preview_at"]  # steps after which previews are due
+        self.partials_sent: dict[int, int] = {}  # image index -> previews handed over (never twice)
+        self.loras = loras  # the request's own (the tier's and the engine's base LoRAs join them)
+        self.tier: str = plan["tier"]
+        self.cache: str = plan["cache"]  # the cache-dit level it runs at (local_backend.accel)
+        self.enhance: bool = plan["enhance"]  # its prompt is rewritten before its first call (then False)
+        self.revised_prompt: str | None = None
+        self.images: list = [None] * len(self.seeds)
+        self.next_index = 0  # images handed to pipeline calls so far
+        self.steps_run = 0
+        self.batch_size = 0
+        self.started_at: float | None = None
+        self.cancelled = False
+        self.deadline_hit = False
+        self._engine = engine
+
+    def cancel(self) -> None:
+        """Drop the job if it waits; interrupt it at the next denoising step if it runs."""
+        self._engine._cancel(self)
+
+    @property
+    def ready(self) -> bool:  # its LoRA downloads, if any, are done
+        return all(ref.ready for ref in self.loras)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seeds) - self.next_index
+
+
+def settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Complete a future unless the caller already cancelled it."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass
+
+
+def summary(exc: BaseException) -> str:
+    """The exception's type and first line: safe to show, no traceback."""
+    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return type(exc).__name__ + (f": {detail}" if detail else "")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return "OutOfMemory" in type(exc).__name__
+
+
+def empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def wrap_error(exc: BaseException) -> EngineError:
+    if isinstance(exc, EngineError):
+        return exc
+    if is_oom(exc):
+        return EngineError("out of GPU memory: try a smaller size, fewer images, or offload")
+    return EngineError(f"generation failed: {summary(exc)}")

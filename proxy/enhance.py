@@ -1,0 +1,233 @@
+"""Prompt enhancement for local routes: the `prompt_enhancement` provider option of the diffusers kind.
+
+Two ways to rewrite a prompt before the engine makes the images:
+
+    prompt_enhancement: {with: text_encoder, max_new_tokens: 256, timeout: 20, default: off}
+        the pipeline's own text encoder (Qwen2.5-VL) writes the rewrite, on the engine's worker thread
+        (local_backend.enhance): no extra weights, no network.
+    prompt_enhancement: {with: chat, base_url: https://host/v1, api_key: ${KEY}, model: NAME,
+                         max_new_tokens: 256, timeout: 20, default: off, temperature: 0.2}
+        an OpenAI-compatible chat-completions upstream (POST {base_url}/chat/completions), here, on the
+        proxy's own HTTP session, before the engine is called.
+
+Both take `instruction` (the system prompt; default: local_backend.enhance's for the route's task).
+A request's `prompt_enhancement: "on" | "off"` turns it on or off; a request that does not say gets
+`default`. A route without the option ignores the field (it is a hint, as for upstreams without a
+rewriter). A rewrite that fails (an upstream error, a bad answer, the timeout) is not an error: the
+image is made from the prompt as given and `revised_prompt` is that prompt; the reason is logged
+without the prompt, the answer's text or the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .errors import Scrubber
+
+log = logging.getLogger(__name__)
+
+WAYS = ("text_encoder", "chat")
+_COMMON = {"with", "max_new_tokens", "timeout", "default", "instruction"}
+_CHAT = {"base_url", "api_key", "model", "temperature"}
+MAX_ANSWER_BYTES = 1 << 20  # a chat answer larger than this is not a prompt
+_TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", ""}
+
+
+@dataclass(frozen=True)
+class EnhanceOptions:
+    with_: str = "text_encoder"
+    max_new_tokens: int = 256
+    timeout: float = 20.0
+    default: bool = False
+    instruction: str | None = None
+    base_url: str | None = None  # chat only
+    api_key: str | None = None
+    model: str | None = None
+    temperature: float | None = None
+
+
+def parse_options(value: Any) -> EnhanceOptions | None:
+    """The prompt_enhancement option (a mapping, or None) -> EnhanceOptions; ValueError says what is wrong."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("prompt_enhancement must be a mapping, e.g. {with: text_encoder}")
+    way = value.get("with", "text_encoder")
+    if way not in WAYS:
+        raise ValueError(f"prompt_enhancement.with must be one of {', '.join(WAYS)}, not {way!r}")
+    allowed = _COMMON | (_CHAT if way == "chat" else set())
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ValueError(f"prompt_enhancement: unknown option(s) {', '.join(unknown)} for with: {way}; "
+                         f"known: {', '.join(sorted(allowed))}")
+    options = EnhanceOptions(
+        with_=way,
+        max_new_tokens=_number(value, "max_new_tokens", int, 256, 1, 4096),
+        timeout=_number(value, "timeout", float, 20.0, 0.0, None),
+        default=_flag(value.get("default", False)),
+        instruction=_text(value, "instruction"),
+        base_url=_text(value, "base_url"),
+        api_key=_text(value, "api_key", empty_ok=True) or None,
+        model=_text(value, "model"),
+        temperature=_number(value, "temperature", float, None, 0.0, 2.0, inclusive=True),
+    )
+    if way == "chat":
+        for name in ("base_url", "model"):
+            if not getattr(options, name):
+                raise ValueError(f"prompt_enhancement.{name} is required with: chat")
+        if not options.base_url.startswith(("http://", "https://")):
+            raise ValueError("prompt_enhancement.base_url must be an http(s) URL, e.g. https://host/v1")
+    return options
+
+
+def engine_spec(options: EnhanceOptions | None):
+    """The local_backend.PromptEnhancement for `with: text_encoder`; None otherwise."""
+    if options is None or options.with_ != "text_encoder":
+        return None
+    from local_backend.config import PromptEnhancement
+
+    return PromptEnhancement(max_new_tokens=options.max_new_tokens, timeout=options.timeout,
+                             instruction=options.instruction, default=options.default)
+
+
+def requested(value: str | None) -> bool | None:
+    """A request's prompt_enhancement ("on" | "off" | None) -> rewrite or not (None: the route's default)."""
+    return None if value is None else value == "on"
+
+
+def chat_body(options: EnhanceOptions, instruction: str, prompt: str) -> dict:
+    """The POST /v1/chat/completions body for a rewrite (pure)."""
+    body: dict[str, Any] = {
+        "model": options.model,
+        "messages": [{"role": "system", "content": instruction},
+                     {"role": "user", "content": f"Rewrite this:\n\n{prompt}"}],
+        "max_tokens": options.max_new_tokens,
+        "stream": False,
+    }
+    if options.temperature is not None:
+        body["temperature"] = options.temperature
+    return body
+
+
+def chat_answer(payload: Any) -> tuple[str | None, str]:
+    """A chat completion -> (its text or None, why not). choices[0].message.content, a string or parts."""
+    try:
+        choice = payload["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None, "the answer has no choices[0].message.content"
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if not isinstance(content, str):
+        return None, "the answer's content is not text"
+    return content, str(choice.get("finish_reason") or "stop")
+
+
+class ChatEnhancer:
+    """Rewrites prompts with a chat-completions upstream. rewrite() never raises (except cancellation)."""
+
+    def __init__(self, options: EnhanceOptions, provider: str, task: str = "generate"):
+        from local_backend.enhance import instruction_for
+
+        self.options = options
+        self.provider = provider
+        self.instruction = options.instruction or instruction_for(task)
+        self.url = options.base_url.rstrip("/") + "/chat/completions"
+        self.scrub = Scrubber([options.api_key] if options.api_key else []).text
+
+    def enabled(self, asked: bool | None) -> bool:
+        return self.options.default if asked is None else asked
+
+    async def rewrite(self, http: aiohttp.ClientSession, prompt: str) -> str | None:
+        """The rewritten prompt, or None (logged) to keep the prompt as given."""
+        from local_backend.enhance import clean
+
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                text, why = await self._ask(http, prompt)
+        except TimeoutError:
+            text, why = None, f"no answer in {self.options.timeout:g} s"
+        except aiohttp.ClientError as e:
+            text, why = None, f"{type(e).__name__}"
+        except ValueError as e:  # not JSON
+            text, why = None, f"the answer is not JSON ({type(e).__name__})"
+        seconds = time.monotonic() - started
+        if text is not None:
+            text = clean(text)
+            if not text:
+                why = "the answer is empty"
+        if not text:
+            log.warning("provider %s: prompt not rewritten (%s, %.2f s): using the prompt as given",
+                        self.provider, self.scrub(why), seconds)
+            return None
+        log.info("provider %s: prompt rewritten by %s in %.2f s (%s)", self.provider, self.options.model,
+                 seconds, why)
+        return text
+
+    async def _ask(self, http: aiohttp.ClientSession, prompt: str) -> tuple[str | None, str]:
+        headers = {"Accept": "application/json"}
+        if self.options.api_key:
+            headers["Authorization"] = f"Bearer {self.options.api_key}"
+        body = chat_body(self.options, self.instruction, prompt)
+        async with http.post(self.url, json=body, headers=headers, allow_redirects=False) as resp:
+            raw = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                raw += chunk
+                if len(raw) > MAX_ANSWER_BYTES:
+                    return None, f"HTTP {resp.status}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
+            if resp.status != 200:
+                return None, f"HTTP {resp.status}{_error_message(bytes(raw))}"
+            return chat_answer(json.loads(bytes(raw)))
+
+
+def _error_message(raw: bytes) -> str:
+    """': <message>' from an OpenAI error body (the caller scrubs it), else ''."""
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return f": {' '.join(str(message).split())[:200]}" if message else ""
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"prompt_enhancement.default must be on or off, not {value!r}")
+
+
+def _number(value: dict, name: str, kind, default, low, high, inclusive: bool = False):
+    raw = value.get(name, default)
+    if raw is None or raw is default:
+        return default
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        number = kind(raw)
+        if kind is int and isinstance(raw, float) and raw != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"prompt_enhancement.{name} must be a number, not {raw!r}") from None
+    too_low = number < low if inclusive or kind is int else number <= low
+    if too_low or (high is not None and number > high):
+        bound = f"from {low} to {high}" if high is not None else f"> {low}"
+        raise ValueError(f"prompt_enhancement.{name} must be {bound}, not {raw!r}")
+    return number
+
+
+def _text(value: dict, name: str, empty_ok: bool = False) -> str | None:
+    raw = value.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or (not raw.strip() and not empty_ok):
+        raise ValueError(f"prompt_enhancement.{name} must be a non-empty string")
+    return raw
