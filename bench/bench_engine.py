@@ -19,6 +19,13 @@ encoder is skipped: random prompt embeddings shaped like Qwen2.5-VL's (3584 wide
 
     python bench/bench_engine.py --gpu [--sizes 1024 1328 --batches 1 4]
 
+Then the offload rows: the same pipeline placed by the engine's own loading code
+(local_backend.loading._place) with offload none, model, sequential and group, one 1024x1024 image at
+50 steps with CFG 4 each: seconds per image, peak GPU memory, and what stays on the GPU between calls.
+`sequential` streams every layer's weights per step: a few minutes for its row.
+
+    python bench/bench_engine.py --gpu [--offload-modes none model sequential group] [--offload-size 1024]
+
 --gpu --options (needs CUDA): the speed options of local_backend.accel at 1024x1024, one image: for
 each tier (base: 50 steps, CFG 4; lightning: 8 steps, no CFG; the Lightning LoRA itself is left out:
 random weights) x option (plain, compile, cache regular / high, fp8, together = compile + cache high
@@ -29,7 +36,9 @@ measured is what is served.
 
     python bench/bench_engine.py --gpu --options [--size 1024 --reps 3]
 
---cpu-smoke: the same table on the tiny model on the CPU (64x64, few steps): the code path, not speed.
+--cpu-smoke: the offload rows, then the same options table, on the tiny model on the CPU (64x64, few
+steps): the code path, not speed. The engine ignores offload on the CPU (there is no GPU memory to
+save), so the offload rows run its placing code and say "ignored".
 
     python bench/bench_engine.py --cpu-smoke
 """
@@ -327,7 +336,9 @@ def run_real_size(
         negative, negative_mask = embeds()
         extra = {"negative_prompt_embeds": negative, "negative_prompt_embeds_mask": negative_mask}
     generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
-    torch.cuda.synchronize()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     pipe(
         prompt_embeds=prompt_embeds,
@@ -340,7 +351,8 @@ def run_real_size(
         output_type="pil",
         **extra,
     )
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -383,6 +395,60 @@ def bench_gpu(args) -> None:
                     f"{peak:9.1f}",
                     flush=True,
                 )
+    if args.offload_modes:
+        bench_offload(pipe, device, args.offload_size, 50, 4.0, args.reps, args.text_tokens, args.offload_modes)
+
+
+# ----- offload modes (local_backend.loading._place): GPU rows, CPU smoke -----
+
+# In this order: each mode's hooks are removed before the next, and group offload (last) cannot be
+# undone by diffusers' remove_all_hooks.
+OFFLOAD_ORDER = ("none", "model", "sequential", "group")
+
+
+def bench_offload(pipe, device: str, size: int, steps: int, cfg: float, reps: int, text_tokens: int,
+                  modes=OFFLOAD_ORDER) -> None:
+    """Seconds per image and peak GPU memory for each offload mode, placed by the engine's own loading
+    code (local_backend.loading._place) on the same pipeline. On the CPU the engine ignores offload (there
+    is no GPU memory to save): the rows then run the same code and say so."""
+    import torch
+
+    from local_backend import EngineConfig
+    from local_backend.loading import _place
+
+    cuda = torch.device(device).type == "cuda"
+    print(f"offload modes at {size}x{size}, {steps} steps, true CFG {cfg:g}, 1 image, median of {reps}; "
+          "transformer + VAE only: the text encoder (about 16 GB in bf16, off the GPU while the "
+          "transformer runs under model, sequential and group offload) is not in these numbers")
+    print(f"{'offload':<11} {'s/image':>8} {'peak GiB':>9} {'resident GiB':>13}  notes")
+    for mode in (m for m in OFFLOAD_ORDER if m in modes):
+        try:
+            _unplace(pipe)
+            _place(pipe, EngineConfig(offload=mode), device, lambda stage: None)  # logs "ignored" on the CPU
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                resident = torch.cuda.memory_allocated() / 2**30  # weights left on the GPU between calls
+            run_real_size(pipe, size, 1, 2, cfg, text_tokens, device)  # warm-up: kernels, allocator, hooks
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds = statistics.median(
+                run_real_size(pipe, size, 1, steps, cfg, text_tokens, device) for _ in range(reps))
+        except Exception as e:  # out of memory, an offload mode this install cannot run: the row says so
+            if cuda:
+                torch.cuda.empty_cache()
+            print(f"{mode:<11} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:9.1f}" if cuda else f"{'-':>9}"
+        held = f"{resident:13.1f}" if cuda else f"{'-':>13}"
+        notes = "ignored on the CPU: served as none, as the engine does" if not cuda and mode != "none" else ""
+        print(f"{mode:<11} {seconds:8.2f} {peak} {held}  {notes}", flush=True)
+
+
+def _unplace(pipe) -> None:
+    """Remove the previous mode's model or sequential offload hooks (accelerate puts the weights back on
+    the CPU); the next _place moves them where its mode wants them."""
+    pipe.remove_all_hooks()
 
 
 # ----- the speed options (local_backend.accel): GPU table, CPU smoke -----
@@ -421,12 +487,12 @@ def _options_call(pipe, size: int, steps: int, cfg: float, text_tokens: int, dev
 
 
 def _quantize_fp8(transformer, layers: int) -> list[str]:
-    """float8 weight-only on the transformer in place, with the engine's skip list (accel.quant_skip)."""
+    """float8 weight-only on the transformer in place, with the engine's skip list (accel_options.quant_skip)."""
     import torch
     from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
     from local_backend import EngineConfig
-    from local_backend.accel import quant_skip, skipped
+    from local_backend.accel_options import quant_skip, skipped
 
     skip = quant_skip(EngineConfig(quantization="float8wo"), layers)
     quantize_(transformer, Float8WeightOnlyConfig(),
@@ -525,6 +591,8 @@ def bench_cpu_smoke(args) -> None:
     levels = {"regular": {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.45, "max_warmup_steps": 2},
               "high": {"Fn_compute_blocks": 1, "residual_diff_threshold": 1.0, "max_warmup_steps": 1}}
     print(f"tiny model, CPU, bf16, {args.size}x{args.size}, 1 image, median of {args.reps} (code path only)")
+    if args.offload_modes:  # first: the options table below quantizes the pipeline in place
+        bench_offload(pipe, "cpu", args.size, 8, 4.0, args.reps, 8, args.offload_modes)
     bench_options(pipe, "cpu", args.size, args.reps, 8, levels)
 
 
@@ -543,6 +611,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=128, help="GPU mode: prompt length in tokens")
     parser.add_argument("--options", action="store_true", help="with --gpu: the speed options table")
     parser.add_argument("--cpu-smoke", action="store_true", help="the speed options table on the tiny model (CPU)")
+    parser.add_argument("--offload-modes", nargs="*", default=list(OFFLOAD_ORDER), choices=OFFLOAD_ORDER,
+                        metavar="MODE",
+                        help="--gpu and --cpu-smoke: the offload rows to run (none model sequential group; "
+                             "none given: no offload rows)")
+    parser.add_argument("--offload-size", type=int, default=1024, help="--gpu: the offload rows' image side")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.reps = args.reps or 3

@@ -6,8 +6,8 @@ submit jobs from any thread (or await them from asyncio) and get a concurrent Fu
 
 Batching: the worker takes the first ready job and fills the call, up to max_batch images, with
 other waiting jobs that need the same pipeline arguments (size, steps, cfg, CFG on/off, LoRAs
-and scales, speed tier: local_backend.tiers, cache level: local_backend.accel). Each image has its own CPU generator seeded with its own seed, so it gets the same
-initial noise as it would alone. Prompts of different lengths can share a call: diffusers pads
+and scales, speed tier: local_backend.tiers, cache level: local_backend.accel). Each image has its
+own CPU generator seeded with its own seed, so it gets the same initial noise as it would alone. Prompts of different lengths can share a call: diffusers pads
 the prompt embeddings and passes a mask, and the transformer's text RoPE positions do not depend
 on the padded length. Measured on the tiny model: a batched image differs from the same image
 made alone by at most ~1e-6 before quantization (at most 1/255 per pixel after), and that much
@@ -43,7 +43,7 @@ import time
 from dataclasses import replace
 
 from . import enhance
-from .accel import Accel
+from .accel import WARM_STEPS, Accel
 from .calls import call_arguments, final_image, hand_out_previews, inpaint_pipeline
 from .config import EngineConfig, GenerationParams, GenerationResult
 from .edit import MAX_IMAGES, working_area_scale
@@ -148,11 +148,36 @@ class Engine:
             self._previewer = Previewer(pipe, self.config.preview)  # fits its map on first use
             with working_area_scale(self._area_scale):  # compile: warm the shapes up now, not on a request
                 facts = self._facts()
-                self._accel.warm_up(pipe, progress or (lambda stage: None),
+                self._accel.warm_up(progress or (lambda stage: None),
                                     lambda width, height: generation_size(facts, width, height),
-                                    self.config.max_batch, edit=self.config.task == "edit")
+                                    self.config.max_batch,
+                                    lambda size, batch, level, tier: self._warm_call(pipe, size, batch, level, tier),
+                                    tiers=list(self._tiers.tiers))
+            self._call_seconds = None  # the warm-up calls (compiling) say nothing of a real call's time
             self._pipe, self._device = pipe, device
             return time.monotonic() - started
+
+    def _warm_call(self, pipe, size: tuple[int, int], batch: int, level: str, tier: str) -> None:
+        """One short call at load (local_backend.accel.warm_up) through the path requests take: planned
+        as a job, then _execute (the tier's LoRAs and scheduler, the cache level). True CFG, so the
+        transformer sees two text lengths (the prompt and the negative " "); a batch of 2 is two
+        prompts of different lengths (an edit: one prompt, 2 images)."""
+        from PIL import Image
+
+        facts = self._facts()
+        width, height = size
+        common = dict(width=width, height=height, num_inference_steps=WARM_STEPS, cfg_scale=4.0, seed=0,
+                      tier=tier, acceleration=level, prompt_enhancement=False)
+        if self.config.task == "edit":
+            gray = Image.new("RGB", size, (128, 128, 128))
+            params = [GenerationParams("warm up", n=batch, images=[gray], **common)]
+        else:
+            prompts = ["warm up", "warm up the compiled blocks at this size"][:batch]
+            params = [GenerationParams(prompt, **common) for prompt in prompts]
+        jobs = [Job(self, p, plan_job(p, facts), []) for p in params]
+        self._execute([(job, job.remaining) for job in jobs], base=pipe)
+        for job in jobs:
+            job.future.result(0)  # raises what the call raised, if it settled with an error
 
     def start(self) -> None:
         """Load if needed and start the worker thread."""
@@ -387,9 +412,11 @@ class Engine:
     def _active_loras(self, job: Job) -> list[LoraRef]:
         return self._base_loras + self._tiers.loras(job.tier) + job.loras
 
-    def _execute(self, slots: list[tuple[Job, int]]) -> None:
+    def _execute(self, slots: list[tuple[Job, int]], base=None) -> None:
+        """One pipeline call for these slots. `base`: the pipeline, while it loads (the warm-up calls)."""
         import torch
 
+        base = self._pipe if base is None else base
         first = slots[0][0]
         jobs = [job for job, _ in slots]
         prompts, negatives, generators, owners = [], [], [], []
@@ -400,7 +427,7 @@ class Engine:
                 # CPU generators: the same seed gives the same noise on every device.
                 generators.append(torch.Generator("cpu").manual_seed(job.seeds[index]))
                 owners.append((job, index))
-        self._loras.activate(self._pipe, self._active_loras(first))
+        self._loras.activate(base, self._active_loras(first))
 
         steps_done = 0
         previous = None  # the last step's latents, kept only when a preview is due after this step
@@ -424,7 +451,7 @@ class Engine:
 
         with working_area_scale(self._area_scale):
             pipe, kwargs, work_size = call_arguments(
-                first, prompts, negatives, generators, pipe=self._pipe, inpaint=self._inpaint,
+                first, prompts, negatives, generators, pipe=base, inpaint=self._inpaint,
                 max_images=self._max_images, multiple=self._multiple,
             )
             started = time.monotonic()

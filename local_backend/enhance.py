@@ -95,9 +95,16 @@ class Rewrite:
 
 
 def parse_spec(value) -> PromptEnhancement | None:
-    """EngineConfig.prompt_enhancement (a PromptEnhancement, a dict of its fields, or None), checked."""
+    """EngineConfig.prompt_enhancement (a PromptEnhancement, a dict of its fields, or None), checked.
+    The dict may say `with: text_encoder`, as models.yaml writes it; `with: chat` is the proxy's to do."""
     if value is None:
         return None
+    if isinstance(value, dict) and "with" in value:
+        value = dict(value)
+        way = value.pop("with")
+        if way != "text_encoder":
+            raise EngineError(f"prompt_enhancement.with: the engine rewrites with: text_encoder, not {way!r} "
+                              "(with: chat is done by the proxy, before it calls the engine)")
     if isinstance(value, dict):
         try:
             value = PromptEnhancement(**value)

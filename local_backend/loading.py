@@ -92,7 +92,7 @@ def _quantization_config(name: str, dtype, skip: list[str] | None = None):
     quant_type = Int8WeightOnlyConfig() if name == "int8wo" else Float8WeightOnlyConfig()
     # diffusers' TorchAoConfig takes AOBaseConfig objects, which transformers' does not share,
     # so only the transformer (the 20B part) is quantized with torchao. `skip`: the layers left in
-    # the model's dtype (local_backend.accel.quant_skip).
+    # the model's dtype (local_backend.accel_options.quant_skip).
     return PipelineQuantizationConfig(
         quant_mapping={"transformer": TorchAoConfig(quant_type, modules_to_not_convert=list(skip or []))}
     )
@@ -220,7 +220,7 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:
-        from .accel import TORCHAO, quant_skip, transformer_layers
+        from .accel_options import TORCHAO, quant_skip, transformer_layers
 
         skip = None
         if config.quantization in TORCHAO:

@@ -120,7 +120,54 @@ def engine_config(options: dict | None) -> EngineConfig:
     for key in ("lora_dirs", "lora_url_hosts"):
         if key in options:
             options[key] = [v for v in options[key] or [] if v]
-    return EngineConfig(**options)
+    for key in ("tiers", "quality_tiers"):
+        if key in options:
+            options[key] = options[key] or {}
+    if "prompt_enhancement" in options:
+        options["prompt_enhancement"] = pool_enhancement(options["prompt_enhancement"])
+    config = EngineConfig(**options)
+    _check(config)
+    return config
+
+
+def pool_enhancement(value):
+    """A pool's prompt_enhancement, as models.yaml writes it ({with: text_encoder | chat, ...}) -> the
+    replicas' engine option: with: chat is done by the proxy before it calls the pool (it has the
+    upstream's key and the HTTP session), so the replicas then rewrite nothing themselves."""
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    if value.get("with") == "chat":
+        return None
+    if isinstance(value.get("default"), str):  # "on" / "off", as a request says it
+        flag = value["default"].strip().lower()
+        if flag in ("on", "true", "yes", "1", "off", "false", "no", "0"):
+            value["default"] = flag in ("on", "true", "yes", "1")
+    return value
+
+
+def _check(config: EngineConfig) -> None:
+    """The options an engine checks when it starts, checked here (on the proxy's side too), so that a bad
+    one is a config error that names it rather than replicas failing to start. Pure: imports diffusers
+    only to check an attention backend's name, and only where it is installed."""
+    from . import accel_options, enhance
+    from .loading import validate_config
+    from .tiers import parse_tiers
+
+    try:
+        validate_config(config)
+        parse_tiers(config)
+        accel_options.parse_compile(config.compile)
+        accel_options.parse_cache(config.cache)
+        accel_options.check_skip(config)
+        if config.attention_backend is not None:
+            if not isinstance(config.attention_backend, str):
+                raise EngineError("attention_backend must be a backend name")
+            if accel_options.installed("diffusers"):
+                accel_options.check_attention_backend(config.attention_backend)
+        enhance.parse_spec(config.prompt_enhancement)
+    except EngineError as e:
+        raise ValueError(str(e)) from None
 
 
 def _on_cpu(config: EngineConfig) -> bool:
@@ -475,7 +522,7 @@ class EngineReplica:
         with self._lock:
             counts = dict(self.counts)
         return {"replica": self.replica_id, "queue_depth": self.engine.queue_depth, "active": self.active,
-                "model": self.config.model, **counts}
+                "model": self.config.model, "warnings": self.engine.warnings, **counts}
 
     def check_health(self) -> None:
         """Serve's health check: a closed engine or a dead worker thread restarts the replica."""

@@ -6,9 +6,16 @@ Two ways to rewrite a prompt before the engine makes the images:
         the pipeline's own text encoder (Qwen2.5-VL) writes the rewrite, on the engine's worker thread
         (local_backend.enhance): no extra weights, no network.
     prompt_enhancement: {with: chat, base_url: https://host/v1, api_key: ${KEY}, model: NAME,
-                         max_new_tokens: 256, timeout: 20, default: off, temperature: 0.2}
+                         max_new_tokens: 256, timeout: 20, default: off, temperature: 0.2,
+                         token_param: auto}
         an OpenAI-compatible chat-completions upstream (POST {base_url}/chat/completions), here, on the
         proxy's own HTTP session, before the engine is called.
+
+The token bound's name: most OpenAI-compatible servers (vLLM, DashScope, older OpenAI models) take
+`max_tokens`; OpenAI's newer models refuse it with a 400 and want `max_completion_tokens`, which
+other servers may not know. `token_param: auto` (the default) sends `max_tokens`, and when the upstream
+answers 400 naming that parameter it asks once more with the other name and keeps that name for the
+route's later rewrites; `max_tokens` or `max_completion_tokens` sends that name only.
 
 Both take `instruction` (the system prompt; default: local_backend.enhance's for the route's task).
 A request's `prompt_enhancement: "on" | "off"` turns it on or off; a request that does not say gets
@@ -35,7 +42,8 @@ log = logging.getLogger(__name__)
 
 WAYS = ("text_encoder", "chat")
 _COMMON = {"with", "max_new_tokens", "timeout", "default", "instruction"}
-_CHAT = {"base_url", "api_key", "model", "temperature"}
+_CHAT = {"base_url", "api_key", "model", "temperature", "token_param"}
+TOKEN_PARAMS = ("auto", "max_tokens", "max_completion_tokens")
 MAX_ANSWER_BYTES = 1 << 20  # a chat answer larger than this is not a prompt
 _TRUE, _FALSE = {"on", "true", "yes", "1"}, {"off", "false", "no", "0", ""}
 
@@ -51,6 +59,7 @@ class EnhanceOptions:
     api_key: str | None = None
     model: str | None = None
     temperature: float | None = None
+    token_param: str = "auto"  # the name of the token bound: auto | max_tokens | max_completion_tokens
 
 
 def parse_options(value: Any) -> EnhanceOptions | None:
@@ -77,7 +86,11 @@ def parse_options(value: Any) -> EnhanceOptions | None:
         api_key=_text(value, "api_key", empty_ok=True) or None,
         model=_text(value, "model"),
         temperature=_number(value, "temperature", float, None, 0.0, 2.0, inclusive=True),
+        token_param=value.get("token_param", "auto"),
     )
+    if options.token_param not in TOKEN_PARAMS:
+        raise ValueError(f"prompt_enhancement.token_param must be one of {', '.join(TOKEN_PARAMS)}, "
+                         f"not {options.token_param!r}")
     if way == "chat":
         for name in ("base_url", "model"):
             if not getattr(options, name):
@@ -102,13 +115,15 @@ def requested(value: str | None) -> bool | None:
     return None if value is None else value == "on"
 
 
-def chat_body(options: EnhanceOptions, instruction: str, prompt: str) -> dict:
-    """The POST /v1/chat/completions body for a rewrite (pure)."""
+def chat_body(options: EnhanceOptions, instruction: str, prompt: str, token_param: str | None = None) -> dict:
+    """The POST /v1/chat/completions body for a rewrite (pure). `token_param`: the token bound's name
+    (default: the option's, max_tokens for auto)."""
+    name = token_param or (options.token_param if options.token_param != "auto" else "max_tokens")
     body: dict[str, Any] = {
         "model": options.model,
         "messages": [{"role": "system", "content": instruction},
                      {"role": "user", "content": f"Rewrite this:\n\n{prompt}"}],
-        "max_tokens": options.max_new_tokens,
+        name: options.max_new_tokens,
         "stream": False,
     }
     if options.temperature is not None:
@@ -141,12 +156,38 @@ class ChatEnhancer:
         self.instruction = options.instruction or instruction_for(task)
         self.url = options.base_url.rstrip("/") + "/chat/completions"
         self.scrub = Scrubber([options.api_key] if options.api_key else []).text
+        # the token bound's name now: token_param's, or (auto) max_tokens until the upstream refuses it
+        self.token_param = "max_tokens" if options.token_param == "auto" else options.token_param
+        self._running: dict[str, list] = {}  # prompt -> [its rewrite's task, callers waiting for it]
 
     def enabled(self, asked: bool | None) -> bool:
         return self.options.default if asked is None else asked
 
     async def rewrite(self, http: aiohttp.ClientSession, prompt: str) -> str | None:
-        """The rewritten prompt, or None (logged) to keep the prompt as given."""
+        """The rewritten prompt, or None (logged) to keep the prompt as given.
+
+        Calls for a prompt whose rewrite is under way wait for that one: the router splits a request of
+        n images above the route's max_images_per_call into parallel calls, which start together, so
+        every image of the request is made from the same rewrite (one upstream call, not one per part).
+        The rewrite stops when the last caller waiting for it is cancelled."""
+        entry = self._running.get(prompt)
+        if entry is None:
+            task = asyncio.ensure_future(self._rewrite(http, prompt))
+            entry = self._running[prompt] = [task, 0]
+            task.add_done_callback(lambda _: self._forget(prompt, entry))
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0])
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and not entry[0].done():
+                entry[0].cancel()
+
+    def _forget(self, prompt: str, entry: list) -> None:
+        if self._running.get(prompt) is entry:
+            del self._running[prompt]
+
+    async def _rewrite(self, http: aiohttp.ClientSession, prompt: str) -> str | None:
         from local_backend.enhance import clean
 
         started = time.monotonic()
@@ -176,16 +217,42 @@ class ChatEnhancer:
         headers = {"Accept": "application/json"}
         if self.options.api_key:
             headers["Authorization"] = f"Bearer {self.options.api_key}"
-        body = chat_body(self.options, self.instruction, prompt)
+        name = self.token_param
+        status, raw = await self._post(http, chat_body(self.options, self.instruction, prompt, name), headers)
+        if status == 400 and self.options.token_param == "auto" and _refuses(raw, name):
+            # e.g. OpenAI's newer models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens'"
+            other = "max_completion_tokens" if name == "max_tokens" else "max_tokens"
+            status, raw = await self._post(http, chat_body(self.options, self.instruction, prompt, other), headers)
+            if status == 200 and self.token_param == name:
+                self.token_param = other  # for the route's later rewrites too
+                log.info("provider %s: the chat upstream refuses %s; sending %s from now on",
+                         self.provider, name, other)
+        if raw is None:
+            return None, f"HTTP {status}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
+        if status != 200:
+            return None, f"HTTP {status}{_error_message(raw)}"
+        return chat_answer(json.loads(raw))
+
+    async def _post(self, http: aiohttp.ClientSession, body: dict, headers: dict) -> tuple[int, bytes | None]:
+        """(status, the answer's bytes, or None when larger than MAX_ANSWER_BYTES)."""
         async with http.post(self.url, json=body, headers=headers, allow_redirects=False) as resp:
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 raw += chunk
                 if len(raw) > MAX_ANSWER_BYTES:
-                    return None, f"HTTP {resp.status}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-            if resp.status != 200:
-                return None, f"HTTP {resp.status}{_error_message(bytes(raw))}"
-            return chat_answer(json.loads(bytes(raw)))
+                    return resp.status, None
+            return resp.status, bytes(raw)
+
+
+def _refuses(raw: bytes | None, name: str) -> bool:
+    """Whether an OpenAI error body refuses the parameter `name` (its `param`, or named in its message)."""
+    try:
+        error = json.loads(raw)["error"]
+    except (TypeError, ValueError, KeyError):
+        return False
+    if not isinstance(error, dict):
+        return False
+    return error.get("param") == name or name in str(error.get("message") or "")
 
 
 def _error_message(raw: bytes) -> str:

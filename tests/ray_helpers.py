@@ -12,7 +12,13 @@ ROUTE = "/qip-test"
 # The pool the tests run: the tiny model, two CPU replicas on this 2-core machine. Serve sends a replica at
 # most 2 * max_batch = 4 requests (the default) and holds 4 more in front of the pool; past that, 429.
 ENGINE = {"model": "tiny", "device": "cpu", "default_steps": 2, "max_batch": 2, "max_queue": 3,
-          "prompt_enhancement": {"max_new_tokens": 8}}  # with the text encoder, on when a request asks
+          # with the text encoder, on when a request asks (the models.yaml form)
+          "prompt_enhancement": {"with": "text_encoder", "max_new_tokens": 8},
+          # a block cache level for `acceleration: high`, set for the tiny model's 2 blocks; `regular` keeps
+          # its default of 8 computed blocks, which leaves the tiny model none to cache: a replica warning
+          "cache": {"high": {"Fn_compute_blocks": 1, "residual_diff_threshold": 1.0, "max_warmup_steps": 1}},
+          # a speed tier without LoRAs (1 step, no CFG), for OpenAI's quality: low
+          "tiers": {"fast": {"steps": 1, "cfg_scale": 1.0}}, "quality_tiers": {"low": "fast"}}
 POOL = {"engine": ENGINE, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_queued_requests": 4}
 EDIT_POOL = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 

@@ -20,7 +20,7 @@ from openai import BadRequestError  # noqa: E402
 
 from local_backend import Engine, EngineConfig, EngineError, GenerationParams, InvalidParamsError  # noqa: E402
 from local_backend import accel as accel_module  # noqa: E402
-from local_backend.accel import DEFAULT_QUANT_SKIP, parse_cache, parse_compile, quant_skip  # noqa: E402
+from local_backend.accel_options import DEFAULT_QUANT_SKIP, parse_cache, parse_compile, quant_skip  # noqa: E402
 from local_backend.tiers import choose_tier  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 from proxy.providers.local import engine_config  # noqa: E402
@@ -187,23 +187,33 @@ def test_jobs_of_different_cache_levels_do_not_share_a_call(cached):
 # ----- compile, failures -----
 
 
-def test_compile_warms_up_at_load_and_requests_do_not_recompile(tiny_dir, plain):
+def test_compile_warms_up_every_tier_at_load_and_requests_do_not_recompile(tiny_dir, lora_dir, plain, monkeypatch):
+    """Every tier is compiled at load, through the engine's own call path (its LoRA on), and the graphs it
+    takes fit under torch's per-code-object limit: 8 by default, reached by the real model's warm-ups
+    (sizes x batch x cache levels x tiers); 1 here, so that the tiny model's few calls reach it too."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     stages = []
-    engine = Engine(EngineConfig(model=str(tiny_dir), default_steps=STEPS, max_batch=1,
+    engine = Engine(EngineConfig(model=str(tiny_dir), default_steps=STEPS, max_batch=1, tiers=tiers(lora_dir),
                                  compile={"warm_sizes": [[SIZE, SIZE]], "dynamic": True}))
     engine.load(stages.append)
     engine.start()
     try:
         assert engine.warnings == [] and engine.accel.compiled
-        assert any(s.startswith(f"warming up the compiled transformer: {SIZE}x{SIZE}") for s in stages)
+        warming = [s.split(": ", 1)[1] for s in stages if s.startswith("warming up the compiled transformer")]
+        assert warming == [f"{SIZE}x{SIZE} (1/2)", f"{SIZE}x{SIZE}, tier fast (2/2)"]
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > 0  # compiled during the load
-        image = pixels(engine, prompt="another prompt, of quite another length than the warm-up's")
-        assert counters["stats"]["unique_graphs"] == graphs  # nothing new compiled by the request
-        assert diff(pixels(engine), pixels(plain)) <= 2  # inductor's kernels round a little differently
-        assert image.shape == (SIZE, SIZE, 3)
+        fast = pixels(engine, prompt="another prompt, of quite another length than the warm-up's", tier="fast")
+        base = pixels(engine, prompt="and one more, for the base model")
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing new compiled by the requests
+        # inductor's kernels round a little differently; the tier's LoRA is off again for base
+        assert diff(pixels(engine), pixels(plain)) <= 2
+        assert diff(pixels(engine, tier="fast"), pixels(plain, tier="fast")) <= 2
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert fast.shape == base.shape == (SIZE, SIZE, 3)
     finally:
         engine.close()
 

@@ -339,3 +339,100 @@ async def test_chat_route(start_proxy, aiohttp_server, tmp_path, tiny_dir, caplo
     assert "prompt not rewritten (no answer in 0.5 s" in caplog.text
     assert all(SECRET not in text for text in bodies)
     assert SECRET not in caplog.text
+
+
+class NewerOpenAIChat(FakeChat):
+    """As OpenAI's newer models answer: max_tokens refused with a 400 naming it, max_completion_tokens taken.
+    `old=True`: a server that knows only max_tokens (it refuses the other name)."""
+
+    def __init__(self, old: bool = False):
+        super().__init__()
+        self.refused = "max_completion_tokens" if old else "max_tokens"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.refused in body:
+            self.requests.append((body, request.headers.get("Authorization", "")))
+            wanted = "max_tokens" if self.refused == "max_completion_tokens" else "max_completion_tokens"
+            return web.json_response({"error": {
+                "message": f"Unsupported parameter: '{self.refused}' is not supported with this model. "
+                           f"Use '{wanted}' instead.",
+                "type": "invalid_request_error", "param": self.refused, "code": "unsupported_parameter"}},
+                status=400)
+        return await super().handle(request)
+
+
+@pytest.mark.parametrize("token_param", ["auto", "max_completion_tokens", "max_tokens"])
+async def test_chat_token_parameter_name(aiohttp_server, token_param, caplog):
+    import aiohttp
+
+    from proxy.enhance import ChatEnhancer
+
+    caplog.set_level(logging.INFO)
+    fakes = {"new": NewerOpenAIChat(), "old": NewerOpenAIChat(old=True)}
+    app = web.Application()
+    for name, fake in fakes.items():
+        app.router.add_post(f"/{name}/v1/chat/completions", fake.handle)
+    upstream = await aiohttp_server(app)
+
+    def enhancer(which: str) -> ChatEnhancer:
+        options = parse_options({"with": "chat", "base_url": str(upstream.make_url(f"/{which}/v1")), "model": "m",
+                                 "max_new_tokens": 77, "token_param": token_param})
+        return ChatEnhancer(options, "local")
+
+    sent = {}  # upstream -> the token bound's names, request by request
+    async with aiohttp.ClientSession() as http:
+        for which, fake in fakes.items():
+            chat = enhancer(which)
+            answers = [await chat.rewrite(http, "a red fox"), await chat.rewrite(http, "a red fox")]
+            sent[which] = [next(k for k in body if k.startswith("max_")) for body, _ in fake.requests]
+            assert all(body[sent[which][i]] == 77 for i, (body, _) in enumerate(fake.requests))
+            if token_param == "auto" or token_param == {"new": "max_completion_tokens", "old": "max_tokens"}[which]:
+                assert answers == ["a red fox, at dawn, golden light"] * 2, which
+            else:  # the name asked for, and nothing else: the upstream's 400, the prompt as given
+                assert answers == [None, None]
+                assert "prompt not rewritten (HTTP 400: Unsupported parameter" in caplog.text
+    if token_param == "auto":
+        # a refusal naming max_tokens: asked again once with max_completion_tokens, which the route keeps
+        assert sent["new"] == ["max_tokens", "max_completion_tokens", "max_completion_tokens"]
+        assert sent["old"] == ["max_tokens", "max_tokens"]  # never asked with the other name
+        assert "refuses max_tokens; sending max_completion_tokens from now on" in caplog.text
+    else:
+        assert sent["new"] == sent["old"] == [token_param] * 2
+    with pytest.raises(ValueError, match="token_param must be one of"):
+        parse_options({"with": "chat", "base_url": "http://h/v1", "model": "m", "token_param": "max_output_tokens"})
+
+
+class CountingChat(FakeChat):
+    """Each answer is another rewrite (numbered), slow enough that parallel calls overlap."""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append((body, ""))
+        await asyncio.sleep(0.2)
+        prompt = body["messages"][-1]["content"].split("\n\n", 1)[1]
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": f"{prompt}, rewrite {len(self.requests)}"}}]})
+
+
+async def test_chat_rewrite_once_for_n_above_max_batch(start_proxy, aiohttp_server, tmp_path, tiny_dir):
+    """n = 3 on a route that makes 1 image per call: the router makes 3 parallel calls, which share
+    one rewrite, so every image is made from the same prompt (the one revised_prompt says)."""
+    fake = CountingChat()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.handle)
+    upstream = await aiohttp_server(app)
+    options = {"with": "chat", "base_url": str(upstream.make_url("/v1")), "model": "m", "default": "on"}
+    server, client = await start_proxy(local_config(tmp_path, tiny_dir, prompt_enhancement=options, max_batch=1))
+    r = await client.images.generate(model="tiny", prompt="a red fox", n=3, response_format="b64_json",
+                                     extra_body={"seed": 4})
+    assert len(fake.requests) == 1
+    assert [d.revised_prompt for d in r.data] == ["a red fox, rewrite 1"] * 3
+    # the images are those of the rewritten prompt: the same request, rewriting off, from the revised one
+    plain = await client.images.generate(model="tiny", prompt="a red fox, rewrite 1", n=3, response_format="b64_json",
+                                         extra_body={"seed": 4, "prompt_enhancement": "off"})
+    for got, want in zip(r.data, plain.data, strict=True):
+        assert np.array_equal(pixels(decode(got)), pixels(decode(want)))
+    # a later request is rewritten again (nothing is kept once a rewrite is done)
+    await client.images.generate(model="tiny", prompt="a red fox", response_format="b64_json")
+    assert len(fake.requests) == 2

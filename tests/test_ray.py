@@ -64,6 +64,18 @@ def ray_config(tmp_path, provider: dict | None = None, **overrides) -> dict:
     return cfg
 
 
+def test_a_replica_that_answered_is_kept_until_its_stats_arrive(tmp_path):
+    """A reply names its replica before that replica's first stats report reaches the stats actor: the
+    next poll must not forget it (and what this proxy counted it served); one long silent is gone."""
+    pool = build_providers(parse_config(ray_config(tmp_path), env={}))["pool"]
+    pool._remember({"replica": "new", "queue_depth": 0}, served=1)
+    pool._update({"old": {"replica": "old", "queue_depth": 1}})
+    assert pool.replicas["new"]["served"] == 1 and pool.replicas["old"]["queue_depth"] == 1
+    pool.replicas["new"]["seen"] -= 60
+    pool._update({"old": {"replica": "old", "queue_depth": 0}})
+    assert set(pool.replicas) == {"old"}
+
+
 def test_options_are_strict(tmp_path):
     providers = build_providers(parse_config(ray_config(tmp_path), env={}))
     pool = providers["pool"]
@@ -116,6 +128,46 @@ def test_replies_map_to_the_proxy_errors():
     assert isinstance(mapped(DeadlineExceededError()), UpstreamTimeout)
     broken = mapped(EngineError("out of GPU memory"))
     assert type(broken) is UpstreamError and broken.retryable and "out of GPU memory" in broken.message
+
+
+def test_pool_engine_options_in_their_models_yaml_forms(tmp_path):
+    from local_backend.accel_options import parse_cache, parse_compile, quant_skip
+    from local_backend.config import PromptEnhancement
+    from local_backend.enhance import parse_spec
+    from local_backend.ray_app import engine_config
+
+    config = engine_config({
+        "model": "Qwen/Qwen-Image", "attention_backend": "_flash_3",
+        "compile": {"warm_sizes": [[1024, 1024], "1664x928"], "mode": "max-autotune-no-cudagraphs"},
+        "cache": {"default": "regular", "high": {"residual_diff_threshold": 0.3}},
+        "quantization": "float8wo", "quantization_skip": ["img_in", "transformer_blocks.{last}"],
+        "prompt_enhancement": {"with": "text_encoder", "max_new_tokens": 64, "default": "on"},
+        "tiers": {"l8": {"steps": 8, "cfg_scale": 1.0}}, "quality_tiers": {"medium": "l8"},
+    })
+    assert parse_compile(config.compile).warm_sizes == [(1024, 1024), (1664, 928)]
+    cache = parse_cache(config.cache)
+    assert cache.default == "regular" and cache.levels["high"]["residual_diff_threshold"] == 0.3
+    assert config.attention_backend == "_flash_3" and quant_skip(config, 60) == ["img_in", "transformer_blocks.59"]
+    assert parse_spec(config.prompt_enhancement) == PromptEnhancement(max_new_tokens=64, default=True)
+    # with: chat is the proxy's: the replicas rewrite nothing, the provider asks the chat upstream
+    chat = {"with": "chat", "base_url": "https://chat.example/v1", "model": "qwen-plus", "default": "on"}
+    assert engine_config({"prompt_enhancement": chat}).prompt_enhancement is None
+    pool = build_providers(parse_config(ray_config(tmp_path, {"engine": {**ENGINE, "prompt_enhancement": chat}}),
+                                        env={}))["pool"]
+    assert pool.chat_enhancer is not None and pool.engine_config.prompt_enhancement is None
+    bad = [({"cache": {"high": {"threshold": 1}}}, "cache.high: unknown key"),
+           ({"compile": {"mode": "fast"}}, "compile.mode"),
+           ({"attention_backend": "flsh"}, "not one of diffusers' backends"),
+           ({"quantization_skip": ["img_in"]}, "quantization_skip applies to"),
+           ({"prompt_enhancement": {"with": "gpt"}}, "prompt_enhancement.with"),
+           ({"prompt_enhancement": {"max_new_tokens": 0}}, "max_new_tokens"),
+           ({"tiers": {"base": {}}}, "built in"),
+           ({"offload": "disk"}, "offload must be")]
+    for options, message in bad:  # a config error before anything is deployed, not replicas that fail to start
+        with pytest.raises(ValueError, match=message):
+            engine_config(options)
+        with pytest.raises(Exception, match=message):
+            build_providers(parse_config(ray_config(tmp_path, {"engine": {**ENGINE, **options}}), env={}))
 
 
 def test_serve_config_for_kuberay(tmp_path, capsys):
@@ -206,6 +258,59 @@ async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_pa
     expected = reference.generate_sync(GenerationParams(revised, width=64, height=64, seed=3))
     want = np.asarray(expected.images[0].convert("RGB")).astype(np.int16)
     assert int(np.abs(b64_pixels(r.data[0]) - want).max()) <= 1
+
+    # The speed options reach the replicas: a replica's option warning is the route's in /ready (from the
+    # replicas' stats reports, read every status_interval) ...
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession() as s:
+        while "warnings" not in route and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            async with s.get(server.make_url("/ready")) as resp:
+                route = (await resp.json())["models"][MODEL]["routes"][0]
+    assert any(w.startswith("cache.regular: ") and "2 blocks" in w for w in route.get("warnings", [])), route
+    assert "warnings" not in next(iter(route["replica_stats"].values()))  # once, for the route
+
+    def made(**fields) -> np.ndarray:
+        done = reference.generate_sync(GenerationParams("a red fox", width=64, height=64, seed=5, **fields))
+        return np.asarray(done.images[0].convert("RGB")).astype(np.int16)
+
+    # ... fal's acceleration picks the replica's cache level (on the tiny model a cached image differs
+    # from the uncached one by 1 in about 15 % of its pixel values) ...
+    high = b64_pixels((await generate(client, seed=5, num_inference_steps=4, acceleration="high")).data[0])
+    assert np.abs(high - made(num_inference_steps=4, acceleration="high")).mean() < 0.02
+    assert np.abs(high - made(num_inference_steps=4)).mean() > 0.05
+    # ... and OpenAI's quality picks the tier (quality_tiers: low -> fast: 1 step, no CFG).
+    low = await client.images.generate(model=MODEL, prompt="a red fox", size="64x64", quality="low",
+                                       response_format="b64_json", extra_body={"seed": 5})
+    assert int(np.abs(b64_pixels(low.data[0]) - made(tier="fast")).max()) <= 1
+    assert int(np.abs(b64_pixels(low.data[0]) - made()).max()) > 1
+
+
+@pytest.mark.ray
+async def test_chat_prompt_enhancement_is_done_by_the_proxy(ray_pool, reference, start_proxy, aiohttp_server,
+                                                            tmp_path):
+    from aiohttp import web
+
+    asked = []
+
+    async def chat(request):
+        body = await request.json()
+        asked.append(body)
+        prompt = body["messages"][-1]["content"].split("\n\n", 1)[1]
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": f"{prompt} at dusk"}}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    upstream = await aiohttp_server(app)
+    options = {"with": "chat", "base_url": str(upstream.make_url("/v1")), "model": "m", "default": "on"}
+    _, client, _ = await start(start_proxy, tmp_path, {"engine": {**ENGINE, "prompt_enhancement": options}})
+    r = await generate(client, "a red fox", n=3, seed=6)  # 2 calls to the pool (max_batch 2), one rewrite
+    assert len(asked) == 1 and [d.revised_prompt for d in r.data] == ["a red fox at dusk"] * 3
+    expected = reference.generate_sync(GenerationParams("a red fox at dusk", width=64, height=64, seed=6, n=3))
+    for item, image in zip(r.data, expected.images, strict=True):
+        want = np.asarray(image.convert("RGB")).astype(np.int16)
+        assert int(np.abs(b64_pixels(item) - want).max()) <= 1
 
 
 @pytest.mark.ray

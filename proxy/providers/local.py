@@ -30,7 +30,7 @@ _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 def engine_config(options: dict[str, Any]):
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
     from local_backend import EngineConfig, EngineError, LoraSpec
-    from local_backend.accel import validate as validate_accel
+    from local_backend.accel_options import validate as validate_accel
     from local_backend.tiers import parse_tiers
 
     known = {f.name for f in fields(EngineConfig)}
@@ -270,7 +270,7 @@ class LocalProvider(Provider):
         if self.config is None:
             return []
         if self._static_warnings is None:  # not started (check-config): found here, once
-            from local_backend.accel import static_warnings
+            from local_backend.accel_options import static_warnings
 
             self._static_warnings = static_warnings(self.config, self._device())
         return self._static_warnings
@@ -317,7 +317,7 @@ class LocalProvider(Provider):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
-        from local_backend.accel import static_problems, static_warnings
+        from local_backend.accel_options import static_problems, static_warnings
 
         self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
         problems = static_problems(self.config, device)

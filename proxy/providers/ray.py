@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from .. import enhance
 from ..config import RouteConfig
 from ..errors import (
     InvalidRequest,
@@ -46,7 +47,7 @@ from ..errors import (
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
-from .local import to_params
+from .local import request_tier, to_params
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,12 @@ class RayProvider(Provider):
         self.replica_states: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
         self._stats_actor = None
+        # prompt_enhancement with: chat is done here, before the pool is called (proxy.enhance); the
+        # replicas get no rewriter then (local_backend.ray_app.pool_enhancement). with: text_encoder: theirs.
+        self.chat_enhancer: enhance.ChatEnhancer | None = None
+        chat = enhance.parse_options((self.pool_options.get("engine") or {}).get("prompt_enhancement"))
+        if chat is not None and chat.with_ == "chat":
+            self.chat_enhancer = enhance.ChatEnhancer(chat, name, self.engine_config.task)
 
     # ----- state -----
 
@@ -242,12 +249,20 @@ class RayProvider(Provider):
     def replica_queue_depths(self) -> dict[str, int]:
         return {rid: int(r.get("queue_depth") or 0) for rid, r in self.replicas.items()}
 
+    @property
+    def warnings(self) -> list[str]:
+        """Speed options the pool's replicas serve without, with the reason (each replica's Engine.warnings,
+        as its last stats report had them; the same option on several replicas is listed once)."""
+        found = (w for r in self.replicas.values() for w in r.get("warnings", ()))
+        return list(dict.fromkeys(found))
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(
             transport=self.transport, app=self.app_name, app_status=self.app_status,
             replicas=dict(self.replica_states), queue_depth=self.queue_depth,
-            replica_stats={rid: {k: v for k, v in r.items() if k != "seen"} for rid, r in self.replicas.items()},
+            replica_stats={rid: {k: v for k, v in r.items() if k not in ("seen", "warnings")}
+                           for rid, r in self.replicas.items()},
         )
         return info
 
@@ -402,28 +417,39 @@ class RayProvider(Provider):
         self._set(None, None)
 
     def _update(self, snapshot: dict) -> None:
-        """The pool's replicas as the stats actor has them: the others are gone."""
+        """The pool's replicas as the stats actor has them: the others are gone, unless one answered a
+        request lately (a new replica answers before its first stats report reaches the actor)."""
         for stats in snapshot.values():
             if isinstance(stats, dict) and stats.get("replica"):
                 self._remember(stats)
-        self.replicas = {rid: r for rid, r in self.replicas.items() if rid in snapshot}
+        recent = time.monotonic() - max(2 * self.status_interval, 10.0)
+        self.replicas = {rid: r for rid, r in self.replicas.items()
+                         if rid in snapshot or r.get("seen", 0.0) > recent}
 
     def _remember(self, stats: dict, served: int = 0) -> None:
         rid = str(stats["replica"])
         entry = self.replicas.setdefault(rid, {"served": 0})
         entry.update({k: v for k, v in stats.items() if k != "replica" and isinstance(v, (int, float, str))})
+        if isinstance(stats.get("warnings"), list):
+            entry["warnings"] = [str(w)[:500] for w in stats["warnings"][:20]]
         entry["served"] += served
         entry["seen"] = time.monotonic()
 
     # ----- generating -----
 
     def wire(self, req: ImageRequest, route: RouteConfig, partials: bool) -> dict:
-        """ImageRequest -> the replica's plain dict (pure): the local route's mapping, input images as sent."""
+        """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
+        quality / use_turbo / acceleration pick included), input images as sent."""
+        from local_backend import InvalidParamsError
         from local_backend.ray_app import params_to_wire
 
+        try:
+            tier = request_tier(req, self.engine_config)
+        except InvalidParamsError as e:
+            raise InvalidRequest(str(e), param=e.param) from None
         params = to_params(req, images=[im.data for im in req.images],
                            mask=req.mask.data if req.mask is not None else None,
-                           on_partial=_Partials() if partials else None)
+                           on_partial=_Partials() if partials else None, tier=tier)
         # The queue drops a job that waits past the route's time (the router cancels it at the request's).
         params.deadline = time.monotonic() + (route.timeout or self.default_timeout)
         return params_to_wire(params)
@@ -434,6 +460,7 @@ class RayProvider(Provider):
         emit = threadsafe_emitter() if req.partial_images else None
         fmt = req.output_format or "png"
         wire = self.wire(req, route, partials=emit is not None)
+        revised = await self._chat_rewrite(req, wire)
 
         async def on_partial(p: dict) -> None:
             data = _unb64(p["data"])
@@ -446,7 +473,19 @@ class RayProvider(Provider):
             reply = await self._call_handle(wire, on_partial if emit else None)
         else:
             reply = await self._call_http(wire, on_partial if emit else None)
-        return self._images(reply, req)
+        return self._images(reply, req, revised)
+
+    async def _chat_rewrite(self, req: ImageRequest, wire: dict) -> str | None:
+        """With prompt_enhancement `with: chat`: the rewritten prompt (already put into the wire), or None."""
+        if self.chat_enhancer is None:
+            return None
+        wire.pop("prompt_enhancement", None)  # the replicas have no rewriter of their own here
+        if not self.chat_enhancer.enabled(enhance.requested(req.prompt_enhancement)):
+            return None
+        revised = await self.chat_enhancer.rewrite(self._http, req.prompt)
+        if revised is not None:
+            wire["prompt"] = revised
+        return revised
 
     async def _call_handle(self, wire: dict, on_partial) -> dict:
         handle = self._handle
@@ -517,7 +556,7 @@ class RayProvider(Provider):
         except ValueError:
             raise UpstreamError("the Ray pool's HTTP ingress sent something that is not JSON") from None
 
-    def _images(self, reply: dict, req: ImageRequest) -> list[GeneratedImage]:
+    def _images(self, reply: dict, req: ImageRequest, revised: str | None = None) -> list[GeneratedImage]:
         if not isinstance(reply, dict):
             raise UpstreamError("the Ray pool answered something that is not a reply")
         if reply.get("replica"):
@@ -532,8 +571,8 @@ class RayProvider(Provider):
             raise UpstreamError("the Ray pool's reply has no readable images") from None
         if len(datas) != req.n or len(seeds) != len(datas):
             raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
-        revised = reply.get("revised_prompt")  # the replica's prompt_enhancement, if it rewrote
-        revised = revised if isinstance(revised, str) else None
+        rewritten = reply.get("revised_prompt")  # the replica's prompt_enhancement, if it rewrote
+        revised = rewritten if isinstance(rewritten, str) else revised
         return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed,
                                revised_prompt=revised)
                 for data, seed in zip(datas, seeds, strict=True)]
