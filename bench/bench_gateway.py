@@ -39,6 +39,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -138,15 +139,29 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children, recursively (`serve --workers N`: the parent and its N workers)."""
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    found += family(int(child))
+    return found
+
+
 def proc_status_kb(pid: int, field_name: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    """A /proc/<pid>/status field (kB), summed over the process's family (its workers)."""
+    total = None
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    if line.startswith(field_name + ":"):
+                        total = (total or 0) + int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -157,14 +172,20 @@ def rss_mb(pid: int) -> float:
 def reset_peak(pid: int) -> bool:
     """Reset VmHWM (the peak RSS) to the current RSS: Linux's clear_refs 5."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
+        for member in family(pid):
+            with open(f"/proc/{member}/clear_refs", "w") as f:
+                f.write("5")
         return True
     except OSError:
         return False
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time the process (and its workers) used so far, all threads; see cpu_seconds_one."""
+    return sum(cpu_seconds_one(member) for member in family(pid))
+
+
+def cpu_seconds_one(pid: int) -> float:
     """CPU time the process has used so far, all its threads (schedstat: ns; else stat: clock ticks)."""
     total = 0
     try:
@@ -181,6 +202,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_mb(pid: int) -> float:
+    """VmHWM; for several workers the sum of each one's peak (an upper bound of their peak together)."""
     kb = proc_status_kb(pid, "VmHWM")
     return kb / 1024 if kb is not None else math.nan
 
@@ -373,16 +395,21 @@ def write_config(tmp: Path, mock_url: str, name: str) -> Path:
 
 
 def start_proxy(tmp: Path, mock_url: str, name: str, *, patches: tuple[str, ...] = (), wrapper: bool = False,
-                env: dict | None = None) -> Proc:
-    """`python -m proxy serve`; or, with patches (or wrapper), this file's --worker proxy: the same CLI in a
-    process that first applies the named patches (PATCHES) and takes SIGUSR1 as malloc_trim(0)."""
+                env: dict | None = None, workers: int = 1) -> Proc:
+    """`python -m proxy serve` (`--workers N` for several processes on one port); or, with patches (or
+    wrapper), this file's --worker proxy: the same CLI in a process that first applies the named patches
+    (PATCHES) and takes SIGUSR1 as malloc_trim(0)."""
     config = write_config(tmp, mock_url, name)
     log = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
-    if patches or wrapper:
+    if name == "floor":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "floor", "--config", str(config)]
+    elif patches or wrapper:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "proxy", "--config", str(config),
                "--patches", ",".join(patches)]
     else:
         cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]
     with open(log, "wb") as out:
         popen = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env={**os.environ, **(env or {})})
@@ -509,6 +536,42 @@ def proxy_worker(config: str, patches: list[str]) -> None:
     from proxy.cli import main as proxy_main
 
     proxy_main(["serve", "--config", config])
+
+
+# The b64 cases a bare forwarder can stand in for (it converts nothing, stores nothing, makes no n calls).
+FLOOR_CASES = ("small_c1", "large_c1", "small_c16", "large_c8")
+
+
+def floor_worker(config: str) -> None:
+    """--worker floor: the least an aiohttp gateway does, as a yardstick: the same aiohttp and uvloop, one
+    ClientSession, the client's body forwarded to the mock and its answer handed back as it is; no
+    parsing, checks, routing, logging or metrics."""
+    import uvloop
+    from aiohttp import web
+
+    upstream = json.loads(Path(config).read_text())["providers"]["mock"]["base_url"] + "/images/generations"
+
+    async def generations(request: web.Request) -> web.Response:
+        async with request.app[HTTP].post(upstream, data=await request.read(),
+                                          headers={"Content-Type": "application/json"}) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def session(app: web.Application):
+        app[HTTP] = aiohttp.ClientSession()
+        yield
+        await app[HTTP].close()
+
+    HTTP = web.AppKey("http", aiohttp.ClientSession)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/health", health)
+    app.cleanup_ctx.append(session)
+    sock = socket.create_server((LOOPBACK, 0))
+    print(f"serving on http://{LOOPBACK}:{sock.getsockname()[1]}", flush=True)
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=uvloop.new_event_loop())
 
 
 # ------------------------------------------------------------------------------ probe and one run
@@ -781,7 +844,8 @@ CATEGORIES = [
                                                                        "spliced_loads (")),
     ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
     ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck.py",)),
-    ("response JSON (generations.dumps_with_b64)", ("dumps_with_b64 (proxy/",)),
+    ("response JSON (generations.body_parts, SentAsIs)", ("body_parts (proxy/", "dumps_with_b64 (proxy/",
+                                                           "SentAsIs.write (proxy/")),
     ("logging (access log + proxy.requests)", ("(logging/__init__.py", "(aiohttp/web_log.py")),
     ("Prometheus metrics", ("(prometheus_client/",)),
     ("image store write", ("FilesystemStore.", "(proxy/store.py")),
@@ -863,7 +927,7 @@ async def profile_runs(bench: Bench, case_by_key: dict[str, Case], seconds: floa
     target = bench.args.profile_target
     proxy = bench.targets[target]
     out_dir = bench.tmp
-    for key in ("small_c16", "large_c8"):
+    for key in bench.args.profile_cases.split(","):
         case = case_by_key.get(key)
         if case is None:
             continue
@@ -901,7 +965,7 @@ def micro(quick: bool) -> None:
     sys.path.insert(0, str(ROOT))
     from PIL import Image
 
-    from proxy.api.generations import dumps_with_b64
+    from proxy.api.generations import body_parts
     from proxy.imagecheck import check_image
 
     sys.path.insert(0, str(HERE))
@@ -961,7 +1025,7 @@ def micro(quick: bool) -> None:
         ("check_image (PNG: chunks + CRC-32), 3.1 MB", check_image, png),
         ("  of which zlib.crc32 over the whole file", zlib.crc32, png),
         ("base64.b64encode, 3.1 MB (url->b64, conversions)", base64.b64encode, png),
-        ("dumps_with_b64 (the response JSON)", lambda p: dumps_with_b64({"data": [dict(p["data"][0])], "x": 1}),
+        ("body_parts (the response JSON, in pieces)", lambda p: body_parts({"data": [dict(p["data"][0])], "x": 1}),
          payload),
         ("bytes.decode('ascii') of 4.2 MB (a copy)", lambda b: b.decode("ascii"), body),
         ("PNG decode 1024x1024 (Pillow load)", lambda d: Image.open(io.BytesIO(d)).load(), png),
@@ -1024,7 +1088,9 @@ def micro(quick: bool) -> None:
 
 async def memory_runs(bench: Bench, mock: Proc, case_by_key: dict[str, Case]) -> None:
     """Idle RSS after the large c=8 run: as is, after malloc_trim(0), and with glibc knobs set."""
-    variants = [("default glibc", {}),
+    variants = [("serve's own (proxy.server.tune_malloc)", {}),
+                # Any MALLOC_* variable keeps serve's own settings off; a perturb byte of 0 is glibc's default.
+                ("default glibc", {"MALLOC_PERTURB_": "0"}),
                 ("MALLOC_MMAP_THRESHOLD_=1048576", {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
                 ("MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"})]
     case = case_by_key["large_c8"]
@@ -1094,6 +1160,16 @@ async def orchestrate(args: argparse.Namespace) -> int:
             procs.append(variant)
             targets[name] = variant
             proxies.append(name)
+        if args.floor:  # the bare forwarder: the least an aiohttp gateway costs
+            targets["floor"] = start_proxy(tmp, mock.base_url, "floor")
+            procs.append(targets["floor"])
+            proxies.append("floor")
+        if args.workers > 1:  # the same proxy as N processes sharing the port
+            name = f"proxy-w{args.workers}"
+            workers = start_proxy(tmp, mock.base_url, name, workers=args.workers)
+            procs.append(workers)
+            targets[name] = workers
+            proxies.append(name)
         await loadgen.start()
         connector = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -1103,12 +1179,17 @@ async def orchestrate(args: argparse.Namespace) -> int:
             for p in proxies:
                 memory["idle_start" if p == "proxy" else f"idle_start_{p}"] = rss_mb(targets[p].pid)
             for p in proxies:
-                await sanity(http, targets[p].base_url)
+                if p != "floor":  # it converts nothing
+                    await sanity(http, targets[p].base_url)
             # Warm-up, not recorded: every case on every target (connections, caches); the codecs warmed
             # up already in the sanity checks, so a conversion case gets one request.
+            def serving(case: Case) -> list[str]:
+                return (["direct"] if case.direct else []) + [
+                    p for p in proxies if p != "floor" or case.key in FLOOR_CASES]
+
             for case in all_cases:
                 conversion = case.body.get("output_format") is not None
-                for target in (["direct"] if case.direct else []) + proxies:
+                for target in serving(case):
                     await bench.run(case, target, count=1 if conversion else min(case.count, case.concurrency + 1),
                                     seconds=1, with_probe=False)
             for target in targets:
@@ -1119,7 +1200,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
             results: dict[str, dict[str, list[RunResult]]] = {}
             for rnd in range(0 if args.no_table else args.rounds):
                 for case in all_cases:
-                    order = (["direct"] if case.direct else []) + proxies
+                    order = serving(case)
                     if rnd % 2:
                         order.reverse()
                     for target in order:
@@ -1164,15 +1245,21 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="also a proxy on uvloop, as one more column")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH+PATCH",
                         help="one more column: a proxy with these patches applied (" + ", ".join(PATCHES) + ")")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a bare aiohttp forwarder (b64 cases only): the least a Python gateway costs")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="also `serve --workers N` as one more column (CPU and memory summed over its processes)")
     parser.add_argument("--profile", action="store_true", help="py-spy the proxy during c=16 small and c=8 large")
     parser.add_argument("--profile-target", default="proxy", help="which proxy column --profile records")
+    parser.add_argument("--profile-cases", default="small_c16,large_c8", metavar="KEY,KEY",
+                        help="the cases --profile records (case keys, e.g. url_c8)")
     parser.add_argument("--micro", action="store_true", help="hot-path step costs and encoder settings")
     parser.add_argument("--memory", action="store_true", help="idle RSS after load: malloc_trim, glibc knobs")
     parser.add_argument("--no-table", action="store_true", help="skip the table: only --profile/--memory/--micro")
     parser.add_argument("--only", help="comma-separated case keys (large_c1 always runs: the reference)")
     parser.add_argument("--json", help="write every run's numbers here")
     parser.add_argument("--keep", help="keep logs and profiles in this folder")
-    parser.add_argument("--worker", choices=["loadgen", "proxy"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["loadgen", "proxy", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1181,6 +1268,9 @@ def main() -> None:
         return
     if args.worker == "proxy":
         proxy_worker(args.config, [p for p in args.patches.split(",") if p])
+        return
+    if args.worker == "floor":
+        floor_worker(args.config)
         return
     if args.rounds < 1 or args.rounds > 9:
         parser.error("--rounds: 1 to 9")

@@ -129,6 +129,11 @@ class Gateway:
     def has_keys(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def busy(self) -> bool:
+        """Whether image requests are being routed now (upstream calls, checks, conversions)."""
+        return bool(self._inflight)
+
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -279,6 +284,10 @@ class Gateway:
             if STREAM_ERROR in request:
                 outcome = _outcome(request[STREAM_ERROR])
             self._log_request(request, response.status, started, outcome)
+            # aiohttp keeps a keep-alive connection's last request (and response) until the next request
+            # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
+            request.pop(ROUTE, None)
+            request.pop(BODY, None)
             return _with_id(response, request_id)
 
         return qwen_image_proxy

@@ -112,7 +112,7 @@ def _reason(e: OSError) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .app import build_app
+    from .app import GATEWAY, build_app
     from .server import ConnectionLimits, all_loopback, run, tune_malloc
 
     config, providers = _load_checked(args.config)
@@ -145,7 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tune_malloc()
         app = build_app(config, providers=providers)
         run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
-            on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker))
+            on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker),
+            busy=lambda: app[GATEWAY].busy)
 
     workers = args.workers or 1
     if workers == 1:

@@ -106,6 +106,7 @@ class Idempotency:
                       scope: str | None = None) -> web.Response:
         """The answer to an image call: `work()` run once per Idempotency-Key (or every time without one)."""
         answer, replayed = await self.run(request, req, work, scope=scope)
+        answer = answer.whole()
         response = web.Response(body=answer.body, status=answer.status, content_type=answer.content_type,
                                 headers=answer.headers)
         if replayed:
@@ -144,7 +145,7 @@ class Idempotency:
                 f"A request with this {HEADER} is still being processed; retry it later.", retry_after=5)
 
         try:
-            answer = await work()
+            answer = (await work()).whole()
         except BaseException:
             await _quietly(self.records.release(record_key, fp, owner))
             raise

@@ -26,7 +26,10 @@ DEFAULT_QUALITY = {"jpeg": 90, "webp": 90, "avif": 80}
 
 
 async def gather_or_cancel(aws: list[Awaitable]) -> list:
-    """asyncio.gather that cancels the siblings as soon as one fails."""
+    """asyncio.gather that cancels the siblings as soon as one fails. One awaitable is awaited as it is:
+    no task and no gather (the common n=1: three of them per request)."""
+    if len(aws) == 1:
+        return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return await asyncio.gather(*tasks)

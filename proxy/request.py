@@ -180,6 +180,8 @@ class ImageRequest:
 
     def with_chunk(self, n: int, offset: int) -> ImageRequest:
         """The request for a part of n images starting at image `offset` (seed + offset)."""
+        if n == self.n and offset == 0:  # all of it (frozen: the same request serves)
+            return self
         seed = None if self.seed is None else (self.seed + offset) % (SEED_MAX + 1)
         return replace(self, n=n, seed=seed, first_index=self.first_index + offset)
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,8 +165,11 @@ class GuardedAppRunner(web.AppRunner):
 
 # ---- memory: give freed image buffers back ------------------------------------------------------------
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-TRIM_SECONDS = 30.0
+M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -8, -3, -1  # glibc's mallopt parameters
+TRIM_CHECK_SECONDS = 0.1
+TRIM_GROWTH_BYTES = 8 * 1024 * 1024  # resident memory this much over the least a trim left: give back...
+TRIM_IDLE_SECONDS = 1.0  # ...when no image request is being worked on, at most this often
+TRIM_BUSY_SECONDS = 30.0  # ...and under load that never pauses, this often
 
 
 def _glibc():
@@ -181,26 +185,51 @@ def _glibc():
 
 
 def tune_malloc() -> None:
-    """glibc keeps freed multi-megabyte buffers (a 1024x1024 image is ~4 MB of base64 several times over)
-    in per-thread arenas; two arenas bound that. (Mapping every block over 1 MiB on its own lowered the
-    peak but cost a third of the large-image throughput in page faults: not done.) The rest is given back
-    by malloc_trim every TRIM_SECONDS."""
+    """glibc's malloc for a process that handles multi-megabyte buffers (a 1024x1024 image is ~4 MB of
+    base64): at most two arenas; blocks up to 32 MB on the heap rather than each mapped on its own (a
+    fresh mapping costs its page faults every time: that doubled the CPU per 1024x1024 request on a VM);
+    and no giving back of the heap's top at each free (the same faults again on the next request).
+    Setting these fixes glibc's sliding thresholds. `_trim_forever` gives freed memory back instead,
+    once a burst is over. An operator's own glibc settings (MALLOC_* or GLIBC_TUNABLES in the
+    environment) are left as they are."""
+    if any(name.startswith("MALLOC_") for name in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's largest
+        libc.mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024)
 
 
-async def _trim_forever() -> None:
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _trim_forever(busy: Callable[[], bool]) -> None:
+    """malloc_trim(0) when resident memory has grown TRIM_GROWTH_BYTES over the least a trim left and no
+    image request is being worked on (`busy()` is false): the freed buffers of a burst go back to the
+    system within a second of its end. Not while requests run (under a load that never pauses, every
+    TRIM_BUSY_SECONDS): their next buffers would fault the same pages in again."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or _resident_bytes() is None:
         return
+    loop = asyncio.get_running_loop()
+    trimmed_at, floor = loop.time(), _resident_bytes()
     while True:
-        await asyncio.sleep(TRIM_SECONDS)
-        await asyncio.to_thread(libc.malloc_trim, 0)
+        await asyncio.sleep(TRIM_CHECK_SECONDS)
+        waited = loop.time() - trimmed_at
+        if (_resident_bytes() - floor > TRIM_GROWTH_BYTES
+                and waited >= (TRIM_BUSY_SECONDS if busy() else TRIM_IDLE_SECONDS)):
+            await asyncio.to_thread(libc.malloc_trim, 0)
+            trimmed_at, floor = loop.time(), min(floor, _resident_bytes())
 
 
 async def _serve(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
-                 shutdown_timeout: float, on_ready: Callable[[], None]) -> None:
+                 shutdown_timeout: float, on_ready: Callable[[], None], busy: Callable[[], bool]) -> None:
     # handler_cancellation: a client that hangs up cancels its request, and with it a local GPU job.
     # access_log=None: the gateway logs one line per image request itself (proxy.requests); aiohttp's
     # access log doubled that and logged every probe, 18 % of the loop's time at c=16.
@@ -211,7 +240,7 @@ async def _serve(app: web.Application, sockets: list[socket.socket], limits: Con
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         on_ready()
-        await _trim_forever()  # until SIGINT / SIGTERM (GracefulExit) or cancellation
+        await _trim_forever(busy)  # until SIGINT / SIGTERM (GracefulExit) or cancellation
         await asyncio.Event().wait()  # (without glibc there is nothing to trim)
     finally:
         await runner.cleanup()
@@ -230,12 +259,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
-        shutdown_timeout: float, on_ready: Callable[[], None]) -> None:
-    """web.run_app for already-bound sockets, with the slow-client bounds; returns after SIGINT/SIGTERM."""
+        shutdown_timeout: float, on_ready: Callable[[], None], busy: Callable[[], bool] = lambda: False) -> None:
+    """web.run_app for already-bound sockets, with the slow-client bounds; returns after SIGINT/SIGTERM.
+    `busy`: whether requests are being worked on (freed memory is given back when not)."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_serve(app, sockets, limits, shutdown_timeout=shutdown_timeout,
-                                   on_ready=on_ready))
+                                   on_ready=on_ready, busy=busy))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):

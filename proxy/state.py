@@ -23,7 +23,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ServiceUnavailable
@@ -52,9 +52,17 @@ class Answer:
     """A stored HTTP answer: what a repeat of the request gets back."""
 
     status: int
-    body: bytes
+    # A tuple: a large body in pieces (an image's text can be a view of the upstream's answer), sent one
+    # after the other without joining them; joined (`whole`) only to be kept.
+    body: bytes | tuple[bytes | memoryview, ...]
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+
+    def whole(self) -> Answer:
+        """This answer with its body as one bytes object."""
+        if isinstance(self.body, bytes):
+            return self
+        return replace(self, body=b"".join(self.body))
 
     def encode(self, fingerprint: str) -> bytes:
         head = json.dumps({"state": "done", "fp": fingerprint, "status": self.status, "headers": self.headers,

@@ -11,6 +11,8 @@ import math
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.body import Upload, read_body, read_fields
 from proxy.errors import InvalidRequest, ProxyError
@@ -329,6 +331,17 @@ def test_with_chunk_without_seed_keeps_none():
     req = req_from({"prompt": "x", "n": 4})
     assert req.with_chunk(2, 2).seed is None
     assert req.with_chunk(2, 2).n == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 10), st.integers(0, 9), st.one_of(st.none(), st.integers(0, SEED_MAX)), st.integers(0, 5))
+def test_with_chunk_is_replace_with_the_offset_seed(n, offset, seed, first_index):
+    """The whole request as its own chunk (no copy) is the same as the general rule."""
+    req = dataclasses.replace(req_from({"prompt": "x", "n": 10, "seed": seed}), first_index=first_index)
+    req = dataclasses.replace(req, n=n)
+    expected = dataclasses.replace(req, n=n, seed=None if seed is None else (seed + offset) % (SEED_MAX + 1),
+                                   first_index=first_index + offset)
+    assert req.with_chunk(n, offset) == expected
 
 
 # --- with_route_defaults ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.payload import BytesPayload
+from aiohttp.payload import Payload
 
 from ..body import read_fields
 from ..cpu import INLINE_BYTES
@@ -72,7 +72,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
     """The JSON answer to a generation or an edit."""
     async def work() -> Answer:
         result, payload = await generate(gw, request, req)
-        return Answer(200, dumps_with_b64(payload), route_headers(result))
+        return Answer(200, body_parts(payload), route_headers(result))
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)
@@ -83,21 +83,37 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
     return response
 
 
-class SentAsIs(BytesPayload):
-    """A response body handed to the socket as one memoryview after the headers.
+class SentAsIs(Payload):
+    """A response body handed to the socket piece by piece, never joined: the JSON around the images, and
+    each image's base64 as it came (often a view of the upstream's answer).
 
-    aiohttp joins the headers and a bytes body into one new buffer, and asyncio's transport (before
-    Python 3.12) slices what the socket did not take and copies it again into its buffer: three copies
-    of a 4 MB answer. Headers first, then a view: at most the transport's one copy (none on uvloop).
+    The first piece (small: the JSON up to the first image) goes out with the headers; each megabyte
+    piece is one write of a view (uvloop's transport keeps the view until the socket takes it; asyncio's
+    copies what the socket did not take). Joining them would allocate and copy the whole answer once
+    more (4 MB for a 1024x1024 PNG). A small answer is joined: one send.
     """
 
-    def __init__(self, value: bytes) -> None:
-        super().__init__(value, content_type="application/json")
+    def __init__(self, body: bytes | tuple[bytes | memoryview, ...]) -> None:
+        parts = (body,) if isinstance(body, bytes) else body
+        size = sum(len(part) for part in parts)
+        if size <= INLINE_BYTES and len(parts) > 1:  # one write (one send) for a small answer
+            parts = (b"".join(parts),)
+        super().__init__(parts, content_type="application/json")
+        self._size = size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._value).decode(encoding, errors)
 
     async def write(self, writer) -> None:
-        if len(self._value) > INLINE_BYTES and hasattr(writer, "send_headers"):
-            writer.send_headers()
-        await writer.write(memoryview(self._value))
+        try:
+            for part in self._value:
+                if len(part) > INLINE_BYTES and hasattr(writer, "send_headers"):
+                    writer.send_headers()  # else aiohttp joins the headers with this first piece
+                await writer.write(part if isinstance(part, memoryview) else memoryview(part))
+        finally:
+            # Sent (or failed): aiohttp keeps the response until the connection's next request; the
+            # pieces (and the upstream's answer they are views of) need not wait with it.
+            self._value = ()
 
 
 async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
@@ -133,11 +149,11 @@ def route_headers(result: RouteResult) -> dict[str, str]:
     return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}
 
 
-def dumps_with_b64(payload: dict) -> bytes:
-    """The response body: json.dumps, with the megabytes of base64 joined in as bytes rather than scanned
-    for escaping (base64 has no character JSON would escape; output.py hands on only text that decoded
-    strictly as base64). One copy of each image's text, whatever it came as (str, bytes, a view of the
-    upstream's answer).
+def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
+    """The response body in pieces: json.dumps of the payload, with each image's base64 text as it is
+    (str, bytes, or a view of the upstream's answer) rather than scanned for escaping (base64 has no
+    character JSON would escape; output.py hands on only text that decoded strictly as base64).
+    Joined, the pieces are the JSON text (`dumps_with_b64`); sent one after the other, nothing is copied.
     """
     # A random marker: no text a client sent (a prompt, say) can collide with it.
     nonce = secrets.token_hex(16)
@@ -149,6 +165,12 @@ def dumps_with_b64(payload: dict) -> bytes:
     for i, b64 in enumerate(images):
         if b64 is not None:
             head, _, rest = rest.partition(f'"{nonce}-{i}"'.encode())
-            parts += [head, b'"', b64.encode("ascii") if isinstance(b64, str) else b64, b'"']
+            parts += [head + b'"', b64.encode("ascii") if isinstance(b64, str) else b64]
+            rest = b'"' + rest
     parts.append(rest)
-    return b"".join(parts)
+    return tuple(parts)
+
+
+def dumps_with_b64(payload: dict) -> bytes:
+    """The response body as one bytes object (body_parts joined)."""
+    return b"".join(body_parts(payload))
