@@ -843,7 +843,7 @@ CATEGORIES = [
     ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/", "json_or_none (",
                                                                        "spliced_loads (")),
     ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
-    ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck.py",)),
+    ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck/",)),
     ("response JSON (generations.body_parts, SentAsIs)", ("body_parts (proxy/", "dumps_with_b64 (proxy/",
                                                            "SentAsIs.write (proxy/")),
     ("logging (access log + proxy.requests)", ("(logging/__init__.py", "(aiohttp/web_log.py")),

@@ -245,7 +245,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_ray_serve(args: argparse.Namespace) -> None:
     """Deploy the pool of every `kind: ray` provider to a running Ray cluster (or print its Serve config)."""
-    from local_backend.ray_app import build_app, serve_application
+    from local_backend.ray_app import build_app
+    from local_backend.ray_options import serve_application
 
     config, providers = _load_checked(args.config)
     pools = {name: p for name, p in providers.items() if p.kind == "ray"}

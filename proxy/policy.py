@@ -17,7 +17,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from .config import ApiKey, ServerConfig
+from .config.server import ApiKey, ServerConfig
 from .errors import AuthenticationFailed, ProxyError, RateLimited
 
 # The key a request was made with, once authenticated (absent when the proxy has no keys).

@@ -24,13 +24,8 @@ from openai import RateLimitError  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from local_backend import GenerationParams, LoraSpec  # noqa: E402
-from local_backend.ray_app import (  # noqa: E402
-    deployment_options,
-    error_reply,
-    params_from_wire,
-    params_to_wire,
-    serve_application,
-)
+from local_backend.ray_options import deployment_options, serve_application  # noqa: E402
+from local_backend.ray_wire import error_reply, params_from_wire, params_to_wire  # noqa: E402
 from proxy import parse_config  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 from proxy.providers import build_providers  # noqa: E402
@@ -116,7 +111,7 @@ def test_wire_round_trip():
 def test_replies_map_to_the_proxy_errors():
     from local_backend import DeadlineExceededError, EngineError, InvalidParamsError, QueueFullError
     from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
-    from proxy.providers.ray import reply_error
+    from proxy.providers.ray_replies import reply_error
 
     def mapped(exc):
         return reply_error({"ok": False, "error": error_reply(exc)})
@@ -134,7 +129,7 @@ def test_pool_engine_options_in_their_models_yaml_forms(tmp_path):
     from local_backend.accel_options import parse_cache, parse_compile, quant_skip
     from local_backend.config import PromptEnhancement
     from local_backend.enhance import parse_spec
-    from local_backend.ray_app import engine_config
+    from local_backend.ray_options import engine_config
 
     config = engine_config({
         "model": "Qwen/Qwen-Image", "attention_backend": "_flash_3",

@@ -9,25 +9,24 @@ The proxy reaches it one of two ways:
 
 `transport: auto` (the default) takes the handle when `ray` is installed and the cluster answers, else
 the HTTP ingress when `http_url` is set. Either way a request is the local route's request
-(proxy.providers.local.to_params, then local_backend.ray_app.params_to_wire): every field, LoRAs,
+(proxy.providers.local.to_params, then local_backend.ray_wire.params_to_wire): every field, LoRAs,
 edits, seeds (image i gets seed + i), partial images; the replica answers PNG images, which the
 proxy converts like any route's. Cancelling the call (deadline, client gone) cancels the replica's
 job; a full engine queue is a 429 with Retry-After; a replica that dies with the request is a
 retryable failure, so the router tries again and Serve picks a live replica.
 
-Pool options (engine, num_replicas, min/max_replicas, ...) are local_backend.ray_app.POOL_OPTIONS:
+Pool options (engine, num_replicas, min/max_replicas, ...) are local_backend.ray_options.POOL_OPTIONS:
 this provider checks them and `ray-serve` deploys them; they must match what was deployed.
+
+This module holds the provider: its options, the pool's status and replica stats, and the request's
+way through; ray_transport reaches the pool (the connection, one call over either transport) and
+ray_replies converts what comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
-import json
 import logging
-import threading
 import time
 from typing import Any
 
@@ -35,23 +34,17 @@ import aiohttp
 
 from .. import enhance
 from ..config import RouteConfig
-from ..errors import (
-    InvalidRequest,
-    ProxyError,
-    RateLimited,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-    retry_after_from_headers,
-)
+from ..errors import InvalidRequest, UpstreamError
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local import request_tier, to_params
+from .ray_replies import images_from_reply, reencode, unb64
+from .ray_transport import app_status, call_handle, call_http, connect, disconnect
 
 log = logging.getLogger(__name__)
 
-# The options that belong to the proxy's side; the rest describe the pool (ray_app.POOL_OPTIONS).
+# The options that belong to the proxy's side; the rest describe the pool (ray_options.POOL_OPTIONS).
 CLIENT_OPTIONS = ("address", "app_name", "http_url", "route_prefix", "transport", "timeout", "retries",
                   "status_interval")
 # Seconds one status probe may take before the proxy stops waiting for it.
@@ -63,92 +56,6 @@ class _Partials:
 
     def __call__(self, *args) -> None:  # never called here: the replica makes its own
         pass
-
-
-# ----- the Ray connection (one per process: ray.init is global) ---------------------------------------
-
-_connect_lock = threading.Lock()
-_connected_by_us: set[str] = set()  # providers whose ray.init this process made
-
-
-def _connect(address: str, owner: str) -> None:
-    """Join the cluster as a driver unless this process already is one (blocking: run in a thread)."""
-    import ray
-
-    with _connect_lock:
-        if ray.is_initialized():
-            return
-        # Ray's core worker installs a C-level handler for SIGTERM (and crash signals) that dumps a stack
-        # and kills the process: the proxy would die at once instead of draining its requests.
-        try:
-            from ray._private import ray_constants
-
-            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-        except (ImportError, AttributeError):  # another Ray: its default stays
-            pass
-        # From a thread other than the main one, ray.init installs no Python signal handlers either.
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        _connected_by_us.add(owner)
-
-
-def _disconnect(owner: str) -> None:
-    import ray
-
-    with _connect_lock:
-        if owner in _connected_by_us:
-            _connected_by_us.discard(owner)
-            if not _connected_by_us:
-                ray.shutdown()
-
-
-def _app_status(app_name: str, deployment: str) -> tuple[str | None, dict[str, int], str]:
-    """(application status or None when it is not deployed, replica states, message) from serve.status()."""
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
-    if app is None:
-        return None, {}, ""
-    dep = app.deployments.get(deployment)
-    states = {str(k): int(v) for k, v in (dep.replica_states if dep else {}).items()}
-    message = app.message or (dep.message if dep else "")
-    return str(getattr(app.status, "value", app.status)), states, message or ""
-
-
-def ray_error(exc: BaseException) -> ProxyError:
-    """A Ray or Serve exception from a pool call -> the proxy's error (retryable unless said otherwise)."""
-    from ray import exceptions as rex
-    from ray.serve import exceptions as sex
-
-    if isinstance(exc, sex.BackPressureError):
-        return RateLimited("every replica of the Ray pool is busy and its request queue is full", retry_after=1.0)
-    if isinstance(exc, rex.TaskCancelledError):  # RequestCancelledError too
-        return UpstreamTimeout("the Ray pool cancelled the request")
-    if isinstance(exc, rex.RayActorError):  # ActorDiedError, ActorUnavailableError
-        return UpstreamError("a replica of the Ray pool died or became unreachable while it had the request")
-    if isinstance(exc, (sex.DeploymentUnavailableError, sex.ReplicaUnavailableError)):
-        return UpstreamUnavailable("the Ray pool has no replica that can take the request now", retry_after=1.0)
-    if isinstance(exc, rex.RayTaskError):
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return UpstreamError(f"a replica of the Ray pool failed: {type(cause).__name__}")
-    return UpstreamError(f"the Ray pool call failed: {type(exc).__name__}")
-
-
-def reply_error(reply: dict) -> ProxyError:
-    """A replica's error reply (local_backend.ray_app.error_reply) -> the proxy's error."""
-    error = reply.get("error") or {}
-    kind, message = error.get("type"), str(error.get("message") or "unknown error")
-    if kind == "queue_full":
-        return RateLimited(f"the Ray pool's engine queue is full: {message}", retry_after=error.get("retry_after"))
-    if kind == "invalid_params":
-        param = error.get("param")
-        return InvalidRequest(message, param=param if isinstance(param, str) else None)
-    if kind in ("cancelled", "deadline"):
-        return UpstreamTimeout(f"the pool's job was stopped: {message}")
-    return UpstreamError(f"the pool's engine failed: {message}")
-
-
-def _unb64(value) -> bytes:
-    return base64.b64decode(value, validate=True) if isinstance(value, str) else value
 
 
 class RayProvider(Provider):
@@ -163,7 +70,7 @@ class RayProvider(Provider):
         "timeout": (float, {"gt": 0}),
         "retries": (int, {"ge": 0, "le": 10}),
         "status_interval": (float, {"gt": 0}),  # seconds between pool status polls (default 5)
-        # the pool itself (local_backend.ray_app.POOL_OPTIONS): what `ray-serve` deploys
+        # the pool itself (local_backend.ray_options.POOL_OPTIONS): what `ray-serve` deploys
         "engine": dict,
         "num_replicas": (int, {"ge": 1}),
         "min_replicas": (int, {"ge": 0}),
@@ -179,7 +86,12 @@ class RayProvider(Provider):
 
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
-        from local_backend.ray_app import DEFAULT_APP_NAME, POOL_OPTIONS, deployment_options, engine_config
+        from local_backend.ray_options import (
+            DEFAULT_APP_NAME,
+            POOL_OPTIONS,
+            deployment_options,
+            engine_config,
+        )
 
         # Strict: a pool that could not be deployed is a config error, not a route that never works.
         self.pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS and v is not None}
@@ -212,7 +124,7 @@ class RayProvider(Provider):
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
         self._stats_actor = None
         # prompt_enhancement with: chat is done here, before the pool is called (proxy.enhance); the
-        # replicas get no rewriter then (local_backend.ray_app.pool_enhancement). with: text_encoder: theirs.
+        # replicas get no rewriter then (local_backend.ray_options.pool_enhancement). with: text_encoder: theirs.
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         chat = enhance.parse_options((self.pool_options.get("engine") or {}).get("prompt_enhancement"))
         if chat is not None and chat.with_ == "chat":
@@ -299,7 +211,7 @@ class RayProvider(Provider):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self.transport == "handle":
-            await asyncio.to_thread(_disconnect, self.name)
+            await asyncio.to_thread(disconnect, self.name)
         self._handle = None
         self._state, self._stage = "closed", None
 
@@ -336,7 +248,7 @@ class RayProvider(Provider):
         if want_handle:
             try:
                 self._stage = f"connecting to the Ray cluster at {self.address}"
-                await asyncio.to_thread(_connect, self.address, self.name)
+                await asyncio.to_thread(connect, self.address, self.name)
                 self.transport = "handle"
             except ImportError:
                 if self.transport_option == "handle" or not self.http_url:
@@ -363,7 +275,7 @@ class RayProvider(Provider):
 
         from local_backend.ray_app import DEPLOYMENT_NAME
 
-        status, states, message = await asyncio.to_thread(_app_status, self.app_name, DEPLOYMENT_NAME)
+        status, states, message = await asyncio.to_thread(app_status, self.app_name, DEPLOYMENT_NAME)
         self.app_status, self.replica_states = status, states
         if status is None:
             self._handle = None
@@ -441,7 +353,7 @@ class RayProvider(Provider):
         """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
         quality / use_turbo / acceleration pick included), input images as sent."""
         from local_backend import InvalidParamsError
-        from local_backend.ray_app import params_to_wire
+        from local_backend.ray_wire import params_to_wire
 
         try:
             tier = request_tier(req, self.engine_config)
@@ -463,16 +375,17 @@ class RayProvider(Provider):
         revised = await self._chat_rewrite(req, wire)
 
         async def on_partial(p: dict) -> None:
-            data = _unb64(p["data"])
+            data = unb64(p["data"])
             if fmt != "png":  # the replica sends PNG: re-encode in the request's format
-                data = await asyncio.to_thread(_reencode, data, fmt, req.output_compression)
+                data = await asyncio.to_thread(reencode, data, fmt, req.output_compression)
             emit(PartialImage(image_index=req.first_index + int(p["image_index"]),
                               partial_index=int(p["partial_index"]), data=data, format=fmt))
 
         if self.transport == "handle":
-            reply = await self._call_handle(wire, on_partial if emit else None)
+            reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
         else:
-            reply = await self._call_http(wire, on_partial if emit else None)
+            reply = await call_http(self._http, f"{self.http_url}{self.route_prefix}", wire,
+                                    on_partial if emit else None)
         return self._images(reply, req, revised)
 
     async def _chat_rewrite(self, req: ImageRequest, wire: dict) -> str | None:
@@ -487,122 +400,9 @@ class RayProvider(Provider):
             wire["prompt"] = revised
         return revised
 
-    async def _call_handle(self, wire: dict, on_partial) -> dict:
-        handle = self._handle
-        loop = asyncio.get_running_loop()
-        try:
-            if on_partial is None:
-                response = handle.generate.remote(wire)
-                try:
-                    return await response
-                except BaseException:
-                    # Cancelling the awaiting task does not cancel a Serve request: do it (it blocks
-                    # briefly when the request is being assigned, so not on the loop).
-                    loop.run_in_executor(None, _cancel, response)
-                    raise
-            stream = handle.options(stream=True).generate_stream.remote(wire)
-            reply = None
-            try:
-                async for event in stream:
-                    if "partial" in event:
-                        await on_partial(event["partial"])
-                    else:
-                        reply = event
-            except BaseException:
-                loop.run_in_executor(None, _cancel, stream)
-                raise
-            if reply is None:
-                raise UpstreamError("the Ray pool's stream ended without a result")
-            return reply
-        except (asyncio.CancelledError, ProxyError):
-            raise
-        except Exception as e:
-            error = ray_error(e)
-            log.warning("provider %s: %s (%s)", self.name, error.message, type(e).__name__)
-            raise error from None
-
-    async def _call_http(self, wire: dict, on_partial) -> dict:
-        from local_backend.ray_app import wire_to_json
-
-        url = f"{self.http_url}{self.route_prefix}"
-        body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
-                                                            "stream": on_partial is not None}))
-        try:
-            # Leaving this block early (cancelled) closes the connection: Serve cancels the replica's job.
-            async with self._http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
-                if on_partial is None or resp.status != 200:
-                    text = await resp.read()
-                    try:
-                        reply = json.loads(text)
-                    except ValueError:
-                        reply = None
-                    if not isinstance(reply, dict) or "ok" not in reply:
-                        raise _http_error(resp.status, resp.headers)
-                    return reply
-                reply = None
-                async for line in resp.content:
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if "partial" in event:
-                        await on_partial(event["partial"])
-                    else:
-                        reply = event
-                if reply is None:
-                    raise UpstreamError("the Ray pool's stream ended without a result")
-                return reply
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"the Ray pool's HTTP ingress failed: {type(e).__name__}") from None
-        except ValueError:
-            raise UpstreamError("the Ray pool's HTTP ingress sent something that is not JSON") from None
-
     def _images(self, reply: dict, req: ImageRequest, revised: str | None = None) -> list[GeneratedImage]:
-        if not isinstance(reply, dict):
-            raise UpstreamError("the Ray pool answered something that is not a reply")
-        if reply.get("replica"):
+        """The reply's images; a replica's reply, ok or not, also updates what this proxy knows of it."""
+        if isinstance(reply, dict) and reply.get("replica"):
             self._remember({"replica": reply["replica"], "queue_depth": reply.get("queue_depth", 0)},
                            served=1 if reply.get("ok") else 0)
-        if not reply.get("ok"):
-            raise reply_error(reply)
-        try:
-            datas = [_unb64(d) for d in reply["images"]]
-            seeds = list(reply.get("seeds") or [None] * len(datas))
-        except (KeyError, TypeError, binascii.Error):
-            raise UpstreamError("the Ray pool's reply has no readable images") from None
-        if len(datas) != req.n or len(seeds) != len(datas):
-            raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
-        rewritten = reply.get("revised_prompt")  # the replica's prompt_enhancement, if it rewrote
-        revised = rewritten if isinstance(rewritten, str) else revised
-        return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed,
-                               revised_prompt=revised)
-                for data, seed in zip(datas, seeds, strict=True)]
-
-
-def _cancel(response) -> None:
-    """Cancel a Serve call (best effort, in a thread: it waits for the call's replica assignment)."""
-    # It raises when the call failed or finished already (cancel fetches its outcome): nothing to stop.
-    with contextlib.suppress(Exception):
-        response.cancel()
-
-
-def _reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
-    import io
-
-    from PIL import Image
-
-    from ..output import encode_image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return encode_image(image, fmt, compression)
-
-
-def _http_error(status: int, headers) -> ProxyError:
-    retry_after = retry_after_from_headers(headers)
-    if status == 429:
-        return RateLimited("the Ray pool's HTTP ingress is rate limiting", retry_after=retry_after or 1.0)
-    if status in (502, 503, 504):  # Serve: no replica yet, back pressure, timeouts
-        return UpstreamUnavailable(f"the Ray pool's HTTP ingress answered {status}", retry_after=retry_after or 1.0)
-    if status == 404:
-        return UpstreamError("the Ray pool's HTTP ingress has no such application (check route_prefix)")
-    return UpstreamError(f"the Ray pool's HTTP ingress answered {status}")
+        return images_from_reply(reply, req, revised)

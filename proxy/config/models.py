@@ -1,0 +1,96 @@
+"""What serves each model: providers, routes, size tables and the models section that ties them together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..sizing import MAX_SIDE, SizeTable, parse_pixels
+from .strict import Strict
+
+
+class ProviderConfig(BaseModel):
+    """kind plus options that belong to that kind; each provider reads its own.
+
+    Which options a kind knows, and their types, is the provider class's `options_schema`; parse_config
+    checks them (proxy.providers.check_options) and keeps the typed values.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RouteConfig(Strict):
+    provider: str
+    # The model name the upstream knows; default: the proxy's model name.
+    model: str | None = None
+    # Defaults merged into every request on this route (request fields win).
+    params: dict[str, Any] = Field(default_factory=dict)
+    timeout: float | None = Field(default=None, gt=0)
+    max_images_per_call: int | None = Field(default=None, ge=1)
+    # Overrides routing.retries for this route.
+    retries: int | None = Field(default=None, ge=0, le=10)
+    # Fields never sent on this route (the client's or the route's params): e.g. [negative_prompt, go_fast].
+    drop: list[str] = Field(default_factory=list)
+
+    @field_validator("drop")
+    @classmethod
+    def _droppable(cls, names: list[str]) -> list[str]:
+        core = {"prompt", "model", "size", "n", "response_format", "stream"}
+        if bad := sorted(set(names) & core):
+            raise ValueError(f"{', '.join(bad)} cannot be dropped: every route needs them")
+        return names
+
+
+class SizeTableConfig(Strict):
+    default: str = "1024x1024"
+    tiers: dict[str, dict[str, str]]
+    max_side: int = Field(default=MAX_SIDE, ge=1, le=MAX_SIDE)
+    max_pixels: int | None = Field(default=None, ge=1)
+    # n x width x height per request; default 4 x max_pixels.
+    max_total_pixels: int | None = Field(default=None, ge=1)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tier_labels_as_text(cls, tiers):
+        # YAML reads an unquoted megapixel tier such as `0.25:` as a number.
+        return {str(k): v for k, v in tiers.items()} if isinstance(tiers, dict) else tiers
+
+    def build(self) -> SizeTable:
+        def pixels(text: str) -> tuple[int, int]:
+            wh = parse_pixels(text)
+            if wh is None:
+                raise ValueError(f"'{text}' is not a size like '1024x1024'")
+            if not all(1 <= side <= self.max_side for side in wh):
+                raise ValueError(f"'{text}': each side must be between 1 and {self.max_side} pixels")
+            return wh
+
+        return SizeTable(
+            tiers={t: {r: pixels(s) for r, s in ratios.items()} for t, ratios in self.tiers.items()},
+            default=pixels(self.default),
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+            max_total_pixels=self.max_total_pixels,
+        )
+
+
+class ModelConfig(Strict):
+    routes: list[RouteConfig] = Field(min_length=1)
+    sizes: str | SizeTableConfig
+    description: str | None = None
+    owned_by: str = "qwen-image-proxy"
+    # An edit model (/v1/images/edits) takes 1 to this many input images; 0: it does not edit.
+    max_input_images: int = Field(default=0, ge=0, le=16)
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _route_shorthand(cls, routes):
+        # "- lumenfall" is short for "- provider: lumenfall".
+        if isinstance(routes, list):
+            return [{"provider": r} if isinstance(r, str) else r for r in routes]
+        return routes

@@ -1,0 +1,118 @@
+"""The smaller top-level sections: store, state, fetch, routing and passthrough."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .strict import Strict
+
+_S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "secret_access_key_env",
+            "presign", "public_url", "serve_via_proxy", "timeout")
+
+
+class StoreConfig(Strict):
+    """Where images behind response_format=url live: a folder (filesystem) or an S3-compatible bucket."""
+
+    kind: Literal["filesystem", "s3"] = "filesystem"
+    path: str = "var/images"
+    ttl_seconds: float = Field(default=3600, gt=0)
+    # Upstream URLs expire and reveal the provider: download and serve them ourselves by default.
+    rehost_upstream_urls: bool = True
+    max_download_mb: float = 64
+    # kind: s3 (any S3-compatible server: AWS, MinIO, R2, Ceph...). Credentials: the variables named by
+    # access_key_id_env / secret_access_key_env, else the standard AWS_* variables and instance roles.
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    prefix: str = ""
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    # url answers: presigned GET links valid for ttl_seconds (true), or public_url + name (false, for a
+    # public bucket or a CDN; default: the bucket's own path-style URL).
+    presign: bool = True
+    public_url: str | None = None
+    # url answers point at the proxy's own /images/<id>, streamed from the bucket (clients never see S3).
+    serve_via_proxy: bool = False
+    # Seconds one call to the bucket may take (an upload of a large image included).
+    timeout: float = Field(default=30, gt=0)
+
+    @field_validator("bucket", "endpoint_url", "region", "access_key_id_env", "secret_access_key_env",
+                     "public_url")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> StoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("kind: s3 needs a bucket")
+        if self.kind == "filesystem":
+            given = [k for k in _S3_ONLY if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is an option of kind: s3 (this store is kind: filesystem)")
+        return self
+
+
+class StateConfig(Strict):
+    """Idempotency records and shared counters: in this process's memory, or in Redis (shared by every
+    process and machine that uses the same redis_url)."""
+
+    # redis://[user:password@]host:port/db, rediss:// for TLS; empty: in memory.
+    redis_url: str | None = None
+    key_prefix: str = "qip:"
+    # Seconds a Redis call may take (connect included) before the request gets 503 state_unavailable.
+    socket_timeout: float = Field(default=2, gt=0)
+    # How long an Idempotency-Key's answer is kept, and the largest answer kept (b64_json answers are big).
+    idempotency_ttl: float = Field(default=86400, gt=0)
+    idempotency_max_mb: float = Field(default=64, ge=0)
+    # In memory only: at most this many answers and this many MB of them (least recently used go first).
+    memory_max_records: int = Field(default=10000, ge=1)
+    memory_max_mb: float = Field(default=512, ge=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+
+class FetchConfig(Strict):
+    """Where the proxy may fetch images from on a client's or an upstream's say-so (SSRF rules)."""
+
+    # Hosts (exact, or "*.example.com") that edit requests may name in images[].image_url; empty: none,
+    # only data: URLs and uploads.
+    input_image_hosts: list[str] = Field(default_factory=list)
+    # Hosts upstream image URLs may point at (besides the answering provider's own origin); empty: any
+    # public host.
+    upstream_image_hosts: list[str] = Field(default_factory=list)
+    # CIDRs let through although not public (an on-prem image host), e.g. ["10.1.0.0/16"].
+    allowed_networks: list[str] = Field(default_factory=list)
+    allow_http: bool = False
+
+
+class RoutingConfig(Strict):
+    """Retries within a route and the per-route circuit breaker."""
+
+    # Extra attempts on the same route after a retryable failure (connect error, timeout, 429, 5xx,
+    # a malformed answer or a bad image), before moving on to the next route.
+    retries: int = Field(default=2, ge=0, le=10)
+    # Exponential backoff with full jitter: a random wait in [0, min(backoff_max, backoff_base * 2**i)].
+    backoff_base: float = Field(default=0.5, ge=0)
+    backoff_max: float = Field(default=8, ge=0)
+    # A route that failed this many requests in a row is skipped for breaker_cooldown seconds, then
+    # one probe request at a time is let through (half-open) until one succeeds.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=30, ge=0)
+
+
+class PassthroughConfig(Strict):
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout: float = Field(default=600, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
