@@ -143,3 +143,27 @@ class GenerationResult:
     seconds: float  # time from pick-up by the worker to completion
     # The rewritten prompt the images were made from (prompt enhancement); None: the prompt as given
     revised_prompt: str | None = None
+
+
+def plain_options(options: dict) -> dict:
+    """models.yaml's spelling of EngineConfig fields -> their types (pure): LoRAs given as paths or
+    {path, scale} become LoraSpec, empty entries of the path lists go, and tiers left empty become {}.
+    Keys are neither checked nor dropped: the callers do that (the local provider, a Ray pool)."""
+
+    def spec(value) -> LoraSpec:
+        if isinstance(value, LoraSpec):
+            return value
+        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
+
+    values = dict(options)
+    if "loras" in values:
+        values["loras"] = {name: spec(v) for name, v in (values["loras"] or {}).items()}
+    if "base_loras" in values:
+        values["base_loras"] = [spec(v) for v in values["base_loras"] or []]
+    for key in ("lora_dirs", "lora_url_hosts"):
+        if key in values:
+            values[key] = [v for v in values[key] or [] if v]
+    for key in ("tiers", "quality_tiers"):
+        if key in values:
+            values[key] = values[key] or {}
+    return values

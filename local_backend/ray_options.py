@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from .config import EngineConfig, LoraSpec
+from .config import EngineConfig, plain_options
 from .errors import EngineError
 
 DEFAULT_APP_NAME = "qwen-image"
@@ -56,21 +56,7 @@ def engine_config(options: dict | None) -> EngineConfig:
     if unknown:
         raise ValueError(f"unknown engine option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
 
-    def spec(value) -> LoraSpec:
-        if isinstance(value, LoraSpec):
-            return value
-        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
-
-    if "loras" in options:
-        options["loras"] = {name: spec(v) for name, v in (options["loras"] or {}).items()}
-    if "base_loras" in options:
-        options["base_loras"] = [spec(v) for v in options["base_loras"] or []]
-    for key in ("lora_dirs", "lora_url_hosts"):
-        if key in options:
-            options[key] = [v for v in options[key] or [] if v]
-    for key in ("tiers", "quality_tiers"):
-        if key in options:
-            options[key] = options[key] or {}
+    options = plain_options(options)
     if "prompt_enhancement" in options:
         options["prompt_enhancement"] = pool_enhancement(options["prompt_enhancement"])
     config = EngineConfig(**options)

@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 
+from .cpu import run_cpu
 from .errors import Scrubber
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class ChatEnhancer:
             return None, f"HTTP {status}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
         if status != 200:
             return None, f"HTTP {status}{_error_message(raw)}"
-        return chat_answer(json.loads(raw))
+        return chat_answer(await run_cpu(len(raw), json.loads, raw))  # up to 1 MB: off the loop when big
 
     async def _post(self, http: aiohttp.ClientSession, body: dict, headers: dict) -> tuple[int, bytes | None]:
         """(status, the answer's bytes, or None when larger than MAX_ANSWER_BYTES)."""

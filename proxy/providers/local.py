@@ -29,29 +29,16 @@ _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 
 def engine_config(options: dict[str, Any]):
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
-    from local_backend import EngineConfig, EngineError, LoraSpec
+    from local_backend import EngineConfig, EngineError
     from local_backend.accel_options import validate as validate_accel
+    from local_backend.config import plain_options
     from local_backend.tiers import parse_tiers
 
     known = {f.name for f in fields(EngineConfig)}
     unknown = set(options) - known - _PROVIDER_OPTIONS
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    values = {k: v for k, v in options.items() if k in known}
-
-    def spec(value) -> LoraSpec:
-        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
-
-    if "loras" in values:
-        values["loras"] = {name: spec(v) for name, v in (values["loras"] or {}).items()}
-    if "base_loras" in values:
-        values["base_loras"] = [spec(v) for v in values["base_loras"] or []]
-    for key in ("lora_dirs", "lora_url_hosts"):
-        if key in values:
-            values[key] = [v for v in values[key] or [] if v]
-    for key in ("tiers", "quality_tiers"):
-        if key in values:
-            values[key] = values[key] or {}
+    values = plain_options({k: v for k, v in options.items() if k in known})
     if "prompt_enhancement" in values:  # with: text_encoder -> the engine's; with: chat -> the provider's
         values["prompt_enhancement"] = enhance.engine_spec(enhance.parse_options(values["prompt_enhancement"]))
     config = EngineConfig(**values)
