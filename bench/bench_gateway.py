@@ -401,8 +401,10 @@ def start_proxy(tmp: Path, mock_url: str, name: str, *, patches: tuple[str, ...]
     (PATCHES) and takes SIGUSR1 as malloc_trim(0)."""
     config = write_config(tmp, mock_url, name)
     log = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
-    if name == "floor":
+    if name in FORWARDERS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "floor", "--config", str(config)]
+        if name == "cut-through":
+            cmd.append("--cut-through")
     elif patches or wrapper:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "proxy", "--config", str(config),
                "--patches", ",".join(patches)]
@@ -542,10 +544,15 @@ def proxy_worker(config: str, patches: list[str]) -> None:
 FLOOR_CASES = ("small_c1", "large_c1", "small_c16", "large_c8")
 
 
-def floor_worker(config: str) -> None:
+# The bare forwarders: "floor" reads the answer whole, then sends it; "cut-through" sends each piece of
+# it as it arrives (what a gateway could do that neither checks nor changes the images).
+FORWARDERS = ("floor", "cut-through")
+
+
+def floor_worker(config: str, cut_through: bool = False) -> None:
     """--worker floor: the least an aiohttp gateway does, as a yardstick: the same aiohttp and uvloop, one
     ClientSession, the client's body forwarded to the mock and its answer handed back as it is; no
-    parsing, checks, routing, logging or metrics."""
+    parsing, checks, routing, logging or metrics. With cut_through, the answer is streamed through."""
     import uvloop
     from aiohttp import web
 
@@ -554,7 +561,15 @@ def floor_worker(config: str) -> None:
     async def generations(request: web.Request) -> web.Response:
         async with request.app[HTTP].post(upstream, data=await request.read(),
                                           headers={"Content-Type": "application/json"}) as resp:
-            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+            if not cut_through:
+                return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+            response = web.StreamResponse(status=resp.status, headers={"Content-Type": "application/json"})
+            response.content_length = resp.content_length
+            await response.prepare(request)
+            async for piece in resp.content.iter_any():
+                await response.write(piece)
+            await response.write_eof()
+            return response
 
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -1160,10 +1175,10 @@ async def orchestrate(args: argparse.Namespace) -> int:
             procs.append(variant)
             targets[name] = variant
             proxies.append(name)
-        if args.floor:  # the bare forwarder: the least an aiohttp gateway costs
-            targets["floor"] = start_proxy(tmp, mock.base_url, "floor")
-            procs.append(targets["floor"])
-            proxies.append("floor")
+        for name in [n for n, wanted in zip(FORWARDERS, (args.floor, args.cut_through), strict=True) if wanted]:
+            targets[name] = start_proxy(tmp, mock.base_url, name)  # the bare forwarders: yardsticks
+            procs.append(targets[name])
+            proxies.append(name)
         if args.workers > 1:  # the same proxy as N processes sharing the port
             name = f"proxy-w{args.workers}"
             workers = start_proxy(tmp, mock.base_url, name, workers=args.workers)
@@ -1179,13 +1194,13 @@ async def orchestrate(args: argparse.Namespace) -> int:
             for p in proxies:
                 memory["idle_start" if p == "proxy" else f"idle_start_{p}"] = rss_mb(targets[p].pid)
             for p in proxies:
-                if p != "floor":  # it converts nothing
+                if p not in FORWARDERS:  # they convert nothing
                     await sanity(http, targets[p].base_url)
             # Warm-up, not recorded: every case on every target (connections, caches); the codecs warmed
             # up already in the sanity checks, so a conversion case gets one request.
             def serving(case: Case) -> list[str]:
                 return (["direct"] if case.direct else []) + [
-                    p for p in proxies if p != "floor" or case.key in FLOOR_CASES]
+                    p for p in proxies if p not in FORWARDERS or case.key in FLOOR_CASES]
 
             for case in all_cases:
                 conversion = case.body.get("output_format") is not None
@@ -1247,6 +1262,8 @@ def main() -> None:
                         help="one more column: a proxy with these patches applied (" + ", ".join(PATCHES) + ")")
     parser.add_argument("--floor", action="store_true",
                         help="also a bare aiohttp forwarder (b64 cases only): the least a Python gateway costs")
+    parser.add_argument("--cut-through", action="store_true",
+                        help="also a bare forwarder that streams each answer through as it arrives (b64 cases only)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="also `serve --workers N` as one more column (CPU and memory summed over its processes)")
     parser.add_argument("--profile", action="store_true", help="py-spy the proxy during c=16 small and c=8 large")
@@ -1270,7 +1287,7 @@ def main() -> None:
         proxy_worker(args.config, [p for p in args.patches.split(",") if p])
         return
     if args.worker == "floor":
-        floor_worker(args.config)
+        floor_worker(args.config, args.cut_through)
         return
     if args.rounds < 1 or args.rounds > 9:
         parser.error("--rounds: 1 to 9")

@@ -112,8 +112,10 @@ class Gateway:
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
-        self._shutdown_cancelled = False
-        self._inflight: set[asyncio.Future] = set()
+        # The tasks routing an image request now, with their requests (see run_work).
+        self._inflight: dict[asyncio.Task, web.Request] = {}
+        self._stopped_for_shutdown: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
         self._routes: dict[str, dict[str, Handler]] = {
@@ -158,21 +160,24 @@ class Gateway:
         with a clear 503 (or a stream error event) rather than a dropped connection."""
         self.draining = True
         grace = self.config.server.shutdown_grace
-        pending = {f for f in self._inflight if not f.done()}
+        pending = set(self._inflight)
         if pending:
             log.info("draining: %d request(s) in flight, up to %.0f s", len(pending), grace)
             await asyncio.wait(pending, timeout=grace)
-        left = {f for f in self._inflight if not f.done()}
+        left = set(self._inflight)  # still routing (a task leaves the table when its routing ends)
         if left:
             log.warning("draining: cancelling %d request(s) still running after %.0f s", len(left), grace)
-            self._shutdown_cancelled = True
-            for f in left:
-                f.cancel()
+            self._stopped_for_shutdown |= left
+            for task in left:
+                task.cancel("the server is shutting down")
             await asyncio.wait(left, timeout=2)
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if not self._started:
             return
         for provider in self.providers.values():
@@ -187,30 +192,39 @@ class Gateway:
         self._started = False
 
     async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a request's routing as a task of its own, watched for a client that hangs up (also when the
-        host app's server does not cancel handlers) and for the end of the shutdown grace."""
+        """Run a request's routing in the current task, registered so that the watcher can stop it when its
+        client hangs up (also when the host app's server does not cancel handlers) and drain() at the end
+        of the shutdown grace (then a 503 the client can retry)."""
         try:  # the model is known now: may this key use it? (403)
             self.policy.check_model(request.get(API_KEY), request.get(MODEL))
         except ProxyError:
             coro.close()
             raise
-        work = asyncio.ensure_future(coro)
-        self._inflight.add(work)
-        work.add_done_callback(self._inflight.discard)
+        task = asyncio.current_task()
+        self._inflight[task] = request
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_clients())
         try:
-            while not work.done():
-                await asyncio.wait({work}, timeout=DISCONNECT_POLL_SECONDS)
-                transport = request.transport
-                if not work.done() and (transport is None or transport.is_closing()):
-                    work.cancel()
-                    raise asyncio.CancelledError("the client disconnected")
+            return await coro
         except asyncio.CancelledError:
-            work.cancel()
+            if task in self._stopped_for_shutdown:
+                task.uncancel()
+                raise ShuttingDown("The server is shutting down and stopped this request before it finished; "
+                                   "retry it.", retry_after=1) from None
             raise
-        if work.cancelled() and self._shutdown_cancelled:
-            raise ShuttingDown("The server is shutting down and stopped this request before it finished; "
-                               "retry it.", retry_after=1)
-        return work.result()
+        finally:
+            del self._inflight[task]
+            self._stopped_for_shutdown.discard(task)
+
+    async def _watch_clients(self) -> None:
+        """Stop the routing of requests whose client has gone. One timer for all of them: a wait with a
+        timeout per request would cost each one a task, a timer and two extra turns of the loop."""
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+            for task, request in list(self._inflight.items()):
+                transport = request.transport
+                if (transport is None or transport.is_closing()) and not task.cancelling():
+                    task.cancel("the client disconnected")
 
     # ---- dispatch ---------------------------------------------------------------------------------
 
@@ -283,16 +297,19 @@ class Gateway:
                 outcome = "error"
             if STREAM_ERROR in request:
                 outcome = _outcome(request[STREAM_ERROR])
-            self._log_request(request, response.status, started, outcome)
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
-            request.pop(ROUTE, None)
+            result = request.pop(ROUTE, None)
             request.pop(BODY, None)
+            # The log line and the counters run once the answer is on its way: they need not delay it.
+            asyncio.get_running_loop().call_soon(self._log_request, request, response.status, started, outcome,
+                                                 result)
             return _with_id(response, request_id)
 
         return qwen_image_proxy
 
-    def _log_request(self, request: web.Request, status: int, started: float, outcome: str) -> None:
+    def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
+                     result: Any = None) -> None:
         """One line per image request (never for probes), and the counters behind /metrics."""
         model = request.get(MODEL, "")
         # Templates, not raw paths: every image URL as its own label value would grow without bound.
@@ -310,7 +327,6 @@ class Gateway:
         metrics.child(metrics.outcomes, model, outcome).inc()
         if model:
             metrics.child(metrics.latency, endpoint, model).observe(seconds)
-        result = request.get(ROUTE)
         route = result.route.name if result else "-"
         attempts = result.calls if result else 0
         access_log.info("request_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
