@@ -10,10 +10,9 @@ import pytest
 from proxy.config import ConfigError, parse_config
 from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamRefused, UpstreamTimeout
 from proxy.providers import build_providers
-from proxy.providers.dashscope import (
-    DEFAULT_BASE_URL,
+from proxy.providers.dashscope import DEFAULT_BASE_URL, DashScopeProvider
+from proxy.providers.dashscope_convert import (
     DEFAULT_SIZES,
-    DashScopeProvider,
     edit_max_images,
     edit_size,
     error_from_payload,

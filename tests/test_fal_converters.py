@@ -19,8 +19,8 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.providers import build_providers
-from proxy.providers.fal import (
-    FalProvider,
+from proxy.providers.fal import FalProvider
+from proxy.providers.fal_convert import (
     app_id,
     edit_image_field,
     error_from_status,

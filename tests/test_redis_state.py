@@ -12,7 +12,8 @@ import pytest
 
 from proxy.errors import RateLimited
 from proxy.policy import ConcurrencyLimited
-from proxy.state import Answer, RedisState, StateUnavailable, make_state
+from proxy.state import Answer, StateUnavailable, make_state
+from proxy.state_redis import RedisState
 
 from .services import redis_server  # noqa: F401
 from .test_idempotency import BODY, CountingPlaceholder, edit_config, post

@@ -18,9 +18,8 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.providers import build_providers
-from proxy.providers.replicate import (
-    DEFAULT_BASE_URL,
-    ReplicateProvider,
+from proxy.providers.replicate import DEFAULT_BASE_URL, ReplicateProvider
+from proxy.providers.replicate_convert import (
     compression_applied,
     error_from_status,
     from_native,
