@@ -515,7 +515,65 @@ def _patch_fast_encoders() -> None:
     Image.Image.save = patched
 
 
-PATCHES = {"uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
+def _patch_loop_lag() -> None:
+    """A probe inside the proxy: a 2 ms sleep, again and again; each time it wakes late, how late, and how
+    much CPU the event loop's thread used meanwhile (busy running callbacks) and how long it waited for a
+    CPU (the kernel's schedstat); the rest of the delay is waiting for the GIL. Printed every 2 s to the
+    proxy's log (grep loop-lag)."""
+    import threading
+
+    import proxy.server
+
+    make = proxy.server.new_event_loop
+
+    async def monitor() -> None:
+        worst: list[tuple[float, float]] = []
+        last_print = time.monotonic()
+        stat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+
+        def waited() -> float:  # seconds this thread was runnable but not running (the kernel's count)
+            with open(stat) as f:
+                return int(f.read().split()[1]) / 1e9
+
+        while True:
+            t0, c0, w0 = time.perf_counter(), time.thread_time(), waited()
+            await asyncio.sleep(0.002)
+            late = time.perf_counter() - t0 - 0.002
+            worst.append((late * 1000, (time.thread_time() - c0) * 1000, (waited() - w0) * 1000))
+            if time.monotonic() - last_print > 2:
+                worst.sort(reverse=True)
+                print("loop-lag worst (late ms, loop CPU ms, waiting for a CPU ms; the rest: for the GIL):",
+                      " ".join(f"{a:.1f}/{b:.1f}/{c:.1f}" for a, b, c in worst[:5]), "| gc", report_gc(), flush=True)
+                worst, last_print = [], time.monotonic()
+
+    import gc
+
+    collections: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections[info["generation"]].append((time.perf_counter() - started[0]) * 1000)
+
+    gc.callbacks.append(on_gc)
+
+    def report_gc() -> str:
+        text = " ".join(f"gen{g}: {len(v)}x, worst {max(v, default=0):.1f} ms" for g, v in collections.items())
+        for v in collections.values():
+            v.clear()
+        return text
+
+    def new_event_loop():
+        loop = make()
+        loop.call_soon(lambda: loop.create_task(monitor()))
+        return loop
+
+    proxy.server.new_event_loop = new_event_loop
+
+
+PATCHES = {"loop-lag": _patch_loop_lag, "uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
            "orjson": _patch_orjson, "quiet-access-log": _patch_quiet_access_log, "single-await": _patch_single_await}
 
 

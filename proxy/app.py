@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -30,17 +28,18 @@ from .errors import (
 )
 from .fetch import FetchPolicy, GuardedFetcher
 from .idempotency import Idempotency
+from .inflight import InFlight
 from .metrics import Metrics
 from .output import OutputSettings
 from .passthrough import Passthrough
 from .policy import API_KEY, KeyPolicy
 from .providers import Provider, ProviderContext, build_providers
+from .request_log import log_request, outcome_of
 from .router import Router
 from .state import make_state
 from .store import make_store
 
 log = logging.getLogger("proxy")
-access_log = logging.getLogger("proxy.requests")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("qip_request_id", str)
@@ -51,8 +50,6 @@ BODY = web.RequestKey("qip_body", bytes)
 ROUTE = web.RequestKey("qip_route", object)
 # The error a stream ended with (its HTTP status was 200 before it was known).
 STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
-# How often a request waiting for its route checks whether its client is still there.
-DISCONNECT_POLL_SECONDS = 0.5
 # Paths that carry no key: probes, scrapers and browsers following image links.
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models")
@@ -70,7 +67,7 @@ class Gateway:
         self.metrics = Metrics()
         self.providers = providers if providers is not None else build_providers(config)
         # Strings that come back from upstreams reach clients and logs only through this.
-        self.scrubber = Scrubber(configured_secrets(config))
+        self.scrubber = Scrubber(config.secrets())
         self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
                              max_load_wait=config.server.max_load_wait, scrub=self.scrubber.text)
         self.size_tables = {name: config.size_table(name) for name in config.models}
@@ -112,10 +109,7 @@ class Gateway:
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
-        # The tasks routing an image request now, with their requests (see run_work).
-        self._inflight: dict[asyncio.Task, web.Request] = {}
-        self._stopped_for_shutdown: set[asyncio.Task] = set()
-        self._watcher: asyncio.Task | None = None
+        self.inflight = InFlight()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._routes: dict[str, dict[str, Handler]] = {
@@ -134,7 +128,7 @@ class Gateway:
     @property
     def busy(self) -> bool:
         """Whether image requests are being routed now (upstream calls, checks, conversions)."""
-        return bool(self._inflight)
+        return bool(self.inflight)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -142,7 +136,9 @@ class Gateway:
         async with self._start_lock:
             if self._started:
                 return
-            self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"})
+            # No cookie jar: a cookie one upstream answer sets must not ride along on other clients' calls.
+            self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"},
+                                              cookie_jar=aiohttp.DummyCookieJar())
             await self.store.start()
             await self.state.start()
             if self.passthrough:
@@ -159,25 +155,12 @@ class Gateway:
         """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
         with a clear 503 (or a stream error event) rather than a dropped connection."""
         self.draining = True
-        grace = self.config.server.shutdown_grace
-        pending = set(self._inflight)
-        if pending:
-            log.info("draining: %d request(s) in flight, up to %.0f s", len(pending), grace)
-            await asyncio.wait(pending, timeout=grace)
-        left = set(self._inflight)  # still routing (a task leaves the table when its routing ends)
-        if left:
-            log.warning("draining: cancelling %d request(s) still running after %.0f s", len(left), grace)
-            self._stopped_for_shutdown |= left
-            for task in left:
-                task.cancel("the server is shutting down")
-            await asyncio.wait(left, timeout=2)
+        await self.inflight.drain(self.config.server.shutdown_grace)
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        self.inflight.close()
         if not self._started:
             return
         for provider in self.providers.values():
@@ -192,39 +175,13 @@ class Gateway:
         self._started = False
 
     async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a request's routing in the current task, registered so that the watcher can stop it when its
-        client hangs up (also when the host app's server does not cancel handlers) and drain() at the end
-        of the shutdown grace (then a 503 the client can retry)."""
+        """Route a request in its own task, stopped if its client hangs up or the shutdown grace ends."""
         try:  # the model is known now: may this key use it? (403)
             self.policy.check_model(request.get(API_KEY), request.get(MODEL))
         except ProxyError:
             coro.close()
             raise
-        task = asyncio.current_task()
-        self._inflight[task] = request
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.ensure_future(self._watch_clients())
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            if task in self._stopped_for_shutdown:
-                task.uncancel()
-                raise ShuttingDown("The server is shutting down and stopped this request before it finished; "
-                                   "retry it.", retry_after=1) from None
-            raise
-        finally:
-            del self._inflight[task]
-            self._stopped_for_shutdown.discard(task)
-
-    async def _watch_clients(self) -> None:
-        """Stop the routing of requests whose client has gone. One timer for all of them: a wait with a
-        timeout per request would cost each one a task, a timer and two extra turns of the loop."""
-        while True:
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-            for task, request in list(self._inflight.items()):
-                transport = request.transport
-                if (transport is None or transport.is_closing()) and not task.cancelling():
-                    task.cancel("the client disconnected")
+        return await self.inflight.run(request, coro)
 
     # ---- dispatch ---------------------------------------------------------------------------------
 
@@ -262,7 +219,7 @@ class Gateway:
 
         @web.middleware
         async def qwen_image_proxy(request: web.Request, handler: Handler) -> web.StreamResponse:
-            request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+            request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
             request[REQUEST_ID] = request_id
             try:
                 target = self.match(request)
@@ -286,17 +243,17 @@ class Gateway:
                 self._log_request(request, 499, started, "cancelled")
                 raise
             except ProxyError as e:
-                response, outcome = self.scrubber.error(e).to_response(), _outcome(e)
+                response, outcome = self.scrubber.error(e).to_response(), outcome_of(e)
             except web.HTTPException as e:
                 error = _from_http_exception(e)
-                response, outcome = error.to_response(), _outcome(error)
+                response, outcome = error.to_response(), outcome_of(error)
             except Exception:
                 log.exception("request %s failed", request_id)
                 response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
                                       code="internal_error").to_response()
                 outcome = "error"
             if STREAM_ERROR in request:
-                outcome = _outcome(request[STREAM_ERROR])
+                outcome = outcome_of(request[STREAM_ERROR])
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
             result = request.pop(ROUTE, None)
@@ -310,28 +267,9 @@ class Gateway:
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
                      result: Any = None) -> None:
-        """One line per image request (never for probes), and the counters behind /metrics."""
-        model = request.get(MODEL, "")
-        # Templates, not raw paths: every image URL as its own label value would grow without bound.
-        path = request.path
-        endpoint = ("/images/{name}" if path.startswith("/images/")
-                    else "/v1/models/{model}" if "/v1/models/" in path else path)
-        seconds = time.monotonic() - started
-        metrics = self.metrics
-        metrics.child(metrics.requests, endpoint, model, str(status)).inc()
-        key = request.get(API_KEY)
-        if key is not None:  # its name only: never its value
-            metrics.child(metrics.requests_by_key, key.name, endpoint, model, str(status)).inc()
-        if not path.startswith("/v1/images/"):
-            return
-        metrics.child(metrics.outcomes, model, outcome).inc()
-        if model:
-            metrics.child(metrics.latency, endpoint, model).observe(seconds)
-        route = result.route.name if result else "-"
-        attempts = result.calls if result else 0
-        access_log.info("request_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
-                        "duration_ms=%.0f outcome=%s", request[REQUEST_ID], key.name if key else "-", endpoint,
-                        model or "-", route, attempts, status, seconds * 1000, outcome)
+        log_request(self.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
+                    key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
+                    result=result)
 
     async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
         """The caller's key (401 without a valid one; see proxy/policy.py), kept as request[API_KEY].
@@ -360,7 +298,7 @@ class Gateway:
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
         """What the standalone app does with requests no gateway route answers."""
-        request_id = request.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.get(REQUEST_ID) or secrets.token_hex(16)
         try:
             if self.passthrough and request.path.startswith("/v1/"):
                 await self.authenticate(request)
@@ -378,35 +316,6 @@ class Gateway:
         limit = self.config.server.max_body_mb * 1024 * 1024
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit:.0f} bytes.")
-
-
-_SECRET_OPTION = re.compile(r"(?i)key|token|secret|password")
-
-
-def configured_secrets(config: Config) -> list[str]:
-    """Every secret the config holds: proxy keys, the passthrough key, providers' keys and tokens."""
-    found = list(config.server.api_keys)
-    if config.passthrough.api_key:
-        found.append(config.passthrough.api_key)
-    if config.state.redis_url and urlsplit(config.state.redis_url).password:
-        found.append(urlsplit(config.state.redis_url).password)
-    for provider in config.providers.values():
-        for name, value in provider.options.items():
-            if isinstance(value, str) and _SECRET_OPTION.search(name):
-                found.append(value)
-            elif isinstance(value, dict):  # a nested key, e.g. prompt_enhancement's api_key
-                found += [v for k, v in value.items() if isinstance(v, str) and _SECRET_OPTION.search(str(k))]
-    return found
-
-
-def _outcome(error: ProxyError) -> str:
-    if isinstance(error, ShuttingDown):
-        return "shutdown"
-    if error.status == 429:
-        return "rate_limited"
-    if error.status < 500:
-        return "client_error"
-    return "timeout" if error.status == 504 else "failed"
 
 
 def _with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse:

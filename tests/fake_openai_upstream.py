@@ -111,6 +111,8 @@ class FakeOpenAIUpstream:
     # When set, the chat stream holds after its first chunk until the event is set.
     stream_gate: asyncio.Event | None = None
     models: tuple[str, ...] = ("qwen-image", "gpt-4o-mini", "text-embedding-3-small")
+    # A Set-Cookie header on image answers (a load balancer's affinity cookie, say).
+    set_cookie: str | None = None
 
     requests: list[Received] = field(default_factory=list)
     edit_forms: list[tuple[dict, list]] = field(default_factory=list)
@@ -277,7 +279,8 @@ class FakeOpenAIUpstream:
             {"created": int(time.time()), "data": data,
              "metadata": {"model": body.get("model"), "executed_model": body.get("model"),
                           "provider": "fake", "cost": 0.0}},
-            headers={"X-Lumenfall-Request-Id": uuid.uuid4().hex, "X-Lumenfall-Provider": "fake"},
+            headers={"X-Lumenfall-Request-Id": uuid.uuid4().hex, "X-Lumenfall-Provider": "fake",
+                     **({"Set-Cookie": self.set_cookie} if self.set_cookie else {})},
         )
 
     async def stream_images(self, request: web.Request, body: dict, images: list[bytes], fmt: str):

@@ -314,6 +314,21 @@ async def test_upstream_request_conversion(start_proxy, tmp_path, fake_upstream)
         assert item.revised_prompt == "a fox, revised by the fake"
 
 
+async def test_upstream_cookies_are_not_kept(start_proxy, tmp_path, fake_upstream):
+    """A cookie an upstream sets (a load balancer's, say) is not sent back on later calls: they are made
+    for other clients, and the proxy's calls carry the route's key, never a session."""
+    up = await fake_upstream(api_key="k", set_cookie="lb-session=client-a; Path=/")
+    # By name: aiohttp's default cookie jar ignores cookies from IP addresses.
+    base = f"{up.url}/openai/v1".replace("127.0.0.1", "localhost")
+    cfg = upstream_config(tmp_path, {"lumen": openai_provider(base, "k")}, ["lumen"])
+    _, client = await start_proxy(cfg)
+    for _ in range(2):
+        r = await client.images.generate(model="qwen-image", prompt="a fox", response_format="b64_json")
+        assert decode(r.data[0].b64_json).size == (64, 64)
+    assert len(up.image_calls) == 2
+    assert [call.headers.get("Cookie") for call in up.image_calls] == [None, None]
+
+
 async def test_route_params_are_defaults(start_proxy, tmp_path, fake_upstream):
     a = await fake_upstream()
     b = await fake_upstream()

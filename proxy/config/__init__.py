@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError
@@ -73,6 +74,25 @@ class Config(Strict):
     def size_table(self, model: str) -> SizeTable:
         sizes = self.models[model].sizes
         return (self.size_tables[sizes] if isinstance(sizes, str) else sizes).build()
+
+    def secrets(self) -> list[str]:
+        """Every secret this config holds: proxy keys, the passthrough key, the Redis password, providers'
+        keys and tokens (what the scrubber keeps out of answers and logs)."""
+        found = list(self.server.api_keys)
+        if self.passthrough.api_key:
+            found.append(self.passthrough.api_key)
+        if self.state.redis_url and urlsplit(self.state.redis_url).password:
+            found.append(urlsplit(self.state.redis_url).password)
+        for provider in self.providers.values():
+            for name, value in provider.options.items():
+                if isinstance(value, str) and _SECRET_OPTION.search(name):
+                    found.append(value)
+                elif isinstance(value, dict):  # a nested key, e.g. prompt_enhancement's api_key
+                    found += [v for k, v in value.items() if isinstance(v, str) and _SECRET_OPTION.search(str(k))]
+        return found
+
+
+_SECRET_OPTION = re.compile(r"(?i)key|token|secret|password")
 
 
 # ---- checks across sections -------------------------------------------------------------------------
