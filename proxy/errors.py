@@ -161,6 +161,13 @@ def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+def clip(text: str, limit: int = 500) -> str:
+    """An upstream's text for a message: runs of whitespace as one space, at most `limit` characters (the
+    rest of a megabyte error body would cost the scrubber and every log line)."""
+    text = " ".join(text[:4 * limit].split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def redact(text: str, secrets: list[str]) -> str:
     """Remove secrets an upstream may have echoed back before the text reaches a client or a log."""
     for secret in secrets:

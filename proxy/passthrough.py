@@ -89,11 +89,13 @@ def _too_large(limit: int | None) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
-def forward_headers(headers, extra_drop: frozenset[str] = frozenset()) -> CIMultiDict:
-    """Copy headers minus hop-by-hop ones, including those the Connection header names."""
+def forward_headers(headers, extra_drop: frozenset[str] = frozenset(),
+                    scrub: Callable[[str], str] | None = None) -> CIMultiDict:
+    """Copy headers minus hop-by-hop ones, including those the Connection header names; each value
+    through `scrub` when given (an upstream's answer may echo what it was sent, the key included)."""
     named = {h.strip().lower() for value in headers.getall("Connection", []) for h in value.split(",")}
     drop = HOP_BY_HOP | named | extra_drop
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return CIMultiDict((k, scrub(v) if scrub else v) for k, v in headers.items() if k.lower() not in drop)
 
 
 class Passthrough:
@@ -173,7 +175,7 @@ class Passthrough:
                 if self.scrub and upstream.status >= 400 and "event-stream" not in upstream.content_type:
                     return await self._scrubbed(upstream)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.extend(forward_headers(upstream.headers))
+                response.headers.extend(forward_headers(upstream.headers, scrub=self.scrub))
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
@@ -194,7 +196,10 @@ class Passthrough:
 
     async def _scrubbed(self, upstream: aiohttp.ClientResponse) -> web.Response:
         """An error answer, read whole (capped) and scrubbed of secrets before it is handed on."""
-        raw = await upstream.content.read(ERROR_BODY_LIMIT)
+        try:  # read(n) would give only what has arrived so far: the rest of the body would be lost
+            raw = await upstream.content.readexactly(ERROR_BODY_LIMIT)
+        except asyncio.IncompleteReadError as e:  # the whole body, shorter than the limit
+            raw = e.partial
         encoding = upstream.headers.get("Content-Encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):  # bytes pass through undecoded (auto_decompress is off)
             try:
@@ -204,7 +209,7 @@ class Passthrough:
         elif encoding != "identity":
             raw = b""  # an encoding we cannot read is not handed on unread
         text = self.scrub(raw.decode("utf-8", "replace"))
-        headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}))
+        headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}), self.scrub)
         return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(), headers=headers)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 
@@ -240,6 +241,40 @@ async def test_models_merged(start_proxy, tmp_path, upstream):
     assert ours.owned_by == "qwen-image-proxy"
     assert upstream.calls_to("/models")[0].headers["Authorization"] == f"Bearer {PT_KEY}"
     assert (await client.models.retrieve(MODEL)).owned_by == "qwen-image-proxy"
+
+
+@pytest.mark.parametrize("hostile", ["redirect", "endless"])
+async def test_models_from_a_hostile_upstream(start_proxy, tmp_path, aiohttp_server, hostile):
+    """The upstream's model list is not followed elsewhere (the passthrough key and the client stay with the
+    upstream) nor read past a limit: the client still gets our models."""
+    elsewhere, sent = [], [0]
+
+    async def other_origin(request):
+        elsewhere.append(dict(request.headers))
+        return web.json_response({"object": "list", "data": [{"id": "planted", "object": "model"}]})
+
+    async def models(request):
+        if hostile == "redirect":
+            return web.HTTPTemporaryRedirect(str(other.make_url("/v1/models")))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"object": "list", "data": [' + b'{"id": "m", "object": "model"},' * 1000)
+        with contextlib.suppress(ConnectionError):
+            while True:  # a list that never ends, until the proxy hangs up
+                await response.write(b" " * 65536)
+                sent[0] += 65536
+        return response
+
+    other_app = web.Application()
+    other_app.router.add_get("/v1/models", other_origin)
+    other = await aiohttp_server(other_app)
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    up = await aiohttp_server(app)
+    _, client = await start_proxy(pt_config(tmp_path, str(up.make_url("/v1"))))
+    assert [m.id for m in (await client.models.list()).data] == [MODEL]
+    assert elsewhere == []
+    assert sent[0] < 64 << 20  # read up to its limit, then dropped (socket buffers hold a few MB more)
 
 
 async def test_upstream_unreachable(start_proxy, tmp_path):

@@ -50,14 +50,18 @@ class EchoingUpstream:
             return web.json_response({"error": {"message": f"bad credentials: {auth}", "param": token,
                                                 "code": token, "type": "api_error"}}, status=status,
                                      headers={"Retry-After": "0"})
-        # The passthrough side: an error body that repeats the key, compressed or not.
+        # The passthrough side: an error body that repeats the key, compressed or not; and a header that
+        # repeats it (a debugging upstream), on errors and on a success.
+        echoed = {"X-Echo-Auth": f"you sent {auth}"}
+        if request.path.endswith("/ok"):
+            return web.json_response({"ok": True}, headers=echoed)
         payload = json.dumps({"error": {"message": f"key {token} is not valid", "param": token}}).encode()
         if request.path.endswith("/gz"):
             import gzip
 
             return web.Response(status=401, body=gzip.compress(payload),
-                                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
-        return web.Response(status=401, body=payload, content_type="application/json")
+                                headers={"Content-Encoding": "gzip", "Content-Type": "application/json", **echoed})
+        return web.Response(status=401, body=payload, content_type="application/json", headers=echoed)
 
 
 @pytest.mark.parametrize("mode", ["ok", "400", "500", "429"])
@@ -92,7 +96,11 @@ async def test_no_secret_reaches_responses_logs_or_metrics(aiohttp_server, start
             async with s.post(server.make_url(path), data=b"{}", headers=headers) as r:
                 text = await r.text()
                 assert r.status == 401 and "[redacted]" in text
+                assert "[redacted]" in r.headers["X-Echo-Auth"]
                 seen += [text, str(dict(r.headers))]
+        async with s.post(server.make_url("/v1/anything/ok"), data=b"{}", headers=headers) as r:
+            assert r.status == 200 and "[redacted]" in r.headers["X-Echo-Auth"]
+            seen += [await r.text(), str(dict(r.headers))]
         for path in ("/metrics", "/health", "/ready", "/v1/models"):
             async with s.get(server.make_url(path), headers=headers) as r:
                 seen.append(await r.text())

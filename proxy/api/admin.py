@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
-from ..errors import ModelNotFound, NotFound
+from ..cpu import run_cpu
+from ..errors import ModelNotFound, NotFound, UpstreamError
+from ..providers.base import read_answer
 from ..request import MAX_N
 from ..store import StoreUnavailable
 
@@ -95,6 +98,10 @@ async def list_models(gw: Gateway, request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+# The passthrough upstream's model list, at most (OpenAI's runs to a few hundred KB).
+MODEL_LIST_BYTES = 8 << 20
+
+
 async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str]) -> list[dict]:
     """The passthrough upstream's models, so apps see one list; ours win on a name clash."""
     headers = {}
@@ -104,10 +111,11 @@ async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str])
     elif "Authorization" in request.headers and not gw.has_keys:
         headers["Authorization"] = request.headers["Authorization"]
     try:
-        async with gw.http.get(f"{gw.passthrough.base_url}/models", headers=headers,
+        async with gw.http.get(f"{gw.passthrough.base_url}/models", headers=headers, allow_redirects=False,
                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            payload = await resp.json(content_type=None) if resp.status == 200 else {}
-    except (TimeoutError, aiohttp.ClientError, ValueError):
+            raw = await read_answer(resp, MODEL_LIST_BYTES, "the passthrough upstream")
+        payload = await run_cpu(len(raw), json.loads, raw) if resp.status == 200 else {}
+    except (TimeoutError, aiohttp.ClientError, ValueError, UpstreamError):
         payload = {}
     items = payload.get("data") if isinstance(payload, dict) else None
     return [m for m in items or [] if isinstance(m, dict) and m.get("id") not in exclude]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
 
 from ..config import RouteConfig
+from ..errors import UpstreamError, UpstreamRefused
 from ..request import ImageRequest
+from ..sizing import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,69 @@ class Provider(ABC):
     @abstractmethod
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         """Make req.n images (n <= capabilities.max_images_per_call) of req.width x req.height."""
+
+
+# ---- reading an upstream's answer ----------------------------------------------------------------------
+# Every call to an upstream is made with allow_redirects=False and read through read_answer (or
+# answer_lines for a stream): a broken or hostile upstream gets neither the request a second time
+# elsewhere nor the proxy's memory.
+
+# Pixels an answer's image may have, at least (output.py accepts the larger of this and 4x the asked size).
+MIN_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+# The JSON around the images (seeds, prompts, timings...).
+ANSWER_SLACK = 1 << 20
+# A small answer: an acknowledgement, a status, a cancel, a pool's stats.
+SMALL_ANSWER = 1 << 20
+
+
+def answer_limit(req: ImageRequest) -> int:
+    """The most bytes a legitimate answer to `req` can take: per image, a PNG of the largest size output.py
+    accepts (the larger of 16 MP and 4x the asked pixels) stored without compression as RGBA, in base64
+    (16/3 bytes a pixel: 85 MiB for each image up to 4 MP), plus ANSWER_SLACK."""
+    pixels = max(MIN_IMAGE_PIXELS, 4 * req.width * req.height)
+    return req.n * pixels * 16 // 3 + ANSWER_SLACK
+
+
+def _too_large(upstream: str, limit: int) -> UpstreamError:
+    return UpstreamError(f"the answer from {upstream} is larger than the {limit} byte limit for it")
+
+
+async def read_answer(resp: aiohttp.ClientResponse, limit: int, upstream: str = "the upstream") -> bytes:
+    """The body of an answer (decompressed), at most `limit` bytes; UpstreamError for a larger one.
+
+    A redirect (3xx) is refused (UpstreamRefused: the next route is tried): an API endpoint that redirects
+    is misconfigured or hostile, and following it would send the request, and on 307/308 its body (the
+    prompt, the input images), wherever it points."""
+    if 300 <= resp.status < 400:
+        raise UpstreamRefused(f"{upstream} answered HTTP {resp.status}, a redirect: API calls follow no "
+                              "redirects (check the provider's base_url)")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _too_large(upstream, limit)
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():  # after decompression: a gzip bomb stops at the limit
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(upstream, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def answer_lines(stream: aiohttp.StreamReader, limit: int,
+                       upstream: str = "the upstream") -> AsyncIterator[bytes]:
+    """The lines of a streamed answer (SSE, NDJSON) without their line ends, then b"", each at most `limit`
+    bytes (UpstreamError past it). aiohttp's own line reader refuses lines over 512 KiB: not one image."""
+    buf = bytearray()
+    async for chunk in stream.iter_any():
+        start, search = 0, len(buf)  # only the new bytes can hold a new line end
+        buf += chunk
+        while (end := buf.find(b"\n", search)) != -1:
+            if end - start > limit:
+                raise _too_large(upstream, limit)
+            yield bytes(buf[start:end]).rstrip(b"\r")
+            start = search = end + 1
+        del buf[:start]
+        if len(buf) > limit:
+            raise _too_large(upstream, limit)
+    if buf:
+        yield bytes(buf).rstrip(b"\r")
+    yield b""

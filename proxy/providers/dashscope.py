@@ -41,9 +41,10 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
+from ..cpu import run_cpu
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..request import ImageRequest
-from .base import Capabilities, GeneratedImage
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
 from .dashscope_convert import (
     KIND,
     TERMINAL_STATES,
@@ -102,24 +103,26 @@ class DashScopeProvider(VendorProvider):
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         model = route.model or req.model
         deadline = time.monotonic() + (route.timeout or self.default_timeout)
+        max_bytes = answer_limit(req)  # of each answer (DashScope answers with image URLs: far less)
         if req.is_edit:
             # Megabytes of base64 and JSON: built off the event loop. Edits have the sync endpoint only.
             body = await asyncio.to_thread(edit_json, req, model)
-            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, body)
+            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, body)
             self._raise_for(status, payload, retry_after)
             return self._images(payload)
         mode = resolve_mode(self.mode, model)
         body = to_native(req, model, mode=mode, sizes=self.sizes)
         if mode == "sync":
-            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, body)
+            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, body)
             self._raise_for(status, payload, retry_after)
             return self._images(payload)
 
-        status, payload, retry_after = await self._call("POST", ASYNC_PATH, deadline, body, asynchronous=True)
+        status, payload, retry_after = await self._call("POST", ASYNC_PATH, deadline, max_bytes, body,
+                                                        asynchronous=True)
         self._raise_for(status, payload, retry_after)
         task_id = task_id_of(payload)
         try:
-            payload = await self._wait(task_id, deadline)
+            payload = await self._wait(task_id, deadline, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline) or given up: nobody will collect this task.
             self._cancel_later(task_id)
@@ -142,9 +145,11 @@ class DashScopeProvider(VendorProvider):
             headers["X-DashScope-Async"] = "enable"
         return headers
 
-    async def _call(self, method: str, path: str, deadline: float, body: dict | bytes | None = None,
+    async def _call(self, method: str, path: str, deadline: float, max_bytes: int,
+                    body: dict | bytes | None = None,
                     asynchronous: bool = False) -> tuple[int, Any, float | None]:
-        """One HTTP call; `body` is a JSON object, or JSON already encoded."""
+        """One HTTP call; `body` is a JSON object, or JSON already encoded; an answer over max_bytes is an
+        UpstreamError."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("DashScope did not finish in time")
@@ -156,14 +161,15 @@ class DashScopeProvider(VendorProvider):
             send = {"json": body}
         try:
             async with self.http.request(method, f"{self.base_url}{path}", **send, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=remaining)) as resp:
-                raw = await resp.read()
+                                         timeout=aiohttp.ClientTimeout(total=remaining),
+                                         allow_redirects=False) as resp:
+                raw = await read_answer(resp, max_bytes, "DashScope")
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from DashScope within {remaining:.3g} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach DashScope ({type(e).__name__})") from None
-        payload = json_or_none(raw)
+        payload = await run_cpu(len(raw), json_or_none, raw)
         if payload is None and status < 400:
             raise UpstreamError(f"DashScope answered HTTP {status} with a body that is not JSON")
         return status, payload, retry_after
@@ -173,13 +179,14 @@ class DashScopeProvider(VendorProvider):
         if error is not None:
             raise self._redacted(error)
 
-    async def _wait(self, task_id: str, deadline: float) -> dict:
+    async def _wait(self, task_id: str, deadline: float, max_bytes: int) -> dict:
         """Poll the task until it ends (its payload); backs off from poll_interval to poll_max_interval."""
         interval, failures = self.poll_interval, 0
         while True:
             wait = interval
             try:
-                status, payload, retry_after = await self._call("GET", f"/tasks/{task_id}", deadline)
+                status, payload, retry_after = await self._call("GET", f"/tasks/{task_id}", deadline,
+                                                                max_bytes)
                 self._raise_for(status, payload, retry_after)
                 state = task_status_of(payload)
             except UpstreamTimeout:
@@ -206,7 +213,7 @@ class DashScopeProvider(VendorProvider):
         """POST /tasks/{id}/cancel, best effort: DashScope cancels only tasks still PENDING."""
         try:
             deadline = time.monotonic() + CANCEL_TIMEOUT
-            status, payload, _ = await self._call("POST", f"/tasks/{task_id}/cancel", deadline)
+            status, payload, _ = await self._call("POST", f"/tasks/{task_id}/cancel", deadline, SMALL_ANSWER)
             if error_from_payload(status, payload) is None:
                 log.info("%s: cancelled DashScope task %s", self.name, task_id)
             else:

@@ -33,6 +33,7 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clip,
 )
 from ..request import ImageRequest
 from ..sizing import parse_pixels
@@ -316,8 +317,8 @@ def error_from_payload(status: int, payload: Any, retry_after: float | None = No
     """
     code = payload.get("code") if isinstance(payload, dict) else None
     message = payload.get("message") if isinstance(payload, dict) else None
-    code = str(code) if code else ""
-    message = str(message) if message else ""
+    code = clip(str(code), 100) if code else ""
+    message = clip(str(message)) if message else ""
     if status < 400 and not code:
         return None
     detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
@@ -327,7 +328,7 @@ def error_from_payload(status: int, payload: Any, retry_after: float | None = No
 def task_error(output: dict) -> ProxyError:
     """A task that ended without images (FAILED, CANCELED, UNKNOWN): the client's fault or retryable."""
     status = str(output.get("task_status") or "FAILED").upper()
-    code, message = str(output.get("code") or ""), str(output.get("message") or "")
+    code, message = clip(str(output.get("code") or ""), 100), clip(str(output.get("message") or ""))
     if status == "UNKNOWN":
         return UpstreamError("the DashScope task is unknown (expired or lost)")
     if status == "CANCELED":

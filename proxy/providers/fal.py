@@ -25,7 +25,7 @@ import aiohttp
 from ..config import RouteConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..request import ImageRequest
-from .base import Capabilities, GeneratedImage
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
 from .fal_convert import (
     EDIT_IMAGE_FIELDS,
     NATIVE_FORMATS,
@@ -97,20 +97,22 @@ class FalProvider(VendorProvider):
             body = await asyncio.to_thread(edit_json, req, model, self.edit_image_field)
         else:
             body = json.dumps(to_native(req)).encode()
-        status, payload, headers = await self._call("POST", f"{self.base_url}/{model}", deadline, body=body)
+        max_bytes = answer_limit(req)  # of each answer: the result may carry the images (sync_mode)
+        status, payload, headers = await self._call("POST", f"{self.base_url}/{model}", deadline, max_bytes,
+                                                    body)
         if status >= 400:
             raise self._redacted(error_from_status(status, payload, headers))
         if payload is None:
             raise UpstreamError(f"fal answered the submit with HTTP {status} and a body that is not JSON")
         handle = queue_handle(payload, self.base_url, model)
         try:
-            failed = await self._wait(handle, deadline, limit)
+            failed = await self._wait(handle, deadline, limit, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline), timed out or failed while the job may still run:
             # tell fal to drop it, from a task of its own (this one is being cancelled), then go on.
             self._cancel_later(handle)
             raise
-        status, result, headers = await self._call("GET", handle.response_url, deadline)
+        status, result, headers = await self._call("GET", handle.response_url, deadline, max_bytes)
         if status >= 400:
             raise self._redacted(error_from_status(status, result, headers))
         if failed:
@@ -119,7 +121,7 @@ class FalProvider(VendorProvider):
             raise UpstreamError(f"fal answered the result with HTTP {status} and a body that is not JSON")
         return from_native(result, req)
 
-    async def _wait(self, handle: QueueHandle, deadline: float, limit: float) -> dict | None:
+    async def _wait(self, handle: QueueHandle, deadline: float, limit: float, max_bytes: int) -> dict | None:
         """Poll the status with backoff until COMPLETED: None, or the status answer when the request failed."""
         loop = asyncio.get_running_loop()
         interval, failures = self.poll_interval, 0
@@ -127,12 +129,12 @@ class FalProvider(VendorProvider):
             if loop.time() >= deadline:
                 raise UpstreamTimeout(f"fal did not finish within {limit:.3g} s")
             try:
-                status, payload, headers = await self._call("GET", handle.status_url, deadline)
+                status, payload, headers = await self._call("GET", handle.status_url, deadline, max_bytes)
             except UpstreamTimeout:
                 raise
-            except UpstreamError:  # cannot reach fal for now
+            except UpstreamError as e:  # cannot reach fal for now
                 failures += 1
-                if failures > MAX_POLL_FAILURES:
+                if failures > MAX_POLL_FAILURES or not e.retry_same_route:
                     raise
             else:
                 if status >= 400:
@@ -148,16 +150,18 @@ class FalProvider(VendorProvider):
             await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
             interval = min(interval * 1.5, self.poll_max_interval)
 
-    async def _call(self, method: str, url: str, deadline: float, body: bytes | None = None) -> tuple[int, Any, Any]:
-        """One HTTP call; `body` is JSON already encoded."""
+    async def _call(self, method: str, url: str, deadline: float, max_bytes: int,
+                    body: bytes | None = None) -> tuple[int, Any, Any]:
+        """One HTTP call; `body` is JSON already encoded; an answer over max_bytes is an UpstreamError."""
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise UpstreamTimeout("the route's time ran out before fal answered")
         timeout = aiohttp.ClientTimeout(total=min(CALL_TIMEOUT, remaining))
         headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
         try:
-            async with self.http.request(method, url, data=body, headers=headers, timeout=timeout) as resp:
-                raw = await resp.read()
+            async with self.http.request(method, url, data=body, headers=headers, timeout=timeout,
+                                         allow_redirects=False) as resp:
+                raw = await read_answer(resp, max_bytes, "fal")
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from fal within {timeout.total:.3g} s") from None
@@ -173,9 +177,10 @@ class FalProvider(VendorProvider):
 
     async def _cancel(self, handle: QueueHandle) -> None:
         try:
-            async with self.http.put(handle.cancel_url, headers=self._headers,
+            async with self.http.put(handle.cancel_url, headers=self._headers, allow_redirects=False,
                                      timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
-                await resp.read()
+                await read_answer(resp, SMALL_ANSWER, "fal")
                 log.info("fal request %s: cancel answered HTTP %d", handle.request_id, resp.status)
-        except (TimeoutError, aiohttp.ClientError, RuntimeError) as e:  # RuntimeError: the session closed
+        # RuntimeError: the session closed; UpstreamError: a redirect, or an answer past the limit
+        except (TimeoutError, aiohttp.ClientError, RuntimeError, UpstreamError) as e:
             log.info("fal request %s: cancel failed (%s)", handle.request_id, type(e).__name__)

@@ -29,6 +29,7 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clip,
     retry_after_from_headers,
 )
 from ..request import SEED_MAX, ImageRequest
@@ -62,7 +63,6 @@ TIMEOUT_ERROR_TYPES = frozenset({"request_timeout", "startup_timeout"})
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,200}")
-_MAX_MESSAGE = 500
 
 
 def app_id(model: str) -> str:
@@ -203,18 +203,13 @@ def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE - 3] + "..."
-
-
 def describe_detail(payload: Any) -> tuple[str, str | None]:
     """fal's `detail` (a string, or FastAPI's list of {loc, msg, type}) -> (message, the proxy's param)."""
     detail = payload.get("detail") if isinstance(payload, dict) else None
     if detail is None and isinstance(payload, dict):
         detail = payload.get("error") or payload.get("message")
     if isinstance(detail, str):
-        return _clip(detail), None
+        return clip(detail), None
     if isinstance(detail, dict):
         detail = [detail]
     if not isinstance(detail, list):
@@ -231,7 +226,7 @@ def describe_detail(payload: Any) -> tuple[str, str | None]:
         parts.append(f"{where}: {msg}" if where else msg)
         if param is None and loc and isinstance(loc[0], str):
             param = PARAM_NAMES.get(loc[0], loc[0])
-    return _clip("; ".join(parts)), param
+    return clip("; ".join(parts)), param
 
 
 def error_from_status(status: int, payload: Any, headers: Any = None) -> ProxyError:
@@ -266,7 +261,7 @@ def failed_request_error(status_payload: Any) -> ProxyError:
     """A COMPLETED status with an `error` whose result did not say more."""
     error = status_payload.get("error") if isinstance(status_payload, dict) else None
     error_type = status_payload.get("error_type") if isinstance(status_payload, dict) else None
-    text = _clip(str(error)) if error else "no reason given"
+    text = clip(str(error)) if error else "no reason given"
     if error_type:
         text = f"{error_type}: {text}"
     if error_type in TIMEOUT_ERROR_TYPES:

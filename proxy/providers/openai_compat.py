@@ -19,12 +19,21 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clip,
     redact,
     retry_after_from_headers,
 )
 from ..partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import (
+    Capabilities,
+    GeneratedImage,
+    Provider,
+    ProviderContext,
+    answer_limit,
+    answer_lines,
+    read_answer,
+)
 from .extras import extras_for
 
 # Request fields sent when set; everything the proxy does not know rides along in req.extra.
@@ -89,11 +98,12 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
     """An upstream's OpenAI image stream: partial images go on to the client's stream as they come,
     completed events become the route's images, an error event is the route's failure."""
     images: list[GeneratedImage] = []
-    async for event in _sse_events(resp.content):
+    async for event in _sse_events(resp.content, answer_limit(req)):
         kind = str(event.get("type") or "")
         if "error" in event and not kind.endswith((".partial_image", ".completed")):
             err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
-            raise redacted(UpstreamError(f"the upstream's stream failed: {err.get('message') or err}"))
+            message = clip(str(err.get("message") or err))
+            raise redacted(UpstreamError(f"the upstream's stream failed: {message}"))
         b64 = event.get("b64_json")
         if not isinstance(b64, str) or not b64:
             continue
@@ -110,34 +120,24 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
     return images
 
 
-async def _lines(stream: aiohttp.StreamReader):
-    """Lines of any length (aiohttp's own line reader refuses the megabyte lines of a completed image)."""
-    buf = bytearray()
-    async for chunk in stream.iter_any():
-        start, search = 0, len(buf)  # only the new bytes can hold a new line end
-        buf += chunk
-        while (end := buf.find(b"\n", search)) != -1:
-            yield bytes(buf[start:end]).rstrip(b"\r")
-            start = search = end + 1
-        del buf[:start]
-    if buf:
-        yield bytes(buf).rstrip(b"\r")
-    yield b""
-
-
-async def _sse_events(stream: aiohttp.StreamReader):
-    """The JSON data of each server-sent event (comments and keep-alives skipped)."""
+async def _sse_events(stream: aiohttp.StreamReader, limit: int):
+    """The JSON data of each server-sent event (comments and keep-alives skipped), each of `limit` bytes
+    at most."""
     data: list[bytes] = []
-    async for line in _lines(stream):
+    size = 0
+    async for line in answer_lines(stream, limit):
         if not line:
             if data:
                 payload = _json_or_none(b"\n".join(data))
-                data = []
+                data, size = [], 0
                 if isinstance(payload, dict):
                     yield payload
             continue
         if line.startswith(b"data:"):
             data.append(line[5:].lstrip())
+            size += len(line)
+            if size > limit:
+                raise UpstreamError(f"an event of the upstream's stream is over the {limit} byte limit")
 
 
 def _b64decode(text: str) -> bytes | None:
@@ -151,9 +151,10 @@ def error_from_status(status: int, payload: Any, retry_after: float | None) -> P
     """Map an upstream HTTP error to ours: client faults return at once, the rest fall back."""
     err = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(err, dict):
-        message, param = str(err.get("message") or err.get("code") or ""), err.get("param")
+        message, param = clip(str(err.get("message") or err.get("code") or "")), err.get("param")
+        param = clip(param, 100) if isinstance(param, str) else None
     else:
-        message, param = (str(err) if err else ""), None
+        message, param = (clip(str(err)) if err else ""), None
     detail = f"HTTP {status}" + (f": {message}" if message else "")
     if status in (400, 422):
         return InvalidRequest(f"The upstream rejected the request ({detail})", param=param)
@@ -297,11 +298,12 @@ class OpenAICompatProvider(Provider):
         else:
             url, send = f"{self.base_url}/images/generations", {"json": body}
         try:
-            async with self.http.post(url, headers=headers, timeout=timeout, **send) as resp:
+            async with self.http.post(url, headers=headers, timeout=timeout, allow_redirects=False,
+                                      **send) as resp:
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
-                if status < 400 and resp.content_type == "text/event-stream":
+                if status < 300 and resp.content_type == "text/event-stream":
                     return await read_event_stream(resp, req, self._redacted)
-                raw = await resp.read()
+                raw = await read_answer(resp, answer_limit(req))
         except TimeoutError:
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:

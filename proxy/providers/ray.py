@@ -26,6 +26,7 @@ ray_replies converts what comes back.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -37,7 +38,15 @@ from ..config import RouteConfig
 from ..errors import InvalidRequest, UpstreamError
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import (
+    SMALL_ANSWER,
+    Capabilities,
+    GeneratedImage,
+    Provider,
+    ProviderContext,
+    answer_limit,
+    read_answer,
+)
 from .local import request_tier, to_params
 from .ray_replies import images_from_reply, reencode, unb64
 from .ray_transport import app_status, call_handle, call_http, connect, disconnect
@@ -312,15 +321,16 @@ class RayProvider(Provider):
     async def _poll_http(self) -> None:
         url = f"{self.http_url}{self.route_prefix}/stats"
         try:
-            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT)) as resp:
+            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT),
+                                      allow_redirects=False) as resp:
                 if resp.status == 404:
                     self._set(None, f"the Ray pool's HTTP ingress has no application at {self.route_prefix}")
                     return
-                body = await resp.json() if resp.status == 200 else None
+                body = json.loads(await read_answer(resp, SMALL_ANSWER)) if resp.status == 200 else None
         except (aiohttp.ClientConnectionError, OSError) as e:
             self._set(None, f"the Ray pool's HTTP ingress at {self.http_url} does not answer ({type(e).__name__})")
             return
-        except (TimeoutError, aiohttp.ClientError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, UpstreamError):
             body = None  # busy (the call waits for a free replica like any request): still there
         if isinstance(body, dict) and isinstance(body.get("replicas"), dict):
             self._update(body["replicas"])
@@ -385,7 +395,7 @@ class RayProvider(Provider):
             reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
         else:
             reply = await call_http(self._http, f"{self.http_url}{self.route_prefix}", wire,
-                                    on_partial if emit else None)
+                                    on_partial if emit else None, answer_limit(req))
         return self._images(reply, req, revised)
 
     async def _chat_rewrite(self, req: ImageRequest, wire: dict) -> str | None:

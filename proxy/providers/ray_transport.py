@@ -12,6 +12,7 @@ import threading
 import aiohttp
 
 from ..errors import ProxyError, UpstreamError
+from .base import answer_lines, read_answer
 from .ray_replies import http_error, ray_error
 
 log = logging.getLogger(__name__)
@@ -104,17 +105,19 @@ async def call_handle(handle, wire: dict, on_partial, name: str) -> dict:
         raise error from None
 
 
-async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial) -> dict:
-    """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first."""
+async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial, max_bytes: int) -> dict:
+    """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first.
+    The reply (each line of a stream) may take max_bytes."""
     from local_backend.ray_wire import wire_to_json
 
     body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
                                                         "stream": on_partial is not None}))
     try:
         # Leaving this block early (cancelled) closes the connection: Serve cancels the replica's job.
-        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"},
+                             allow_redirects=False) as resp:
             if on_partial is None or resp.status != 200:
-                text = await resp.read()
+                text = await read_answer(resp, max_bytes, "the Ray pool's HTTP ingress")
                 try:
                     reply = json.loads(text)
                 except ValueError:
@@ -123,7 +126,7 @@ async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partia
                     raise http_error(resp.status, resp.headers)
                 return reply
             reply = None
-            async for line in resp.content:
+            async for line in answer_lines(resp.content, max_bytes, "the Ray pool's HTTP ingress"):
                 if not line.strip():
                     continue
                 event = json.loads(line)

@@ -19,9 +19,10 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
+from ..cpu import run_cpu
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..request import ImageRequest
-from .base import Capabilities, GeneratedImage
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
 from .replicate_convert import (
     TERMINAL,
     compression_applied,
@@ -100,13 +101,15 @@ class ReplicateProvider(VendorProvider):
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         data = await asyncio.to_thread(json.dumps, body) if req.is_edit else json.dumps(body)
-        status, payload, retry_after = await self._call("POST", url, data.encode(), headers, limit, "create")
+        max_bytes = answer_limit(req)  # of each answer: a prediction may carry its output as data URIs
+        status, payload, retry_after = await self._call("POST", url, data.encode(), headers, limit, "create",
+                                                        max_bytes)
         if status >= 300:
             raise self._redacted(error_from_status(status, payload, retry_after, req))
         if not isinstance(payload, dict):
             raise UpstreamError(f"the upstream answered HTTP {status} with a body that is not a prediction")
         try:
-            prediction = await self._wait(payload, end)
+            prediction = await self._wait(payload, end, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline), timed out or polling broke: stop paying for it.
             self._cancel_later(payload)
@@ -117,20 +120,20 @@ class ReplicateProvider(VendorProvider):
             raise self._redacted(e) from None
 
     async def _call(self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: float,
-                    what: str) -> tuple[int, Any, float | None]:
+                    what: str, max_bytes: int) -> tuple[int, Any, float | None]:
         """One HTTP call; `body` is JSON already encoded (the headers say application/json)."""
         try:
-            async with self.http.request(method, url, data=body, headers=headers,
+            async with self.http.request(method, url, data=body, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                raw = await resp.read()
+                raw = await read_answer(resp, max_bytes)
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
         except TimeoutError:
             raise UpstreamTimeout(f"no answer to the {what} call within {timeout:.3g} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
-        return status, json_or_none(raw), retry_after
+        return status, await run_cpu(len(raw), json_or_none, raw), retry_after
 
-    async def _wait(self, prediction: dict[str, Any], end: float) -> dict[str, Any]:
+    async def _wait(self, prediction: dict[str, Any], end: float, max_bytes: int) -> dict[str, Any]:
         """Poll until the prediction ends; exponential backoff, bounded by `end` (loop time)."""
         loop = asyncio.get_running_loop()
         get_url = None
@@ -145,10 +148,11 @@ class ReplicateProvider(VendorProvider):
             delay = min(delay * 2, self.poll_max_interval)
             try:
                 status, payload, retry_after = await self._call(
-                    "GET", get_url, None, self._headers(), max(0.1, min(30.0, end - loop.time())), "poll")
+                    "GET", get_url, None, self._headers(), max(0.1, min(30.0, end - loop.time())), "poll",
+                    max_bytes)
             except UpstreamError as e:  # connection error or a slow answer: try again a few times
                 errors += 1
-                if errors >= MAX_POLL_ERRORS:
+                if errors >= MAX_POLL_ERRORS or not e.retry_same_route:
                     raise self._redacted(e) from None
                 continue
             if status >= 300:
@@ -182,9 +186,11 @@ class ReplicateProvider(VendorProvider):
 
     async def _cancel(self, url: str) -> None:
         try:
-            async with self.http.post(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10)) as r:
-                await r.read()
+            async with self.http.post(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10),
+                                      allow_redirects=False) as r:
+                await read_answer(r, SMALL_ANSWER)
                 if r.status >= 300:
                     log.warning("provider %s: cancelling a prediction answered HTTP %d", self.name, r.status)
-        except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:  # RuntimeError: session closed
+        # RuntimeError: the session closed; UpstreamError: a redirect, or an answer past the limit
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, UpstreamError) as e:
             log.warning("provider %s: cancelling a prediction failed (%s)", self.name, type(e).__name__)

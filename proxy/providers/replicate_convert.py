@@ -27,6 +27,7 @@ from ..errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    clip,
 )
 from ..request import SEED_MAX, ImageRequest
 from .base import GeneratedImage
@@ -75,7 +76,6 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SEED_LOG = re.compile(r"Using seed:\s*(\d{1,20})")
 _THROTTLE_WAIT = re.compile(r"available in (\d+(?:\.\d+)?) seconds?")
 _INPUT_FIELD = re.compile(r"\binput\.([A-Za-z_][A-Za-z0-9_]*)")
-_MAX_TEXT = 500
 
 
 def nearest_aspect_ratio(width: int, height: int) -> str:
@@ -197,9 +197,7 @@ def seed_from_logs(logs: Any) -> int | None:
 
 
 def short_text(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
+    return clip(value if isinstance(value, str) else json.dumps(value, default=str))
 
 
 def failure_error(prediction: dict[str, Any]) -> ProxyError:
