@@ -38,7 +38,7 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
 
     from local_backend import Engine, EngineError
 
-    from .providers.local import engine_config, to_params
+    from .providers.local_convert import engine_config, to_params
 
     fmt = _FORMATS.get(Path(args.output).suffix.lower())
     if fmt is None:

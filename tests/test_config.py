@@ -490,7 +490,8 @@ def test_diffusers_options_are_the_engine_config_and_the_provider_options():
 
     from local_backend.config import DTYPES, OFFLOAD_MODES, EngineConfig
     from local_backend.loading import QUANTIZATIONS
-    from proxy.providers.local import _PROVIDER_OPTIONS, LocalProvider
+    from proxy.providers.local import LocalProvider
+    from proxy.providers.local_convert import _PROVIDER_OPTIONS
 
     schema = LocalProvider.options_schema
     assert set(schema) == {f.name for f in fields(EngineConfig)} | _PROVIDER_OPTIONS

@@ -23,7 +23,7 @@ from local_backend import accel as accel_module  # noqa: E402
 from local_backend.accel_options import DEFAULT_QUANT_SKIP, parse_cache, parse_compile, quant_skip  # noqa: E402
 from local_backend.tiers import choose_tier  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
-from proxy.providers.local import engine_config  # noqa: E402
+from proxy.providers.local_convert import engine_config  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
 from .local_helpers import make_lora_file, submit_while_held  # noqa: E402

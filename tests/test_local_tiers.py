@@ -17,7 +17,7 @@ from local_backend import Engine, EngineConfig, EngineError, GenerationParams, I
 from local_backend.config import TierSpec  # noqa: E402
 from local_backend.tiers import choose_tier, parse_tiers, tier_summary  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
-from proxy.providers.local import engine_config  # noqa: E402
+from proxy.providers.local_convert import engine_config  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
 from .local_helpers import make_lora_file, submit_while_held  # noqa: E402

@@ -1,106 +1,30 @@
 """The `diffusers` kind: an in-process Qwen-Image pipeline (local_backend) behind the proxy.
 
 torch and diffusers are imported only when a config uses this kind.
+
+The pure converters (engine_config, request_tier, to_params, decode_inputs, encode_all,
+weights_problem) live in local_convert.py; LocalProvider is the thin async I/O around the engine:
+loading, warnings, the queue, generating, the chat rewrite. PartialSender stays here: it hands
+previews to an encoding thread and emits them onto the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
-from typing import Any
 
 from .. import enhance
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..output import MIME, encode_image
 from ..partials import PartialImage, threadsafe_emitter
-from ..request import ImageRequest, InputImage
+from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
 
 log = logging.getLogger(__name__)
-
-# Options that belong to the provider, not to the engine.
-_PROVIDER_OPTIONS = {"timeout", "load_in_background"}
-
-
-def engine_config(options: dict[str, Any]):
-    """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
-    from local_backend import EngineConfig, EngineError
-    from local_backend.accel_options import validate as validate_accel
-    from local_backend.config import plain_options
-    from local_backend.tiers import parse_tiers
-
-    known = {f.name for f in fields(EngineConfig)}
-    unknown = set(options) - known - _PROVIDER_OPTIONS
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    values = plain_options({k: v for k, v in options.items() if k in known})
-    if "prompt_enhancement" in values:  # with: text_encoder -> the engine's; with: chat -> the provider's
-        values["prompt_enhancement"] = enhance.engine_spec(enhance.parse_options(values["prompt_enhancement"]))
-    config = EngineConfig(**values)
-    try:
-        parse_tiers(config)  # a bad tier is a config error now, not at load
-        validate_accel(config)  # so is a bad speed option (compile, cache, attention_backend)
-    except EngineError as e:
-        raise ValueError(str(e)) from None
-    return config
-
-
-def request_tier(req: ImageRequest, config) -> str | None:
-    """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
-    use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
-    from local_backend.tiers import choose_tier
-
-    return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
-                       use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
-
-
-def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None, tier=None):
-    """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
-    input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
-    request_tier()'s answer."""
-    from local_backend import GenerationParams, LoraSpec
-
-    return GenerationParams(
-        prompt=req.prompt,
-        width=req.width,
-        height=req.height,
-        negative_prompt=req.negative_prompt,
-        num_inference_steps=req.num_inference_steps,
-        cfg_scale=req.cfg_scale,
-        seed=req.seed,
-        n=req.n,
-        loras=[LoraSpec(lora.path, lora.scale) for lora in req.loras],
-        on_step=on_step,
-        images=list(images),
-        mask=mask,
-        partial_images=(req.partial_images or 0) if on_partial is not None else 0,
-        on_partial=on_partial,
-        tier=tier,
-        acceleration=req.extra.get("acceleration"),  # the cache level, when the engine has a cache
-        prompt_enhancement=enhance.requested(req.prompt_enhancement),
-    )
-
-
-def decode_inputs(req: ImageRequest):
-    """The request's input images and mask as Pillow images (CPU work: run it off the event loop)."""
-    from PIL import Image
-
-    def decode(item: InputImage, param: str):
-        try:
-            image = Image.open(io.BytesIO(item.data))
-            image.load()
-        except Exception as e:  # checked at parse time, so this is rare: still the client's input
-            raise InvalidRequest(f"the {param} could not be decoded: {type(e).__name__}", param=param) from None
-        return image
-
-    return [decode(item, "image") for item in req.images], (
-        decode(req.mask, "mask") if req.mask is not None else None
-    )
 
 
 class PartialSender:
@@ -135,33 +59,6 @@ class PartialSender:
     async def wait(self) -> None:
         if self._last is not None:  # one thread, in order: the last one done means all are
             await asyncio.wait([asyncio.wrap_future(self._last)])
-
-
-def _weights_problem(config) -> str | None:
-    """Whether the weights are on disk, when they may not be downloaded."""
-    from pathlib import Path
-
-    from local_backend.loading import local_files_only
-
-    model = config.model
-    if model in ("tiny", "tiny-edit") or not local_files_only(config):
-        return None
-    if Path(model).expanduser().is_dir():
-        return None if (Path(model).expanduser() / "model_index.json").is_file() else (
-            f"{model} has no model_index.json (not a diffusers pipeline folder)")
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            return None
-    except ValueError:  # not a repo id either
-        return f"{model} is neither a pipeline folder nor a Hugging Face repo id"
-    return (f"the weights of {model} are not in the Hugging Face cache "
-            f"(run `hf download {model}`, or set local_files_only: false)")
-
-
-def _encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
-    return [encode_image(im, fmt, compression) for im in images]
 
 
 class LocalProvider(Provider):
@@ -308,7 +205,7 @@ class LocalProvider(Provider):
 
         self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
         problems = static_problems(self.config, device)
-        return problems[0] if problems else _weights_problem(self.config)
+        return problems[0] if problems else weights_problem(self.config)
 
     def preflight(self) -> str | None:
         if self.config is None:
@@ -406,7 +303,7 @@ class LocalProvider(Provider):
         if sender is not None:  # every preview before the final images
             await sender.wait()
         fmt = req.output_format or "png"
-        datas = await asyncio.to_thread(_encode_all, result.images, fmt, req.output_compression)
+        datas = await asyncio.to_thread(encode_all, result.images, fmt, req.output_compression)
         return [
             GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
                            revised_prompt=result.revised_prompt or revised,

@@ -9,8 +9,8 @@ The proxy reaches it one of two ways:
 
 `transport: auto` (the default) takes the handle when `ray` is installed and the cluster answers, else
 the HTTP ingress when `http_url` is set. Either way a request is the local route's request
-(proxy.providers.local.to_params, then local_backend.ray_wire.params_to_wire): every field, LoRAs,
-edits, seeds (image i gets seed + i), partial images; the replica answers PNG images, which the
+(proxy.providers.local_convert.to_params, then local_backend.ray_wire.params_to_wire): every field,
+LoRAs, edits, seeds (image i gets seed + i), partial images; the replica answers PNG images, which the
 proxy converts like any route's. Cancelling the call (deadline, client gone) cancels the replica's
 job; a full engine queue is a 429 with Retry-After; a replica that dies with the request is a
 retryable failure, so the router tries again and Serve picks a live replica.
@@ -20,7 +20,8 @@ this provider checks them and `ray-serve` deploys them; they must match what was
 
 This module holds the provider: its options, the pool's status and replica stats, and the request's
 way through; ray_transport reaches the pool (the connection, one call over either transport) and
-ray_replies converts what comes back.
+ray_convert holds the pure conversions (the request -> the replica's wire dict, what comes back -> images
+or errors).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import aiohttp
 
 from .. import enhance
 from ..config import RouteConfig
-from ..errors import InvalidRequest, UpstreamError
+from ..errors import UpstreamError
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
 from .base import (
@@ -47,8 +48,7 @@ from .base import (
     answer_limit,
     read_answer,
 )
-from .local import request_tier, to_params
-from .ray_replies import images_from_reply, reencode, unb64
+from .ray_convert import images_from_reply, reencode, to_wire, unb64
 from .ray_transport import app_status, call_handle, call_http, connect, disconnect
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,6 @@ CLIENT_OPTIONS = ("address", "app_name", "http_url", "route_prefix", "transport"
                   "status_interval")
 # Seconds one status probe may take before the proxy stops waiting for it.
 _PROBE_TIMEOUT = 5.0
-
-
-class _Partials:
-    """Marks that a request wants previews: to_params keeps partial_images only with an on_partial."""
-
-    def __call__(self, *args) -> None:  # never called here: the replica makes its own
-        pass
 
 
 class RayProvider(Provider):
@@ -359,29 +352,13 @@ class RayProvider(Provider):
 
     # ----- generating -----
 
-    def wire(self, req: ImageRequest, route: RouteConfig, partials: bool) -> dict:
-        """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
-        quality / use_turbo / acceleration pick included), input images as sent."""
-        from local_backend import InvalidParamsError
-        from local_backend.ray_wire import params_to_wire
-
-        try:
-            tier = request_tier(req, self.engine_config)
-        except InvalidParamsError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
-        params = to_params(req, images=[im.data for im in req.images],
-                           mask=req.mask.data if req.mask is not None else None,
-                           on_partial=_Partials() if partials else None, tier=tier)
-        # The queue drops a job that waits past the route's time (the router cancels it at the request's).
-        params.deadline = time.monotonic() + (route.timeout or self.default_timeout)
-        return params_to_wire(params)
-
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         if self.transport is None or (self.transport == "handle" and self._handle is None):
             raise UpstreamError(f"the Ray pool is not connected ({self.unavailable_reason})")
         emit = threadsafe_emitter() if req.partial_images else None
         fmt = req.output_format or "png"
-        wire = self.wire(req, route, partials=emit is not None)
+        wire = to_wire(req, self.engine_config, route.timeout or self.default_timeout,
+                       partials=emit is not None)
         revised = await self._chat_rewrite(req, wire)
 
         async def on_partial(p: dict) -> None:

@@ -13,7 +13,7 @@ import aiohttp
 
 from ..errors import ProxyError, UpstreamError
 from .base import answer_lines, read_answer
-from .ray_replies import http_error, ray_error
+from .ray_convert import http_error, ray_error
 
 log = logging.getLogger(__name__)
 

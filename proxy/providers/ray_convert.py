@@ -1,5 +1,6 @@
-"""The `ray` kind's replies, converted (pure): a replica's reply -> images or the proxy's error, a failed
-Ray call or HTTP status -> the proxy's error, a partial's PNG -> the request's format.
+"""The `ray` kind's pure conversions: a request -> the replica's wire dict (the local route's mapping), a
+replica's reply -> images or the proxy's error, a failed Ray call or HTTP status -> the proxy's error, a
+partial's PNG -> the request's format.
 
 The replies are local_backend.ray_wire's plain data; over HTTP their bytes are base64 text.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 
 from ..errors import (
     InvalidRequest,
@@ -20,6 +22,33 @@ from ..errors import (
 )
 from ..request import ImageRequest
 from .base import GeneratedImage
+from .local_convert import request_tier, to_params
+
+
+class _Partials:
+    """Marks that a request wants previews: to_params keeps partial_images only with an on_partial."""
+
+    def __call__(self, *args) -> None:  # never called here: the replica makes its own
+        pass
+
+
+def to_wire(req: ImageRequest, config, timeout: float, partials: bool) -> dict:
+    """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
+    quality / use_turbo / acceleration pick included), input images as sent. `config` is the pool's
+    local_backend.EngineConfig, `timeout` the route's time."""
+    from local_backend import InvalidParamsError
+    from local_backend.ray_wire import params_to_wire
+
+    try:
+        tier = request_tier(req, config)
+    except InvalidParamsError as e:
+        raise InvalidRequest(str(e), param=e.param) from None
+    params = to_params(req, images=[im.data for im in req.images],
+                       mask=req.mask.data if req.mask is not None else None,
+                       on_partial=_Partials() if partials else None, tier=tier)
+    # The queue drops a job that waits past the route's time (the router cancels it at the request's).
+    params.deadline = time.monotonic() + timeout
+    return params_to_wire(params)
 
 
 def ray_error(exc: BaseException) -> ProxyError:

@@ -1,0 +1,127 @@
+"""The `diffusers` kind's pure converters: models.yaml options -> local_backend.EngineConfig, an
+ImageRequest -> local_backend.GenerationParams (its speed tier and its input images decoded included),
+the engine's Pillow images -> encoded bytes, and whether the weights are on disk. No event loop here:
+LocalProvider (local.py) is the thin async I/O around them; the Ray pools (ray.py) and
+`qwen-image-proxy generate` use the same mapping.
+
+torch and diffusers are imported only when a config uses this kind: local_backend, Pillow and
+huggingface_hub are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import fields
+from typing import Any
+
+from .. import enhance
+from ..errors import InvalidRequest
+from ..output import encode_image
+from ..request import ImageRequest, InputImage
+
+# Options that belong to the provider, not to the engine.
+_PROVIDER_OPTIONS = {"timeout", "load_in_background"}
+
+
+def engine_config(options: dict[str, Any]):
+    """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
+    from local_backend import EngineConfig, EngineError
+    from local_backend.accel_options import validate as validate_accel
+    from local_backend.config import plain_options
+    from local_backend.tiers import parse_tiers
+
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = set(options) - known - _PROVIDER_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    values = plain_options({k: v for k, v in options.items() if k in known})
+    if "prompt_enhancement" in values:  # with: text_encoder -> the engine's; with: chat -> the provider's
+        values["prompt_enhancement"] = enhance.engine_spec(enhance.parse_options(values["prompt_enhancement"]))
+    config = EngineConfig(**values)
+    try:
+        parse_tiers(config)  # a bad tier is a config error now, not at load
+        validate_accel(config)  # so is a bad speed option (compile, cache, attention_backend)
+    except EngineError as e:
+        raise ValueError(str(e)) from None
+    return config
+
+
+def request_tier(req: ImageRequest, config) -> str | None:
+    """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
+    use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
+    from local_backend.tiers import choose_tier
+
+    return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
+                       use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
+
+
+def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None, tier=None):
+    """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
+    input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
+    request_tier()'s answer."""
+    from local_backend import GenerationParams, LoraSpec
+
+    return GenerationParams(
+        prompt=req.prompt,
+        width=req.width,
+        height=req.height,
+        negative_prompt=req.negative_prompt,
+        num_inference_steps=req.num_inference_steps,
+        cfg_scale=req.cfg_scale,
+        seed=req.seed,
+        n=req.n,
+        loras=[LoraSpec(lora.path, lora.scale) for lora in req.loras],
+        on_step=on_step,
+        images=list(images),
+        mask=mask,
+        partial_images=(req.partial_images or 0) if on_partial is not None else 0,
+        on_partial=on_partial,
+        tier=tier,
+        acceleration=req.extra.get("acceleration"),  # the cache level, when the engine has a cache
+        prompt_enhancement=enhance.requested(req.prompt_enhancement),
+    )
+
+
+def decode_inputs(req: ImageRequest):
+    """The request's input images and mask as Pillow images (CPU work: run it off the event loop)."""
+    from PIL import Image
+
+    def decode(item: InputImage, param: str):
+        try:
+            image = Image.open(io.BytesIO(item.data))
+            image.load()
+        except Exception as e:  # checked at parse time, so this is rare: still the client's input
+            raise InvalidRequest(f"the {param} could not be decoded: {type(e).__name__}", param=param) from None
+        return image
+
+    return [decode(item, "image") for item in req.images], (
+        decode(req.mask, "mask") if req.mask is not None else None
+    )
+
+
+def weights_problem(config) -> str | None:
+    """Whether the weights are on disk, when they may not be downloaded."""
+    from pathlib import Path
+
+    from local_backend.loading import local_files_only
+
+    model = config.model
+    if model in ("tiny", "tiny-edit") or not local_files_only(config):
+        return None
+    if Path(model).expanduser().is_dir():
+        return None if (Path(model).expanduser() / "model_index.json").is_file() else (
+            f"{model} has no model_index.json (not a diffusers pipeline folder)")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            return None
+    except ValueError:  # not a repo id either
+        return f"{model} is neither a pipeline folder nor a Hugging Face repo id"
+    return (f"the weights of {model} are not in the Hugging Face cache "
+            f"(run `hf download {model}`, or set local_files_only: false)")
+
+
+def encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
+    """The engine's images in the request's format (CPU work: run it off the event loop)."""
+    return [encode_image(im, fmt, compression) for im in images]
