@@ -137,8 +137,11 @@ class Gateway:
             if self._started:
                 return
             # No cookie jar: a cookie one upstream answer sets must not ride along on other clients' calls.
+            # No cap on connections (aiohttp's default is 100 at once): past it, slow generations would
+            # wait in the client for a connection, on their own timeout. Keys' concurrency limits apply.
             self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"},
-                                              cookie_jar=aiohttp.DummyCookieJar())
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              connector=aiohttp.TCPConnector(limit=0))
             await self.store.start()
             await self.state.start()
             if self.passthrough:

@@ -113,7 +113,7 @@ def _reason(e: OSError) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .app import GATEWAY, build_app
-    from .server import ConnectionLimits, all_loopback, run, tune_malloc
+    from .server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
 
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
@@ -143,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def serve_one(worker: str = "") -> None:
         tune_malloc()
+        raise_open_files_limit()
         app = build_app(config, providers=providers)
         run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
             on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker),

@@ -201,6 +201,20 @@ def tune_malloc() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024)
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each request in flight holds two sockets (the
+    client's and the upstream's), and a service manager's usual soft limit (1024) is reached at a few
+    hundred slow generations at once, where accepting fails. An operator's lower hard limit still holds."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _resident_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:

@@ -122,6 +122,9 @@ class FakeOpenAIUpstream:
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     failure: Failure | None = None
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
+    # Image calls being answered now, and the most there ever were at once.
+    in_flight: int = 0
+    most_in_flight: int = 0
     url: str = ""
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -240,6 +243,14 @@ class FakeOpenAIUpstream:
         return await self.generations(request, received)
 
     async def generations(self, request: web.Request, received: Received) -> web.Response:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._generations(request, received)
+        finally:
+            self.in_flight -= 1
+
+    async def _generations(self, request: web.Request, received: Received) -> web.Response:
         if self.delay:
             await asyncio.sleep(self.delay)
         body = received.json

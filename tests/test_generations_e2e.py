@@ -329,6 +329,19 @@ async def test_upstream_cookies_are_not_kept(start_proxy, tmp_path, fake_upstrea
     assert [call.headers.get("Cookie") for call in up.image_calls] == [None, None]
 
 
+async def test_many_slow_calls_reach_the_upstream_at_once(start_proxy, tmp_path, fake_upstream):
+    """No hidden cap on connections to an upstream: 150 slow generations in flight are 150 calls in flight
+    upstream, not 100 and a queue inside the HTTP client eating into each one's timeout."""
+    up = await fake_upstream(api_key="k", delay=1.5)
+    cfg = upstream_config(tmp_path, {"lumen": openai_provider(up, "k")}, ["lumen"])
+    _, client = await start_proxy(cfg)
+    calls = [client.images.generate(model="qwen-image", prompt=f"fox {i}", response_format="b64_json")
+             for i in range(150)]
+    results = await asyncio.gather(*calls)
+    assert all(decode(r.data[0].b64_json).size == (64, 64) for r in results)
+    assert len(up.image_calls) == 150 and up.most_in_flight == 150
+
+
 async def test_route_params_are_defaults(start_proxy, tmp_path, fake_upstream):
     a = await fake_upstream()
     b = await fake_upstream()

@@ -236,6 +236,31 @@ async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     return proc.returncode
 
 
+async def test_serve_lifts_the_open_files_limit(tmp_path):
+    """A service manager's soft limit on open files (1024 is usual) would stop accepting at a few hundred
+    slow generations in flight (two sockets each): `serve` raises it to the hard limit."""
+    import resource
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=low_soft_limit)
+    try:
+        await wait_listening(port, proc)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == ["4096", "4096"], row
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def test_sigterm_lets_in_flight_requests_finish(aiohttp_server, tmp_path):
     up = await SlowUpstream(delay=1.5).start(aiohttp_server)
     proc, port = start_serving(tmp_path, up.url, grace=10)
