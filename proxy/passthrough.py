@@ -110,10 +110,12 @@ class Passthrough:
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # No decompression and no cookie jar: bytes and headers go through as they are.
+        # No decompression and no cookie jar: bytes and headers go through as they are. No cap on
+        # connections: a long chat stream would otherwise hold one of aiohttp's default 100.
         self.http = aiohttp.ClientSession(
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.timeout),
         )
 

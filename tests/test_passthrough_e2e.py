@@ -99,6 +99,30 @@ async def test_chat_stream_is_not_buffered(start_proxy, tmp_path, upstream):
     assert upstream.calls_to("/chat/completions")[0].json["stream"] is True
 
 
+async def test_many_open_chat_streams_at_once(start_proxy, tmp_path, upstream):
+    """Long chat streams through passthrough are not capped in number (an HTTP client's usual 100
+    connections would hold the 101st until another stream ends)."""
+    upstream.stream_gate = asyncio.Event()
+    upstream.stream_chunks = 2
+    _, client = await start_proxy(pt_config(tmp_path, f"{upstream.url}/v1"))
+
+    async def chat(i):
+        stream = await client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                      messages=[{"role": "user", "content": f"hi {i}"}])
+        return [c.choices[0].delta.content async for c in stream]
+
+    chats = [asyncio.ensure_future(chat(i)) for i in range(120)]
+    for _ in range(100):  # every stream opens and holds after its first chunk, until the gate opens
+        if len(upstream.calls_to("/chat/completions")) == 120:
+            break
+        await asyncio.sleep(0.05)
+    opened = len(upstream.calls_to("/chat/completions"))
+    upstream.stream_gate.set()
+    results = await asyncio.gather(*chats)
+    assert opened == 120
+    assert all(r == ["part0 ", "part1 "] for r in results)
+
+
 async def test_stream_bytes_unchanged(start_proxy, tmp_path, upstream):
     server, _ = await start_proxy(pt_config(tmp_path, f"{upstream.url}/v1"))
     body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
