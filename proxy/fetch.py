@@ -237,6 +237,7 @@ class GuardedFetcher:
                 # for a later fetch whose policy (or whose answer for the same name) may differ.
                 use_dns_cache=False,
                 force_close=True,
+                limit=0,  # no cap of 100 at once: past it, slow downloads would queue on their own timeouts
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -32,6 +32,7 @@ class Target:
         self.hits: list[str] = []
         self.url = ""
         self.port = 0
+        self.gate = asyncio.Event()  # /held answers once this is set
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -60,6 +61,9 @@ class Target:
                 await resp.write(b"y" * 100)
             await resp.write_eof()
             return resp
+        if path == "/held":
+            await self.gate.wait()
+            return web.Response(body=PAYLOAD, content_type="image/png")
         if path == "/slow":
             await asyncio.sleep(5)
             return web.Response(body=PAYLOAD)
@@ -115,6 +119,21 @@ async def fetcher(names):
 
 
 # ---- allowed ------------------------------------------------------------------------------------
+
+
+async def test_many_fetches_at_once(fetcher, good):
+    """No cap on fetches in flight (an HTTP client's usual 100 connections would queue the rest, each on
+    its own timeout): 120 slow image downloads all reach the host at once."""
+    fetches = [asyncio.ensure_future(fetcher.fetch(f"{good.url}/held", LOCAL)) for _ in range(120)]
+    for _ in range(100):
+        if len(good.hits) == 120:
+            break
+        await asyncio.sleep(0.05)
+    reached = len(good.hits)
+    good.gate.set()
+    results = await asyncio.gather(*fetches)
+    assert reached == 120
+    assert all(r == PAYLOAD for r in results)
 
 
 async def test_allowed_by_network(fetcher, good):
