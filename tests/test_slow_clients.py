@@ -4,6 +4,7 @@ connection that says nothing, an idle keep-alive connection, a body that stalls;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import select
@@ -244,3 +245,54 @@ def test_allow_unauthenticated_starts_with_a_warning(tmp_path):
         assert len(warnings) == 1 and "server.allow_unauthenticated" in warnings[0]
     finally:
         assert serving.stop() == 0
+
+
+# ---- a client that stops reading its answer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_stops_reading_its_answer_is_dropped(start_proxy, tmp_path, aiohttp_server, stream):
+    """A client that takes none of a big answer for server.send_timeout is cut off: the answer (here 17 MB
+    of images, as JSON or as a stream's completed events) is not kept in memory as long as the client
+    pleases."""
+    import base64
+    import io
+    import os
+
+    from PIL import Image
+
+    from .fake_openai_upstream import FakeOpenAIUpstream
+
+    noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
+    png = io.BytesIO()
+    noise.save(png, "PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    up = await FakeOpenAIUpstream(api_key="k", payload_override={
+        "created": 1, "data": [{"b64_json": b64} for _ in range(4)]}).start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"send_timeout": 1}
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": "k",
+                              "max_images_per_call": 4, "output_formats": ["png"]}
+    cfg["models"]["qwen-image"] = {"sizes": "qwen-image", "routes": ["up"]}
+    server, _ = await start_proxy(cfg)
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)  # before connecting: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps({"model": "qwen-image", "prompt": "noise", "n": 4, "size": "1024x1024",
+                       "response_format": "b64_json", "stream": stream}).encode()
+    writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200")
+    if not stream:
+        assert int(re.search(rb"(?i)content-length: (\d+)", head).group(1)) > 16_000_000
+    await asyncio.sleep(1 + 2 * MARGIN)  # reading nothing (a stream's images come a moment after its head)
+    received = 0
+    with contextlib.suppress(ConnectionResetError):  # a client kept waiting would time out here instead
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+    assert received < 16_000_000  # cut off: not all four images
+    writer.close()

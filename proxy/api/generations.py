@@ -18,6 +18,7 @@ from ..idempotency import REPLAYED
 from ..output import check_output_request, finish_images, render_images
 from ..request import ImageRequest, build_request, parse_body
 from ..router import RouteResult
+from ..send import send_or_drop
 from ..sizing import check_work, resolve_size
 from ..state import Answer
 from . import stream
@@ -76,7 +77,8 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)
-    response = web.Response(body=SentAsIs(answer.body), status=answer.status, content_type=answer.content_type,
+    response = web.Response(body=SentAsIs(answer.body, stall=gw.config.server.send_timeout), status=answer.status,
+                            content_type=answer.content_type,
                             headers=answer.headers)
     if replayed:
         response.headers[REPLAYED] = "true"
@@ -93,13 +95,14 @@ class SentAsIs(Payload):
     more (4 MB for a 1024x1024 PNG). A small answer is joined: one send.
     """
 
-    def __init__(self, body: bytes | tuple[bytes | memoryview, ...]) -> None:
+    def __init__(self, body: bytes | tuple[bytes | memoryview, ...], stall: float | None = None) -> None:
         parts = (body,) if isinstance(body, bytes) else body
         size = sum(len(part) for part in parts)
         if size <= INLINE_BYTES and len(parts) > 1:  # one write (one send) for a small answer
             parts = (b"".join(parts),)
         super().__init__(parts, content_type="application/json")
         self._size = size
+        self._stall = stall  # a client that takes none of a big piece for this long is dropped
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._value).decode(encoding, errors)
@@ -107,9 +110,14 @@ class SentAsIs(Payload):
     async def write(self, writer) -> None:
         try:
             for part in self._value:
-                if len(part) > INLINE_BYTES and hasattr(writer, "send_headers"):
+                big = len(part) > INLINE_BYTES
+                if big and hasattr(writer, "send_headers"):
                     writer.send_headers()  # else aiohttp joins the headers with this first piece
-                await writer.write(part if isinstance(part, memoryview) else memoryview(part))
+                write = writer.write(part if isinstance(part, memoryview) else memoryview(part))
+                if big and self._stall is not None:
+                    await send_or_drop(write, getattr(writer, "transport", None), self._stall)
+                else:
+                    await write
         finally:
             # Sent (or failed): aiohttp keeps the response until the connection's next request; the
             # pieces (and the upstream's answer they are views of) need not wait with it.

@@ -17,6 +17,7 @@ from aiohttp import web
 from ..errors import ProxyError
 from ..partials import PartialImage, open_sink
 from ..request import ImageRequest
+from ..send import send_or_drop
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -63,7 +64,9 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
-            await response.write(sse(event["type"], event))
+            # A client that takes none of an image for send_timeout is dropped (proxy/send.py).
+            await send_or_drop(response.write(sse(event["type"], event)), request.transport,
+                               gw.config.server.send_timeout)
     except ProxyError as e:
         request[STREAM_ERROR] = e
         await _end_with_error(response, gw.scrubber.error(e))

@@ -150,10 +150,11 @@ class ServerConfig(Strict):
     metrics_key: str | None = None
     metrics_key_env: str | None = None
     # Slow clients (seconds): the whole request head must arrive within header_timeout; a body that sends
-    # nothing for body_timeout is cut off (400); an idle keep-alive connection is closed after
-    # keepalive_timeout.
+    # nothing for body_timeout is cut off (400); a client that takes none of its answer for send_timeout
+    # is dropped; an idle keep-alive connection is closed after keepalive_timeout.
     header_timeout: float = Field(default=10, gt=0)
     body_timeout: float = Field(default=30, gt=0)
+    send_timeout: float = Field(default=30, gt=0)
     keepalive_timeout: float = Field(default=15, gt=0)
     max_body_mb: float = Field(default=50, gt=0)
     request_timeout: float = Field(default=600, gt=0)
