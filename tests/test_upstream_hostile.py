@@ -10,6 +10,7 @@ legitimate one can hold (a 502 that says so, not a timeout or a process out of m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gzip
 import json
@@ -225,6 +226,85 @@ async def test_a_stream_event_past_the_limit_fails_the_route(start_proxy, aiohtt
     assert "byte limit" in e.value.message
     await asyncio.sleep(0.2)
     assert sum(sent) < HUGE // 2
+
+
+async def test_a_stream_of_more_images_than_asked_fails_the_route(start_proxy, aiohttp_server, tmp_path):
+    """An OpenAI image stream that keeps sending completed images: each one is small, but they are not
+    collected past the n asked for (they would pile up in memory until the route's timeout)."""
+    import base64
+
+    from .fake_openai_upstream import make_image
+
+    sent = []
+    image = base64.b64encode(make_image(64, 64, 1)).decode()
+
+    async def endless_images(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        event = json.dumps({"type": "image_generation.completed", "b64_json": image, "output_format": "png"})
+        try:
+            for _ in range(100_000):
+                await resp.write(f"event: image_generation.completed\ndata: {event}\n\n".encode())
+                sent.append(1)
+        except (ConnectionError, RuntimeError):
+            pass
+        return resp
+
+    fake = FakeOpenAIUpstream(api_key=KEY)
+    hijack(fake, STAGES["openai"]["generate"], endless_images)
+    await fake.start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
+                              "retries": 0, "timeout": 20}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
+    _, client = await start_proxy(cfg)
+    stream = await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
+                                          partial_images=1)
+    with pytest.raises(APIError) as e:
+        async for _ in stream:
+            pass
+    assert "more images than" in e.value.message
+    await asyncio.sleep(0.2)
+    assert len(sent) < 50_000  # stopped reading soon after (socket buffers hold a few MB of 0.3 KB events)
+
+
+async def test_a_stream_of_endless_partial_images_is_cut_to_what_was_asked(start_proxy, aiohttp_server, tmp_path):
+    """Partial images past the partial_images asked for are not handed on: the client gets at most that
+    many per image, then the route's timeout ends the stream with an error."""
+    import base64
+
+    from .fake_openai_upstream import make_image
+
+    preview = base64.b64encode(make_image(16, 16, 1)).decode()
+
+    async def endless_partials(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            for i in range(100_000):
+                event = json.dumps({"type": "image_generation.partial_image", "b64_json": preview,
+                                    "partial_image_index": i, "image_index": 0, "output_format": "png"})
+                await resp.write(f"event: image_generation.partial_image\ndata: {event}\n\n".encode())
+                await asyncio.sleep(0.001)
+        return resp
+
+    fake = FakeOpenAIUpstream(api_key=KEY)
+    hijack(fake, STAGES["openai"]["generate"], endless_partials)
+    await fake.start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
+                              "retries": 0, "timeout": 2}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
+    _, client = await start_proxy(cfg)
+    stream = await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
+                                          partial_images=2)
+    partials = 0
+    with pytest.raises(APIError):
+        async for event in stream:
+            partials += event.type.endswith("partial_image")
+    assert partials == 2
 
 
 # ---- the Ray pool's HTTP ingress -------------------------------------------------------------------------

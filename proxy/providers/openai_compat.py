@@ -98,6 +98,7 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
     """An upstream's OpenAI image stream: partial images go on to the client's stream as they come,
     completed events become the route's images, an error event is the route's failure."""
     images: list[GeneratedImage] = []
+    partials = 0  # handed on: at most partial_images for each image, however many the upstream sends
     async for event in _sse_events(resp.content, answer_limit(req)):
         kind = str(event.get("type") or "")
         if "error" in event and not kind.endswith((".partial_image", ".completed")):
@@ -108,12 +109,17 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
         if not isinstance(b64, str) or not b64:
             continue
         if kind.endswith(".partial_image"):
+            if partials >= req.n * (req.partial_images or 0):
+                continue
+            partials += 1
             data = await run_cpu(len(b64), _b64decode, b64)
             if data is not None:
                 index = event.get("image_index") if isinstance(event.get("image_index"), int) else len(images)
                 emit(PartialImage(req.first_index + index, int(event.get("partial_image_index") or 0), data,
                                   str(event.get("output_format") or req.output_format or "png")))
         elif kind.endswith(".completed"):
+            if len(images) == req.n:  # not collected past what was asked: they would pile up in memory
+                raise UpstreamError(f"the upstream's stream sent more images than the {req.n} asked for")
             images.append(GeneratedImage(b64=b64, revised_prompt=event.get("revised_prompt")))
     if not images:
         raise UpstreamError("the upstream's stream ended without a completed image")
