@@ -192,6 +192,22 @@ async def test_an_answer_past_the_limit_fails_the_route(start_proxy, aiohttp_ser
         assert hostile.sent < HUGE // 2  # the proxy stopped reading soon after the limit
 
 
+async def streamed_from(answer, start_proxy, aiohttp_server, tmp_path, *, timeout: float, partial_images: int):
+    """A streamed image request (64x64) through the proxy to an openai-kind upstream whose image calls
+    `answer` serves."""
+    fake = FakeOpenAIUpstream(api_key=KEY)
+    hijack(fake, STAGES["openai"]["generate"], answer)
+    await fake.start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
+                              "retries": 0, "timeout": timeout}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
+    _, client = await start_proxy(cfg)
+    return await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
+                                        partial_images=partial_images)
+
+
 @pytest.mark.usefixtures("small_limits")
 async def test_a_stream_event_past_the_limit_fails_the_route(start_proxy, aiohttp_server, tmp_path):
     """An OpenAI image stream whose event never ends (no newline): a cap per event, not per stream."""
@@ -209,17 +225,8 @@ async def test_a_stream_event_past_the_limit_fails_the_route(start_proxy, aiohtt
             pass
         return resp
 
-    fake = FakeOpenAIUpstream(api_key=KEY)
-    hijack(fake, STAGES["openai"]["generate"], endless_event)
-    await fake.start(aiohttp_server)
-    cfg = base_config(tmp_path)
-    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
-    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
-                              "retries": 0, "timeout": 5}
-    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
-    _, client = await start_proxy(cfg)
-    stream = await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
-                                          partial_images=1)
+    stream = await streamed_from(endless_event, start_proxy, aiohttp_server, tmp_path, timeout=5,
+                                 partial_images=1)
     with pytest.raises(APIError) as e:
         async for _ in stream:
             pass
@@ -250,17 +257,8 @@ async def test_a_stream_of_more_images_than_asked_fails_the_route(start_proxy, a
             pass
         return resp
 
-    fake = FakeOpenAIUpstream(api_key=KEY)
-    hijack(fake, STAGES["openai"]["generate"], endless_images)
-    await fake.start(aiohttp_server)
-    cfg = base_config(tmp_path)
-    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
-    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
-                              "retries": 0, "timeout": 20}
-    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
-    _, client = await start_proxy(cfg)
-    stream = await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
-                                          partial_images=1)
+    stream = await streamed_from(endless_images, start_proxy, aiohttp_server, tmp_path, timeout=20,
+                                 partial_images=1)
     with pytest.raises(APIError) as e:
         async for _ in stream:
             pass
@@ -289,17 +287,8 @@ async def test_a_stream_of_endless_partial_images_is_cut_to_what_was_asked(start
                 await asyncio.sleep(0.001)
         return resp
 
-    fake = FakeOpenAIUpstream(api_key=KEY)
-    hijack(fake, STAGES["openai"]["generate"], endless_partials)
-    await fake.start(aiohttp_server)
-    cfg = base_config(tmp_path)
-    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
-    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{fake.url}/v1", "api_key": KEY, "stream": True,
-                              "retries": 0, "timeout": 2}
-    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
-    _, client = await start_proxy(cfg)
-    stream = await client.images.generate(model="qwen-image", prompt=PROMPT, size="64x64", stream=True,
-                                          partial_images=2)
+    stream = await streamed_from(endless_partials, start_proxy, aiohttp_server, tmp_path, timeout=2,
+                                 partial_images=2)
     partials = 0
     with pytest.raises(APIError):
         async for event in stream:
