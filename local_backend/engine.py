@@ -57,6 +57,7 @@ class Engine(EngineWorker):
         except Exception as e:  # a malformed tiers config (e.g. an unhashable name)
             raise EngineError(f"tiers: {type(e).__name__}: {e}") from None
         self._enhance = enhance.parse_spec(self.config.prompt_enhancement)  # None: never rewrite
+        self._rewrites = enhance.Rewrites()  # used on the worker thread only
         self._accel = Accel(self.config)  # checks the speed options (compile, cache, attention backend)
         self._pipe = None
         self._device: str | None = None

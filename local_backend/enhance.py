@@ -32,6 +32,7 @@ import logging
 import re
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,29 @@ class Rewrite:
     reason: str
     tokens: int = 0  # new tokens generated
     seconds: float = 0.0
+
+
+class Rewrites:
+    """The latest rewrites by (prompt, instruction, max_new_tokens). Decoding is greedy, so the same input
+    gives the same text: a prompt asked again (another seed, the next part of an n past max_batch) is not
+    rewritten again, which on a GPU saves seconds of the text encoder's generation each time. Only whole
+    rewrites are kept (done, or cut at max_new_tokens; never one stopped by a timeout)."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._texts: OrderedDict[tuple[str, str, int], str] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int]) -> str | None:
+        text = self._texts.get(key)
+        if text is not None:
+            self._texts.move_to_end(key)
+        return text
+
+    def put(self, key: tuple[str, str, int], text: str) -> None:
+        self._texts[key] = text
+        self._texts.move_to_end(key)
+        while len(self._texts) > self.size:
+            self._texts.popitem(last=False)
 
 
 def parse_spec(value) -> PromptEnhancement | None:

@@ -201,24 +201,22 @@ class EngineWorker:
         still to run (a job stopped meanwhile is settled with its reason)."""
         if not any(job.enhance for job, _ in slots):
             return slots
+        instruction = enhance.instruction_for(self.config.task, self._enhance)
         for job, _ in slots:
             if not job.enhance:
                 continue
             job.enhance = False  # once, even when n > max_batch brings the job back
-            timeout = self._enhance.timeout
-            if job.params.deadline is not None:
-                timeout = min(timeout, job.params.deadline - time.monotonic())
-            done = enhance.rewrite(
-                self._pipe, job.params.prompt, instruction=enhance.instruction_for(self.config.task, self._enhance),
-                max_new_tokens=self._enhance.max_new_tokens, timeout=timeout,
-                should_stop=lambda job=job: self._closed or job.cancelled or job.deadline_hit,
-            )
-            if done.text is not None:
-                job.params = replace(job.params, prompt=done.text)
-                job.revised_prompt = done.text
-                log.info("prompt rewritten in %.2f s (%d tokens, %s)", done.seconds, done.tokens, done.reason)
-            elif done.reason != "cancelled":
-                log.warning("prompt not rewritten (%s, %.2f s): using the prompt as given", done.reason, done.seconds)
+            key = (job.params.prompt, instruction, self._enhance.max_new_tokens)
+            text = self._rewrites.get(key)
+            if text is None:
+                text = self._rewrite(job, instruction)
+                if text is not None:
+                    self._rewrites.put(key, text)
+            else:
+                log.info("prompt rewrite reused (the same prompt was rewritten lately)")
+            if text is not None:
+                job.params = replace(job.params, prompt=text)
+                job.revised_prompt = text
         kept = []
         for job, count in slots:
             with self._cond:
@@ -228,6 +226,21 @@ class EngineWorker:
             else:
                 kept.append((job, count))
         return kept
+
+    def _rewrite(self, job: Job, instruction: str) -> str | None:
+        """The text encoder's rewrite of the job's prompt, or None to keep it (the reason is logged)."""
+        timeout = self._enhance.timeout
+        if job.params.deadline is not None:
+            timeout = min(timeout, job.params.deadline - time.monotonic())
+        done = enhance.rewrite(
+            self._pipe, job.params.prompt, instruction=instruction, max_new_tokens=self._enhance.max_new_tokens,
+            timeout=timeout, should_stop=lambda: self._closed or job.cancelled or job.deadline_hit,
+        )
+        if done.text is not None:
+            log.info("prompt rewritten in %.2f s (%d tokens, %s)", done.seconds, done.tokens, done.reason)
+        elif done.reason != "cancelled":
+            log.warning("prompt not rewritten (%s, %.2f s): using the prompt as given", done.reason, done.seconds)
+        return done.text
 
     def _fail(self, slots: list[tuple[Job, int]], exc: BaseException, log_it: bool = True) -> None:
         """Settle the jobs of a call that raised. A job alone in its call gets its own diagnosis."""

@@ -152,12 +152,42 @@ def test_engine_falls_back_to_the_prompt_when_the_rewrite_fails(engine, tiny_dir
     engine.pipe.text_encoder.generate = broken  # an instance attribute: the pipeline's encoding is untouched
     try:
         with caplog.at_level(logging.WARNING, logger="local_backend.engine"):
-            result = engine.generate_sync(params(prompt_enhancement=True))
+            # A prompt of its own: one rewritten before would be reused without generating.
+            result = engine.generate_sync(params("a grey heron", prompt_enhancement=True))
     finally:
         del engine.pipe.text_encoder.generate
     assert result.revised_prompt is None
-    assert np.array_equal(pixels(result.images[0]), pixels(engine.generate_sync(params()).images[0]))
+    assert np.array_equal(pixels(result.images[0]), pixels(engine.generate_sync(params("a grey heron")).images[0]))
     assert "prompt not rewritten (failed: RuntimeError: generation broke" in caplog.text
+
+
+def test_a_prompt_asked_again_is_not_rewritten_again(engine):
+    """Greedy decoding gives the same rewrite for the same prompt: another seed, or the next part of an n
+    past max_batch, reuses it instead of running the text encoder's generation again."""
+    calls = []
+    generate = engine.pipe.text_encoder.generate
+    engine.pipe.text_encoder.generate = lambda *a, **kw: calls.append(1) or generate(*a, **kw)
+    try:
+        first = engine.generate_sync(params("a white stork", prompt_enhancement=True, seed=1))
+        again = engine.generate_sync(params("a white stork", prompt_enhancement=True, seed=2))
+        other = engine.generate_sync(params("a black stork", prompt_enhancement=True, seed=1))
+    finally:
+        del engine.pipe.text_encoder.generate
+    assert len(calls) == 2  # the white stork once, the black one once
+    assert first.revised_prompt and again.revised_prompt == first.revised_prompt
+    assert other.revised_prompt  # (the tiny model's random weights may write the same gibberish for both)
+    direct = engine.generate_sync(params(first.revised_prompt, seed=2))
+    assert np.array_equal(pixels(again.images[0]), pixels(direct.images[0]))
+
+
+def test_rewrites_keep_the_latest():
+    kept = enhance.Rewrites(size=2)
+    kept.put(("a", "i", 8), "A")
+    kept.put(("b", "i", 8), "B")
+    assert kept.get(("a", "i", 8)) == "A"  # now the latest
+    kept.put(("c", "i", 8), "C")
+    assert kept.get(("b", "i", 8)) is None and kept.get(("a", "i", 8)) == "A" and kept.get(("c", "i", 8)) == "C"
+    assert kept.get(("a", "other instruction", 8)) is None and kept.get(("a", "i", 16)) is None
 
 
 def test_engine_without_enhancement_ignores_the_request(tiny_dir):
@@ -183,7 +213,7 @@ def test_a_job_stopped_while_its_prompt_is_rewritten(engine, how):
     with SlowTextEncoder(engine.pipe, 0.1) as slow:  # TOKENS tokens: 1.6 s
         started = time.monotonic()
         deadline = time.monotonic() + 0.4 if how == "deadline" else None
-        job = engine.submit(params(prompt_enhancement=True, deadline=deadline))
+        job = engine.submit(params(f"an owl ({how})", prompt_enhancement=True, deadline=deadline))
         assert slow.started.wait(10)
         if how == "cancel":
             job.cancel()
