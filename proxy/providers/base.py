@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -140,6 +141,14 @@ MIN_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 ANSWER_SLACK = 1 << 20
 # A small answer: an acknowledgement, a status, a cancel, a pool's stats.
 SMALL_ANSWER = 1 << 20
+
+
+def json_or_none(raw: bytes) -> Any:
+    """An answer's JSON, or None for a body that is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def answer_limit(req: ImageRequest) -> int:

@@ -44,14 +44,13 @@ from ..config import RouteConfig
 from ..cpu import run_cpu
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..request import ImageRequest
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .dashscope_convert import (
     KIND,
     TERMINAL_STATES,
     edit_json,
     error_from_payload,
     from_native,
-    json_or_none,
     parse_sizes,
     resolve_mode,
     task_error,

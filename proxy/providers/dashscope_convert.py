@@ -337,12 +337,5 @@ def task_error(output: dict) -> ProxyError:
     return _classify(code, message, None, None, detail, failed_task=True)
 
 
-def json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def edit_json(req: ImageRequest, model: str) -> bytes:
     return json.dumps(to_native_edit(req, model)).encode()

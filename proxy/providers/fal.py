@@ -23,9 +23,10 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
+from ..cpu import run_cpu
 from ..errors import UpstreamError, UpstreamTimeout
 from ..request import ImageRequest
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .fal_convert import (
     EDIT_IMAGE_FIELDS,
     NATIVE_FORMATS,
@@ -35,7 +36,6 @@ from .fal_convert import (
     error_from_status,
     failed_request_error,
     from_native,
-    json_or_none,
     poll_state,
     queue_handle,
     to_native,
@@ -50,7 +50,6 @@ MAX_POLL_FAILURES = 3
 # Each HTTP call gets at most this long (and never longer than what is left of the route's time).
 CALL_TIMEOUT = 60.0
 CANCEL_TIMEOUT = 5.0
-_THREAD_PARSE_BYTES = 256 * 1024
 
 
 class FalProvider(VendorProvider):
@@ -168,8 +167,7 @@ class FalProvider(VendorProvider):
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach fal ({type(e).__name__})") from None
         # sync_mode results carry the images as data URIs: megabytes of JSON, parsed off the event loop.
-        payload = await asyncio.to_thread(json_or_none, raw) if len(raw) > _THREAD_PARSE_BYTES \
-            else json_or_none(raw)
+        payload = await run_cpu(len(raw), json_or_none, raw)
         return status, payload, headers
 
     def _cancel_later(self, handle: QueueHandle) -> None:

@@ -302,12 +302,5 @@ def queue_handle(payload: Any, base_url: str, model: str) -> QueueHandle:
                        pick("cancel_url", f"{built}/cancel"))
 
 
-def json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def edit_json(req: ImageRequest, model: str, image_field: str | None) -> bytes:
     return json.dumps(to_native_edit(req, model, image_field)).encode()

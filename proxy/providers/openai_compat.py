@@ -34,6 +34,7 @@ from .base import (
     answer_lines,
     read_answer,
 )
+from .base import json_or_none as _json_or_none  # a module name of its own: bench/ patches it
 from .extras import extras_for
 
 # Request fields sent when set; everything the proxy does not know rides along in req.extra.
@@ -175,13 +176,6 @@ def error_from_status(status: int, payload: Any, retry_after: float | None) -> P
     if status in (402, 404, 409):
         return UpstreamRefused(f"upstream error ({detail})")
     return UpstreamError(f"upstream error ({detail})", retry_after=retry_after)
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
 
 
 def split_answer(raw: bytes) -> Any:

@@ -22,13 +22,12 @@ from ..config import RouteConfig
 from ..cpu import run_cpu
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..request import ImageRequest
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .replicate_convert import (
     TERMINAL,
     compression_applied,
     error_from_status,
     from_native,
-    json_or_none,
     prediction_url,
     short_text,
     split_model,

@@ -301,10 +301,3 @@ def split_model(model: str) -> tuple[str, str, str | None]:
             f"the route's model '{model}' is not a Replicate model name: set it to owner/name "
             f"(e.g. qwen/qwen-image) or owner/name:version")
     return owner, name, version or None
-
-
-def json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
