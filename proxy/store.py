@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/gif": "gif",
               "image/avif": "avif"}
 CONTENT_TYPES = {ext: mime for mime, ext in EXTENSIONS.items()}
-# 32 url-safe characters = 192 random bits, well above the 128 asked for.
-_NAME = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpeg|webp|gif|avif)$")
+# 32 url-safe characters = 192 random bits, well above the 128 asked for. Used with fullmatch: `$` would
+# also accept a trailing newline, which a bucket then rejects as a bad key (a 503 instead of a 404).
+_NAME = re.compile(r"[A-Za-z0-9_-]{32}\.(png|jpeg|webp|gif|avif)")
+# What a write in progress is called (see FilesystemStore._write); the sweeper removes only these and _NAME.
+_TMP = re.compile(r"\.[A-Za-z0-9_.-]+\.(png|jpeg|webp|gif|avif)\.tmp")
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -51,6 +54,8 @@ class StoredImage:
     size: int | None = None
     path: Path | None = None
     chunks: AsyncIterator[bytes] | None = None
+    # When it expires (Unix time): caches must not keep it longer than that.
+    expires_at: float | None = None
 
 
 class ImageStore(Protocol):
@@ -78,7 +83,13 @@ def new_name(mime: str) -> str:
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return bool(_NAME.fullmatch(name))
+
+
+def sweepable(name: str) -> bool:
+    """A name this store writes: an image, or a write in progress. The folder or bucket may be shared with
+    other files, and those are never the sweeper's business."""
+    return bool(_NAME.fullmatch(name) or _TMP.fullmatch(name))
 
 
 def proxy_url(base_url: str, name: str) -> str:
@@ -103,7 +114,11 @@ class FilesystemStore:
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        except OSError as e:
+            # Not fatal: b64_json answers need no store, and url ones get a 503 (a later write tries again).
+            log.warning("image store: cannot create %s: %s; url answers fail until it can be", self.root, e)
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
@@ -127,42 +142,69 @@ class FilesystemStore:
         return proxy_url(base_url, name)
 
     async def open(self, name: str) -> StoredImage | None:
-        found = await asyncio.to_thread(self.lookup, name)
+        found = await asyncio.to_thread(self._find, name)
         if found is None:
             return None
-        path, content_type = found
-        return StoredImage(content_type=content_type, path=path)
+        path, content_type, mtime = found
+        return StoredImage(content_type=content_type, path=path, expires_at=mtime + self.ttl)
 
     def _write(self, name: str, data: bytes) -> None:
         # Write then rename, so a reader never sees half a file.
         tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / name)
+        try:
+            try:
+                tmp.write_bytes(data)
+            except FileNotFoundError:
+                # The folder was removed under us (a tmp cleaner, an operator): make it again rather than
+                # refuse every url request until a restart.
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+            os.replace(tmp, self.root / name)
+        except OSError:
+            # A full disk leaves part of the file: give its space back now, not after the TTL.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def lookup(self, name: str) -> tuple[Path, str] | None:
         """The path and Content-Type of a live file; None when unknown or expired."""
+        found = self._find(name)
+        return None if found is None else found[:2]
+
+    def _find(self, name: str) -> tuple[Path, str, float] | None:
         if not valid_name(name):
             return None
         path = self.root / name
         try:
-            age = time.time() - path.stat().st_mtime
+            mtime = path.stat().st_mtime
         except FileNotFoundError:
             return None
-        if age > self.ttl:
-            with contextlib.suppress(FileNotFoundError):
+        except OSError as e:  # the folder is unreadable or not a folder any more: the server's fault, not a 500
+            log.warning("image store: cannot read %s: %s", name, e)
+            raise StoreUnavailable("The image store cannot read images now; retry shortly.") from None
+        if time.time() - mtime > self.ttl:
+            with contextlib.suppress(OSError):  # gone already, or the sweeper's to report
                 path.unlink()
             return None
-        return path, CONTENT_TYPES[name.rsplit(".", 1)[1]]
+        return path, CONTENT_TYPES[name.rsplit(".", 1)[1]], mtime
 
     def sweep(self) -> int:
-        removed, now = 0, time.time()
-        for path in self.root.iterdir():
-            try:
-                if path.is_file() and now - path.stat().st_mtime > self.ttl:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
+        removed, failed, now = 0, 0, time.time()
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not sweepable(entry.name):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > self.ttl:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:  # another proxy on the same folder got there first
+                    pass
+                except OSError as e:  # one file we may not delete must not stop the rest from going
+                    failed += 1
+                    error = e
+        if failed:
+            log.warning("image store: cannot remove %d expired files (%s)", failed, error)
         return removed
 
     async def _sweep_forever(self) -> None:

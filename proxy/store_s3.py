@@ -165,12 +165,14 @@ class S3Store:
                 return None
             raise self._unavailable("read images from", e) from None
         meta = result.meta
-        if time.time() - meta["last_modified"].timestamp() > self.ttl:
+        modified = meta["last_modified"].timestamp()
+        if time.time() - modified > self.ttl:
             with contextlib.suppress(Exception):
                 await obstore.delete_async(self.client, name)
             return None
         content_type = CONTENT_TYPES[name.rsplit(".", 1)[1]]
-        return StoredImage(content_type=content_type, size=meta["size"], chunks=self._chunks(result))
+        return StoredImage(content_type=content_type, size=meta["size"], chunks=self._chunks(result),
+                           expires_at=modified + self.ttl)
 
     async def _chunks(self, result) -> AsyncIterator[bytes]:
         try:
@@ -183,13 +185,17 @@ class S3Store:
     # ---- expiry ---------------------------------------------------------------------------------
 
     async def sweep(self) -> int:
-        """Delete objects under the prefix older than the TTL; returns how many."""
+        """Delete this store's objects under the prefix older than the TTL; returns how many.
+
+        Only names the store writes (an id and an image extension, right under the prefix): the bucket,
+        and with an empty prefix its whole key space, may hold other things."""
         obstore = _obstore()
         cutoff = time.time() - self.ttl
         removed = 0
         try:
             async for batch in obstore.list(self.client, chunk_size=500):
-                old = [m["path"] for m in batch if m["last_modified"].timestamp() < cutoff]
+                old = [m["path"] for m in batch
+                       if m["last_modified"].timestamp() < cutoff and valid_name(m["path"])]
                 if old:
                     await obstore.delete_async(self.client, old)
                     removed += len(old)

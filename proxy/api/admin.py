@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -137,7 +138,9 @@ async def image_file(gw: Gateway, request: web.Request) -> web.StreamResponse:
     found = await gw.store.open(name)
     if found is None:
         raise NotFound("This image does not exist or has expired.", code="image_not_found")
-    headers = {"Content-Type": found.content_type, "Cache-Control": "private, max-age=3600"}
+    # Kept by a browser no longer than the store keeps it: after that the link must stop working.
+    max_age = 3600 if found.expires_at is None else max(0, int(found.expires_at - time.time()))
+    headers = {"Content-Type": found.content_type, "Cache-Control": f"private, max-age={max_age}"}
     if found.path is not None:
         return web.FileResponse(found.path, headers=headers)
     response = web.StreamResponse(headers=headers)  # an object in a bucket, streamed through
