@@ -97,9 +97,24 @@ async def _read_body(request: web.Request, files: bool) -> Body:
     return Body(fields, [], raw)
 
 
+class _InMemory:
+    """The protocol behind a replayed body. The connection's own must not be used: the stream would
+    pause and resume it for flow control past 128 KiB, and with the request already read aiohttp's
+    parser asserts (a 500 for any form over 128 KiB) or the connection stops reading."""
+
+    connected = True
+    _reading_paused = False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
+
+
 def _replay(request: web.Request, raw: bytes) -> None:
     """Make the body readable again by aiohttp's form parser, from bytes already read."""
-    stream = StreamReader(request.protocol, 1 << 16, loop=asyncio.get_running_loop())
+    stream = StreamReader(_InMemory(), 1 << 16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
     stream.feed_data(raw)
     stream.feed_eof()
     request._payload = stream  # noqa: SLF001 - aiohttp parses forms from this stream only
@@ -138,6 +153,9 @@ async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[
                 try:
                     value = bytes(value).decode("utf-8")
                 except UnicodeDecodeError:
+                    if keep_files:  # binary data with no filename (requests: files={name: (None, data, type)}): a file
+                        uploads.append(Upload(name, "", "application/octet-stream", bytes(value)))
+                        continue
                     raise InvalidRequest(f"Invalid '{_safe(name)}': the form field is not UTF-8 text.",
                                          param=_safe(name), code="invalid_multipart") from None
             fields[name] = value  # a repeated field: the last one wins, as in JSON

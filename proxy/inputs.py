@@ -2,7 +2,8 @@
 (data URLs, or http(s) URLs through the guarded fetcher), each checked before anything decodes it.
 
 Whatever a part's Content-Type says (the SDK sends application/octet-stream), the bytes must be a
-PNG, JPEG, WebP or GIF whose header is within the pixel limit, and must decode.
+PNG, JPEG, WebP or GIF whose header is within the pixel limit, and must decode. Bytes that would read
+wrong downstream are re-encoded once here: an EXIF-rotated photo upright, 16-bit greyscale as 8-bit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 from typing import Any
 
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .body import Upload
 from .errors import InvalidRequest
@@ -38,10 +39,44 @@ def check_input(data: bytes, param: str, max_pixels: int) -> InputImage:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            upright = _upright(im)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise InvalidRequest(f"Invalid '{param}': the image does not decode.", param=param,
                              code="invalid_image") from None
+    if upright is not None:
+        return upright
     return InputImage(data, info.format, info.width, info.height)
+
+
+# 16-bit greyscale (and 32-bit) modes: Pillow's convert() to RGB, L or RGBA clips them at 255, so every
+# reader of these bytes downstream (the local engine, the placeholder) would see a white image.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+_ORIENTATION = 0x0112
+
+
+def _upright(im: Image.Image) -> InputImage | None:
+    """The image as it is displayed, re-encoded, when its bytes read otherwise: an EXIF orientation
+    (a phone photo is stored sideways; the output's shape and what the model sees must follow the
+    picture), or pixels wider than 8 bits. None when the bytes are fine as they are."""
+    try:
+        orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block (Pillow raises many kinds) is no reason to refuse the picture
+        orientation = 1
+    rotated = orientation in range(2, 9)
+    wide = im.mode in _WIDE_MODES
+    if not rotated and not wide:
+        return None
+    # A photo stays a JPEG (high quality, not megabytes of PNG); anything else becomes a lossless PNG.
+    fmt = "jpeg" if im.format == "JPEG" and not wide else "png"
+    icc = im.info.get("icc_profile")
+    if rotated:
+        im = ImageOps.exif_transpose(im)
+    if wide:
+        # The full range onto 0..255: 16-bit data spans 0..65535 (I and F are read as 16-bit too).
+        im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    out = io.BytesIO()
+    im.save(out, format=fmt.upper(), icc_profile=icc, **({"quality": 95} if fmt == "jpeg" else {}))
+    return InputImage(out.getvalue(), fmt, im.width, im.height)
 
 
 def _data_url(url: str, param: str, max_bytes: int) -> bytes:
@@ -92,17 +127,20 @@ class InputReader:
 
     async def from_url(self, param: str, url: str) -> InputImage:
         if url.startswith("data:"):
-            data = _data_url(url, param, self.max_bytes)
-        elif self.policy is None:
+            # Decoding tens of megabytes of base64 is CPU work: in the thread, with the check.
+            return await asyncio.to_thread(self._check_data_url, param, url)
+        if self.policy is None:
             raise InvalidRequest(f"Invalid '{param}': image URLs are not fetched by this server; send the image "
                                  "itself (a data: URL or a file upload).", param=param, code="invalid_image_url")
-        else:
-            try:
-                data = await self.fetcher.fetch(url, self.policy)
-            except FetchError as e:
-                raise InvalidRequest(f"Invalid '{param}': the image could not be fetched: {e}.", param=param,
-                                     code="invalid_image_url") from None
+        try:
+            data = await self.fetcher.fetch(url, self.policy)
+        except FetchError as e:
+            raise InvalidRequest(f"Invalid '{param}': the image could not be fetched: {e}.", param=param,
+                                 code="invalid_image_url") from None
         return await asyncio.to_thread(check_input, data, param, self.max_pixels)
+
+    def _check_data_url(self, param: str, url: str) -> InputImage:
+        return check_input(_data_url(url, param, self.max_bytes), param, self.max_pixels)
 
     async def from_upload(self, param: str, upload: Upload) -> InputImage:
         return await asyncio.to_thread(check_input, upload.data, param, self.max_pixels)

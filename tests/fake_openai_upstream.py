@@ -67,6 +67,19 @@ def make_image(width: int, height: int, seed: int | None, fmt: str = "png") -> b
     return out.getvalue()
 
 
+class _NoFlowControl:
+    """A stand-in protocol for a stream fed from bytes already in memory."""
+
+    connected = True
+    _reading_paused = False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
+
+
 @dataclass
 class Received:
     """One request as the fake saw it."""
@@ -221,7 +234,8 @@ class FakeOpenAIUpstream:
         from aiohttp import BodyPartReader, MultipartReader
         from aiohttp.streams import StreamReader
 
-        stream = StreamReader(request.protocol, 1 << 16, loop=asyncio.get_running_loop())
+        # Not the connection's protocol: the stream would pause it past 128 KiB of an already-read body.
+        stream = StreamReader(_NoFlowControl(), 1 << 16, loop=asyncio.get_running_loop())
         stream.feed_data(received.body)
         stream.feed_eof()
         reader = MultipartReader(request.headers, stream)
