@@ -48,6 +48,8 @@ MODEL = web.RequestKey("qip_model", str)
 BODY = web.RequestKey("qip_body", bytes)
 # The RouteResult of a served image request (route name and attempts for headers and the log).
 ROUTE = web.RequestKey("qip_route", object)
+# Set when an image call was passed on (passthrough) rather than served here.
+PASSED_ON = web.RequestKey("qip_passed_on", bool)
 # The error a stream ended with (its HTTP status was 200 before it was known).
 STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
 # Paths that carry no key: probes, scrapers and browsers following image links.
@@ -234,14 +236,18 @@ class Gateway:
                 await self.start()
             started = time.monotonic()
             outcome = "ok"
+            if fallback is not None:  # a model served elsewhere is passed on under the same limits
+                target = _or_passed_on(target, fallback)
             try:
                 # The key (401), and image calls held to its limits while they run (429).
                 target = await self.authenticate(request, target)
                 if self.draining and request.path.startswith("/v1/images/"):
                     raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
-            except NotServedHere:
-                return await (fallback or handler)(request)
+                if PASSED_ON in request:  # logged and counted as passthrough
+                    return response
+            except NotServedHere:  # mounted: the host app's own handlers answer
+                return await handler(request)
             except asyncio.CancelledError:
                 self._log_request(request, 499, started, "cancelled")
                 raise
@@ -319,6 +325,20 @@ class Gateway:
         limit = self.config.server.max_body_mb * 1024 * 1024
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit:.0f} bytes.")
+
+
+def _or_passed_on(target: Handler, fallback: Handler) -> Handler:
+    """target, or for a model served elsewhere the fallback (passthrough) in its place: inside the
+    key's limits, so a forwarded image call holds a concurrency slot like one served here."""
+
+    async def served_or_passed_on(request: web.Request) -> web.StreamResponse:
+        try:
+            return await target(request)
+        except NotServedHere:
+            request[PASSED_ON] = True
+            return await fallback(request)
+
+    return served_or_passed_on
 
 
 def _with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse:

@@ -9,8 +9,9 @@ fingerprinted by its normalized fields and the bytes of its input images. Within
 - the same key with another body: 422 `idempotency_key_mismatch`;
 - a first attempt that ended in an error (4xx, 5xx, a cancelled request) is not kept: a retry runs again.
 
-Answers larger than `state.idempotency_max_mb` are not kept either (a retry generates again). Streamed
-requests (`stream: true`) are answered as usual, without idempotency.
+Answers larger than `state.idempotency_max_mb` are not kept either (a retry generates again), and url
+answers only as long as their links live (`store.ttl_seconds`). Streamed requests (`stream: true`) are
+answered as usual, without idempotency.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def client_scope(request: web.Request) -> str:
     auth = request.headers.get("Authorization", "")
     if not auth:
         return "-"
-    return hashlib.sha256(auth.strip().encode()).hexdigest()[:32]
+    return hashlib.sha256(auth.strip().encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 Work = Callable[[], Awaitable[Answer]]
@@ -89,9 +90,12 @@ Work = Callable[[], Awaitable[Answer]]
 
 class Idempotency:
     def __init__(self, records: Records, *, ttl: float = 86400, max_bytes: int = 64 * 1024 * 1024,
-                 wait_timeout: float = 600):
+                 wait_timeout: float = 600, url_ttl: float | None = None):
         self.records = records
         self.ttl = ttl
+        # A url answer is kept no longer than its links live (store.ttl_seconds): a replay must not be
+        # links that answer 404; past that, a repeat generates again.
+        self.url_ttl = min(ttl, url_ttl) if url_ttl else ttl
         self.max_bytes = max_bytes
         self.wait_timeout = wait_timeout
         self.claim_ttl = wait_timeout + CLAIM_MARGIN_SECONDS
@@ -100,7 +104,7 @@ class Idempotency:
     def from_config(cls, state: State, config: Config) -> Idempotency:
         return cls(state.records, ttl=config.state.idempotency_ttl,
                    max_bytes=int(config.state.idempotency_max_mb * 1024 * 1024),
-                   wait_timeout=config.server.request_timeout)
+                   wait_timeout=config.server.request_timeout, url_ttl=config.store.ttl_seconds)
 
     async def respond(self, request: web.Request, req: ImageRequest, work: Work, *,
                       scope: str | None = None) -> web.Response:
@@ -155,15 +159,20 @@ class Idempotency:
                          len(answer.body), self.max_bytes)
             await _quietly(self.records.release(record_key, fp, owner))
         else:
-            # The client gets its images even if the record cannot be written now.
-            await _quietly(self.records.finish(record_key, fp, owner, answer, self.ttl))
+            # The client gets its images even if the record cannot be written now (Redis full or gone);
+            # then the claim goes, so that a retry runs again instead of waiting on a claim nobody ends.
+            ttl = self.url_ttl if req.response_format == "url" else self.ttl
+            if not await _quietly(self.records.finish(record_key, fp, owner, answer, ttl)):
+                await _quietly(self.records.release(record_key, fp, owner))
         return answer, False
 
 
-async def _quietly(awaitable: Awaitable) -> None:
-    """Bookkeeping that must neither hide the request's own outcome nor be cut short by a cancellation."""
+async def _quietly(awaitable: Awaitable) -> bool:
+    """Bookkeeping that must neither hide the request's own outcome nor be cut short by a cancellation;
+    False when it failed (still running, after a cancellation here, is not a failure)."""
     task = asyncio.ensure_future(awaitable)
     with contextlib.suppress(BaseException):
         await asyncio.shield(task)
     if task.done() and not task.cancelled() and task.exception() is not None:
         log.warning("idempotency: could not update a record: %s", type(task.exception()).__name__)
+    return not (task.done() and (task.cancelled() or task.exception() is not None))

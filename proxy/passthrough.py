@@ -149,7 +149,7 @@ class Passthrough:
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         elif drop_client_auth:
-            headers.pop("Authorization", None)
+            headers.popall("Authorization", None)  # every one: a second would go through
         if request.remote:
             prior = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote

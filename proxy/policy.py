@@ -124,7 +124,8 @@ def _digest(value: bytes) -> bytes:
 
 def _bearer(authorization: str | None) -> bytes:
     scheme, _, token = (authorization or "").partition(" ")
-    return token.strip().encode() if scheme.lower() == "bearer" else b""
+    # aiohttp hands non-UTF-8 header bytes on as surrogates: back to those bytes (a wrong key, not a crash).
+    return token.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
 
 
 class KeyPolicy:

@@ -209,12 +209,11 @@ State: TypeAlias = "MemoryState | RedisState"
 
 
 def make_state(config: Config) -> State:
-    """The state `config.state` asks for. A concurrency slot held in Redis frees itself a minute after the
-    longest a request may run (server.request_timeout), should its process die holding it."""
+    """The state `config.state` asks for. What a request holds in Redis (a concurrency slot, an idempotency
+    claim) frees itself within a short lease should its process die holding it (proxy.state_redis)."""
     state = config.state
     if state.redis_url:
         from .state_redis import RedisState
 
-        return RedisState(state.redis_url, prefix=state.key_prefix, socket_timeout=state.socket_timeout,
-                          lease=config.server.request_timeout + 60)
+        return RedisState(state.redis_url, prefix=state.key_prefix, socket_timeout=state.socket_timeout)
     return MemoryState(state.memory_max_records, int(state.memory_max_mb * 1024 * 1024))

@@ -2,7 +2,10 @@
 process and machine using the same Redis sees.
 
 Redis that is down or slow is never waited on for long: every call is bounded by `state.socket_timeout`,
-and a failure is a StateUnavailable (503 state_unavailable with Retry-After). The limits (`RedisLimits`)
+and a failure is a StateUnavailable (503 state_unavailable with Retry-After). What a request holds while
+it runs (a concurrency slot, an idempotency claim) lives in Redis for a short lease that this process
+renews while it holds it: one whose holder died, or whose taking timed out here although Redis did it a
+moment later, frees itself within that lease. The limits (`RedisLimits`)
 implement proxy.policy's `Limits` for per-key rpm and concurrency. proxy.state.make_state imports this
 module only when a redis_url is configured, and the redis package only when a RedisState is made.
 """
@@ -19,6 +22,8 @@ from typing import Any
 from .state import Answer, Record, Records, StateUnavailable, decode_record, running_value
 
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
+# The least a held slot or claim lives in Redis without a renewal (longer with a long socket_timeout).
+LEASE_SECONDS = 15.0
 
 
 # ---- idempotency records --------------------------------------------------------------------------
@@ -35,6 +40,12 @@ return 0
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -55,9 +66,11 @@ class RedisRecords:
     async def claim(self, key: str, fingerprint: str, owner: str, ttl: float) -> Record | None:
         redis = self.state.client
         running = running_value(fingerprint, owner)
+        ttl = min(ttl, self.state.lease)  # renewed while the attempt runs
         for _ in range(5):  # the record may expire between SET NX and GET: then try again
             taken = await self.state.call(redis.set(self._key(key), running, nx=True, px=_ms(ttl)))
             if taken:
+                self.state.hold(("claim", key, owner), _RENEW_CLAIM, self._key(key), running, _ms(ttl))
                 return None
             value = await self.state.call(redis.get(self._key(key)))
             if value is not None:
@@ -65,10 +78,12 @@ class RedisRecords:
         raise StateUnavailable("The idempotency record keeps changing under this request; retry it.")
 
     async def finish(self, key: str, fingerprint: str, owner: str, answer: Answer, ttl: float) -> None:
+        self.state.drop(("claim", key, owner))
         await self.state.call(self.state.client.eval(
             _FINISH, 1, self._key(key), running_value(fingerprint, owner), answer.encode(fingerprint), _ms(ttl)))
 
     async def release(self, key: str, fingerprint: str, owner: str) -> None:
+        self.state.drop(("claim", key, owner))
         await self.state.call(self.state.client.eval(_RELEASE, 1, self._key(key),
                                                      running_value(fingerprint, owner)))
 
@@ -120,6 +135,16 @@ if conc >= 0 then
 end
 return {0}
 """
+# Renew a slot that is still held (not expired, not taken back). ARGV: slot token, lease s.
+_RENEW_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if score == nil or score < now then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+return 1
+"""
 
 
 class _RedisLease:
@@ -133,6 +158,7 @@ class _RedisLease:
         if token is None:
             return
         state = self._limits.state
+        state.drop(("slot", self._key, token))
         with contextlib.suppress(StateUnavailable):  # else the slot frees itself when its lease ends
             await state.call(state.client.zrem(self._limits.slots_key(self._key), token))
 
@@ -140,9 +166,9 @@ class _RedisLease:
 class RedisLimits:
     """proxy.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
 
-    def __init__(self, state: RedisState, lease: float = 900):
+    def __init__(self, state: RedisState, lease: float):
         self.state = state
-        self.lease = lease
+        self.lease = lease  # seconds a slot lives in Redis unless renewed
 
     def bucket_key(self, key: str) -> str:
         return f"{self.state.prefix}rpm:{key}"
@@ -170,7 +196,10 @@ class RedisLimits:
             raise RateLimited(f"Rate limit reached: this API key may make {rpm} request"
                               f"{'s' if rpm != 1 else ''} per minute; retry in {math.ceil(wait)} s.",
                               retry_after=wait)
-        return NO_LEASE if token is None else _RedisLease(self, key, token)
+        if token is None:
+            return NO_LEASE
+        self.state.hold(("slot", key, token), _RENEW_SLOT, self.slots_key(key), token, self.lease)
+        return _RedisLease(self, key, token)
 
 
 # ---- the backend ------------------------------------------------------------------------------------
@@ -181,7 +210,7 @@ class RedisState:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float = 900):
+    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float | None = None):
         try:
             import redis.asyncio  # noqa: F401
         except ImportError:  # pragma: no cover - the message is the point
@@ -191,8 +220,13 @@ class RedisState:
         self.prefix = prefix
         self.socket_timeout = socket_timeout
         self._client: Any = None
+        # Short, and renewed every third of it, so a renewal has two more tries (each at most 2 x
+        # socket_timeout) before what it keeps lapses.
+        self.lease = lease if lease is not None else max(LEASE_SECONDS, 6 * socket_timeout)
+        self._held: dict[tuple, tuple] = {}  # what this process holds -> (renewal script, key, args)
+        self._keeper: asyncio.Task | None = None
         self.records: Records = RedisRecords(self)
-        self.limits: RedisLimits | None = RedisLimits(self, lease)
+        self.limits: RedisLimits | None = RedisLimits(self, self.lease)
 
     @property
     def client(self):
@@ -220,6 +254,27 @@ class RedisState:
             log.warning("shared state: Redis call failed: %s", type(e).__name__)
             raise StateUnavailable() from None
 
+    def hold(self, ident: tuple, script: str, key: str, *args) -> None:
+        """Renew `key` with `script` every third of the lease until `drop(ident)`."""
+        self._held[ident] = (script, key, args)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.ensure_future(self._keep())
+
+    def drop(self, ident: tuple) -> None:
+        self._held.pop(ident, None)
+
+    async def _keep(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease / 3)
+            held = list(self._held.values())
+            if not held:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            for script, key, args in held:
+                pipe.eval(script, 1, key, *args)
+            with contextlib.suppress(StateUnavailable):  # Redis away: try again next time
+                await self.call(pipe.execute())
+
     async def start(self) -> None:
         try:
             await self.call(self.client.ping())
@@ -228,6 +283,11 @@ class RedisState:
             log.warning("shared state: Redis is not reachable yet; requests that need it get 503 until it is")
 
     async def close(self) -> None:
+        self._held.clear()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.wait({self._keeper})  # its end, without raising its cancellation here
+            self._keeper = None
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()

@@ -11,6 +11,7 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from openai import AsyncOpenAI, AuthenticationError, InternalServerError, NotFoundError, RateLimitError
 from PIL import Image
 from yarl import URL
@@ -255,6 +256,26 @@ async def test_other_image_models_forwarded(start_proxy, tmp_path, upstream):
     assert len(upstream.image_calls) == calls
 
 
+async def test_forwarded_image_calls_hold_the_keys_concurrency_slot(start_proxy, tmp_path, upstream):
+    # A key limited to one image call at a time: an image call for a model passed on upstream counts
+    # like one served here (it used to let go of its slot before being forwarded: all three ran).
+    cfg = pt_config(tmp_path, f"{upstream.url}/v1")
+    cfg["server"] = {"api_keys": [{"name": "team", "key": CLIENT_KEY, "concurrency": 1}]}
+    _, client = await start_proxy(cfg, api_key=CLIENT_KEY)
+    upstream.delay = 0.5
+    one = client.with_options(max_retries=0)
+    results = await asyncio.gather(*(one.images.generate(model="dall-e-3", prompt="p", size="1024x1024")
+                                     for _ in range(3)), return_exceptions=True)
+    limited = [r for r in results if isinstance(r, RateLimitError)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert (len(served), len(limited)) == (1, 2), results
+    assert limited[0].response.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert len(upstream.image_calls) == 1
+    # The slot is free again once the forwarded call has ended.
+    upstream.delay = 0
+    await one.images.generate(model="dall-e-3", prompt="p", size="1024x1024")
+
+
 async def test_models_merged(start_proxy, tmp_path, upstream):
     upstream.models = ("gpt-4o-mini", MODEL, "text-embedding-3-small")
     _, client = await start_proxy(pt_config(tmp_path, f"{upstream.url}/v1"))
@@ -431,3 +452,14 @@ async def test_proxy_key_never_forwarded_upstream(start_proxy, tmp_path, upstrea
     assert "Authorization" not in upstream.calls_to("/chat/completions")[0].headers
     await client.models.list()
     assert upstream.requests and all(CLIENT_KEY not in str(rec.headers) for rec in upstream.requests)
+
+
+async def test_a_second_authorization_header_is_not_forwarded_either(start_proxy, tmp_path, upstream):
+    # Two Authorization headers: the first admits the client; neither may reach the upstream.
+    cfg = pt_config(tmp_path, f"{upstream.url}/v1", api_key=None)
+    cfg["server"] = {"api_keys": [CLIENT_KEY]}
+    server, _ = await start_proxy(cfg, api_key=CLIENT_KEY)
+    headers = CIMultiDict([("Content-Type", "application/json"), ("Authorization", f"Bearer {CLIENT_KEY}"),
+                           ("Authorization", "Bearer second-secret")])
+    await call(server, "POST", "/v1/chat/completions", data=b'{"model": "m"}', headers=headers)
+    assert "Authorization" not in upstream.calls_to("/chat/completions")[0].headers

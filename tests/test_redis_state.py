@@ -164,7 +164,7 @@ def test_config_picks_the_backend(redis_server):  # noqa: F811
     assert make_state(parse_config({}, env={})).kind == "memory"
     state = make_state(parse_config({"state": {"redis_url": redis_server.url}, "server": {"request_timeout": 100}},
                                     env={}))
-    assert state.kind == "redis" and state.limits.lease == 160
+    assert state.kind == "redis" and state.limits.lease == 15  # short, renewed while held
 
 
 # ---- two proxies, one Redis -----------------------------------------------------------------------------
