@@ -89,6 +89,12 @@ class _GenerationBody(BaseModel):
 
     _cfg_not_bool = field_validator("cfg_scale", mode="before")(_not_bool)
 
+    @field_validator("n", "response_format", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):
+        # OpenAI documents these as "or null" (JSON clients send null for "not set"): null means the default.
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, v):

@@ -221,12 +221,12 @@ async def test_chaos_streams_always_end(chaos):
         async with limit:
             fmt = ["png", "jpeg", "webp"][i % 3]
             # A format conversion on the stream path (the upstream makes PNG unless told).
-            stream = await client.images.generate(model="qwen-image", prompt="chaos", size="64x64", stream=True,
-                                                  extra_body={"output_format": fmt})
-            try:
+            try:  # a failure before any event is an HTTP error; after one, the stream's error event
+                stream = await client.images.generate(model="qwen-image", prompt="chaos", size="64x64",
+                                                      stream=True, extra_body={"output_format": fmt})
                 events = await asyncio.wait_for(_collect(stream), REQUEST_TIMEOUT + 5)
             except APIError as e:
-                assert e.message.startswith("All routes"), e.message
+                assert e.body["message"].startswith("All routes"), e.message
                 outcomes["error"] += 1
                 return
             assert [e.type for e in events] == ["image_generation.completed"]

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from openai import (
     APIError,
+    APIStatusError,
     AuthenticationError,
     BadRequestError,
     InternalServerError,
@@ -125,6 +126,17 @@ async def test_url_and_b64_json(start_proxy, tmp_path):
     assert (im.format, im.size) == ("PNG", (64, 48))
     assert r.size == "64x48" and r.output_format == "png" and r.created > 0
     assert r.data[0].revised_prompt == "a lighthouse"
+
+
+async def test_none_from_an_app_means_the_default(start_proxy, tmp_path):
+    # Apps pass their optional settings on as None; the openai package sends those as JSON null, which
+    # OpenAI's reference allows for n, response_format and stream.
+    server, client = await start_proxy(base_config(tmp_path))
+    r = await client.images.generate(model=MODEL, prompt="a lighthouse", size="64x48", n=None,
+                                     response_format=None, stream=None)
+    assert len(r.data) == 1 and r.data[0].url.startswith(str(server.make_url("/images/")))
+    status, ctype, body = await download(r.data[0].url)
+    assert (status, ctype) == (200, "image/png") and Image.open(io.BytesIO(body)).size == (64, 48)
 
 
 @pytest.mark.parametrize("response_format", ["b64_json", "url"])
@@ -578,11 +590,10 @@ async def test_stream_reports_upstream_failure(start_proxy, tmp_path, fake_upstr
     a.fail(500, "INTERNAL_ERROR", "exploded")
     cfg = upstream_config(tmp_path, {"a": openai_provider(a, a.api_key)}, ["a"])
     _, client = await start_proxy(cfg)
-    stream = await client.images.generate(model="qwen-image", prompt="p", stream=True)
-    with pytest.raises(APIError) as e:
-        async for _ in stream:
-            pass
-    assert "exploded" in e.value.message
+    # Nothing streamed yet: the failure is the HTTP answer itself, as without stream.
+    with pytest.raises(APIStatusError) as e:
+        await client.images.generate(model="qwen-image", prompt="p", stream=True)
+    assert e.value.status_code == 502 and "exploded" in e.value.message
 
 
 # ---- errors ---------------------------------------------------------------------------------------

@@ -444,9 +444,15 @@ def test_stream_accepts_booleans_and_form_text(value, expected):
     assert req_from({"prompt": "x", "stream": value}).stream is expected
 
 
-@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, [], {}, None])
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, [], {}])
 def test_bad_stream(value):
     assert invalid({"prompt": "x", "stream": value}).param == "stream"
+
+
+def test_null_is_the_default_where_openai_allows_null():
+    # OpenAI's reference: n, response_format and stream are "... or null"; null means not set.
+    req = req_from({"prompt": "x", "n": None, "response_format": None, "stream": None})
+    assert (req.n, req.response_format, req.stream) == (1, "url", False)
 
 
 @pytest.mark.parametrize("field, value", [("n", "abc"), ("n", ""), ("n", "1.5"), ("seed", "-1"), ("seed", "0x10"),

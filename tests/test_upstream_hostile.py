@@ -225,9 +225,9 @@ async def test_a_stream_event_past_the_limit_fails_the_route(start_proxy, aiohtt
             pass
         return resp
 
-    stream = await streamed_from(endless_event, start_proxy, aiohttp_server, tmp_path, timeout=5,
-                                 partial_images=1)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(APIError) as e:  # before any event: an HTTP error (502), not a stream
+        stream = await streamed_from(endless_event, start_proxy, aiohttp_server, tmp_path, timeout=5,
+                                     partial_images=1)
         async for _ in stream:
             pass
     assert "byte limit" in e.value.message
@@ -257,9 +257,9 @@ async def test_a_stream_of_more_images_than_asked_fails_the_route(start_proxy, a
             pass
         return resp
 
-    stream = await streamed_from(endless_images, start_proxy, aiohttp_server, tmp_path, timeout=20,
-                                 partial_images=1)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(APIError) as e:  # before any event: an HTTP error (502), not a stream
+        stream = await streamed_from(endless_images, start_proxy, aiohttp_server, tmp_path, timeout=20,
+                                     partial_images=1)
         async for _ in stream:
             pass
     assert "more images than" in e.value.message

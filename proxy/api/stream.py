@@ -1,6 +1,8 @@
 """OpenAI image streaming (SSE): keep-alive comments while the route works, then the image events.
 
-Every stream ends: with the completed events, or with an OpenAI error event, and then it closes.
+Every stream ends: with the completed events, or with an OpenAI error event, and then it closes. The
+head (status 200) goes out with the first event or keep-alive: a request that fails before that (a
+rate limit, an upstream's 400, no route) is answered with its HTTP status and headers, as without stream.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import TYPE_CHECKING
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from aiohttp import web
 
-from ..errors import ProxyError
+from ..errors import ProxyError, UpstreamError
+from ..output import inspect, reencode
 from ..partials import PartialImage, open_sink
 from ..request import ImageRequest
 from ..send import send_or_drop
@@ -30,6 +33,19 @@ def sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+class _Events:
+    """The stream's writes: the head on the first one; every write, small or not, under send_timeout
+    (a client that stops reading is dropped, not kept with the images it holds)."""
+
+    def __init__(self, gw: Gateway, request: web.Request, response: web.StreamResponse) -> None:
+        self.request, self.response, self.stall = request, response, gw.config.server.send_timeout
+
+    async def send(self, data: bytes) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await send_or_drop(self.response.write(data), self.request.transport, self.stall)
+
+
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: str) -> web.StreamResponse:
     from ..app import REQUEST_ID, STREAM_ERROR
     from .generations import generate
@@ -38,11 +54,12 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Request-Id": request[REQUEST_ID],
     })
-    await response.prepare(request)
+    out = _Events(gw, request, response)
     # Opened before the work starts, so the route attempts it starts can reach it.
     sink = open_sink() if req.partial_images else None
     work = asyncio.ensure_future(generate(gw, request, req))
     common = {"size": req.size_text, "quality": req.quality or "auto", "background": req.background or "auto"}
+    previews = _Previews(req, prefix, common, max(gw.output.max_image_pixels, 4 * req.width * req.height))
     getter: asyncio.Future | None = None
     try:
         while not work.done():
@@ -51,36 +68,42 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
             done, _ = await asyncio.wait({work, getter} - {None}, timeout=gw.keepalive_seconds,
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter is not None and getter in done:
-                await response.write(await _partial_event(getter.result(), prefix, common))
+                if (event := await previews.event(getter.result())) is not None:
+                    await out.send(event)
                 getter = None
             elif not done:
-                await response.write(b": keepalive\n\n")
+                await out.send(b": keepalive\n\n")
         _, payload = work.result()
         while sink is not None and not sink.queue.empty():  # previews that came in with the result
-            await response.write(await _partial_event(sink.queue.get_nowait(), prefix, common))
+            if (event := await previews.event(sink.queue.get_nowait())) is not None:
+                await out.send(event)
         for item in payload["data"]:
             b64 = item["b64_json"]
             event = {"type": f"{prefix}.completed", "b64_json": b64 if isinstance(b64, str) else str(b64, "ascii"),
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
-            # A client that takes none of an image for send_timeout is dropped (proxy/send.py).
-            await send_or_drop(response.write(sse(event["type"], event)), request.transport,
-                               gw.config.server.send_timeout)
+            await out.send(sse(event["type"], event))
     except ProxyError as e:
+        if not response.prepared:
+            raise  # nothing sent yet: an HTTP error with its status (and Retry-After), as without stream
         request[STREAM_ERROR] = e
-        await _end_with_error(response, gw.scrubber.error(e))
+        await _end_with_error(out, gw.scrubber.error(e))
     except (ConnectionError, asyncio.CancelledError):
         raise  # the client left: nobody to tell
     except Exception:
+        if not response.prepared:
+            raise  # the middleware logs it and answers a 500
         log.exception("request %s: the stream failed", request[REQUEST_ID])
         error = ProxyError(f"The proxy failed to handle the request (request id {request[REQUEST_ID]}).",
                            code="internal_error")
         request[STREAM_ERROR] = error
-        await _end_with_error(response, error)
+        await _end_with_error(out, error)
     finally:
         if not work.done():
             work.cancel()
+        elif not work.cancelled():
+            work.exception()  # seen: a failure the client left before hearing of is no "never retrieved" error
         if getter is not None:
             getter.cancel()
     await response.write_eof()
@@ -92,13 +115,45 @@ NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
 
 
-async def _partial_event(partial: PartialImage, prefix: str, common: dict) -> bytes:
-    b64 = await asyncio.to_thread(lambda: base64.b64encode(partial.data).decode("ascii"))
-    event = {"type": f"{prefix}.partial_image", "b64_json": b64, "partial_image_index": partial.partial_index,
-             "image_index": partial.image_index, "created_at": int(time.time()), **common,
-             "output_format": partial.format}
-    return sse(event["type"], event)
+class _Previews:
+    """The partial_image events of one stream: at most partial_images for each of the n images, numbered
+    0, 1, ... here (a route retried, or fallen back to, after some previews sends its own from 0 again).
+    An upstream's previews are not trusted: one that is not an image, or of an image the request does not
+    have, is skipped; one in another format than the asked one is converted (at its own size)."""
+
+    def __init__(self, req: ImageRequest, prefix: str, common: dict, max_pixels: int) -> None:
+        self.req, self.prefix, self.common, self.max_pixels = req, prefix, common, max_pixels
+        self.sent: dict[int, int] = {}  # image index -> previews sent for it
+
+    async def event(self, partial: PartialImage) -> bytes | None:
+        count = self.sent.get(partial.image_index, 0)
+        if count >= (self.req.partial_images or 0) or not 0 <= partial.image_index < self.req.n:
+            return None
+        checked = await asyncio.to_thread(self._checked, partial.data)
+        if checked is None:
+            return None
+        b64, fmt = checked
+        self.sent[partial.image_index] = count + 1
+        event = {"type": f"{self.prefix}.partial_image", "b64_json": b64, "partial_image_index": count,
+                 "image_index": partial.image_index, "created_at": int(time.time()), **self.common,
+                 "output_format": fmt}
+        return sse(event["type"], event)
+
+    def _checked(self, data: bytes) -> tuple[str, str] | None:
+        """The preview as base64 and its format; None for one that is not an image (CPU: off the loop)."""
+        try:
+            info = inspect(data, self.max_pixels)
+            target = self.req.output_format or info.format
+            if target != info.format:  # the preview's own size: it is a preview
+                data = reencode(data, info, target, self.req.output_compression, (info.width, info.height)).data
+        except UpstreamError as e:
+            log.info("skipping a partial image: %s", e)
+            return None
+        except Exception:  # a preview that cannot be converted is skipped, never the image
+            log.exception("could not convert a partial image")
+            return None
+        return base64.b64encode(data).decode("ascii"), target
 
 
-async def _end_with_error(response: web.StreamResponse, error: ProxyError) -> None:
-    await response.write(sse("error", error.to_dict()))
+async def _end_with_error(out: _Events, error: ProxyError) -> None:
+    await out.send(sse("error", error.to_dict()))
