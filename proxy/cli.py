@@ -13,10 +13,12 @@ from typing import NoReturn
 
 from .config import Config, ConfigError, load_config
 
-DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG", "models.yaml")
+DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
 # Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
 # requests (server.shutdown_grace, in its on_shutdown hook).
 SHUTDOWN_TIMEOUT = 5
+# More processes than this is a typo (each is a full server), not a plan.
+MAX_WORKERS = 1024
 
 
 def version() -> str:
@@ -39,6 +41,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _load(path: str) -> Config:
+    if not path.strip():  # Path("") is the current folder: "cannot read config file .: Is a directory"
+        _fail("--config is empty: give the path of a models.yaml")
     try:
         return load_config(path)
     except ConfigError as e:
@@ -65,6 +69,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
     return port
+
+
+def _workers(text: str) -> int:
+    """argparse type for --workers: 1 to MAX_WORKERS processes."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of processes") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{count} is not a number of processes (1-{MAX_WORKERS})")
+    return count
 
 
 def _where(host: str, port: int) -> str:
@@ -134,6 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             sock.close()
         _fail(f"refusing to serve on {_where(host, port)} without API keys: set server.api_keys, listen on "
               "127.0.0.1, or set server.allow_unauthenticated: true")
+    for where, names in config.unset_vars.items():
+        log.warning("%s: %s not set, read as empty", where, ", ".join("${" + n + "}" for n in names))
     if open_to_network:
         log.warning("listening on %s without API keys (server.allow_unauthenticated): anyone who can reach "
                     "it can use it", _where(host, port))
@@ -149,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker),
             busy=lambda: app[GATEWAY].busy)
 
-    workers = args.workers or 1
+    workers = args.workers
     if workers == 1:
         serve_one()
         return
@@ -169,24 +186,35 @@ def run_workers(count: int, serve_one, log: logging.Logger) -> None:
     import signal
 
     children: list[int] = []
+    stopping: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # Before the first fork: a signal while forking still reaches every worker started so far (none is
+    # left serving on its own), and no more are started. Around each fork the signals wait (blocked), so
+    # neither the parent's list nor the new worker's handlers are half set up when one arrives.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     for i in range(count):
+        if stopping:
+            break
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         pid = os.fork()
         if pid == 0:  # the worker: its own event loop, app and limits (shared ones need state.redis_url)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
             try:
                 serve_one(f" (worker {i + 1} of {count}, pid {os.getpid()})")
             finally:
                 os._exit(0)
         children.append(pid)
-
-    def forward(signum, _frame) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     failed = 0
     for pid in children:
         while True:
@@ -195,7 +223,9 @@ def run_workers(count: int, serve_one, log: logging.Logger) -> None:
                 break
             except InterruptedError:
                 continue
-        failed += os.waitstatus_to_exitcode(status) != 0
+        code = os.waitstatus_to_exitcode(status)
+        # A worker stopped by the signal it was sent before it could handle it has not failed.
+        failed += code != 0 and -code not in stopping
     if failed:
         log.error("%d of %d workers exited with an error", failed, count)
         sys.exit(1)
@@ -230,6 +260,9 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             problems += 1
             detail = "; ".join(f"route '{r}': {why}" for r, why in reasons)
             print(f"warning: model {name} has no usable route: {detail}")
+    for where, names in config.unset_vars.items():  # e.g. `path: ${DIR}/img` would store under /img
+        print(f"warning: {where}: {', '.join('${' + n + '}' for n in names)} not set, read as empty "
+              "(give a default: ${NAME:-value})")
     for pname, provider in providers.items():  # options a usable route would serve without
         for warning in provider.warnings if provider.preflight() is None else []:
             print(f"warning: provider {pname}: {warning}")
@@ -300,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default: server.host from the config")
     serve.add_argument("--port", type=_port, help="default: server.port from the config (0: any free port)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--workers", type=int, default=1, metavar="N",
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
                        help="processes sharing the port (default 1); limits and idempotency are shared "
                             "between them only with state.redis_url")
     serve.set_defaults(func=cmd_serve)
@@ -339,7 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        try:
+            args.func(args)
+        finally:  # here, not at exit, where a closed pipe is an "Exception ignored" message (sys.exit too)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C while starting or generating: the operator knows, no traceback
+        sys.exit(130)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        # Python would still flush stdout at exit, fail again and print "Exception ignored": point it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 if __name__ == "__main__":

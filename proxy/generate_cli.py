@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,18 @@ def _output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
+def _check_writable(paths: list[Path]) -> None:
+    """Exit now, not after the model loaded and the images are made, when they could not be written."""
+    for path in paths:
+        folder = path.parent
+        if path.is_dir():
+            sys.exit(f"error: cannot write {path}: it is a folder")
+        if not folder.is_dir():
+            sys.exit(f"error: cannot write {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            sys.exit(f"error: cannot write {path}: permission denied")
+
+
 async def run_generate(args: argparse.Namespace, config: Config) -> None:
     from tqdm import tqdm
 
@@ -54,6 +67,8 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
         req = build_request(body, args.model, width, height)
     except ProxyError as e:
         sys.exit(f"error: {e.message}")
+    paths = _output_paths(args.output, req.n)
+    _check_writable(paths)
 
     started = time.monotonic()
     try:
@@ -79,8 +94,13 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
     finally:
         bar.close()
         engine.close()
-    for path, image, seed in zip(_output_paths(args.output, req.n), result.images, result.seeds, strict=True):
-        path.write_bytes(encode_image(image, fmt, None))
+    # Every file first, then the lines: a reader that stops early (`| head -1`) loses no image.
+    for path, image in zip(paths, result.images, strict=True):
+        try:
+            path.write_bytes(encode_image(image, fmt, None))
+        except OSError as e:
+            sys.exit(f"error: cannot write {path}: {e.strerror or e}")
+    for path, image, seed in zip(paths, result.images, result.seeds, strict=True):
         print(f"{path}  {image.width}x{image.height}  seed {seed}")
 
 

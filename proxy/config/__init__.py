@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import Field, PrivateAttr, ValidationError
 
 from ..sizing import SizeTable
+from .envvars import Expansion, expand_env
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
 from .server import ServerConfig
-from .strict import Strict, suggest, validation_problems, yaml_problem
+from .strict import Strict, suggest, validation_problems
+from .yamlload import YamlProblem, load_yaml, read_text
 
 __all__ = [
     "Config",
@@ -43,9 +44,6 @@ __all__ = [
     "parse_config",
 ]
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
 class ConfigError(Exception):
     """models.yaml cannot be used; the message says where and why."""
 
@@ -61,6 +59,8 @@ class Config(Strict):
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     _missing_vars: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    # Outside providers: path -> unset variables (no default) its value names; they read as "".
+    _unset_vars: dict[str, list[str]] = PrivateAttr(default_factory=dict)
 
     @property
     def missing_vars(self) -> dict[str, list[str]]:
@@ -70,6 +70,11 @@ class Config(Strict):
     @missing_vars.setter
     def missing_vars(self, value: dict[str, list[str]]) -> None:
         self._missing_vars = value
+
+    @property
+    def unset_vars(self) -> dict[str, list[str]]:
+        """Outside providers, each value's path -> the ${VAR}s it names that are not set (read as empty)."""
+        return self._unset_vars
 
     def size_table(self, model: str) -> SizeTable:
         sizes = self.models[model].sizes
@@ -98,7 +103,7 @@ _SECRET_OPTION = re.compile(r"(?i)key|token|secret|password")
 # ---- checks across sections -------------------------------------------------------------------------
 
 
-def _check_providers(config: Config) -> list[str]:
+def _check_providers(config: Config, hidden: set[str]) -> list[str]:
     """Each provider's kind is known, and its options are the ones that kind reads, with their types."""
     from ..providers import KINDS, options_model, provider_class
 
@@ -112,25 +117,27 @@ def _check_providers(config: Config) -> list[str]:
         try:
             options = model.model_validate(pc.options)
         except ValidationError as e:
-            problems += validation_problems(model, e, ("providers", name), extra_known=("kind",))
+            problems += validation_problems(model, e, ("providers", name), extra_known=("kind",), hidden=hidden)
             continue
         # The typed values: "300" from a ${VAR} becomes 300.0 where the option is a number.
         config.providers[name] = ProviderConfig(kind=pc.kind, **options.model_dump(exclude_unset=True))
     return problems
 
 
-def _check_references(config: Config) -> list[str]:
+def _check_references(config: Config, broken: set) -> list[str]:
+    """Names one section gives another; `broken` sections (already reported) are left out, so a section
+    that failed to load does not also make every name in it "not defined"."""
     problems = []
-    for name, model in config.models.items():
+    for name, model in config.models.items() if "models" not in broken else ():
         for i, route in enumerate(model.routes):
-            if route.provider not in config.providers:
+            if route.provider not in config.providers and "providers" not in broken:
                 problems.append(f"models.{name}.routes.{i}: provider '{route.provider}' is not defined under "
                                 f"providers{suggest(route.provider, config.providers)}")
-        if isinstance(model.sizes, str) and model.sizes not in config.size_tables:
+        if isinstance(model.sizes, str) and model.sizes not in config.size_tables and "size_tables" not in broken:
             problems.append(f"models.{name}.sizes: size table '{model.sizes}' is not defined under "
                             f"size_tables{suggest(model.sizes, config.size_tables)}")
     default = config.server.default_model
-    if default is not None and default not in config.models:
+    if default is not None and default not in config.models and "models" not in broken:
         known = ", ".join(config.models) or "none"
         problems.append(f"server.default_model: '{default}' is not a configured model"
                         f"{suggest(default, config.models) or f' (models: {known})'}")
@@ -145,24 +152,22 @@ def _check_references(config: Config) -> list[str]:
     return problems
 
 
-def expand_env(value: Any, env: dict[str, str], missing: set[str]) -> Any:
-    """Expand ${VAR} / ${VAR:-default} in every string of a parsed YAML tree."""
-    if isinstance(value, str):
-
-        def sub(m: re.Match) -> str:
-            name, default = m.group(1), m.group(2)
-            if env.get(name):
-                return env[name]
-            if default is None:
-                missing.add(name)
-            return default or ""
-
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [expand_env(v, env, missing) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_env(v, env, missing) for k, v in value.items()}
-    return value
+def _validate(expanded: dict[str, Any], env: dict[str, str], hidden: set[str]) -> tuple[Config | None, list[str]]:
+    """Config from the expanded tree, and every problem in it: the sections that fail are reported, and
+    the others still checked (providers' options, references), so one run names all there is to fix."""
+    context = {"env": env}  # key_env and metrics_key_env read it
+    try:
+        config, broken, problems = Config.model_validate(expanded, context=context), set(), []
+    except ValidationError as e:
+        problems = validation_problems(Config, e, hidden=hidden)
+        broken = {err["loc"][0] for err in e.errors() if err["loc"]}
+        try:
+            config = Config.model_validate({k: v for k, v in expanded.items() if k not in broken}, context=context)
+        except ValidationError:  # nothing more to learn
+            return None, problems
+    if "providers" not in broken:
+        problems += _check_providers(config, hidden)
+    return config, problems + _check_references(config, broken)
 
 
 def parse_config(data: Any, env: dict[str, str] | None = None, source: str = "config") -> Config:
@@ -171,41 +176,59 @@ def parse_config(data: Any, env: dict[str, str] | None = None, source: str = "co
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
+        raise ConfigError(f"{source}: the top level must be a mapping, not a {type(data).__name__}")
     missing_vars: dict[str, list[str]] = {}
+    problems: list[str] = []
+    hidden: set[str] = set()  # values of secret-named variables: never in a message, wherever used
+    cut: set[str] = set()  # paths of malformed ${...}: already reported
+    unset: dict[str, list[str]] = {}
+
+    def expand(part: dict, path: tuple[str, ...]) -> tuple[dict, set[str]]:
+        expansion = Expansion(env)
+        tree = expansion.tree(part, path)
+        problems.extend(expansion.problems)
+        cut.update(expansion.problem_paths)
+        hidden.update(expansion.secrets)
+        if not path:
+            unset.update(expansion.missing_at)
+        return tree, expansion.missing
+
     expanded: dict[str, Any] = {}
     for key, value in data.items():
         if key == "providers" and isinstance(value, dict):
+            # One by one: each provider records the variables it lacks (it is skipped without them).
             expanded[key] = {}
             for pname, pvalue in value.items():
-                missing: set[str] = set()
-                expanded[key][pname] = expand_env(pvalue, env, missing)
+                tree, missing = expand({pname: pvalue}, ("providers",))
+                expanded[key].update(tree)
                 if missing:
                     missing_vars[pname] = sorted(missing)
         else:
-            expanded[key] = expand_env(value, env, set())
-    try:
-        config = Config.model_validate(expanded, context={"env": env})  # key_env and metrics_key_env read env
-    except ValidationError as e:
-        problems = validation_problems(Config, e)
-    else:
-        problems = _check_providers(config) + _check_references(config)
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
+            expanded.update(expand({key: value}, ())[0])
+    config, found = _validate(expanded, env, hidden)
+    problems += [line for line in found if line.split(": ", 1)[0] not in cut]
+    if problems or config is None:
+        raise ConfigError("\n".join(f"{source}: {_redact(line, hidden)}" for line in problems))
     config.missing_vars = missing_vars
+    config._unset_vars = unset
     return config
+
+
+def _redact(line: str, hidden: set[str]) -> str:
+    for secret in sorted(hidden, key=len, reverse=True):
+        if len(secret) >= 4:  # a one-letter "secret" would blot out the message
+            line = line.replace(secret, "[redacted]")
+    return line
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = load_yaml(read_text(path), str(path))
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not valid YAML: it is not UTF-8 text") from None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except YamlProblem as e:
+        raise ConfigError(str(e)) from None
     return parse_config(data, env, source=str(path))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -10,6 +12,17 @@ from .strict import Strict
 
 _S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "secret_access_key_env",
             "presign", "public_url", "serve_via_proxy", "timeout")
+
+
+def http_url(value: str | None, example: str = "https://api.openai.com/v1") -> str | None:
+    """An http(s) URL with a host, or None for empty. Without a scheme, every call to it would fail later
+    (an invalid URL), far from the line that caused it."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {example}")
+    return value
 
 
 class StoreConfig(Strict):
@@ -20,7 +33,7 @@ class StoreConfig(Strict):
     ttl_seconds: float = Field(default=3600, gt=0)
     # Upstream URLs expire and reveal the provider: download and serve them ourselves by default.
     rehost_upstream_urls: bool = True
-    max_download_mb: float = 64
+    max_download_mb: float = Field(default=64, gt=0)
     # kind: s3 (any S3-compatible server: AWS, MinIO, R2, Ceph...). Credentials: the variables named by
     # access_key_id_env / secret_access_key_env, else the standard AWS_* variables and instance roles.
     bucket: str | None = None
@@ -92,6 +105,16 @@ class FetchConfig(Strict):
     allowed_networks: list[str] = Field(default_factory=list)
     allow_http: bool = False
 
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for text in networks:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"'{text}' is not a network like '10.1.0.0/16' or 'fd00::/8'") from None
+        return networks
+
 
 class RoutingConfig(Strict):
     """Retries within a route and the per-route circuit breaker."""
@@ -112,6 +135,11 @@ class PassthroughConfig(Strict):
     base_url: str | None = None
     api_key: str | None = None
     timeout: float = Field(default=600, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return http_url(value)
 
     @property
     def enabled(self) -> bool:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     Field,
     PrivateAttr,
@@ -19,7 +18,9 @@ from pydantic import (
     model_validator,
 )
 
-from .strict import Strict, validation_problems, yaml_problem
+from .sections import http_url
+from .strict import Strict, validation_problems
+from .yamlload import YamlProblem, load_yaml, read_text
 
 # A key's name shows in logs and metrics (its value never does).
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -187,11 +188,11 @@ class ServerConfig(Strict):
         if not path:
             return None
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            data = load_yaml(read_text(Path(path)), path)
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
+        except YamlProblem as e:
+            raise ValueError("; ".join(e.lines)) from None
         if data is None:
             data = []
         if not isinstance(data, list):
@@ -241,9 +242,19 @@ class ServerConfig(Strict):
             self.metrics_key = _env_of(info)[self.metrics_key_env].strip()
         return self
 
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, host: str) -> str:
+        # An unset ${VAR} reads as "", which would listen on every address: say so instead.
+        if not host.strip():
+            raise ValueError("empty: give an address (127.0.0.1: this machine only, 0.0.0.0: every address)")
+        return host.strip()
+
     @field_validator("public_base_url", "default_model")
     @classmethod
-    def _empty_is_unset(cls, value: str | None) -> str | None:
+    def _empty_is_unset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.field_name == "public_base_url":
+            return http_url(value, "https://images.example.com")
         return value or None
 
     @field_validator("log_level", mode="before")

@@ -4,7 +4,7 @@ PyYAML finds becomes one `path: what is wrong` line, with "did you mean" for a m
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 class Strict(BaseModel):
     """The base of every section: an unknown key is an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are no timeout or limit: nan compares false with everything, so a cap of nan is no cap.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _secret(path: list[str]) -> bool:
@@ -85,8 +86,9 @@ def _show(value: Any) -> str:
 
 
 def validation_problems(root: type[BaseModel], error: ValidationError, prefix: Iterable[str] = (),
-                        extra_known: Iterable[str] = ()) -> list[str]:
-    """One 'path: message' line per problem pydantic found, with suggestions for unknown keys."""
+                        extra_known: Iterable[str] = (), hidden: Collection[str] = ()) -> list[str]:
+    """One 'path: message' line per problem pydantic found, with suggestions for unknown keys; a value
+    holding one of `hidden` (a secret) is never shown."""
     entries = []
     for err in error.errors():
         path, holder, branch = _walk(root, err["loc"])
@@ -102,7 +104,10 @@ def validation_problems(root: type[BaseModel], error: ValidationError, prefix: I
             if kind.endswith("_parsing"):  # "..., unable to parse string as an integer": the input says it
                 msg = msg.split(", ")[0]
             value = err.get("input")
-            if kind not in ("missing", "value_error") and not _secret(path) and isinstance(value, str | int | float):
+            shown = isinstance(value, str | int | float) and not _secret(path) and ", got " not in msg
+            if shown and isinstance(value, str):
+                shown = not any(secret and secret in value for secret in hidden)
+            if kind not in ("missing", "value_error") and shown:
                 msg += f", got {_show(value)}"
         # (the union's path, whether this complaint is only "not this member's type")
         union = (branch[0], branch[2] and _is_type_error(kind)) if branch else None
