@@ -316,8 +316,8 @@ from proxy.cli import run_workers
 
 def serve_one(_label):
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # a worker that stops cleanly, as the server does
-    with open(sys.argv[1], "a") as f:
-        f.write(f"{os.getpid()}\\n")
+    with open(f"/proc/{os.getpid()}/stat") as stat, open(sys.argv[1], "a") as f:
+        f.write(f"{os.getpid()} {stat.read().rsplit(')', 1)[1].split()[19]}\\n")  # pid, start time
     os.kill(os.getppid(), signal.SIGTERM)  # the stop arrives while the workers are still being started
     time.sleep(120)
 
@@ -330,15 +330,17 @@ def test_a_stop_while_workers_start_stops_every_worker(tmp_path):
     out = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT, str(pids_file)], cwd=tmp_path,
                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
-    pids = [int(line) for line in pids_file.read_text().split()]
-    assert pids
-    for pid in pids:  # none was left behind, serving on its own
+    workers = [line.split() for line in pids_file.read_text().splitlines()]
+    assert workers
+    for pid, started in workers:  # none was left behind, serving on its own
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat:
+                alive = stat.read().rsplit(")", 1)[1].split()[19] == started  # else another process got the pid
+        except FileNotFoundError:
             continue
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"worker {pid} outlived its parent")
+        if alive:
+            os.kill(int(pid), signal.SIGKILL)
+            pytest.fail(f"worker {pid} outlived its parent")
 
 
 # ---- generate --------------------------------------------------------------------------------------
@@ -365,3 +367,12 @@ def test_generate_output_problems_are_found_before_the_model_loads_and_no_image_
     assert piped.wait(timeout=180) == 141, err
     assert "Traceback" not in err
     assert (tmp_path / "fox-0.png").stat().st_size > 0 and (tmp_path / "fox-1.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "inf"])
+def test_a_provider_option_cannot_be_infinite(value):
+    # A provider's `timeout: .inf` was accepted: no timeout at all on its calls.
+    data = {"providers": {"up": {"kind": "openai", "base_url": "https://up.example/v1", "timeout": value}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env={})
+    assert "providers.up.timeout" in str(e.value) and "finite number" in str(e.value)

@@ -51,7 +51,8 @@ def options_model(cls: type[Provider]) -> type[BaseModel]:
             fields[name] = (Literal[spec], None)
         else:
             fields[name] = (spec, None)
-    return create_model(f"{cls.kind} options", __config__=ConfigDict(extra="forbid"), **fields)
+    # No inf or nan: a timeout of .inf is no timeout, and nan compares false with every limit.
+    return create_model(f"{cls.kind} options", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
 def build_providers(config: Config) -> dict[str, Provider]:
