@@ -5,7 +5,8 @@ cloud metadata service, at a database on the loopback interface, at the office n
 URL goes through `GuardedFetcher.fetch(url, policy)`, which
 
 - accepts https only (http when the policy allows it), no user:password@, no data:/file:/ftp:;
-- takes only hosts on the policy's allowlist, when it has one;
+- takes only host names DNS can hold (labels of 1 to 63 characters, 253 in all);
+- takes only hosts on the policy's allowlist, when it has one (Unicode entries compared as punycode);
 - resolves the host name once and refuses it when ANY of its addresses is not a public one
   (loopback, private, link-local, CGNAT, multicast, reserved, ... and the IPv6 forms that embed
   such an IPv4 address), unless the policy allows private addresses or names the network;
@@ -24,7 +25,6 @@ import asyncio
 import contextvars
 import inspect
 import ipaddress
-import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,20 +33,23 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-__all__ = ["FetchError", "FetchFailed", "FetchPolicy", "FetchRefused", "GuardedFetcher", "address_refusal"]
+from .fetch_rules import (
+    IPAddress,
+    IPNetwork,
+    address_refusal,
+    embedded_ipv4,
+    host_name_problem,
+    idna_host,
+    parse_numeric_host,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = ["FetchError", "FetchFailed", "FetchPolicy", "FetchRefused", "GuardedFetcher", "address_refusal",
+           "parse_numeric_host"]
+
 # host -> addresses; sync or async.
 HostResolver = Callable[[str], Iterable[str] | Awaitable[Iterable[str]]]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-CGNAT = ipaddress.ip_network("100.64.0.0/10")
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
-# One dotted part of a numeric host as inet_aton reads it: decimal, 0x hex or 0 octal.
-_NUMERIC_PART = re.compile(r"(0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
 
 
 class FetchError(Exception):
@@ -81,7 +84,8 @@ class FetchPolicy:
 
     def __post_init__(self) -> None:
         hosts = [self.allowed_hosts] if isinstance(self.allowed_hosts, str) else self.allowed_hosts
-        object.__setattr__(self, "allowed_hosts", frozenset(h.strip().lower().rstrip(".") for h in hosts))
+        # URLs carry punycode: an entry written in Unicode must be compared in that form.
+        object.__setattr__(self, "allowed_hosts", frozenset(idna_host(h) for h in hosts))
         object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
         # A bad CIDR is a configuration error: raise ValueError now, not on the first fetch.
         object.__setattr__(self, "_networks",
@@ -100,91 +104,10 @@ class FetchPolicy:
         if self.allow_private:
             return True
         candidates = [ip]
-        embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        embedded = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
         if embedded:
             candidates.append(embedded[0])
         return any(c.version == n.version and c in n for c in candidates for n in self._networks)
-
-
-# ---- address rules ------------------------------------------------------------------------------
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
-    """The IPv4 address an IPv6 form leads to, if it is one of those forms."""
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped, "IPv4-mapped"
-    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip in NAT64:
-        return low32, "NAT64"
-    if ip in IPV4_TRANSLATED:
-        return low32, "IPv4-translated"
-    if ip.sixtofour:
-        return ip.sixtofour, "6to4"
-    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d, deprecated IPv4-compatible (:: and ::1 excluded)
-        return low32, "IPv4-compatible"
-    return None
-
-
-def address_refusal(ip: IPAddress) -> str | None:
-    """Why an address is not a public one ("loopback", ...), or None when it is public."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            return "scoped (zone id)"
-        embedded = _embedded_ipv4(ip)
-        if embedded:
-            v4, form = embedded
-            why = address_refusal(v4)
-            return f"{why} ({form} {v4})" if why else None
-        if ip in NAT64_LOCAL:
-            return "local-use NAT64"
-        if ip.is_site_local:
-            return "site-local"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if isinstance(ip, ipaddress.IPv4Address):
-        if ip in CGNAT:
-            return "shared address space (CGNAT)"
-        if ip == ipaddress.IPv4Address("255.255.255.255"):
-            return "broadcast"
-    if ip.is_reserved:
-        return "reserved"
-    if ip.is_private:
-        return "private"
-    if not ip.is_global:
-        # Documentation, benchmarking, Teredo, ...: the standard library's special-purpose registry.
-        return "not a public address"
-    return None
-
-
-def parse_numeric_host(host: str) -> ipaddress.IPv4Address | None:
-    """Read a numeric host the way inet_aton does ("2130706433", "0x7f.1", "0177.0.0.1", "127.1").
-
-    None when the host is not numeric at all; ValueError when it is numeric but no address.
-    """
-    parts = host.split(".")
-    if not 1 <= len(parts) <= 4 or not all(_NUMERIC_PART.fullmatch(p) for p in parts):
-        return None
-    values = []
-    for p in parts:
-        if p[:2].lower() == "0x":
-            values.append(int(p[2:] or "0", 16))
-        elif len(p) > 1 and p[0] == "0":
-            values.append(int(p, 8))  # ValueError on 8 or 9, as inet_aton refuses them
-        else:
-            values.append(int(p))
-    *head, last = values
-    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
-        raise ValueError(host)
-    number = 0
-    for v in head:
-        number = number << 8 | v
-    return ipaddress.IPv4Address(number << (8 * (4 - len(head))) | last)
 
 
 # ---- the resolver the connector uses --------------------------------------------------------------
@@ -301,7 +224,10 @@ class GuardedFetcher:
             raise FetchRefused("the URL has no host")
         host = raw_host.lower().rstrip(".")
         if not host or "%" in host:
-            raise FetchRefused(f"host {raw_host} is not a valid host name")
+            raise FetchRefused(f"host {raw_host[:100]} is not a valid host name")
+        problem = host_name_problem(host) if ":" not in host else None
+        if problem:
+            raise FetchRefused(f"host {host[:100]} is not a valid host name: it {problem}")
         if not policy.host_allowed(host):
             raise FetchRefused(f"host {host} is not on the allowlist")
         return host
@@ -337,7 +263,7 @@ class GuardedFetcher:
                 if inspect.isawaitable(answer):
                     answer = await answer
                 raw = list(answer)
-        except OSError as e:
+        except (OSError, UnicodeError) as e:
             raise FetchFailed(f"host {host} could not be resolved ({e.__class__.__name__})") from None
         addresses: list[IPAddress] = []
         for item in raw:
@@ -352,7 +278,10 @@ class GuardedFetcher:
         return addresses
 
     async def _get(self, url: URL, policy: FetchPolicy) -> bytes | URL:
-        """One hop: the body on 200, the Location of a redirect, else FetchFailed."""
+        """One hop: the body on 200, the Location of a redirect, else FetchFailed.
+
+        Messages name url.raw_host: url.host decodes punycode and raises UnicodeError on a broken label.
+        """
         try:
             async with self._http().get(url, allow_redirects=False,
                                         headers={"Accept-Encoding": "identity"}) as resp:
@@ -365,7 +294,7 @@ class GuardedFetcher:
                     except ValueError:
                         raise FetchRefused("the redirect's Location is not a valid URL") from None
                 if resp.status != 200:
-                    raise FetchFailed(f"HTTP {resp.status} from {url.host}", status=resp.status)
+                    raise FetchFailed(f"HTTP {resp.status} from {url.raw_host}", status=resp.status)
                 if resp.content_length is not None and resp.content_length > policy.max_bytes:
                     raise FetchFailed(f"the body is larger than the {policy.max_bytes} byte limit")
                 chunks, total = [], 0
@@ -376,7 +305,7 @@ class GuardedFetcher:
                     chunks.append(chunk)
                 return b"".join(chunks)
         except aiohttp.ClientError as e:
-            raise FetchFailed(f"fetching from {url.host} failed ({e.__class__.__name__})") from None
+            raise FetchFailed(f"fetching from {url.raw_host} failed ({e.__class__.__name__})") from None
 
 
 def _literal_address(host: str) -> IPAddress | None:
