@@ -67,8 +67,12 @@ class CircuitBreaker:
             return True
         return False
 
-    def record(self, ok: bool) -> None:
-        self.probing = False
+    def record(self, ok: bool, probe: bool = True) -> None:
+        """The outcome of a request on the route. Only the probe frees the probe slot (a success closes
+        the breaker, so it frees it too): a request that started before the breaker opened and ends
+        during a probe must not let a second probe through."""
+        if probe or ok:
+            self.probing = False
         if ok:
             self.failures = 0
             return
@@ -76,9 +80,10 @@ class CircuitBreaker:
         if self.failures >= self.threshold:
             self.open_until = time.monotonic() + self.cooldown
 
-    def release(self) -> None:
-        """The request ended without judging the route (client error, cancelled): free the probe slot."""
-        self.probing = False
+    def release(self, probe: bool = True) -> None:
+        """The request ended without judging the route (client error, cancelled): the probe frees its slot."""
+        if probe:
+            self.probing = False
 
 
 @dataclass
@@ -186,6 +191,7 @@ class Router:
                     continue
                 if not await self._wait_loaded(route, deadline, attempts, failures):
                     continue
+            probe = route.breaker.state != "closed"  # allow() claims the probe slot if this passes
             if not route.breaker.allow():
                 if not last:
                     attempts.append((route.name, "skipped: circuit open after repeated failures"))
@@ -194,12 +200,15 @@ class Router:
             try:
                 images = await self._try_route(route, req, deadline, finish, attempts, failures, last)
             except BaseException:
-                route.breaker.release()
+                route.breaker.release(probe)
                 raise
+            self._record(route, images is not None, probe)
             if images is not None:
-                route.breaker.record(True)
                 return RouteResult(images, route, attempts)
             if time.monotonic() >= deadline:
+                # Name the routes the deadline left untried: the client sees why they did not serve.
+                attempts += [(r.name, "skipped: the request deadline (server.request_timeout) passed first")
+                             for r in later]
                 break
         raise self._final_error(req.model, attempts, failures)
 
@@ -223,17 +232,24 @@ class Router:
         """The route's calls, retries included: its images, or None after recording why it failed."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
         route_req = with_route_defaults(req, route.config.params, route.config.drop)
+        parts = _Parts(route)
         for attempt in range(route.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             limit = min(route.timeout, remaining)
+            parts.retry_next = lambda e, attempt=attempt: self._may_retry(e, attempt, route, last)
             try:
                 async with asyncio.timeout(limit):
-                    images = await generate_n(self._call(route), route_req, route.per_call)
-                    images = await finish(images, route_req, route.provider)
+                    images = await parts.generate(route_req)
+                    try:
+                        images = await finish(images, route_req, route.provider)
+                    except BaseException:
+                        parts.done.clear()  # which image was bad is not known: make them all again
+                        raise
             except TimeoutError:
-                error: ProxyError = UpstreamTimeout(f"timed out after {limit:.3g} s")
+                why = "the request deadline (server.request_timeout) passed" if limit < route.timeout else "timed out"
+                error: ProxyError = UpstreamTimeout(f"{why} after {limit:.3g} s")
             except ProxyError as e:
                 if not e.retryable:
                     self._count(req.model, route, "client_error")
@@ -252,29 +268,43 @@ class Router:
                         self.scrub(error.message))
             attempts.append((route.name, error.message))
             failures.append(error)
-            if attempt == route.retries or not error.retry_same_route:
+            if not self._may_retry(error, attempt, route, last):
                 break
             wait = self._backoff(attempt, error, last)
-            if wait is None or time.monotonic() + wait >= deadline:
+            if time.monotonic() + wait >= deadline:
                 break
             await asyncio.sleep(wait)
-        route.breaker.record(False)
         return None
 
-    def _backoff(self, attempt: int, error: ProxyError, last: bool) -> float | None:
-        """Seconds before the next try on the same route; None to move on to the next route now."""
+    def _may_retry(self, error: ProxyError, attempt: int, route: Route, last: bool) -> bool:
+        """Whether the route gets another try after this failure (the deadline aside)."""
+        if attempt >= route.retries or not error.retryable or not error.retry_same_route:
+            return False
+        # A long Retry-After is worth sitting out only on the last route.
+        return error.retry_after is None or last or error.retry_after <= self.routing.backoff_max
+
+    def _backoff(self, attempt: int, error: ProxyError, last: bool) -> float:
+        """Seconds before the next try on the same route (when _may_retry allows one)."""
         cfg = self.routing
         if error.retry_after is not None:
-            # Honour the upstream's wait; a long one is worth sitting out only on the last route.
-            return error.retry_after if last or error.retry_after <= cfg.backoff_max else None
+            return error.retry_after  # the upstream's own wait
         # Full jitter (AWS architecture blog): spreads out clients that failed together.
         return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2 ** attempt))
 
-    def _call(self, route: Route):
-        async def call(chunk: ImageRequest) -> list[GeneratedImage]:
-            return await route.provider.generate(chunk, route.config)
-
-        return call
+    @staticmethod
+    def _record(route: Route, ok: bool, probe: bool) -> None:
+        """The route's outcome for its breaker; a change of state is logged (it changes who gets served)."""
+        before = route.breaker.state
+        route.breaker.record(ok, probe)
+        after = route.breaker.state
+        if after == before or (before == "open" and after == "half_open"):
+            return
+        if after == "closed":
+            log.warning("route %s: circuit closed: it served again", route.name)
+        else:
+            log.warning("route %s: circuit open after %d failed requests in a row: skipped for %.3g s "
+                        "where another route can serve", route.name, route.breaker.failures,
+                        route.breaker.cooldown)
 
     def _count(self, model: str, route: Route, outcome: str) -> None:
         if self.metrics:
@@ -296,3 +326,45 @@ class Router:
         if all(isinstance(f, UpstreamTimeout) for f in failures):
             return UpstreamTimeout(message)
         return UpstreamError(message)
+
+
+class _Parts:
+    """The calls that make req.n images on one route (n split by per_call), kept across its retries.
+
+    A retry makes only the calls that failed or came back short: an upstream that fails one call in two
+    would otherwise fail every attempt at n=4 (some call always fails) though half its calls made good
+    images. While the route will be tried again, a failed call lets its siblings finish rather than
+    cancelling them; otherwise (no retry left, a refusal, the client's error) they are cancelled at once.
+    """
+
+    def __init__(self, route: Route):
+        self.route = route
+        self.done: dict[tuple[int, int], list[GeneratedImage]] = {}
+        self.errors: list[ProxyError] = []
+        self.fatal: BaseException | None = None
+        self.retry_next: Callable[[ProxyError], bool] = lambda e: False
+
+    async def call(self, chunk: ImageRequest) -> list[GeneratedImage]:
+        key = (chunk.first_index, chunk.n)
+        if key in self.done:
+            return self.done[key]
+        try:
+            images = await self.route.provider.generate(chunk, self.route.config)
+        except ProxyError as e:
+            if not self.retry_next(e):
+                self.fatal = e
+                raise
+            self.errors.append(e)
+            return []  # generate_n finds too few images; generate() raises this error instead
+        if len(images) >= chunk.n:
+            self.done[key] = images
+        return images
+
+    async def generate(self, req: ImageRequest) -> list[GeneratedImage]:
+        self.errors, self.fatal = [], None
+        try:
+            return await generate_n(self.call, req, self.route.per_call)
+        except UpstreamError as e:
+            if self.errors and e is not self.fatal:  # too few images because a call failed: say why
+                raise self.errors[0] from None
+            raise
