@@ -42,7 +42,7 @@ import aiohttp
 
 from ..config import RouteConfig
 from ..cpu import run_cpu
-from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
+from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..request import ImageRequest
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .dashscope_convert import (
@@ -58,7 +58,7 @@ from .dashscope_convert import (
     task_status_of,
     to_native,
 )
-from .vendor import VendorProvider
+from .vendor import VendorProvider, poll_wait, take_n
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ class DashScopeProvider(VendorProvider):
             body = await asyncio.to_thread(edit_json, req, model)
             status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, body)
             self._raise_for(status, payload, retry_after)
-            return self._images(payload)
+            return self._images(payload, req.n)
         mode = resolve_mode(self.mode, model)
         body = to_native(req, model, mode=mode, sizes=self.sizes)
         if mode == "sync":
             status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, body)
             self._raise_for(status, payload, retry_after)
-            return self._images(payload)
+            return self._images(payload, req.n)
 
         status, payload, retry_after = await self._call("POST", ASYNC_PATH, deadline, max_bytes, body,
                                                         asynchronous=True)
@@ -128,11 +128,11 @@ class DashScopeProvider(VendorProvider):
             raise
         if task_status_of(payload) != "SUCCEEDED":
             raise self._redacted(task_error(payload["output"]))
-        return self._images(payload)
+        return self._images(payload, req.n)
 
-    def _images(self, payload: Any) -> list[GeneratedImage]:
+    def _images(self, payload: Any, n: int) -> list[GeneratedImage]:
         try:
-            return from_native(payload)
+            return take_n(from_native(payload), n, "DashScope")
         except ProxyError as e:
             raise self._redacted(e) from None
 
@@ -191,11 +191,13 @@ class DashScopeProvider(VendorProvider):
             except UpstreamTimeout:
                 raise
             except ProxyError as e:
-                # A lost poll does not lose the task: a few transient failures in a row are sat out.
-                failures += 1
+                # A lost poll does not lose the task: a few transient failures in a row are sat out. A 429
+                # is none: DashScope said how long to wait, and the deadline bounds the waiting.
+                if not isinstance(e, RateLimited):
+                    failures += 1
                 if not e.retryable or not e.retry_same_route or failures > MAX_POLL_FAILURES:
                     raise
-                wait = max(wait, e.retry_after or 0)
+                wait = poll_wait(wait, e.retry_after)
             else:
                 failures = 0
                 if state in TERMINAL_STATES:

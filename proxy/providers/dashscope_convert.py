@@ -241,11 +241,15 @@ def _task_results(results: Any) -> list[GeneratedImage]:
     return images
 
 
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
 def task_id_of(payload: Any) -> str:
     output = payload.get("output") if isinstance(payload, dict) else None
     task_id = output.get("task_id") if isinstance(output, dict) else None
-    if not isinstance(task_id, str) or not task_id:
-        raise UpstreamError("DashScope accepted the task without a task_id")
+    # It goes into the poll and cancel paths, with the key: "../" or "?" there would call another endpoint.
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        raise UpstreamError("DashScope accepted the task without a usable task_id")
     return task_id
 
 

@@ -24,7 +24,7 @@ import aiohttp
 
 from ..config import RouteConfig
 from ..cpu import run_cpu
-from ..errors import UpstreamError, UpstreamTimeout
+from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
 from ..request import ImageRequest
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .fal_convert import (
@@ -40,7 +40,7 @@ from .fal_convert import (
     queue_handle,
     to_native,
 )
-from .vendor import VendorProvider
+from .vendor import VendorProvider, poll_wait, take_n
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ MAX_POLL_FAILURES = 3
 # Each HTTP call gets at most this long (and never longer than what is left of the route's time).
 CALL_TIMEOUT = 60.0
 CANCEL_TIMEOUT = 5.0
+
+
+def _sit_out(error: ProxyError, failures: int) -> int:
+    """The count of transient failures in a row after `error`, which is raised past MAX_POLL_FAILURES. A 429
+    does not count: fal said how long to wait, and the deadline bounds the waiting."""
+    if not isinstance(error, RateLimited):
+        failures += 1
+    if failures > MAX_POLL_FAILURES or not error.retry_same_route:
+        raise error
+    return failures
 
 
 class FalProvider(VendorProvider):
@@ -111,42 +121,71 @@ class FalProvider(VendorProvider):
             # tell fal to drop it, from a task of its own (this one is being cancelled), then go on.
             self._cancel_later(handle)
             raise
-        status, result, headers = await self._call("GET", handle.response_url, deadline, max_bytes)
-        if status >= 400:
-            raise self._redacted(error_from_status(status, result, headers))
-        if failed:
-            raise self._redacted(failed_request_error(failed))
-        if result is None:
-            raise UpstreamError(f"fal answered the result with HTTP {status} and a body that is not JSON")
-        return from_native(result, req)
+        result = await self._result(handle, deadline, max_bytes, failed)
+        return take_n(from_native(result, req), req.n, "fal")
 
     async def _wait(self, handle: QueueHandle, deadline: float, limit: float, max_bytes: int) -> dict | None:
-        """Poll the status with backoff until COMPLETED: None, or the status answer when the request failed."""
+        """Poll the status with backoff until COMPLETED: None, or the status answer when the request failed.
+
+        A throttled poll (429) waits as long as Retry-After asks and is not a failure; a few other transient
+        failures in a row (no answer, 5xx, a body that is no status) are sat out: the request runs on at
+        fal, and giving up here would submit it again (and pay for it twice)."""
         loop = asyncio.get_running_loop()
         interval, failures = self.poll_interval, 0
         while True:
             if loop.time() >= deadline:
                 raise UpstreamTimeout(f"fal did not finish within {limit:.3g} s")
+            error: ProxyError | None = None
             try:
                 status, payload, headers = await self._call("GET", handle.status_url, deadline, max_bytes)
             except UpstreamTimeout:
                 raise
             except UpstreamError as e:  # cannot reach fal for now
-                failures += 1
-                if failures > MAX_POLL_FAILURES or not e.retry_same_route:
-                    raise
+                error = e
             else:
                 if status >= 400:
                     error = self._redacted(error_from_status(status, payload, headers))
-                    failures += 1
-                    if not (status == 429 or status >= 500) or failures > MAX_POLL_FAILURES:
+                    if not (status == 429 or status >= 500):
                         raise error
                 else:
-                    failures = 0
-                    state, failed = poll_state(payload)
-                    if state == "COMPLETED":
-                        return payload if failed else None
-            await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
+                    try:
+                        state, failed = poll_state(payload)
+                    except UpstreamError as e:  # not JSON, or no status we know
+                        error = e
+                    else:
+                        if state == "COMPLETED":
+                            return payload if failed else None
+            failures = 0 if error is None else _sit_out(error, failures)
+            wait = poll_wait(interval, error.retry_after if error else None)
+            await asyncio.sleep(max(0.0, min(wait, deadline - loop.time())))
+            interval = min(interval * 1.5, self.poll_max_interval)
+
+    async def _result(self, handle: QueueHandle, deadline: float, max_bytes: int, failed: dict | None) -> Any:
+        """GET the result of a COMPLETED request. Transient failures (no answer, 429, 5xx, a body that is not
+        JSON) are tried again, a few times: the request already ran, and a new submit would pay twice."""
+        loop = asyncio.get_running_loop()
+        interval, failures = self.poll_interval, 0
+        while True:
+            try:
+                status, result, headers = await self._call("GET", handle.response_url, deadline, max_bytes)
+            except UpstreamTimeout:
+                raise
+            except UpstreamError as e:
+                error: ProxyError = e
+            else:
+                if status >= 400:
+                    error = self._redacted(error_from_status(status, result, headers))
+                    # A failed request's result is its error (a 422, the runner's 5xx): final.
+                    if failed or not (status == 429 or status >= 500):
+                        raise error
+                elif failed:
+                    raise self._redacted(failed_request_error(failed))
+                elif result is None:
+                    error = UpstreamError(f"fal answered the result with HTTP {status} and a body that is not JSON")
+                else:
+                    return result
+            failures = _sit_out(error, failures)
+            await asyncio.sleep(max(0.0, min(poll_wait(interval, error.retry_after), deadline - loop.time())))
             interval = min(interval * 1.5, self.poll_max_interval)
 
     async def _call(self, method: str, url: str, deadline: float, max_bytes: int,

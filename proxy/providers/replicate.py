@@ -34,7 +34,7 @@ from .replicate_convert import (
     to_native,
     to_native_edit,
 )
-from .vendor import VendorProvider
+from .vendor import VendorProvider, poll_wait
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,13 @@ class ReplicateProvider(VendorProvider):
                     raise self._redacted(error)
                 if not (status == 429 or status >= 500):  # 404 and the like: not the client's fault here
                     raise self._redacted(UpstreamError(f"polling the prediction failed: {error.message}"))
-                errors += 1
-                if errors >= MAX_POLL_ERRORS:
-                    raise self._redacted(error)
-                if error.retry_after is not None:
-                    delay = max(delay, min(error.retry_after, self.poll_max_interval * 4))
+                # A 429 is no failure: Replicate said how long to wait, and `end` bounds the waiting (giving
+                # up would create the prediction again, and pay for it twice).
+                if status != 429:
+                    errors += 1
+                    if errors >= MAX_POLL_ERRORS:
+                        raise self._redacted(error)
+                delay = poll_wait(delay, error.retry_after)
                 continue
             if not isinstance(payload, dict):
                 errors += 1

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 from yarl import URL
 
-from ..errors import ProxyError, redact
+from ..errors import ProxyError, UpstreamError, redact
 from .base import Provider, ProviderContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def origin_of(url: str) -> str | None:
@@ -24,6 +25,20 @@ def origin_of(url: str) -> str | None:
         return str(parsed.origin()) if parsed.is_absolute() and parsed.scheme in ("http", "https") else None
     except ValueError:
         return None
+
+
+def take_n(images: list[T], n: int, upstream: str) -> list[T]:
+    """The n images a call asked for. Fewer fail the call; a surplus is dropped: otherwise the router's n
+    split over several calls would take it for the next call's images (and their seeds)."""
+    if len(images) < n:
+        raise UpstreamError(f"{upstream} answered {len(images)} of the {n} images asked for")
+    return images[:n]
+
+
+def poll_wait(interval: float, retry_after: float | None) -> float:
+    """How long to sit before the next poll: the backoff, or longer where the vendor's Retry-After says so
+    (the caller's deadline bounds it)."""
+    return max(interval, retry_after or 0.0)
 
 
 class VendorProvider(Provider):
