@@ -72,7 +72,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     found = await load(name)
     headers = {"Cache-Control": CACHE_CONTROL, "ETag": found.etag, **SECURITY_HEADERS}
-    if found.etag in {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}:
+    if _unchanged(request.headers.get("If-None-Match", ""), found.etag):
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = found.content_type
     return web.Response(body=found.body, headers=headers)
+
+
+def _unchanged(if_none_match: str, etag: str) -> bool:
+    """If-None-Match with the weak comparison RFC 9110 asks for: a reverse proxy that compresses (nginx
+    with gzip on) hands the browser W/"..." for our tag, and "*" means any version the client has."""
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags

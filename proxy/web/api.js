@@ -95,7 +95,13 @@ export async function sendImageRequest(request, { signal, onEvent }) {
   if (!response.ok) throw await errorFrom(response);
   const type = response.headers.get("Content-Type") || "";
   if (type.includes("text/event-stream")) {
-    await readEvents(response, onEvent);
+    const completed = await readEvents(response, onEvent);
+    // The proxy ends every stream with all n images or an error event: fewer means the connection was
+    // closed early (a restart, a reverse proxy's timeout), which is not a success.
+    if (request.expected && completed < request.expected) {
+      throw new ApiError(`The stream ended after ${completed} of ${request.expected} image${
+        request.expected === 1 ? "" : "s"}, without an error: the connection was closed early.`);
+    }
     return { response, payload: null };
   }
   const text = await response.text();
@@ -107,25 +113,62 @@ export async function sendImageRequest(request, { signal, onEvent }) {
   }
 }
 
-/** Read an SSE body to its end: `event:` / `data:` lines, blank-line separated, `:` comments skipped. */
+/**
+ * Read an SSE body to its end: `event:` / `data:` lines, blank-line separated, `:` comments skipped.
+ * Returns how many `*.completed` events (images) it carried.
+ */
 export async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "";
+  const boundary = /\r?\n\r?\n/g;
+  // The text after the last boundary, as the pieces it came in: a completed event is megabytes of
+  // base64 in many chunks, and joining (or scanning) the whole of it on every chunk made a 32 MB
+  // event cost seconds of the page's time. Only the new piece is scanned, with the 3 characters
+  // before it (a boundary may begin there); the pieces are joined once a boundary is in sight.
+  let pieces = [];
+  let tail = "";
   let sawAny = false;
+  let completed = 0;
+  const count = (type, data) => {
+    if (type.endsWith(".completed")) completed += 1;
+    onEvent(type, data);
+  };
   for (;;) {
-    const { value, done } = await reader.read();
-    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-    let match;
-    while ((match = /\r?\n\r?\n/.exec(buffer))) {
-      const block = buffer.slice(0, match.index);
-      buffer = buffer.slice(match.index + match[0].length);
-      if (dispatch(block, onEvent)) sawAny = true;
+    const { value, done } = await readChunk(reader);
+    const text = decoder.decode(value || new Uint8Array(), { stream: !done });
+    boundary.lastIndex = 0;
+    if (boundary.test(tail + text)) {
+      const buffer = pieces.join("") + text;
+      boundary.lastIndex = Math.max(0, buffer.length - text.length - tail.length);
+      let start = 0;
+      let match;
+      while ((match = boundary.exec(buffer))) {
+        const block = buffer.slice(start, match.index);
+        start = boundary.lastIndex;
+        if (dispatch(block, count)) sawAny = true;
+      }
+      pieces = [buffer.slice(start)];
+      tail = pieces[0].slice(-3);
+    } else if (text) {
+      pieces.push(text);
+      tail = (tail + text).slice(-3);
     }
     if (done) break;
   }
-  if (buffer.trim() && dispatch(buffer, onEvent)) sawAny = true;
+  const rest = pieces.join("");
+  if (rest.trim() && dispatch(rest, count)) sawAny = true;
   if (!sawAny) throw new ApiError("The stream ended without any image or error.");
+  return completed;
+}
+
+async function readChunk(reader) {
+  try {
+    return await reader.read();
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    // Chromium says only "network error" when the connection drops mid-body.
+    throw new ApiError(`The connection to the proxy broke while the images were streaming (${e.message}).`);
+  }
 }
 
 function dispatch(block, onEvent) {

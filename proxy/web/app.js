@@ -127,8 +127,22 @@ function initKey() {
   input.value = getKey();
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    setKey(input.value.trim());
-    setStatus(input.value.trim() ? "Key saved for this tab." : "Key removed.");
+    const key = input.value.trim();
+    // Keys are printable ASCII. Past Latin-1, fetch() refuses the header on every request and the page
+    // said "Could not reach the proxy"; a key pasted from rich text often hides a zero-width space.
+    const bad = /[^\x20-\x7e]/.exec(key);
+    if (bad) {
+      clearError();
+      setStatus("");
+      const code = `U+${bad[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+      showError(new Error(`The key has a character an API key cannot hold (${code} at position ${bad.index + 1}): `
+        + "paste it again as plain text. The key was not saved."));
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+      return;
+    }
+    setKey(key);
+    setStatus(key ? "Key saved for this tab." : "Key removed.");
     loadModels();
   });
   $("forget-key").addEventListener("click", () => {
@@ -459,7 +473,9 @@ async function buildRequest() {
     fields.partial_images = Number($("partials").value);
   }
 
-  const request = { endpoint: edit ? "edits" : "generations", fields, files: [], stream,
+  // Images a stream must bring (the API's default n is 1): fewer is a stream cut short.
+  const expected = stream ? (Number.isInteger(fields.n) && fields.n > 0 ? fields.n : 1) : 0;
+  const request = { endpoint: edit ? "edits" : "generations", fields, files: [], stream, expected,
     baseUrl: location.origin, hasKey: Boolean(getKey()) };
   if (!edit) {
     request.body = fields;
