@@ -24,6 +24,14 @@ FILES = {
     "api.js": "text/javascript; charset=utf-8",
     "mask.js": "text/javascript; charset=utf-8",
     "snippets.js": "text/javascript; charset=utf-8",
+    "dom.js": "text/javascript; charset=utf-8",
+    "state.js": "text/javascript; charset=utf-8",
+    "key.js": "text/javascript; charset=utf-8",
+    "models.js": "text/javascript; charset=utf-8",
+    "edit-images.js": "text/javascript; charset=utf-8",
+    "loras.js": "text/javascript; charset=utf-8",
+    "request.js": "text/javascript; charset=utf-8",
+    "results.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
