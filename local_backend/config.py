@@ -110,7 +110,7 @@ class GenerationParams:
     negative_prompt: str | None = None
     num_inference_steps: int | None = None  # None -> config default
     cfg_scale: float | None = None  # true_cfg_scale; None -> config default
-    seed: int | None = None  # None -> random (returned); image i gets seed + i
+    seed: int | None = None  # None -> random (returned); image i gets (seed + i) mod 2**32 (see planning)
     n: int = 1
     loras: list[LoraSpec] = field(default_factory=list)  # at most 3 (plus the engine's base_loras)
     deadline: float | None = None  # time.monotonic() deadline; past it the job is dropped/interrupted

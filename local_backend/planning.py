@@ -19,7 +19,9 @@ from .previews import MAX_PARTIALS, preview_steps
 
 MAX_N = 16
 MAX_STEPS = 1000
-MAX_SEED = 2**63 - 1
+# torch's CPU generator seeds its Mersenne Twister with the low 32 bits only (manual_seed(2**32) draws
+# what manual_seed(0) draws), so there are 2**32 distinct seeds: image i gets (seed + i) mod 2**32.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -66,8 +68,8 @@ def plan_job(p: GenerationParams, pipe: LoadedFacts) -> dict:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise InvalidParamsError("cfg_scale must be a finite number >= 0", "cfg_scale")
     seed = random.randrange(2**31) if p.seed is None else p.seed
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED - p.n:
-        raise InvalidParamsError(f"seed must be an integer from 0 to {MAX_SEED - p.n}", "seed")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise InvalidParamsError(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
     # True CFG runs only with a negative prompt; " " is the official default. At cfg <= 1 the
     # pipeline ignores the negative prompt, so drop it (one batch key for all such jobs).
     do_cfg = scale > 1
@@ -77,7 +79,7 @@ def plan_job(p: GenerationParams, pipe: LoadedFacts) -> dict:
         raise InvalidParamsError(f"partial_images must be an integer from 0 to {MAX_PARTIALS}", "partial_images")
     images, mask = _plan_inputs(pipe, p)
     return {
-        "seeds": [seed + i for i in range(p.n)],
+        "seeds": [(seed + i) % (MAX_SEED + 1) for i in range(p.n)],
         "size": (p.width, p.height),
         "gen_size": gen_size,
         "steps": steps,

@@ -115,10 +115,13 @@ class LocalProvider(Provider):
         except (TypeError, ValueError) as e:
             self.config = None
             self._state = f"invalid options: {e}"
-        max_batch = self.config.max_batch if self.config else 1
+        # All of n in one engine job: the engine splits it into calls of max_batch images itself, and a
+        # job takes one queue slot. Split by the router instead, each part took a slot, and one request
+        # of n > max_queue + 1 (at max_batch 1) was refused with 429 on an idle server.
+        per_call = _engine_max_n() if self.config else 1
         edits = bool(self.config and self.config.task == "edit")
         self.capabilities = Capabilities(
-            max_images_per_call=max_batch, output_formats=frozenset(MIME), output_compression=True,
+            max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
             edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
         )
         # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
@@ -293,7 +296,7 @@ class LocalProvider(Provider):
             revised = await self._chat_rewrite(req, params)
             result = await self.engine.generate(params)
         except QueueFullError as e:
-            raise RateLimited(f"the local engine's queue is full: {e}", retry_after=e.retry_after) from None
+            raise RateLimited(str(e), retry_after=e.retry_after) from None
         except InvalidParamsError as e:
             raise InvalidRequest(str(e), param=e.param) from None
         except JobCancelledError as e:
@@ -322,3 +325,9 @@ class LocalProvider(Provider):
         if revised is not None:
             params.prompt = revised
         return revised
+
+
+def _engine_max_n() -> int:
+    from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
+
+    return MAX_N
