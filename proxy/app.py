@@ -96,7 +96,7 @@ class Gateway:
         # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
         self.fetcher = GuardedFetcher()
         self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
-                                        scrub=self.scrubber.text)
+                                        scrub=self.scrubber.text, send_timeout=config.server.send_timeout)
                             if config.passthrough.enabled else None)
         # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers,
         # and the admin endpoints are served only under admin_prefix (None: not at all).

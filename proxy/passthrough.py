@@ -18,7 +18,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import PassthroughConfig
-from .errors import NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from .send import send_or_drop
 
 log = logging.getLogger(__name__)
 # Error bodies are small JSON; past this they are cut (they are scrubbed whole, so they are read whole).
@@ -29,6 +30,12 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
+# The proxy answered the client's Expect itself (aiohttp sends 100 Continue): forwarded, an upstream that
+# sends no 100 would never get the body (aiohttp's client waits for one), and the call hangs.
+REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+# What an OpenAI-style API uses. TRACE echoes the request it got (the passthrough key included) and
+# CONNECT opens a tunnel: neither is forwarded, nor any other method.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 # A segment still changing after this many rounds of percent-decoding is refused outright.
@@ -100,13 +107,16 @@ def forward_headers(headers, extra_drop: frozenset[str] = frozenset(),
 
 class Passthrough:
     def __init__(self, config: PassthroughConfig, max_body_bytes: int | None = None,
-                 scrub: Callable[[str], str] | None = None):
+                 scrub: Callable[[str], str] | None = None, send_timeout: float = 30):
         self.config = config
         # Applied to error bodies (status >= 400, not a stream): an upstream may echo the key it got.
         self.scrub = scrub
         self.base_url = (config.base_url or "").rstrip("/")
         # Bodies over this are refused with 413; chunked ones (no Content-Length) are counted as they go.
         self.max_body_bytes = max_body_bytes
+        # A client that takes none of its answer for this long is dropped, and the upstream call with it
+        # (server.send_timeout; the default is that setting's).
+        self.send_timeout = send_timeout
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -143,9 +153,13 @@ class Passthrough:
         The upstream gets the configured key; without one, the client's own Authorization unless
         `drop_client_auth` (it was a key for this proxy).
         """
+        if request.method not in METHODS:
+            allowed = ", ".join(METHODS)
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                                   headers={"Allow": allowed})
         url = URL(self.target_url(request), encoded=True)
         limit = self.max_body_bytes
-        headers = forward_headers(request.headers, frozenset({"host", "content-length"}))
+        headers = forward_headers(request.headers, REQUEST_DROP)
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         elif drop_client_auth:
@@ -174,14 +188,19 @@ class Passthrough:
             async with self.http.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False,
             ) as upstream:
+                if upstream.status < 200:  # 1xx is never a final answer (a 101 would switch protocols)
+                    raise UpstreamError(f"The passthrough upstream answered {upstream.status} as a final answer.")
                 if self.scrub and upstream.status >= 400 and "event-stream" not in upstream.content_type:
                     return await self._scrubbed(upstream)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers, scrub=self.scrub))
                 await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await send_or_drop(response.write(chunk), request.transport, self.send_timeout)
+                    await response.write_eof()
+                except ConnectionResetError:  # writing to the client: it is gone, or was dropped
+                    pass  # leaving the block closes the upstream call at once
                 return response
         except (TimeoutError, aiohttp.ClientError) as e:
             if over and (response is None or not response.prepared):

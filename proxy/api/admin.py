@@ -119,7 +119,9 @@ async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str])
     except (TimeoutError, aiohttp.ClientError, ValueError, UpstreamError):
         payload = {}
     items = payload.get("data") if isinstance(payload, dict) else None
-    return [m for m in items or [] if isinstance(m, dict) and m.get("id") not in exclude]
+    # Only model objects with a string id: `"data": 5` or an id that is an object was a 500 here.
+    return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)
+            and m["id"] not in exclude] if isinstance(items, list) else []
 
 
 async def get_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
