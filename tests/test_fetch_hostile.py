@@ -19,23 +19,10 @@ from proxy.inputs import InputReader
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
+from .test_fetch import Names
 
 PAYLOAD = b"\x89PNG fake image bytes " * 10
 LOOPBACK = ("127.0.0.1/32",)
-
-
-class Names:
-    """A stand-in for DNS that records each lookup."""
-
-    def __init__(self, table: dict[str, list[str]]):
-        self.table = table
-        self.calls: list[str] = []
-
-    def __call__(self, host: str) -> list[str]:
-        self.calls.append(host)
-        if host not in self.table:
-            raise socket.gaierror(socket.EAI_NONAME, "unknown test name")
-        return self.table[host]
 
 
 @pytest.fixture
