@@ -16,8 +16,9 @@ from aiohttp import web
 from PIL import Image
 
 from .api import admin, edits, generations, playground
+from .api.passthrough import Passthrough
 from .config import Config
-from .errors import (
+from .http.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -26,18 +27,17 @@ from .errors import (
     Scrubber,
     ShuttingDown,
 )
-from .fetch import FetchPolicy, GuardedFetcher
-from .idempotency import Idempotency
-from .inflight import InFlight
-from .metrics import Metrics
-from .output import OutputSettings
-from .passthrough import Passthrough
-from .policy import API_KEY, KeyPolicy
+from .http.request_log import log_request, outcome_of
+from .media.fetch import FetchPolicy, GuardedFetcher
+from .media.output import OutputSettings
 from .providers import Provider, ProviderContext, build_providers
-from .request_log import log_request, outcome_of
-from .router import Router
-from .state import make_state
-from .store import make_store
+from .routing.inflight import InFlight
+from .routing.policy import API_KEY, KeyPolicy
+from .routing.router import Router
+from .state.idempotency import Idempotency
+from .state.shared import make_state
+from .state.store import make_store
+from .telemetry.metrics import Metrics
 
 log = logging.getLogger("proxy")
 

@@ -128,7 +128,7 @@ def _reason(e: OSError) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .app import GATEWAY, build_app
-    from .server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
+    from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
 
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .errors import ProxyError
-from .output import encode_image
+from .http.errors import ProxyError
+from .media.output import encode_image
+from .media.sizing import resolve_size
 from .request import build_request, parse_body
-from .sizing import resolve_size
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
 

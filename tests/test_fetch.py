@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
-from proxy.fetch import (
+from proxy.media.fetch import (
     FetchFailed,
     FetchPolicy,
     FetchRefused,

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from proxy.errors import UpstreamError
-from proxy.idempotency import Idempotency, IdempotencyKeyMismatch, fingerprint
+from proxy.http.errors import UpstreamError
 from proxy.providers.placeholder import PlaceholderProvider
 from proxy.request import ImageRequest, InputImage
-from proxy.state import Answer, MemoryRecords
+from proxy.state.idempotency import Idempotency, IdempotencyKeyMismatch, fingerprint
+from proxy.state.shared import Answer, MemoryRecords
 
 from .conftest import base_config
 

@@ -1,4 +1,4 @@
-"""proxy.inflight: routing stopped when the client hangs up, drained with a clear error at shutdown, and
+"""proxy.routing.inflight: routing stopped when the client hangs up, drained with a clear error at shutdown, and
 nothing kept once a request is done."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import weakref
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy import inflight
-from proxy.errors import ShuttingDown
-from proxy.inflight import InFlight
+from proxy.http.errors import ShuttingDown
+from proxy.routing import inflight
+from proxy.routing.inflight import InFlight
 
 
 class Transport:

@@ -10,11 +10,11 @@ import pytest
 from openai import BadRequestError
 from PIL import Image
 
-from proxy.errors import InvalidRequest
+from proxy.http.errors import InvalidRequest
+from proxy.media.sizing import DEFAULT_MAX_PIXELS
 from proxy.providers import placeholder
 from proxy.providers.placeholder import MAX_CALL_PIXELS, MAX_PIXELS, PlaceholderProvider
 from proxy.request import ImageRequest
-from proxy.sizing import DEFAULT_MAX_PIXELS
 
 from .conftest import base_config
 from .test_generations_e2e import assert_openai_error, call

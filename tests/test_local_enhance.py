@@ -1,5 +1,5 @@
 """Prompt enhancement on local routes: the text encoder's rewrite (local_backend.enhance, the engine) and the
-chat-completions rewrite (proxy.enhance), through the engine and through the running proxy with the openai
+chat-completions rewrite (proxy.providers.enhance), through the engine and through the running proxy with the openai
 package. The tiny model's random weights write gibberish: what is checked is the path, the bounds and the
 plumbing (the image is the one the returned revised_prompt makes with the same seed)."""
 
@@ -32,7 +32,7 @@ from local_backend import (  # noqa: E402
 )
 from local_backend.config import PromptEnhancement  # noqa: E402
 from proxy import parse_config  # noqa: E402
-from proxy.enhance import chat_answer, chat_body, parse_options  # noqa: E402
+from proxy.providers.enhance import chat_answer, chat_body, parse_options  # noqa: E402
 
 from .local_helpers import noise_image  # noqa: E402
 from .test_local_e2e import local_config  # noqa: E402
@@ -396,7 +396,7 @@ class NewerOpenAIChat(FakeChat):
 async def test_chat_token_parameter_name(aiohttp_server, token_param, caplog):
     import aiohttp
 
-    from proxy.enhance import ChatEnhancer
+    from proxy.providers.enhance import ChatEnhancer
 
     caplog.set_level(logging.INFO)
     fakes = {"new": NewerOpenAIChat(), "old": NewerOpenAIChat(old=True)}

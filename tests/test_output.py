@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from proxy.errors import InvalidRequest, RateLimited, UpstreamError
-from proxy.fetch import FetchPolicy, GuardedFetcher
-from proxy.output import (
+from proxy.http.errors import InvalidRequest, RateLimited, UpstreamError
+from proxy.media.fetch import FetchPolicy, GuardedFetcher
+from proxy.media.output import (
     OutputSettings,
     check_output_request,
     convert,

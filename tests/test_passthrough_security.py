@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from proxy import parse_config
+from proxy.api.passthrough import Passthrough, confined_path
 from proxy.config import PassthroughConfig
-from proxy.passthrough import Passthrough, confined_path
 
 from .conftest import base_config
 
@@ -263,7 +263,7 @@ async def test_passthrough_cap_on_its_own(aiohttp_server, upstream):
     await passthrough.start()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        from proxy.errors import ProxyError
+        from proxy.http.errors import ProxyError
 
         try:
             return await passthrough.forward(request)

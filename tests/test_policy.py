@@ -14,9 +14,9 @@ from openai import AsyncOpenAI, AuthenticationError, PermissionDeniedError, Rate
 
 from proxy import parse_config
 from proxy.config import ConfigError
-from proxy.errors import RateLimited
-from proxy.policy import ConcurrencyLimited, MemoryLimits
+from proxy.http.errors import RateLimited
 from proxy.providers.placeholder import PlaceholderProvider
+from proxy.routing.policy import ConcurrencyLimited, MemoryLimits
 
 from .conftest import base_config
 from .fake_openai_upstream import FakeOpenAIUpstream

@@ -10,10 +10,10 @@ import time
 import aiohttp
 import pytest
 
-from proxy.errors import RateLimited
-from proxy.policy import ConcurrencyLimited
-from proxy.state import Answer, StateUnavailable, make_state
-from proxy.state_redis import RedisState
+from proxy.http.errors import RateLimited
+from proxy.routing.policy import ConcurrencyLimited
+from proxy.state.shared import Answer, StateUnavailable, make_state
+from proxy.state.shared_redis import RedisState
 
 from .services import redis_server  # noqa: F401
 from .test_idempotency import BODY, CountingPlaceholder, edit_config, post

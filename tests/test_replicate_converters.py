@@ -9,7 +9,7 @@ import pytest
 
 from proxy import parse_config
 from proxy.config import ConfigError
-from proxy.errors import (
+from proxy.http.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,

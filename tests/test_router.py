@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.config import ModelConfig, RouteConfig, RoutingConfig
-from proxy.errors import (
+from proxy.http.errors import (
     InvalidRequest,
     RateLimited,
     ServiceUnavailable,
@@ -22,7 +22,7 @@ from proxy.errors import (
 )
 from proxy.providers.base import Capabilities, GeneratedImage, Provider
 from proxy.request import ImageRequest
-from proxy.router import CircuitBreaker, Router
+from proxy.routing.router import CircuitBreaker, Router
 
 Behaviour = Callable[[ImageRequest], Awaitable[list[GeneratedImage]]]
 
@@ -248,7 +248,7 @@ async def test_unusable_routes_are_passed_over():
 
 def test_breaker_unit(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("proxy.router.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("proxy.routing.router.time.monotonic", lambda: now[0])
     breaker = CircuitBreaker(threshold=3, cooldown=10)
     for _ in range(2):
         breaker.record(False)
@@ -448,8 +448,8 @@ async def test_backoff_is_exponential_with_full_jitter(monkeypatch):
         bounds.append(hi)
         return hi / 2
 
-    monkeypatch.setattr("proxy.router.asyncio.sleep", fake_sleep)
-    monkeypatch.setattr("proxy.router.random.uniform", uniform)
+    monkeypatch.setattr("proxy.routing.router.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("proxy.routing.router.random.uniform", uniform)
     a = FakeProvider("a", failing(UpstreamError("HTTP 500")))
     with pytest.raises(UpstreamError):
         await router_for(a, retries=4, backoff_base=0.5, backoff_max=3).generate(request(), soon(60))

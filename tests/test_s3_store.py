@@ -18,8 +18,8 @@ from openai import APIStatusError
 from PIL import Image
 
 from proxy.config import parse_config
-from proxy.store import StoreUnavailable, make_store
-from proxy.store_s3 import S3Store
+from proxy.state.store import StoreUnavailable, make_store
+from proxy.state.store_s3 import S3Store
 
 from .conftest import base_config
 from .services import S3_KEY_ID, S3_SECRET, free_port, moto_server, s3_bucket  # noqa: F401

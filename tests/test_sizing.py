@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.errors import InvalidRequest
-from proxy.sizing import (
+from proxy.http.errors import InvalidRequest
+from proxy.media.sizing import (
     DEFAULT_MAX_PIXELS,
     MAX_SIDE,
     WORK_FACTOR,

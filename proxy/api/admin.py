@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from ..cpu import run_cpu
-from ..errors import ModelNotFound, NotFound, UpstreamError
+from ..http.cpu import run_cpu
+from ..http.errors import ModelNotFound, NotFound, UpstreamError
 from ..providers.base import read_answer
 from ..request import MAX_N
-from ..store import StoreUnavailable
+from ..state.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from ..app import Gateway

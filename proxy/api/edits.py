@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..body import read_body
-from ..errors import InvalidRequest
-from ..inputs import InputReader, json_image_refs
-from ..output import check_output_request
+from ..http.body import read_body
+from ..http.errors import InvalidRequest
+from ..media.inputs import InputReader, json_image_refs
+from ..media.output import check_output_request
+from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from ..sizing import check_work, resolve_size
 from . import generations, stream
 
 if TYPE_CHECKING:

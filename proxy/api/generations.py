@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.payload import Payload
 
-from ..body import read_fields
-from ..cpu import INLINE_BYTES
-from ..errors import InvalidRequest, ModelNotFound
-from ..idempotency import REPLAYED
-from ..output import check_output_request, finish_images, render_images
+from ..http.body import read_fields
+from ..http.cpu import INLINE_BYTES
+from ..http.errors import InvalidRequest, ModelNotFound
+from ..http.send import send_or_drop
+from ..media.output import check_output_request, finish_images, render_images
+from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from ..router import RouteResult
-from ..send import send_or_drop
-from ..sizing import check_work, resolve_size
-from ..state import Answer
+from ..routing.router import RouteResult
+from ..state.idempotency import REPLAYED
+from ..state.shared import Answer
 from . import stream
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def served_model(gw: Gateway, request: web.Request, asked, default: str | None, 
     """The model an image call names (or the default), checked: served here and allowed for the caller's
     key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
     from ..app import MODEL, NotServedHere
-    from ..policy import API_KEY
+    from ..routing.policy import API_KEY
 
     model = asked or default
     if not isinstance(model, str):

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from aiohttp import web
 
-from ..errors import ProxyError, UpstreamError
-from ..output import inspect, reencode
-from ..partials import PartialImage, open_sink
+from ..http.errors import ProxyError, UpstreamError
+from ..http.send import send_or_drop
+from ..media.output import inspect, reencode
+from ..media.partials import PartialImage, open_sink
 from ..request import ImageRequest
-from ..send import send_or_drop
 
 if TYPE_CHECKING:
     from ..app import Gateway

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, ValidationError
 
-from ..sizing import SizeTable
+from ..media.sizing import SizeTable
 from .envvars import Expansion, expand_env
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig

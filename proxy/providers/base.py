@@ -11,9 +11,9 @@ from typing import Any, ClassVar
 import aiohttp
 
 from ..config import RouteConfig
-from ..errors import UpstreamError, UpstreamRefused
+from ..http.errors import UpstreamError, UpstreamRefused
+from ..media.sizing import DEFAULT_MAX_PIXELS
 from ..request import ImageRequest
-from ..sizing import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import (
+from ..http.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -35,8 +35,8 @@ from ..errors import (
     UpstreamUnavailable,
     clip,
 )
+from ..media.sizing import parse_pixels
 from ..request import ImageRequest
-from ..sizing import parse_pixels
 from .base import GeneratedImage
 from .extras import VENDOR_FIELDS, extras_for
 

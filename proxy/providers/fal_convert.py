@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
+from ..http.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,

@@ -15,12 +15,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import enhance
 from ..config import RouteConfig
-from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
-from ..output import MIME, encode_image
-from ..partials import PartialImage, threadsafe_emitter
+from ..http.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from ..media.output import MIME, encode_image
+from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
 

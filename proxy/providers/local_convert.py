@@ -14,10 +14,10 @@ import io
 from dataclasses import fields
 from typing import Any
 
-from .. import enhance
-from ..errors import InvalidRequest
-from ..output import encode_image
+from ..http.errors import InvalidRequest
+from ..media.output import encode_image
 from ..request import ImageRequest, InputImage
+from . import enhance
 
 # Options that belong to the provider, not to the engine.
 _PROVIDER_OPTIONS = {"timeout", "load_in_background"}

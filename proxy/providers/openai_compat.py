@@ -10,8 +10,8 @@ import pybase64
 from yarl import URL
 
 from ..config import RouteConfig
-from ..cpu import INLINE_BYTES, run_cpu
-from ..errors import (
+from ..http.cpu import INLINE_BYTES, run_cpu
+from ..http.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -23,7 +23,7 @@ from ..errors import (
     redact,
     retry_after_from_headers,
 )
-from ..partials import PartialImage, emit, partials_wanted
+from ..media.partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
 from .base import (
     Capabilities,

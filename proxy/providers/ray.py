@@ -34,11 +34,11 @@ from typing import Any
 
 import aiohttp
 
-from .. import enhance
 from ..config import RouteConfig
-from ..errors import UpstreamError
-from ..partials import PartialImage, threadsafe_emitter
+from ..http.errors import UpstreamError
+from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from . import enhance
 from .base import (
     SMALL_ANSWER,
     Capabilities,

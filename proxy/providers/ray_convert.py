@@ -11,7 +11,7 @@ import base64
 import binascii
 import time
 
-from ..errors import (
+from ..http.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -114,7 +114,7 @@ def reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
 
     from PIL import Image
 
-    from ..output import encode_image
+    from ..media.output import encode_image
 
     image = Image.open(io.BytesIO(data))
     image.load()

@@ -11,7 +11,7 @@ import threading
 
 import aiohttp
 
-from ..errors import ProxyError, UpstreamError
+from ..http.errors import ProxyError, UpstreamError
 from .base import answer_lines, read_answer
 from .ray_convert import http_error, ray_error
 

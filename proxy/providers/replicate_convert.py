@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import (
+from ..http.errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,

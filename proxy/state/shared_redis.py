@@ -19,7 +19,7 @@ import math
 import secrets
 from typing import Any
 
-from .state import Answer, Record, Records, StateUnavailable, decode_record, running_value
+from .shared import Answer, Record, Records, StateUnavailable, decode_record, running_value
 
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
 # The least a held slot or claim lives in Redis without a renewal (longer with a long socket_timeout).
@@ -177,8 +177,8 @@ class RedisLimits:
         return f"{self.state.prefix}slots:{key}"
 
     async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None):
-        from .errors import RateLimited
-        from .policy import NO_LEASE, ConcurrencyLimited
+        from ..http.errors import RateLimited
+        from ..routing.policy import NO_LEASE, ConcurrencyLimited
 
         if rpm is None and concurrency is None:
             return NO_LEASE

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..telemetry.metrics import Metrics
 from .errors import ProxyError, ShuttingDown
-from .metrics import Metrics
 
 access_log = logging.getLogger("proxy.requests")
 

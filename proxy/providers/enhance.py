@@ -36,10 +36,10 @@ from typing import Any
 
 import aiohttp
 
-from .cpu import run_cpu
-from .errors import Scrubber
+from ..http.cpu import run_cpu
+from ..http.errors import Scrubber
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.enhance")  # its name before proxy/ had packages: logging configs keep working
 
 WAYS = ("text_encoder", "chat")
 _COMMON = {"with", "max_new_tokens", "timeout", "default", "instruction"}

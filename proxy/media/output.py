@@ -12,12 +12,12 @@ import pybase64 as base64  # the same API as the standard library's, 20-40x fast
 from PIL import Image
 from yarl import URL
 
-from .cpu import run_cpu
-from .errors import InvalidRequest, UpstreamError
+from ..http.cpu import run_cpu
+from ..http.errors import InvalidRequest, UpstreamError
+from ..providers.base import GeneratedImage
+from ..request import ImageRequest
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, ImageInfo, check_image
-from .providers.base import GeneratedImage
-from .request import ImageRequest
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif", "avif": "image/avif"}
 LOSSY = {"jpeg", "webp", "avif"}

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import ServiceUnavailable
+from ..http.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from .config import StoreConfig
+    from ..config import StoreConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.store")  # its name before proxy/ had packages: logging configs keep working
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp", "image/gif": "gif",
               "image/avif": "avif"}

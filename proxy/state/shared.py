@@ -18,11 +18,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-from .errors import ServiceUnavailable
+from ..http.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .state_redis import RedisLimits, RedisState
+    from ..config import Config
+    from .shared_redis import RedisLimits, RedisState
 
 
 class StateUnavailable(ServiceUnavailable):
@@ -213,7 +213,7 @@ def make_state(config: Config) -> State:
     claim) frees itself within a short lease should its process die holding it (proxy.state_redis)."""
     state = config.state
     if state.redis_url:
-        from .state_redis import RedisState
+        from .shared_redis import RedisState
 
         return RedisState(state.redis_url, prefix=state.key_prefix, socket_timeout=state.socket_timeout)
     return MemoryState(state.memory_max_records, int(state.memory_max_mb * 1024 * 1024))

@@ -1,0 +1,1 @@
+"""The HTTP side: the server, reading bodies, sending answers, the request log line, errors."""
