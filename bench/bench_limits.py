@@ -121,7 +121,7 @@ def case_new_placeholder(args) -> dict:
 
 
 def case_bomb_convert(args) -> dict:
-    from proxy.http.errors import UpstreamError
+    from proxy.errors import UpstreamError
     from proxy.media.output import OutputSettings, convert
 
     with open(args.bomb, "rb") as f:

@@ -8,10 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+from local_backend import Engine, EngineError
+
 from .config import Config
-from .http.errors import ProxyError
+from .errors import ProxyError
 from .media.output import encode_image
 from .media.sizing import resolve_size
+from .providers.local_convert import engine_config, to_params
 from .request import build_request, parse_body
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
@@ -49,9 +52,7 @@ def _check_writable(paths: list[Path]) -> None:
 async def run_generate(args: argparse.Namespace, config: Config) -> None:
     from tqdm import tqdm
 
-    from local_backend import Engine, EngineError
 
-    from .providers.local_convert import engine_config, to_params
 
     fmt = _FORMATS.get(Path(args.output).suffix.lower())
     if fmt is None:

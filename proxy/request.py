@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .http.errors import InvalidRequest
+from .errors import InvalidRequest
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
 SEED_MAX = 2**32 - 1

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from proxy.config import ConfigError, parse_config
-from proxy.http.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamRefused, UpstreamTimeout
+from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamRefused, UpstreamTimeout
 from proxy.providers import build_providers
 from proxy.providers.dashscope import DEFAULT_BASE_URL, DashScopeProvider
 from proxy.providers.dashscope_convert import (

@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config import ConfigError, parse_config
-from proxy.http.errors import (
+from proxy.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,

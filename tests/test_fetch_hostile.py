@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.http.errors import InvalidRequest
+from proxy.errors import InvalidRequest
 from proxy.media.fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
 from proxy.media.inputs import InputReader
 

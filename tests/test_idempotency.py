@@ -13,11 +13,12 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from proxy.http.errors import UpstreamError
+from proxy.errors import UpstreamError
 from proxy.providers.placeholder import PlaceholderProvider
 from proxy.request import ImageRequest, InputImage
 from proxy.state.idempotency import Idempotency, IdempotencyKeyMismatch, fingerprint
-from proxy.state.shared import Answer, MemoryRecords
+from proxy.state.shared import Answer
+from proxy.state.shared_memory import MemoryRecords
 
 from .conftest import base_config
 

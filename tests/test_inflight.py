@@ -11,7 +11,7 @@ import weakref
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.http.errors import ShuttingDown
+from proxy.errors import ShuttingDown
 from proxy.routing import inflight
 from proxy.routing.inflight import InFlight
 

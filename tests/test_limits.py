@@ -10,7 +10,7 @@ import pytest
 from openai import BadRequestError
 from PIL import Image
 
-from proxy.http.errors import InvalidRequest
+from proxy.errors import InvalidRequest
 from proxy.media.sizing import DEFAULT_MAX_PIXELS
 from proxy.providers import placeholder
 from proxy.providers.placeholder import MAX_CALL_PIXELS, MAX_PIXELS, PlaceholderProvider

@@ -323,7 +323,7 @@ async def test_provider_edit_with_a_mask_keeps_the_rest(provider):
 
 async def test_provider_maps_edit_errors_to_invalid_request(provider):
     from proxy.config import RouteConfig
-    from proxy.http.errors import InvalidRequest
+    from proxy.errors import InvalidRequest
     from proxy.request import ImageRequest
 
     route = RouteConfig(provider="local-edit")

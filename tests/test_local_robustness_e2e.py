@@ -145,7 +145,7 @@ async def test_provider_maps_bad_text_to_invalid_request(start_proxy, tmp_path, 
     """Whatever the proxy's parser lets through, the local provider itself answers bad text with
     InvalidRequest (400, not retried, not counted by a breaker)."""
     from proxy.config import RouteConfig
-    from proxy.http.errors import InvalidRequest
+    from proxy.errors import InvalidRequest
     from proxy.request import ImageRequest
 
     server, _ = await start_proxy(local_config(tmp_path, tiny_dir))

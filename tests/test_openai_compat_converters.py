@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from PIL import Image
 
 from proxy.config import RouteConfig
-from proxy.http.errors import (
+from proxy.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,

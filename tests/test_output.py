@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from proxy.http.errors import InvalidRequest, RateLimited, UpstreamError
+from proxy.errors import InvalidRequest, RateLimited, UpstreamError
 from proxy.media.fetch import FetchPolicy, GuardedFetcher
 from proxy.media.output import (
     OutputSettings,

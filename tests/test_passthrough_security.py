@@ -263,7 +263,7 @@ async def test_passthrough_cap_on_its_own(aiohttp_server, upstream):
     await passthrough.start()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        from proxy.http.errors import ProxyError
+        from proxy.errors import ProxyError
 
         try:
             return await passthrough.forward(request)

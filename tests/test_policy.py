@@ -14,7 +14,7 @@ from openai import AsyncOpenAI, AuthenticationError, PermissionDeniedError, Rate
 
 from proxy import parse_config
 from proxy.config import ConfigError
-from proxy.http.errors import RateLimited
+from proxy.errors import RateLimited
 from proxy.providers.placeholder import PlaceholderProvider
 from proxy.routing.policy import ConcurrencyLimited, MemoryLimits
 

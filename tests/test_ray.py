@@ -110,7 +110,7 @@ def test_wire_round_trip():
 
 def test_replies_map_to_the_proxy_errors():
     from local_backend import DeadlineExceededError, EngineError, InvalidParamsError, QueueFullError
-    from proxy.http.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+    from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
     from proxy.providers.ray_convert import reply_error
 
     def mapped(exc):

@@ -10,9 +10,10 @@ import time
 import aiohttp
 import pytest
 
-from proxy.http.errors import RateLimited
+from proxy.errors import RateLimited
 from proxy.routing.policy import ConcurrencyLimited
-from proxy.state.shared import Answer, StateUnavailable, make_state
+from proxy.state.factory import make_state
+from proxy.state.shared import Answer, StateUnavailable
 from proxy.state.shared_redis import RedisState
 
 from .services import redis_server  # noqa: F401

@@ -9,7 +9,7 @@ import pytest
 
 from proxy import parse_config
 from proxy.config import ConfigError
-from proxy.http.errors import (
+from proxy.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.config import ModelConfig, RouteConfig, RoutingConfig
-from proxy.http.errors import (
+from proxy.errors import (
     InvalidRequest,
     RateLimited,
     ServiceUnavailable,

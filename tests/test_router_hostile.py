@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from openai import APIStatusError
 
-from proxy.http.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from proxy.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, seed_colour

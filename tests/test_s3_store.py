@@ -18,7 +18,8 @@ from openai import APIStatusError
 from PIL import Image
 
 from proxy.config import parse_config
-from proxy.state.store import StoreUnavailable, make_store
+from proxy.state.factory import make_store
+from proxy.state.store import StoreUnavailable
 from proxy.state.store_s3 import S3Store
 
 from .conftest import base_config

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.http.errors import InvalidRequest
+from proxy.errors import InvalidRequest
 from proxy.media.sizing import (
     DEFAULT_MAX_PIXELS,
     MAX_SIDE,

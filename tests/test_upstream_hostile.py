@@ -309,7 +309,7 @@ async def _ingress(aiohttp_server, handler):
 async def test_ray_ingress_redirect_and_line_limits(aiohttp_server):
     import aiohttp
 
-    from proxy.http.errors import UpstreamError
+    from proxy.errors import UpstreamError
     from proxy.providers.ray_transport import call_http
 
     thief = await Thief().start(aiohttp_server)
@@ -346,7 +346,7 @@ async def test_ray_ingress_redirect_and_line_limits(aiohttp_server):
 async def test_read_answer_refuses_a_declared_length_past_the_limit(aiohttp_server):
     import aiohttp
 
-    from proxy.http.errors import UpstreamError
+    from proxy.errors import UpstreamError
 
     async def handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})

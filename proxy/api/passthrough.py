@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import PassthroughConfig
-from ..http.errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
 from ..http.send import send_or_drop
 
 log = logging.getLogger("proxy.passthrough")  # its name before proxy/ had packages: logging configs keep working

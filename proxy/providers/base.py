@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import aiohttp
 
 from ..config import RouteConfig
-from ..http.errors import UpstreamError, UpstreamRefused
+from ..errors import UpstreamError, UpstreamRefused
 from ..media.sizing import DEFAULT_MAX_PIXELS
 from ..request import ImageRequest
 

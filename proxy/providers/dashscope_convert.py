@@ -25,7 +25,7 @@ import math
 import re
 from typing import Any
 
-from ..http.errors import (
+from ..errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,

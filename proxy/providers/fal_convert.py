@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..http.errors import (
+from ..errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,

@@ -15,8 +15,19 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from local_backend import (
+    Engine,
+    EngineError,
+    InvalidParamsError,
+    JobCancelledError,
+    QueueFullError,
+)
+from local_backend.accel_options import static_problems, static_warnings
+from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
+from local_backend.tiers import tier_summary
+
 from ..config import RouteConfig
-from ..http.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..media.output import MIME, encode_image
 from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
@@ -127,8 +138,6 @@ class LocalProvider(Provider):
         # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
         self.tiers: list[dict] | None = None
         if self.config is not None and self.config.tiers:
-            from local_backend.tiers import tier_summary
-
             self.tiers = tier_summary(self.config)
         # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
         self.accelerations: list[str] | None = None
@@ -157,8 +166,6 @@ class LocalProvider(Provider):
         if self.config is None:
             return []
         if self._static_warnings is None:  # not started (check-config): found here, once
-            from local_backend.accel_options import static_warnings
-
             self._static_warnings = static_warnings(self.config, self._device())
         return self._static_warnings
 
@@ -204,7 +211,6 @@ class LocalProvider(Provider):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
-        from local_backend.accel_options import static_problems, static_warnings
 
         self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
         problems = static_problems(self.config, device)
@@ -233,8 +239,6 @@ class LocalProvider(Provider):
             await self._load_task
 
     async def _load(self) -> None:
-        from local_backend import Engine
-
         def progress(stage: str) -> None:  # from the loading thread
             self._stage = stage
             log.info("provider %s: %s", self.name, stage)
@@ -274,13 +278,6 @@ class LocalProvider(Provider):
             self.metrics.local_steps.labels(provider=self.name).inc()
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
-        from local_backend import (
-            EngineError,
-            InvalidParamsError,
-            JobCancelledError,
-            QueueFullError,
-        )
-
         if self.engine is None:
             raise UpstreamError(f"the local model is not ready ({self._state})")
         emit = threadsafe_emitter() if req.partial_images else None  # on the loop: it binds the loop
@@ -328,6 +325,4 @@ class LocalProvider(Provider):
 
 
 def _engine_max_n() -> int:
-    from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
-
     return MAX_N

@@ -10,8 +10,7 @@ import pybase64
 from yarl import URL
 
 from ..config import RouteConfig
-from ..http.cpu import INLINE_BYTES, run_cpu
-from ..http.errors import (
+from ..errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -23,6 +22,7 @@ from ..http.errors import (
     redact,
     retry_after_from_headers,
 )
+from ..http.cpu import INLINE_BYTES, run_cpu
 from ..media.partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
 from .base import (

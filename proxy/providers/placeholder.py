@@ -17,7 +17,8 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import RouteConfig
-from ..http.errors import InvalidRequest
+from ..errors import InvalidRequest
+from ..media.output import fit
 from ..request import SEED_MAX, ImageRequest
 from .base import Capabilities, GeneratedImage, Provider
 
@@ -96,8 +97,6 @@ def check_work(width: int, height: int, n: int) -> None:
 def draw_edit(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> Image.Image:
     """The first input image, visibly changed: fitted to the size, tinted with the (prompt, seed) colour
     (only where the mask is transparent, when there is one), with the prompt drawn on it."""
-    from ..media.output import fit
-
     with Image.open(io.BytesIO(image)) as src:
         base = fit(src.convert("RGB"), (width, height))
     tint = Image.new("RGB", (width, height), _palette(prompt, seed)[0])

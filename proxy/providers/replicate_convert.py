@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from ..http.errors import (
+from ..errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,

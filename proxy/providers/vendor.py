@@ -11,7 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import aiohttp
 from yarl import URL
 
-from ..http.errors import ProxyError, UpstreamError, redact
+from ..errors import ProxyError, UpstreamError, redact
 from .base import Provider, ProviderContext
 
 log = logging.getLogger(__name__)

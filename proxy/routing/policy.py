@@ -18,7 +18,7 @@ from typing import Protocol
 from aiohttp import web
 
 from ..config.server import ApiKey, ServerConfig
-from ..http.errors import AuthenticationFailed, ProxyError, RateLimited
+from ..errors import AuthenticationFailed, ProxyError, RateLimited
 
 # The key a request was made with, once authenticated (absent when the proxy has no keys).
 API_KEY = web.RequestKey("qip_api_key", ApiKey)

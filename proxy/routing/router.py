@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelConfig, RouteConfig, RoutingConfig
-from ..http.errors import (
+from ..errors import (
     ModelLoading,
     ProxyError,
     RateLimited,

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..http.errors import InvalidRequest, ProxyError
+from ..errors import InvalidRequest, ProxyError
 from .shared import Answer, Records
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..request import ImageRequest
-    from .shared import State
+    from .factory import State
 
 log = logging.getLogger("proxy.idempotency")  # its name before proxy/ had packages: logging configs keep working
 

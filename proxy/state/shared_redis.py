@@ -6,8 +6,8 @@ and a failure is a StateUnavailable (503 state_unavailable with Retry-After). Wh
 it runs (a concurrency slot, an idempotency claim) lives in Redis for a short lease that this process
 renews while it holds it: one whose holder died, or whose taking timed out here although Redis did it a
 moment later, frees itself within that lease. The limits (`RedisLimits`)
-implement proxy.policy's `Limits` for per-key rpm and concurrency. proxy.state.make_state imports this
-module only when a redis_url is configured, and the redis package only when a RedisState is made.
+implement proxy.routing.policy's `Limits` for per-key rpm and concurrency. The redis package is imported
+only when a RedisState is made (factory.py makes one when a redis_url is configured).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import math
 import secrets
 from typing import Any
 
+from ..errors import RateLimited
+from ..routing.policy import NO_LEASE, ConcurrencyLimited
 from .shared import Answer, Record, Records, StateUnavailable, decode_record, running_value
 
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
@@ -177,9 +179,6 @@ class RedisLimits:
         return f"{self.state.prefix}slots:{key}"
 
     async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None):
-        from ..http.errors import RateLimited
-        from ..routing.policy import NO_LEASE, ConcurrencyLimited
-
         if rpm is None and concurrency is None:
             return NO_LEASE
         token = secrets.token_hex(8) if concurrency is not None else None
