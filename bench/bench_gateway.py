@@ -922,18 +922,18 @@ def build_table(results: dict, case_by_key: dict[str, Case], proxies: list[str],
 
 # Where a sample goes: the innermost frame that matches decides (checked from the leaf up).
 CATEGORIES = [
-    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py", "_strict_b64 (proxy/output.py",
-                                                         "decode_b64 (proxy/output.py")),
-    ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/output.py")),
+    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py", "_strict_b64 (proxy/media/output.py",
+                                                         "decode_b64 (proxy/media/output.py")),
+    ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/media/output.py")),
     ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/", "json_or_none (",
                                                                        "spliced_loads (")),
-    ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
-    ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck/",)),
+    ("Pillow decode / encode (output.convert)", ("convert (proxy/media/output.py", "encode_image (proxy/media/output.py")),
+    ("structural image check (imagecheck.check_image)", ("check_image (proxy/media/imagecheck/",)),
     ("response JSON (generations.body_parts, SentAsIs)", ("body_parts (proxy/", "dumps_with_b64 (proxy/",
                                                            "SentAsIs.write (proxy/")),
     ("logging (access log + proxy.requests)", ("(logging/__init__.py", "(aiohttp/web_log.py")),
     ("Prometheus metrics", ("(prometheus_client/",)),
-    ("image store write", ("FilesystemStore.", "(proxy/store.py")),
+    ("image store write", ("FilesystemStore.", "(proxy/state/store_folder.py")),
     ("JSON, other", ("(json/",)),
     ("socket send (loopback TCP work in the syscall)", ("_SelectorSocketTransport.write ", "_write_ready",
                                                         "_SelectorSocketTransport.writelines",
@@ -953,7 +953,7 @@ def categorize(frames: list[str]) -> str:
     leaf = frames[-1]
     if leaf.startswith(("EpollSelector.select", "_worker (concurrent/futures/thread.py")):
         return "waiting (epoll, idle pool threads)"
-    if leaf.startswith(("run (proxy/server.py", "BaseEventLoop.run_until_complete")):
+    if leaf.startswith(("run (proxy/http/server.py", "BaseEventLoop.run_until_complete")):
         return "inside the event loop's C code (uvloop: socket I/O, epoll, callbacks)"
     for name, needles in CATEGORIES:
         if any(n in frame for frame in frames for n in needles):

@@ -139,7 +139,7 @@ class Dispatcher:
                     result=result)
 
     async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
-        """The caller's key (401 without a valid one; see proxy/policy.py), kept as request[API_KEY].
+        """The caller's key (401 without a valid one; see proxy/routing/policy.py), kept as request[API_KEY].
 
         An image call gets `handler` back wrapped to run under the key's limits (rpm and concurrency,
         429 past them), holding its slot until it ends; any other call counts against the key's rpm

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class PartialSender:
     """The engine's on_partial for one request: encodes each preview in the request's format and emits
-    it (`emit` is proxy.partials.threadsafe_emitter()'s function).
+    it (`emit` is proxy.media.partials.threadsafe_emitter()'s function).
 
     With an `encoder` (a one-thread executor), the encoding runs there, in order, instead of on the
     engine's worker thread: a 1024x1024 PNG takes 50-250 ms to encode, time the denoising loop would
@@ -75,7 +75,7 @@ class PartialSender:
 class LocalProvider(Provider):
     kind = "diffusers"
     # The options this kind reads in models.yaml: local_backend.EngineConfig's fields plus timeout and
-    # load_in_background. Any other key is a config error (proxy.providers.options_model).
+    # load_in_background. Any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {
         "model": str,
         "task": ("generate", "edit"),
@@ -106,7 +106,7 @@ class LocalProvider(Provider):
         "local_files_only": bool | None,
         "timeout": (float, {"gt": 0}),
         "load_in_background": bool,
-        "prompt_enhancement": dict | None,  # proxy.enhance: {with: text_encoder | chat, ...}
+        "prompt_enhancement": dict | None,  # proxy.providers.enhance: {with: text_encoder | chat, ...}
     }
 
     def __init__(self, name, options, missing_vars=None):
@@ -144,7 +144,7 @@ class LocalProvider(Provider):
         self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
         if self.config is not None and self.config.cache:
             self.accelerations = ["none", "regular", "high"]
-        # prompt_enhancement with: chat is done here, before the engine (proxy.enhance); with:
+        # prompt_enhancement with: chat is done here, before the engine (proxy.providers.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         self._http = None

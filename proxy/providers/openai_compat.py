@@ -235,7 +235,7 @@ def parse_answer(raw: bytes) -> Any:
 
 class OpenAICompatProvider(Provider):
     kind = "openai"
-    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {
         "base_url": str | None,
         "api_key": str | None,

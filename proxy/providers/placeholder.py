@@ -126,7 +126,7 @@ def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
 
 class PlaceholderProvider(Provider):
     kind = "placeholder"
-    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {"timeout": (float, {"gt": 0})}
     capabilities = Capabilities(max_images_per_call=10, edits=True, masks=True)
 

@@ -127,7 +127,7 @@ class RayProvider(Provider):
         self.replica_states: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
         self._stats_actor = None
-        # prompt_enhancement with: chat is done here, before the pool is called (proxy.enhance); the
+        # prompt_enhancement with: chat is done here, before the pool is called (proxy.providers.enhance); the
         # replicas get no rewriter then (local_backend.ray_options.pool_enhancement). with: text_encoder: theirs.
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         chat = enhance.parse_options((self.pool_options.get("engine") or {}).get("prompt_enhancement"))

@@ -4,7 +4,7 @@ The interface and the record format. Two backends: this process's memory by defa
 or Redis with `state.redis_url` (shared_redis.py), so that every process and machine using the same Redis
 sees the same records and counts; factory.py picks one.
 
-Idempotency records (see proxy.idempotency for the HTTP side): a key is first *claimed* (a small
+Idempotency records (see proxy.state.idempotency for the HTTP side): a key is first *claimed* (a small
 "running" record with an owner token and an expiry, SET NX in Redis), then *finished* (the stored answer
 replaces it, kept for the idempotency TTL) or *released* (deleted, so a retry runs again). Finishing and
 releasing only touch a record the same owner still holds.

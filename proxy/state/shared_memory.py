@@ -106,7 +106,7 @@ class MemoryState:
 
     def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024):
         self.records: Records = MemoryRecords(max_records, max_bytes)
-        # None: proxy.policy keeps its own in-process MemoryLimits.
+        # None: proxy.routing.policy keeps its own in-process MemoryLimits.
         self.limits: RedisLimits | None = None
 
     async def start(self) -> None:

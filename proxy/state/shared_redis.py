@@ -106,7 +106,7 @@ class RedisRecords:
 # ---- rate and concurrency limits shared by processes ------------------------------------------------
 
 # One atomic step per request, on Redis's own clock (every process agrees on it), with the semantics of
-# proxy.policy.MemoryLimits: a token bucket for rpm (up to rpm at once, refilled at rpm a minute) and a
+# proxy.routing.policy.MemoryLimits: a token bucket for rpm (up to rpm at once, refilled at rpm a minute) and a
 # set of held concurrency slots, each a lease that frees itself after ARGV[3] seconds if never released
 # (a process that died holding it). Nothing is counted when the request is refused.
 # KEYS: bucket hash, slots sorted set. ARGV: rpm (0: none), concurrency (-1: none), lease s, slot token.
@@ -166,7 +166,7 @@ class _RedisLease:
 
 
 class RedisLimits:
-    """proxy.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
+    """proxy.routing.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
 
     def __init__(self, state: RedisState, lease: float):
         self.state = state
