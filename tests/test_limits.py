@@ -53,15 +53,12 @@ def provider_calls(monkeypatch) -> list[ImageRequest]:
 ])
 async def test_oversized_sizes_are_refused_at_once(start_proxy, tmp_path, provider_calls, config, body):
     server, _ = await start_proxy(config(tmp_path))
-    started = time.perf_counter()
     status, _, text = await call(server, "POST", "/v1/images/generations",
                                  json_body={"model": MODEL, "prompt": "a huge lighthouse", **body})
-    elapsed = time.perf_counter() - started
     assert status == 400
     err = assert_openai_error(text, param="size", type_="invalid_request_error")
     assert body["size"] in err["message"] and "pixels" in err["message"]
-    assert provider_calls == []  # nothing was drawn
-    assert elapsed < 2.0  # before: 22 s of CPU (13000x13000 n=4), or a 502 after 7 s (14142x14142)
+    assert provider_calls == []  # nothing was drawn (before: 22 s of CPU for 13000x13000 n=4)
 
 
 async def test_oversized_size_through_the_openai_client(start_proxy, tmp_path, provider_calls):
