@@ -1,6 +1,7 @@
 # make run   - install what serving needs into .venv and serve with models.yaml
 #              (make run CONFIG=other.yaml PORT=9000 HOST=0.0.0.0)
-# make test  - install the test tools too, lint and run the test suite
+# make test  - install the test tools too, lint, build the docs (strict) and run the test suite
+# make docs  - build the documentation site into site/ (mkdocs build --strict: a broken link fails)
 # make bench - print benchmark numbers (not tests)
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ TEST_STAMP := $(VENV)/.installed-test
 
 SERVE_ARGS := --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test lint docs bench clean
 
 install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)
@@ -34,7 +35,7 @@ $(RUN_STAMP): pyproject.toml | $(PY)
 	@touch $@
 
 $(TEST_STAMP): pyproject.toml | $(PY)
-	@echo "installing the proxy, the local engine and the test tools (pytest, ruff, hypothesis, openai)..."
+	@echo "installing the proxy, the local engine and the test tools (pytest, ruff, hypothesis, openai, mkdocs)..."
 	$(PIP) install --progress-bar off -e '.[local,test]'
 	@touch $@ $(RUN_STAMP)
 
@@ -44,7 +45,11 @@ run: install
 lint: install-test
 	$(VENV)/bin/ruff check .
 
-test: lint
+docs: install-test
+	@# not --quiet: it hides the warnings --strict counts, and a broken link would pass
+	$(VENV)/bin/mkdocs build --strict
+
+test: lint docs
 	$(PY) -m pytest -q
 
 bench: install-test
@@ -53,4 +58,4 @@ bench: install-test
 	$(PY) bench/bench_gateway.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var site .pytest_cache .ruff_cache

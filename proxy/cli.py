@@ -239,11 +239,21 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name in config.models:
         routes = gateway.router.routes[name]
         table = config.size_table(name)
-        print(f"{name}  (default {table.default[0]}x{table.default[1]})")
+        print(f"{name}  (sizes: {describe_size_table(config.size_table_choice(name))}; "
+              f"default {table.default[0]}x{table.default[1]})")
         for route in routes:
             reason = route.provider.preflight()
             state = "usable" if reason is None else f"unavailable: {reason}"
             print(f"  -> {route.name} [{route.provider.kind}] {state}")
+
+
+def describe_size_table(choice: dict) -> str:
+    """'qwen-image, built in, picked by the model's family' and the like, for `models`."""
+    if choice["source"] == "inline":
+        return "the model's own table"
+    where = "from size_tables" if choice["source"] == "size_tables" else "built in"
+    how = ", picked by the model's family" if choice["picked_by"] == "family" else ""
+    return f"{choice['name']}, {where}{how}"
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:

@@ -448,8 +448,11 @@ def test_references_suggest_the_nearest_name():
     assert lines_of(data) == ["config: models.x.routes.0: provider 'placeholdr' is not defined under providers; "
                               "did you mean 'placeholder'?"]
     data["models"]["x"] = {"sizes": "qwen-imag", "routes": ["placeholder"]}
-    assert lines_of(data) == ["config: models.x.sizes: size table 'qwen-imag' is not defined under size_tables; "
-                              "did you mean 'qwen-image'?"]
+    data["size_tables"] = {"mine": {"tiers": {"1K": {"1:1": "1024x1024"}}}}
+    assert lines_of(data) == ["config: models.x.sizes: size table 'qwen-imag' is not defined under size_tables nor "
+                              "built in (qwen-image, qwen-image-dashscope, tiny); did you mean 'qwen-image'?"]
+    data["models"]["x"]["sizes"] = "mien"
+    assert lines_of(data)[0].endswith("did you mean 'mine'?")
 
 
 def test_default_model_must_be_a_configured_model():

@@ -175,8 +175,8 @@ def test_models_and_check_config(tmp_path):
     listed = [line.split()[0] for line in models.stdout.splitlines() if not line.startswith(" ")]
     assert listed[:3] == ["qwen-image", "qwen-image-placeholder", "qwen-image-tiny"]
     assert {"qwen-image-edit", "qwen-image-plus", "qwen-image-max"} <= set(listed)
-    assert "qwen-image-tiny  (default 64x64)" in models.stdout
-    assert "qwen-image  (default 1024x1024)" in models.stdout
+    assert "qwen-image-tiny  (sizes: tiny, built in; default 64x64)" in models.stdout
+    assert "qwen-image  (sizes: qwen-image, built in; default 1024x1024)" in models.stdout
     assert "-> lumenfall [openai] unavailable: no API key (set LUMENFALL_API_KEY)" in models.stdout
     assert "-> placeholder [placeholder] usable" in models.stdout
     # Local routes are checked without loading: the tiny one needs nothing, the GPU one a GPU.

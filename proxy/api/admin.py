@@ -75,6 +75,8 @@ def _model_card(gw: Gateway, name: str) -> dict:
         "sizes": {tier: {ratio: f"{w}x{h}" for ratio, (w, h) in ratios.items()}
                   for tier, ratios in table.tiers.items()},
         "default_size": "{}x{}".format(*table.default),
+        # {name, source: size_tables | built-in | inline, picked_by: sizes | family}
+        "size_table": gw.config.size_table_choice(name),
         "max_side": table.max_side,
         "max_pixels": table.max_pixels,
         "max_n": MAX_N,

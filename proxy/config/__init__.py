@@ -25,6 +25,7 @@ from .kinds import KINDS, options_model, provider_class
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
 from .server import ServerConfig
+from .size_families import BUILTIN_TABLES, family_table
 from .strict import Strict, suggest, validation_problems
 from .yamlload import YamlProblem, load_yaml, read_text
 
@@ -76,7 +77,30 @@ class Config(Strict):
 
     def size_table(self, model: str) -> SizeTable:
         sizes = self.models[model].sizes
-        return (self.size_tables[sizes] if isinstance(sizes, str) else sizes).build()
+        if isinstance(sizes, SizeTableConfig):
+            return sizes.build()
+        name = self.size_table_choice(model)["name"]
+        table = self.size_tables.get(name) or SizeTableConfig.model_validate(BUILTIN_TABLES[name])
+        return table.build()
+
+    def size_table_choice(self, model: str) -> dict[str, str | None]:
+        """Which size table a model uses: name (None for its own inline table), source (size_tables,
+        built-in or inline) and picked_by (sizes, or family when the config names none)."""
+        m = self.models[model]
+        if isinstance(m.sizes, SizeTableConfig):
+            return {"name": None, "source": "inline", "picked_by": "sizes"}
+        picked_by = "sizes"
+        name = m.sizes
+        if name is None:
+            # The model's own name first, then the names its upstreams and local engines know it by.
+            names = [model] + [r.model for r in m.routes if r.model]
+            for route in m.routes:
+                provider = self.providers.get(route.provider)
+                if provider is not None and isinstance(provider.options.get("model"), str):
+                    names.append(provider.options["model"])  # a local engine's weights: tiny, Qwen/Qwen-Image
+            name, picked_by = family_table(names)[0], "family"
+        source = "size_tables" if name in self.size_tables else "built-in"
+        return {"name": name, "source": source, "picked_by": picked_by}
 
     def secrets(self) -> list[str]:
         """Every secret this config holds: proxy keys, the passthrough key, the Redis password, providers'
@@ -129,9 +153,10 @@ def _check_references(config: Config, broken: set) -> list[str]:
             if route.provider not in config.providers and "providers" not in broken:
                 problems.append(f"models.{name}.routes.{i}: provider '{route.provider}' is not defined under "
                                 f"providers{suggest(route.provider, config.providers)}")
-        if isinstance(model.sizes, str) and model.sizes not in config.size_tables and "size_tables" not in broken:
-            problems.append(f"models.{name}.sizes: size table '{model.sizes}' is not defined under "
-                            f"size_tables{suggest(model.sizes, config.size_tables)}")
+        named = {**BUILTIN_TABLES, **config.size_tables}
+        if isinstance(model.sizes, str) and model.sizes not in named and "size_tables" not in broken:
+            problems.append(f"models.{name}.sizes: size table '{model.sizes}' is not defined under size_tables "
+                            f"nor built in ({', '.join(BUILTIN_TABLES)}){suggest(model.sizes, named)}")
     default = config.server.default_model
     if default is not None and default not in config.models and "models" not in broken:
         known = ", ".join(config.models) or "none"

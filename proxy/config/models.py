@@ -81,7 +81,9 @@ class SizeTableConfig(Strict):
 
 class ModelConfig(Strict):
     routes: list[RouteConfig] = Field(min_length=1)
-    sizes: str | SizeTableConfig
+    # A table's name (size_tables' or a built-in one), a table of its own, or none: the family's built-in
+    # table, picked by name (proxy.config.size_families).
+    sizes: str | SizeTableConfig | None = None
     description: str | None = None
     owned_by: str = "qwen-image-proxy"
     # An edit model (/v1/images/edits) takes 1 to this many input images; 0: it does not edit.
