@@ -147,7 +147,8 @@ def test_check_config_names_every_problem_in_every_section_at_once(tmp_path):
         "providers.placeholder.bogus: unknown key; known keys: kind, timeout",
         "providers.up.timout: unknown key; did you mean 'timeout'?",
         "models.m.routes.0: provider 'nope' is not defined under providers",
-        "models.m2.sizes: size table 'nope' is not defined under size_tables",
+        "models.m2.sizes: size table 'nope' is not defined under size_tables nor built in (qwen-image, "
+        "qwen-image-dashscope, tiny)",
     ]]
 
 

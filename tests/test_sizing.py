@@ -309,7 +309,10 @@ def test_the_shipped_tables_have_limits_that_fit_their_sizes():
     from proxy.config import load_config
 
     root = Path(__file__).resolve().parent.parent
-    tables = {name: t.build() for name, t in load_config(root / "models.yaml", env={}).size_tables.items()}
+    config = load_config(root / "models.yaml", env={})
+    # The built-in tables the shipped models use (models.yaml keeps no copies of them).
+    tables = {config.size_table_choice(m)["name"]: config.size_table(m) for m in config.models}
+    assert set(tables) == {"qwen-image", "qwen-image-dashscope", "tiny"}
     assert tables["qwen-image"].pixel_limit == 2048 * 2048  # Qwen-Image: native ~1.8 MP, up to ~4 MP
     assert tables["tiny"].pixel_limit == 256 * 256
     for name, table in tables.items():
