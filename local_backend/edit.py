@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidParamsError
@@ -162,8 +163,6 @@ def load_processor(source: str, hub_kwargs: dict, class_name: str = "Qwen2VLProc
 
 def _chat_template(source: str, hub_kwargs: dict) -> str | None:
     """The processor folder's chat_template.jinja, if it has one."""
-    from pathlib import Path
-
     if Path(source).is_dir():
         path = Path(source) / "processor" / "chat_template.jinja"
         return path.read_text() if path.is_file() else None

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
-from .edit import UNIFIED_PIPELINES, load_processor
+from .edit import EDIT_PIPELINES, UNIFIED_PIPELINES, load_processor
 from .errors import EngineError
 from .offload import check_options, choose, place
 from .single_file import check_gguf, gguf_file, load_transformer, transformer_config
+from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
+from .tiny21 import TINY21_VERSION, tiny21_pipeline_dir
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -137,13 +140,9 @@ def _text_encoder_quantization(existing, name: str, dtype):
 
 def _model_source(config: EngineConfig, progress: Progress) -> str:
     if config.model == "tiny-2.1":
-        from .tiny21 import TINY21_VERSION, tiny21_pipeline_dir
-
         progress(f"preparing the tiny pipeline ({TINY21_VERSION})")
         return str(tiny21_pipeline_dir())
     if config.model in ("tiny", "tiny-edit"):
-        from .tiny import TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
-
         edit = config.model == "tiny-edit"
         progress(f"preparing the tiny pipeline ({TINY_EDIT_VERSION if edit else TINY_VERSION})")
         return str(tiny_pipeline_dir(edit=edit))
@@ -199,8 +198,6 @@ def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
     """The diffusers class the model declares in its model_index.json, checked against the task."""
     import diffusers
 
-    from .edit import EDIT_PIPELINES, UNIFIED_PIPELINES
-
     declared = _declared_class(source, local_only)
     if declared in UNIFIED_PIPELINES:  # one model for both tasks
         return getattr(diffusers, declared)
@@ -218,8 +215,6 @@ def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
 
 def _area_scale(source: str) -> float | None:
     """The edit working-area factor a model folder asks for (the tiny edit model: local_backend.tiny)."""
-    from .tiny import EXTRAS_FILE
-
     path = Path(source) / EXTRAS_FILE
     if not path.is_file():
         return None
@@ -278,8 +273,6 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:
-        from .accel_options import TORCHAO, quant_skip, transformer_layers
-
         skip = None
         if config.quantization in TORCHAO:
             layers = transformer_layers(source, kwargs.get("local_files_only", True))

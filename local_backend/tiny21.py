@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from .edit import processor_class
 from .tiny import EXTRAS_FILE, TINY_EDIT_AREA_SCALE, _tokenizer, cached_build
 
 TINY21_VERSION = "tiny-qwen-image-21-v1"
@@ -90,8 +91,6 @@ def build_tiny21_pipeline(path: str | os.PathLike) -> Path:
     """
     from diffusers import QwenImage21Pipeline
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from .edit import processor_class
 
     path = Path(path)
     parts = _components()

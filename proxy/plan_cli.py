@@ -10,14 +10,18 @@ import argparse
 import json
 import sys
 
+from local_backend import EngineConfig, EngineError
+from local_backend.memory import estimate
+from local_backend.offload import text_encoder_device
+from local_backend.placement import parse_bytes, plan, table
+from local_backend.single_file import gguf_file
+
 from .config import Config
 
 
 def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, object, int | None]]:
     """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`."""
     if name not in config.models:
-        from local_backend import EngineConfig
-
         return [(name, EngineConfig(model=name, device="cuda"), None)]
     table = config.size_table(name)
     found = []
@@ -30,8 +34,6 @@ def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, objec
 
 
 def _budget(args: argparse.Namespace) -> int | None:
-    from local_backend.placement import parse_bytes
-
     if args.gpu_memory:
         return parse_bytes(args.gpu_memory)
     import torch
@@ -42,12 +44,6 @@ def _budget(args: argparse.Namespace) -> int | None:
 
 
 def run_plan(args: argparse.Namespace, config: Config, providers: dict, fail) -> None:
-    from local_backend import EngineError
-    from local_backend.memory import estimate
-    from local_backend.offload import text_encoder_device
-    from local_backend.placement import parse_bytes, plan, table
-    from local_backend.single_file import gguf_file
-
     try:
         budget = _budget(args)
     except ValueError as e:
