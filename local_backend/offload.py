@@ -107,17 +107,33 @@ def place(pipe, offload: str, te_device: str | None, device: str, progress: Prog
     if offload != "none" and device == "cpu":
         log.warning("offload=%s has no effect on the CPU; ignored", offload)
         offload = "none"
-    on_cpu = te_device == "cpu" and torch.device(device).type != "cpu" and getattr(pipe, "text_encoder", None) is not None
-    with _detached(pipe, "text_encoder") if on_cpu else contextlib.nullcontext() as encoder:
+    if te_device == "cpu" and torch.device(device).type != "cpu" and getattr(pipe, "text_encoder", None) is not None:
+        place_with_cpu_encoder(pipe, offload, device, progress)
+    else:
         _offload(pipe, offload, device, progress)
-    if on_cpu:
-        progress("keeping the text encoder on the CPU")
-        run_on_cpu(pipe, encoder)
     vae = getattr(pipe, "vae", None)
     if torch.device(device).type == "cuda" and hasattr(vae, "enable_slicing"):
         # The VAE decodes a batch one image at a time: its peak (GiBs at 2048x2048) stops growing with
         # the batch, for a negligible cost (local_backend.memory counts one image).
         vae.enable_slicing()
+
+
+def place_with_cpu_encoder(pipe, offload: str, device: str, progress: Progress) -> None:
+    """The offload mode for everything but the text encoder, which stays on the CPU and runs there."""
+    with _detached(pipe, "text_encoder") as encoder:
+        _offload(pipe, offload, device, progress)
+    if offload == "model":
+        # diffusers installs model offload's hooks again after every call (maybe_free_model_hooks): keep
+        # the text encoder out of them then too, or its next call would move it onto the GPU.
+        install = pipe.enable_model_cpu_offload
+
+        def without_text_encoder(*args, **kwargs):
+            with _detached(pipe, "text_encoder"):
+                return install(*args, **kwargs)
+
+        pipe.enable_model_cpu_offload = without_text_encoder
+    progress("keeping the text encoder on the CPU")
+    run_on_cpu(pipe, encoder)
 
 
 def run_on_cpu(pipe, encoder) -> None:

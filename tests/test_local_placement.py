@@ -154,3 +154,27 @@ def test_text_encoder_quantization_and_cpu_placement(tiny_dir):
                          ({"where": "cpu"}, "unknown key")]:
         with pytest.raises(EngineError, match=message):
             Engine(EngineConfig(model=str(tiny_dir), text_encoder=bad))
+
+
+def test_text_encoder_on_the_cpu_stays_out_of_model_offload(tiny_dir):
+    """Model offload installs its hooks again after every call (diffusers' maybe_free_model_hooks); the
+    text encoder kept on the CPU must stay out of them then too. Offloading "to" the CPU here: the hooks
+    are the same as on a GPU box."""
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from local_backend.offload import place_with_cpu_encoder
+
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_dir))
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("a cat", height=64, width=64, num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    before = image()
+    place_with_cpu_encoder(pipe, "model", "cpu", lambda stage: None)
+    for _ in range(2):
+        assert (image() == before).all()
+        assert type(pipe.text_encoder._hf_hook).__name__ == "AlignDevicesHook"  # its own, not model offload's
+        assert type(pipe.transformer._hf_hook).__name__ == "CpuOffload"
