@@ -161,3 +161,20 @@ async def test_shipped_models_yaml_serves_the_tiny_21_model(start_proxy, tmp_pat
     assert "non-commercial" in cards["qwen-image-2.1"]["description"]
     for name in ("qwen-image-2512", "qwen-image-edit-2511"):
         assert name in cards
+
+
+def test_a_checkpoint_schedule_does_not_override_the_steps_asked(tiny21_dir):
+    """A 2.1 checkpoint may carry its own sigmas (sample_sigmas), whose length would decide the step count
+    whatever num_inference_steps says: a request for another count gets a schedule of that many steps."""
+    from local_backend import Engine, EngineConfig, GenerationParams
+
+    with Engine(EngineConfig(model=str(tiny21_dir), device="cpu", default_steps=4, default_cfg_scale=1.0)) as engine:
+        engine.pipe.register_to_config(sample_sigmas=[1.0 - i / 12 for i in range(12)])
+        seen = []
+        result = engine.generate_sync(GenerationParams("a fox", 64, 64, seed=1, num_inference_steps=3,
+                                                       on_step=lambda step, total: seen.append(step)))
+        assert result.steps_run == 3 and seen == [1, 2, 3]
+        seen.clear()
+        engine.generate_sync(GenerationParams("a fox", 64, 64, seed=1, num_inference_steps=12,
+                                              on_step=lambda step, total: seen.append(step)))
+        assert seen == list(range(1, 13))  # the checkpoint's own schedule when the counts agree
