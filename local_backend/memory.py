@@ -26,6 +26,8 @@ from pathlib import Path
 
 from .config import EngineConfig
 from .errors import EngineError
+from .tiny import tiny_pipeline_dir
+from .tiny21 import tiny21_pipeline_dir
 
 SHIPPED = Path(__file__).parent / "model_configs"
 # Published repos -> the shipped configs of their architecture (the edit models share Qwen-Image's).
@@ -82,6 +84,10 @@ class Estimate:
 def component_configs(model: str, local_only: bool = True) -> tuple[dict[str, dict], str]:
     """{component: config dict} for the model and where they came from (its files, or the shipped copies)."""
     source = os.path.expanduser(model)
+    if model in ("tiny", "tiny-edit"):  # the offline tiny models: built on first use (seconds)
+        source = str(tiny_pipeline_dir(edit=model == "tiny-edit"))
+    elif model == "tiny-2.1":
+        source = str(tiny21_pipeline_dir())
     found = {}
     for name in COMPONENTS:
         config = _read_config(source, name, local_only)

@@ -51,6 +51,7 @@ def test_the_published_models_from_the_shipped_configs():
     assert e21.components["text_encoder"].params == pytest.approx(8.77e9, rel=0.02)  # Qwen3-VL-8B
     q4 = estimate(EngineConfig(model="Qwen/Qwen-Image", transformer="qwen-image-Q4_K_M.gguf"))
     assert q4.components["transformer"].bytes == pytest.approx(20.4e9 * 4.5 / 8, rel=0.02)
+    assert estimate(EngineConfig(model="tiny-2.1")).family == "qwen-image-2.1"  # the tiny names too
     with pytest.raises(EngineError, match="not one of the models whose configs ship"):
         estimate(EngineConfig(model="someone/unknown-model"))
 
