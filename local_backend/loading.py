@@ -1,4 +1,6 @@
-"""Load the engine's pipeline: class (by task), source, dtype, device, offload, quantization.
+"""Load the engine's pipeline: class (from the model's model_index.json), source, dtype, a GGUF
+transformer (local_backend.single_file), quantization; then its placement (local_backend.offload,
+planned before any weight is read when offload is auto).
 
 The speed options (compile, cache, attention backend) are applied to the loaded pipeline by
 local_backend.accel.
