@@ -37,7 +37,7 @@ from .test_cli import cli_env
 
 SNIPPETS = all_snippets()
 by_lang = {lang: [s for s in SNIPPETS if s.lang == lang and not (s.mark or "").startswith("not checked")]
-           for lang in ("yaml", "sh", "python")}
+           for lang in ("yaml", "sh", "python", "json")}
 
 
 def ids(group: list[Snippet]) -> list[str]:
@@ -45,7 +45,7 @@ def ids(group: list[Snippet]) -> list[str]:
 
 
 def test_every_block_is_of_a_kind_the_checks_know():
-    known = {"yaml", "sh", "python"}
+    known = set(by_lang)
     for s in SNIPPETS:
         check_mark(s)
         # Other servers' configs and program output are shown, not checked; any other language must be
@@ -75,6 +75,11 @@ def test_yaml_configs_load(snippet):
 def test_shell_commands_parse(snippet):
     for argv in commands(snippet.body):
         check_command(argv, snippet.where)
+
+
+@pytest.mark.parametrize("snippet", by_lang["json"], ids=ids(by_lang["json"]))
+def test_json_parses(snippet):
+    json.loads(snippet.body)
 
 
 @pytest.mark.parametrize("snippet", by_lang["python"], ids=ids(by_lang["python"]))
