@@ -10,13 +10,13 @@ import importlib.util
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
 from .errors import EngineError
+from .exclusive import exclusive
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -183,25 +183,15 @@ def _place(pipe, config: EngineConfig, device: str, progress: Progress) -> None:
         )
 
 
-# from_pretrained is not thread-safe: accelerate's empty-weights loading patches torch.nn.Module for the
-# whole process while it runs, so two engines loading at once (two local providers at start-up) fail
-# with "Cannot copy out of meta tensor". One load at a time per process.
-_LOAD_LOCK = threading.Lock()
-
-
 def load_pipeline(config: EngineConfig, progress: Progress | None = None):
     """Return (pipeline, device, seconds). Raises EngineError with a readable message.
 
     An edit pipeline carries `working_area_scale` (None for real models: see local_backend.edit).
+    from_pretrained patches torch for the whole process while it runs: one module-building step at a
+    time per process, and nothing left patched after it (local_backend.exclusive).
     """
-    report = progress or (lambda stage: None)
-    if not _LOAD_LOCK.acquire(blocking=False):
-        report("waiting for another model to finish loading")
-        _LOAD_LOCK.acquire()
-    try:
+    with exclusive(progress):
         return _load_pipeline(config, progress)
-    finally:
-        _LOAD_LOCK.release()
 
 
 def _load_pipeline(config: EngineConfig, progress: Progress | None = None):

@@ -22,7 +22,16 @@ from ..output import MIME, encode_image
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
-from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
+from .local_convert import (
+    advertised_accelerations,
+    advertised_tiers,
+    decode_inputs,
+    encode_all,
+    engine_config,
+    request_tier,
+    to_params,
+    weights_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +133,11 @@ class LocalProvider(Provider):
             max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
             edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
         )
-        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
-        self.tiers: list[dict] | None = None
-        if self.config is not None and self.config.tiers:
-            from local_backend.tiers import tier_summary
-
-            self.tiers = tier_summary(self.config)
-        # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
-        self.accelerations: list[str] | None = None
+        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base, and the
+        # block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
+        self.tiers: list[dict] | None = advertised_tiers(self.config)
+        self.accelerations: list[str] | None = advertised_accelerations(self.config)
         self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
-        if self.config is not None and self.config.cache:
-            self.accelerations = ["none", "regular", "high"]
         # prompt_enhancement with: chat is done here, before the engine (proxy.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
@@ -240,11 +243,15 @@ class LocalProvider(Provider):
             log.info("provider %s: %s", self.name, stage)
 
         engine = None
+        # A thread of its own, not the default executor's: a load waits for the other providers' loads
+        # (local_backend.exclusive), and providers waiting there took every thread requests need.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-load")
+        loop = asyncio.get_running_loop()
         try:
             engine = Engine(self.config)
-            seconds = await asyncio.to_thread(engine.load, progress)
+            seconds = await loop.run_in_executor(loader, engine.load, progress)
             progress("starting the engine")
-            await asyncio.to_thread(engine.start)
+            await loop.run_in_executor(loader, engine.start)
         except asyncio.CancelledError:  # closed while loading: a load still running drops its pipeline
             if engine is not None:
                 engine.close()
@@ -254,6 +261,8 @@ class LocalProvider(Provider):
             self._state = f"failed to load {self.config.model}: {type(e).__name__}: {e}"
             log.error("provider %s: %s", self.name, self._state)
             return
+        finally:
+            loader.shutdown(wait=False)
         self.engine = engine
         self._state = None
         log.info("provider %s: %s loaded in %.1f s", self.name, self.config.model, seconds)

@@ -46,6 +46,21 @@ def engine_config(options: dict[str, Any]):
     return config
 
 
+def advertised_tiers(config) -> list[dict] | None:
+    """What /v1/models lists as the model's speed tiers ([{name, steps, cfg_scale}], base first): None
+    without tiers beyond base. The same for an in-process engine and a Ray pool of the same options."""
+    if config is None or not config.tiers:
+        return None
+    from local_backend.tiers import tier_summary
+
+    return tier_summary(config)
+
+
+def advertised_accelerations(config) -> list[str] | None:
+    """fal's acceleration levels /v1/models lists: the block cache's, when one is configured."""
+    return ["none", "regular", "high"] if config is not None and config.cache else None
+
+
 def request_tier(req: ImageRequest, config) -> str | None:
     """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
     use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
