@@ -192,13 +192,14 @@ async def test_serve_loads_every_provider_beside_one_with_loras(tmp_path, tiny_d
 
 
 async def test_request_loras_load_while_other_providers_load(tmp_path, tiny_dir, lora_dir, pristine_torch):
-    """One provider serves requests, each with a LoRA it has to load (cache of one), while three others
-    load their pipelines and tier LoRAs in the background: every request and every load succeeds."""
+    """One provider serves requests, each with a LoRA it has to load (cache of one), while three plain ones
+    load in the background: every request and every load succeeds (the old code lost a provider to the
+    request LoRAs' peft patch 3 runs in 3)."""
     cfg = base_config(tmp_path)
     cfg["size_tables"]["tiny"] = copy.deepcopy(SIZES)
     cfg["providers"] = {"serving": plain(tiny_dir, load_in_background=False, lora_dirs=[str(lora_dir)],
                                          lora_cache_size=1)}
-    cfg["providers"].update({f"late{i}": lightning(tiny_dir, lora_dir) for i in range(3)})
+    cfg["providers"].update({f"late{i}": plain(tiny_dir) for i in range(3)})
     cfg["models"] = {name: {"sizes": "tiny", "routes": [name]} for name in cfg["providers"]}
     server = await serve_in_process(cfg)  # "serving" has loaded; the others load now
     client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0, timeout=120)
@@ -344,3 +345,22 @@ async def test_providers_waiting_to_load_leave_the_threads_to_requests(tmp_path,
         release.set()
         await client.close()
         await server.close()
+
+
+def test_compiled_engines_of_one_process_share_the_recompile_budget(monkeypatch):
+    """torch's graph limit is per code object, and every engine's transformer blocks run the same code:
+    each engine's warm-up raises it by its own calls on top of the engines' before it. Measured with the
+    old accounting: a 7th compiled tiny engine (2 graphs each) hit the limit and served uncompiled."""
+    import torch._dynamo
+
+    from local_backend import accel
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 8)
+    monkeypatch.setattr(accel, "_WARM_CALLS", 0)
+    accel._allow_recompiles(3)  # the first engine: 3 warm-up calls
+    first = torch._dynamo.config.recompile_limit
+    assert first >= accel.GRAPHS_PER_CALL * 3
+    accel._allow_recompiles(3)  # a second engine of the same model, in the same process
+    assert torch._dynamo.config.recompile_limit == first + accel.GRAPHS_PER_CALL * 3
+    assert torch._dynamo.config.accumulated_recompile_limit >= torch._dynamo.config.recompile_limit
