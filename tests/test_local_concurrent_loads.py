@@ -12,7 +12,6 @@ import asyncio
 import copy
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from proxy import build_app, parse_config  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 
 from .conftest import base_config  # noqa: E402
+from .fake_openai_upstream import free_port  # noqa: E402
 from .local_helpers import make_lora_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,12 +164,6 @@ async def test_every_provider_loads_beside_one_that_loads_loras_every_start(tmp_
                 await client.close()
         finally:
             await server.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_serve_loads_every_provider_beside_one_with_loras(tmp_path, tiny_dir, lora_dir):
