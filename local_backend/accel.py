@@ -79,6 +79,19 @@ def _allow_recompiles(calls: int) -> None:
         dynamo.accumulated_recompile_limit = wanted
 
 
+def _set_own_backend(transformer, name: str) -> None:
+    """transformer.set_attention_backend(name), for this model alone. diffusers also makes it the process's
+    default backend, which every model without one of its own then used: another provider's model, and
+    this one after a failed check call (reset_attention_backend leaves its processors on the default)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
+
+
 class Accel:
     """The speed options of one engine: applied once at load, then per call (cache levels)."""
 
@@ -142,7 +155,7 @@ class Accel:
                 self._warn(problem)
             else:
                 try:
-                    transformer.set_attention_backend(name)
+                    _set_own_backend(transformer, name)
                     self.attention = name
                 except Exception as e:
                     self._warn(f"attention_backend {name}: {first_line(e)}; serving with diffusers' default attention")

@@ -8,18 +8,19 @@ no-ops, transformers sets torch's default dtype and replaces torch.linspace and
 PreTrainedModel.init_weights / tie_weights. Each saves what it finds and puts it back when it ends,
 so two of them interleaved on two threads (one provider loading its LoRAs while another runs
 from_pretrained) put back each other's patch, and it stays for the life of the process: every later
-load fails. diffusers' set_attention_backend also sets the process-wide default backend, which every
-other model in the process without a backend of its own would then use.
+load fails. (diffusers' set_attention_backend also sets the process-wide default attention backend:
+local_backend.accel puts it back itself, and so does this, should anything else set it.)
 
 So every step that creates, loads or patches modules (a pipeline, base / tier / request LoRAs, the
 speed options and their warm-up calls, the inpaint pipeline) runs inside `exclusive()`: one at a
 time in the process (reentrant: a load holds it while it loads its LoRAs), and on the way out
-whatever `_targets()` lists that differs from what was there on the way in is put back (a warning
-when the step itself did not raise: a library left it behind).
+whatever `_targets()` lists that differs from what was there on the way in is put back, with a
+warning that names it.
 
-A pipeline call does not need it: it creates no modules, and a call made while another model loads
-gives the same pixels (the default dtype is the one process-wide value a load changes that a call
-could read; tested with it flipped mid-process).
+A pipeline call does not take it (it creates no modules): a load would otherwise stop every other
+provider's requests for minutes. The one process-wide value a load changes that a call could read is
+torch's default dtype (bf16 while transformers builds a bf16 model): the tiny fp32 model on the CPU
+gives the same pixels with it flipped to bf16 mid-process; not checked on a GPU in bf16.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ _LIBRARIES = ("transformers.modeling_utils", "diffusers.models.modeling_utils", 
 class _Attr:
     """One attribute of a module or class, read and written raw (a staticmethod stays one)."""
 
-    def __init__(self, owner, name: str, expected: bool = False):
-        self.owner, self.name, self.expected = owner, name, expected
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
         self.label = f"{getattr(owner, '__name__', owner)}.{name}"
 
     def get(self):
@@ -71,7 +72,6 @@ class _Value:
 
     def __init__(self, label: str, get: Callable, set: Callable):
         self.label, self.get, self.set = label, get, set
-        self.expected = False
 
 
 def _targets() -> list:
@@ -95,9 +95,7 @@ def _targets() -> list:
                   for name in ("init_weights", "tie_weights", "_init_weights", "_initialize_weights")]
     dispatch = sys.modules.get("diffusers.models.attention_dispatch")
     if dispatch is not None:
-        # set_attention_backend sets it on purpose (local_backend.accel): each model keeps its own
-        # backend on its attention processors, and the process default stays as it was.
-        found.append(_Attr(dispatch._AttentionBackendRegistry, "_active_backend", expected=True))
+        found.append(_Attr(dispatch._AttentionBackendRegistry, "_active_backend"))
     return found
 
 
@@ -123,14 +121,13 @@ def exclusive(progress: Callable[[str], None] | None = None) -> Iterator[None]:
         _LOCK.acquire()
     try:
         _import_libraries()
-        targets = _targets()
-        before = [(target, target.get()) for target in targets]
+        before = snapshot()
         failed = True
         try:
             yield
             failed = False
         finally:
-            restored = [target.label for target in restore(before) if not target.expected]
+            restored = restore(before)
             if restored:
                 log.warning("put back what %s left patched process-wide: %s",
                             "a failed model load" if failed else "a model load", ", ".join(restored))
@@ -138,23 +135,17 @@ def exclusive(progress: Callable[[str], None] | None = None) -> Iterator[None]:
         _LOCK.release()
 
 
-def restore(before: list) -> list:
-    """Put every (target, value) back where it changed; returns the targets put back."""
+def snapshot() -> list:
+    """(target, its current value) for everything `exclusive` guards."""
+    return [(target, target.get()) for target in _targets()]
+
+
+def restore(before: list) -> list[str]:
+    """Put back every target of a snapshot() that changed since; returns what was put back."""
     restored = []
     for target, value in before:
         now = target.get()
         if now is not value and now != value:
             target.set(value)
-            restored.append(target)
+            restored.append(target.label)
     return restored
-
-
-def snapshot() -> list:
-    """The current values of everything `exclusive` guards (for tests and checks: compare with `changed`)."""
-    return [(target, target.get()) for target in _targets()]
-
-
-def changed(before: list) -> list[str]:
-    """The labels of what differs now from a `snapshot()`."""
-    return [target.label for target, value in before
-            if (now := target.get()) is not value and now != value]

@@ -358,3 +358,25 @@ def test_compiled_engines_of_one_process_share_the_recompile_budget(monkeypatch)
     accel._allow_recompiles(3)  # a second engine of the same model, in the same process
     assert torch._dynamo.config.recompile_limit == first + accel.GRAPHS_PER_CALL * 3
     assert torch._dynamo.config.accumulated_recompile_limit >= torch._dynamo.config.recompile_limit
+
+
+def test_an_attention_backend_that_fails_its_check_call_leaves_the_default(tiny_dir, monkeypatch):
+    """The check call at load fails with the configured backend: the engine serves with diffusers' default
+    attention, reported (the old code had made the failing backend the process default: the fallback call
+    used it too, and the load failed)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from local_backend import Engine, EngineConfig, GenerationParams
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName("_native_math"), broken)
+    engine = Engine(EngineConfig(model=str(tiny_dir), default_steps=2, attention_backend="_native_math"))
+    engine.start()
+    try:
+        assert len(engine.warnings) == 1 and "attention_backend _native_math: a check call failed" in engine.warnings[0]
+        assert engine.accel.summary()["attention_backend"] is None
+        assert engine.generate_sync(GenerationParams("a fox", width=32, height=32, seed=1)).images[0].size == (32, 32)
+    finally:
+        engine.close()
