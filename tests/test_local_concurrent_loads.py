@@ -349,15 +349,15 @@ def test_compiled_engines_of_one_process_share_the_recompile_budget(monkeypatch)
 
     from local_backend import accel
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 8)
     monkeypatch.setattr(accel, "_WARM_CALLS", 0)
-    accel._allow_recompiles(3)  # the first engine: 3 warm-up calls
-    first = torch._dynamo.config.recompile_limit
-    assert first >= accel.GRAPHS_PER_CALL * 3
-    accel._allow_recompiles(3)  # a second engine of the same model, in the same process
-    assert torch._dynamo.config.recompile_limit == first + accel.GRAPHS_PER_CALL * 3
-    assert torch._dynamo.config.accumulated_recompile_limit >= torch._dynamo.config.recompile_limit
+    # torch's own patch: monkeypatch's undo deletes a setting from torch's config module
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=8):
+        accel._allow_recompiles(3)  # the first engine: 3 warm-up calls
+        first = torch._dynamo.config.recompile_limit
+        assert first >= accel.GRAPHS_PER_CALL * 3
+        accel._allow_recompiles(3)  # a second engine of the same model, in the same process
+        assert torch._dynamo.config.recompile_limit == first + accel.GRAPHS_PER_CALL * 3
+        assert torch._dynamo.config.accumulated_recompile_limit >= torch._dynamo.config.recompile_limit
 
 
 def test_an_attention_backend_that_fails_its_check_call_leaves_the_default(tiny_dir, monkeypatch):
