@@ -128,11 +128,14 @@ def _reason(e: OSError) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .app import GATEWAY, build_app
+    from .http.wire_errors import install_log_scrubbing
     from .server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
 
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # every library's records too, not only aiohttp's and ours
+        handler.addFilter(install_log_scrubbing(config.secrets()))
     log = logging.getLogger("proxy")
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port

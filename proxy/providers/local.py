@@ -22,7 +22,15 @@ from ..output import MIME, encode_image
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
-from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
+from .local_convert import (
+    client_param,
+    decode_inputs,
+    encode_all,
+    engine_config,
+    request_tier,
+    to_params,
+    weights_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +306,7 @@ class LocalProvider(Provider):
         except QueueFullError as e:
             raise RateLimited(str(e), retry_after=e.retry_after) from None
         except InvalidParamsError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
+            raise InvalidRequest(str(e), param=client_param(req, e.param)) from None
         except JobCancelledError as e:
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:

@@ -1,0 +1,1 @@
+"""Images as data: input images decoded at the scale a route needs."""
