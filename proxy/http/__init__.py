@@ -1,1 +1,2 @@
-"""The HTTP side of the proxy: what reaches the wire and the logs from malformed client traffic."""
+"""The HTTP side: the server, reading bodies, sending answers, request ids and the request log line, CPU work
+kept off the event loop, and malformed client traffic kept out of the answers and the logs."""

@@ -6,7 +6,7 @@ the offending bytes, and logs it at ERROR with a traceback that repeats them aga
 Bearer <key>\\x01` header put the whole key into the log. Here:
 
 - `describe(exc)` names the problem in aiohttp's own words, never the client's bytes;
-- `error_response(...)` is the OpenAI-shaped answer the server sends instead (see proxy/server.py);
+- `error_response(...)` is the OpenAI-shaped answer the server sends instead (see server.py);
 - `LogScrubber`, a logging.Filter on aiohttp's loggers, asyncio's and the proxy's own, turns a parser
   error's record into one DEBUG line without the bytes (a malformed request is the client's problem, not
   an ERROR) and removes configured secrets and anything shaped like a credential from every other

@@ -1,1 +1,1 @@
-"""Images as data: input images decoded at the scale a route needs."""
+"""Images in and out: sizes, input images, output emulation, partial images, image checks, fetching."""

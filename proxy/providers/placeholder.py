@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..config import RouteConfig
 from ..errors import InvalidRequest
 from ..media import pixels
-from ..output import fit
+from ..media.output import fit
 from ..request import SEED_MAX, ImageRequest
 from .base import Capabilities, GeneratedImage, Provider
 
@@ -138,7 +138,7 @@ def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
 
 class PlaceholderProvider(Provider):
     kind = "placeholder"
-    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {"timeout": (float, {"gt": 0})}
     capabilities = Capabilities(max_images_per_call=10, edits=True, masks=True)
 

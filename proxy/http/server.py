@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from .http.wire_errors import client_error, describe, error_response
+from .wire_errors import client_error, describe, error_response
 
 log = logging.getLogger("proxy")
 
