@@ -109,6 +109,21 @@ def test_wire_round_trip():
     assert error_reply(QueueFullError(retry_after=2.5))["type"] == "queue_full"
 
 
+def test_a_replica_decodes_a_large_jpeg_at_the_scale_the_edit_needs():
+    """A 2048x2048 JPEG for a 512x512 edit: read at half scale (the pipeline conditions on ~1 MP), not
+    expanded to 16 MB of pixels; a PNG mask sent at the image's size follows it."""
+    photo, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (2048, 2048), (10, 20, 30)).save(photo, format="JPEG")
+    Image.new("LA", (2048, 2048)).save(mask, format="PNG")
+    wire = {"prompt": "x", "width": 512, "height": 512, "images": [photo.getvalue()], "mask": mask.getvalue()}
+    params = params_from_wire(wire)
+    assert params.images[0].size == (1024, 1024) and params.mask.size == (1024, 1024)
+    small_mask = io.BytesIO()
+    Image.new("LA", (64, 64)).save(small_mask, format="PNG")
+    params = params_from_wire({**wire, "mask": small_mask.getvalue()})
+    assert params.mask.size == (64, 64)  # a mask of another size stays so: the engine names the mismatch
+
+
 def test_replies_map_to_the_proxy_errors():
     from local_backend import DeadlineExceededError, EngineError, InvalidParamsError, QueueFullError
     from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout

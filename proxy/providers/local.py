@@ -36,6 +36,7 @@ from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local_convert import (
     advertised_accelerations,
     advertised_tiers,
+    client_param,
     decode_inputs,
     encode_all,
     engine_config,
@@ -318,7 +319,7 @@ class LocalProvider(Provider):
         except QueueFullError as e:
             raise RateLimited(str(e), retry_after=e.retry_after) from None
         except InvalidParamsError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
+            raise InvalidRequest(str(e), param=client_param(req, e.param)) from None
         except JobCancelledError as e:
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:
