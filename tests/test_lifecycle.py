@@ -255,17 +255,13 @@ async def test_serve_lifts_the_open_files_limit(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=low_soft_limit)
     try:
-        await wait_listening(port, proc)
-        # The port listens from the start (bound early, to fail fast when busy); the limit is lifted just
-        # before serving, which on a busy machine can come a while later: wait for it, generously.
-        deadline = time.monotonic() + 60
-        while True:
+        await wait_listening(port, proc)  # the socket listens before the limit is lifted: wait for it
+
+        def open_files_limit() -> list[str]:
             limits = Path(f"/proc/{proc.pid}/limits").read_text()
-            row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
-            if row.split()[3:5] == ["4096", "4096"] or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert row.split()[3:5] == ["4096", "4096"], row
+            return next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+
+        await eventually(lambda: open_files_limit() == ["4096", "4096"])
     finally:
         proc.terminate()
         proc.wait(10)
