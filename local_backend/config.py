@@ -132,6 +132,8 @@ class GenerationParams:
     # Rewrite the prompt first (EngineConfig.prompt_enhancement); None: that config's default. Without
     # a configured prompt_enhancement the engine never rewrites (True is then ignored).
     prompt_enhancement: bool | None = None
+    # Told when each stage of the job starts and ends (local_backend.stages; the proxy's tracing): None: nothing
+    trace: Callable[..., Callable[..., None]] | None = None
 
 
 @dataclass

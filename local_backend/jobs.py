@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
+from . import stages
 from .config import GenerationParams, GenerationResult
 from .errors import EngineError
 
@@ -41,6 +42,7 @@ class Job:
         self.started_at: float | None = None
         self.cancelled = False
         self.deadline_hit = False
+        self.picked_up = stages.start(params.trace, "queue_wait", {})  # ends when the worker takes it
         self._engine = engine
 
     def cancel(self) -> None:

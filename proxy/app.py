@@ -38,6 +38,8 @@ from .request_log import log_request, outcome_of
 from .router import Router
 from .state import make_state
 from .store import make_store
+from .telemetry import tracing
+from .telemetry.logs_json import REQUEST_ID_VAR
 
 log = logging.getLogger("proxy")
 
@@ -67,6 +69,8 @@ class Gateway:
     def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
         self.config = config
         self.metrics = Metrics()
+        # OpenTelemetry spans when telemetry (or OTEL_EXPORTER_OTLP_ENDPOINT) is set; None: off, free.
+        self.tracing = tracing.configure(config.telemetry)
         self.providers = providers if providers is not None else build_providers(config)
         # Strings that come back from upstreams reach clients and logs only through this.
         self.scrubber = Scrubber(config.secrets())
@@ -104,6 +108,7 @@ class Gateway:
         self.admin_prefix: str | None = ""
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
+        self.json_logs = config.server.log_format == "json"
         # Who may call what: key names, per-key models and limits, the /metrics key.
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
         self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
@@ -143,7 +148,8 @@ class Gateway:
             # wait in the client for a connection, on their own timeout. Keys' concurrency limits apply.
             self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"},
                                               cookie_jar=aiohttp.DummyCookieJar(),
-                                              connector=aiohttp.TCPConnector(limit=0))
+                                              connector=aiohttp.TCPConnector(limit=0),
+                                              trace_configs=[self.tracing.client_trace_config()] if self.tracing else None)
             await self.store.start()
             await self.state.start()
             if self.passthrough:
@@ -177,6 +183,8 @@ class Gateway:
         await self.state.close()
         await self.fetcher.close()
         await self.http.close()
+        if self.tracing is not None:  # the spans still batched go out now
+            await asyncio.to_thread(self.tracing.shutdown)
         self._started = False
 
     async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -224,8 +232,20 @@ class Gateway:
 
         @web.middleware
         async def qwen_image_proxy(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if self.tracing is None:
+                return await serve(request, handler)
+            with self.tracing.request(request.method, request.path, request.headers) as span:
+                response = await serve(request, handler)
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    self.tracing.failed(span)
+                return response
+
+        async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
             request[REQUEST_ID] = request_id
+            if self.json_logs:  # every log line of the request carries its id
+                REQUEST_ID_VAR.set(request_id)
             try:
                 target = self.match(request)
             except ProxyError as e:
@@ -249,7 +269,7 @@ class Gateway:
             except NotServedHere:  # mounted: the host app's own handlers answer
                 return await handler(request)
             except asyncio.CancelledError:
-                self._log_request(request, 499, started, "cancelled")
+                self._log_request(request, 499, started, "cancelled", None, self._annotate(request, 499, "cancelled"))
                 raise
             except ProxyError as e:
                 response, outcome = self.scrubber.error(e).to_response(), outcome_of(e)
@@ -267,18 +287,30 @@ class Gateway:
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
             result = request.pop(ROUTE, None)
             request.pop(BODY, None)
+            trace_id = self._annotate(request, response.status, outcome, result) if self.tracing else ""
             # The log line and the counters run once the answer is on its way: they need not delay it.
             asyncio.get_running_loop().call_soon(self._log_request, request, response.status, started, outcome,
-                                                 result)
+                                                 result, trace_id)
             return _with_id(response, request_id)
 
         return qwen_image_proxy
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
-                     result: Any = None) -> None:
+                     result: Any = None, trace_id: str = "") -> None:
         log_request(self.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
                     key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
-                    result=result)
+                    result=result, trace_id=trace_id)
+
+    def _annotate(self, request: web.Request, status: int, outcome: str, result: Any = None) -> str:
+        """The request's span gets what its log line says; its trace id for that line ("" untraced)."""
+        if tracing.current() is None:
+            return ""
+        key = request.get(API_KEY)
+        tracing.annotate_request({
+            "qip.request_id": request[REQUEST_ID], "qip.model": request.get(MODEL), "qip.key": key.name if key else None,
+            "qip.outcome": outcome, "http.response.status_code": status,
+            "qip.route": result.route.name if result else None, "qip.attempts": result.calls if result else None})
+        return tracing.trace_id()
 
     async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
         """The caller's key (401 without a valid one; see proxy/policy.py), kept as request[API_KEY].

@@ -131,8 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
 
     config, providers = _load_checked(args.config)
-    logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or config.server.log_level
+    if config.server.log_format == "json":
+        from .errors import Scrubber
+        from .telemetry.logs_json import use_json_logs
+
+        use_json_logs(level, Scrubber(config.secrets()).text)
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("proxy")
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port

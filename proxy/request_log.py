@@ -12,9 +12,10 @@ access_log = logging.getLogger("proxy.requests")
 
 
 def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key: Any, status: int,
-                seconds: float, outcome: str, result: Any = None) -> None:
+                seconds: float, outcome: str, result: Any = None, trace_id: str = "") -> None:
     """Count every request the gateway answers; log a line for image requests (never for probes).
-    `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any."""
+    `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any;
+    `trace_id` the request's trace ("" when it is not traced)."""
     # Templates, not raw paths: every image URL as its own label value would grow without bound.
     endpoint = ("/images/{name}" if path.startswith("/images/")
                 else "/v1/models/{model}" if "/v1/models/" in path else path)
@@ -26,11 +27,13 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     metrics.child(metrics.outcomes, model, outcome).inc()
     if model:
         metrics.child(metrics.latency, endpoint, model).observe(seconds)
-    route = result.route.name if result else "-"
-    attempts = result.calls if result else 0
-    access_log.info("request_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
-                    "duration_ms=%.0f outcome=%s", request_id, key.name if key else "-", endpoint,
-                    model or "-", route, attempts, status, seconds * 1000, outcome)
+    fields = {"request_id": request_id, "trace_id": trace_id or "-", "key": key.name if key else "-",
+              "endpoint": endpoint, "model": model or "-", "route": result.route.name if result else "-",
+              "attempts": result.calls if result else 0, "status": status,
+              "duration_ms": round(seconds * 1000), "outcome": outcome}
+    # The fields again as `qip_fields`: the JSON log format (log_format: json) writes them as keys.
+    access_log.info("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
+                    "duration_ms=%d outcome=%s", *fields.values(), extra={"qip_fields": fields})
 
 
 def outcome_of(error: ProxyError) -> str:

@@ -15,6 +15,7 @@ from ..inputs import InputReader, json_image_refs
 from ..output import check_output_request
 from ..request import ImageRequest, build_request, parse_body
 from ..sizing import check_work, resolve_size
+from ..telemetry import tracing
 from . import generations, stream
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
 
 
 async def edits(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    req = await parse_edit(gw, request)
+    with tracing.span("parse"):
+        req = await parse_edit(gw, request)
+    generations.traced(req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_edit")
     return await generations.respond(gw, request, req)

@@ -21,6 +21,7 @@ from ..router import RouteResult
 from ..send import send_or_drop
 from ..sizing import check_work, resolve_size
 from ..state import Answer
+from ..telemetry import tracing
 from . import stream
 
 if TYPE_CHECKING:
@@ -63,10 +64,21 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
 
 
 async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    req = await parse_generation(gw, request)
+    with tracing.span("parse"):
+        req = await parse_generation(gw, request)
+    traced(req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
     return await respond(gw, request, req)
+
+
+def traced(req: ImageRequest) -> None:
+    """What the request asks for, on its span (the prompt only where the operator opted in)."""
+    if tracing.current() is not None:
+        tracing.annotate_request({"qip.model": req.model, "qip.n": req.n, "qip.size": req.size_text,
+                                  "qip.stream": req.stream, "qip.response_format": req.response_format,
+                                  "qip.edit": req.is_edit, "qip.partial_images": req.partial_images,
+                                  **tracing.prompt_attributes(req.prompt)})
 
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:

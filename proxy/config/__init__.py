@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 from ..sizing import SizeTable
 from .envvars import Expansion, expand_env
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
-from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
+from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig, TelemetryConfig
 from .server import ServerConfig
 from .strict import Strict, suggest, validation_problems
 from .yamlload import YamlProblem, load_yaml, read_text
@@ -39,6 +39,7 @@ __all__ = [
     "SizeTableConfig",
     "StateConfig",
     "StoreConfig",
+    "TelemetryConfig",
     "expand_env",
     "load_config",
     "parse_config",
@@ -55,6 +56,7 @@ class Config(Strict):
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -88,6 +90,8 @@ class Config(Strict):
             found.append(self.passthrough.api_key)
         if self.state.redis_url and urlsplit(self.state.redis_url).password:
             found.append(urlsplit(self.state.redis_url).password)
+        if self.telemetry.headers_env and os.environ.get(self.telemetry.headers_env):
+            found += [v.partition("=")[2].strip() for v in os.environ[self.telemetry.headers_env].split(",")]
         for provider in self.providers.values():
             for name, value in provider.options.items():
                 if isinstance(value, str) and _SECRET_OPTION.search(name):

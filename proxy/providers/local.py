@@ -21,6 +21,7 @@ from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..output import MIME, encode_image
 from ..partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from ..telemetry import tracing
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
 
@@ -293,6 +294,7 @@ class LocalProvider(Provider):
         try:
             tier = request_tier(req, self.config)
             params = to_params(req, self._on_step, images, mask, sender, tier)
+            params.trace = tracing.engine_hook()  # None untraced: the engine's stages as spans
             revised = await self._chat_rewrite(req, params)
             result = await self.engine.generate(params)
         except QueueFullError as e:
@@ -306,7 +308,8 @@ class LocalProvider(Provider):
         if sender is not None:  # every preview before the final images
             await sender.wait()
         fmt = req.output_format or "png"
-        datas = await asyncio.to_thread(encode_all, result.images, fmt, req.output_compression)
+        with tracing.span("engine.encode", {"qip.format": fmt, "qip.images": len(result.images)}):
+            datas = await asyncio.to_thread(encode_all, result.images, fmt, req.output_compression)
         return [
             GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
                            revised_prompt=result.revised_prompt or revised,

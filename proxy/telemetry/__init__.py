@@ -1,0 +1,1 @@
+"""Traces and structured logs (the Prometheus metrics are proxy/metrics.py)."""

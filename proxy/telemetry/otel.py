@@ -1,0 +1,164 @@
+"""The OpenTelemetry side of tracing: tracer and OTLP exporter, request spans, upstream HTTP spans, engine spans.
+
+Imported only when tracing is configured (proxy.telemetry.tracing.configure). Client spans come from an
+aiohttp TraceConfig on the gateway's session (as opentelemetry-instrumentation-aiohttp-client makes them,
+whose releases pin another SDK than ours): method, host, port and the URL without its query or user info,
+never headers; and the W3C traceparent goes out with each call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .tracing import TraceSettings, clean, enter, leave
+
+
+def route_name(path: str) -> str:
+    """The span name's route: known endpoints as they are, image links and other paths by template (a
+    name per URL would make every trace its own operation, and an image link is a capability)."""
+    if path.startswith("/images/"):
+        return "/images/{name}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path.startswith("/v1/"):
+        return path if path.startswith("/v1/images/") or path == "/v1/models" else "/v1/* (passthrough)"
+    return path if path in ("/health", "/ready", "/metrics") else "/*"
+
+
+def _exporter(settings: TraceSettings):
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=settings.endpoint, headers=tuple(settings.headers.items()) or None,
+                            insecure=settings.endpoint.startswith("http://"))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=settings.endpoint, headers=settings.headers or None)
+
+
+class OtelTracing:
+    """One gateway's tracer: its own TracerProvider (never the global one), batching spans to OTLP."""
+
+    def __init__(self, settings: TraceSettings, exporter=None):
+        self.settings = settings
+        self.record_prompts = settings.record_prompts
+        # A client's sampled traceparent is followed; new traces are kept at sample_ratio.
+        sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if settings.sample_ratio is not None else None
+        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}),
+                                       sampler=sampler)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter or _exporter(settings)))
+        self.tracer = self.provider.get_tracer("qwen-image-proxy")
+        self.propagator = TraceContextTextMapPropagator()
+
+    @contextlib.contextmanager
+    def span(self, name: str, attributes: dict[str, Any] | None = None) -> Iterator[Any]:
+        # An exception is marked by its type alone: its message may carry what an upstream echoed.
+        with self.tracer.start_as_current_span(name, attributes=clean(attributes) if attributes else None,
+                                               record_exception=False, set_status_on_exception=False) as span:
+            try:
+                yield span
+            except BaseException as e:
+                span.set_attribute("error.type", type(e).__name__)
+                span.set_status(Status(StatusCode.ERROR))
+                raise
+
+    @contextlib.contextmanager
+    def request(self, method: str, path: str, headers) -> Iterator[Any]:
+        """The request's server span, continuing the client's traceparent when it sent one."""
+        parent = self.propagator.extract(headers)
+        with self.tracer.start_as_current_span(
+                f"{method} {route_name(path)}", context=parent, kind=SpanKind.SERVER,
+                attributes={"http.request.method": method, "http.route": route_name(path)},
+                record_exception=False, set_status_on_exception=False) as span:
+            tokens = enter(self, span)
+            try:
+                yield span
+            finally:
+                leave(tokens)
+
+    @staticmethod
+    def failed(span) -> None:
+        span.set_status(Status(StatusCode.ERROR))
+
+    def client_trace_config(self) -> aiohttp.TraceConfig:
+        """Spans for the calls an aiohttp session makes (upstreams, vendor polls, downloads)."""
+        config = aiohttp.TraceConfig()
+
+        async def on_start(_session, ctx, params: aiohttp.TraceRequestStartParams) -> None:
+            url = params.url
+            bare = url.with_user(None).with_password(None).with_query(None).with_fragment(None)
+            span = self.tracer.start_span(params.method, kind=SpanKind.CLIENT, attributes={
+                "http.request.method": params.method, "server.address": url.host or "",
+                "server.port": url.port or 0, "url.full": str(bare)})
+            ctx.qip_span = span
+            self.propagator.inject(params.headers, context=set_span_in_context(span))
+
+        async def on_end(_session, ctx, params: aiohttp.TraceRequestEndParams) -> None:
+            span = getattr(ctx, "qip_span", None)
+            if span is not None:
+                span.set_attribute("http.response.status_code", params.response.status)
+                if params.response.status >= 400:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+
+        async def on_error(_session, ctx, params: aiohttp.TraceRequestExceptionParams) -> None:
+            span = getattr(ctx, "qip_span", None)
+            if span is not None:
+                span.set_attribute("error.type", type(params.exception).__name__)
+                span.set_status(Status(StatusCode.ERROR))
+                span.end()
+
+        config.on_request_start.append(on_start)
+        config.on_request_end.append(on_end)
+        config.on_request_exception.append(on_error)
+        return config
+
+    def engine_hook(self) -> EngineStages:
+        return EngineStages(self.tracer, otel_context.get_current())
+
+    def shutdown(self) -> None:
+        """Send what is still batched, then stop (blocks: call it off the event loop)."""
+        self.provider.shutdown()
+
+
+class EngineStages:
+    """A local_backend stage hook (local_backend.stages): each stage an `engine.<stage>` span, nested in
+    the stage that is open (call > denoise > preview), all under the span current when it was made."""
+
+    def __init__(self, tracer, parent):
+        self.tracer = tracer
+        self.stack = [parent]
+        self.lock = threading.Lock()  # queue_wait starts on the submitting thread, the rest on the worker
+
+    def __call__(self, stage: str, attributes: dict, start_ns: int | None = None):
+        with self.lock:
+            parent = self.stack[-1]
+        span = self.tracer.start_span(f"engine.{stage}", context=parent, start_time=start_ns,
+                                      attributes={f"qip.engine.{k}": v for k, v in clean(attributes).items()})
+        nested = set_span_in_context(span)
+        if stage != "queue_wait":  # ends before any other starts, on another thread
+            with self.lock:
+                self.stack.append(nested)
+
+        def end(attributes: dict | None = None) -> None:
+            if attributes:
+                span.set_attributes({f"qip.engine.{k}": v for k, v in clean(attributes).items()})
+                if "error" in attributes:
+                    span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            with self.lock, contextlib.suppress(ValueError):
+                self.stack.remove(nested)
+
+        return end
