@@ -145,6 +145,8 @@ class GenerationResult:
     seconds: float  # time from pick-up by the worker to completion
     # The rewritten prompt the images were made from (prompt enhancement); None: the prompt as given
     revised_prompt: str | None = None
+    # Seconds the job waited in the queue before the worker took it (its first call, for n > max_batch)
+    queued_seconds: float = 0.0
 
 
 def plain_options(options: dict) -> dict:

@@ -363,6 +363,7 @@ class Engine(EngineWorker):
             batch_size=job.batch_size,
             seconds=time.monotonic() - (job.started_at or time.monotonic()),
             revised_prompt=job.revised_prompt,
+            queued_seconds=(job.started_at or job.submitted_at) - job.submitted_at,
         )
         settle(job.future, result)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ class Job:
         self.next_index = 0  # images handed to pipeline calls so far
         self.steps_run = 0
         self.batch_size = 0
+        self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.cancelled = False
         self.deadline_hit = False

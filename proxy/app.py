@@ -255,7 +255,7 @@ class Gateway:
             if not self._started:
                 await self.start()
             started = time.monotonic()
-            outcome = "ok"
+            outcome, error_code = "ok", None
             if fallback is not None:  # a model served elsewhere is passed on under the same limits
                 target = _or_passed_on(target, fallback)
             try:
@@ -269,20 +269,21 @@ class Gateway:
             except NotServedHere:  # mounted: the host app's own handlers answer
                 return await handler(request)
             except asyncio.CancelledError:
-                self._log_request(request, 499, started, "cancelled", None, self._annotate(request, 499, "cancelled"))
+                self._log_request(request, 499, started, "cancelled", None, self._annotate(request, 499, "cancelled"),
+                                  "client_closed_request")
                 raise
             except ProxyError as e:
-                response, outcome = self.scrubber.error(e).to_response(), outcome_of(e)
+                response, outcome, error_code = self.scrubber.error(e).to_response(), outcome_of(e), e.code
             except web.HTTPException as e:
                 error = _from_http_exception(e)
-                response, outcome = error.to_response(), outcome_of(error)
+                response, outcome, error_code = error.to_response(), outcome_of(error), error.code
             except Exception:
                 log.exception("request %s failed", request_id)
                 response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
                                       code="internal_error").to_response()
-                outcome = "error"
+                outcome, error_code = "error", "internal_error"
             if STREAM_ERROR in request:
-                outcome = outcome_of(request[STREAM_ERROR])
+                outcome, error_code = outcome_of(request[STREAM_ERROR]), request[STREAM_ERROR].code
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
             result = request.pop(ROUTE, None)
@@ -290,16 +291,16 @@ class Gateway:
             trace_id = self._annotate(request, response.status, outcome, result) if self.tracing else ""
             # The log line and the counters run once the answer is on its way: they need not delay it.
             asyncio.get_running_loop().call_soon(self._log_request, request, response.status, started, outcome,
-                                                 result, trace_id)
+                                                 result, trace_id, error_code)
             return _with_id(response, request_id)
 
         return qwen_image_proxy
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
-                     result: Any = None, trace_id: str = "") -> None:
+                     result: Any = None, trace_id: str = "", error_code: str | None = None) -> None:
         log_request(self.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
                     key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
-                    result=result, trace_id=trace_id)
+                    result=result, trace_id=trace_id, error_code=error_code)
 
     def _annotate(self, request: web.Request, status: int, outcome: str, result: Any = None) -> str:
         """The request's span gets what its log line says; its trace id for that line ("" untraced)."""

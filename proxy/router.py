@@ -189,7 +189,7 @@ class Router:
                 # Loading: worth waiting for only when nothing after it can serve now.
                 if any(r.provider.unavailable_reason is None for r in later):
                     attempts.append((route.name, f"skipped: {route.provider.loading_stage}"))
-                    _skipped(route, "loading")
+                    self._fallback(req.model, route, "loading")
                     continue
                 if not await self._wait_loaded(route, deadline, attempts, failures):
                     continue
@@ -197,7 +197,7 @@ class Router:
             if not route.breaker.allow():
                 if not last:
                     attempts.append((route.name, "skipped: circuit open after repeated failures"))
-                    _skipped(route, "circuit_open")
+                    self._fallback(req.model, route, "circuit_open")
                     continue
                 route.breaker.probing = True  # the last route is never skipped: this call is its probe
             try:
@@ -213,6 +213,8 @@ class Router:
                 attempts += [(r.name, "skipped: the request deadline (server.request_timeout) passed first")
                              for r in later]
                 break
+            if not last:
+                self._fallback(req.model, route, "failed")
         raise self._final_error(req.model, attempts, failures)
 
     async def _wait_loaded(self, route: Route, deadline: float, attempts, failures) -> bool:
@@ -326,6 +328,14 @@ class Router:
                         "where another route can serve", route.name, route.breaker.failures,
                         route.breaker.cooldown)
 
+    def _fallback(self, model: str, route: Route, reason: str) -> None:
+        """The request moves past `route` to the next one: counted, and an event on its trace."""
+        if self.metrics:
+            self.metrics.child(self.metrics.fallbacks, model, route.name, reason).inc()
+        with tracing.span("route_skipped" if reason != "failed" else "fallback",
+                          {"qip.route": route.name, "qip.reason": reason}):
+            pass
+
     def _count(self, model: str, route: Route, outcome: str) -> None:
         if self.metrics:
             self.metrics.child(self.metrics.route_attempts, model, route.name, outcome).inc()
@@ -346,12 +356,6 @@ class Router:
         if all(isinstance(f, UpstreamTimeout) for f in failures):
             return UpstreamTimeout(message)
         return UpstreamError(message)
-
-
-def _skipped(route: Route, why: str) -> None:
-    """A route passed over without a call: an event on the request's trace."""
-    with tracing.span("route_skipped", {"qip.route": route.name, "qip.reason": why}):
-        pass
 
 
 class _Parts:

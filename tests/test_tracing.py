@@ -137,6 +137,9 @@ async def test_streamed_local_generation_traces_the_engine(start_proxy, tmp_path
     assert len(children(spans, attempt, "engine.encode")) == 1
     assert len(children(spans, root, "stream.partial_image")) == 2
     assert all(s.end_ns <= root.end_ns for s in spans)
+    # The queue wait is a metric too (QipGpuQueueWaitHigh).
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
+        assert 'qip_local_queue_wait_seconds_count{provider="local"} 1.0' in await r.text()
 
 
 def test_tracing_off_imports_no_opentelemetry(tmp_path):

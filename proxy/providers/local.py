@@ -305,6 +305,8 @@ class LocalProvider(Provider):
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:
             raise UpstreamError(f"the local engine failed: {e}") from None
+        if self.metrics:
+            self.metrics.local_queue_wait.labels(provider=self.name).observe(result.queued_seconds)
         if sender is not None:  # every preview before the final images
             await sender.wait()
         fmt = req.output_format or "png"
