@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,6 +23,7 @@ log = logging.getLogger("local_backend.engine")
 
 End = Callable[..., None]
 StageHook = Callable[..., End]
+PREFIX = "qip.engine."
 
 
 def _noop(attributes: dict | None = None) -> None:
@@ -127,3 +129,45 @@ class CallStages:
             for owner, name in patched:
                 owner.__dict__.pop(name, None)
             self._end_denoise()  # interrupted, or a pipeline that decodes otherwise
+
+
+class SpanStages:
+    """A stage hook that makes each stage an OpenTelemetry span `engine.<stage>`, nested in the stage
+    that is open (call > denoise > preview), all under `parent` (an OpenTelemetry Context). For callers
+    that trace (the proxy, a pool's replica); OpenTelemetry is imported only when one is made."""
+
+    def __init__(self, tracer, parent):
+        from opentelemetry.trace import Status, StatusCode, set_span_in_context
+
+        self._error = Status(StatusCode.ERROR)
+        self._in_context = set_span_in_context
+        self.tracer = tracer
+        self.stack = [parent]
+        self.lock = threading.Lock()  # queue_wait starts on the submitting thread, the rest on the worker
+
+    def __call__(self, stage: str, attributes: dict, start_ns: int | None = None) -> End:
+        with self.lock:
+            parent = self.stack[-1]
+        span = self.tracer.start_span(f"engine.{stage}", context=parent, start_time=start_ns,
+                                      attributes=_prefixed(attributes))
+        nested = self._in_context(span)
+        if stage != "queue_wait":  # it ends before any other starts, on another thread
+            with self.lock:
+                self.stack.append(nested)
+
+        def end(attributes: dict | None = None) -> None:
+            if attributes:
+                span.set_attributes(_prefixed(attributes))
+                if "error" in attributes:
+                    span.set_status(self._error)
+            span.end()
+            with self.lock, contextlib.suppress(ValueError):
+                self.stack.remove(nested)
+
+        return end
+
+
+def _prefixed(attributes: dict) -> dict:
+    """qip.engine.<name> for each attribute OpenTelemetry can hold (None left out, others as text)."""
+    return {PREFIX + k: v if isinstance(v, str | bool | int | float) else str(v)
+            for k, v in attributes.items() if v is not None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ import sys
 from typing import NoReturn
 
 from .config import Config, ConfigError, load_config
+from .telemetry.tracing import settings_from
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
 # Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
@@ -54,6 +56,13 @@ def _load_checked(path: str) -> tuple[Config, dict]:
     from .providers import build_providers
 
     config = _load(path)
+    try:
+        tracing = settings_from(config.telemetry)
+    except ValueError as e:
+        _fail(f"{path}: telemetry: {e}")
+    if tracing is not None and importlib.util.find_spec("opentelemetry.sdk") is None:
+        _fail(f"{path}: telemetry: traces go to {tracing.endpoint}, but OpenTelemetry is not installed: "
+              "pip install 'qwen-image-proxy[otel]'")
     try:
         return config, build_providers(config)
     except ConfigError as e:

@@ -41,6 +41,7 @@ class OtlpReceiver:
         self.spans: list[Span] = []
         self.headers: list[dict] = []
         self.url = ""
+        self.grpc_server = None
 
     async def start(self, aiohttp_server) -> OtlpReceiver:
         app = web.Application()
@@ -49,12 +50,37 @@ class OtlpReceiver:
         self.url = str(server.make_url("")).rstrip("/")
         return self
 
+    def start_grpc(self) -> str:
+        """The same receiver over OTLP/gRPC (a grpc server on a free loopback port): its address."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 (the generated service's name)
+                receiver.headers.append(dict(context.invocation_metadata()))
+                receiver.keep(request)
+                return ExportTraceServiceResponse()
+
+        self.grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.grpc_server)
+        port = self.grpc_server.add_insecure_port("127.0.0.1:0")
+        self.grpc_server.start()
+        return f"http://127.0.0.1:{port}"
+
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         if request.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         self.headers.append(dict(request.headers))
-        message = ExportTraceServiceRequest.FromString(body)
+        self.keep(ExportTraceServiceRequest.FromString(body))
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def keep(self, message: ExportTraceServiceRequest) -> None:
         for resource_spans in message.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope in resource_spans.scope_spans:
@@ -64,8 +90,6 @@ class OtlpReceiver:
                         parent_id=s.parent_span_id.hex(), kind=s.kind, start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano, status=s.status.code, service=resource.get("service.name", ""),
                         attributes={a.key: _value(a.value) for a in s.attributes}))
-        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
-                            content_type="application/x-protobuf")
 
     async def trace_with(self, name: str, timeout: float = 60.0, **attributes) -> list[Span]:
         """Every span of the first trace holding a span `name` with these attributes, once it arrived."""

@@ -142,6 +142,24 @@ async def test_streamed_local_generation_traces_the_engine(start_proxy, tmp_path
         assert 'qip_local_queue_wait_seconds_count{provider="local"} 1.0' in await r.text()
 
 
+async def test_grpc_protocol_and_headers_from_the_named_variable(start_proxy, tmp_path, receiver, monkeypatch):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    address = receiver.start_grpc()
+    try:
+        monkeypatch.setenv("QIP_OTLP_HEADERS", "x-collector-token=tok-grpc-81f2")
+        cfg = base_config(tmp_path)
+        cfg["telemetry"] = {"otlp_endpoint": address, "protocol": "grpc", "headers_env": "QIP_OTLP_HEADERS"}
+        server, client = await start_proxy(cfg, env={"QIP_OTLP_HEADERS": "x-collector-token=tok-grpc-81f2"})
+        await client.images.generate(model="qwen-image-placeholder", prompt="a boat", size="1024x1024",
+                                     extra_headers={"X-Request-Id": "req-grpc-1"})
+        spans = await receiver.trace_with("POST /v1/images/generations", **{"qip.request_id": "req-grpc-1"})
+        root = one(spans, "POST /v1/images/generations")
+        assert [a.attributes["qip.route"] for a in children(spans, root, "route_attempt")] == ["placeholder"]
+        assert receiver.headers[-1]["x-collector-token"] == "tok-grpc-81f2"
+    finally:
+        receiver.grpc_server.stop(None)
+
+
 def test_tracing_off_imports_no_opentelemetry(tmp_path):
     """Without telemetry configured, building and serving a request loads nothing of OpenTelemetry."""
     script = (

@@ -9,7 +9,6 @@ never headers; and the W3C traceparent goes out with each call.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from local_backend.stages import SpanStages
 
 from .tracing import TraceSettings, clean, enter, leave
 
@@ -125,40 +126,16 @@ class OtelTracing:
         config.on_request_exception.append(on_error)
         return config
 
-    def engine_hook(self) -> EngineStages:
-        return EngineStages(self.tracer, otel_context.get_current())
+    def engine_hook(self) -> SpanStages:
+        """The local engine's stages as spans under the current one (local_backend.stages)."""
+        return SpanStages(self.tracer, otel_context.get_current())
+
+    def traceparent(self) -> str | None:
+        """The W3C traceparent of the current span, for a call that is not HTTP (a Ray handle)."""
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier)
+        return carrier.get("traceparent")
 
     def shutdown(self) -> None:
         """Send what is still batched, then stop (blocks: call it off the event loop)."""
         self.provider.shutdown()
-
-
-class EngineStages:
-    """A local_backend stage hook (local_backend.stages): each stage an `engine.<stage>` span, nested in
-    the stage that is open (call > denoise > preview), all under the span current when it was made."""
-
-    def __init__(self, tracer, parent):
-        self.tracer = tracer
-        self.stack = [parent]
-        self.lock = threading.Lock()  # queue_wait starts on the submitting thread, the rest on the worker
-
-    def __call__(self, stage: str, attributes: dict, start_ns: int | None = None):
-        with self.lock:
-            parent = self.stack[-1]
-        span = self.tracer.start_span(f"engine.{stage}", context=parent, start_time=start_ns,
-                                      attributes={f"qip.engine.{k}": v for k, v in clean(attributes).items()})
-        nested = set_span_in_context(span)
-        if stage != "queue_wait":  # ends before any other starts, on another thread
-            with self.lock:
-                self.stack.append(nested)
-
-        def end(attributes: dict | None = None) -> None:
-            if attributes:
-                span.set_attributes({f"qip.engine.{k}": v for k, v in clean(attributes).items()})
-                if "error" in attributes:
-                    span.set_status(Status(StatusCode.ERROR))
-            span.end()
-            with self.lock, contextlib.suppress(ValueError):
-                self.stack.remove(nested)
-
-        return end

@@ -32,6 +32,8 @@ class Tracing(Protocol):
 
     def engine_hook(self): ...
 
+    def traceparent(self) -> str | None: ...
+
     def client_trace_config(self): ...
 
     def shutdown(self) -> None: ...
@@ -98,6 +100,13 @@ def engine_hook():
     this request is not traced (the engine then does nothing for it)."""
     tracing = _tracing.get()
     return None if tracing is None else tracing.engine_hook()
+
+
+def traceparent() -> str | None:
+    """The current span's W3C traceparent, for a call that carries it in its body (a Ray pool); None
+    when this request is not traced."""
+    tracing = _tracing.get()
+    return None if tracing is None else tracing.traceparent()
 
 
 def prompt_attributes(prompt: str | None) -> dict[str, Any]:
