@@ -98,7 +98,7 @@ class Gateway:
             allowed_networks=tuple(config.fetch.allowed_networks), allow_http=config.fetch.allow_http,
         ) if config.fetch.input_image_hosts else None
         # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
-        self.fetcher = GuardedFetcher()
+        self.fetcher = GuardedFetcher(trace_configs=[self.tracing.client_trace_config()] if self.tracing else None)
         self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
                                         scrub=self.scrubber.text, send_timeout=config.server.send_timeout)
                             if config.passthrough.enabled else None)

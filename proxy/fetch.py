@@ -148,8 +148,9 @@ class GuardedFetcher:
     host -> addresses (sync or async). Default: the event loop's getaddrinfo.
     """
 
-    def __init__(self, resolver: AbstractResolver | HostResolver | None = None):
+    def __init__(self, resolver: AbstractResolver | HostResolver | None = None, trace_configs=None):
         self.resolver = resolver
+        self.trace_configs = trace_configs  # client spans for the downloads, when the gateway traces
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -167,6 +168,7 @@ class GuardedFetcher:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,  # an environment proxy would connect for us, past the checks
                 timeout=aiohttp.ClientTimeout(total=None),
+                trace_configs=self.trace_configs,
             )
         return self._session
 

@@ -17,7 +17,7 @@ from proxy.config import TelemetryConfig
 from proxy.telemetry.tracing import settings_from
 
 from .conftest import base_config
-from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
+from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, make_image
 from .otlp_receiver import OtlpReceiver, children, one
 
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
@@ -140,6 +140,30 @@ async def test_streamed_local_generation_traces_the_engine(start_proxy, tmp_path
     # The queue wait is a metric too (QipGpuQueueWaitHigh).
     async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
         assert 'qip_local_queue_wait_seconds_count{provider="local"} 1.0' in await r.text()
+
+
+async def test_image_downloads_are_client_spans(start_proxy, tmp_path, aiohttp_server, receiver):
+    """An upstream that answers with image URLs: the proxy's download of each is a span of the attempt."""
+    up = await FakeOpenAIUpstream(api_key="k").start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": "k"}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
+    cfg["fetch"] = {"allowed_networks": ["127.0.0.0/8"], "allow_http": True}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    server, client = await start_proxy(cfg)
+    up.files["bridge.png"] = (make_image(64, 64, 7), "image/png")
+    up.payload_override = {"created": 1, "data": [{"url": f"{up.url}/files/bridge.png?sig=secret-ish"}]}
+    await client.images.generate(model="qwen-image", prompt="a bridge", size="64x64", response_format="b64_json",
+                                 extra_headers={"X-Request-Id": "req-download-1"})
+    spans = await receiver.trace_with("POST /v1/images/generations", **{"qip.request_id": "req-download-1"})
+    (attempt,) = children(spans, one(spans, "POST /v1/images/generations"), "route_attempt")
+    downloads = children(spans, attempt, "GET")
+    (download,) = downloads
+    assert download.attributes["url.full"] == f"{up.url}/files/bridge.png"  # no query: signatures stay out
+    assert download.attributes["http.response.status_code"] == 200
+    assert [c.name for c in children(spans, attempt, "POST")] == ["POST"]  # the generation call itself
+    assert len(children(spans, attempt, "image.check")) == 1
 
 
 async def test_grpc_protocol_and_headers_from_the_named_variable(start_proxy, tmp_path, receiver, monkeypatch):
