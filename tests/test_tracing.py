@@ -166,6 +166,29 @@ async def test_image_downloads_are_client_spans(start_proxy, tmp_path, aiohttp_s
     assert len(children(spans, attempt, "image.check")) == 1
 
 
+async def test_vendor_polling_is_one_span_holding_each_poll(start_proxy, tmp_path, aiohttp_server, receiver):
+    from .fake_replicate import FakeReplicate
+    from .test_replicate_e2e import rep_config
+
+    fake = await FakeReplicate(polls_before_done=3).start(aiohttp_server)
+    cfg = rep_config(tmp_path, fake)
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    _, client = await start_proxy(cfg, env={"REPLICATE_API_TOKEN": fake.api_key})
+    await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json",
+                                 extra_headers={"X-Request-Id": "req-poll-1"})
+    spans = await receiver.trace_with("POST /v1/images/generations", **{"qip.request_id": "req-poll-1"})
+    (attempt,) = children(spans, one(spans, "POST /v1/images/generations"), "route_attempt")
+    # The create call, the polling, then the output's download, check and conversion.
+    assert [c.name for c in children(spans, attempt)][:3] == ["POST", "vendor.poll", "GET"]
+    (polling,) = children(spans, attempt, "vendor.poll")
+    polls = children(spans, polling, "GET")
+    assert len(polls) == len(fake.polls) == 4 and polling.attributes["qip.provider"] == "rep"
+    assert all(p.attributes["url.full"].endswith("/v1/predictions/" + next(iter(fake.predictions))) for p in polls)
+    # Each poll carried the trace, naming its own span; the token never reached a span.
+    assert [p.headers["traceparent"].split("-")[2] for p in fake.polls] == [p.span_id for p in polls]
+    assert fake.api_key not in json.dumps([s.attributes for s in spans])
+
+
 async def test_grpc_protocol_and_headers_from_the_named_variable(start_proxy, tmp_path, receiver, monkeypatch):
     pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
     address = receiver.start_grpc()
