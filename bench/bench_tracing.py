@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxy import build_app, parse_config  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 from proxy.telemetry import tracing  # noqa: E402
+from proxy.telemetry.otel import OtelTracing  # noqa: E402
+from proxy.telemetry.settings import TraceSettings  # noqa: E402
 
 # CPU time of the whole process (the exporter's thread included), not wall time: on a shared machine
 # wall time counts the other processes' turns too.
@@ -57,8 +59,8 @@ def baseline_path(gw_tracing) -> None:
 
 
 def traced_path(gw_tracing) -> None:
-    """The same path with the tracing calls a b64_json request makes (proxy/app.py, api/generations.py,
-    router.py, output.py), in order."""
+    """The same path with the tracing calls a b64_json request makes (proxy/app.py, proxy/api/generations.py,
+    proxy/routing/router.py, proxy/media/output.py), in order."""
     if gw_tracing is not None:  # the middleware
         raise AssertionError("off only")
     with tracing.span("parse"):
@@ -91,9 +93,6 @@ def micro(number: int) -> None:
     call = min(timeit(lambda: None, number=number) for _ in range(5)) / number
     print(f"micro, per request: baseline {base * 1e6:.2f} us, tracing off {off * 1e6:.2f} us "
           f"(+{(off - base) * 1e6:.2f} us); for scale, one empty Python call here takes {call * 1e9:.0f} ns")
-    from proxy.telemetry.otel import OtelTracing
-    from proxy.telemetry.tracing import TraceSettings
-
     otel = OtelTracing(TraceSettings("http://127.0.0.1:9/v1/traces", "http/protobuf", 1.0, "bench", {}, False),
                        exporter=EncodingExporter())
     n = max(1, number // 20)
@@ -114,9 +113,6 @@ async def requests(count: int, rounds: int) -> None:
     for mode in ("off", "on"):
         app = build_app(parse_config(cfg, env={}))
         if mode == "on":
-            from proxy.telemetry.otel import OtelTracing
-            from proxy.telemetry.tracing import TraceSettings
-
             app[GATEWAY].tracing = OtelTracing(TraceSettings("http://127.0.0.1:9/v1/traces", "http/protobuf", 1.0,
                                                              "bench", {}, False), exporter=EncodingExporter())
         clients[mode] = TestClient(TestServer(app))

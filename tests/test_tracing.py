@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.config import TelemetryConfig
-from proxy.telemetry.tracing import settings_from
+from proxy.telemetry.settings import settings_from
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, make_image

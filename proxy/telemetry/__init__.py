@@ -1,1 +1,1 @@
-"""Traces and structured logs (the Prometheus metrics are proxy/metrics.py)."""
+"""Metrics, traces and structured logs about the proxy at work."""

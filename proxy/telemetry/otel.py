@@ -1,6 +1,7 @@
 """The OpenTelemetry side of tracing: tracer and OTLP exporter, request spans, upstream HTTP spans, engine spans.
 
-Imported only when tracing is configured (proxy.telemetry.tracing.configure). Client spans come from an
+OpenTelemetry itself is imported only when a gateway's tracing is configured (configure()): with it off,
+nothing of it loads. Client spans come from an
 aiohttp TraceConfig on the gateway's session (as opentelemetry-instrumentation-aiohttp-client makes them,
 whose releases pin another SDK than ours): method, host, port and the URL without its query or user info,
 never headers; and the W3C traceparent goes out with each call.
@@ -13,17 +14,24 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-from opentelemetry import context as otel_context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from local_backend.stages import SpanStages
 
-from .tracing import TraceSettings, clean, enter, leave
+from ..config import TelemetryConfig
+from .settings import TraceSettings, settings_from
+from .tracing import clean, enter, leave
+
+
+def configure(config: TelemetryConfig) -> OtelTracing | None:
+    """A gateway's tracing, or None when it is off (then nothing of OpenTelemetry is imported)."""
+    settings = settings_from(config)
+    if settings is None:
+        return None
+    try:
+        return OtelTracing(settings)
+    except ImportError as e:
+        raise RuntimeError(f"telemetry is configured but OpenTelemetry is not installed ({e.name}): "
+                           "pip install 'qwen-image-proxy[otel]'") from None
 
 
 def route_name(path: str) -> str:
@@ -53,6 +61,14 @@ class OtelTracing:
     """One gateway's tracer: its own TracerProvider (never the global one), batching spans to OTLP."""
 
     def __init__(self, settings: TraceSettings, exporter=None):
+        from opentelemetry import context
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
         self.settings = settings
         self.record_prompts = settings.record_prompts
         # A client's sampled traceparent is followed; new traces are kept at sample_ratio.
@@ -62,6 +78,10 @@ class OtelTracing:
         self.provider.add_span_processor(BatchSpanProcessor(exporter or _exporter(settings)))
         self.tracer = self.provider.get_tracer("qwen-image-proxy")
         self.propagator = TraceContextTextMapPropagator()
+        self._current_context = context.get_current
+        self._in_context = set_span_in_context
+        self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
+        self._error = Status(StatusCode.ERROR)
 
     @contextlib.contextmanager
     def span(self, name: str, attributes: dict[str, Any] | None = None) -> Iterator[Any]:
@@ -72,7 +92,7 @@ class OtelTracing:
                 yield span
             except BaseException as e:
                 span.set_attribute("error.type", type(e).__name__)
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(self._error)
                 raise
 
     @contextlib.contextmanager
@@ -80,7 +100,7 @@ class OtelTracing:
         """The request's server span, continuing the client's traceparent when it sent one."""
         parent = self.propagator.extract(headers)
         with self.tracer.start_as_current_span(
-                f"{method} {route_name(path)}", context=parent, kind=SpanKind.SERVER,
+                f"{method} {route_name(path)}", context=parent, kind=self._server,
                 attributes={"http.request.method": method, "http.route": route_name(path)},
                 record_exception=False, set_status_on_exception=False) as span:
             tokens = enter(self, span)
@@ -89,9 +109,8 @@ class OtelTracing:
             finally:
                 leave(tokens)
 
-    @staticmethod
-    def failed(span) -> None:
-        span.set_status(Status(StatusCode.ERROR))
+    def failed(self, span) -> None:
+        span.set_status(self._error)
 
     def client_trace_config(self) -> aiohttp.TraceConfig:
         """Spans for the calls an aiohttp session makes (upstreams, vendor polls, downloads)."""
@@ -100,25 +119,25 @@ class OtelTracing:
         async def on_start(_session, ctx, params: aiohttp.TraceRequestStartParams) -> None:
             url = params.url
             bare = url.with_user(None).with_password(None).with_query(None).with_fragment(None)
-            span = self.tracer.start_span(params.method, kind=SpanKind.CLIENT, attributes={
+            span = self.tracer.start_span(params.method, kind=self._client, attributes={
                 "http.request.method": params.method, "server.address": url.host or "",
                 "server.port": url.port or 0, "url.full": str(bare)})
             ctx.qip_span = span
-            self.propagator.inject(params.headers, context=set_span_in_context(span))
+            self.propagator.inject(params.headers, context=self._in_context(span))
 
         async def on_end(_session, ctx, params: aiohttp.TraceRequestEndParams) -> None:
             span = getattr(ctx, "qip_span", None)
             if span is not None:
                 span.set_attribute("http.response.status_code", params.response.status)
                 if params.response.status >= 400:
-                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_status(self._error)
                 span.end()
 
         async def on_error(_session, ctx, params: aiohttp.TraceRequestExceptionParams) -> None:
             span = getattr(ctx, "qip_span", None)
             if span is not None:
                 span.set_attribute("error.type", type(params.exception).__name__)
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(self._error)
                 span.end()
 
         config.on_request_start.append(on_start)
@@ -128,7 +147,7 @@ class OtelTracing:
 
     def engine_hook(self) -> SpanStages:
         """The local engine's stages as spans under the current one (local_backend.stages)."""
-        return SpanStages(self.tracer, otel_context.get_current())
+        return SpanStages(self.tracer, self._current_context())
 
     def traceparent(self) -> str | None:
         """The W3C traceparent of the current span, for a call that is not HTTP (a Ray handle)."""
