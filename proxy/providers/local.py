@@ -23,8 +23,8 @@ from local_backend import (
     QueueFullError,
 )
 from local_backend.accel_options import static_problems, static_warnings
+from local_backend.loading import gguf_problem
 from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
-from local_backend.tiers import tier_summary
 
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
@@ -34,7 +34,18 @@ from ..request import ImageRequest
 from ..telemetry import tracing
 from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
-from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
+from .local_convert import (
+    advertised_accelerations,
+    advertised_tiers,
+    client_param,
+    decode_inputs,
+    encode_all,
+    engine_config,
+    model_abilities,
+    request_tier,
+    to_params,
+    weights_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +96,11 @@ class LocalProvider(Provider):
         "quality_tiers": dict[str, str] | None,
         "device": str | None,
         "dtype": (None, "bfloat16", "float16", "float32"),
-        "offload": ("none", "model", "sequential", "group"),
+        "offload": ("none", "model", "sequential", "group", "auto"),  # auto: local_backend.placement picks
+        "text_encoder": dict | None,  # {device: cpu | cuda, quantization: int8 | nf4 | int8wo}
+        "gpu_memory": str | int | None,  # cap on what offload: auto plans with ("24GiB")
         "quantization": (None, "int8", "nf4", "fp4", "int8wo", "float8wo"),
+        "transformer": str | None,  # a GGUF transformer file (local_backend.single_file)
         "compile": bool | dict,  # local_backend.accel: true or {warm_sizes, mode, dynamic, fullgraph, backend}
         "attention_backend": str | None,
         "cache": bool | dict | None,  # cache-dit levels: true or {regular: {...}, high: {...}, default}
@@ -131,20 +145,16 @@ class LocalProvider(Provider):
         # job takes one queue slot. Split by the router instead, each part took a slot, and one request
         # of n > max_queue + 1 (at max_batch 1) was refused with 429 on an idle server.
         per_call = _engine_max_n() if self.config else 1
-        edits = bool(self.config and self.config.task == "edit")
+        edits, masks = model_abilities(self.config) if self.config else (False, False)
         self.capabilities = Capabilities(
             max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
-            edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
+            edits=edits, masks=masks,
         )
-        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
-        self.tiers: list[dict] | None = None
-        if self.config is not None and self.config.tiers:
-            self.tiers = tier_summary(self.config)
-        # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
-        self.accelerations: list[str] | None = None
+        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base, and the
+        # block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
+        self.tiers: list[dict] | None = advertised_tiers(self.config)
+        self.accelerations: list[str] | None = advertised_accelerations(self.config)
         self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
-        if self.config is not None and self.config.cache:
-            self.accelerations = ["none", "regular", "high"]
         # prompt_enhancement with: chat is done here, before the engine (proxy.providers.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
@@ -153,6 +163,12 @@ class LocalProvider(Provider):
             chat = enhance.parse_options(options.get("prompt_enhancement"))  # checked by engine_config
             if chat is not None and chat.with_ == "chat":
                 self.chat_enhancer = enhance.ChatEnhancer(chat, name, self.config.task)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self.engine is not None and self.engine.placement:  # /ready: where the model went, and why
+            info["placement"] = self.engine.placement
+        return info
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -215,7 +231,9 @@ class LocalProvider(Provider):
 
         self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
         problems = static_problems(self.config, device)
-        return problems[0] if problems else weights_problem(self.config)
+        if problems:
+            return problems[0]
+        return weights_problem(self.config) or gguf_problem(self.config)
 
     def preflight(self) -> str | None:
         if self.config is None:
@@ -245,11 +263,15 @@ class LocalProvider(Provider):
             log.info("provider %s: %s", self.name, stage)
 
         engine = None
+        # A thread of its own, not the default executor's: a load waits for the other providers' loads
+        # (local_backend.exclusive), and providers waiting there took every thread requests need.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-load")
+        loop = asyncio.get_running_loop()
         try:
             engine = Engine(self.config)
-            seconds = await asyncio.to_thread(engine.load, progress)
+            seconds = await loop.run_in_executor(loader, engine.load, progress)
             progress("starting the engine")
-            await asyncio.to_thread(engine.start)
+            await loop.run_in_executor(loader, engine.start)
         except asyncio.CancelledError:  # closed while loading: a load still running drops its pipeline
             if engine is not None:
                 engine.close()
@@ -259,6 +281,8 @@ class LocalProvider(Provider):
             self._state = f"failed to load {self.config.model}: {type(e).__name__}: {e}"
             log.error("provider %s: %s", self.name, self._state)
             return
+        finally:
+            loader.shutdown(wait=False)
         self.engine = engine
         self._state = None
         log.info("provider %s: %s loaded in %.1f s", self.name, self.config.model, seconds)
@@ -297,7 +321,7 @@ class LocalProvider(Provider):
         except QueueFullError as e:
             raise RateLimited(str(e), retry_after=e.retry_after) from None
         except InvalidParamsError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
+            raise InvalidRequest(str(e), param=client_param(req, e.param)) from None
         except JobCancelledError as e:
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:
