@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from aiohttp import web
 from PIL import Image
 
 from .api import admin, edits, generations, playground
+from .api import jobs as jobs_api
 from .config import Config
 from .errors import (
     InvalidRequest,
@@ -108,6 +110,9 @@ class Gateway:
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
         self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
         self.http: aiohttp.ClientSession | None = None
+        # Background jobs (proxy/jobs): their store opens on first use, or at start when it holds jobs.
+        self.jobs = jobs_api.build_runner(self)
+        self._jobs_started = False
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
@@ -151,16 +156,29 @@ class Gateway:
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
             for provider in self.providers.values():
                 await provider.start(ctx)
+            if self.jobs is not None and (self.config.state.redis_url or Path(self.config.jobs.path).exists()):
+                await self.start_jobs()  # jobs queued, or interrupted, before this start
             for name in self.config.models:
                 if not self.router.usable(name):
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
+    async def start_jobs(self) -> None:
+        if not self._jobs_started:
+            self._jobs_started = True
+            await self.jobs.start()
+
+    async def submit_job(self, request: web.Request, req) -> web.Response:
+        """A background request: 202 with the job (proxy/api/jobs.py)."""
+        return await jobs_api.submit(self, request, req)
+
     async def drain(self) -> None:
         """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
-        with a clear 503 (or a stream error event) rather than a dropped connection."""
+        with a clear 503 (or a stream error event) rather than a dropped connection. Background jobs get
+        the same grace; those still running then, and the queued ones, wait for the next start."""
         self.draining = True
-        await self.inflight.drain(self.config.server.shutdown_grace)
+        grace = self.config.server.shutdown_grace
+        await asyncio.gather(self.inflight.drain(grace), *([self.jobs.drain(grace)] if self._jobs_started else []))
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
@@ -173,6 +191,9 @@ class Gateway:
                 await provider.close()
         if self.passthrough:
             await self.passthrough.close()
+        if self._jobs_started:
+            self._jobs_started = False
+            await self.jobs.close()
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()
@@ -197,6 +218,8 @@ class Gateway:
             methods = {"GET": playground.handle, "HEAD": playground.handle}
         elif path.startswith("/images/"):
             methods = {"GET": partial(admin.image_file, self), "HEAD": partial(admin.image_file, self)}
+        elif jobs_api.serves(path):
+            methods = jobs_api.methods(self, path)
         elif path.startswith("/v1/images/"):
             methods = self._routes.get(path)
         else:
@@ -241,7 +264,7 @@ class Gateway:
             try:
                 # The key (401), and image calls held to its limits while they run (429).
                 target = await self.authenticate(request, target)
-                if self.draining and request.path.startswith("/v1/images/"):
+                if self.draining and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
                     raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
                 if PASSED_ON in request:  # logged and counted as passthrough
@@ -300,7 +323,7 @@ class Gateway:
         if key is None:
             return handler
         request[API_KEY] = key
-        if handler is not None and request.path.startswith("/v1/images/"):
+        if handler is not None and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
             return self.policy.guard(key, handler)
         await self.policy.admit(key, image=False)
         return handler

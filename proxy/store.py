@@ -73,6 +73,10 @@ class ImageStore(Protocol):
         """The link a url answer carries: the proxy's /images/<name> under base_url, or a presigned one."""
         ...
 
+    async def delete(self, name: str) -> None:
+        """Remove an image before its TTL (a deleted background job's result); unknown names are ignored."""
+        ...
+
     async def open(self, name: str) -> StoredImage | None:
         """The image for GET /images/<name>; None when unknown, expired or not a valid name."""
         ...
@@ -147,6 +151,10 @@ class FilesystemStore:
             return None
         path, content_type, mtime = found
         return StoredImage(content_type=content_type, path=path, expires_at=mtime + self.ttl)
+
+    async def delete(self, name: str) -> None:
+        if valid_name(name):
+            await asyncio.to_thread(lambda: (self.root / name).unlink(missing_ok=True))
 
     def _write(self, name: str, data: bytes) -> None:
         # Write then rename, so a reader never sees half a file.

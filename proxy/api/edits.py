@@ -12,6 +12,7 @@ from aiohttp import web
 from ..body import read_body
 from ..errors import InvalidRequest
 from ..inputs import InputReader, json_image_refs
+from ..jobs.ask import BACKGROUND, mark_background
 from ..output import check_output_request
 from ..request import ImageRequest, build_request, parse_body
 from ..sizing import check_work, resolve_size
@@ -36,6 +37,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     if body.raw is not None:
         request[BODY] = body.raw
     fields = dict(body.fields)
+    mark_background(request, fields)
     refs, mask_ref = json_image_refs(fields)
     editing = edit_models(gw)
     default = gw.default_model if gw.default_model in editing else next(iter(editing), None)
@@ -87,6 +89,8 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
 
 async def edits(gw: Gateway, request: web.Request) -> web.StreamResponse:
     req = await parse_edit(gw, request)
+    if BACKGROUND in request:
+        return await gw.submit_job(request, req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_edit")
     return await generations.respond(gw, request, req)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -15,6 +16,7 @@ from ..body import read_fields
 from ..cpu import INLINE_BYTES
 from ..errors import InvalidRequest, ModelNotFound
 from ..idempotency import REPLAYED
+from ..jobs.ask import BACKGROUND, mark_background
 from ..output import check_output_request, finish_images, render_images
 from ..request import ImageRequest, build_request, parse_body
 from ..router import RouteResult
@@ -53,6 +55,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     fields, raw = await read_fields(request)
     if raw is not None:
         request[BODY] = raw
+    mark_background(request, fields)
     model = served_model(gw, request, fields.get("model"), gw.default_model, list(gw.config.models))
     body = parse_body(fields)
     width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
@@ -64,6 +67,8 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
 
 async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
     req = await parse_generation(gw, request)
+    if BACKGROUND in request:
+        return await gw.submit_job(request, req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
     return await respond(gw, request, req)
@@ -124,8 +129,10 @@ class SentAsIs(Payload):
             self._value = ()
 
 
-async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
-    """Route the request (images checked and converted inside each route attempt), then render it."""
+async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
+                   base_url: str | None = None) -> tuple[RouteResult, dict]:
+    """Route the request (images checked and converted inside each route attempt), then render it.
+    Without `request` (a background job), in the caller's task, links under `base_url`."""
     from ..app import ROUTE
 
     deadline = time.monotonic() + gw.config.server.request_timeout
@@ -134,9 +141,11 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
-    result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-    request[ROUTE] = result
-    base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
+    work = gw.router.generate(req, deadline, finish)
+    result = await (gw.run_work(request, work) if request is not None else work)
+    if request is not None:
+        request[ROUTE] = result
+        base_url = public_base_url(gw, request)
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)
     for item in items:  # an upstream's text: it may echo what it was sent, keys included
         item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
@@ -150,6 +159,17 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
     if all(s is not None for s in seeds):
         payload["seeds"] = seeds
     return result, payload
+
+
+def public_base_url(gw: Gateway, request: web.Request) -> str:
+    """Where url answers point: server.public_base_url, else the host the client called."""
+    return gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
+
+
+async def run_job(gw: Gateway, req: ImageRequest, base_url: str) -> tuple[bytes, str]:
+    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served)."""
+    result, payload = await generate(gw, None, req, base_url)
+    return await asyncio.to_thread(dumps_with_b64, payload), result.route.name
 
 
 def route_headers(result: RouteResult) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from ..sizing import SizeTable
 from .envvars import Expansion, expand_env
+from .jobs import JobsConfig
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
 from .server import ServerConfig
@@ -30,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FetchConfig",
+    "JobsConfig",
     "ModelConfig",
     "PassthroughConfig",
     "ProviderConfig",
@@ -55,6 +57,7 @@ class Config(Strict):
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -88,6 +91,7 @@ class Config(Strict):
             found.append(self.passthrough.api_key)
         if self.state.redis_url and urlsplit(self.state.redis_url).password:
             found.append(urlsplit(self.state.redis_url).password)
+        found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]
         for provider in self.providers.values():
             for name, value in provider.options.items():
                 if isinstance(value, str) and _SECRET_OPTION.search(name):
