@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 
@@ -13,6 +14,9 @@ import aiohttp
 from PIL import Image
 
 from proxy.app import GATEWAY
+from proxy.jobs.model import Job, new_job_id, request_to_bytes
+from proxy.jobs.sqlite_store import SqliteJobStore
+from proxy.request import ImageRequest
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
@@ -311,3 +315,38 @@ async def test_jobs_off(start_proxy, tmp_path):
                                   json={"model": MODEL, "prompt": "x", "background": True})
     assert status == 400 and error["error"]["code"] == "background_disabled"
     assert not (tmp_path / "jobs.sqlite3").exists()
+
+
+async def test_an_interrupted_vendor_job_fails_and_a_local_one_runs_again(start_proxy, tmp_path, aiohttp_server):
+    """What a proxy killed mid-job leaves (a job in_progress whose lease ran out), found by the next start."""
+    fake = await FakeOpenAIUpstream().start(aiohttp_server)
+    receiver = await Receiver().start(aiohttp_server)
+    cfg = with_vendor(jobs_config(tmp_path, lease_seconds=1), fake)
+    dead = SqliteJobStore(cfg["jobs"]["path"])
+    await dead.start()
+    made = {}
+    for model, safe in (("vendor-image", False), (MODEL, True)):
+        job = Job(id=new_job_id(), owner=client_scope_of(KEY), key_name="alice", model=model, kind="generation",
+                  request={"response_format": "url"}, rerun_safe=safe, webhook_url=receiver.url)
+        req = ImageRequest(prompt="p", model=model, width=64, height=64, seed=3)
+        assert await dead.create(job, request_to_bytes(req), 10)
+        claimed = await dead.claim("dead-process", lease=0.01)
+        claimed.runs = 1  # it had started
+        assert await dead.save(claimed, "dead-process")
+        made[model] = job.id
+    await dead.close()
+
+    server, client = await start_proxy(cfg)
+    vendor = await wait_done(server, made["vendor-image"])
+    assert vendor["status"] == "failed" and vendor["error"]["code"] == "job_interrupted"
+    assert "may already have charged" in vendor["error"]["message"]
+    local = await wait_done(server, made[MODEL])
+    assert local["status"] == "completed" and local["result"]["data"][0]["url"]
+    assert fake.requests == []  # the vendor was not called again
+    arrivals = await receiver.wait_for(2)
+    assert {(a.job_id, a.event) for a in arrivals} == {(made["vendor-image"], "image.job.failed"),
+                                                        (made[MODEL], "image.job.completed")}
+
+
+def client_scope_of(key: str) -> str:
+    return hashlib.sha256(f"Bearer {key}".encode()).hexdigest()[:32]
