@@ -62,6 +62,11 @@ class Metrics:
             "no_gpu, unavailable)", ["model", "route", "state"], registry=self.registry,
         )
 
+        self.jobs = Counter("qip_jobs_total", "Background jobs this process ended, by model and status "
+                            "(completed, failed, cancelled)", ["model", "status"], registry=self.registry)
+        self.webhook_attempts = Counter("qip_webhook_attempts_total", "Webhook delivery attempts by result: "
+                                        "delivered, retry, gone, failed", ["result"], registry=self.registry)
+
         self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
                                    registry=self.registry)
         self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",

@@ -266,6 +266,11 @@ async def test_webhook_retried_after_three_503s_with_the_same_id(start_proxy, tm
     # The payload is small: the image's URL, never its bytes.
     assert "b64_json" not in json.dumps(arrivals[-1].body)
     assert arrivals[-1].body["data"]["result"]["data"][0]["url"].startswith("http")
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
+        metrics = await r.text()
+    assert 'qip_webhook_attempts_total{result="retry"} 3.0' in metrics
+    assert 'qip_webhook_attempts_total{result="delivered"} 1.0' in metrics
+    assert f'qip_jobs_total{{model="{MODEL}",status="completed"}} 1.0' in metrics
 
 
 async def test_webhook_410_stops_retries(start_proxy, tmp_path, aiohttp_server):

@@ -23,8 +23,8 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
 from .fake_openai_upstream import free_port  # noqa: E402
-from .test_jobs_e2e import KEY, jobs_config, submit, wait_done  # noqa: E402
-from .test_local_e2e import MODEL, local_config  # noqa: E402
+from .test_jobs_e2e import KEY, http, jobs_config, submit, wait_done  # noqa: E402
+from .test_local_e2e import MODEL, local_config, steps_total, wait_until  # noqa: E402
 from .webhook_receiver import Receiver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +145,37 @@ async def test_sigkill_mid_job_loses_nothing(tmp_path, tiny_dir, aiohttp_server)
         ids_per_job[a.job_id].add(a.msg_id)
     assert set(ids_per_job) == set(ids)
     assert all(len(msg_ids) == 1 for msg_ids in ids_per_job.values())  # never two ids for one event
+
+
+async def test_progress_shows_and_cancel_frees_the_engine(start_proxy, tmp_path, tiny_dir, aiohttp_server):
+    receiver = await Receiver().start(aiohttp_server)
+    server, client = await start_proxy(tiny_jobs_config(tmp_path, tiny_dir, workers=2))
+    _, _, long = await submit(client, model=MODEL, size="64x64", seed=1, num_inference_steps=500,
+                              webhook_url=receiver.url)
+    async with asyncio.timeout(120):
+        while True:
+            _, _, job = await http(server, "GET", f"/v1/images/jobs/{long['id']}")
+            if job["progress"]:
+                break
+            await asyncio.sleep(0.1)
+    assert job["status"] == "in_progress"
+    assert job["progress"]["steps_total"] == 500 and 0 < job["progress"]["steps_done"] < 500
+    status, _, job = await http(server, "POST", f"/v1/images/jobs/{long['id']}/cancel")
+    assert status == 200 and job["status"] == "cancelled"
+
+    async def stopped() -> bool:
+        before = await steps_total(server)
+        await asyncio.sleep(0.3)
+        return await steps_total(server) == before
+
+    await wait_until(stopped, timeout=60)
+    ran = await steps_total(server)
+    assert ran < 250  # stopped where it was, as a client hanging up stops it
+    # The engine is free: the next job runs its own 3 steps, and the cancelled one never resumes.
+    _, _, short = await submit(client, model=MODEL, size="64x64", seed=2, num_inference_steps=3)
+    done = await wait_done(server, short["id"], timeout=120)
+    assert done["status"] == "completed"
+    await asyncio.sleep(0.3)
+    assert await steps_total(server) == ran + 3
+    (arrival,) = await receiver.wait_for(1)
+    assert arrival.event == "image.job.cancelled" and arrival.job_id == long["id"]

@@ -79,7 +79,7 @@ def build_runner(gw: Gateway) -> JobRunner | None:
     deliverer = Deliverer(gw.fetcher, webhook_policy(gw), backoff_base=settings.webhook_backoff_base,
                           backoff_max=settings.webhook_backoff_max, window=settings.webhook_retry_window)
     return JobRunner(make_job_store(gw.config), settings, partial(generations.run_job, gw), slot=slot,
-                     deliverer=deliverer, scrub=gw.scrubber.text)
+                     deliverer=deliverer, scrub=gw.scrubber.text, metrics=gw.metrics)
 
 
 def serves(path: str) -> bool:

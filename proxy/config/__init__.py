@@ -145,6 +145,12 @@ def _check_references(config: Config, broken: set) -> list[str]:
         known = ", ".join(config.models) or "none"
         problems.append(f"server.default_model: '{default}' is not a configured model"
                         f"{suggest(default, config.models) or f' (models: {known})'}")
+    if "jobs" not in broken and "server" not in broken:
+        names = [key.name for key in config.server.keys]
+        for name in config.jobs.key_webhooks:
+            if name not in names:
+                problems.append(f"jobs.key_webhooks.{name}: no key is named '{name}' under server.api_keys"
+                                f"{suggest(name, names)}")
     tables = [(f"size_tables.{name}", table) for name, table in config.size_tables.items()]
     tables += [(f"models.{name}.sizes", m.sizes) for name, m in config.models.items()
                if isinstance(m.sizes, SizeTableConfig)]

@@ -31,7 +31,7 @@ class KeyWebhook(Strict):
 
     url: str
     # Default: jobs.webhook_secret.
-    secret: str | None = None
+    secret: str | None = Field(default=None, repr=False)
 
     @field_validator("url")
     @classmethod
@@ -63,7 +63,7 @@ class JobsConfig(Strict):
     # A job that has been interrupted this many times fails instead of running again.
     max_runs: int = Field(default=3, ge=1)
     # Standard Webhooks signing secret (whsec_...); needed for webhook_url on requests.
-    webhook_secret: str | None = None
+    webhook_secret: str | None = Field(default=None, repr=False)
     # Per client key (its name under server.api_keys): a webhook every job of that key reports to.
     key_webhooks: dict[str, KeyWebhook] = Field(default_factory=dict)
     # One delivery attempt: connect + answer within this many seconds; at most this much of the answer read.

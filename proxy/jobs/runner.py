@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import progress
 from ..errors import ProxyError
 from ..policy import ConcurrencyLimited
 from .model import (
@@ -32,6 +33,7 @@ from .store import JobStore
 
 if TYPE_CHECKING:
     from ..config.jobs import JobsConfig
+    from ..metrics import Metrics
     from ..request import ImageRequest
     from .webhooks import Deliverer
 
@@ -42,6 +44,8 @@ Work = Callable[["ImageRequest", str], Awaitable[tuple[bytes, str]]]
 # A key's concurrency slot for a job (by the key's name; None: no key): an object with `release()`.
 Slot = Callable[[str | None], Awaitable[Any]]
 
+# A running job's progress is written at most this often.
+PROGRESS_WRITE_SECONDS = 1.0
 INTERRUPTED_UNSAFE = ("The proxy stopped while this job was running on a route that calls a paid upstream; it "
                       "was not run again, because the upstream may already have charged for it. Submit it again "
                       "if you still want the images.")
@@ -53,12 +57,13 @@ def _interrupted(message: str) -> dict:
 
 class JobRunner:
     def __init__(self, store: JobStore, settings: JobsConfig, work: Work, *, slot: Slot, deliverer: Deliverer,
-                 scrub: Callable[[str], str] = lambda s: s):
+                 scrub: Callable[[str], str] = lambda s: s, metrics: Metrics | None = None):
         self.store, self.settings, self.work, self.slot = store, settings, work, slot
-        self.deliverer, self.scrub = deliverer, scrub
+        self.deliverer, self.scrub, self.metrics = deliverer, scrub, metrics
         self.worker = secrets.token_hex(8)  # this process, as leases name it
         self.running: dict[str, asyncio.Task] = {}
         self._why_stopped: dict[str, str] = {}  # job id -> cancel | lost | shutdown
+        self._progress_writers: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._wake_deliveries = asyncio.Event()
         self._loops: list[asyncio.Task] = []
@@ -109,9 +114,9 @@ class JobRunner:
         job, taken = await self.store.cancel(job_id, self.worker, self.settings.lease_seconds)
         if job is None:
             return None
-        if taken:  # it was queued: it ends here, never having run
+        if taken:  # it was queued: it ends here, never having run (a client hanging up does not stop that)
             job.status = CANCELLED
-            await self._finish(job, None)
+            await asyncio.shield(self._finish(job, None))
             return job
         task = self.running.get(job_id)
         if task is not None and job.status == IN_PROGRESS:  # ours: stop it now, as a hang-up would
@@ -160,6 +165,8 @@ class JobRunner:
                     job.started_at = time.time()
                     if not await self.store.save(job, self.worker):
                         return
+                    job.progress = None
+                    progress.watch(lambda step, total: self._progress(job, step, total))
                     result, job.route = await self.work(req, job.base_url)
                     job.status, job.has_result = COMPLETED, True
                 finally:
@@ -188,7 +195,24 @@ class JobRunner:
                          "param": None, "code": "internal_error"}
         finally:
             keeper.cancel()
+            writer = self._progress_writers.pop(job.id, None)
+            if writer is not None:
+                writer.cancel()
         await _quietly(self._finish(job, result))
+
+    def _progress(self, job: Job, step: int, total: int) -> None:
+        """A step done: shown on the job, written at most once a second."""
+        if job.status != IN_PROGRESS:
+            return
+        job.progress = {"steps_done": step, "steps_total": total}
+        if job.id not in self._progress_writers:
+            self._progress_writers[job.id] = asyncio.ensure_future(self._write_progress(job))
+
+    async def _write_progress(self, job: Job) -> None:
+        await asyncio.sleep(PROGRESS_WRITE_SECONDS)
+        self._progress_writers.pop(job.id, None)
+        with contextlib.suppress(ProxyError):  # the lease keeper notices a store that is away
+            await self.store.save(job, self.worker)
 
     def _error(self, e: ProxyError) -> dict:
         error = e.to_dict()["error"]
@@ -219,7 +243,6 @@ class JobRunner:
     async def _finish(self, job: Job, result: bytes | None) -> None:
         """End a job this process holds: its webhook message, the record, the lease given back."""
         job.finished_at = time.time()
-        job.progress = None
         url = job.webhook_url
         if url and job.status in TERMINAL:
             parsed = None
@@ -228,7 +251,10 @@ class JobRunner:
             body = webhook_body(job, EVENTS[job.status], parsed, job.finished_at)
             job.deliveries.append(Delivery(new_message_id(), EVENTS[job.status], url, body, job.finished_at,
                                            next_attempt_at=job.finished_at))
-        if await self.store.save(job, self.worker, result=result, release=True) and job.deliveries:
+        saved = await self.store.save(job, self.worker, result=result, release=True)
+        if saved and self.metrics is not None and job.status in TERMINAL:
+            self.metrics.child(self.metrics.jobs, job.model, job.status).inc()
+        if saved and job.deliveries:
             self._wake_deliveries.set()
 
     # ---- interrupted jobs, old jobs ---------------------------------------------------------------
@@ -289,6 +315,9 @@ class JobRunner:
                                                "error": "no webhook secret is configured"})
                         else:
                             await self.deliverer.attempt(d, secret)
+                            if self.metrics is not None:
+                                result = "retry" if d.state == "pending" else d.state
+                                self.metrics.child(self.metrics.webhook_attempts, result).inc()
                 await self.store.save_deliveries(job, self.worker)
 
         while not self.stopping:
