@@ -113,6 +113,7 @@ class Gateway:
         # Background jobs (proxy/jobs): their store opens on first use, or at start when it holds jobs.
         self.jobs = jobs_api.build_runner(self)
         self._jobs_started = False
+        self._jobs_lock = asyncio.Lock()
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
@@ -157,16 +158,22 @@ class Gateway:
             for provider in self.providers.values():
                 await provider.start(ctx)
             if self.jobs is not None and (self.config.state.redis_url or Path(self.config.jobs.path).exists()):
-                await self.start_jobs()  # jobs queued, or interrupted, before this start
+                try:  # jobs queued, or interrupted, before this start
+                    await self.start_jobs()
+                except ProxyError as e:
+                    log.warning("background jobs are not running: %s", e.message)
             for name in self.config.models:
                 if not self.router.usable(name):
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
     async def start_jobs(self) -> None:
-        if not self._jobs_started:
-            self._jobs_started = True
-            await self.jobs.start()
+        """Open the job store and start running jobs (once; a store that fails to open is tried again
+        by the next call, which meanwhile answer 503 job_store_unavailable)."""
+        async with self._jobs_lock:
+            if not self._jobs_started:
+                await self.jobs.start()
+                self._jobs_started = True
 
     async def submit_job(self, request: web.Request, req) -> web.Response:
         """A background request: 202 with the job (proxy/api/jobs.py)."""

@@ -103,3 +103,38 @@ async def test_garbage_background_bodies(start_proxy, tmp_path):
                 assert set((await r.json())["error"]) == {"message", "type", "param", "code"}
     assert (await http(server, "GET", "/v1/images/jobs"))[2]["data"] == []
     await asyncio.sleep(0)
+
+
+async def test_idempotency_key_reused_for_another_kind_of_request(start_proxy, tmp_path):
+    server, client = await start_proxy(jobs_config(tmp_path))
+    body = {"model": MODEL, "prompt": "once", "size": "64x64"}
+    key = {"Idempotency-Key": "reused"}
+    assert (await http(server, "POST", "/v1/images/generations", json=body, headers=key))[0] == 200
+    status, _, error = await http(server, "POST", "/v1/images/generations", json={**body, "background": True},
+                                  headers=key)
+    assert status == 422 and error["error"]["code"] == "idempotency_key_mismatch"
+
+
+async def test_an_overlong_webhook_url_is_refused(start_proxy, tmp_path):
+    server, client = await start_proxy(jobs_config(tmp_path))
+    status, _, error = await http(server, "POST", "/v1/images/generations",
+                                  json={"model": MODEL, "prompt": "x", "background": True,
+                                        "webhook_url": "https://example.com/" + "a" * 5000})
+    assert status == 400 and error["error"]["code"] == "invalid_webhook_url"
+    assert "a" * 100 not in error["error"]["message"]
+
+
+async def test_a_broken_job_database_is_a_503_not_a_crash(start_proxy, tmp_path):
+    (tmp_path / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    server, client = await start_proxy(jobs_config(tmp_path))
+    assert (await client.images.generate(model=MODEL, prompt="sync still works", size="64x64")).data
+    status, headers, error = await http(server, "POST", "/v1/images/generations",
+                                        json={"model": MODEL, "prompt": "x", "background": True})
+    assert status == 503 and error["error"]["code"] == "job_store_unavailable" and "Retry-After" in headers
+    assert str(tmp_path) not in json.dumps(error)
+    # Repaired (the file replaced): the next request opens it.
+    (tmp_path / "jobs.sqlite3").unlink()
+    status, _, job = await http(server, "POST", "/v1/images/generations",
+                                json={"model": MODEL, "prompt": "x", "background": True})
+    assert status == 202
+    assert (await wait_done(server, job["id"]))["status"] == "completed"

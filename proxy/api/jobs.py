@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import re
+import secrets
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 PREFIX = "/v1/images/jobs"
 _ID = re.compile(r"imgjob_[0-9a-f]{24}")
+MAX_WEBHOOK_URL = 2048
 
 
 class JobConflict(ProxyError):
@@ -139,7 +141,10 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
             headers["Preference-Applied"] = "respond-async"
         return Answer(202, json.dumps(job.public()).encode(), headers)
 
-    answer, replayed = await gw.idempotency.run(request, req, work)
+    # A repeat with the same Idempotency-Key is the same job only if it asked for the same job: a
+    # synchronous call, or another webhook, is another request (422 idempotency_key_mismatch).
+    marked = replace(req, extra={**req.extra, "background": {"webhook_url": url}})
+    answer, replayed = await gw.idempotency.run(request, marked, work)
     response = web.Response(body=answer.whole().body, status=answer.status, content_type="application/json",
                             headers=answer.headers)
     if replayed:
@@ -152,14 +157,21 @@ async def check_webhook_url(gw: Gateway, url: str, key_hook) -> None:
     if not (gw.config.jobs.webhook_secret or (key_hook is not None and key_hook.secret)):
         raise InvalidRequest("Webhooks are not set up on this server: it needs jobs.webhook_secret (a whsec_ "
                              "secret to sign them with).", param="webhook_url", code="webhooks_not_configured")
+    if len(url) > MAX_WEBHOOK_URL:
+        raise InvalidRequest(f"Invalid 'webhook_url': longer than {MAX_WEBHOOK_URL} characters.",
+                             param="webhook_url", code="invalid_webhook_url")
     policy = webhook_policy(gw)
     try:
-        parsed = gw.fetcher.parse(url)
-        host = gw.fetcher.check(parsed, policy)
-        await gw.fetcher.vet_addresses(host, parsed, policy)
+        async with asyncio.timeout(policy.timeout):  # the host name is resolved: a slow DNS is bounded
+            parsed = gw.fetcher.parse(url)
+            host = gw.fetcher.check(parsed, policy)
+            await gw.fetcher.vet_addresses(host, parsed, policy)
     except FetchError as e:
         raise InvalidRequest(f"Invalid 'webhook_url': {e}.", param="webhook_url",
                              code="invalid_webhook_url") from None
+    except TimeoutError:
+        raise InvalidRequest("Invalid 'webhook_url': its host name could not be resolved in time.",
+                             param="webhook_url", code="invalid_webhook_url") from None
 
 
 # ---- reading, cancelling, deleting --------------------------------------------------------------------
@@ -190,7 +202,13 @@ def _json(data: dict, status: int = 200) -> web.Response:
 
 async def get_job(gw: Gateway, request: web.Request) -> web.Response:
     jobs, job = await _own_job(gw, request)
-    return _json(job.public(await _result(jobs, job)))
+    raw = await jobs.store.result(job.id) if job.has_result else None
+    if raw is None:
+        return _json(job.public(None))
+    # The stored answer (megabytes of base64 with b64_json) goes in as it is: not parsed, not re-encoded.
+    marker = secrets.token_hex(16)
+    head, _, tail = json.dumps(job.public(marker)).encode().partition(f'"{marker}"'.encode())
+    return web.Response(body=b"".join((head, raw, tail)), content_type="application/json")
 
 
 async def list_jobs(gw: Gateway, request: web.Request) -> web.Response:

@@ -88,7 +88,7 @@ class Job:
         due = [d.next_attempt_at for d in self.deliveries if d.state == "pending" and d.next_attempt_at]
         return min(due) if due else None
 
-    def public(self, result: dict | None = None) -> dict[str, Any]:
+    def public(self, result: Any = None) -> dict[str, Any]:
         """The job object clients see (`result`: the stored answer, parsed, when it is to be shown)."""
         return {
             "id": self.id, "object": "image.job", "status": self.status, "created_at": int(self.created_at),

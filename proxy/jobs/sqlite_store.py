@@ -4,6 +4,7 @@ machine (`serve --workers N`), each statement run in one thread of its own, neve
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from .model import ACTIVE, IN_PROGRESS, QUEUED, TERMINAL, Job
 from .store import JobStoreUnavailable
+
+log = logging.getLogger("proxy.jobs")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -45,16 +48,21 @@ class SqliteJobStore:
     async def _run(self, fn, *args):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:  # OSError: the folder cannot be made
+            log.warning("jobs: the SQLite store at %s failed: %s", self.path, e)
             raise JobStoreUnavailable(f"The job store failed ({type(e).__name__}); retry shortly.") from None
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a commit survives the process being killed (not a power cut, which needs FULL).
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit survives the process being killed (not a power cut, which needs FULL).
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def start(self) -> None:
