@@ -72,14 +72,19 @@ async def test_twenty_background_jobs_match_synchronous_calls(start_proxy, tmp_p
 
 def _serve(config: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The log goes to a file: a pipe nobody reads fills up (progress bars) and stalls the server.
+    log = open(config.parent / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
+    try:
+        return subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port",
+                                 str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
 
 
 async def _ready(session: aiohttp.ClientSession, base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, (Path(proc.args[5]).parent / "serve.log").read_text()[-3000:]
         with contextlib.suppress(aiohttp.ClientError):
             async with session.get(f"{base}/ready") as r:
                 if r.status == 200:
@@ -179,3 +184,49 @@ async def test_progress_shows_and_cancel_frees_the_engine(start_proxy, tmp_path,
     assert await steps_total(server) == ran + 3
     (arrival,) = await receiver.wait_for(1)
     assert arrival.event == "image.job.cancelled" and arrival.job_id == long["id"]
+
+
+async def test_sigterm_leaves_jobs_for_the_next_start(tmp_path, tiny_dir, aiohttp_server):
+    cfg = tiny_jobs_config(tmp_path, tiny_dir, workers=1, lease_seconds=1)
+    cfg["server"]["shutdown_grace"] = 1  # shorter than a job: the running one goes back to the queue too
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve(config, port)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            await _ready(s, base, proc)
+            ids = []
+            for i in range(4):
+                body = {"model": MODEL, "prompt": f"t{i}", "size": "64x64", "seed": i, "background": True,
+                        "num_inference_steps": 200}
+                async with s.post(f"{base}/v1/images/generations", json=body) as r:
+                    assert r.status == 202
+                    ids.append((await r.json())["id"])
+            async with asyncio.timeout(120):
+                while True:
+                    async with s.get(f"{base}/v1/images/jobs?status=in_progress") as r:
+                        if (await r.json())["data"]:
+                            break
+                    await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            proc = _serve(config, port)
+            await _ready(s, base, proc)
+            async with asyncio.timeout(600):
+                for job_id in ids:
+                    while True:
+                        async with s.get(f"{base}/v1/images/jobs/{job_id}") as r:
+                            job = await r.json()
+                        if job["status"] not in ("queued", "in_progress"):
+                            break
+                        await asyncio.sleep(0.1)
+                    assert job["status"] == "completed", job["error"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
