@@ -5,37 +5,35 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.payload import Payload
 
-from ..body import read_fields
-from ..cpu import INLINE_BYTES
 from ..errors import InvalidRequest, ModelNotFound
-from ..idempotency import REPLAYED
+from ..http.body import read_fields
+from ..http.cpu import INLINE_BYTES
+from ..http.send import send_or_drop
 from ..jobs.ask import BACKGROUND, mark_background
-from ..output import check_output_request, finish_images, render_images
+from ..media.output import check_output_request
+from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from ..router import RouteResult
-from ..send import send_or_drop
-from ..sizing import check_work, resolve_size
-from ..state import Answer
-from . import stream
+from ..routing.policy import API_KEY
+from ..state.idempotency import REPLAYED
+from ..state.shared import Answer
+from . import jobs, stream
+from .context import BODY, MODEL, NotServedHere
+from .serving import generate, route_headers
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 
 def served_model(gw: Gateway, request: web.Request, asked, default: str | None, served: list[str],
                  label: str = "Models served here") -> str:
     """The model an image call names (or the default), checked: served here and allowed for the caller's
     key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
-    from ..app import MODEL, NotServedHere
-    from ..policy import API_KEY
-
     model = asked or default
     if not isinstance(model, str):
         raise InvalidRequest("Invalid 'model': must be a string.", param="model")
@@ -50,8 +48,6 @@ def served_model(gw: Gateway, request: web.Request, asked, default: str | None, 
 
 
 async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
-    from ..app import BODY
-
     fields, raw = await read_fields(request)
     if raw is not None:
         request[BODY] = raw
@@ -68,7 +64,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
 async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
     req = await parse_generation(gw, request)
     if BACKGROUND in request:
-        return await gw.submit_job(request, req)
+        return await jobs.submit(gw, request, req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
     return await respond(gw, request, req)
@@ -129,54 +125,6 @@ class SentAsIs(Payload):
             self._value = ()
 
 
-async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
-                   base_url: str | None = None) -> tuple[RouteResult, dict]:
-    """Route the request (images checked and converted inside each route attempt), then render it.
-    Without `request` (a background job), in the caller's task, links under `base_url`."""
-    from ..app import ROUTE
-
-    deadline = time.monotonic() + gw.config.server.request_timeout
-
-    async def finish(images, route_req, provider):
-        return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
-                                   trusted_origin=provider.trusted_origin)
-
-    work = gw.router.generate(req, deadline, finish)
-    result = await (gw.run_work(request, work) if request is not None else work)
-    if request is not None:
-        request[ROUTE] = result
-        base_url = public_base_url(gw, request)
-    items = await render_images(result.images, req, store=gw.store, base_url=base_url)
-    for item in items:  # an upstream's text: it may echo what it was sent, keys included
-        item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
-    gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
-    out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
-    payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
-    for key in ("quality", "background"):
-        if getattr(req, key) is not None:
-            payload[key] = getattr(req, key)
-    seeds = [img.seed for img in result.images]
-    if all(s is not None for s in seeds):
-        payload["seeds"] = seeds
-    return result, payload
-
-
-def public_base_url(gw: Gateway, request: web.Request) -> str:
-    """Where url answers point: server.public_base_url, else the host the client called."""
-    return gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
-
-
-async def run_job(gw: Gateway, req: ImageRequest, base_url: str) -> tuple[bytes, str]:
-    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served)."""
-    result, payload = await generate(gw, None, req, base_url)
-    return await asyncio.to_thread(dumps_with_b64, payload), result.route.name
-
-
-def route_headers(result: RouteResult) -> dict[str, str]:
-    """Which route served and how many calls it took (retries and fallbacks included)."""
-    return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}
-
-
 def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
     """The response body in pieces: json.dumps of the payload, with each image's base64 text as it is
     (str, bytes, or a view of the upstream's answer) rather than scanned for escaping (base64 has no
@@ -202,3 +150,9 @@ def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
 def dumps_with_b64(payload: dict) -> bytes:
     """The response body as one bytes object (body_parts joined)."""
     return b"".join(body_parts(payload))
+
+
+async def run_job(gw: Gateway, req: ImageRequest, base_url: str) -> tuple[bytes, str]:
+    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served)."""
+    result, payload = await generate(gw, None, req, base_url)
+    return await asyncio.to_thread(dumps_with_b64, payload), result.route.name

@@ -15,8 +15,6 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..errors import InvalidRequest, NotFound, ProxyError, RateLimited
-from ..fetch import FetchError, FetchPolicy
-from ..idempotency import REPLAYED, client_scope
 from ..jobs.ask import BACKGROUND
 from ..jobs.factory import make_job_store
 from ..jobs.model import (
@@ -30,16 +28,19 @@ from ..jobs.model import (
     public_request,
     request_to_bytes,
 )
-from ..jobs.runner import JobRunner
+from ..jobs.runner import JobRunner, Work
 from ..jobs.webhooks import Deliverer
-from ..policy import API_KEY
+from ..media.fetch import FetchError, FetchPolicy
 from ..request import SEED_MAX, ImageRequest
-from ..state import Answer
-from ..store import valid_name
-from . import generations
+from ..routing.policy import API_KEY
+from ..state.idempotency import REPLAYED, client_scope
+from ..state.shared import Answer
+from ..state.store import valid_name
+from .serving import public_base_url
 
 if TYPE_CHECKING:
-    from ..app import Gateway, Handler
+    from .context import Handler
+    from .gateway import Gateway
 
 PREFIX = "/v1/images/jobs"
 _ID = re.compile(r"imgjob_[0-9a-f]{24}")
@@ -67,7 +68,12 @@ def webhook_policy(gw: Gateway) -> FetchPolicy:
                        max_redirects=0)
 
 
-def build_runner(gw: Gateway) -> JobRunner | None:
+def attach(gw: Gateway, work: Work) -> None:
+    """Give the gateway its job runner (None with jobs.enabled: false); `work` runs one job's request."""
+    gw.jobs = build_runner(gw, work)
+
+
+def build_runner(gw: Gateway, work: Work) -> JobRunner | None:
     settings = gw.config.jobs
     if not settings.enabled:
         return None
@@ -80,7 +86,7 @@ def build_runner(gw: Gateway) -> JobRunner | None:
 
     deliverer = Deliverer(gw.fetcher, webhook_policy(gw), backoff_base=settings.webhook_backoff_base,
                           backoff_max=settings.webhook_backoff_max, window=settings.webhook_retry_window)
-    return JobRunner(make_job_store(gw.config), settings, partial(generations.run_job, gw), slot=slot,
+    return JobRunner(make_job_store(gw.config), settings, work, slot=slot,
                      deliverer=deliverer, scrub=gw.scrubber.text, metrics=gw.metrics)
 
 
@@ -122,7 +128,7 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
     url = ask.webhook_url or (key_hook.url if key_hook else None)
     if ask.webhook_url:
         await check_webhook_url(gw, ask.webhook_url, key_hook)
-    base_url = generations.public_base_url(gw, request)
+    base_url = public_base_url(gw, request)
 
     async def work() -> Answer:
         # A seed now, so that a job run again after a restart makes the same images.

@@ -12,9 +12,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import progress
 from ..errors import ProxyError
-from ..policy import ConcurrencyLimited
+from ..media import progress
+from ..routing.policy import ConcurrencyLimited
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -33,8 +33,8 @@ from .store import JobStore
 
 if TYPE_CHECKING:
     from ..config.jobs import JobsConfig
-    from ..metrics import Metrics
     from ..request import ImageRequest
+    from ..telemetry.metrics import Metrics
     from .webhooks import Deliverer
 
 log = logging.getLogger("proxy.jobs")

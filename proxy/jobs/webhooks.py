@@ -16,7 +16,7 @@ import time
 
 import pybase64 as base64
 
-from ..fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
+from ..media.fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
 from .model import Delivery
 
 
