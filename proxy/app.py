@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import admin, edits, generations, playground
+from .api import jobs as jobs_api
 from .api.context import BODY, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
 from .api.gateway import Gateway
 from .config import Config
@@ -59,6 +60,8 @@ class Dispatcher:
             methods = {"GET": playground.handle, "HEAD": playground.handle}
         elif path.startswith("/images/"):
             methods = {"GET": partial(admin.image_file, self.gw), "HEAD": partial(admin.image_file, self.gw)}
+        elif jobs_api.serves(path):
+            methods = jobs_api.methods(self.gw, path)
         elif path.startswith("/v1/images/"):
             methods = self.routes.get(path)
         else:
@@ -116,7 +119,7 @@ class Dispatcher:
             try:
                 # The key (401), and image calls held to its limits while they run (429).
                 target = await self.authenticate(request, target)
-                if self.gw.draining and request.path.startswith("/v1/images/"):
+                if self.gw.draining and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
                     raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
                 if PASSED_ON in request:  # logged and counted as passthrough
@@ -187,7 +190,7 @@ class Dispatcher:
         if key is None:
             return handler
         request[API_KEY] = key
-        if handler is not None and request.path.startswith("/v1/images/"):
+        if handler is not None and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
             return self.gw.policy.guard(key, handler)
         await self.gw.policy.admit(key, image=False)
         return handler
@@ -262,6 +265,7 @@ def _lifecycle(app: web.Application, gateway: Gateway) -> None:
 def build_app(config: Config, providers: dict[str, Provider] | None = None) -> web.Application:
     """The standalone proxy: the gateway's routes, passthrough for other /v1 calls, OpenAI errors for the rest."""
     gateway = Gateway(config, providers)
+    jobs_api.attach(gateway, partial(generations.run_job, gateway))
     dispatcher = Dispatcher(gateway)
     app = web.Application(
         middlewares=[dispatcher.middleware(fallback=dispatcher.fallback)],
@@ -286,6 +290,7 @@ def image_proxy_middleware(config: Config, app: web.Application | None = None, *
     Pass `app` so the gateway starts, drains and closes with it.
     """
     gateway = Gateway(config)
+    jobs_api.attach(gateway, partial(generations.run_job, gateway))
     install_log_scrubbing(config.secrets())
     gateway.mounted = True
     gateway.admin_prefix = admin_prefix.rstrip("/") if admin_prefix is not None else None

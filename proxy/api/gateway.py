@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import ProxyError, Scrubber
+from ..jobs.runner import JobRunner
 from ..media.fetch import FetchPolicy, GuardedFetcher
 from ..media.output import OutputSettings
 from ..providers import Provider, ProviderContext, build_providers
@@ -81,6 +83,11 @@ class Gateway:
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
         self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
         self.http: aiohttp.ClientSession | None = None
+        # Background jobs (proxy/api/jobs.py attaches the runner): the job store opens on the first job
+        # call, or at start when it may hold jobs from before.
+        self.jobs: JobRunner | None = None
+        self._jobs_started = False
+        self._jobs_lock = asyncio.Lock()
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
@@ -121,16 +128,31 @@ class Gateway:
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
             for provider in self.providers.values():
                 await provider.start(ctx)
+            if self.jobs is not None and (self.config.state.redis_url or Path(self.config.jobs.path).exists()):
+                try:  # jobs queued, or interrupted, before this start
+                    await self.start_jobs()
+                except ProxyError as e:
+                    log.warning("background jobs are not running: %s", e.message)
             for name in self.config.models:
                 if not self.router.usable(name):
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
+    async def start_jobs(self) -> None:
+        """Open the job store and start running jobs (once; a store that fails to open is tried again
+        by the next call, which meanwhile answer 503 job_store_unavailable)."""
+        async with self._jobs_lock:
+            if not self._jobs_started:
+                await self.jobs.start()
+                self._jobs_started = True
+
     async def drain(self) -> None:
         """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
-        with a clear 503 (or a stream error event) rather than a dropped connection."""
+        with a clear 503 (or a stream error event) rather than a dropped connection. Background jobs get
+        the same grace; those still running then, and the queued ones, wait for the next start."""
         self.draining = True
-        await self.inflight.drain(self.config.server.shutdown_grace)
+        grace = self.config.server.shutdown_grace
+        await asyncio.gather(self.inflight.drain(grace), *([self.jobs.drain(grace)] if self._jobs_started else []))
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
@@ -143,6 +165,9 @@ class Gateway:
                 await provider.close()
         if self.passthrough:
             await self.passthrough.close()
+        if self._jobs_started:
+            self._jobs_started = False
+            await self.jobs.close()
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()

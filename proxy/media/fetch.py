@@ -185,6 +185,31 @@ class GuardedFetcher:
         except TimeoutError:
             raise FetchFailed(f"the download did not finish within {policy.timeout:g} s") from None
 
+    async def post(self, url: str, policy: FetchPolicy, body: bytes, headers: dict[str, str]) -> int:
+        """POST `body` to `url` by the same rules (a webhook): the answer's HTTP status, after reading at
+        most policy.max_bytes of its body (the rest is dropped with the connection). Redirects are not
+        followed: a 3xx is the answer. FetchRefused / FetchFailed (network trouble or time) as fetch()."""
+        try:
+            async with asyncio.timeout(policy.timeout):
+                current = self.parse(url)
+                host = self.check(current, policy)
+                addresses = await self.vet_addresses(host, current, policy)
+                token = _PINNED.set({host: addresses})
+                try:
+                    async with self._http().post(current, data=body, headers=headers, allow_redirects=False) as resp:
+                        left = policy.max_bytes
+                        async for chunk in resp.content.iter_chunked(1 << 16):
+                            left -= len(chunk)
+                            if left <= 0:
+                                break
+                        return resp.status
+                finally:
+                    _PINNED.reset(token)
+        except TimeoutError:
+            raise FetchFailed(f"no answer within {policy.timeout:g} s") from None
+        except aiohttp.ClientError as e:
+            raise FetchFailed(f"sending to {host} failed ({e.__class__.__name__})") from None
+
     async def _fetch(self, url: str, policy: FetchPolicy) -> bytes:
         current = self.parse(url)
         for hop in range(policy.max_redirects + 1):

@@ -30,6 +30,7 @@ from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..media.output import MIME, encode_image
 from ..media.partials import PartialImage, threadsafe_emitter
+from ..media.progress import step_reporter
 from ..request import ImageRequest
 from ..telemetry import tracing
 from . import enhance
@@ -312,9 +313,16 @@ class LocalProvider(Provider):
                 self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-partials")
             sender = PartialSender(req, emit, self._encoder)
         images, mask = await asyncio.to_thread(decode_inputs, req) if req.images or req.mask else ([], None)
+        report = step_reporter()  # a background job's progress
+
+        def on_step(step: int, total: int) -> None:
+            self._on_step(step, total)
+            if report is not None:
+                report(step, total)
+
         try:
             tier = request_tier(req, self.config)
-            params = to_params(req, self._on_step, images, mask, sender, tier)
+            params = to_params(req, on_step, images, mask, sender, tier)
             params.trace = tracing.engine_hook()  # None untraced: the engine's stages as spans
             revised = await self._chat_rewrite(req, params)
             result = await self.engine.generate(params)

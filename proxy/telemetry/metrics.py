@@ -78,6 +78,10 @@ class Metrics:
             ["provider"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
             registry=self.registry,
         )
+        self.jobs = Counter("qip_jobs_total", "Background jobs this process ended, by model and status "
+                            "(completed, failed, cancelled)", ["model", "status"], registry=self.registry)
+        self.webhook_attempts = Counter("qip_webhook_attempts_total", "Webhook delivery attempts by result: "
+                                        "delivered, retry, gone, failed", ["result"], registry=self.registry)
 
         self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
                                    registry=self.registry)
