@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from . import stages
 from .edit import MAX_IMAGES, UNIFIED_PIPELINES, inpaint_working_size, paste_kept
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, o
                 due.append((row, job, index, k))
     if due:
         rows = sorted({row for row, *_ in due})
+        ends = [stages.start(job.params.trace, "preview", {"step": steps_done, "image_index": index,
+                                                           "partial_image_index": k})
+                for _, job, index, k in due]
         try:
             estimate = previewer.estimate(
                 latents[rows], None if previous is None else previous[rows], pipeline.scheduler
@@ -92,6 +96,8 @@ def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, o
                     job.params.on_partial(index, k, by_row[row])
                 except Exception:  # a caller's callback must not kill the job
                     log.exception("on_partial callback failed")
+        for end in ends:
+            end({"made": made is not None})
     wanted = any(
         steps_done + 1 in job.preview_at and not job.cancelled and job.params.on_partial is not None
         for job, _ in owners

@@ -141,6 +141,8 @@ class GenerationParams:
     # Rewrite the prompt first (EngineConfig.prompt_enhancement); None: that config's default. Without
     # a configured prompt_enhancement the engine never rewrites (True is then ignored).
     prompt_enhancement: bool | None = None
+    # Told when each stage of the job starts and ends (local_backend.stages; the proxy's tracing): None: nothing
+    trace: Callable[..., Callable[..., None]] | None = None
 
 
 @dataclass
@@ -152,6 +154,8 @@ class GenerationResult:
     seconds: float  # time from pick-up by the worker to completion
     # The rewritten prompt the images were made from (prompt enhancement); None: the prompt as given
     revised_prompt: str | None = None
+    # Seconds the job waited in the queue before the worker took it (its first call, for n > max_batch)
+    queued_seconds: float = 0.0
 
 
 def plain_options(options: dict) -> dict:

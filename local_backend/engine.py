@@ -289,6 +289,7 @@ class Engine(EngineWorker):
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
+                job.picked_up({"dropped": flag})
                 settle(job.future, error=error(steps_run=job.steps_run))
             elif job in self._running:
                 setattr(job, flag, True)  # the call's end settles it
@@ -331,6 +332,7 @@ class Engine(EngineWorker):
                         self._waiting.remove(job)
                         continue
                     job.started_at = now
+                    job.picked_up({"queue_depth": len(self._waiting) - 1})
                 count = min(job.remaining, room)
                 slots.append((job, count))
                 room -= count
@@ -375,6 +377,7 @@ class Engine(EngineWorker):
             batch_size=job.batch_size,
             seconds=time.monotonic() - (job.started_at or time.monotonic()),
             revised_prompt=job.revised_prompt,
+            queued_seconds=(job.started_at or job.submitted_at) - job.submitted_at,
         )
         settle(job.future, result)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
+from . import stages
 from .config import GenerationParams, GenerationResult
 from .errors import EngineError
 
@@ -42,9 +44,11 @@ class Job:
         self.next_index = 0  # images handed to pipeline calls so far
         self.steps_run = 0
         self.batch_size = 0
+        self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.cancelled = False
         self.deadline_hit = False
+        self.picked_up = stages.start(params.trace, "queue_wait", {})  # ends when the worker takes it
         self._on_cancel = on_cancel
 
     def cancel(self) -> None:

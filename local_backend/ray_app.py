@@ -41,6 +41,7 @@ from .errors import (
     QueueFullError,
 )
 from .ray_options import deployment_options, engine_config
+from .ray_tracing import job_trace
 from .ray_wire import HTTP_STATUS, encode_png, error_reply, params_from_json, params_from_wire, wire_to_json
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,12 @@ class EngineReplica:
 
     async def generate(self, wire: dict) -> dict:
         """One request; the reply is plain data (see the module's docstring). Cancelling cancels the job."""
+        wire, traceparent = _without_trace(wire)
         try:
             params = params_from_wire(wire)
         except InvalidParamsError as e:
             return self._reply_error(e)
-        return await self._run(params)
+        return await self._traced(params, traceparent)
 
     async def generate_stream(self, wire: dict):
         """Previews as the job makes them ({"partial": ...}), then the reply. Closing it cancels the job."""
@@ -152,12 +154,13 @@ class EngineReplica:
         def on_partial(index: int, partial_index: int, image) -> None:  # the engine's worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (index, partial_index, image))
 
+        wire, traceparent = _without_trace(wire)
         try:
             params = params_from_wire(wire, on_partial)
         except InvalidParamsError as e:
             yield self._reply_error(e)
             return
-        task = asyncio.ensure_future(self._run(params))
+        task = asyncio.ensure_future(self._traced(params, traceparent))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             # Partials are queued (call_soon_threadsafe) before the job's result reaches the task, so
@@ -261,6 +264,12 @@ class EngineReplica:
         return {"ok": False, "error": error_reply(exc), "replica": self.replica_id,
                 "queue_depth": self.engine.queue_depth}
 
+    async def _traced(self, params: GenerationParams, traceparent: str | None) -> dict:
+        """_run, as a part of the caller's trace when it sent one (local_backend.ray_tracing)."""
+        with job_trace(traceparent, self.replica_id) as hook:
+            params.trace = hook
+            return await self._run(params)
+
     async def _run(self, params: GenerationParams) -> dict:
         self.active += 1  # on the replica's event loop only
         try:
@@ -299,6 +308,15 @@ class EngineReplica:
             "replica": self.replica_id,
             "queue_depth": self.engine.queue_depth,
         }
+
+
+def _without_trace(wire):
+    """(the wire without its traceparent, the traceparent): the caller's trace context rides along with
+    the parameters (the proxy sends it when it traces) but is none of them."""
+    if not isinstance(wire, dict) or "traceparent" not in wire:
+        return wire, None
+    wire = dict(wire)
+    return wire, wire.pop("traceparent")
 
 
 def _json_reply(reply: dict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from .calls import call_arguments, final_image, hand_out_previews
 from .edit import working_area_scale
 from .errors import EngineError, InvalidParamsError, LoraError
 from .jobs import Job, empty_cuda_cache, is_oom, settle, summary, wrap_error
+from .stages import CallStages
 
 if TYPE_CHECKING:
     from .accel import Accel
@@ -135,6 +137,9 @@ class EngineWorker:
                 owners.append((job, index))
         self._loras.activate(base, self._active_loras(first))
 
+        # Stage hooks (tracing) of the jobs in this call: spans for the call, its encoding, steps and decoding.
+        hooks = [job.params.trace for job in jobs if job.params.trace is not None]
+        traced = CallStages(hooks)
         steps_done = 0
         previous = None  # the last step's latents, kept only when a preview is due after this step
         previews = any(job.preview_at for job in jobs)
@@ -148,8 +153,15 @@ class EngineWorker:
                         job.params.on_step(steps_done, first.steps)
                     except Exception:  # a caller's callback must not kill the batch
                         log.exception("on_step callback failed")
+            if hooks:
+                traced.step(steps_done)
             if previews:
-                previous = self._make_previews(pipeline, tensors["latents"], previous, steps_done, owners, work_size)
+                traced.previewing = True
+                try:
+                    previous = self._make_previews(pipeline, tensors["latents"], previous, steps_done, owners,
+                                                   work_size)
+                finally:
+                    traced.previewing = False
             with self._cond:
                 if self._closed or all(job.cancelled or job.deadline_hit for job in jobs):
                     pipeline._interrupt = True  # diffusers skips the remaining steps
@@ -165,8 +177,12 @@ class EngineWorker:
             saved = pipe.scheduler
             if scheduler is not None:  # the tier's scheduler for this call only
                 pipe.scheduler = scheduler
+            facts = {"batch_size": len(prompts), "steps": first.steps, "tier": first.tier, "cache": first.cache,
+                     "width": work_size[0], "height": work_size[1], "cfg": first.negative is not None}
+            traced.facts = facts
             try:
-                with self._accel.call(first.cache, first.steps, first.negative is not None):
+                with traced.stage("call", facts), traced.watch(pipe) if hooks else nullcontext(), \
+                        self._accel.call(first.cache, first.steps, first.negative is not None):
                     output = pipe(
                         true_cfg_scale=first.cfg,
                         num_inference_steps=first.steps,

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import admin, edits, generations, playground
+from .api import jobs as jobs_api
 from .api.context import BODY, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
 from .api.gateway import Gateway
 from .config import Config
@@ -28,6 +29,8 @@ from .http.wire_errors import install_log_scrubbing
 from .providers import Provider
 from .request import MAX_FORM_FIELDS
 from .routing.policy import API_KEY
+from .telemetry import tracing
+from .telemetry.logs_json import REQUEST_ID_VAR
 
 log = logging.getLogger("proxy")
 
@@ -57,6 +60,8 @@ class Dispatcher:
             methods = {"GET": playground.handle, "HEAD": playground.handle}
         elif path.startswith("/images/"):
             methods = {"GET": partial(admin.image_file, self.gw), "HEAD": partial(admin.image_file, self.gw)}
+        elif jobs_api.serves(path):
+            methods = jobs_api.methods(self.gw, path)
         elif path.startswith("/v1/images/"):
             methods = self.routes.get(path)
         else:
@@ -84,8 +89,21 @@ class Dispatcher:
 
         @web.middleware
         async def qwen_image_proxy(request: web.Request, handler: Handler) -> web.StreamResponse:
+            traced = self.gw.tracing
+            if traced is None:
+                return await serve(request, handler)
+            with traced.request(request.method, request.path, request.headers) as span:
+                response = await serve(request, handler)
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    traced.failed(span)
+                return response
+
+        async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
             request[REQUEST_ID] = request_id
+            if self.gw.json_logs:  # every log line of the request carries its id
+                REQUEST_ID_VAR.set(request_id)
             try:
                 target = self.match(request)
             except ProxyError as e:
@@ -95,13 +113,13 @@ class Dispatcher:
             if not self.gw.started:
                 await self.gw.start()
             started = time.monotonic()
-            outcome = "ok"
+            outcome, error_code = "ok", None
             if fallback is not None:  # a model served elsewhere is passed on under the same limits
                 target = _or_passed_on(target, fallback)
             try:
                 # The key (401), and image calls held to its limits while they run (429).
                 target = await self.authenticate(request, target)
-                if self.gw.draining and request.path.startswith("/v1/images/"):
+                if self.gw.draining and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
                     raise ShuttingDown("The server is shutting down; retry on another instance.", retry_after=1)
                 response = await target(request)
                 if PASSED_ON in request:  # logged and counted as passthrough
@@ -109,34 +127,48 @@ class Dispatcher:
             except NotServedHere:  # mounted: the host app's own handlers answer
                 return await handler(request)
             except asyncio.CancelledError:
-                self._log_request(request, 499, started, "cancelled")
+                self._log_request(request, 499, started, "cancelled", None, self._annotate(request, 499, "cancelled"),
+                                  "client_closed_request")
                 raise
             except ProxyError as e:
-                response, outcome = self.gw.scrubber.error(e).to_response(), outcome_of(e)
+                response, outcome, error_code = self.gw.scrubber.error(e).to_response(), outcome_of(e), e.code
             except web.HTTPException as e:
                 error = from_http_exception(e)
-                response, outcome = error.to_response(), outcome_of(error)
+                response, outcome, error_code = error.to_response(), outcome_of(error), error.code
             except Exception:
                 log.exception("request %s failed", request_id)
-                response, outcome = internal_error(request_id).to_response(), "error"
+                response, outcome, error_code = internal_error(request_id).to_response(), "error", "internal_error"
             if STREAM_ERROR in request:
-                outcome = outcome_of(request[STREAM_ERROR])
+                outcome, error_code = outcome_of(request[STREAM_ERROR]), request[STREAM_ERROR].code
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
             result = request.pop(ROUTE, None)
             request.pop(BODY, None)
+            trace_id = self._annotate(request, response.status, outcome, result) if self.gw.tracing else ""
             # The log line and the counters run once the answer is on its way: they need not delay it.
             asyncio.get_running_loop().call_soon(self._log_request, request, response.status, started, outcome,
-                                                 result)
+                                                 result, trace_id, error_code)
             return with_id(response, request_id)
 
         return qwen_image_proxy
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
-                     result: Any = None) -> None:
+                     result: Any = None, trace_id: str = "", error_code: str | None = None) -> None:
         log_request(self.gw.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
                     key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
-                    result=result)
+                    result=result, trace_id=trace_id, error_code=error_code)
+
+    @staticmethod
+    def _annotate(request: web.Request, status: int, outcome: str, result: Any = None) -> str:
+        """The request's span gets what its log line says; its trace id for that line ("" untraced)."""
+        if tracing.current() is None:
+            return ""
+        key = request.get(API_KEY)
+        tracing.annotate_request({
+            "qip.request_id": request[REQUEST_ID], "qip.model": request.get(MODEL), "qip.key": key.name if key else None,
+            "qip.outcome": outcome, "http.response.status_code": status,
+            "qip.route": result.route.name if result else None, "qip.attempts": result.calls if result else None})
+        return tracing.trace_id()
 
     async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
         """The caller's key (401 without a valid one; see proxy/routing/policy.py), kept as request[API_KEY].
@@ -158,7 +190,7 @@ class Dispatcher:
         if key is None:
             return handler
         request[API_KEY] = key
-        if handler is not None and request.path.startswith("/v1/images/"):
+        if handler is not None and request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
             return self.gw.policy.guard(key, handler)
         await self.gw.policy.admit(key, image=False)
         return handler
@@ -233,6 +265,7 @@ def _lifecycle(app: web.Application, gateway: Gateway) -> None:
 def build_app(config: Config, providers: dict[str, Provider] | None = None) -> web.Application:
     """The standalone proxy: the gateway's routes, passthrough for other /v1 calls, OpenAI errors for the rest."""
     gateway = Gateway(config, providers)
+    jobs_api.attach(gateway, partial(generations.run_job, gateway))
     dispatcher = Dispatcher(gateway)
     app = web.Application(
         middlewares=[dispatcher.middleware(fallback=dispatcher.fallback)],
@@ -257,6 +290,7 @@ def image_proxy_middleware(config: Config, app: web.Application | None = None, *
     Pass `app` so the gateway starts, drains and closes with it.
     """
     gateway = Gateway(config)
+    jobs_api.attach(gateway, partial(generations.run_job, gateway))
     install_log_scrubbing(config.secrets())
     gateway.mounted = True
     gateway.admin_prefix = admin_prefix.rstrip("/") if admin_prefix is not None else None

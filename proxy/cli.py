@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -18,11 +19,14 @@ from local_backend.ray_options import serve_application
 from .api.gateway import Gateway
 from .app import GATEWAY, build_app
 from .config import Config, ConfigError, load_config
+from .errors import Scrubber
 from .generate_cli import run_generate
 from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
 from .http.wire_errors import install_log_scrubbing
 from .plan_cli import run_plan
 from .providers import build_providers
+from .telemetry.logs_json import use_json_logs
+from .telemetry.settings import settings_from
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
 # Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
@@ -61,6 +65,13 @@ def _load(path: str) -> Config:
 def _load_checked(path: str) -> tuple[Config, dict]:
     """What `serve` and `check-config` both accept: the config, and its providers built but not started."""
     config = _load(path)
+    try:
+        tracing = settings_from(config.telemetry)
+    except ValueError as e:
+        _fail(f"{path}: telemetry: {e}")
+    if tracing is not None and importlib.util.find_spec("opentelemetry.sdk") is None:
+        _fail(f"{path}: telemetry: traces go to {tracing.endpoint}, but OpenTelemetry is not installed: "
+              "pip install 'qwen-image-proxy[otel]'")
     try:
         return config, build_providers(config)
     except ConfigError as e:
@@ -135,8 +146,11 @@ def _reason(e: OSError) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config, providers = _load_checked(args.config)
-    logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or config.server.log_level
+    if config.server.log_format == "json":
+        use_json_logs(level, Scrubber(config.secrets()).text)
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # every library's records too, not only aiohttp's and ours
         handler.addFilter(install_log_scrubbing(config.secrets()))
     log = logging.getLogger("proxy")

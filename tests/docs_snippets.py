@@ -27,7 +27,8 @@ _FRAGMENT = re.compile(r"^fragment under ([\w.-]+):$")
 _REASONED = re.compile(r"^(not checked|compile only) \(.+\)$")
 
 # Variables the documented configs name; values that pass their checks (a key needs 4+ characters).
-DOC_ENV = {"QIP_CI_KEY": "ci-key-for-the-docs", "QIP_METRICS_KEY": "metrics-key-for-the-docs"}
+DOC_ENV = {"QIP_CI_KEY": "ci-key-for-the-docs", "QIP_METRICS_KEY": "metrics-key-for-the-docs",
+           "MOBILE_APP_KEY": "mobile-key-for-the-docs"}
 # Commands a shell block may run that the checks leave alone (a download, another program's CLI).
 OTHER_COMMANDS = {"hf", "ray", "serve", "npm", "node"}
 
@@ -138,7 +139,9 @@ def check_command(argv: list[str], where: str) -> dict | None:
     elif name == "curl":
         url = next(a for a in argv if a.startswith("http"))
         data = argv[argv.index("-d") + 1] if "-d" in argv else None
-        return {"path": re.sub(r"^https?://[^/]+", "", url), "json": json.loads(data) if data else None}
+        headers = dict(argv[i + 1].split(": ", 1) for i, a in enumerate(argv) if a == "-H")
+        return {"path": re.sub(r"^https?://[^/]+", "", url), "json": json.loads(data) if data else None,
+                "headers": headers}
     else:
         assert name in OTHER_COMMANDS, f"{where}: `{argv[0]}` is a command the docs test does not know"
     return None

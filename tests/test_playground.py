@@ -98,7 +98,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("playground")
-    cfg = base_config(tmp, server={"api_keys": [KEY]})
+    cfg = base_config(tmp, server={"api_keys": [KEY]}, jobs={"path": str(tmp / "jobs.sqlite3")})
     cfg["size_tables"]["small"] = SMALL_SIZES
     cfg["models"][EDIT] = {"sizes": "small", "routes": ["up"], "max_input_images": 3,
                            "description": "Edits through a fake OpenAI-compatible upstream"}
@@ -485,6 +485,33 @@ def test_tiers_and_loras_follow_the_models_capabilities(page, live):
     assert body["tier"] == "lightning-8"
     assert body["loras"] == [{"path": "styles/ink.safetensors", "scale": 0.5}, {"path": "my-style", "scale": 0.8}]
     assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_run_in_background_and_the_jobs_list(page, live):
+    set_form(page, size="1024x1024", seed=4242)
+    page.check("#background")
+    run = run_and_wait(page)
+    job_id = run.get_attribute("data-job")
+    assert job_id and job_id.startswith("imgjob_")
+    figure = run.locator("figure.image")
+    assert figure.count() == 1 and figure.get_attribute("data-seed") == "4242"
+    got = image_bytes(page, figure)
+    status, body = live.post("/v1/images/generations", {"model": PLACEHOLDER, "prompt": "a lighthouse at dusk",
+                                                         "size": "1024x1024", "seed": 4242,
+                                                         "response_format": "b64_json", "output_format": "png"})
+    assert status == 200 and got == base64.b64decode(json.loads(body)["data"][0]["b64_json"])
+    # Listed under Background jobs, completed; Show brings its image back as a run of its own.
+    item = page.locator(f'#jobs li[data-id="{job_id}"][data-status="completed"]')
+    item.wait_for()
+    before = page.locator("article.run").count()
+    item.get_by_role("button", name="Show").click()
+    page.wait_for_function("([n]) => document.querySelectorAll('article.run').length > n", arg=[before])
+    shown = page.locator("article.run").first
+    assert shown.get_attribute("data-job") == job_id
+    assert image_bytes(page, shown.locator("figure.image")) == got
+    # Another tab of the same key sees the job too: it outlives the page that made it.
+    page.reload()
+    page.locator(f'#jobs li[data-id="{job_id}"]').wait_for()
 
 
 def test_a_ray_pool_model_offers_its_speed_tiers(browser, tmp_path):

@@ -370,6 +370,69 @@ async def test_partial_images_stream_through_the_pool(ray_pool, start_proxy, tmp
     assert pixels(base64.b64decode(events[-1].b64_json)).shape == (64, 64, 3)
 
 
+TRACE_APP, TRACE_ROUTE = "qip-trace", "/qip-trace"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("transport", ["handle", "http"])
+async def test_one_trace_spans_the_proxy_and_a_replica(ray_pool, start_proxy, tmp_path, aiohttp_server,
+                                                      monkeypatch, transport):
+    """The proxy sends its trace context with the call; a replica whose environment names the collector
+    exports its spans into the same trace, under the proxy's pool.call span, with the engine's stages."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from ray import serve
+
+    from local_backend.ray_app import build_app
+
+    from .otlp_receiver import OtlpReceiver, children, one
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    receiver = await OtlpReceiver().start(aiohttp_server)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+           "OTEL_SERVICE_NAME": "qip-pool-test"}
+    # Two replicas of their own (the collector is named in their environment), beside the shared pool.
+    pool = {**POOL, "ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}}}
+    serve.run(build_app(pool), name=TRACE_APP, route_prefix=TRACE_ROUTE)
+    try:
+        provider = {"app_name": TRACE_APP, "route_prefix": TRACE_ROUTE, **pool, "transport": transport,
+                    "http_url": ray_pool.http_url}
+        cfg = ray_config(tmp_path, provider)
+        cfg["telemetry"] = {"otlp_endpoint": receiver.url, "service_name": "qip-proxy-test"}
+        server, client = await start_proxy(cfg)
+        r = await client.images.generate(model=MODEL, prompt="a fox", size="64x64", response_format="b64_json",
+                                         extra_body={"seed": 1, "num_inference_steps": 3},
+                                         extra_headers={"X-Request-Id": f"req-ray-{transport}"})
+        assert pixels(base64.b64decode(r.data[0].b64_json)).shape == (64, 64, 3)
+        spans = await receiver.trace_with("POST /v1/images/generations", **{"qip.request_id": f"req-ray-{transport}"})
+        trace_id = spans[0].trace_id
+        deadline = time.monotonic() + 60
+        while not [s for s in receiver.spans if s.trace_id == trace_id and s.name == "engine.vae_decode"]:
+            assert time.monotonic() < deadline, [s.name for s in receiver.spans]
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        spans = [s for s in receiver.spans if s.trace_id == trace_id]
+        root = one(spans, "POST /v1/images/generations")
+        (attempt,) = children(spans, root, "route_attempt")
+        (call,) = children(spans, attempt, "pool.call")
+        assert call.attributes["qip.transport"] == transport and call.service == "qip-proxy-test"
+        # The replica's spans: another process, the same trace, under the proxy's call.
+        (replica,) = [s for s in spans if s.name == "pool.generate"]
+        assert replica.service == "qip-pool-test" and replica.kind == 2  # SERVER
+        assert replica.parent_id == call.span_id  # the context travels with the call's parameters
+        if transport == "http":  # and the HTTP call itself is a client span of the proxy's
+            (post,) = children(spans, call, "POST")
+            assert post.attributes["http.response.status_code"] == 200
+        assert replica.attributes["qip.replica"] == call.attributes["qip.replica"]
+        assert replica.attributes["qip.pid"] != __import__("os").getpid()
+        assert [c.name for c in children(spans, replica)][:2] == ["engine.queue_wait", "engine.call"]
+        (engine_call,) = children(spans, replica, "engine.call")
+        (denoise,) = children(spans, engine_call, "engine.denoise")
+        assert denoise.attributes["qip.engine.steps_run"] == 3
+        assert [c.name for c in children(spans, engine_call)][-1] == "engine.vae_decode"
+    finally:
+        serve.delete(TRACE_APP)
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("transport", ["handle", "http"])
 async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path, transport):

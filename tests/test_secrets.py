@@ -10,8 +10,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.app import GATEWAY
+from proxy.errors import Scrubber
+from proxy.telemetry.logs_json import JsonFormatter
+
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, make_image
+from .otlp_receiver import OtlpReceiver
 
 UPSTREAM_KEY = "sentinel-upstream-4f2a9c1e7b"
 PASSTHROUGH_KEY = "sentinel-passthrough-8d3b6e0a51"
@@ -67,8 +72,10 @@ class EchoingUpstream:
 @pytest.mark.parametrize("mode", ["ok", "400", "500", "429"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_no_secret_reaches_responses_logs_or_metrics(aiohttp_server, start_proxy, tmp_path, caplog,
-                                                           mode, stream):
+                                                           monkeypatch, mode, stream):
     caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    receiver = await OtlpReceiver().start(aiohttp_server)
     up = await EchoingUpstream(mode).start(aiohttp_server)
     cfg = base_config(tmp_path)
     cfg["server"] = {"api_keys": [PROXY_KEY]}
@@ -77,6 +84,8 @@ async def test_no_secret_reaches_responses_logs_or_metrics(aiohttp_server, start
     cfg["providers"]["echo"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": UPSTREAM_KEY}
     cfg["passthrough"] = {"base_url": f"{up.url}/v1", "api_key": PASSTHROUGH_KEY}
     cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["echo"]}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}  # spans too (prompts not opted in)
+    cfg["server"]["log_format"] = "json"
     server, _ = await start_proxy(cfg)
     seen: list[str] = []
     headers = {"Authorization": f"Bearer {PROXY_KEY}", "Content-Type": "application/json"}
@@ -106,6 +115,17 @@ async def test_no_secret_reaches_responses_logs_or_metrics(aiohttp_server, start
                 seen.append(await r.text())
     seen += [rec.getMessage() for rec in caplog.records]
     seen += [str(rec.exc_info) for rec in caplog.records if rec.exc_info]
+    # The JSON log lines `serve` writes with log_format: json (its formatter, its scrubber).
+    formatter = JsonFormatter(Scrubber(server.app[GATEWAY].config.secrets()).text)
+    json_lines = [formatter.format(rec) for rec in caplog.records]
+    assert any('"logger": "proxy.requests"' in line and '"request_id"' in line for line in json_lines)
+    seen += json_lines
+    # Every exported span attribute: no key; and no prompt (telemetry.record_prompts is off).
+    spans = await receiver.trace_with("GET /v1/models")
+    assert spans and len(receiver.spans) > len(spans)
+    attributes = [json.dumps(span.attributes) for span in receiver.spans]
+    assert not [a for a in attributes if "a fox" in a]
+    seen += attributes
     everything = "\n".join(seen)
     for secret in SECRETS:
         assert secret not in everything, (secret, [s for s in seen if secret in s][:2])

@@ -11,11 +11,13 @@ from aiohttp import web
 
 from ..errors import InvalidRequest
 from ..http.body import read_body
+from ..jobs.ask import BACKGROUND, mark_background
 from ..media.inputs import InputReader, json_image_refs
 from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from . import generations, stream
+from ..telemetry import tracing
+from . import generations, jobs, stream
 from .context import BODY
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     if body.raw is not None:
         request[BODY] = body.raw
     fields = dict(body.fields)
+    mark_background(request, fields)
     refs, mask_ref = json_image_refs(fields)
     editing = edit_models(gw)
     default = gw.default_model if gw.default_model in editing else next(iter(editing), None)
@@ -85,7 +88,11 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
 
 
 async def edits(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    req = await parse_edit(gw, request)
+    with tracing.span("parse"):
+        req = await parse_edit(gw, request)
+    generations.traced(req)
+    if BACKGROUND in request:
+        return await jobs.submit(gw, request, req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_edit")
     return await generations.respond(gw, request, req)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import ProxyError, Scrubber
+from ..jobs.runner import JobRunner
 from ..media.fetch import FetchPolicy, GuardedFetcher
 from ..media.output import OutputSettings
 from ..providers import Provider, ProviderContext, build_providers
@@ -22,6 +24,7 @@ from ..routing.policy import API_KEY, KeyPolicy
 from ..routing.router import Router
 from ..state.factory import make_state, make_store
 from ..state.idempotency import Idempotency
+from ..telemetry import otel
 from ..telemetry.metrics import Metrics
 from .context import MODEL
 from .passthrough import Passthrough
@@ -36,6 +39,8 @@ class Gateway:
     def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
         self.config = config
         self.metrics = Metrics()
+        # OpenTelemetry spans when telemetry (or OTEL_EXPORTER_OTLP_ENDPOINT) is set; None: off, free.
+        self.tracing = otel.configure(config.telemetry)
         self.providers = providers if providers is not None else build_providers(config)
         # Strings that come back from upstreams reach clients and logs only through this.
         self.scrubber = Scrubber(config.secrets())
@@ -63,7 +68,7 @@ class Gateway:
             allowed_networks=tuple(config.fetch.allowed_networks), allow_http=config.fetch.allow_http,
         ) if config.fetch.input_image_hosts else None
         # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
-        self.fetcher = GuardedFetcher()
+        self.fetcher = GuardedFetcher(trace_configs=[self.tracing.client_trace_config()] if self.tracing else None)
         self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
                                         scrub=self.scrubber.text, send_timeout=config.server.send_timeout)
                             if config.passthrough.enabled else None)
@@ -73,10 +78,16 @@ class Gateway:
         self.admin_prefix: str | None = ""
         self.default_model = config.server.default_model or next(iter(config.models), None)
         self._keys = [k.encode() for k in config.server.api_keys]
+        self.json_logs = config.server.log_format == "json"
         # Who may call what: key names, per-key models and limits, the /metrics key.
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
         self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
         self.http: aiohttp.ClientSession | None = None
+        # Background jobs (proxy/api/jobs.py attaches the runner): the job store opens on the first job
+        # call, or at start when it may hold jobs from before.
+        self.jobs: JobRunner | None = None
+        self._jobs_started = False
+        self._jobs_lock = asyncio.Lock()
         self.keepalive_seconds = 15.0
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
@@ -108,7 +119,8 @@ class Gateway:
             # wait in the client for a connection, on their own timeout. Keys' concurrency limits apply.
             self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"},
                                               cookie_jar=aiohttp.DummyCookieJar(),
-                                              connector=aiohttp.TCPConnector(limit=0))
+                                              connector=aiohttp.TCPConnector(limit=0),
+                                              trace_configs=[self.tracing.client_trace_config()] if self.tracing else None)
             await self.store.start()
             await self.state.start()
             if self.passthrough:
@@ -116,16 +128,31 @@ class Gateway:
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
             for provider in self.providers.values():
                 await provider.start(ctx)
+            if self.jobs is not None and (self.config.state.redis_url or Path(self.config.jobs.path).exists()):
+                try:  # jobs queued, or interrupted, before this start
+                    await self.start_jobs()
+                except ProxyError as e:
+                    log.warning("background jobs are not running: %s", e.message)
             for name in self.config.models:
                 if not self.router.usable(name):
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
+    async def start_jobs(self) -> None:
+        """Open the job store and start running jobs (once; a store that fails to open is tried again
+        by the next call, which meanwhile answer 503 job_store_unavailable)."""
+        async with self._jobs_lock:
+            if not self._jobs_started:
+                await self.jobs.start()
+                self._jobs_started = True
+
     async def drain(self) -> None:
         """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
-        with a clear 503 (or a stream error event) rather than a dropped connection."""
+        with a clear 503 (or a stream error event) rather than a dropped connection. Background jobs get
+        the same grace; those still running then, and the queued ones, wait for the next start."""
         self.draining = True
-        await self.inflight.drain(self.config.server.shutdown_grace)
+        grace = self.config.server.shutdown_grace
+        await asyncio.gather(self.inflight.drain(grace), *([self.jobs.drain(grace)] if self._jobs_started else []))
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
@@ -138,10 +165,15 @@ class Gateway:
                 await provider.close()
         if self.passthrough:
             await self.passthrough.close()
+        if self._jobs_started:
+            self._jobs_started = False
+            await self.jobs.close()
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()
         await self.http.close()
+        if self.tracing is not None:  # the spans still batched go out now
+            await asyncio.to_thread(self.tracing.shutdown)
         self._started = False
 
     async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:

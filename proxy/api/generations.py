@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from dataclasses import replace
@@ -14,13 +15,15 @@ from ..errors import InvalidRequest, ModelNotFound
 from ..http.body import read_fields
 from ..http.cpu import INLINE_BYTES
 from ..http.send import send_or_drop
+from ..jobs.ask import BACKGROUND, mark_background
 from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
 from ..routing.policy import API_KEY
 from ..state.idempotency import REPLAYED
 from ..state.shared import Answer
-from . import stream
+from ..telemetry import tracing
+from . import jobs, stream
 from .context import BODY, MODEL, NotServedHere
 from .serving import generate, route_headers
 
@@ -49,6 +52,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     fields, raw = await read_fields(request)
     if raw is not None:
         request[BODY] = raw
+    mark_background(request, fields)
     model = served_model(gw, request, fields.get("model"), gw.default_model, list(gw.config.models))
     body = parse_body(fields)
     width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
@@ -59,10 +63,23 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
 
 
 async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    req = await parse_generation(gw, request)
+    with tracing.span("parse"):
+        req = await parse_generation(gw, request)
+    traced(req)
+    if BACKGROUND in request:
+        return await jobs.submit(gw, request, req)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
     return await respond(gw, request, req)
+
+
+def traced(req: ImageRequest) -> None:
+    """What the request asks for, on its span (the prompt only where the operator opted in)."""
+    if tracing.current() is not None:
+        tracing.annotate_request({"qip.model": req.model, "qip.n": req.n, "qip.size": req.size_text,
+                                  "qip.stream": req.stream, "qip.response_format": req.response_format,
+                                  "qip.edit": req.is_edit, "qip.partial_images": req.partial_images,
+                                  **tracing.prompt_attributes(req.prompt)})
 
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:
@@ -145,3 +162,9 @@ def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
 def dumps_with_b64(payload: dict) -> bytes:
     """The response body as one bytes object (body_parts joined)."""
     return b"".join(body_parts(payload))
+
+
+async def run_job(gw: Gateway, req: ImageRequest, base_url: str) -> tuple[bytes, str]:
+    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served)."""
+    result, payload = await generate(gw, None, req, base_url)
+    return await asyncio.to_thread(dumps_with_b64, payload), result.route.name

@@ -17,17 +17,21 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 
-async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
-    """Route the request (images checked and converted inside each route attempt), then render it."""
+async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
+                   base_url: str | None = None) -> tuple[RouteResult, dict]:
+    """Route the request (images checked and converted inside each route attempt), then render it.
+    Without `request` (a background job), in the caller's task, links under `base_url`."""
     deadline = time.monotonic() + gw.config.server.request_timeout
 
     async def finish(images, route_req, provider):
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
-    result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-    request[ROUTE] = result
-    base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
+    work = gw.router.generate(req, deadline, finish)
+    result = await (gw.run_work(request, work) if request is not None else work)
+    if request is not None:
+        request[ROUTE] = result
+        base_url = public_base_url(gw, request)
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)
     for item in items:  # an upstream's text: it may echo what it was sent, keys included
         item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
@@ -41,6 +45,11 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
     if all(s is not None for s in seeds):
         payload["seeds"] = seeds
     return result, payload
+
+
+def public_base_url(gw: Gateway, request: web.Request) -> str:
+    """Where url answers point: server.public_base_url, else the host the client called."""
+    return gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
 
 
 def route_headers(result: RouteResult) -> dict[str, str]:

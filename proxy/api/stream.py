@@ -22,6 +22,7 @@ from ..http.send import send_or_drop
 from ..media.output import inspect, reencode
 from ..media.partials import PartialImage, open_sink
 from ..request import ImageRequest
+from ..telemetry import tracing
 from .context import STREAM_ERROR
 from .serving import generate
 
@@ -129,7 +130,9 @@ class _Previews:
         count = self.sent.get(partial.image_index, 0)
         if count >= (self.req.partial_images or 0) or not 0 <= partial.image_index < self.req.n:
             return None
-        checked = await asyncio.to_thread(self._checked, partial.data)
+        with tracing.span("stream.partial_image", {"qip.image_index": partial.image_index,
+                                                   "qip.partial_image_index": count}):
+            checked = await asyncio.to_thread(self._checked, partial.data)
         if checked is None:
             return None
         b64, fmt = checked

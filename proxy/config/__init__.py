@@ -21,6 +21,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 from ..media.sizing import SizeTable
 from .envvars import Expansion, expand_env
 from .errors import ConfigError
+from .jobs import JobsConfig
 from .kinds import KINDS, options_model, provider_class
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import (
@@ -30,6 +31,7 @@ from .sections import (
     RoutingConfig,
     StateConfig,
     StoreConfig,
+    TelemetryConfig,
     has_credentials,
 )
 from .server import ServerConfig
@@ -41,6 +43,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FetchConfig",
+    "JobsConfig",
     "ModelConfig",
     "PassthroughConfig",
     "ProviderConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "SizeTableConfig",
     "StateConfig",
     "StoreConfig",
+    "TelemetryConfig",
     "expand_env",
     "load_config",
     "parse_config",
@@ -62,6 +66,8 @@ class Config(Strict):
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -118,6 +124,9 @@ class Config(Strict):
             found.append(self.passthrough.api_key)
         if self.state.redis_url and urlsplit(self.state.redis_url).password:
             found.append(urlsplit(self.state.redis_url).password)
+        if self.telemetry.headers_env and os.environ.get(self.telemetry.headers_env):
+            found += [v.partition("=")[2].strip() for v in os.environ[self.telemetry.headers_env].split(",")]
+        found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]
         for provider in self.providers.values():
             for name, value in provider.options.items():
                 if isinstance(value, str) and _SECRET_OPTION.search(name):
@@ -182,6 +191,12 @@ def _check_references(config: Config, broken: set) -> list[str]:
         known = ", ".join(config.models) or "none"
         problems.append(f"server.default_model: '{default}' is not a configured model"
                         f"{suggest(default, config.models) or f' (models: {known})'}")
+    if "jobs" not in broken and "server" not in broken:
+        names = [key.name for key in config.server.keys]
+        for name in config.jobs.key_webhooks:
+            if name not in names:
+                problems.append(f"jobs.key_webhooks.{name}: no key is named '{name}' under server.api_keys"
+                                f"{suggest(name, names)}")
     tables = [(f"size_tables.{name}", table) for name, table in config.size_tables.items()]
     tables += [(f"models.{name}.sizes", m.sizes) for name, m in config.models.items()
                if isinstance(m.sizes, SizeTableConfig)]

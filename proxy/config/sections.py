@@ -1,4 +1,4 @@
-"""The smaller top-level sections: store, state, fetch, routing and passthrough."""
+"""The smaller top-level sections: store, state, fetch, routing, passthrough and telemetry."""
 
 from __future__ import annotations
 
@@ -155,3 +155,26 @@ class PassthroughConfig(Strict):
     @property
     def enabled(self) -> bool:
         return bool(self.base_url)
+
+
+class TelemetryConfig(Strict):
+    """OpenTelemetry traces (pip install '.[otel]'). Off unless otlp_endpoint (or the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable) is set; each key left
+    unset falls back to its standard OTEL_* variable."""
+
+    # Base URL of the collector, e.g. http://localhost:4318 (http/protobuf: /v1/traces is added) or
+    # http://localhost:4317 (grpc).
+    otlp_endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] | None = None
+    # The share of requests traced (a client's sampled traceparent is always followed): 0 to 1.
+    sample_ratio: float | None = Field(default=None, ge=0, le=1)
+    service_name: str | None = None
+    # The variable holding the exporter's headers, "name=value,name2=value2" (a collector's token).
+    headers_env: str | None = None
+    # Prompts as span attributes (qip.prompt): off, since prompts may be personal data.
+    record_prompts: bool = False
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return http_url(value, "http://localhost:4318")

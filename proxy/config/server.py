@@ -162,6 +162,9 @@ class ServerConfig(Strict):
     # Base of the URLs handed out for response_format=url; default: the request's own host.
     public_base_url: str | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # text: one readable line per record; json: one JSON object per line (time, level, logger, message,
+    # request_id, trace_id and the request line's fields), for log collectors.
+    log_format: Literal["text", "json"] = "text"
     # Model used when a request names none; default: the first model listed.
     default_model: str | None = None
     # On SIGTERM: seconds in-flight requests may take to finish before they are cancelled with an error.

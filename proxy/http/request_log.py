@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -22,25 +23,45 @@ def with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse
 
 
 def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key: Any, status: int,
-                seconds: float, outcome: str, result: Any = None) -> None:
+                seconds: float, outcome: str, result: Any = None, trace_id: str = "",
+                error_code: str | None = None) -> None:
     """Count every request the gateway answers; log a line for image requests (never for probes).
-    `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any."""
+    `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any;
+    `trace_id` the request's trace ("" when it is not traced); `error_code` the OpenAI error code of an
+    error answer (counted under the proxy's own codes; anything an upstream made up counts as `other`)."""
     # Templates, not raw paths: every image URL as its own label value would grow without bound.
     endpoint = ("/images/{name}" if path.startswith("/images/")
                 else "/v1/models/{model}" if "/v1/models/" in path else path)
     metrics.child(metrics.requests, endpoint, model, str(status)).inc()
     if key is not None:
         metrics.child(metrics.requests_by_key, key.name, endpoint, model, str(status)).inc()
+    if status >= 400:
+        code = error_code if error_code in own_codes() else "other"
+        metrics.child(metrics.errors, model, code).inc()
     if not path.startswith("/v1/images/"):
         return
     metrics.child(metrics.outcomes, model, outcome).inc()
     if model:
         metrics.child(metrics.latency, endpoint, model).observe(seconds)
-    route = result.route.name if result else "-"
-    attempts = result.calls if result else 0
-    access_log.info("request_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
-                    "duration_ms=%.0f outcome=%s", request_id, key.name if key else "-", endpoint,
-                    model or "-", route, attempts, status, seconds * 1000, outcome)
+    fields = {"request_id": request_id, "trace_id": trace_id or "-", "key": key.name if key else "-",
+              "endpoint": endpoint, "model": model or "-", "route": result.route.name if result else "-",
+              "attempts": result.calls if result else 0, "status": status,
+              "duration_ms": round(seconds * 1000), "outcome": outcome}
+    # The fields again as `qip_fields`: the JSON log format (log_format: json) writes them as keys.
+    access_log.info("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
+                    "duration_ms=%d outcome=%s", *fields.values(), extra={"qip_fields": fields})
+
+
+@functools.cache
+def own_codes() -> frozenset[str]:
+    """The error codes of the proxy's own errors (every ProxyError subclass's), read once all are imported."""
+    found, todo = set(), [ProxyError]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if isinstance(cls.__dict__.get("code"), str):
+            found.add(cls.__dict__["code"])
+    return frozenset(found | {"internal_error", "client_closed_request"})
 
 
 def outcome_of(error: ProxyError) -> str:

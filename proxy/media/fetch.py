@@ -148,8 +148,9 @@ class GuardedFetcher:
     host -> addresses (sync or async). Default: the event loop's getaddrinfo.
     """
 
-    def __init__(self, resolver: AbstractResolver | HostResolver | None = None):
+    def __init__(self, resolver: AbstractResolver | HostResolver | None = None, trace_configs=None):
         self.resolver = resolver
+        self.trace_configs = trace_configs  # client spans for the downloads, when the gateway traces
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -167,6 +168,7 @@ class GuardedFetcher:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,  # an environment proxy would connect for us, past the checks
                 timeout=aiohttp.ClientTimeout(total=None),
+                trace_configs=self.trace_configs,
             )
         return self._session
 
@@ -182,6 +184,31 @@ class GuardedFetcher:
                 return await self._fetch(url, policy)
         except TimeoutError:
             raise FetchFailed(f"the download did not finish within {policy.timeout:g} s") from None
+
+    async def post(self, url: str, policy: FetchPolicy, body: bytes, headers: dict[str, str]) -> int:
+        """POST `body` to `url` by the same rules (a webhook): the answer's HTTP status, after reading at
+        most policy.max_bytes of its body (the rest is dropped with the connection). Redirects are not
+        followed: a 3xx is the answer. FetchRefused / FetchFailed (network trouble or time) as fetch()."""
+        try:
+            async with asyncio.timeout(policy.timeout):
+                current = self.parse(url)
+                host = self.check(current, policy)
+                addresses = await self.vet_addresses(host, current, policy)
+                token = _PINNED.set({host: addresses})
+                try:
+                    async with self._http().post(current, data=body, headers=headers, allow_redirects=False) as resp:
+                        left = policy.max_bytes
+                        async for chunk in resp.content.iter_chunked(1 << 16):
+                            left -= len(chunk)
+                            if left <= 0:
+                                break
+                        return resp.status
+                finally:
+                    _PINNED.reset(token)
+        except TimeoutError:
+            raise FetchFailed(f"no answer within {policy.timeout:g} s") from None
+        except aiohttp.ClientError as e:
+            raise FetchFailed(f"sending to {host} failed ({e.__class__.__name__})") from None
 
     async def _fetch(self, url: str, policy: FetchPolicy) -> bytes:
         current = self.parse(url)

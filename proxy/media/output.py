@@ -16,6 +16,7 @@ from yarl import URL
 from ..errors import InvalidRequest, UpstreamError
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
+from ..telemetry import tracing
 
 if TYPE_CHECKING:
     from ..providers.base import GeneratedImage
@@ -305,9 +306,16 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
         if data is None and img.b64 is None:
             data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
         size = len(data) if data is not None else len(img.b64)
-        data, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
+        with tracing.span("image.check", {"qip.bytes": size}) as span:
+            data, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
+            if tracing.current() is not None:
+                span.set_attributes({"qip.format": info.format, "qip.width": info.width, "qip.height": info.height,
+                                     "qip.converted": final is None})
+        if final is not None:
+            return final
         # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
-        return final or await asyncio.to_thread(_converted, img, data, info, req)
+        with tracing.span("image.convert", {"qip.to_format": req.output_format, "qip.compression": req.output_compression}):
+            return await asyncio.to_thread(_converted, img, data, info, req)
 
     return await gather_or_cancel([one(img) for img in images])
 
@@ -322,7 +330,9 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store, b
         if req.response_format == "b64_json":
             b64 = img.b64 or await run_cpu(len(img.data), _b64, img.data)
             return {"b64_json": b64, "revised_prompt": revised}
-        name = await store.put(img.data, img.mime)
+        with tracing.span("store.upload", {"qip.store": type(store).__name__, "qip.bytes": len(img.data)}
+                          if tracing.current() is not None else None):
+            name = await store.put(img.data, img.mime)
         return {"url": await store.url_for(name, base_url), "revised_prompt": revised}
 
     return await gather_or_cancel([one(img) for img in finals])

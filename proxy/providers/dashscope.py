@@ -44,6 +44,7 @@ from ..config import RouteConfig
 from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
+from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .dashscope_convert import (
     KIND,
@@ -121,7 +122,8 @@ class DashScopeProvider(VendorProvider):
         self._raise_for(status, payload, retry_after)
         task_id = task_id_of(payload)
         try:
-            payload = await self._wait(task_id, deadline, max_bytes)
+            with tracing.span("vendor.poll", {"qip.provider": self.name}):
+                payload = await self._wait(task_id, deadline, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline) or given up: nobody will collect this task.
             self._cancel_later(task_id)

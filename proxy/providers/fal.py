@@ -26,6 +26,7 @@ from ..config import RouteConfig
 from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
+from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .fal_convert import (
     EDIT_IMAGE_FIELDS,
@@ -115,7 +116,8 @@ class FalProvider(VendorProvider):
             raise UpstreamError(f"fal answered the submit with HTTP {status} and a body that is not JSON")
         handle = queue_handle(payload, self.base_url, model)
         try:
-            failed = await self._wait(handle, deadline, limit, max_bytes)
+            with tracing.span("vendor.poll", {"qip.provider": self.name}):
+                failed = await self._wait(handle, deadline, limit, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline), timed out or failed while the job may still run:
             # tell fal to drop it, from a task of its own (this one is being cancelled), then go on.

@@ -30,7 +30,9 @@ from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from ..media.output import MIME, encode_image
 from ..media.partials import PartialImage, threadsafe_emitter
+from ..media.progress import step_reporter
 from ..request import ImageRequest
+from ..telemetry import tracing
 from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local_convert import (
@@ -311,9 +313,17 @@ class LocalProvider(Provider):
                 self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-partials")
             sender = PartialSender(req, emit, self._encoder)
         images, mask = await asyncio.to_thread(decode_inputs, req) if req.images or req.mask else ([], None)
+        report = step_reporter()  # a background job's progress
+
+        def on_step(step: int, total: int) -> None:
+            self._on_step(step, total)
+            if report is not None:
+                report(step, total)
+
         try:
             tier = request_tier(req, self.config)
-            params = to_params(req, self._on_step, images, mask, sender, tier)
+            params = to_params(req, on_step, images, mask, sender, tier)
+            params.trace = tracing.engine_hook()  # None untraced: the engine's stages as spans
             revised = await self._chat_rewrite(req, params)
             result = await self.engine.generate(params)
         except QueueFullError as e:
@@ -324,10 +334,13 @@ class LocalProvider(Provider):
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:
             raise UpstreamError(f"the local engine failed: {e}") from None
+        if self.metrics:
+            self.metrics.local_queue_wait.labels(provider=self.name).observe(result.queued_seconds)
         if sender is not None:  # every preview before the final images
             await sender.wait()
         fmt = req.output_format or "png"
-        datas = await asyncio.to_thread(encode_all, result.images, fmt, req.output_compression)
+        with tracing.span("engine.encode", {"qip.format": fmt, "qip.images": len(result.images)}):
+            datas = await asyncio.to_thread(encode_all, result.images, fmt, req.output_compression)
         return [
             GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
                            revised_prompt=result.revised_prompt or revised,

@@ -46,6 +46,7 @@ from ..config import RouteConfig
 from ..errors import UpstreamError
 from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from ..telemetry import tracing
 from . import enhance
 from .base import (
     SMALL_ANSWER,
@@ -372,11 +373,15 @@ class RayProvider(Provider):
             emit(PartialImage(image_index=req.first_index + int(p["image_index"]),
                               partial_index=int(p["partial_index"]), data=data, format=fmt))
 
-        if self.transport == "handle":
-            reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
-        else:
-            reply = await call_http(self._http, f"{self.http_url}{self.route_prefix}", wire,
-                                    on_partial if emit else None, answer_limit(req))
+        with tracing.span("pool.call", {"qip.provider": self.name, "qip.transport": self.transport}) as span:
+            if (parent := tracing.traceparent()) is not None:  # the replica's spans join this trace
+                wire["traceparent"] = parent
+            if self.transport == "handle":
+                reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
+            else:
+                reply = await call_http(self._http, f"{self.http_url}{self.route_prefix}", wire,
+                                        on_partial if emit else None, answer_limit(req))
+            span.set_attribute("qip.replica", str(reply.get("replica")))
         return self._images(reply, req, revised)
 
     async def _chat_rewrite(self, req: ImageRequest, wire: dict) -> str | None:

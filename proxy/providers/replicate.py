@@ -22,6 +22,7 @@ from ..config import RouteConfig
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
+from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .replicate_convert import (
     TERMINAL,
@@ -108,7 +109,8 @@ class ReplicateProvider(VendorProvider):
         if not isinstance(payload, dict):
             raise UpstreamError(f"the upstream answered HTTP {status} with a body that is not a prediction")
         try:
-            prediction = await self._wait(payload, end, max_bytes)
+            with tracing.span("vendor.poll", {"qip.provider": self.name}):
+                prediction = await self._wait(payload, end, max_bytes)
         except BaseException:
             # Cancelled (client gone, route deadline), timed out or polling broke: stop paying for it.
             self._cancel_later(payload)

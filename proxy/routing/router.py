@@ -26,6 +26,7 @@ from ..errors import (
 from ..media.output import generate_n
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest, with_route_defaults
+from ..telemetry import tracing
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
@@ -188,6 +189,7 @@ class Router:
                 # Loading: worth waiting for only when nothing after it can serve now.
                 if any(r.provider.unavailable_reason is None for r in later):
                     attempts.append((route.name, f"skipped: {route.provider.loading_stage}"))
+                    self._fallback(req.model, route, "loading")
                     continue
                 if not await self._wait_loaded(route, deadline, attempts, failures):
                     continue
@@ -195,6 +197,7 @@ class Router:
             if not route.breaker.allow():
                 if not last:
                     attempts.append((route.name, "skipped: circuit open after repeated failures"))
+                    self._fallback(req.model, route, "circuit_open")
                     continue
                 route.breaker.probing = True  # the last route is never skipped: this call is its probe
             try:
@@ -210,6 +213,8 @@ class Router:
                 attempts += [(r.name, "skipped: the request deadline (server.request_timeout) passed first")
                              for r in later]
                 break
+            if not last:
+                self._fallback(req.model, route, "failed")
         raise self._final_error(req.model, attempts, failures)
 
     async def _wait_loaded(self, route: Route, deadline: float, attempts, failures) -> bool:
@@ -239,30 +244,20 @@ class Router:
                 break
             limit = min(route.timeout, remaining)
             parts.retry_next = lambda e, attempt=attempt: self._may_retry(e, attempt, route, last)
-            try:
-                async with asyncio.timeout(limit):
-                    images = await parts.generate(route_req)
-                    try:
-                        images = await finish(images, route_req, route.provider)
-                    except BaseException:
-                        parts.done.clear()  # which image was bad is not known: make them all again
-                        raise
-            except TimeoutError:
-                why = "the request deadline (server.request_timeout) passed" if limit < route.timeout else "timed out"
-                error: ProxyError = UpstreamTimeout(f"{why} after {limit:.3g} s")
-            except ProxyError as e:
-                if not e.retryable:
-                    self._count(req.model, route, "client_error")
-                    raise
-                error = e
-            except Exception as e:
-                # A provider bug must not cost the request: log it and try again / the next route.
-                log.exception("model %s: route %s raised", req.model, route.name)
-                error = UpstreamError(f"internal error in the route ({type(e).__name__})")
-            else:
+            traced = tracing.current() is not None
+            with tracing.span("route_attempt", {
+                    "qip.route": route.name, "qip.provider": route.provider.kind, "qip.attempt": attempt + 1,
+                    "qip.route_index": self.routes[req.model].index(route), "qip.breaker_state": route.breaker.state,
+                    "qip.timeout_s": round(limit, 3)} if traced else None) as span:
+                error = await self._attempt(route, req, route_req, parts, finish, limit)
+                if traced:
+                    span.set_attribute("qip.outcome", "ok" if error is None else "error")
+                    if error is not None:
+                        span.set_attribute("qip.error", self.scrub(error.message))
+            if error is None:
                 self._count(req.model, route, "ok")
                 attempts.append((route.name, "ok"))
-                return images
+                return parts.images
             self._count(req.model, route, "error")
             log.warning("model %s: route %s failed (attempt %d): %s", req.model, route.name, attempt + 1,
                         self.scrub(error.message))
@@ -273,7 +268,34 @@ class Router:
             wait = self._backoff(attempt, error, last)
             if time.monotonic() + wait >= deadline:
                 break
-            await asyncio.sleep(wait)
+            with tracing.span("retry_wait", {"qip.route": route.name, "qip.wait_s": round(wait, 3)}):
+                await asyncio.sleep(wait)
+        return None
+
+    async def _attempt(self, route: Route, req: ImageRequest, route_req: ImageRequest, parts: _Parts,
+                       finish: Finish, limit: float) -> ProxyError | None:
+        """One try on the route: None when its images are made and final (in parts.images), else why not.
+        The client's own errors are raised."""
+        try:
+            async with asyncio.timeout(limit):
+                images = await parts.generate(route_req)
+                try:
+                    parts.images = await finish(images, route_req, route.provider)
+                except BaseException:
+                    parts.done.clear()  # which image was bad is not known: make them all again
+                    raise
+        except TimeoutError:
+            why = "the request deadline (server.request_timeout) passed" if limit < route.timeout else "timed out"
+            return UpstreamTimeout(f"{why} after {limit:.3g} s")
+        except ProxyError as e:
+            if not e.retryable:
+                self._count(req.model, route, "client_error")
+                raise
+            return e
+        except Exception as e:
+            # A provider bug must not cost the request: log it and try again / the next route.
+            log.exception("model %s: route %s raised", req.model, route.name)
+            return UpstreamError(f"internal error in the route ({type(e).__name__})")
         return None
 
     def _may_retry(self, error: ProxyError, attempt: int, route: Route, last: bool) -> bool:
@@ -305,6 +327,14 @@ class Router:
             log.warning("route %s: circuit open after %d failed requests in a row: skipped for %.3g s "
                         "where another route can serve", route.name, route.breaker.failures,
                         route.breaker.cooldown)
+
+    def _fallback(self, model: str, route: Route, reason: str) -> None:
+        """The request moves past `route` to the next one: counted, and an event on its trace."""
+        if self.metrics:
+            self.metrics.child(self.metrics.fallbacks, model, route.name, reason).inc()
+        with tracing.span("route_skipped" if reason != "failed" else "fallback",
+                          {"qip.route": route.name, "qip.reason": reason}):
+            pass
 
     def _count(self, model: str, route: Route, outcome: str) -> None:
         if self.metrics:
@@ -343,6 +373,7 @@ class _Parts:
         self.errors: list[ProxyError] = []
         self.fatal: BaseException | None = None
         self.retry_next: Callable[[ProxyError], bool] = lambda e: False
+        self.images: list[Any] = []  # the final images of the attempt that succeeded
 
     async def call(self, chunk: ImageRequest) -> list[GeneratedImage]:
         key = (chunk.first_index, chunk.n)

@@ -70,6 +70,10 @@ class ImageStore(Protocol):
         """The link a url answer carries: the proxy's /images/<name> under base_url, or a presigned one."""
         ...
 
+    async def delete(self, name: str) -> None:
+        """Remove an image before its TTL (a deleted background job's result); unknown names are ignored."""
+        ...
+
     async def open(self, name: str) -> StoredImage | None:
         """The image for GET /images/<name>; None when unknown, expired or not a valid name."""
         ...

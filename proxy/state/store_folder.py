@@ -57,6 +57,10 @@ class FilesystemStore:
         path, content_type, mtime = found
         return StoredImage(content_type=content_type, path=path, expires_at=mtime + self.ttl)
 
+    async def delete(self, name: str) -> None:
+        if valid_name(name):
+            await asyncio.to_thread(lambda: (self.root / name).unlink(missing_ok=True))
+
     def _write(self, name: str, data: bytes) -> None:
         # Write then rename, so a reader never sees half a file.
         tmp = self.root / f".{name}.tmp"

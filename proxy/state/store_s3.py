@@ -154,6 +154,14 @@ class S3Store:
         except Exception as e:
             raise self._unavailable("sign links to", e) from None
 
+    async def delete(self, name: str) -> None:
+        if not valid_name(name):
+            return
+        try:
+            await asyncio.wait_for(_obstore().delete_async(self.client, [name]), self.timeout + 5)
+        except Exception as e:
+            raise self._unavailable("delete images from", e) from None
+
     async def open(self, name: str) -> StoredImage | None:
         if not valid_name(name):
             return None

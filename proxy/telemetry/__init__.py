@@ -1,1 +1,1 @@
-"""Metrics about the proxy at work."""
+"""Metrics, traces and structured logs about the proxy at work."""

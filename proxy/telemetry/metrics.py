@@ -62,6 +62,27 @@ class Metrics:
             "no_gpu, unavailable)", ["model", "route", "state"], registry=self.registry,
         )
 
+        # For the alert rules in deploy/: fallbacks, errors by code (store_unavailable, state_unavailable...),
+        # and how long local jobs wait for the GPU.
+        self.fallbacks = Counter(
+            "qip_fallbacks_total",
+            "Requests that moved past a route to the next one, by the route passed over and why: failed, "
+            "circuit_open, loading", ["model", "route", "reason"], registry=self.registry,
+        )
+        self.errors = Counter(
+            "qip_errors_total", "Error answers by model and OpenAI error code (e.g. store_unavailable)",
+            ["model", "code"], registry=self.registry,
+        )
+        self.local_queue_wait = Histogram(
+            "qip_local_queue_wait_seconds", "Time a local job waited in its engine's queue before the GPU took it",
+            ["provider"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
+            registry=self.registry,
+        )
+        self.jobs = Counter("qip_jobs_total", "Background jobs this process ended, by model and status "
+                            "(completed, failed, cancelled)", ["model", "status"], registry=self.registry)
+        self.webhook_attempts = Counter("qip_webhook_attempts_total", "Webhook delivery attempts by result: "
+                                        "delivered, retry, gone, failed", ["result"], registry=self.registry)
+
         self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
                                    registry=self.registry)
         self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",

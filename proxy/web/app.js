@@ -5,6 +5,7 @@
 import { MIME, b64ToBlob, sendImageRequest } from "./api.js";
 import { $, clearError, el, setStatus, showError } from "./dom.js";
 import { initEdits } from "./edit-images.js";
+import { followJob, progressText, refreshJobs } from "./jobs.js";
 import { initKey } from "./key.js";
 import { addLoraRow } from "./loras.js";
 import { applyMode, applyModel, applySize, loadModels } from "./models.js";
@@ -30,11 +31,11 @@ async function submit(e) {
   setBusy(true);
   const run = createRun(request);
   const timer = setInterval(() => {
-    run.meta.textContent = `${request.fields.model} · working… ${seconds(performance.now() - run.started)}`;
+    run.meta.textContent = `${request.fields.model} · ${run.note || "working…"} ${seconds(performance.now() - run.started)}`;
   }, 250);
   setStatus(request.endpoint === "edits" ? "Editing…" : "Generating…");
   try {
-    const { response, payload } = await sendImageRequest(request, {
+    let { response, payload } = await sendImageRequest(request, {
       signal: controller.signal,
       onEvent(type, data) {
         if (type.endsWith(".partial_image")) {
@@ -49,6 +50,14 @@ async function submit(e) {
         }
       },
     });
+    if (request.background) { // the answer is a job (202): follow it to its result
+      run.article.dataset.job = payload.id;
+      refreshJobs(showJob);
+      payload = await followJob(payload, controller.signal, (job) => {
+        run.note = `background job ${job.status}${progressText(job)} ·`;
+        setStatus(`Background job ${job.id}: ${job.status}${progressText(job)}.`);
+      });
+    }
     if (payload) {
       const route = response.headers.get("x-qip-route") || "";
       const attempts = response.headers.get("x-qip-attempts") || "";
@@ -84,7 +93,26 @@ async function submit(e) {
     clearPreviews();
     state.running = null;
     setBusy(false);
+    if (request.background) refreshJobs(showJob);
   }
+}
+
+/** A finished background job's images, as a run of their own. */
+function showJob(job) {
+  const r = job.request || {};
+  const fields = { model: job.model, prompt: r.prompt || "", seed: r.seed };
+  const run = createRun({ endpoint: job.kind === "edit" ? "edits" : "generations", fields, files: [], stream: false,
+    baseUrl: location.origin, hasKey: true });
+  const result = job.result || { data: [] };
+  (result.data || []).forEach((item, i) => {
+    if (!item.b64_json) return;
+    const seed = Array.isArray(result.seeds) ? result.seeds[i] : seedOf(fields, i);
+    addImage(run, { blob: b64ToBlob(item.b64_json, MIME[result.output_format] || "image/png"), seed,
+      size: result.size, format: result.output_format, revised: item.revised_prompt });
+  });
+  run.meta.textContent = `${job.model} · background job ${job.id} · ${run.count} image${run.count === 1 ? "" : "s"}`;
+  run.article.dataset.state = "done";
+  run.article.dataset.job = job.id;
 }
 
 function setBusy(busy) {
@@ -122,7 +150,9 @@ function init() {
   $("format").addEventListener("change", syncFormat);
   $("compression").addEventListener("input", () => { $("compression-value").textContent = $("compression").value; });
   syncFormat();
+  $("refresh-jobs").addEventListener("click", () => refreshJobs(showJob));
   loadModels();
+  refreshJobs(showJob);
 }
 
 init();

@@ -57,7 +57,9 @@ export async function buildRequest() {
   if (LOSSY.has($("format").value)) fields.output_compression = Number($("compression").value);
   if ($("enhance").value) fields.prompt_enhancement = $("enhance").value;
   fields.response_format = "b64_json";
-  const stream = $("partials").value !== "off";
+  const background = $("background").checked;
+  if (background) fields.background = true;
+  const stream = !background && $("partials").value !== "off";
   if (stream) {
     fields.stream = true;
     fields.partial_images = Number($("partials").value);
@@ -65,7 +67,7 @@ export async function buildRequest() {
 
   // Images a stream must bring (the API's default n is 1): fewer is a stream cut short.
   const expected = stream ? (Number.isInteger(fields.n) && fields.n > 0 ? fields.n : 1) : 0;
-  const request = { endpoint: edit ? "edits" : "generations", fields, files: [], stream, expected,
+  const request = { endpoint: edit ? "edits" : "generations", fields, files: [], stream, expected, background,
     baseUrl: location.origin, hasKey: Boolean(getKey()) };
   if (!edit) {
     request.body = fields;

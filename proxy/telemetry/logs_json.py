@@ -1,0 +1,57 @@
+"""log_format: json: one JSON object per log record (time, level, logger, message, request_id, trace_id,
+and the request line's fields as keys), with every configured secret scrubbed as in the text format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+# The id of the request being handled (set by the gateway's middleware when logs are JSON).
+REQUEST_ID_VAR: ContextVar[str] = ContextVar("qip_request_id", default="")
+
+
+def _current_trace_id() -> str:
+    """The trace of the span current where the record was made (OpenTelemetry only if already loaded)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return ""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one line of JSON. `scrub` removes secrets from the message and the traceback."""
+
+    def __init__(self, scrub: Callable[[str], str] = str):
+        super().__init__()
+        self.scrub = scrub
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "qip_fields", None) or {}
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": self.scrub(record.getMessage()),
+            "request_id": fields.get("request_id") or REQUEST_ID_VAR.get() or None,
+            "trace_id": fields.get("trace_id") if fields.get("trace_id", "-") != "-" else (_current_trace_id() or None),
+        }
+        entry.update((k, v) for k, v in fields.items() if k not in entry)
+        if record.exc_info:
+            entry["exception"] = self.scrub(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def use_json_logs(level: str, scrub: Callable[[str], str] = str) -> None:
+    """Make the root logger write JSON lines to stderr (what `serve` does with log_format: json)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter(scrub))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

@@ -1,0 +1,89 @@
+"""Jobs shared by several proxies on one real Redis (redis-server on a free loopback port): each job runs
+exactly once, whichever proxy took it in, and a job whose proxy died is taken over by another."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from proxy.app import GATEWAY
+from proxy.jobs.model import Job, new_job_id, request_to_bytes
+from proxy.jobs.redis_store import RedisJobStore
+from proxy.request import ImageRequest
+
+from .fake_openai_upstream import FakeOpenAIUpstream
+from .services import redis_server  # noqa: F401
+from .test_jobs_e2e import KEY, MODEL, client_scope_of, http, jobs_config, submit, wait_done, with_vendor
+from .webhook_receiver import Receiver
+
+
+def redis_jobs_config(tmp_path, redis_url: str, fake, **jobs) -> dict:
+    cfg = with_vendor(jobs_config(tmp_path, **jobs), fake)
+    cfg["state"] = {"redis_url": redis_url}
+    return cfg
+
+
+async def test_two_proxies_run_each_of_30_jobs_once(start_proxy, tmp_path, aiohttp_server, redis_server):  # noqa: F811
+    fake = await FakeOpenAIUpstream(delay=0.05).start(aiohttp_server)
+    receiver = await Receiver().start(aiohttp_server)
+    proxies = [await start_proxy(redis_jobs_config(tmp_path / name, redis_server.url, fake, workers=3))
+               for name in ("a", "b")]
+    ids = []
+    for i in range(30):
+        server, client = proxies[i % 2]
+        status, _, job = await submit(client, model="vendor-image", prompt=f"p{i}", webhook_url=receiver.url)
+        assert status == 202
+        ids.append(job["id"])
+    for i, job_id in enumerate(ids):
+        done = await wait_done(proxies[(i + 1) % 2][0], job_id)  # read through the other proxy
+        assert done["status"] == "completed", done["error"]
+    prompts = Counter(r.json["prompt"] for r in fake.requests)
+    assert prompts == Counter({f"p{i}": 1 for i in range(30)})  # each run exactly once
+    arrivals = await receiver.wait_for(30)
+    await asyncio.sleep(0.5)
+    assert len(receiver.arrivals) == 30 and len({a.job_id for a in arrivals}) == 30
+    assert all(a.verified for a in arrivals)
+    # Both proxies list the same 30 jobs.
+    for server, _ in proxies:
+        status, _, page = await http(server, "GET", "/v1/images/jobs?limit=100")
+        assert status == 200 and sorted(j["id"] for j in page["data"]) == sorted(ids)
+    _, _, other = await http(proxies[0][0], "GET", f"/v1/images/jobs/{ids[0]}", key="other-key")
+    assert other["error"]["code"] == "job_not_found"
+
+
+async def test_a_dead_proxys_job_is_taken_over(start_proxy, tmp_path, aiohttp_server, redis_server):  # noqa: F811
+    fake = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = redis_jobs_config(tmp_path, redis_server.url, fake, lease_seconds=1)
+    dead = RedisJobStore(redis_server.url, prefix="qip:jobs:")
+    job = Job(id=new_job_id(), owner=client_scope_of(KEY), key_name="alice", model=MODEL, kind="generation",
+              request={"response_format": "url"}, rerun_safe=True)
+    assert await dead.create(job, request_to_bytes(ImageRequest(prompt="p", model=MODEL, width=64, height=64,
+                                                                seed=1)), 10)
+    claimed = await dead.claim("dead-proxy", lease=0.01)
+    claimed.runs = 1
+    assert await dead.save(claimed, "dead-proxy")
+    await dead.close()
+    server, _ = await start_proxy(cfg)
+    done = await wait_done(server, job.id)
+    assert done["status"] == "completed" and done["result"]["data"][0]["url"]
+
+
+async def test_cancel_through_another_proxy_stops_the_running_job(start_proxy, tmp_path, aiohttp_server,
+                                                                  redis_server):  # noqa: F811
+    fake = await FakeOpenAIUpstream(delay=60).start(aiohttp_server)
+    a = await start_proxy(redis_jobs_config(tmp_path / "a", redis_server.url, fake, lease_seconds=0.6))
+    b = await start_proxy(redis_jobs_config(tmp_path / "b", redis_server.url, fake, lease_seconds=0.6))
+    status, _, job = await submit(a[1], model="vendor-image")
+    async with asyncio.timeout(30):
+        while fake.in_flight == 0:
+            await asyncio.sleep(0.02)
+    # Asked through the proxy that does not run it: the holder sees the request at its next renewal.
+    holder, other = (a, b) if job["id"] in a[0].app[GATEWAY].jobs.running else (b, a)
+    assert job["id"] in holder[0].app[GATEWAY].jobs.running
+    status, _, _ = await http(other[0], "POST", f"/v1/images/jobs/{job['id']}/cancel")
+    assert status == 200
+    done = await wait_done(other[0], job["id"])
+    assert done["status"] == "cancelled"
+    async with asyncio.timeout(30):
+        while fake.in_flight:
+            await asyncio.sleep(0.02)

@@ -1,0 +1,67 @@
+"""log_format: json: `serve` writes one JSON object per line, the request line's fields as keys, with the
+request id and trace id on every line of a request, and no secret anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import yaml
+
+from .conftest import base_config
+from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, free_port
+from .otlp_receiver import OtlpReceiver
+from .test_lifecycle import ROOT, wait_exit, wait_listening
+
+UPSTREAM_KEY = "sk-json-logs-upstream-5b1e"
+PROXY_KEY = "sk-json-logs-proxy-93ad"
+
+
+async def test_serve_writes_json_lines_with_request_and_trace_ids(tmp_path, aiohttp_server):
+    up = await FakeOpenAIUpstream(api_key=UPSTREAM_KEY).start(aiohttp_server)
+    up.fail(500, "server_error", f"the key {UPSTREAM_KEY} is over quota")  # an upstream echoing its key
+    receiver = await OtlpReceiver().start(aiohttp_server)
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port, "log_format": "json", "api_keys": [{"name": "team-a", "key": PROXY_KEY}]}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    cfg["routing"] = {"retries": 0}
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["failing"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": UPSTREAM_KEY}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["failing", "placeholder"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
+                                **__import__("os").environ, "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    try:
+        await wait_listening(port, proc)
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{port}/v1/images/generations",
+                json={"model": "qwen-image", "prompt": "a private prompt", "size": "64x64"},
+                headers={"Authorization": f"Bearer {PROXY_KEY}", "X-Request-Id": "req-json-1"}) as r:
+            assert r.status == 200 and r.headers["x-qip-route"] == "placeholder"
+        await asyncio.sleep(0.3)  # the request line is written once the answer is on its way
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await wait_exit(proc, 30)
+    output = proc.stdout.read().decode()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is one object
+    assert all({"time", "level", "logger", "message", "request_id", "trace_id"} <= set(e) for e in lines)
+    (request,) = [e for e in lines if e["logger"] == "proxy.requests"]
+    trace_id = request["trace_id"]
+    assert len(trace_id) == 32 and request["request_id"] == "req-json-1"
+    assert request["key"] == "team-a" and request["model"] == "qwen-image" and request["route"] == "placeholder"
+    assert request["attempts"] == 2 and request["status"] == 200 and request["outcome"] == "ok"
+    assert isinstance(request["duration_ms"], int) and request["level"] == "info"
+    # The route's failure, logged inside the request, carries the same ids.
+    (failed,) = [e for e in lines if e["logger"] == "proxy.router"]
+    assert failed["level"] == "warning" and "route failing failed" in failed["message"]
+    assert failed["request_id"] == "req-json-1" and failed["trace_id"] == trace_id
+    assert any("serving on" in e["message"] and e["request_id"] is None for e in lines)
+    assert UPSTREAM_KEY not in output and PROXY_KEY not in output and "a private prompt" not in output
