@@ -143,6 +143,8 @@ class GenerationResult:
     seconds: float  # time from pick-up by the worker to completion
     # The rewritten prompt the images were made from (prompt enhancement); None: the prompt as given
     revised_prompt: str | None = None
+    # The accelerator's time spent on this request's images (its share of each batched call).
+    gpu_seconds: float = 0.0
 
 
 def plain_options(options: dict) -> dict:

@@ -361,6 +361,7 @@ class Engine(EngineWorker):
             batch_size=job.batch_size,
             seconds=time.monotonic() - (job.started_at or time.monotonic()),
             revised_prompt=job.revised_prompt,
+            gpu_seconds=job.gpu_seconds,
         )
         settle(job.future, result)
 

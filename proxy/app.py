@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from PIL import Image
 
-from .api import admin, edits, generations, playground
+from .api import admin, edits, generations, playground, usage
 from .config import Config
 from .errors import (
     InvalidRequest,
@@ -38,6 +38,7 @@ from .request_log import log_request, outcome_of
 from .router import Router
 from .state import make_state
 from .store import make_store
+from .usage.service import Usage
 
 log = logging.getLogger("proxy")
 
@@ -52,9 +53,11 @@ ROUTE = web.RequestKey("qip_route", object)
 PASSED_ON = web.RequestKey("qip_passed_on", bool)
 # The error a stream ended with (its HTTP status was 200 before it was known).
 STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
+# The usage meter of an image request (proxy/usage/): its calls and costs, recorded when it ends.
+METER = web.RequestKey("qip_usage_meter", object)
 # Paths that carry no key: probes, scrapers and browsers following image links.
 OPEN_PATHS = ("/health", "/ready", "/metrics")
-ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models")
+ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models", *usage.PATHS)
 
 
 class NotServedHere(Exception):
@@ -112,6 +115,8 @@ class Gateway:
         # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
         self.draining = False
         self.inflight = InFlight()
+        # The usage ledger, budgets and the seeded-request cache.
+        self.usage = Usage(config, self.metrics, self.state, self.store, self.router)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._routes: dict[str, dict[str, Handler]] = {
@@ -121,6 +126,7 @@ class Gateway:
             "/v1/models": {"GET": partial(admin.list_models, self)},
             "/v1/images/generations": {"POST": partial(generations.generations, self)},
             "/v1/images/edits": {"POST": partial(edits.edits, self)},
+            **{path: {"GET": partial(handler, self)} for path, handler in usage.PATHS.items()},
         }
 
     @property
@@ -146,6 +152,7 @@ class Gateway:
                                               connector=aiohttp.TCPConnector(limit=0))
             await self.store.start()
             await self.state.start()
+            await self.usage.start()
             if self.passthrough:
                 await self.passthrough.start()
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
@@ -173,6 +180,7 @@ class Gateway:
                 await provider.close()
         if self.passthrough:
             await self.passthrough.close()
+        await self.usage.close()  # flushes the ledger's queue
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()
@@ -236,6 +244,8 @@ class Gateway:
                 await self.start()
             started = time.monotonic()
             outcome = "ok"
+            if request.path.startswith("/v1/images/"):
+                request[METER] = self.usage.open()
             if fallback is not None:  # a model served elsewhere is passed on under the same limits
                 target = _or_passed_on(target, fallback)
             try:
@@ -276,6 +286,10 @@ class Gateway:
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
                      result: Any = None) -> None:
+        if METER in request and PASSED_ON not in request:
+            self.usage.finish(request.pop(METER), request_id=request[REQUEST_ID], key=request.get(API_KEY),
+                              model=request.get(MODEL, ""), path=request.path, status=status, outcome=outcome,
+                              seconds=time.monotonic() - started)
         log_request(self.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
                     key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
                     result=result)

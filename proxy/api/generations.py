@@ -16,6 +16,7 @@ from ..cpu import INLINE_BYTES
 from ..errors import InvalidRequest, ModelNotFound
 from ..idempotency import REPLAYED
 from ..output import check_output_request, finish_images, render_images
+from ..policy import API_KEY
 from ..request import ImageRequest, build_request, parse_body
 from ..router import RouteResult
 from ..send import send_or_drop
@@ -73,7 +74,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
     """The JSON answer to a generation or an edit."""
     async def work() -> Answer:
         result, payload = await generate(gw, request, req)
-        return Answer(200, body_parts(payload), route_headers(result))
+        return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)
@@ -134,7 +135,11 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
-    result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+    # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
+    result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
+    if result is None:
+        result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+        gw.usage.after(req, result)
     request[ROUTE] = result
     base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)

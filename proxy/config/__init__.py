@@ -24,6 +24,7 @@ from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
 from .server import ServerConfig
 from .strict import Strict, suggest, validation_problems
+from .usage import UsageConfig
 from .yamlload import YamlProblem, load_yaml, read_text
 
 __all__ = [
@@ -55,6 +56,7 @@ class Config(Strict):
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -86,8 +88,9 @@ class Config(Strict):
         found = list(self.server.api_keys)
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
-        if self.state.redis_url and urlsplit(self.state.redis_url).password:
-            found.append(urlsplit(self.state.redis_url).password)
+        for url in (self.state.redis_url, self.usage.database_url):
+            if url and urlsplit(url).password:
+                found.append(urlsplit(url).password)
         for provider in self.providers.values():
             for name, value in provider.options.items():
                 if isinstance(value, str) and _SECRET_OPTION.search(name):

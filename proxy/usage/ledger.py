@@ -1,0 +1,128 @@
+"""The ledger's interface and its writer: records queue in memory and are written in batches off the
+request path, so a slow or down database never fails or delays a generation."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+from .record import UsageRecord
+
+log = logging.getLogger("proxy.usage")
+
+
+class LedgerBackend(Protocol):
+    """Where records live: SQLite (proxy/usage/sqlite.py) or PostgreSQL (proxy/usage/postgres.py)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, records: list[UsageRecord]) -> None:
+        """Insert; a record whose id is there already is skipped (batches are retried). Raises on failure."""
+
+    async def query(self, start: float, end: float) -> list[UsageRecord]:
+        """Every record with start <= ts < end, oldest first."""
+
+
+class LedgerWriter:
+    """A bounded queue in front of a backend: `add` never waits; a task writes batches every
+    flush_seconds (or sooner when a batch is full), and keeps a batch that failed to try it again."""
+
+    def __init__(self, backend: LedgerBackend, *, queue_max: int, batch_size: int, flush_seconds: float,
+                 write_timeout: float, on_drop=None):
+        self.backend = backend
+        self.queue_max, self.batch_size = queue_max, batch_size
+        self.flush_seconds, self.write_timeout = flush_seconds, write_timeout
+        self.on_drop = on_drop or (lambda n: None)
+        self._queue: collections.deque[UsageRecord] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._writing = asyncio.Lock()  # one batch at a time: a flush() beside the task writes nothing twice
+        self._failing_since: float | None = None
+        self._last_drop_log = 0.0
+        self.dropped = 0
+        self.written = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def add(self, record: UsageRecord) -> None:
+        """Queue a record (O(1), on the request's path); past queue_max it is dropped and counted."""
+        if len(self._queue) >= self.queue_max:
+            self.dropped += 1
+            self.on_drop(1)
+            now = time.monotonic()
+            if now - self._last_drop_log >= 10:  # one line per 10 s, not one per request
+                self._last_drop_log = now
+                log.error("usage ledger: %d record(s) waiting (usage.queue_max); dropping new ones "
+                          "(%d dropped so far)", len(self._queue), self.dropped)
+            return
+        self._queue.append(record)
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        await self.backend.start()
+        self._task = asyncio.create_task(self._run(), name="usage-ledger-writer")
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+            self._wake.clear()
+            while self._queue:
+                if not await self._write_batch():
+                    break  # the database is failing: try again after flush_seconds
+
+    async def _write_batch(self) -> bool:
+        async with self._writing:
+            return await self._write_locked()
+
+    async def _write_locked(self) -> bool:
+        if not self._queue:
+            return True
+        batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+        try:
+            await asyncio.wait_for(self.backend.write(batch), self.write_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any database failure: keep the records, try later
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning("usage ledger: writing %d record(s) failed (%s: %s); keeping them in memory "
+                            "and retrying", len(batch), type(e).__name__, e)
+            return False
+        for _ in batch:
+            self._queue.popleft()
+        self.written += len(batch)
+        if self._failing_since is not None:
+            log.warning("usage ledger: writing again after %.0f s", time.monotonic() - self._failing_since)
+            self._failing_since = None
+        return True
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Write everything queued now (shutdown, tests); False if records are left after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            if not await self._write_batch():
+                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return not self._queue
+
+    async def close(self, timeout: float = 10.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if not await self.flush(timeout):
+            left = len(self._queue)
+            self.dropped += left
+            self.on_drop(left)
+            log.error("usage ledger: %d record(s) could not be written before shutdown: dropped", left)
+            self._queue.clear()
+        await self.backend.close()

@@ -1,0 +1,181 @@
+"""The gateway's usage service: a meter per image request, the cache and budget checks before routing,
+and the ledger record, metrics and budget settlement when the request ends. The hooks in app.py and
+api/generations.py call only this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from ..config import Config
+from ..output import FinalImage
+from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
+from .cache import SeededCache, cache_key
+from .ledger import LedgerWriter
+from .meter import CURRENT, Meter
+from .postgres import PostgresLedger
+from .pricing import estimate, micro, route_price, total
+from .record import build_record
+from .sqlite import SqliteLedger
+
+log = logging.getLogger("proxy.usage")
+
+
+@dataclass
+class CachedResult:
+    """A cache hit in the router result's shape (route name and calls for headers and the log line)."""
+
+    images: list[FinalImage]
+    route: Any
+    attempts: list = field(default_factory=list)
+    calls: int = 0
+
+
+def make_backend(config: Config):
+    usage = config.usage
+    return PostgresLedger(usage.database_url) if usage.database_url else SqliteLedger(usage.path)
+
+
+class Usage:
+    def __init__(self, config: Config, metrics, state, store, router):
+        self.config = config
+        self.usage = config.usage
+        self.metrics = metrics
+        self.router = router
+        self.writer = (LedgerWriter(make_backend(config), queue_max=self.usage.queue_max,
+                                    batch_size=self.usage.batch_size, flush_seconds=self.usage.flush_seconds,
+                                    write_timeout=self.usage.write_timeout,
+                                    on_drop=lambda n: metrics.usage_dropped.inc(n))
+                       if self.usage.enabled else None)
+        self.spend = RedisSpend(state) if getattr(state, "kind", "") == "redis" else MemorySpend()
+        self.cache = SeededCache(store)
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        if self.writer is not None:
+            await self.writer.start()
+            if isinstance(self.spend, MemorySpend):
+                await self._seed_spend()
+
+    async def _seed_spend(self) -> None:
+        """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
+        now = time.time()
+        try:
+            records = await self.writer.backend.query(month_start(now), now + 1)
+        except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
+            log.warning("usage ledger: could not read this month's spending (%s); budgets count from now", e)
+            return
+        for r in records:
+            if r.key is not None:
+                day, month, _, _ = periods(r.ts)
+                images = 0 if r.cache_hit else r.images_delivered
+                await self.spend.add(Hold(r.key, day, month, 0, 0), images, micro(r.cost_usd or 0.0))
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.writer is not None:
+            await self.writer.close()
+
+    # ---- the hooks -----------------------------------------------------------------------------------
+
+    def open(self) -> Meter:
+        """A new meter for the image request starting in this task (the router's calls note into it)."""
+        meter = Meter(gpu_usd_per_hour=self.usage.gpu_usd_per_hour)
+        CURRENT.set(meter)
+        return meter
+
+    async def before(self, req, key, cache_control: str | None) -> CachedResult | None:
+        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold."""
+        meter = CURRENT.get() or self.open()
+        meter.req = req
+        model = self.config.models[req.model]
+        key_name = key.name if key is not None else None
+        if model.cache is not None:
+            meter.cache_key = cache_key(req, model.routes, key_name, model.cache)
+            if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
+                found = await self.cache.get(req.model, meter.cache_key)
+                if found is not None:
+                    images, entry = found
+                    meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
+                    self.metrics.child(self.metrics.cache_hits, req.model).inc()
+                    return CachedResult(images, SimpleNamespace(name=entry.route))
+        budget = (key.budget if key is not None else None) or self.usage.default_budget
+        if key is not None and budget is not None:
+            now = time.time()
+            day, month, day_end, month_end = periods(now)
+            hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
+            which = await self.spend.reserve(hold, limits_of(budget))
+            if which is not None:
+                self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
+                raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
+            meter.reservation = hold
+        return None
+
+    def _estimate(self, req) -> float:
+        routes = self.router.usable(req.model) or self.router.routes[req.model]
+        route = routes[0]
+        price = route_price(route.config.price, route.provider.kind, self.usage.gpu_usd_per_hour)
+        return estimate(price, req.n, req.width, req.height, route.per_call)
+
+    def after(self, req, result) -> None:
+        """A routed request succeeded: keep its images for later seeded repeats (in the background)."""
+        meter = CURRENT.get()
+        config = self.config.models[req.model].cache
+        if meter is None or getattr(meter, "cache_key", None) is None or config is None:
+            return
+        route = result.route
+        self._spawn(self.cache.put(req.model, meter.cache_key, list(result.images), route.name,
+                                   route.provider.kind, config))
+
+    def headers(self) -> dict[str, str]:
+        """x-qip-cost-usd (absent when unknown: a route without a price) and x-qip-cache."""
+        meter = CURRENT.get()
+        if meter is None:
+            return {}
+        out = {}
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
+        if cost is not None:
+            out["x-qip-cost-usd"] = f"{cost:.6f}"
+        if getattr(meter, "cache_key", None) is not None:
+            out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
+        return out
+
+    def finish(self, meter: Meter, *, request_id: str, key, model: str, path: str, status: int, outcome: str,
+               seconds: float) -> None:
+        """The request ended (answered, failed or cancelled): its record, metrics and budget settlement."""
+        record = build_record(meter, ts=time.time(), request_id=request_id, key=key.name if key else None,
+                              model=model, path=path, status=status, outcome=outcome, seconds=seconds)
+        if self.writer is not None:
+            self.writer.add(record)
+        m = self.metrics
+        if record.cost_usd:
+            m.child(m.cost, record.key or "-", record.model, record.route or "-").inc(record.cost_usd)
+        if record.gpu_seconds:
+            m.child(m.gpu_seconds, record.model, record.route or "-").inc(record.gpu_seconds)
+        hold = meter.reservation
+        if hold is not None:
+            images = 0 if record.cache_hit else record.images_delivered
+            actual = micro(record.cost_usd or 0.0)
+            if images != hold.images or actual != hold.micro_usd:
+                self._spawn(self._settle(hold, images - hold.images, actual - hold.micro_usd))
+
+    async def _settle(self, hold: Hold, images: int, micro_usd: int) -> None:
+        try:
+            await self.spend.add(hold, images, micro_usd)
+        except Exception as e:  # noqa: BLE001 - Redis away: the hold stays as it was (errs on the safe side)
+            log.warning("budgets: could not settle a request's spending (%s)", type(e).__name__)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("usage: a background step failed: %s", task.exception())

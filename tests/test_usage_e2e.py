@@ -1,0 +1,194 @@
+"""The usage ledger as a user sees it: the official openai client against a running proxy with two keys
+and priced routes (placeholder, a fake OpenAI-compatible vendor, the tiny local model), then OpenAI's
+usage and costs API read back with an admin key."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI, RateLimitError
+
+from proxy.app import GATEWAY
+
+from .conftest import base_config
+from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
+from .local_helpers import tiny_pipeline_dir  # noqa: F401 - the tiny_dir fixture builds with it
+
+KEYS = [{"name": "alice", "key": "sk-alice-0000000000"}, {"name": "bob", "key": "sk-bob-0000000000"},
+        {"name": "ops", "key": "sk-admin-000000000", "admin": True}]
+
+
+def usage_config(tmp_path, vendor_url: str, tiny_dir=None) -> dict:
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"api_keys": copy.deepcopy(KEYS)}
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["vendor"] = {"kind": "openai", "base_url": f"{vendor_url}/openai/v1", "api_key": "up-key",
+                                  "retries": 0}
+    cfg["models"] = {
+        "qwen-image-placeholder": {"sizes": "qwen-image",
+                                   "routes": [{"provider": "placeholder", "price": {"per_image": 0.01}}]},
+        "vendor-image": {"sizes": "small", "routes": [
+            {"provider": "vendor", "price": {"per_call": 0.001, "per_megapixel": 0.5}}]},
+        "unpriced": {"sizes": "small", "routes": ["vendor"]},
+    }
+    if tiny_dir is not None:
+        cfg["providers"]["local"] = {"kind": "diffusers", "model": str(tiny_dir), "device": "cpu",
+                                     "default_steps": 2, "load_in_background": False}
+        cfg["size_tables"]["tiny"] = {"default": "64x64", "tiers": {"0.004": {"1:1": "64x64"}}}
+        cfg["models"]["tiny"] = {"sizes": "tiny", "routes": ["local"]}
+        cfg["usage"]["gpu_usd_per_hour"] = 36.0  # $0.01 a GPU-second
+    return cfg
+
+
+async def api(server, path: str, params, key: str = "sk-admin-000000000") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.get(server.make_url(path), params=params,
+                                                   headers={"Authorization": f"Bearer {key}"}) as r:
+        return r.status, await r.json()
+
+
+def client_for(server, key: str) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=120)
+
+
+async def test_usage_and_costs_match_what_was_sent(start_proxy, aiohttp_server, tmp_path, tiny_dir):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url, tiny_dir))
+    alice, bob = client_for(server, "sk-alice-0000000000"), client_for(server, "sk-bob-0000000000")
+    start = int(time.time()) - 5
+    try:
+        # alice: 2 requests x 2 placeholder images; 1 vendor request of 2 images 64x64 (two calls: the route
+        # makes one image a call); bob: 1 placeholder image, 1 unpriced vendor image, 1 tiny local image.
+        for _ in range(2):
+            r = await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", n=2,
+                                            size="1024x1024", response_format="b64_json")
+            assert len(r.data) == 2
+        raw = await alice.images.with_raw_response.generate(model="vendor-image", prompt="a fox", n=2,
+                                                            size="64x64", response_format="b64_json")
+        assert raw.headers["x-qip-cost-usd"] == f"{2 * 0.001 + 0.5 * 2 * 64 * 64 / 1e6:.6f}"
+        await bob.images.generate(model="qwen-image-placeholder", prompt="an owl", size="1024x1024")
+        raw = await bob.images.with_raw_response.generate(model="unpriced", prompt="an owl", size="64x64")
+        assert "x-qip-cost-usd" not in raw.headers  # no price: unknown, never 0
+        r = await bob.images.generate(model="tiny", prompt="a cat", size="64x64", response_format="b64_json")
+        assert len(base64.b64decode(r.data[0].b64_json)) > 0
+    finally:
+        await alice.close()
+        await bob.close()
+
+    params = [("start_time", str(start)), ("bucket_width", "1d"), ("group_by[]", "api_key_id"),
+              ("group_by[]", "model"), ("group_by[]", "route")]
+    status, page = await api(server, "/v1/organization/usage/images", params)
+    assert status == 200, page
+    assert page["object"] == "page" and page["has_more"] is False and page["next_page"] is None
+    bucket = page["data"][0]
+    assert bucket["object"] == "bucket" and bucket["start_time"] == start
+    got = {(x["api_key_id"], x["model"], x["route"]): (x["images"], x["num_model_requests"])
+           for x in bucket["results"]}
+    assert got == {("alice", "qwen-image-placeholder", "placeholder"): (4, 2),
+                   ("alice", "vendor-image", "vendor"): (2, 1),
+                   ("bob", "qwen-image-placeholder", "placeholder"): (1, 1),
+                   ("bob", "unpriced", "vendor"): (1, 1),
+                   ("bob", "tiny", "local"): (1, 1)}
+    for x in bucket["results"]:
+        assert x["object"] == "organization.usage.images.result"
+        assert x["source"] is None and x["size"] is None and x["project_id"] is None
+        assert (x["gpu_seconds"] > 0) == (x["route"] == "local")
+
+    status, page = await api(server, "/v1/organization/costs",
+                             [("start_time", str(start)), ("group_by", "api_key_id,model")])
+    assert status == 200, page
+    costs = {(x["api_key_id"], x["model"]): x["amount"]["value"] for x in page["data"][0]["results"]}
+    tiny_gpu = next(x["gpu_seconds"] for x in bucket["results"] if x["route"] == "local")
+    assert costs["alice", "qwen-image-placeholder"] == pytest.approx(0.04, abs=1e-12)
+    assert costs["alice", "vendor-image"] == pytest.approx(2 * 0.001 + 0.5 * 2 * 64 * 64 / 1e6, abs=1e-12)
+    assert costs["bob", "qwen-image-placeholder"] == pytest.approx(0.01, abs=1e-12)
+    assert costs["bob", "unpriced"] == 0.0
+    assert costs["bob", "tiny"] == pytest.approx(tiny_gpu * 0.01, rel=1e-6)
+    unpriced = {(x["api_key_id"], x["model"]): x["unpriced_requests"] for x in page["data"][0]["results"]}
+    assert unpriced["bob", "unpriced"] == 1 and unpriced["alice", "vendor-image"] == 0
+    assert all(x["amount"]["currency"] == "usd" and x["object"] == "organization.costs.result"
+               for x in page["data"][0]["results"])
+
+    # Prometheus has the same spend, by key name.
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
+        text = await r.text()
+    assert 'qip_cost_usd_total{key="alice",model="qwen-image-placeholder",route="placeholder"} 0.04' in text
+    assert 'qip_gpu_seconds_total{model="tiny",route="local"}' in text
+    assert "sk-alice" not in text
+
+
+async def test_usage_api_needs_an_admin_key_and_valid_params(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url))
+    status, body = await api(server, "/v1/organization/usage/images", {"start_time": "0"}, key="sk-alice-0000000000")
+    assert status == 403 and body["error"]["code"] == "insufficient_permissions"
+    status, body = await api(server, "/v1/organization/usage/images", {})
+    assert status == 400 and body["error"]["param"] == "start_time"
+    status, body = await api(server, "/v1/organization/usage/images", {"start_time": "0", "group_by": "line_item"})
+    assert status == 400 and body["error"]["param"] == "group_by"
+    status, body = await api(server, "/v1/organization/costs", {"start_time": "0", "bucket_width": "1w"})
+    assert status == 400 and body["error"]["param"] == "bucket_width"
+
+
+async def test_pages_of_buckets(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url))
+    alice = client_for(server, "sk-alice-0000000000")
+    await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+    await alice.close()
+    now = int(time.time())
+    start = now - 3 * 3600 + 1
+    status, page = await api(server, "/v1/organization/usage/images",
+                             {"start_time": str(start), "bucket_width": "1h", "limit": "2"})
+    assert status == 200 and page["has_more"] is True and len(page["data"]) == 2
+    assert all(b["results"] == [] for b in page["data"])
+    status, page2 = await api(server, "/v1/organization/usage/images",
+                              {"start_time": str(start), "bucket_width": "1h", "limit": "2", "page": page["next_page"]})
+    assert status == 200 and page2["has_more"] is False
+    assert sum(x["images"] for b in page2["data"] for x in b["results"]) == 1
+
+
+async def test_failed_and_retried_calls_are_recorded(start_proxy, aiohttp_server, tmp_path):
+    """A vendor call that fails is recorded with its attempts; the request's record says it failed."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url))
+    vendor.fail(500, "INTERNAL", times=10)
+    alice = client_for(server, "sk-alice-0000000000")
+    with pytest.raises(Exception):  # noqa: B017 - any error status
+        await alice.images.generate(model="vendor-image", prompt="a fox", size="64x64")
+    await alice.close()
+    usage = server.app[GATEWAY].usage
+    await usage.writer.flush()
+    records = await usage.writer.backend.query(0, time.time() + 10)
+    assert len(records) == 1
+    r = records[0]
+    assert (r.key, r.model, r.outcome, r.images_delivered, r.route) == ("alice", "vendor-image", "failed", 0, "vendor")
+    assert r.cost_usd == 0.0 and r.attempts.count('"route":"vendor"') == 1
+
+
+async def test_budget_images_per_day(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    try:
+        for _ in range(3):
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        calls_before = len(vendor.image_calls)
+        with pytest.raises(RateLimitError) as info:
+            await alice.images.generate(model="vendor-image", prompt="a fox", size="64x64")
+        assert len(vendor.image_calls) == calls_before  # refused before any provider was called
+        error = info.value.body
+        assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+        assert "resets at" in error["message"] and "images_per_day" in error["message"]
+        assert int(info.value.response.headers["Retry-After"]) >= 1
+        # bob has no budget
+        bob = client_for(server, "sk-bob-0000000000")
+        await bob.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        await bob.close()
+    finally:
+        await alice.close()
