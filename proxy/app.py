@@ -116,7 +116,7 @@ class Gateway:
         self.draining = False
         self.inflight = InFlight()
         # The usage ledger, budgets and the seeded-request cache.
-        self.usage = Usage(config, self.metrics, self.state, self.store, self.router)
+        self.usage = Usage(config, self.metrics, self.state, self.store, self.router, scrub=self.scrubber.text)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._routes: dict[str, dict[str, Handler]] = {

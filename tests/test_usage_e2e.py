@@ -4,19 +4,27 @@ usage and costs API read back with an admin key."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import io
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 
 import aiohttp
 import pytest
+import yaml
 from openai import AsyncOpenAI, RateLimitError
+from PIL import Image
 
 from proxy.app import GATEWAY
 
 from .conftest import base_config
-from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
-from .local_helpers import tiny_pipeline_dir  # noqa: F401 - the tiny_dir fixture builds with it
+from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, free_port
+from .test_lifecycle import ROOT, SlowUpstream, wait_exit, wait_listening
 
 KEYS = [{"name": "alice", "key": "sk-alice-0000000000"}, {"name": "bob", "key": "sk-bob-0000000000"},
         {"name": "ops", "key": "sk-admin-000000000", "admin": True}]
@@ -192,3 +200,65 @@ async def test_budget_images_per_day(start_proxy, aiohttp_server, tmp_path):
         await bob.close()
     finally:
         await alice.close()
+
+
+async def test_streams_and_edits_are_recorded(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["models"]["edit-placeholder"] = {"sizes": "qwen-image", "max_input_images": 1,
+                                         "routes": [{"provider": "placeholder", "price": {"per_image": 0.02}}]}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    try:
+        stream = await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024",
+                                             stream=True)
+        events = [event async for event in stream]
+        assert events[-1].type == "image_generation.completed"
+        r = await alice.images.edit(model="edit-placeholder", prompt="make it blue", size="1024x1024",
+                                    image=("in.png", png.getvalue(), "image/png"))
+        assert len(r.data) == 1
+    finally:
+        await alice.close()
+    status, page = await api(server, "/v1/organization/usage/images",
+                             [("start_time", str(int(time.time()) - 60)), ("group_by[]", "source"),
+                              ("group_by[]", "model")])
+    assert status == 200
+    got = {(x["source"], x["model"]): x["images"] for x in page["data"][0]["results"]}
+    assert got == {("image.generation", "qwen-image-placeholder"): 1, ("image.edit", "edit-placeholder"): 1}
+    usage = server.app[GATEWAY].usage
+    records = await usage.writer.backend.query(0, time.time() + 10)
+    assert sorted((r.stream, r.cost_usd) for r in records) == [(False, 0.02), (True, 0.01)]
+
+
+async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):
+    """`serve` stopped by SIGTERM writes the records still queued (flush_seconds is an hour here)."""
+    up = await SlowUpstream(delay=0.5).start(aiohttp_server)
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port, "shutdown_grace": 10}
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["slow"] = {"kind": "openai", "base_url": up.url, "api_key": "k", "timeout": 60}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": [{"provider": "slow", "price": {"per_image": 0.05}}]}
+    cfg["usage"]["flush_seconds"] = 3600
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await wait_listening(port, proc)
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        calls = [asyncio.create_task(client.images.generate(model="qwen-image", prompt="p", size="64x64"))
+                 for _ in range(3)]
+        await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # in flight: they finish, then their records are written
+        await asyncio.gather(*calls)
+        await client.close()
+        assert await wait_exit(proc, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    db = sqlite3.connect(tmp_path / "usage.sqlite3")
+    rows = db.execute("SELECT model, outcome, images_delivered, cost_usd FROM qip_usage").fetchall()
+    assert rows == [("qwen-image", "ok", 1, 0.05)] * 3

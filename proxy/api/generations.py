@@ -139,7 +139,7 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
     result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
     if result is None:
         result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-        gw.usage.after(req, result)
+        await gw.usage.after(req, result)
     request[ROUTE] = result
     base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)

@@ -31,8 +31,19 @@ class Hold:
     micro_usd: int
 
 
+_last: list = [0.0, 0.0, None]  # [day start, day end, periods]: one day's answer, kept (this runs per request)
+
+
 def periods(now: float) -> tuple[str, str, float, float]:
     """(day, month, when the day ends, when the month ends) in UTC for a Unix time."""
+    if _last[0] <= now < _last[1]:
+        return _last[2]
+    found = _periods(now)
+    _last[:] = [found[2] - 86400, found[2], found]
+    return found
+
+
+def _periods(now: float) -> tuple[str, str, float, float]:
     t = dt.datetime.fromtimestamp(now, dt.UTC)
     day_end = dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
     month_end = dt.datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=dt.UTC)

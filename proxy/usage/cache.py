@@ -19,30 +19,30 @@ from ..output import MIME, FinalImage
 log = logging.getLogger("proxy.usage")
 
 
-def cache_key(req, routes: list, key_name: str | None, config: CacheConfig) -> str | None:
-    """The request's cache key (pure): None without an explicit seed (it asks for a new image).
+def cache_key(req, routes: str, key_name: str | None, config: CacheConfig) -> tuple | None:
+    """The request's cache key (pure): None without an explicit seed (it asks for a new image). A tuple of
+    plain values, compared whole by the in-memory index (no digest to collide, and cheap to hash).
 
-    Everything that changes the pictures is in it: the model and what its routes run (provider, upstream
-    model, params), prompt, negative prompt, size, n, seed, steps, cfg, tier, LoRAs, input images and
+    Everything that changes the pictures is in it: the model and what its routes run (`routes`: the
+    model's routes_signature), prompt, negative prompt, size, n, seed, steps, cfg, tier, LoRAs, input images and
     mask by content hash, output format and compression, and the key with scope: key.
     """
     if req.seed is None:
         return None
-    fields = {
-        "model": req.model,
-        "routes": [(r.provider, r.model, r.params, r.drop) for r in routes],
-        "prompt": req.prompt, "negative": req.negative_prompt, "size": [req.width, req.height], "n": req.n,
-        "seed": req.seed, "steps": req.num_inference_steps, "cfg": req.cfg_scale, "tier": req.resolution,
-        "enhance": req.prompt_enhancement, "quality": req.quality, "background": req.background,
-        "style": req.style, "fidelity": req.input_fidelity,
-        "loras": [(lora.path, lora.scale) for lora in req.loras],
-        "images": [hashlib.sha256(img.data).hexdigest() for img in req.images],
-        "mask": hashlib.sha256(req.mask.data).hexdigest() if req.mask is not None else None,
-        "format": req.output_format, "compression": req.output_compression, "extra": req.extra,
-        "key": key_name if config.scope == "key" else None,
-    }
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return (
+        req.model, routes, req.prompt, req.negative_prompt, req.width, req.height, req.n,
+        req.seed, req.num_inference_steps, req.cfg_scale, req.resolution, req.prompt_enhancement, req.quality,
+        req.background, req.style, req.input_fidelity, tuple((lora.path, lora.scale) for lora in req.loras),
+        tuple(hashlib.sha256(img.data).digest() for img in req.images),
+        hashlib.sha256(req.mask.data).digest() if req.mask is not None else None,
+        req.output_format, req.output_compression, repr(sorted(req.extra.items())) if req.extra else None,
+        key_name if config.scope == "key" else None,
+    )
+
+
+def routes_signature(routes: list) -> str:
+    """What a model's routes run (provider, upstream model, params, dropped fields): part of its cache keys."""
+    return json.dumps([(r.provider, r.model, r.params, r.drop) for r in routes], sort_keys=True, default=str)
 
 
 @dataclass
@@ -71,10 +71,10 @@ class SeededCache:
 
     def __init__(self, store):
         self.store = store
-        self._index: dict[str, OrderedDict[str, Entry]] = {}
+        self._index: dict[str, OrderedDict[tuple, Entry]] = {}
         self._bytes: dict[str, int] = {}
 
-    async def get(self, model: str, key: str) -> tuple[list[FinalImage], Entry] | None:
+    async def get(self, model: str, key: tuple) -> tuple[list[FinalImage], Entry] | None:
         index = self._index.get(model)
         entry = index.get(key) if index else None
         if entry is None:
@@ -105,7 +105,7 @@ class SeededCache:
                 return None
         return b"".join([chunk async for chunk in found.chunks])
 
-    async def put(self, model: str, key: str, images: list[FinalImage], route: str, provider: str,
+    async def put(self, model: str, key: tuple, images: list[FinalImage], route: str, provider: str,
                   config: CacheConfig) -> None:
         datas = await asyncio.to_thread(lambda: [_raw(img) for img in images])
         if any(d is None or img.format is None for d, img in zip(datas, images, strict=True)):
@@ -124,7 +124,7 @@ class SeededCache:
         while self._bytes[model] > limit and index:
             self._forget(model, next(iter(index)))
 
-    def _forget(self, model: str, key: str) -> None:
+    def _forget(self, model: str, key: tuple) -> None:
         entry = self._index.get(model, {}).pop(key, None)
         if entry is not None:
             self._bytes[model] -= entry.size

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from .record import UsageRecord
@@ -34,12 +35,13 @@ class LedgerWriter:
     flush_seconds (or sooner when a batch is full), and keeps a batch that failed to try it again."""
 
     def __init__(self, backend: LedgerBackend, *, queue_max: int, batch_size: int, flush_seconds: float,
-                 write_timeout: float, on_drop=None):
+                 write_timeout: float, on_drop=None, scrub=str):
         self.backend = backend
         self.queue_max, self.batch_size = queue_max, batch_size
         self.flush_seconds, self.write_timeout = flush_seconds, write_timeout
         self.on_drop = on_drop or (lambda n: None)
-        self._queue: collections.deque[UsageRecord] = collections.deque()
+        self.scrub = scrub  # a database URL may carry a password: never in a log line
+        self._queue: collections.deque[UsageRecord | Callable[[], UsageRecord]] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._writing = asyncio.Lock()  # one batch at a time: a flush() beside the task writes nothing twice
@@ -52,8 +54,9 @@ class LedgerWriter:
     def pending(self) -> int:
         return len(self._queue)
 
-    def add(self, record: UsageRecord) -> None:
-        """Queue a record (O(1), on the request's path); past queue_max it is dropped and counted."""
+    def add(self, record: UsageRecord | Callable[[], UsageRecord]) -> None:
+        """Queue a record, or what builds it (then built by the writer, off the request's path): O(1);
+        past queue_max it is dropped and counted."""
         if len(self._queue) >= self.queue_max:
             self.dropped += 1
             self.on_drop(1)
@@ -87,7 +90,12 @@ class LedgerWriter:
     async def _write_locked(self) -> bool:
         if not self._queue:
             return True
-        batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
+        batch = []
+        for i in range(min(self.batch_size, len(self._queue))):
+            item = self._queue[i]
+            if not isinstance(item, UsageRecord):  # built once: a retried batch keeps its records' ids
+                item = self._queue[i] = item()
+            batch.append(item)
         try:
             await asyncio.wait_for(self.backend.write(batch), self.write_timeout)
         except asyncio.CancelledError:

@@ -32,7 +32,7 @@ class Meter:
     cache_hit: bool = False
     cache_route: tuple[str, str] | None = None  # (route, provider) that made the images a hit returns
     reservation: Any = None  # the budget hold (proxy/usage/budgets.py), settled at the end
-    cache_key: str | None = None  # set when the model caches and the request has a seed
+    cache_key: tuple | None = None  # set when the model caches and the request has a seed
 
     def note(self, route_name: str, provider_kind: str, price: PriceConfig | None, width: int, height: int,
              images: list | None) -> None:

@@ -6,6 +6,7 @@ from ..config.usage import PriceConfig
 
 # Routes whose engine measures its own accelerator time (local diffusers, a Ray pool).
 GPU_KINDS = frozenset({"diffusers", "ray"})
+_GPU_PRICES: dict[float, PriceConfig] = {}  # $/GPU-hour -> its price (built once: this runs per call)
 
 
 def route_price(price: PriceConfig | None, provider_kind: str, gpu_usd_per_hour: float | None) -> PriceConfig | None:
@@ -13,7 +14,10 @@ def route_price(price: PriceConfig | None, provider_kind: str, gpu_usd_per_hour:
     if price is not None:
         return price
     if provider_kind in GPU_KINDS and gpu_usd_per_hour is not None:
-        return PriceConfig(per_gpu_second=gpu_usd_per_hour / 3600)
+        found = _GPU_PRICES.get(gpu_usd_per_hour)
+        if found is None:
+            found = _GPU_PRICES[gpu_usd_per_hour] = PriceConfig(per_gpu_second=gpu_usd_per_hour / 3600)
+        return found
     return None
 
 

@@ -127,3 +127,24 @@ def costs_page(q: Query, records: list[UsageRecord]) -> dict:
                 **shown, "unpriced_requests": sum(1 for r in rs if r.cost_usd is None and r.attempts != "[]")}
 
     return _page(q, records, result, ("line_item", "project_id"))
+
+
+def summary(records: list[UsageRecord], start: float, width: str, group_by: list[str]) -> list[dict]:
+    """Rows for `qwen-image-proxy usage`: per bucket and group, requests served, images, cost, GPU time,
+    cache hits (cost over every request, failed ones included, as in the costs API)."""
+    step = WIDTHS[width]
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        bucket = int(start + ((r.ts - start) // step) * step)
+        key = (bucket, *(str(_field(r, g)) for g in group_by))
+        row = rows.setdefault(key, {"start": bucket, **dict(zip(group_by, key[1:], strict=True)),
+                                    "requests": 0, "images": 0, "cost_usd": 0.0, "unpriced": 0,
+                                    "gpu_seconds": 0.0, "cache_hits": 0})
+        if r.outcome == "ok":
+            row["requests"] += 1
+            row["images"] += r.images_delivered
+            row["cache_hits"] += int(r.cache_hit)
+        row["cost_usd"] = round(row["cost_usd"] + (r.cost_usd or 0.0), 9)
+        row["unpriced"] += int(r.cost_usd is None and r.attempts != "[]")
+        row["gpu_seconds"] += r.gpu_seconds or 0.0
+    return [rows[k] for k in sorted(rows)]

@@ -8,13 +8,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 from ..config import Config
 from ..output import FinalImage
 from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
-from .cache import SeededCache, cache_key
+from .cache import SeededCache, cache_key, routes_signature
 from .ledger import LedgerWriter
 from .meter import CURRENT, Meter
 from .postgres import PostgresLedger
@@ -41,7 +42,7 @@ def make_backend(config: Config):
 
 
 class Usage:
-    def __init__(self, config: Config, metrics, state, store, router):
+    def __init__(self, config: Config, metrics, state, store, router, scrub=str):
         self.config = config
         self.usage = config.usage
         self.metrics = metrics
@@ -49,10 +50,12 @@ class Usage:
         self.writer = (LedgerWriter(make_backend(config), queue_max=self.usage.queue_max,
                                     batch_size=self.usage.batch_size, flush_seconds=self.usage.flush_seconds,
                                     write_timeout=self.usage.write_timeout,
-                                    on_drop=lambda n: metrics.usage_dropped.inc(n))
+                                    on_drop=lambda n: metrics.usage_dropped.inc(n), scrub=scrub)
                        if self.usage.enabled else None)
         self.spend = RedisSpend(state) if getattr(state, "kind", "") == "redis" else MemorySpend()
         self.cache = SeededCache(store)
+        self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
+        self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -67,7 +70,8 @@ class Usage:
         try:
             records = await self.writer.backend.query(month_start(now), now + 1)
         except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
-            log.warning("usage ledger: could not read this month's spending (%s); budgets count from now", e)
+            log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
+                        type(e).__name__)
             return
         for r in records:
             if r.key is not None:
@@ -96,7 +100,9 @@ class Usage:
         model = self.config.models[req.model]
         key_name = key.name if key is not None else None
         if model.cache is not None:
-            meter.cache_key = cache_key(req, model.routes, key_name, model.cache)
+            args = (req, self._signatures[req.model], key_name, model.cache)
+            big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
+            meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
                 found = await self.cache.get(req.model, meter.cache_key)
                 if found is not None:
@@ -109,7 +115,10 @@ class Usage:
             now = time.time()
             day, month, day_end, month_end = periods(now)
             hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
-            which = await self.spend.reserve(hold, limits_of(budget))
+            limits = self._limits.get(id(budget))
+            if limits is None:
+                limits = self._limits[id(budget)] = limits_of(budget)
+            which = await self.spend.reserve(hold, limits)
             if which is not None:
                 self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
                 raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
@@ -122,15 +131,19 @@ class Usage:
         price = route_price(route.config.price, route.provider.kind, self.usage.gpu_usd_per_hour)
         return estimate(price, req.n, req.width, req.height, route.per_call)
 
-    def after(self, req, result) -> None:
-        """A routed request succeeded: keep its images for later seeded repeats (in the background)."""
+    async def after(self, req, result) -> None:
+        """A routed request succeeded: keep its images for later seeded repeats. Before the answer goes
+        out, so a client that repeats at once gets its hit; a store that fails costs only the entry."""
         meter = CURRENT.get()
         config = self.config.models[req.model].cache
-        if meter is None or getattr(meter, "cache_key", None) is None or config is None:
+        if meter is None or meter.cache_key is None or config is None:
             return
         route = result.route
-        self._spawn(self.cache.put(req.model, meter.cache_key, list(result.images), route.name,
-                                   route.provider.kind, config))
+        try:
+            await self.cache.put(req.model, meter.cache_key, list(result.images), route.name, route.provider.kind,
+                                 config)
+        except Exception as e:  # noqa: BLE001 - the answer matters more than its cache entry
+            log.warning("cache: could not keep the images of model %s (%s)", req.model, type(e).__name__)
 
     def headers(self) -> dict[str, str]:
         """x-qip-cost-usd (absent when unknown: a route without a price) and x-qip-cache."""
@@ -141,26 +154,32 @@ class Usage:
         cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
         if cost is not None:
             out["x-qip-cost-usd"] = f"{cost:.6f}"
-        if getattr(meter, "cache_key", None) is not None:
+        if meter.cache_key is not None:
             out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
         return out
 
     def finish(self, meter: Meter, *, request_id: str, key, model: str, path: str, status: int, outcome: str,
                seconds: float) -> None:
-        """The request ended (answered, failed or cancelled): its record, metrics and budget settlement."""
-        record = build_record(meter, ts=time.time(), request_id=request_id, key=key.name if key else None,
-                              model=model, path=path, status=status, outcome=outcome, seconds=seconds)
+        """The request ended (answered, failed or cancelled): its record (built later, by the writer, off the
+        request's path), metrics and budget settlement."""
+        key_name = key.name if key else None
         if self.writer is not None:
-            self.writer.add(record)
+            self.writer.add(partial(build_record, meter, ts=time.time(), request_id=request_id, key=key_name,
+                                    model=model, path=path, status=status, outcome=outcome, seconds=seconds))
+        ok = status == 200 and outcome == "ok"
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
         m = self.metrics
-        if record.cost_usd:
-            m.child(m.cost, record.key or "-", record.model, record.route or "-").inc(record.cost_usd)
-        if record.gpu_seconds:
-            m.child(m.gpu_seconds, record.model, record.route or "-").inc(record.gpu_seconds)
+        route = meter.cache_route[0] if meter.cache_hit and meter.cache_route else (
+            meter.calls[-1].route if meter.calls else "-")
+        if cost:
+            m.child(m.cost, key_name or "-", model, route).inc(cost)
+        gpu = [c.gpu_seconds for c in meter.calls if c.gpu_seconds]
+        if gpu:
+            m.child(m.gpu_seconds, model, route).inc(sum(gpu))
         hold = meter.reservation
         if hold is not None:
-            images = 0 if record.cache_hit else record.images_delivered
-            actual = micro(record.cost_usd or 0.0)
+            images = hold.images if ok and not meter.cache_hit else 0
+            actual = micro(cost or 0.0)
             if images != hold.images or actual != hold.micro_usd:
                 self._spawn(self._settle(hold, images - hold.images, actual - hold.micro_usd))
 
