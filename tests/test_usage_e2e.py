@@ -8,6 +8,7 @@ import asyncio
 import base64
 import copy
 import io
+import json
 import signal
 import sqlite3
 import subprocess
@@ -262,3 +263,33 @@ async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):
     db = sqlite3.connect(tmp_path / "usage.sqlite3")
     rows = db.execute("SELECT model, outcome, images_delivered, cost_usd FROM qip_usage").fetchall()
     assert rows == [("qwen-image", "ok", 1, 0.05)] * 3
+
+
+async def test_a_fallback_pays_for_the_bad_images_before_it(start_proxy, aiohttp_server, tmp_path):
+    """The vendor answers with an image that fails the proxy's checks (it was made: charged), the proxy
+    falls back to the placeholder: the record's cost is both, its attempts name both routes."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    vendor.payload_override = {"created": 1, "data": [{"b64_json": base64.b64encode(b"not an image").decode()}]}
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["models"]["fallback"] = {"sizes": "small", "routes": [
+        {"provider": "vendor", "price": {"per_image": 0.03}, "retries": 0},
+        {"provider": "placeholder", "price": {"per_image": 0.01}}]}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    try:
+        raw = await alice.images.with_raw_response.generate(model="fallback", prompt="a fox", size="64x64")
+        assert raw.headers["x-qip-route"] == "placeholder"
+        assert raw.headers["x-qip-cost-usd"] == "0.040000"
+    finally:
+        await alice.close()
+    usage = server.app[GATEWAY].usage
+    await usage.writer.flush()
+    (r,) = await usage.writer.backend.query(0, time.time() + 10)
+    assert r.route == "placeholder" and r.cost_usd == pytest.approx(0.04)
+    assert [(a["route"], a["images"], a["cost"]) for a in json.loads(r.attempts)] == [
+        ("vendor", 1, 0.03), ("placeholder", 1, 0.01)]
+    status, page = await api(server, "/v1/organization/costs", {"start_time": str(int(time.time()) - 60),
+                                                                 "group_by": "route"})
+    assert status == 200
+    by_route = {x["route"]: x["amount"]["value"] for x in page["data"][0]["results"]}
+    assert by_route == {"vendor": pytest.approx(0.03), "placeholder": pytest.approx(0.01)}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import TYPE_CHECKING
@@ -15,6 +16,10 @@ from ..usage.report import COST_GROUPS, IMAGE_GROUPS, costs_page, images_page, p
 
 if TYPE_CHECKING:
     from ..app import Gateway
+
+
+# Seconds a usage query may take before the answer is a 503 (a database that hangs must not hold clients).
+QUERY_TIMEOUT = 30.0
 
 
 class NotAdmin(ProxyError):
@@ -33,7 +38,7 @@ async def _records(gw: Gateway, request: web.Request, groups, widths=None):
     q = parse_query(request.query, groups, time.time(), **({"widths": widths} if widths else {}))
     await writer.flush(timeout=gw.config.usage.write_timeout)  # what this proxy has not written yet counts too
     try:
-        records = await writer.backend.query(q.start, q.end)
+        records = await asyncio.wait_for(writer.backend.query(q.start, q.end), QUERY_TIMEOUT)
     except Exception:  # noqa: BLE001 - the database is down: a clear 503, not a traceback
         raise ServiceUnavailable("The usage database is unavailable; retry shortly.", retry_after=5,
                                  code="usage_unavailable") from None

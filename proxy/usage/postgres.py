@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from .record import UsageRecord
 from .schema import CREATE, SELECT, from_row, insert
+
+log = logging.getLogger("proxy.usage")
 
 
 class PostgresLedger:
@@ -22,9 +25,11 @@ class PostgresLedger:
 
     async def start(self) -> None:
         try:
-            await self._connection()
-        except Exception:  # noqa: BLE001 - down at start-up: the writer keeps trying, serving goes on
+            await asyncio.wait_for(self._connection(), 2 * self.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - down at start-up: the writer keeps trying, serving goes on
             self._conn = None
+            log.warning("usage ledger: PostgreSQL is not reachable at start-up (%s); records queue in memory "
+                        "until it is", type(e).__name__)
 
     async def _connection(self):
         import psycopg  # optional dependency: pip install qwen-image-proxy[postgres]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InvalidRequest
 from .record import UsageRecord
@@ -126,7 +127,23 @@ def costs_page(q: Query, records: list[UsageRecord]) -> dict:
         return {"object": "organization.costs.result", "amount": {"value": amount, "currency": "usd"},
                 **shown, "unpriced_requests": sum(1 for r in rs if r.cost_usd is None and r.attempts != "[]")}
 
+    if "route" in q.group_by or "provider" in q.group_by or {"route", "provider"} & set(q.filters):
+        records = [part for r in records for part in _by_call(r)]
     return _page(q, records, result, ("line_item", "project_id"))
+
+
+def _by_call(record: UsageRecord) -> list[UsageRecord]:
+    """A record split into one per route it called, with that route's share of the cost (grouped by route,
+    a fallback's cost goes to the routes that charged it, not all to the one that served)."""
+    calls = json.loads(record.attempts)
+    if not calls:
+        return [record]
+    shares: dict[tuple, float | None] = {}
+    for c in calls:
+        where = (c["route"], c["provider"])
+        before = shares.get(where, 0.0)
+        shares[where] = None if before is None or c["cost"] is None else before + c["cost"]
+    return [replace(record, route=route, provider=provider, cost_usd=cost) for (route, provider), cost in shares.items()]
 
 
 def summary(records: list[UsageRecord], start: float, width: str, group_by: list[str]) -> list[dict]:

@@ -68,7 +68,8 @@ class Usage:
         """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
         now = time.time()
         try:
-            records = await self.writer.backend.query(month_start(now), now + 1)
+            records = await asyncio.wait_for(self.writer.backend.query(month_start(now), now + 1),
+                                             2 * self.usage.write_timeout)
         except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
             log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
                         type(e).__name__)
