@@ -11,6 +11,7 @@ import { applyMode, applyModel, applySize, loadModels } from "./models.js";
 import { LOSSY, buildRequest, randomSeed } from "./request.js";
 import { addImage, clearPreviews, createRun, seconds, seedOf, showPartial } from "./results.js";
 import { state } from "./state.js";
+import { initUsage } from "./usage.js";
 
 // ---- sending the form ------------------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ function init() {
   $("format").addEventListener("change", syncFormat);
   $("compression").addEventListener("input", () => { $("compression-value").textContent = $("compression").value; });
   syncFormat();
+  initUsage();
   loadModels();
 }
 
