@@ -231,6 +231,11 @@ async def test_streams_and_edits_are_recorded(start_proxy, aiohttp_server, tmp_p
     usage = server.app[GATEWAY].usage
     records = await usage.writer.backend.query(0, time.time() + 10)
     assert sorted((r.stream, r.cost_usd) for r in records) == [(False, 0.02), (True, 0.01)]
+    status, page = await api(server, "/v1/organization/usage/images",
+                             [("start_time", str(int(time.time()) - 60)), ("group_by", "size"),
+                              ("sources[]", "image.edit")])
+    assert status == 200
+    assert [(x["size"], x["images"], x["source"]) for x in page["data"][0]["results"]] == [("1024x1024", 1, None)]
 
 
 async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 
@@ -14,6 +15,8 @@ from multidict import MultiDict
 from proxy import cli, parse_config
 from proxy.config.usage import BudgetConfig, PriceConfig
 from proxy.errors import InvalidRequest
+from proxy.providers.ray_convert import images_from_reply
+from proxy.request import ImageRequest
 from proxy.usage.budgets import limits_of, over, periods
 from proxy.usage.pricing import call_cost, estimate, route_price, total
 from proxy.usage.record import UsageRecord
@@ -96,3 +99,13 @@ def test_usage_command_prints_a_table(tmp_path, capsys):
     assert ["m2", "local", "1", "1", "0.000000", "1", "0.00", "0"] in rows
     with pytest.raises(SystemExit):
         cli.main(["usage", "--config", str(path), "--group-by", "colour"])
+
+
+def test_ray_replies_carry_gpu_seconds():
+    """A Ray replica's reply says how long its accelerator worked; each image gets its share."""
+    req = ImageRequest(prompt="p", model="m", width=8, height=8, n=2)
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    reply = {"ok": True, "images": [png, png], "seeds": [1, 2], "gpu_seconds": 3.0}
+    assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [1.5, 1.5]
+    del reply["gpu_seconds"]  # an older replica: unknown
+    assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [None, None]
