@@ -6,10 +6,17 @@ from __future__ import annotations
 import time
 
 import aiohttp
+import pytest
 
 from proxy.app import GATEWAY
+from proxy.config.usage import CacheConfig
+from proxy.output import FinalImage
+from proxy.state_redis import RedisState
+from proxy.usage.cache import SeededCache
+from proxy.usage.cache_index import RedisIndex
 
 from .fake_openai_upstream import FakeOpenAIUpstream
+from .services import redis_server  # noqa: F401
 from .test_usage_e2e import api, client_for, usage_config
 
 
@@ -76,3 +83,48 @@ async def test_without_cache_config_a_seeded_repeat_goes_upstream(start_proxy, a
         assert "x-qip-cache" not in r.headers and len(vendor.image_calls) == 4
     finally:
         await alice.close()
+
+
+async def test_two_proxies_share_the_cache_through_redis(start_proxy, aiohttp_server, tmp_path, redis_server):  # noqa: F811
+    """With state.redis_url and one image store, a seeded request made on one proxy is a hit on another."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        cfg["store"]["path"] = str(tmp_path / "shared-images")
+        cfg["state"] = {"redis_url": redis_server.url}
+        cfg["models"]["vendor-image"]["cache"] = {"scope": "shared"}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    a, b = client_for(servers[0], "sk-alice-0000000000"), client_for(servers[1], "sk-bob-0000000000")
+    try:
+        first = await seeded(a, seed=11)
+        calls = len(vendor.image_calls)
+        second = await seeded(b, seed=11)
+        assert second.headers["x-qip-cache"] == "hit" and len(vendor.image_calls) == calls
+        assert [d.b64_json for d in first.parse().data] == [d.b64_json for d in second.parse().data]
+        redis_server.stop()  # the index away: served without it
+        third = await seeded(b, seed=12)
+        assert third.status_code == 200 and third.headers["x-qip-cache"] == "miss"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_past_max_mb_the_oldest_go(store, shared, request):
+    index = None
+    if shared:
+        server = request.getfixturevalue("redis_server")
+        state = RedisState(server.url, prefix="t:")
+        index = RedisIndex(state)
+    cache = SeededCache(store, index)
+    config = CacheConfig(max_mb=3 * 1000 / (1024 * 1024))  # 3000 bytes
+    images = [FinalImage(bytes([i]) * 1000, "png", i) for i in range(4)]
+    for i, img in enumerate(images):
+        await cache.put("m", ("k", i), [img], "r", "openai", config)
+    found = [await cache.get("m", ("k", i)) for i in range(4)]
+    assert [f is not None for f in found] == [False, True, True, True]
+    assert found[3][0][0].data == images[3].data and found[3][1].route == "r"
+    if shared:
+        await state.close()

@@ -1,5 +1,6 @@
 """The cache of seeded requests: a request with an explicit seed whose normalized fields match an earlier
-success gets the same images back. Images live in the configured image store; the index in memory."""
+success gets the same images back. Images live in the configured image store; the index in memory or
+Redis (proxy/usage/cache_index.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import pybase64 as base64
 
 from ..config.usage import CacheConfig
 from ..output import MIME, FinalImage
+from .cache_index import CacheIndex, Entry, MemoryIndex
 
 log = logging.getLogger("proxy.usage")
 
@@ -45,18 +45,6 @@ def routes_signature(routes: list) -> str:
     return json.dumps([(r.provider, r.model, r.params, r.drop) for r in routes], sort_keys=True, default=str)
 
 
-@dataclass
-class Entry:
-    names: list[str]  # in the image store
-    formats: list[str]
-    seeds: list[int | None]
-    revised: list[str | None]
-    route: str
-    provider: str
-    expires: float
-    size: int
-
-
 def _raw(img: FinalImage) -> bytes | None:
     if img.data is not None:
         return img.data
@@ -66,28 +54,25 @@ def _raw(img: FinalImage) -> bytes | None:
 
 
 class SeededCache:
-    """One LRU index per model (each within its model's max_mb); entries expire after ttl_seconds or when
-    the store lets their images go (store.ttl_seconds), whichever comes first."""
+    """Entries expire after ttl_seconds or when the store lets their images go (store.ttl_seconds),
+    whichever comes first; past a model's max_mb the oldest go."""
 
-    def __init__(self, store):
+    def __init__(self, store, index: CacheIndex | None = None):
         self.store = store
-        self._index: dict[str, OrderedDict[tuple, Entry]] = {}
-        self._bytes: dict[str, int] = {}
+        self.index = index if index is not None else MemoryIndex()
 
     async def get(self, model: str, key: tuple) -> tuple[list[FinalImage], Entry] | None:
-        index = self._index.get(model)
-        entry = index.get(key) if index else None
+        entry = await self.index.get(model, key)
         if entry is None:
             return None
         if entry.expires <= time.time():
-            self._forget(model, key)
+            await self.index.forget(model, key)
             return None
-        index.move_to_end(key)
         datas = []
         for name in entry.names:
             data = await self._read(name)
             if data is None:  # the store let it go: a miss
-                self._forget(model, key)
+                await self.index.forget(model, key)
                 return None
             datas.append(data)
         images = [FinalImage(data, fmt, seed, revised)
@@ -116,15 +101,6 @@ class SeededCache:
             return
         names = [await self.store.put(d, MIME[img.format]) for d, img in zip(datas, images, strict=True)]
         ttl = min(config.ttl_seconds, getattr(self.store, "ttl", config.ttl_seconds))
-        self._forget(model, key)
-        index = self._index.setdefault(model, OrderedDict())
-        index[key] = Entry(names, [img.format for img in images], [img.seed for img in images],
-                           [img.revised_prompt for img in images], route, provider, time.time() + ttl, size)
-        self._bytes[model] = self._bytes.get(model, 0) + size
-        while self._bytes[model] > limit and index:
-            self._forget(model, next(iter(index)))
-
-    def _forget(self, model: str, key: tuple) -> None:
-        entry = self._index.get(model, {}).pop(key, None)
-        if entry is not None:
-            self._bytes[model] -= entry.size
+        entry = Entry(names, [img.format for img in images], [img.seed for img in images],
+                      [img.revised_prompt for img in images], route, provider, time.time() + ttl, size)
+        await self.index.put(model, key, entry, limit)

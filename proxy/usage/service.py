@@ -16,6 +16,7 @@ from ..config import Config
 from ..output import FinalImage
 from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
 from .cache import SeededCache, cache_key, routes_signature
+from .cache_index import MemoryIndex, RedisIndex
 from .ledger import LedgerWriter
 from .meter import CURRENT, Meter
 from .postgres import PostgresLedger
@@ -52,8 +53,9 @@ class Usage:
                                     write_timeout=self.usage.write_timeout,
                                     on_drop=lambda n: metrics.usage_dropped.inc(n), scrub=scrub)
                        if self.usage.enabled else None)
-        self.spend = RedisSpend(state) if getattr(state, "kind", "") == "redis" else MemorySpend()
-        self.cache = SeededCache(store)
+        shared = getattr(state, "kind", "") == "redis"  # state.redis_url: budgets and the cache index there
+        self.spend = RedisSpend(state) if shared else MemorySpend()
+        self.cache = SeededCache(store, RedisIndex(state) if shared else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
@@ -105,7 +107,11 @@ class Usage:
             big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
             meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
-                found = await self.cache.get(req.model, meter.cache_key)
+                try:
+                    found = await self.cache.get(req.model, meter.cache_key)
+                except Exception as e:  # noqa: BLE001 - the index (Redis) away: a miss, not a failure
+                    log.warning("cache: lookup failed (%s); serving without it", type(e).__name__)
+                    found = None
                 if found is not None:
                     images, entry = found
                     meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
