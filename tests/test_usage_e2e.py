@@ -298,3 +298,21 @@ async def test_a_fallback_pays_for_the_bad_images_before_it(start_proxy, aiohttp
     assert status == 200
     by_route = {x["route"]: x["amount"]["value"] for x in page["data"][0]["results"]}
     assert by_route == {"vendor": pytest.approx(0.03), "placeholder": pytest.approx(0.01)}
+
+
+async def test_a_ledger_that_cannot_be_opened_fails_no_generation(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    (tmp_path / "not-a-folder").write_text("x")
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["usage"] = {"path": str(tmp_path / "not-a-folder" / "usage.sqlite3"), "write_timeout": 1}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    try:
+        r = await alice.images.with_raw_response.generate(model="qwen-image-placeholder", prompt="a fox",
+                                                          size="1024x1024")
+        assert r.status_code == 200 and r.headers["x-qip-cost-usd"] == "0.010000"
+    finally:
+        await alice.close()
+    status, body = await api(server, "/v1/organization/costs", {"start_time": "0"})
+    assert status == 503 and body["error"]["code"] == "usage_unavailable"
+    assert server.app[GATEWAY].usage.writer.pending == 1  # kept, to be written once it can be

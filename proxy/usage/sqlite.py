@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 
 from .record import UsageRecord
 from .schema import CREATE, SELECT, from_row, insert
+
+log = logging.getLogger("proxy.usage")
 
 
 class SqliteLedger:
@@ -18,9 +21,15 @@ class SqliteLedger:
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._open)
+        try:
+            await asyncio.to_thread(self._open)
+        except (OSError, sqlite3.Error) as e:  # serve anyway: records queue, and opening is tried again
+            log.warning("usage ledger: cannot open %s (%s: %s); records queue in memory until it can be",
+                        self.path, type(e).__name__, e)
 
     def _open(self) -> None:
+        if self._db is not None:
+            return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
@@ -39,6 +48,8 @@ class SqliteLedger:
         await asyncio.to_thread(self._write, [r.row() for r in records])
 
     def _write(self, rows: list[tuple]) -> None:
+        with self._lock:
+            self._open()
         with self._lock, self._db:  # one transaction
             self._db.executemany(insert("?"), rows)
 
@@ -47,5 +58,6 @@ class SqliteLedger:
 
     def _query(self, start: float, end: float) -> list[UsageRecord]:
         with self._lock:
+            self._open()
             rows = self._db.execute(SELECT.format(p="?"), (start, end)).fetchall()
         return [from_row(row) for row in rows]
