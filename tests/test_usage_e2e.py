@@ -316,3 +316,31 @@ async def test_a_ledger_that_cannot_be_opened_fails_no_generation(start_proxy, a
     status, body = await api(server, "/v1/organization/costs", {"start_time": "0"})
     assert status == 503 and body["error"]["code"] == "usage_unavailable"
     assert server.app[GATEWAY].usage.writer.pending == 1  # kept, to be written once it can be
+
+
+async def test_dollar_budget_and_a_restart_remembers_the_day(start_proxy, aiohttp_server, tmp_path):
+    """usd_per_day: requests until the next would pass it; a new process reads today's spending back from
+    the ledger (in-memory totals), so a restart grants nothing extra."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["server"]["api_keys"][0]["budget"] = {"usd_per_day": 0.03}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    try:
+        await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
+        with pytest.raises(RateLimitError) as info:  # 0.02 spent, 0.02 more would pass 0.03
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
+        assert "usd_per_day" in info.value.body["message"]
+    finally:
+        await alice.close()
+    await server.close()  # the process ends: its records are written
+
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    try:
+        await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        with pytest.raises(RateLimitError) as info:  # 0.03 spent: even one more is refused
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        assert info.value.body["code"] == "insufficient_quota"
+    finally:
+        await alice.close()
