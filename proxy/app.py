@@ -286,8 +286,10 @@ class Gateway:
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
                      result: Any = None) -> None:
-        if METER in request and PASSED_ON not in request:
-            self.usage.finish(request.pop(METER), request_id=request[REQUEST_ID], key=request.get(API_KEY),
+        meter = request.pop(METER, None)
+        # Not for calls passed on, nor for ones without a valid key (a stream of bad keys fills no ledger).
+        if meter is not None and PASSED_ON not in request and (API_KEY in request or not self.policy.enabled):
+            self.usage.finish(meter, request_id=request[REQUEST_ID], key=request.get(API_KEY),
                               model=request.get(MODEL, ""), path=request.path, status=status, outcome=outcome,
                               seconds=time.monotonic() - started)
         log_request(self.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),

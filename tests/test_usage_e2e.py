@@ -344,3 +344,15 @@ async def test_dollar_budget_and_a_restart_remembers_the_day(start_proxy, aiohtt
         assert info.value.body["code"] == "insufficient_quota"
     finally:
         await alice.close()
+
+
+async def test_calls_without_a_valid_key_leave_no_record(start_proxy, aiohttp_server, tmp_path):
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url))
+    stranger = client_for(server, "sk-not-a-key-00000")
+    with pytest.raises(Exception):  # noqa: B017 - 401
+        await stranger.images.generate(model="qwen-image-placeholder", prompt="a fox")
+    await stranger.close()
+    usage = server.app[GATEWAY].usage
+    await usage.writer.flush()
+    assert await usage.writer.backend.query(0, time.time() + 10) == []
