@@ -50,6 +50,7 @@ test: lint
 bench: install-test
 	$(PY) bench/bench_proxy.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_usage.py
 	$(PY) bench/bench_gateway.py
 
 clean:
