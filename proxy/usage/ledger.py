@@ -44,6 +44,7 @@ class LedgerWriter:
         self._queue: collections.deque[UsageRecord | Callable[[], UsageRecord]] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closing = False
         self._writing = asyncio.Lock()  # one batch at a time: a flush() beside the task writes nothing twice
         self._failing_since: float | None = None
         self._last_drop_log = 0.0
@@ -75,11 +76,14 @@ class LedgerWriter:
         self._task = asyncio.create_task(self._run(), name="usage-ledger-writer")
 
     async def _run(self) -> None:
-        while True:
+        # Ends when close() sets _closing, not by cancellation alone (on Python 3.11 asyncio.wait_for may
+        # swallow a cancellation that arrives as its wait ends, and a loop would then never stop).
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+                async with asyncio.timeout(self.flush_seconds):
+                    await self._wake.wait()
             self._wake.clear()
-            while self._queue:
+            while self._queue and not self._closing:
                 if not await self._write_batch():
                     break  # the database is failing: try again after flush_seconds
 
@@ -97,14 +101,15 @@ class LedgerWriter:
                 item = self._queue[i] = item()
             batch.append(item)
         try:
-            await asyncio.wait_for(self.backend.write(batch), self.write_timeout)
+            async with asyncio.timeout(self.write_timeout):
+                await self.backend.write(batch)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any database failure: keep the records, try later
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
                 log.warning("usage ledger: writing %d record(s) failed (%s: %s); keeping them in memory "
-                            "and retrying", len(batch), type(e).__name__, e)
+                            "and retrying", len(batch), type(e).__name__, self.scrub(str(e)))
             return False
         for _ in batch:
             self._queue.popleft()
@@ -123,9 +128,15 @@ class LedgerWriter:
         return not self._queue
 
     async def close(self, timeout: float = 10.0) -> None:
+        """Stop the task (it ends its batch under write_timeout), write what is queued within `timeout`,
+        count the rest as dropped. Never waits longer than that."""
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=self.write_timeout + 1)
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1)
             self._task = None
         if not await self.flush(timeout):
             left = len(self._queue)

@@ -83,8 +83,8 @@ class Usage:
                 await self.spend.add(Hold(r.key, day, month, 0, 0), images, micro(r.cost_usd or 0.0))
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # budget settlements under way: a moment to end (each is bounded by Redis' timeout)
+            await asyncio.wait(set(self._tasks), timeout=5)
         if self.writer is not None:
             await self.writer.close()
 
