@@ -36,7 +36,8 @@ async def _records(gw: Gateway, request: web.Request, groups, widths=None):
     if writer is None:
         raise ServiceUnavailable("The usage ledger is off (usage.enabled: false).", code="usage_disabled")
     q = parse_query(request.query, groups, time.time(), **({"widths": widths} if widths else {}))
-    await writer.flush(timeout=gw.config.usage.write_timeout)  # what this proxy has not written yet counts too
+    # What this proxy has not written yet counts too (one try: a failing database answers 503 below).
+    await writer.flush(timeout=gw.config.usage.write_timeout, failures=1)
     try:
         records = await asyncio.wait_for(writer.backend.query(q.start, q.end), QUERY_TIMEOUT)
     except Exception:  # noqa: BLE001 - the database is down: a clear 503, not a traceback

@@ -119,11 +119,16 @@ class LedgerWriter:
             self._failing_since = None
         return True
 
-    async def flush(self, timeout: float = 10.0) -> bool:
-        """Write everything queued now (shutdown, tests); False if records are left after `timeout`."""
+    async def flush(self, timeout: float = 10.0, failures: int | None = None) -> bool:
+        """Write everything queued now (shutdown, the usage API); False if records are left after `timeout`
+        or after `failures` failed writes (None: as many as fit in the time)."""
         deadline = time.monotonic() + timeout
+        failed = 0
         while self._queue and time.monotonic() < deadline:
             if not await self._write_batch():
+                failed += 1
+                if failures is not None and failed >= failures:
+                    break
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return not self._queue
 
@@ -138,7 +143,8 @@ class LedgerWriter:
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=1)
             self._task = None
-        if not await self.flush(timeout):
+        # A database that fails twice now will not recover in the seconds a shutdown has: exit promptly.
+        if not await self.flush(timeout, failures=2):
             left = len(self._queue)
             self.dropped += left
             self.on_drop(left)
