@@ -430,16 +430,16 @@ def _patch_uvloop() -> None:
 
 
 def _patch_pybase64() -> None:
-    """proxy.output's base64 calls (strict decode of the upstream's text, encode for b64_json) via pybase64."""
+    """proxy.media.output's base64 calls (strict decode of the upstream's text, encode for b64_json) via pybase64."""
     import pybase64
 
-    import proxy.output
+    import proxy.media.output
 
     class Base64:
         b64decode = staticmethod(pybase64.b64decode)
         b64encode = staticmethod(pybase64.b64encode)
 
-    proxy.output.base64 = Base64
+    proxy.media.output.base64 = Base64
 
 
 def spliced_loads(raw: bytes):
@@ -485,21 +485,21 @@ def _patch_quiet_access_log() -> None:
 
 def _patch_single_await() -> None:
     """gather_or_cancel awaits a single awaitable directly: no task and no gather for n=1."""
-    import proxy.output
+    import proxy.media.output
 
-    gather = proxy.output.gather_or_cancel
+    gather = proxy.media.output.gather_or_cancel
 
     async def gather_or_cancel(aws):
         if len(aws) == 1:
             return [await aws[0]]
         return await gather(aws)
 
-    proxy.output.gather_or_cancel = gather_or_cancel
+    proxy.media.output.gather_or_cancel = gather_or_cancel
 
 
 def _patch_fast_encoders() -> None:
     """WebP with method 2 (Pillow's default is 4) and AVIF with speed 8 (Pillow's default is 6), as the
-    defaults of every Image.save in this process (what proxy.output.encode_image would pass)."""
+    defaults of every Image.save in this process (what proxy.media.output.encode_image would pass)."""
     from PIL import Image
 
     save = Image.Image.save
@@ -522,9 +522,9 @@ def _patch_loop_lag() -> None:
     proxy's log (grep loop-lag)."""
     import threading
 
-    import proxy.server
+    import proxy.http.server
 
-    make = proxy.server.new_event_loop
+    make = proxy.http.server.new_event_loop
 
     async def monitor() -> None:
         worst: list[tuple[float, float]] = []
@@ -570,19 +570,19 @@ def _patch_loop_lag() -> None:
         loop.call_soon(lambda: loop.create_task(monitor()))
         return loop
 
-    proxy.server.new_event_loop = new_event_loop
+    proxy.http.server.new_event_loop = new_event_loop
 
 
 def _patch_inline_check() -> None:
     """The structural check of an upstream's image (strict base64 decode, header and CRCs) on the event
     loop up to 8 MB of base64 (~1 ms of work) instead of in a thread past 64 KB."""
-    import proxy.output
-    from proxy.cpu import run_cpu
+    import proxy.media.output
+    from proxy.http.cpu import run_cpu
 
     async def run_cpu_8mb(size, fn, *args):
         return fn(*args) if size <= 8 << 20 else await run_cpu(size, fn, *args)
 
-    proxy.output.run_cpu = run_cpu_8mb
+    proxy.media.output.run_cpu = run_cpu_8mb
 
 
 PATCHES = {"inline-check": _patch_inline_check, "loop-lag": _patch_loop_lag, "uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
@@ -922,18 +922,18 @@ def build_table(results: dict, case_by_key: dict[str, Case], proxies: list[str],
 
 # Where a sample goes: the innermost frame that matches decides (checked from the leaf up).
 CATEGORIES = [
-    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py", "_strict_b64 (proxy/output.py",
-                                                         "decode_b64 (proxy/output.py")),
-    ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/output.py")),
+    ("base64 decode (output._strict_b64 / decode_b64)", ("b64decode (base64.py", "_strict_b64 (proxy/media/output.py",
+                                                         "decode_b64 (proxy/media/output.py")),
+    ("base64 encode (output._b64)", ("b64encode (base64.py", "_b64 (proxy/media/output.py")),
     ("JSON parse of the upstream body (openai_compat._json_or_none)", ("_json_or_none (proxy/", "json_or_none (",
                                                                        "spliced_loads (")),
-    ("Pillow decode / encode (output.convert)", ("convert (proxy/output.py", "encode_image (proxy/output.py")),
-    ("structural image check (imagecheck.check_image)", ("check_image (proxy/imagecheck/",)),
+    ("Pillow decode / encode (output.convert)", ("convert (proxy/media/output.py", "encode_image (proxy/media/output.py")),
+    ("structural image check (imagecheck.check_image)", ("check_image (proxy/media/imagecheck/",)),
     ("response JSON (generations.body_parts, SentAsIs)", ("body_parts (proxy/", "dumps_with_b64 (proxy/",
                                                            "SentAsIs.write (proxy/")),
     ("logging (access log + proxy.requests)", ("(logging/__init__.py", "(aiohttp/web_log.py")),
     ("Prometheus metrics", ("(prometheus_client/",)),
-    ("image store write", ("FilesystemStore.", "(proxy/store.py")),
+    ("image store write", ("FilesystemStore.", "(proxy/state/store_folder.py")),
     ("JSON, other", ("(json/",)),
     ("socket send (loopback TCP work in the syscall)", ("_SelectorSocketTransport.write ", "_write_ready",
                                                         "_SelectorSocketTransport.writelines",
@@ -953,7 +953,7 @@ def categorize(frames: list[str]) -> str:
     leaf = frames[-1]
     if leaf.startswith(("EpollSelector.select", "_worker (concurrent/futures/thread.py")):
         return "waiting (epoll, idle pool threads)"
-    if leaf.startswith(("run (proxy/server.py", "BaseEventLoop.run_until_complete")):
+    if leaf.startswith(("run (proxy/http/server.py", "BaseEventLoop.run_until_complete")):
         return "inside the event loop's C code (uvloop: socket I/O, epoll, callbacks)"
     for name, needles in CATEGORIES:
         if any(n in frame for frame in frames for n in needles):
@@ -1051,7 +1051,7 @@ def micro(quick: bool) -> None:
     from PIL import Image
 
     from proxy.api.generations import body_parts
-    from proxy.imagecheck import check_image
+    from proxy.media.imagecheck import check_image
 
     sys.path.insert(0, str(HERE))
     from mock_upstream import MockUpstream
@@ -1173,7 +1173,7 @@ def micro(quick: bool) -> None:
 
 async def memory_runs(bench: Bench, mock: Proc, case_by_key: dict[str, Case]) -> None:
     """Idle RSS after the large c=8 run: as is, after malloc_trim(0), and with glibc knobs set."""
-    variants = [("serve's own (proxy.server.tune_malloc)", {}),
+    variants = [("serve's own (proxy.http.server.tune_malloc)", {}),
                 # Any MALLOC_* variable keeps serve's own settings off; a perturb byte of 0 is glibc's default.
                 ("default glibc", {"MALLOC_PERTURB_": "0"}),
                 ("MALLOC_MMAP_THRESHOLD_=1048576", {"MALLOC_MMAP_THRESHOLD_": "1048576"}),

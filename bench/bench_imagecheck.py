@@ -1,7 +1,7 @@
 """Cost of the structural image check against Pillow (a benchmark, not a test: it prints numbers).
 
 For a 1024x1024 image of noise (so it does not compress: ~3 MB as PNG) in each format, the median time of
-- proxy.imagecheck.check_image(data)
+- proxy.media.imagecheck.check_image(data)
 - Image.open(BytesIO(data)).verify()   (PNG: reads every chunk and checks its CRC; the other formats
                                         only parse their header, verify() adds nothing for them)
 - Image.open(BytesIO(data)).load()     (a full decode)
@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from proxy.imagecheck import check_image  # noqa: E402
+from proxy.media.imagecheck import check_image  # noqa: E402
 
 SAVE_OPTIONS = {
     "png": ("PNG", {}),

@@ -8,7 +8,7 @@ growth of the peak while the case ran (after imports and setup).
    next to the work they used to start: the placeholder drawing and encoding ONE 13000x13000 image
    the way it did before the limits (full-size drawing, PNG level 6; the request asked for four).
 2. A decompression bomb from an upstream: a 13000x13000 RGB PNG of a few hundred KB (507 MB decoded)
-   through proxy.output.convert (structural check with the proxy's pixel limit, then refused), next to
+   through proxy.media.output.convert (structural check with the proxy's pixel limit, then refused), next to
    Pillow's plain Image.open + load (the default MAX_IMAGE_PIXELS only warns at this size), and next to
    Pillow with MAX_IMAGE_PIXELS lowered to the proxy's limit (DecompressionBombError at open).
 
@@ -122,7 +122,7 @@ def case_new_placeholder(args) -> dict:
 
 def case_bomb_convert(args) -> dict:
     from proxy.errors import UpstreamError
-    from proxy.output import OutputSettings, convert
+    from proxy.media.output import OutputSettings, convert
 
     with open(args.bomb, "rb") as f:
         data = f.read()
@@ -201,7 +201,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from proxy.output import OutputSettings
+    from proxy.media.output import OutputSettings
 
     repeat = ["--repeat", str(args.repeat)]
     header = f"  {'':<46} {'time':>12} {'peak RSS':>11} {'extra':>11}   outcome"
@@ -224,7 +224,7 @@ def main() -> None:
         print(f"\nDecompression bomb: {BOMB_SIDE}x{BOMB_SIDE} RGB PNG, {len(data) // 1024} KB "
               f"({BOMB_SIDE * BOMB_SIDE * 3 // 2**20} MB decoded):")
         print(header)
-        print(row("proxy.output.convert (checked first)", run_case("bomb-convert", "--bomb", path, *repeat)))
+        print(row("proxy.media.output.convert (checked first)", run_case("bomb-convert", "--bomb", path, *repeat)))
         print(row("Pillow open+load, default MAX_IMAGE_PIXELS", run_case("bomb-pillow", "--bomb", path)))
         print(row(f"Pillow open+load, MAX_IMAGE_PIXELS={limit}",
                   run_case("bomb-pillow", "--bomb", path, "--pillow-limit", str(limit))))

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from proxy.app import Gateway  # noqa: E402
+from proxy.api.gateway import Gateway  # noqa: E402
 from proxy.config import parse_config  # noqa: E402
 from proxy.providers.base import GeneratedImage  # noqa: E402
 from proxy.request import ImageRequest  # noqa: E402

@@ -155,7 +155,7 @@ class Engine(EngineWorker):
         else:
             prompts = ["warm up", "warm up the compiled blocks at this size"][:batch]
             params = [GenerationParams(prompt, **common) for prompt in prompts]
-        jobs = [Job(self, p, plan_job(p, facts), []) for p in params]
+        jobs = [Job(self._cancel, p, plan_job(p, facts), []) for p in params]
         self._execute([(job, job.remaining) for job in jobs], base=pipe)
         for job in jobs:
             job.future.result(0)  # raises what the call raised, if it settled with an error
@@ -205,7 +205,7 @@ class Engine(EngineWorker):
         self._check_open()
         plan = plan_job(params, self._facts())
         loras = self._loras.resolve_request(list(params.loras or []))  # may start a download
-        job = Job(self, params, plan, loras)
+        job = Job(self._cancel, params, plan, loras)
         with self._cond:
             self._check_open()
             if len(self._waiting) >= self.config.max_queue:

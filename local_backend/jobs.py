@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING
 
@@ -9,14 +10,17 @@ from .config import GenerationParams, GenerationResult
 from .errors import EngineError
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .loras import LoraRef
 
 
 class Job:
-    """One submitted request. `future` yields a GenerationResult or raises an EngineError."""
+    """One submitted request. `future` yields a GenerationResult or raises an EngineError.
 
-    def __init__(self, engine: Engine, params: GenerationParams, plan: dict, loras: list[LoraRef]):
+    `on_cancel` is what cancelling it does (the engine that queued it drops or interrupts it): the job
+    knows nothing of the engine."""
+
+    def __init__(self, on_cancel: Callable[[Job], None], params: GenerationParams, plan: dict,
+                 loras: list[LoraRef]):
         self.future: Future[GenerationResult] = Future()
         self.params = params
         self.seeds: list[int] = plan["seeds"]
@@ -43,11 +47,11 @@ class Job:
         self.started_at: float | None = None
         self.cancelled = False
         self.deadline_hit = False
-        self._engine = engine
+        self._on_cancel = on_cancel
 
     def cancel(self) -> None:
         """Drop the job if it waits; interrupt it at the next denoising step if it runs."""
-        self._engine._cancel(self)
+        self._on_cancel(self)
 
     @property
     def ready(self) -> bool:  # its LoRA downloads, if any, are done

@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
+from .edit import EDIT_PIPELINES, load_processor
 from .errors import EngineError
+from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -100,8 +103,6 @@ def _quantization_config(name: str, dtype, skip: list[str] | None = None):
 
 def _model_source(config: EngineConfig, progress: Progress) -> str:
     if config.model in ("tiny", "tiny-edit"):
-        from .tiny import TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
-
         edit = config.model == "tiny-edit"
         progress(f"preparing the tiny pipeline ({TINY_EDIT_VERSION if edit else TINY_VERSION})")
         return str(tiny_pipeline_dir(edit=edit))
@@ -126,8 +127,6 @@ def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
     """The diffusers class for the task, checked against what the model declares."""
     import diffusers
 
-    from .edit import EDIT_PIPELINES
-
     declared = _declared_class(source, local_only)
     if config.task == "edit":
         if declared is not None and declared not in EDIT_PIPELINES:
@@ -143,8 +142,6 @@ def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
 
 def _area_scale(source: str) -> float | None:
     """The edit working-area factor a model folder asks for (the tiny edit model: local_backend.tiny)."""
-    from .tiny import EXTRAS_FILE
-
     path = Path(source) / EXTRAS_FILE
     if not path.is_file():
         return None
@@ -220,8 +217,6 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:
-        from .accel_options import TORCHAO, quant_skip, transformer_layers
-
         skip = None
         if config.quantization in TORCHAO:
             layers = transformer_layers(source, kwargs.get("local_files_only", True))
@@ -235,8 +230,6 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
     report(f"loading {config.model} ({str(dtype).removeprefix('torch.')})")
     try:
         if config.task == "edit":
-            from .edit import load_processor
-
             hub = {} if Path(source).is_dir() else {"local_files_only": local_only}
             kwargs["processor"] = load_processor(source, hub)
         pipe = pipeline_class.from_pretrained(source, **kwargs)

@@ -32,6 +32,7 @@ import threading
 import time
 
 from .config import GenerationParams
+from .engine import Engine
 from .errors import (
     DeadlineExceededError,
     EngineError,
@@ -120,8 +121,6 @@ class EngineReplica:
     """
 
     def __init__(self, engine: dict | None = None):
-        from .engine import Engine
-
         self.config = engine_config(engine)
         self.replica_id, self.app_name = _replica_context()
         self._lock = threading.Lock()

@@ -22,8 +22,11 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from . import accel_options, enhance
 from .config import EngineConfig, plain_options
 from .errors import EngineError
+from .loading import validate_config
+from .tiers import parse_tiers
 
 DEFAULT_APP_NAME = "qwen-image"
 IMPORT_PATH = "local_backend.ray_app:build_app"
@@ -84,10 +87,6 @@ def _check(config: EngineConfig) -> None:
     """The options an engine checks when it starts, checked here (on the proxy's side too), so that a bad
     one is a config error that names it rather than replicas failing to start. Pure: imports diffusers
     only to check an attention backend's name, and only where it is installed."""
-    from . import accel_options, enhance
-    from .loading import validate_config
-    from .tiers import parse_tiers
-
     try:
         validate_config(config)
         parse_tiers(config)

@@ -16,7 +16,8 @@ interface, to the office network, directly or through a redirect from an allowed
 
 Refusals raise `DownloadRefused` naming the rule; network trouble, HTTP status, size and time raise
 `DownloadFailed`. Neither message carries a URL's path or query, or anything the server sent.
-This module is self-contained: local_backend imports nothing from the proxy.
+Which addresses are public is netguard's rule (the proxy's fetcher follows the same one); the policy
+and the URL checks are in download_policy.py; local_backend imports nothing from the proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import ipaddress
-import re
 import socket
 import ssl
 import threading
@@ -33,7 +33,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from netguard.addresses import IPAddress, address_refusal
+
+from .download_policy import (
+    DownloadError,
+    DownloadFailed,
+    DownloadPolicy,
+    DownloadRefused,
+    check_url,
+    next_hop,
+    shown_host,
+)
 
 __all__ = [
     "DownloadError",
@@ -48,120 +59,8 @@ __all__ = [
     "vet_addresses",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-CGNAT = ipaddress.ip_network("100.64.0.0/10")
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 _CHUNK = 1 << 20
-# What a host name may look like in a message (anything else is not echoed).
-_HOST_NAME = re.compile(r"^[a-z0-9._-]{1,253}$")
-
-
-class DownloadError(Exception):
-    """Base of the downloader's errors. Messages are safe to show to a client."""
-
-
-class DownloadRefused(DownloadError):
-    """The URL (or a redirect) breaks a rule; nothing was sent to that address."""
-
-
-class DownloadFailed(DownloadError):
-    """The download was allowed but did not succeed: network, HTTP status, size cap or time."""
-
-
-@dataclass(frozen=True)
-class DownloadPolicy:
-    # Exact host names or "*.example.com" (any name below example.com); None = any host.
-    allowed_hosts: frozenset[str] | None = frozenset()
-    # Let loopback, private and other non-public addresses through (operator-configured URLs).
-    allow_private: bool = False
-    # Networks let through even when not public, e.g. ("10.1.0.0/16",).
-    allowed_networks: tuple[str, ...] = ()
-    max_bytes: int = 2 * 1024**3
-    timeout: float = 600.0  # seconds for the whole download, redirects included
-    max_redirects: int = 5
-    ssl_context: ssl.SSLContext | None = None  # None = the system's trust store
-    _networks: tuple = field(default=(), init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.allowed_hosts is not None:
-            hosts = frozenset(h.strip().lower().rstrip(".") for h in self.allowed_hosts)
-            object.__setattr__(self, "allowed_hosts", hosts)
-        object.__setattr__(self, "_networks",
-                           tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks))
-
-    def host_allowed(self, host: str) -> bool:
-        if self.allowed_hosts is None:
-            return True
-        return any(host == entry or (entry.startswith("*.") and host.endswith(entry[1:]))
-                   for entry in self.allowed_hosts)
-
-    def address_allowed(self, ip: IPAddress) -> bool:
-        """Whether a non-public address is let through anyway."""
-        if self.allow_private:
-            return True
-        candidates = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)):
-            candidates.append(embedded[0])
-        return any(c.version == n.version and c in n for c in candidates for n in self._networks)
-
-
-# ---- address rules ------------------------------------------------------------------------------
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
-    """The IPv4 address an IPv6 form leads to, if it is one of those forms."""
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped, "IPv4-mapped"
-    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip in NAT64:
-        return low32, "NAT64"
-    if ip in IPV4_TRANSLATED:
-        return low32, "IPv4-translated"
-    if ip.sixtofour:
-        return ip.sixtofour, "6to4"
-    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d, the deprecated IPv4-compatible form
-        return low32, "IPv4-compatible"
-    return None
-
-
-def address_refusal(ip: IPAddress) -> str | None:
-    """Why an address is not a public one ("loopback", ...), or None when it is public."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            return "scoped (zone id)"
-        embedded = _embedded_ipv4(ip)
-        if embedded:
-            v4, form = embedded
-            why = address_refusal(v4)
-            return f"{why} ({form} {v4})" if why else None
-        if ip in NAT64_LOCAL:
-            return "local-use NAT64"
-        if ip.is_site_local:
-            return "site-local"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if isinstance(ip, ipaddress.IPv4Address):
-        if ip in CGNAT:
-            return "shared address space (CGNAT)"
-        if ip == ipaddress.IPv4Address("255.255.255.255"):
-            return "broadcast"
-    if ip.is_reserved:
-        return "reserved"
-    if ip.is_private:
-        return "private"
-    if not ip.is_global:  # documentation, benchmarking, Teredo, ...: the special-purpose registry
-        return "not a public address"
-    return None
 
 
 def resolve_host(host: str, port: int) -> list[str]:
@@ -180,73 +79,20 @@ def vet_addresses(host: str, port: int, policy: DownloadPolicy) -> list[IPAddres
             try:
                 raw = resolve_host(host, port)
             except (OSError, UnicodeError) as e:
-                raise DownloadFailed(f"host {_shown(host)} could not be resolved ({type(e).__name__})") from None
+                raise DownloadFailed(f"host {shown_host(host)} could not be resolved ({type(e).__name__})") from None
             addresses = []
             for item in raw:
                 try:
                     addresses.append(ipaddress.ip_address(item))
                 except ValueError:
-                    raise DownloadRefused(f"host {_shown(host)} resolves to something that is not an address") from None
+                    raise DownloadRefused(f"host {shown_host(host)} resolves to something that is not an address") from None
     if not addresses:
-        raise DownloadFailed(f"host {_shown(host)} has no address")
+        raise DownloadFailed(f"host {shown_host(host)} has no address")
     for ip in addresses:
         why = address_refusal(ip)
         if why and not policy.address_allowed(ip):
-            raise DownloadRefused(f"host {_shown(host)} resolves to {ip}, which is {why}")
+            raise DownloadRefused(f"host {shown_host(host)} resolves to {ip}, which is {why}")
     return addresses
-
-
-# ---- URL and redirect rules ---------------------------------------------------------------------
-
-
-def _shown(host: str) -> str:
-    return host if _HOST_NAME.match(host) or _is_address(host) else "(an invalid host name)"
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def check_url(url: str, policy: DownloadPolicy) -> tuple[str, int]:
-    """The URL-level rules: (host, port) to connect to, or DownloadRefused naming the rule."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or 443
-    except ValueError:
-        raise DownloadRefused("the URL is malformed") from None
-    scheme = parts.scheme.lower()
-    if scheme != "https":
-        raise DownloadRefused(f"only https URLs are allowed, not {scheme or '(no scheme)'}"
-                              if len(scheme) <= 10 else "only https URLs are allowed")
-    if parts.username is not None or parts.password is not None:
-        raise DownloadRefused("URLs with user information (user:password@) are not allowed")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise DownloadRefused("the URL has no host")
-    if "%" in host or any(c.isspace() for c in host):
-        raise DownloadRefused("the URL's host is not a valid host name")
-    if not policy.host_allowed(host):
-        raise DownloadRefused(f"host {_shown(host)} is not on the allowlist")
-    return host, port
-
-
-def next_hop(current: str, status: int, location: str | None, policy: DownloadPolicy) -> str:
-    """The URL a redirect leads to, once it passes the same rules as the first URL."""
-    if not location:
-        raise DownloadFailed(f"the server answered {status} without a Location")
-    try:
-        target = urllib.parse.urljoin(current, location.strip())
-    except ValueError:
-        raise DownloadRefused("a redirect went to a malformed URL") from None
-    try:
-        check_url(target, policy)
-    except DownloadRefused as e:
-        raise DownloadRefused(f"a redirect was refused: {e}") from None
-    return target
 
 
 # ---- the connection ------------------------------------------------------------------------------

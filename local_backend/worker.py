@@ -221,6 +221,10 @@ class EngineWorker:
         kept = []
         for job, count in slots:
             with self._cond:
+                # The deadline's timer thread may not have run yet on a busy machine: a rewrite cut
+                # by the deadline must not go on to denoise.
+                if job.params.deadline is not None and time.monotonic() >= job.params.deadline:
+                    job.deadline_hit = True
                 stopped = self._closed or job.cancelled or job.deadline_hit
             if stopped:
                 self._finish(job)  # settles it with its reason

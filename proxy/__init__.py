@@ -1,6 +1,7 @@
 """qwen-image-proxy: an OpenAI-compatible gateway for Qwen-Image."""
 
-from .app import Gateway, build_app, image_proxy_middleware
+from .api.gateway import Gateway
+from .app import build_app, image_proxy_middleware
 from .config import Config, ConfigError, load_config, parse_config
 
 __all__ = ["Config", "ConfigError", "Gateway", "build_app", "image_proxy_middleware", "load_config", "parse_config"]

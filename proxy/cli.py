@@ -11,7 +11,18 @@ import socket
 import sys
 from typing import NoReturn
 
+import proxy
+from local_backend import ray_app
+from local_backend.ray_options import serve_application
+
+from .api.gateway import Gateway
+from .app import GATEWAY, build_app
 from .config import Config, ConfigError, load_config
+from .errors import Scrubber
+from .generate_cli import run_generate
+from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
+from .providers import build_providers
+from .usage.cli import run_usage
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
 # Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
@@ -28,8 +39,6 @@ def version() -> str:
     try:
         return installed_version("qwen-image-proxy")
     except PackageNotFoundError:  # run from a source tree that was never installed
-        import proxy
-
         return getattr(proxy, "__version__", "unknown")
 
 
@@ -51,8 +60,6 @@ def _load(path: str) -> Config:
 
 def _load_checked(path: str) -> tuple[Config, dict]:
     """What `serve` and `check-config` both accept: the config, and its providers built but not started."""
-    from .providers import build_providers
-
     config = _load(path)
     try:
         return config, build_providers(config)
@@ -127,9 +134,6 @@ def _reason(e: OSError) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .app import GATEWAY, build_app
-    from .server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
-
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,8 +236,6 @@ def run_workers(count: int, serve_one, log: logging.Logger) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .app import Gateway
-
     config, providers = _load_checked(args.config)
     gateway = Gateway(config, providers)
     for name in config.models:
@@ -248,8 +250,6 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     """Rejects exactly what `serve` rejects (the same loading and building), without starting anything."""
-    from .app import Gateway
-
     config, providers = _load_checked(args.config)
     gateway = Gateway(config, providers)
     problems = 0
@@ -272,16 +272,11 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate_cli import run_generate
-
     asyncio.run(run_generate(args, _load(args.config)))
 
 
 def cmd_ray_serve(args: argparse.Namespace) -> None:
     """Deploy the pool of every `kind: ray` provider to a running Ray cluster (or print its Serve config)."""
-    from local_backend.ray_app import build_app
-    from local_backend.ray_options import serve_application
-
     config, providers = _load_checked(args.config)
     pools = {name: p for name, p in providers.items() if p.kind == "ray"}
     wanted = args.provider or list(pools)
@@ -313,7 +308,7 @@ def cmd_ray_serve(args: argparse.Namespace) -> None:
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     for pool, app in zip(chosen, apps, strict=True):
         print(f"deploying {app['name']} at {app['route_prefix']} ({pool.engine_config.model}); waiting for its replicas...")
-        serve.run(build_app(pool.pool_options), name=app["name"], route_prefix=app["route_prefix"])
+        serve.run(ray_app.build_app(pool.pool_options), name=app["name"], route_prefix=app["route_prefix"])
         state = serve.status().applications[app["name"]]
         replicas = {str(k): v for d in state.deployments.values() for k, v in d.replica_states.items()}
         print(f"{app['name']}: {getattr(state.status, 'value', state.status)}, replicas {replicas}")
@@ -321,9 +316,6 @@ def cmd_ray_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
-    from .errors import Scrubber
-    from .usage.cli import run_usage
-
     config = _load(args.config)
     try:
         print(run_usage(config, args.since, args.group_by, args.bucket))

@@ -140,6 +140,21 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+def from_http_exception(e: web.HTTPException) -> ProxyError:
+    """The OpenAI-shaped error for an aiohttp HTTP exception (a 413 from its body limit, a 405, ...)."""
+    if e.status == 413:
+        return PayloadTooLarge(f"The request body is too large: {e.text or e.reason}.")
+    if e.status == 405:
+        return MethodNotAllowed(e.reason)
+    if e.status == 404:
+        return NotFound(e.reason)
+    if 400 <= e.status < 500:
+        error = InvalidRequest(e.text or e.reason)
+        error.status = e.status
+        return error
+    return ProxyError(e.reason)
+
+
 def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` (OpenAI's) or `Retry-After` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")

@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from local_backend import Engine, EngineError
+
 from .config import Config
 from .errors import ProxyError
-from .output import encode_image
+from .media.output import encode_image
+from .media.sizing import resolve_size
+from .providers.local_convert import engine_config, to_params
 from .request import build_request, parse_body
-from .sizing import resolve_size
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
 
@@ -49,9 +52,7 @@ def _check_writable(paths: list[Path]) -> None:
 async def run_generate(args: argparse.Namespace, config: Config) -> None:
     from tqdm import tqdm
 
-    from local_backend import Engine, EngineError
 
-    from .providers.local_convert import engine_config, to_params
 
     fmt = _FORMATS.get(Path(args.output).suffix.lower())
     if fmt is None:

@@ -8,7 +8,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from proxy import build_app, parse_config
-from proxy.store import FilesystemStore
+from proxy.state.store_folder import FilesystemStore
 
 QWEN_1K = {
     "default": "1024x1024",

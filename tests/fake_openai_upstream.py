@@ -138,6 +138,11 @@ class FakeOpenAIUpstream:
     # Image calls being answered now, and the most there ever were at once.
     in_flight: int = 0
     most_in_flight: int = 0
+    # When set, each image call waits (up to hold_timeout) until this many are in flight at once: a
+    # test proves concurrency by who is held together, not by a race against a delay.
+    hold_until_in_flight: int | None = None
+    hold_timeout: float = 30.0
+    _all_in: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -260,6 +265,11 @@ class FakeOpenAIUpstream:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
+            if self.hold_until_in_flight is not None:
+                if self.in_flight >= self.hold_until_in_flight:
+                    self._all_in.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_in.wait(), self.hold_timeout)
             return await self._generations(request, received)
         finally:
             self.in_flight -= 1
@@ -352,7 +362,7 @@ class FakeOpenAIUpstream:
             if i == 0 and self.stream_gate is not None:
                 # The test sets the gate once it has seen the first chunk; a buffering proxy never would.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stream_gate.wait(), 5)
+                    await asyncio.wait_for(self.stream_gate.wait(), 30)
             await asyncio.sleep(self.stream_delay)
         await response.write(b"data: [DONE]\n\n")
         self.stream_finished.set()

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from importlib.metadata import version
 from pathlib import Path
@@ -119,15 +118,12 @@ def test_busy_port_fails_at_once_before_any_model_loads(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        started = time.monotonic()
         out = run_cli(tmp_path, "serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port),
                       "--log-level", "debug", timeout=30)
-        elapsed = time.monotonic() - started
     assert out.returncode == 1
     assert out.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: address already in use"]
     assert "Traceback" not in out.stderr and "loading" not in out.stderr
-    assert not (tmp_path / "cache").exists()  # the tiny pipeline was never built
-    assert elapsed < 20  # an interpreter start, not a model load
+    assert not (tmp_path / "cache").exists()  # the tiny pipeline was never built: no model load
 
 
 def test_address_that_cannot_be_bound(tmp_path):

@@ -61,7 +61,7 @@ def assert_colour(im: Image.Image, seed: int) -> None:
     assert all(abs(a - b) <= 2 for a, b in zip(pixel, seed_colour(seed), strict=True)), (pixel, seed)
 
 
-async def wait_for(predicate, timeout: float = 5.0) -> None:
+async def wait_for(predicate, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -173,7 +173,7 @@ async def test_client_disconnect_cancels_the_task(start_proxy, tmp_path, fake_da
     task.cancel()  # the connection closes: the proxy cancels the request
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await asyncio.wait_for(fake.cancelled.wait(), 5)
+    await asyncio.wait_for(fake.cancelled.wait(), 30)
     ((task_id, remote),) = fake.tasks.items()
     assert remote.status == "CANCELED"
     assert fake.cancels[0].path.endswith(f"/tasks/{task_id}/cancel")
@@ -189,10 +189,10 @@ async def test_route_deadline_cancels_the_task_and_falls_back(start_proxy, tmp_p
     _, client = await start_proxy(ds_config(tmp_path, fake, routes=routes))
     started = time.monotonic()
     raw = await client.images.with_raw_response.generate(model="qwen-image", prompt="p", response_format="b64_json")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 15  # the held task never ends: only the 0.3 s deadline stops it
     assert raw.headers["x-qip-route"] == "placeholder"
     assert decode(raw.parse().data[0].b64_json).size == (64, 64)
-    await asyncio.wait_for(fake.cancelled.wait(), 5)
+    await asyncio.wait_for(fake.cancelled.wait(), 30)
     assert [t.status for t in fake.tasks.values()] == ["CANCELED"]
 
 

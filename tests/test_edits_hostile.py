@@ -16,7 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 from PIL import Image
 
-import proxy.inputs
+import proxy.media.inputs
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
@@ -190,14 +190,14 @@ async def test_a_data_url_is_decoded_off_the_event_loop(gateway, monkeypatch):
     payload = base64.b64encode(image).decode()
     url = "data:image/png;base64," + payload
     threads = []
-    real = proxy.inputs.base64.b64decode
+    real = proxy.media.inputs.base64.b64decode
 
     def spy(data, *args, **kwargs):
         if data == payload:  # the same module decodes other things (the upstream's answer)
             threads.append(threading.current_thread())
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(proxy.inputs.base64, "b64decode", spy)
+    monkeypatch.setattr(proxy.media.inputs.base64, "b64decode", spy)
     body = {"model": MODEL, "prompt": "x", "images": [{"image_url": url}], "response_format": "b64_json"}
     async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/edits"), json=body) as r:
         assert r.status == 200, await r.text()

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
-from proxy.fetch import (
+from proxy.media.fetch import (
     FetchFailed,
     FetchPolicy,
     FetchRefused,
@@ -65,7 +65,7 @@ class Target:
             await self.gate.wait()
             return web.Response(body=PAYLOAD, content_type="image/png")
         if path == "/slow":
-            await asyncio.sleep(5)
+            await asyncio.sleep(60)
             return web.Response(body=PAYLOAD)
         if path.startswith("/status/"):
             return web.Response(status=int(path.rsplit("/", 1)[1]), text="upstream error page")
@@ -228,7 +228,7 @@ async def test_refused_addresses(names, secret, host, rule):
     with pytest.raises(FetchRefused) as e:
         await f.fetch(f"http://{host}:{secret.port}/secret", policy)
     assert rule in str(e.value)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 10
     # No connection was tried: the fetcher never even made its HTTP session.
     assert f._session is None and secret.hits == []
     # Literal addresses are never looked up.
@@ -375,7 +375,7 @@ async def test_timeout(fetcher, good):
     started = time.monotonic()
     with pytest.raises(FetchFailed, match="did not finish within 0.3 s"):
         await fetcher.fetch(f"{good.url}/slow", policy)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 15  # /slow answers after 60 s
 
 
 async def test_http_status(fetcher, good):

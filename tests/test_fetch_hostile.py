@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from proxy.errors import InvalidRequest
-from proxy.fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
-from proxy.inputs import InputReader
+from proxy.media.fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
+from proxy.media.inputs import InputReader
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream

@@ -344,7 +344,10 @@ async def test_upstream_cookies_are_not_kept(start_proxy, tmp_path, fake_upstrea
 async def test_many_slow_calls_reach_the_upstream_at_once(start_proxy, tmp_path, fake_upstream):
     """No hidden cap on connections to an upstream: 150 slow generations in flight are 150 calls in flight
     upstream, not 100 and a queue inside the HTTP client eating into each one's timeout."""
-    up = await fake_upstream(api_key="k", delay=1.5)
+    up = await fake_upstream(api_key="k")
+    # Every call is held until all 150 are in flight together (or a generous minute passes): with a
+    # cap of 100 the last 50 never arrive while the first are held, however fast or busy the machine.
+    up.hold_until_in_flight = 150
     cfg = upstream_config(tmp_path, {"lumen": openai_provider(up, "k")}, ["lumen"])
     _, client = await start_proxy(cfg)
     calls = [client.images.generate(model="qwen-image", prompt=f"fox {i}", response_format="b64_json")
@@ -433,7 +436,7 @@ async def test_jpeg_upstream_converted_to_png(start_proxy, tmp_path, fake_upstre
 
 @pytest.mark.parametrize("failure", ["500", "502", "401", "empty", "slow", "unreachable"])
 async def test_fallback_to_second_route(start_proxy, tmp_path, fake_upstream, failure):
-    first = await fake_upstream(api_key="key-a", delay=2.0 if failure == "slow" else 0.0)
+    first = await fake_upstream(api_key="key-a", delay=30.0 if failure == "slow" else 0.0)
     second = await fake_upstream(api_key="key-b")
     key_a = "key-a"
     if failure == "500":
@@ -450,7 +453,7 @@ async def test_fallback_to_second_route(start_proxy, tmp_path, fake_upstream, fa
     _, client = await start_proxy(cfg)
     started = time.monotonic()
     r = await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 15  # a slow first route answers after 30 s: only its timeout moves on
     assert decode(r.data[0].b64_json).size == (64, 64)
     # Retried twice on the route first, except a failed login: another try would fail the same way.
     assert len(first.image_calls) == {"unreachable": 0, "401": 1}.get(failure, 3)

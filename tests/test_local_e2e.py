@@ -405,7 +405,7 @@ async def test_client_disconnect_cancels_the_job(start_proxy, tmp_path, tiny_dir
     r = await generate(client, seed=2, num_inference_steps=3)
     assert decode(r.data[0]).size == (64, 64)
     assert await steps_total(server) == ran + 3
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 120  # 3 steps, not the cancelled job's 500
     await asyncio.sleep(0.3)
     assert await steps_total(server) == ran + 3  # and the cancelled job did not resume
 

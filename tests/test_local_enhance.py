@@ -1,5 +1,5 @@
 """Prompt enhancement on local routes: the text encoder's rewrite (local_backend.enhance, the engine) and the
-chat-completions rewrite (proxy.enhance), through the engine and through the running proxy with the openai
+chat-completions rewrite (proxy.providers.enhance), through the engine and through the running proxy with the openai
 package. The tiny model's random weights write gibberish: what is checked is the path, the bounds and the
 plumbing (the image is the one the returned revised_prompt makes with the same seed)."""
 
@@ -32,7 +32,7 @@ from local_backend import (  # noqa: E402
 )
 from local_backend.config import PromptEnhancement  # noqa: E402
 from proxy import parse_config  # noqa: E402
-from proxy.enhance import chat_answer, chat_body, parse_options  # noqa: E402
+from proxy.providers.enhance import chat_answer, chat_body, parse_options  # noqa: E402
 
 from .local_helpers import noise_image  # noqa: E402
 from .test_local_e2e import local_config  # noqa: E402
@@ -106,7 +106,7 @@ def test_time_bound_stops_the_rewrite(engine):
         done = enhance.rewrite(engine.pipe, "a red fox", max_new_tokens=1000, timeout=0.3)  # 1000 tokens: 20 s
         took = time.monotonic() - started
     assert (done.text, done.reason) == (None, "timeout")
-    assert took < 1.5 and done.tokens < 100
+    assert took < 10 and done.tokens < 100  # 1000 tokens would take 20 s
 
 
 def test_clean():
@@ -210,7 +210,7 @@ def test_edit_engine_rewrites_with_the_edit_instruction(tiny_edit_dir, monkeypat
 def test_a_job_stopped_while_its_prompt_is_rewritten(engine, how):
     transformer_calls = []
     hook = engine.pipe.transformer.register_forward_pre_hook(lambda *a: transformer_calls.append(1))
-    with SlowTextEncoder(engine.pipe, 0.1) as slow:  # TOKENS tokens: 1.6 s
+    with SlowTextEncoder(engine.pipe, 1.0) as slow:  # TOKENS tokens: 16 s
         started = time.monotonic()
         deadline = time.monotonic() + 0.4 if how == "deadline" else None
         job = engine.submit(params(f"an owl ({how})", prompt_enhancement=True, deadline=deadline))
@@ -221,7 +221,7 @@ def test_a_job_stopped_while_its_prompt_is_rewritten(engine, how):
             job.future.result(timeout=10)
         took = time.monotonic() - started
     hook.remove()
-    assert took < 1.2 and slow.calls < TOKENS  # the rewrite stopped early
+    assert took < 10 and slow.calls < TOKENS  # the rewrite stopped early
     assert transformer_calls == []  # and nothing was generated
     assert engine.generate_sync(params()).images  # the engine goes on
 
@@ -316,7 +316,7 @@ class FakeChat:
             return web.json_response({"error": {"message": f"upstream broke ({SECRET})", "type": "server_error"}},
                                      status=500)
         if word == "slow":
-            await asyncio.sleep(3)
+            await asyncio.sleep(30)
         content = f"Rewritten prompt: {prompt}, at dawn, golden light\n"
         if word == "echo":
             content = f"{prompt} beside {SECRET}"
@@ -360,7 +360,7 @@ async def test_chat_route(start_proxy, aiohttp_server, tmp_path, tiny_dir, caplo
         assert failed.data[0].revised_prompt == "fail a fox" and decode(failed.data[0]).size == (64, 64)
         started = time.monotonic()
         slow = await make("slow a fox")
-        assert slow.data[0].revised_prompt == "slow a fox" and time.monotonic() - started < 2.5
+        assert slow.data[0].revised_prompt == "slow a fox" and time.monotonic() - started < 15  # not the 30 s
         assert np.array_equal(pixels(decode(slow.data[0])),
                               pixels(decode((await make("slow a fox", prompt_enhancement="off")).data[0])))
         echoed = await make("echo a fox")
@@ -396,7 +396,7 @@ class NewerOpenAIChat(FakeChat):
 async def test_chat_token_parameter_name(aiohttp_server, token_param, caplog):
     import aiohttp
 
-    from proxy.enhance import ChatEnhancer
+    from proxy.providers.enhance import ChatEnhancer
 
     caplog.set_level(logging.INFO)
     fakes = {"new": NewerOpenAIChat(), "old": NewerOpenAIChat(old=True)}

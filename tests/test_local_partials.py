@@ -1,5 +1,5 @@
 """Partial images from the local engine: how many, when, what size, whose; a failing callback; and
-through LocalProvider into proxy.partials' sink."""
+through LocalProvider into proxy.media.partials' sink."""
 
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def drain(sink) -> list:
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 async def test_provider_sends_previews_to_the_sink(provider, fmt):
     from proxy.config import RouteConfig
-    from proxy.partials import open_sink
+    from proxy.media.partials import open_sink
     from proxy.request import ImageRequest
 
     sink = open_sink()
@@ -279,7 +279,7 @@ async def test_provider_sends_previews_to_the_sink(provider, fmt):
 
 async def test_provider_makes_no_previews_without_a_sink_or_partial_images(provider):
     from proxy.config import RouteConfig
-    from proxy.partials import open_sink
+    from proxy.media.partials import open_sink
     from proxy.request import ImageRequest
 
     route = RouteConfig(provider="local")

@@ -1,4 +1,4 @@
-"""The serve loop's memory policy (proxy.server): glibc settings unless the operator set their own, and
+"""The serve loop's memory policy (proxy.http.server): glibc settings unless the operator set their own, and
 malloc_trim once a burst of image requests is over, never in the middle of one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from proxy import server
+from proxy.http import server
 
 MB = 1024 * 1024
 

@@ -23,7 +23,7 @@ from proxy.errors import (
     redact,
     retry_after_from_headers,
 )
-from proxy.output import decode_b64
+from proxy.media.output import decode_b64
 from proxy.providers.base import ProviderContext
 from proxy.providers.openai_compat import OpenAICompatProvider, error_from_status, from_native, to_native
 from proxy.request import LoraRef, build_request, parse_body

@@ -12,8 +12,8 @@ from aiohttp import web
 from PIL import Image
 
 from proxy.errors import InvalidRequest, RateLimited, UpstreamError
-from proxy.fetch import FetchPolicy, GuardedFetcher
-from proxy.output import (
+from proxy.media.fetch import FetchPolicy, GuardedFetcher
+from proxy.media.output import (
     OutputSettings,
     check_output_request,
     convert,
@@ -293,7 +293,7 @@ async def test_a_failing_chunk_cancels_its_siblings():
     t0 = loop.time()
     with pytest.raises(RateLimited):
         await generate_n(call, request(n=3, seed=0), per_call=1)
-    assert loop.time() - t0 < 2
+    assert loop.time() - t0 < 8  # the other calls sleep 10 s: they were cancelled, not awaited
     assert sorted(started) == [0, 1, 2]
     assert sorted(cancelled) == [0, 2]
 

@@ -90,7 +90,7 @@ async def test_chat_stream_is_not_buffered(start_proxy, tmp_path, upstream):
                                                   messages=[{"role": "user", "content": "count"}])
     chunks = stream.__aiter__()
     # The upstream holds after its first chunk until we have it: a proxy that buffers never delivers it.
-    first = await asyncio.wait_for(chunks.__anext__(), timeout=3)
+    first = await asyncio.wait_for(chunks.__anext__(), timeout=30)
     assert first.choices[0].delta.content == "part0 "
     assert not upstream.stream_finished.is_set()
     upstream.stream_gate.set()

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from proxy import parse_config
+from proxy.api.passthrough import Passthrough, confined_path
 from proxy.config import PassthroughConfig
-from proxy.passthrough import Passthrough, confined_path
 
 from .conftest import base_config
 

@@ -15,8 +15,8 @@ from openai import AsyncOpenAI, AuthenticationError, PermissionDeniedError, Rate
 from proxy import parse_config
 from proxy.config import ConfigError
 from proxy.errors import RateLimited
-from proxy.policy import ConcurrencyLimited, MemoryLimits
 from proxy.providers.placeholder import PlaceholderProvider
+from proxy.routing.policy import ConcurrencyLimited, MemoryLimits
 
 from .conftest import base_config
 from .fake_openai_upstream import FakeOpenAIUpstream
@@ -85,7 +85,7 @@ async def get(server, path: str, key: str | None = None) -> tuple[int, str]:
         return r.status, await r.text()
 
 
-async def wait_for(condition, timeout: float = 5) -> None:
+async def wait_for(condition, timeout: float = 30) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
@@ -209,7 +209,7 @@ async def test_concurrency_slot_comes_back_when_the_client_hangs_up(start_proxy,
                                           headers={"Authorization": f"Bearer {CI}"}))
         await wait_for(lambda: gated.started == 1)
         call.cancel()  # the client goes away mid-request
-        await asyncio.wait_for(gated.cancelled.wait(), 5)
+        await asyncio.wait_for(gated.cancelled.wait(), 30)
     gated.gate.set()
     ci = client_for(server, CI)
     deadline = asyncio.get_running_loop().time() + 5

@@ -11,11 +11,11 @@ import logging
 import pytest
 from openai import AsyncOpenAI
 
-from proxy import state_redis
-from proxy.idempotency import Idempotency
-from proxy.policy import ConcurrencyLimited
-from proxy.state import Answer
-from proxy.state_redis import RedisState
+from proxy.routing.policy import ConcurrencyLimited
+from proxy.state import shared_redis as state_redis
+from proxy.state.idempotency import Idempotency
+from proxy.state.shared import Answer
+from proxy.state.shared_redis import RedisState
 
 from .services import redis_server  # noqa: F401
 from .test_idempotency import BODY, MODEL, REQ, CountingPlaceholder, edit_config, post, request_with

@@ -233,11 +233,11 @@ async def test_client_disconnect_cancels_the_prediction(start_proxy, tmp_path, f
             return await r.read()
 
     task = asyncio.ensure_future(request())
-    await asyncio.wait_for(fake.polled.wait(), 5)
+    await asyncio.wait_for(fake.polled.wait(), 30)
     task.cancel()  # the connection closes: the proxy's handler is cancelled
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await asyncio.wait_for(fake.cancelled.wait(), 5)
+    await asyncio.wait_for(fake.cancelled.wait(), 30)
     (pid,) = fake.predictions
     (cancel,) = fake.cancels
     assert cancel.path == f"/v1/predictions/{pid}/cancel"
@@ -254,10 +254,10 @@ async def test_deadline_cancels_the_prediction(start_proxy, tmp_path, fake_repli
     started = time.monotonic()
     with pytest.raises(APIError) as e:
         await client.images.generate(model=MODEL, prompt="p")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 15  # the prediction never ends: only the 0.4 s deadline stops it
     assert e.value.status_code == 504
     assert json.loads(e.value.response.text)["error"]["code"] == "upstream_timeout"
-    await asyncio.wait_for(fake.cancelled.wait(), 5)
+    await asyncio.wait_for(fake.cancelled.wait(), 30)
     (pid,) = fake.predictions
     assert fake.predictions[pid].status == "canceled"
     assert fake.creates[0].headers["Cancel-After"] == "1s"
@@ -378,4 +378,4 @@ async def test_a_prediction_lost_while_polling_falls_back_and_is_cancelled(start
     raw = await client.images.with_raw_response.generate(model=MODEL, prompt="p", response_format="b64_json")
     assert raw.headers["x-qip-route"] == "placeholder"  # a 404 on a poll is the route's failure, not a 400
     assert len(fake.polls) == 1
-    await asyncio.wait_for(fake.cancelled.wait(), 5)  # polling gave up: the prediction is stopped
+    await asyncio.wait_for(fake.cancelled.wait(), 30)  # polling gave up: the prediction is stopped

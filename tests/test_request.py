@@ -14,8 +14,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.body import Upload, read_body, read_fields
 from proxy.errors import InvalidRequest, ProxyError
+from proxy.http.body import Upload, read_body, read_fields
 from proxy.request import (
     MAX_EXTRA_BYTES,
     MAX_JSON_DEPTH,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.api.generations import SentAsIs, body_parts, dumps_with_b64
-from proxy.state import Answer
+from proxy.state.shared import Answer
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 # Text that could trip a splice: quotes, escapes, non-ASCII, and markers that look like the nonce.

@@ -22,7 +22,7 @@ from proxy.errors import (
 )
 from proxy.providers.base import Capabilities, GeneratedImage, Provider
 from proxy.request import ImageRequest
-from proxy.router import CircuitBreaker, Router
+from proxy.routing.router import CircuitBreaker, Router
 
 Behaviour = Callable[[ImageRequest], Awaitable[list[GeneratedImage]]]
 
@@ -112,7 +112,7 @@ async def test_route_timeout_falls_back():
     router = router_for(a, b, routes=[{"provider": "a", "timeout": 0.05}, "b"])
     t0 = time.monotonic()
     result = await router.generate(request(), soon())
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 10  # route a hangs for ever
     assert result.route.name == "b"
     assert result.attempts[0][0] == "a"
     assert "timed out" in result.attempts[0][1]
@@ -248,7 +248,7 @@ async def test_unusable_routes_are_passed_over():
 
 def test_breaker_unit(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("proxy.router.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("proxy.routing.router.time.monotonic", lambda: now[0])
     breaker = CircuitBreaker(threshold=3, cooldown=10)
     for _ in range(2):
         breaker.record(False)
@@ -363,7 +363,7 @@ async def test_deadline_cuts_a_slow_route_and_stops_the_walk():
     with pytest.raises(UpstreamTimeout) as e:
         await router.generate(request(), time.monotonic() + 0.1)
     elapsed = time.monotonic() - t0
-    assert 0.09 <= elapsed < 1
+    assert 0.09 <= elapsed < 10  # not the route's 30 s
     assert b.calls == []
     assert "route 'a'" in e.value.message
 
@@ -383,7 +383,7 @@ async def test_route_timeout_is_capped_by_the_remaining_time():
     t0 = time.monotonic()
     with pytest.raises(UpstreamError):
         await router.generate(request(), time.monotonic() + 0.1)
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 10  # not route b's 30 s
     assert len(b.calls) == 1
 
 
@@ -448,8 +448,8 @@ async def test_backoff_is_exponential_with_full_jitter(monkeypatch):
         bounds.append(hi)
         return hi / 2
 
-    monkeypatch.setattr("proxy.router.asyncio.sleep", fake_sleep)
-    monkeypatch.setattr("proxy.router.random.uniform", uniform)
+    monkeypatch.setattr("proxy.routing.router.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("proxy.routing.router.random.uniform", uniform)
     a = FakeProvider("a", failing(UpstreamError("HTTP 500")))
     with pytest.raises(UpstreamError):
         await router_for(a, retries=4, backoff_base=0.5, backoff_max=3).generate(request(), soon(60))
@@ -461,7 +461,7 @@ async def test_retry_after_is_honoured_on_the_same_route():
     a = FakeProvider("a", flaky_then_ok(UpstreamUnavailable("HTTP 503", retry_after=0.3)))
     t0 = time.monotonic()
     result = await router_for(a, retries=1, backoff_max=1).generate(request(), soon())
-    assert 0.29 <= time.monotonic() - t0 < 1
+    assert 0.29 <= time.monotonic() - t0 < 10
     assert result.route.name == "a" and len(a.calls) == 2
 
 
@@ -470,17 +470,17 @@ async def test_a_long_retry_after_moves_on_when_another_route_is_left():
     b = FakeProvider("b")
     t0 = time.monotonic()
     result = await router_for(a, b, retries=2, backoff_max=1).generate(request(), soon())
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 10  # not the 30 s Retry-After
     assert result.route.name == "b" and len(a.calls) == 1
 
 
 async def test_a_retry_after_past_the_deadline_is_not_waited_for():
-    a = FakeProvider("a", failing(RateLimited("busy", retry_after=5)))
+    a = FakeProvider("a", failing(RateLimited("busy", retry_after=60)))
     t0 = time.monotonic()
     with pytest.raises(RateLimited) as e:
         await router_for(a, retries=2).generate(request(), soon(1))
-    assert time.monotonic() - t0 < 0.5
-    assert e.value.headers["Retry-After"] == "5"
+    assert time.monotonic() - t0 < 10  # not the 60 s Retry-After
+    assert e.value.headers["Retry-After"] == "60"
 
 
 async def test_every_route_overloaded_with_retry_after_is_a_503_with_retry_after():
@@ -612,7 +612,7 @@ async def test_loading_past_max_load_wait_is_a_503_with_retry_after_and_the_stag
     t0 = time.monotonic()
     with pytest.raises(ServiceUnavailable) as e:
         await router_for(a, max_load_wait=0.1).generate(request(), soon())
-    assert 0.09 <= time.monotonic() - t0 < 1
+    assert 0.09 <= time.monotonic() - t0 < 10  # the load never ends
     assert e.value.status == 503 and e.value.code == "model_loading"
     assert "transformer" in e.value.message
     assert int(e.value.headers["Retry-After"]) >= 1

@@ -99,7 +99,7 @@ async def test_images_a_finish_refused_are_all_made_again():
 async def test_no_retry_left_cancels_the_siblings_at_once():
     a = FakeProvider("a", per_call({0: [UpstreamError("HTTP 502")], 1: [asyncio.Event()]}))
     with pytest.raises(UpstreamError) as e:
-        await asyncio.wait_for(router_for(a, retries=0).generate(request(n=2), soon()), 5)
+        await asyncio.wait_for(router_for(a, retries=0).generate(request(n=2), soon()), 30)
     assert "HTTP 502" in e.value.message
 
 

@@ -18,8 +18,9 @@ from openai import APIStatusError
 from PIL import Image
 
 from proxy.config import parse_config
-from proxy.store import StoreUnavailable, make_store
-from proxy.store_s3 import S3Store
+from proxy.state.factory import make_store
+from proxy.state.store import StoreUnavailable
+from proxy.state.store_s3 import S3Store
 
 from .conftest import base_config
 from .services import S3_KEY_ID, S3_SECRET, free_port, moto_server, s3_bucket  # noqa: F401
@@ -109,7 +110,7 @@ async def test_expired_objects_are_deleted_and_their_links_stop_working(moto_ser
         url = await store.url_for(name, "http://proxy.example")
         assert dict(parse_qsl(urlsplit(url).query))["X-Amz-Expires"] == "1"
         assert (await fetch(url))[0] == 200
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while (await fetch(url))[0] == 200 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert (await fetch(url))[0] == 404
@@ -170,7 +171,7 @@ async def test_a_bucket_that_is_down_is_a_clear_503(caplog):
         started = time.monotonic()
         with pytest.raises(StoreUnavailable) as info:
             await store.put(b"x", "image/png")
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 20
         error = info.value
         assert error.status == 503 and error.code == "store_unavailable" and error.headers["Retry-After"]
         assert "qip-down" in error.message
@@ -250,7 +251,7 @@ async def test_e2e_a_bucket_that_is_down_is_a_503_never_a_silent_b64(start_proxy
     with pytest.raises(APIStatusError) as info:
         await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="64x64",
                                      response_format="url")
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 20
     error = info.value
     assert error.status_code == 503 and error.code == "store_unavailable"
     assert error.response.headers["Retry-After"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.sizing import (
+from proxy.media.sizing import (
     DEFAULT_MAX_PIXELS,
     MAX_SIDE,
     WORK_FACTOR,

@@ -22,7 +22,7 @@ import yaml
 from aiohttp import web
 
 from proxy import cli
-from proxy.server import ConnectionLimits, GuardedAppRunner
+from proxy.http.server import ConnectionLimits, GuardedAppRunner
 
 from .conftest import base_config
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from proxy.store import FilesystemStore
+from proxy.state.store_folder import FilesystemStore
 
 
 def age(path, seconds: float) -> None:

@@ -21,7 +21,7 @@ import yaml
 from openai import APIStatusError, AsyncOpenAI
 from PIL import Image
 
-from proxy.store_s3 import S3Store
+from proxy.state.store_s3 import S3Store
 
 from .conftest import base_config
 from .services import S3_KEY_ID, S3_SECRET, free_port, moto_server, s3_bucket, wait_for_port  # noqa: F401

@@ -10,8 +10,8 @@ import pytest
 
 from proxy.app import GATEWAY
 from proxy.config.usage import CacheConfig
-from proxy.output import FinalImage
-from proxy.state_redis import RedisState
+from proxy.media.output import FinalImage
+from proxy.state.shared_redis import RedisState
 from proxy.usage.cache import SeededCache
 from proxy.usage.cache_index import RedisIndex
 

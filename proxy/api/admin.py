@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from ..cpu import run_cpu
 from ..errors import ModelNotFound, NotFound, UpstreamError
+from ..http.cpu import run_cpu
 from ..providers.base import read_answer
 from ..request import MAX_N
-from ..store import StoreUnavailable
+from ..state.store import StoreUnavailable
+from .context import NotServedHere
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 # Route states that mean "this model can get there" (now, or once loaded / cooled down).
 _POSSIBLE = {"ready", "loading", "circuit_open", "half_open"}
@@ -125,8 +126,6 @@ async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str])
 
 
 async def get_model(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    from ..app import NotServedHere
-
     name = request.path[len("/v1/models/"):]
     if name in gw.config.models:
         return web.json_response(_model_card(gw, name))

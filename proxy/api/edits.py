@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..body import read_body
 from ..errors import InvalidRequest
-from ..inputs import InputReader, json_image_refs
-from ..output import check_output_request
+from ..http.body import read_body
+from ..media.inputs import InputReader, json_image_refs
+from ..media.output import check_output_request
+from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from ..sizing import check_work, resolve_size
 from . import generations, stream
+from .context import BODY
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 IMAGE_FIELDS = ("image", "image[]")
 # Input images may be larger than what the model makes (a phone photo is 12 MP).
@@ -30,8 +31,6 @@ def edit_models(gw: Gateway) -> list[str]:
 
 
 async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
-    from ..app import BODY
-
     body = await read_body(request, files=True)
     if body.raw is not None:
         request[BODY] = body.raw

@@ -4,37 +4,34 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.payload import Payload
 
-from ..body import read_fields
-from ..cpu import INLINE_BYTES
 from ..errors import InvalidRequest, ModelNotFound
-from ..idempotency import REPLAYED
-from ..output import check_output_request, finish_images, render_images
-from ..policy import API_KEY
+from ..http.body import read_fields
+from ..http.cpu import INLINE_BYTES
+from ..http.send import send_or_drop
+from ..media.output import check_output_request
+from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
-from ..router import RouteResult
-from ..send import send_or_drop
-from ..sizing import check_work, resolve_size
-from ..state import Answer
+from ..routing.policy import API_KEY
+from ..state.idempotency import REPLAYED
+from ..state.shared import Answer
 from . import stream
+from .context import BODY, MODEL, NotServedHere
+from .serving import generate, route_headers
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 
 def served_model(gw: Gateway, request: web.Request, asked, default: str | None, served: list[str],
                  label: str = "Models served here") -> str:
     """The model an image call names (or the default), checked: served here and allowed for the caller's
     key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
-    from ..app import MODEL, NotServedHere
-    from ..policy import API_KEY
-
     model = asked or default
     if not isinstance(model, str):
         raise InvalidRequest("Invalid 'model': must be a string.", param="model")
@@ -49,8 +46,6 @@ def served_model(gw: Gateway, request: web.Request, asked, default: str | None, 
 
 
 async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
-    from ..app import BODY
-
     fields, raw = await read_fields(request)
     if raw is not None:
         request[BODY] = raw
@@ -123,43 +118,6 @@ class SentAsIs(Payload):
             # Sent (or failed): aiohttp keeps the response until the connection's next request; the
             # pieces (and the upstream's answer they are views of) need not wait with it.
             self._value = ()
-
-
-async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
-    """Route the request (images checked and converted inside each route attempt), then render it."""
-    from ..app import ROUTE
-
-    deadline = time.monotonic() + gw.config.server.request_timeout
-
-    async def finish(images, route_req, provider):
-        return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
-                                   trusted_origin=provider.trusted_origin)
-
-    # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
-    result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
-    if result is None:
-        result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-        await gw.usage.after(req, result)
-    request[ROUTE] = result
-    base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
-    items = await render_images(result.images, req, store=gw.store, base_url=base_url)
-    for item in items:  # an upstream's text: it may echo what it was sent, keys included
-        item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
-    gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
-    out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
-    payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
-    for key in ("quality", "background"):
-        if getattr(req, key) is not None:
-            payload[key] = getattr(req, key)
-    seeds = [img.seed for img in result.images]
-    if all(s is not None for s in seeds):
-        payload["seeds"] = seeds
-    return result, payload
-
-
-def route_headers(result: RouteResult) -> dict[str, str]:
-    """Which route served and how many calls it took (retries and fallbacks included)."""
-    return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}
 
 
 def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:

@@ -17,13 +17,16 @@ import pybase64 as base64  # the same API as the standard library's, 20-40x fast
 from aiohttp import web
 
 from ..errors import ProxyError, UpstreamError
-from ..output import inspect, reencode
-from ..partials import PartialImage, open_sink
+from ..http.request_log import REQUEST_ID
+from ..http.send import send_or_drop
+from ..media.output import inspect, reencode
+from ..media.partials import PartialImage, open_sink
 from ..request import ImageRequest
-from ..send import send_or_drop
+from .context import STREAM_ERROR
+from .serving import generate
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 log = logging.getLogger("proxy")
 KEEPALIVE_SECONDS = 15.0
@@ -47,9 +50,6 @@ class _Events:
 
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: str) -> web.StreamResponse:
-    from ..app import REQUEST_ID, STREAM_ERROR
-    from .generations import generate
-
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Request-Id": request[REQUEST_ID],

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..errors import ProxyError, ServiceUnavailable
-from ..policy import API_KEY
+from ..routing.policy import API_KEY
 from ..usage.report import COST_GROUPS, IMAGE_GROUPS, costs_page, images_page, parse_query
 
 if TYPE_CHECKING:

@@ -18,8 +18,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, ValidationError
 
-from ..sizing import SizeTable
+from ..media.sizing import SizeTable
 from .envvars import Expansion, expand_env
+from .errors import ConfigError
+from .kinds import KINDS, options_model, provider_class
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
 from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
 from .server import ServerConfig
@@ -44,10 +46,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-class ConfigError(Exception):
-    """models.yaml cannot be used; the message says where and why."""
-
 
 class Config(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -108,8 +106,6 @@ _SECRET_OPTION = re.compile(r"(?i)key|token|secret|password")
 
 def _check_providers(config: Config, hidden: set[str]) -> list[str]:
     """Each provider's kind is known, and its options are the ones that kind reads, with their types."""
-    from ..providers import KINDS, options_model, provider_class
-
     problems = []
     for name, pc in config.providers.items():
         if pc.kind not in KINDS:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..sizing import MAX_SIDE, SizeTable, parse_pixels
+from ..media.sizing import MAX_SIDE, SizeTable, parse_pixels
 from .strict import Strict
 from .usage import CacheConfig, PriceConfig
 

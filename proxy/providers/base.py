@@ -12,8 +12,8 @@ import aiohttp
 
 from ..config import RouteConfig
 from ..errors import UpstreamError, UpstreamRefused
+from ..media.sizing import DEFAULT_MAX_PIXELS
 from ..request import ImageRequest
-from ..sizing import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)

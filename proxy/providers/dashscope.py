@@ -41,8 +41,8 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
-from ..cpu import run_cpu
 from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, retry_after_from_headers
+from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .dashscope_convert import (

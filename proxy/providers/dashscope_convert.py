@@ -35,8 +35,8 @@ from ..errors import (
     UpstreamUnavailable,
     clip,
 )
+from ..media.sizing import parse_pixels
 from ..request import ImageRequest
-from ..sizing import parse_pixels
 from .base import GeneratedImage
 from .extras import VENDOR_FIELDS, extras_for
 

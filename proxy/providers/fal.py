@@ -23,8 +23,8 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
-from ..cpu import run_cpu
 from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
+from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
 from .fal_convert import (

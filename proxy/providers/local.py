@@ -15,12 +15,23 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import enhance
+from local_backend import (
+    Engine,
+    EngineError,
+    InvalidParamsError,
+    JobCancelledError,
+    QueueFullError,
+)
+from local_backend.accel_options import static_problems, static_warnings
+from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
+from local_backend.tiers import tier_summary
+
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
-from ..output import MIME, encode_image
-from ..partials import PartialImage, threadsafe_emitter
+from ..media.output import MIME, encode_image
+from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext
 from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
 
@@ -29,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class PartialSender:
     """The engine's on_partial for one request: encodes each preview in the request's format and emits
-    it (`emit` is proxy.partials.threadsafe_emitter()'s function).
+    it (`emit` is proxy.media.partials.threadsafe_emitter()'s function).
 
     With an `encoder` (a one-thread executor), the encoding runs there, in order, instead of on the
     engine's worker thread: a 1024x1024 PNG takes 50-250 ms to encode, time the denoising loop would
@@ -64,7 +75,7 @@ class PartialSender:
 class LocalProvider(Provider):
     kind = "diffusers"
     # The options this kind reads in models.yaml: local_backend.EngineConfig's fields plus timeout and
-    # load_in_background. Any other key is a config error (proxy.providers.options_model).
+    # load_in_background. Any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {
         "model": str,
         "task": ("generate", "edit"),
@@ -95,7 +106,7 @@ class LocalProvider(Provider):
         "local_files_only": bool | None,
         "timeout": (float, {"gt": 0}),
         "load_in_background": bool,
-        "prompt_enhancement": dict | None,  # proxy.enhance: {with: text_encoder | chat, ...}
+        "prompt_enhancement": dict | None,  # proxy.providers.enhance: {with: text_encoder | chat, ...}
     }
 
     def __init__(self, name, options, missing_vars=None):
@@ -127,15 +138,13 @@ class LocalProvider(Provider):
         # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
         self.tiers: list[dict] | None = None
         if self.config is not None and self.config.tiers:
-            from local_backend.tiers import tier_summary
-
             self.tiers = tier_summary(self.config)
         # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
         self.accelerations: list[str] | None = None
         self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
         if self.config is not None and self.config.cache:
             self.accelerations = ["none", "regular", "high"]
-        # prompt_enhancement with: chat is done here, before the engine (proxy.enhance); with:
+        # prompt_enhancement with: chat is done here, before the engine (proxy.providers.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         self._http = None
@@ -157,8 +166,6 @@ class LocalProvider(Provider):
         if self.config is None:
             return []
         if self._static_warnings is None:  # not started (check-config): found here, once
-            from local_backend.accel_options import static_warnings
-
             self._static_warnings = static_warnings(self.config, self._device())
         return self._static_warnings
 
@@ -204,7 +211,6 @@ class LocalProvider(Provider):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
-        from local_backend.accel_options import static_problems, static_warnings
 
         self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
         problems = static_problems(self.config, device)
@@ -233,8 +239,6 @@ class LocalProvider(Provider):
             await self._load_task
 
     async def _load(self) -> None:
-        from local_backend import Engine
-
         def progress(stage: str) -> None:  # from the loading thread
             self._stage = stage
             log.info("provider %s: %s", self.name, stage)
@@ -274,13 +278,6 @@ class LocalProvider(Provider):
             self.metrics.local_steps.labels(provider=self.name).inc()
 
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
-        from local_backend import (
-            EngineError,
-            InvalidParamsError,
-            JobCancelledError,
-            QueueFullError,
-        )
-
         if self.engine is None:
             raise UpstreamError(f"the local model is not ready ({self._state})")
         emit = threadsafe_emitter() if req.partial_images else None  # on the loop: it binds the loop
@@ -328,6 +325,4 @@ class LocalProvider(Provider):
 
 
 def _engine_max_n() -> int:
-    from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
-
     return MAX_N

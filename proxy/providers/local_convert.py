@@ -14,10 +14,16 @@ import io
 from dataclasses import fields
 from typing import Any
 
-from .. import enhance
+from local_backend import EngineConfig, EngineError, GenerationParams, LoraSpec
+from local_backend.accel_options import validate as validate_accel
+from local_backend.config import plain_options
+from local_backend.loading import local_files_only
+from local_backend.tiers import choose_tier, parse_tiers
+
 from ..errors import InvalidRequest
-from ..output import encode_image
+from ..media.output import encode_image
 from ..request import ImageRequest, InputImage
+from . import enhance
 
 # Options that belong to the provider, not to the engine.
 _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
@@ -25,11 +31,6 @@ _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 
 def engine_config(options: dict[str, Any]):
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
-    from local_backend import EngineConfig, EngineError
-    from local_backend.accel_options import validate as validate_accel
-    from local_backend.config import plain_options
-    from local_backend.tiers import parse_tiers
-
     known = {f.name for f in fields(EngineConfig)}
     unknown = set(options) - known - _PROVIDER_OPTIONS
     if unknown:
@@ -49,8 +50,6 @@ def engine_config(options: dict[str, Any]):
 def request_tier(req: ImageRequest, config) -> str | None:
     """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
     use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
-    from local_backend.tiers import choose_tier
-
     return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
                        use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
 
@@ -59,8 +58,6 @@ def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=
     """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
     input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
     request_tier()'s answer."""
-    from local_backend import GenerationParams, LoraSpec
-
     return GenerationParams(
         prompt=req.prompt,
         width=req.width,
@@ -103,7 +100,6 @@ def weights_problem(config) -> str | None:
     """Whether the weights are on disk, when they may not be downloaded."""
     from pathlib import Path
 
-    from local_backend.loading import local_files_only
 
     model = config.model
     if model in ("tiny", "tiny-edit") or not local_files_only(config):

@@ -10,7 +10,6 @@ import pybase64
 from yarl import URL
 
 from ..config import RouteConfig
-from ..cpu import INLINE_BYTES, run_cpu
 from ..errors import (
     InvalidRequest,
     ProxyError,
@@ -23,7 +22,8 @@ from ..errors import (
     redact,
     retry_after_from_headers,
 )
-from ..partials import PartialImage, emit, partials_wanted
+from ..http.cpu import INLINE_BYTES, run_cpu
+from ..media.partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
 from .base import (
     Capabilities,
@@ -235,7 +235,7 @@ def parse_answer(raw: bytes) -> Any:
 
 class OpenAICompatProvider(Provider):
     kind = "openai"
-    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {
         "base_url": str | None,
         "api_key": str | None,

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config import RouteConfig
 from ..errors import InvalidRequest
+from ..media.output import fit
 from ..request import SEED_MAX, ImageRequest
 from .base import Capabilities, GeneratedImage, Provider
 
@@ -96,8 +97,6 @@ def check_work(width: int, height: int, n: int) -> None:
 def draw_edit(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> Image.Image:
     """The first input image, visibly changed: fitted to the size, tinted with the (prompt, seed) colour
     (only where the mask is transparent, when there is one), with the prompt drawn on it."""
-    from ..output import fit
-
     with Image.open(io.BytesIO(image)) as src:
         base = fit(src.convert("RGB"), (width, height))
     tint = Image.new("RGB", (width, height), _palette(prompt, seed)[0])
@@ -127,7 +126,7 @@ def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
 
 class PlaceholderProvider(Provider):
     kind = "placeholder"
-    # The options this kind reads in models.yaml; any other key is a config error (proxy.providers.options_model).
+    # The options this kind reads in models.yaml; any other key is a config error (proxy.config.kinds.options_model).
     options_schema = {"timeout": (float, {"gt": 0})}
     capabilities = Capabilities(max_images_per_call=10, edits=True, masks=True)
 

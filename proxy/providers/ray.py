@@ -34,11 +34,19 @@ from typing import Any
 
 import aiohttp
 
-from .. import enhance
+from local_backend.ray_app import DEPLOYMENT_NAME, stats_actor
+from local_backend.ray_options import (
+    DEFAULT_APP_NAME,
+    POOL_OPTIONS,
+    deployment_options,
+    engine_config,
+)
+
 from ..config import RouteConfig
 from ..errors import UpstreamError
-from ..partials import PartialImage, threadsafe_emitter
+from ..media.partials import PartialImage, threadsafe_emitter
 from ..request import ImageRequest
+from . import enhance
 from .base import (
     SMALL_ANSWER,
     Capabilities,
@@ -88,12 +96,6 @@ class RayProvider(Provider):
 
     def __init__(self, name, options, missing_vars=None):
         super().__init__(name, options, missing_vars)
-        from local_backend.ray_options import (
-            DEFAULT_APP_NAME,
-            POOL_OPTIONS,
-            deployment_options,
-            engine_config,
-        )
 
         # Strict: a pool that could not be deployed is a config error, not a route that never works.
         self.pool_options = {k: v for k, v in options.items() if k in POOL_OPTIONS and v is not None}
@@ -125,7 +127,7 @@ class RayProvider(Provider):
         self.replica_states: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
         self._stats_actor = None
-        # prompt_enhancement with: chat is done here, before the pool is called (proxy.enhance); the
+        # prompt_enhancement with: chat is done here, before the pool is called (proxy.providers.enhance); the
         # replicas get no rewriter then (local_backend.ray_options.pool_enhancement). with: text_encoder: theirs.
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         chat = enhance.parse_options((self.pool_options.get("engine") or {}).get("prompt_enhancement"))
@@ -275,7 +277,6 @@ class RayProvider(Provider):
     async def _poll_handle(self) -> None:
         from ray import serve
 
-        from local_backend.ray_app import DEPLOYMENT_NAME
 
         status, states, message = await asyncio.to_thread(app_status, self.app_name, DEPLOYMENT_NAME)
         self.app_status, self.replica_states = status, states
@@ -300,8 +301,6 @@ class RayProvider(Provider):
             log.debug("provider %s: no pool stats yet (%s)", self.name, type(e).__name__)
 
     async def _read_stats(self) -> dict:
-        from local_backend.ray_app import stats_actor
-
         if self._stats_actor is None:
             self._stats_actor = await asyncio.to_thread(stats_actor, self.app_name)
         try:

@@ -11,6 +11,9 @@ import base64
 import binascii
 import time
 
+from local_backend import InvalidParamsError
+from local_backend.ray_wire import params_to_wire
+
 from ..errors import (
     InvalidRequest,
     ProxyError,
@@ -20,6 +23,7 @@ from ..errors import (
     UpstreamUnavailable,
     retry_after_from_headers,
 )
+from ..media.output import encode_image
 from ..request import ImageRequest
 from .base import GeneratedImage
 from .local_convert import request_tier, to_params
@@ -36,9 +40,6 @@ def to_wire(req: ImageRequest, config, timeout: float, partials: bool) -> dict:
     """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
     quality / use_turbo / acceleration pick included), input images as sent. `config` is the pool's
     local_backend.EngineConfig, `timeout` the route's time."""
-    from local_backend import InvalidParamsError
-    from local_backend.ray_wire import params_to_wire
-
     try:
         tier = request_tier(req, config)
     except InvalidParamsError as e:
@@ -116,7 +117,6 @@ def reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
 
     from PIL import Image
 
-    from ..output import encode_image
 
     image = Image.open(io.BytesIO(data))
     image.load()

@@ -11,6 +11,8 @@ import threading
 
 import aiohttp
 
+from local_backend.ray_wire import wire_to_json
+
 from ..errors import ProxyError, UpstreamError
 from .base import answer_lines, read_answer
 from .ray_convert import http_error, ray_error
@@ -108,8 +110,6 @@ async def call_handle(handle, wire: dict, on_partial, name: str) -> dict:
 async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial, max_bytes: int) -> dict:
     """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first.
     The reply (each line of a stream) may take max_bytes."""
-    from local_backend.ray_wire import wire_to_json
-
     body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
                                                         "stream": on_partial is not None}))
     try:

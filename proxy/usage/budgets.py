@@ -144,7 +144,7 @@ class RedisSpend:
     """The counters in Redis (state.redis_url): every proxy sharing it counts against the same budgets."""
 
     def __init__(self, state):
-        self.state = state  # proxy.state_redis.RedisState
+        self.state = state  # proxy.state.shared_redis.RedisState
 
     def _keys(self, hold: Hold) -> tuple[str, str, str]:
         p = f"{self.state.prefix}budget:{hold.key}:"

@@ -13,7 +13,7 @@ import time
 import pybase64 as base64
 
 from ..config.usage import CacheConfig
-from ..output import MIME, FinalImage
+from ..media.output import MIME, FinalImage
 from .cache_index import CacheIndex, Entry, MemoryIndex
 
 log = logging.getLogger("proxy.usage")

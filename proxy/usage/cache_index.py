@@ -91,7 +91,7 @@ class RedisIndex:
     their sizes, so max_mb holds across every proxy (the first to expire go first when it is passed)."""
 
     def __init__(self, state):
-        self.state = state  # proxy.state_redis.RedisState
+        self.state = state  # proxy.state.shared_redis.RedisState
 
     def _keys(self, model: str, key: tuple) -> tuple[str, str, str]:
         # repr of plain values (text, numbers, bytes, None, tuples) is the same in every process.

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..config import Config
-from ..output import FinalImage
+from ..media.output import FinalImage
 from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
 from .cache import SeededCache, cache_key, routes_signature
 from .cache_index import MemoryIndex, RedisIndex

@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .errors import InvalidRequest, ProxyError
-from .state import Answer, Records
+from ..errors import InvalidRequest, ProxyError
+from .shared import Answer, Records
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .request import ImageRequest
-    from .state import State
+    from ..config import Config
+    from ..request import ImageRequest
+    from .factory import State
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.idempotency")  # its name before proxy/ had packages: logging configs keep working
 
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"

@@ -36,10 +36,13 @@ from typing import Any
 
 import aiohttp
 
-from .cpu import run_cpu
-from .errors import Scrubber
+from local_backend.config import PromptEnhancement
+from local_backend.enhance import clean, instruction_for
 
-log = logging.getLogger(__name__)
+from ..errors import Scrubber
+from ..http.cpu import run_cpu
+
+log = logging.getLogger("proxy.enhance")  # its name before proxy/ had packages: logging configs keep working
 
 WAYS = ("text_encoder", "chat")
 _COMMON = {"with", "max_new_tokens", "timeout", "default", "instruction"}
@@ -105,7 +108,6 @@ def engine_spec(options: EnhanceOptions | None):
     """The local_backend.PromptEnhancement for `with: text_encoder`; None otherwise."""
     if options is None or options.with_ != "text_encoder":
         return None
-    from local_backend.config import PromptEnhancement
 
     return PromptEnhancement(max_new_tokens=options.max_new_tokens, timeout=options.timeout,
                              instruction=options.instruction, default=options.default)
@@ -150,8 +152,6 @@ class ChatEnhancer:
     """Rewrites prompts with a chat-completions upstream. rewrite() never raises (except cancellation)."""
 
     def __init__(self, options: EnhanceOptions, provider: str, task: str = "generate"):
-        from local_backend.enhance import instruction_for
-
         self.options = options
         self.provider = provider
         self.instruction = options.instruction or instruction_for(task)
@@ -189,8 +189,6 @@ class ChatEnhancer:
             del self._running[prompt]
 
     async def _rewrite(self, http: aiohttp.ClientSession, prompt: str) -> str | None:
-        from local_backend.enhance import clean
-
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.options.timeout):

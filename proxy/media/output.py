@@ -7,17 +7,20 @@ import binascii
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from PIL import Image
 from yarl import URL
 
-from .cpu import run_cpu
-from .errors import InvalidRequest, UpstreamError
+from ..errors import InvalidRequest, UpstreamError
+from ..http.cpu import run_cpu
+from ..request import ImageRequest
+
+if TYPE_CHECKING:
+    from ..providers.base import GeneratedImage
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, ImageInfo, check_image
-from .providers.base import GeneratedImage
-from .request import ImageRequest
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif", "avif": "image/avif"}
 LOSSY = {"jpeg", "webp", "avif"}

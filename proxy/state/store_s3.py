@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
 
 if TYPE_CHECKING:
-    from .config import StoreConfig
+    from ..config import StoreConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.store_s3")  # its name before proxy/ had packages: logging configs keep working
 
 # SigV4 presigned links live at most 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600

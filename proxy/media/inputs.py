@@ -16,11 +16,11 @@ from typing import Any
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from PIL import Image, ImageOps
 
-from .body import Upload
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
+from ..http.body import Upload
+from ..request import InputImage
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, check_image
-from .request import InputImage
 
 EDIT_FORMATS = ("png", "jpeg", "webp", "gif")
 

@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from .fetch_rules import (
+from netguard.addresses import (
     IPAddress,
     IPNetwork,
     address_refusal,

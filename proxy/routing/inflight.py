@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import ShuttingDown
+from ..errors import ShuttingDown
 
 log = logging.getLogger("proxy")
 

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
-from .errors import InvalidRequest
-from .request import _THREAD_PARSE_BYTES, MAX_FORM_FIELDS, _printable, _safe, check_values, parse_json_bytes
+from ..errors import InvalidRequest
+from ..request import _THREAD_PARSE_BYTES, MAX_FORM_FIELDS, _printable, _safe, check_values, parse_json_bytes
 
 
 @dataclass(frozen=True)

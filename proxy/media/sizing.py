@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 MAX_SIDE = 14142  # the seed page's "1-14142px per side"
 # Per image, for a table without max_pixels: 16 MP (4096x4096, the "4K" tier). 14142x14142 is 200 MP,

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ModelConfig, RouteConfig, RoutingConfig
-from .errors import (
+from ..config import ModelConfig, RouteConfig, RoutingConfig
+from ..errors import (
     ModelLoading,
     ProxyError,
     RateLimited,
@@ -23,12 +23,12 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .output import generate_n
-from .providers.base import GeneratedImage, Provider
-from .request import ImageRequest, with_route_defaults
-from .usage.meter import note_call
+from ..media.output import generate_n
+from ..providers.base import GeneratedImage, Provider
+from ..request import ImageRequest, with_route_defaults
+from ..usage.meter import note_call
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
 # What the router does with a route's images before the attempt counts as a success.
 Finish = Callable[[list[GeneratedImage], ImageRequest, Provider], Awaitable[list[Any]]]

@@ -17,11 +17,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import PassthroughConfig
-from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
-from .send import send_or_drop
+from ..config import PassthroughConfig
+from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..http.send import send_or_drop
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("proxy.passthrough")  # its name before proxy/ had packages: logging configs keep working
 # Error bodies are small JSON; past this they are cut (they are scrubbed whole, so they are read whole).
 ERROR_BODY_LIMIT = 1024 * 1024
 

@@ -1,14 +1,24 @@
-"""One log line per image request and the request counters behind /metrics."""
+"""Request ids, one log line per image request, and the request counters behind /metrics."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from .errors import ProxyError, ShuttingDown
-from .metrics import Metrics
+from aiohttp import web
+
+from ..errors import ProxyError, ShuttingDown
+from ..telemetry.metrics import Metrics
 
 access_log = logging.getLogger("proxy.requests")
+# The client's X-Request-Id, or one made up for it: in the log line and the answer's headers.
+REQUEST_ID = web.RequestKey("qip_request_id", str)
+
+
+def with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse:
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response
 
 
 def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key: Any, status: int,

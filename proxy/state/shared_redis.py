@@ -6,8 +6,8 @@ and a failure is a StateUnavailable (503 state_unavailable with Retry-After). Wh
 it runs (a concurrency slot, an idempotency claim) lives in Redis for a short lease that this process
 renews while it holds it: one whose holder died, or whose taking timed out here although Redis did it a
 moment later, frees itself within that lease. The limits (`RedisLimits`)
-implement proxy.policy's `Limits` for per-key rpm and concurrency. proxy.state.make_state imports this
-module only when a redis_url is configured, and the redis package only when a RedisState is made.
+implement proxy.routing.policy's `Limits` for per-key rpm and concurrency. The redis package is imported
+only when a RedisState is made (factory.py makes one when a redis_url is configured).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import math
 import secrets
 from typing import Any
 
-from .state import Answer, Record, Records, StateUnavailable, decode_record, running_value
+from ..errors import RateLimited
+from ..routing.policy import NO_LEASE, ConcurrencyLimited
+from .shared import Answer, Record, Records, StateUnavailable, decode_record, running_value
 
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
 # The least a held slot or claim lives in Redis without a renewal (longer with a long socket_timeout).
@@ -104,7 +106,7 @@ class RedisRecords:
 # ---- rate and concurrency limits shared by processes ------------------------------------------------
 
 # One atomic step per request, on Redis's own clock (every process agrees on it), with the semantics of
-# proxy.policy.MemoryLimits: a token bucket for rpm (up to rpm at once, refilled at rpm a minute) and a
+# proxy.routing.policy.MemoryLimits: a token bucket for rpm (up to rpm at once, refilled at rpm a minute) and a
 # set of held concurrency slots, each a lease that frees itself after ARGV[3] seconds if never released
 # (a process that died holding it). Nothing is counted when the request is refused.
 # KEYS: bucket hash, slots sorted set. ARGV: rpm (0: none), concurrency (-1: none), lease s, slot token.
@@ -164,7 +166,7 @@ class _RedisLease:
 
 
 class RedisLimits:
-    """proxy.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
+    """proxy.routing.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
 
     def __init__(self, state: RedisState, lease: float):
         self.state = state
@@ -177,9 +179,6 @@ class RedisLimits:
         return f"{self.state.prefix}slots:{key}"
 
     async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None):
-        from .errors import RateLimited
-        from .policy import NO_LEASE, ConcurrencyLimited
-
         if rpm is None and concurrency is None:
             return NO_LEASE
         token = secrets.token_hex(8) if concurrency is not None else None

@@ -1,5 +1,6 @@
-"""The address and host-name rules of the guarded fetcher (proxy.fetch): which addresses are public,
-how inet_aton reads numeric hosts, which names DNS can hold. Pure functions, no I/O."""
+"""The address and host-name rules for fetching URLs nobody vetted: which addresses are public, how
+inet_aton reads numeric hosts, which names DNS can hold. Pure functions, no I/O. The proxy's fetcher
+(proxy.media.fetch) and the engine's LoRA downloads (local_backend.safe_download) both follow them."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from .config.server import ApiKey, ServerConfig
-from .errors import AuthenticationFailed, ProxyError, RateLimited
+from ..config.server import ApiKey, ServerConfig
+from ..errors import AuthenticationFailed, ProxyError, RateLimited
 
 # The key a request was made with, once authenticated (absent when the proxy has no keys).
 API_KEY = web.RequestKey("qip_api_key", ApiKey)

@@ -1,0 +1,159 @@
+"""The Gateway: what the proxy owns (providers, router, store, state, passthrough, metrics) and its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from PIL import Image
+
+from ..config import Config
+from ..errors import ProxyError, Scrubber
+from ..media.fetch import FetchPolicy, GuardedFetcher
+from ..media.output import OutputSettings
+from ..providers import Provider, ProviderContext, build_providers
+from ..routing.inflight import InFlight
+from ..routing.policy import API_KEY, KeyPolicy
+from ..routing.router import Router
+from ..state.factory import make_state, make_store
+from ..state.idempotency import Idempotency
+from ..telemetry.metrics import Metrics
+from ..usage.service import Usage
+from .context import MODEL
+from .passthrough import Passthrough
+
+log = logging.getLogger("proxy")
+
+
+class Gateway:
+    """Everything the proxy owns: providers, router, store, state, passthrough, metrics; started and closed
+    together. The handlers (proxy/api/) work with it; proxy/app.py routes requests to them."""
+
+    def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self.providers = providers if providers is not None else build_providers(config)
+        # Strings that come back from upstreams reach clients and logs only through this.
+        self.scrubber = Scrubber(config.secrets())
+        self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
+                             max_load_wait=config.server.max_load_wait, scrub=self.scrubber.text)
+        self.size_tables = {name: config.size_table(name) for name in config.models}
+        # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.
+        limits = [t.pixel_limit for t in self.size_tables.values()] or [0]
+        Image.MAX_IMAGE_PIXELS = max(OutputSettings.max_image_pixels, 4 * max(limits))
+        self.store = make_store(config.store)
+        # Idempotency records and shared counters: in memory, or in Redis with state.redis_url.
+        self.state = make_state(config)
+        self.idempotency = Idempotency.from_config(self.state, config)
+        self.output = OutputSettings(
+            rehost_upstream_urls=config.store.rehost_upstream_urls,
+            fetch_policy=FetchPolicy(max_bytes=int(config.store.max_download_mb * 1024 * 1024),
+                                     allowed_hosts=frozenset(config.fetch.upstream_image_hosts),
+                                     allowed_networks=tuple(config.fetch.allowed_networks),
+                                     allow_http=config.fetch.allow_http),
+        )
+        # Edit inputs named by URL: only from hosts the operator listed (data: URLs need no fetch).
+        self.input_fetch_policy = FetchPolicy(
+            max_bytes=int(config.server.max_body_mb * 1024 * 1024),
+            allowed_hosts=frozenset(config.fetch.input_image_hosts),
+            allowed_networks=tuple(config.fetch.allowed_networks), allow_http=config.fetch.allow_http,
+        ) if config.fetch.input_image_hosts else None
+        # Every URL the proxy fetches on data it did not choose goes through this one (SSRF rules).
+        self.fetcher = GuardedFetcher()
+        self.passthrough = (Passthrough(config.passthrough, max_body_bytes=int(config.server.max_body_mb * 1024 * 1024),
+                                        scrub=self.scrubber.text, send_timeout=config.server.send_timeout)
+                            if config.passthrough.enabled else None)
+        # Mounted in another app (image_proxy_middleware): calls for other models go on to its handlers,
+        # and the admin endpoints are served only under admin_prefix (None: not at all).
+        self.mounted = False
+        self.admin_prefix: str | None = ""
+        self.default_model = config.server.default_model or next(iter(config.models), None)
+        self._keys = [k.encode() for k in config.server.api_keys]
+        # Who may call what: key names, per-key models and limits, the /metrics key.
+        # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
+        self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
+        # The usage ledger, budgets and the seeded-request cache.
+        self.usage = Usage(config, self.metrics, self.state, self.store, self.router, scrub=self.scrubber.text)
+        self.http: aiohttp.ClientSession | None = None
+        self.keepalive_seconds = 15.0
+        # SIGTERM: /ready turns 503, new image calls get 503, in-flight ones get shutdown_grace to finish.
+        self.draining = False
+        self.inflight = InFlight()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def busy(self) -> bool:
+        """Whether image requests are being routed now (upstream calls, checks, conversions)."""
+        return bool(self.inflight)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            # No cookie jar: a cookie one upstream answer sets must not ride along on other clients' calls.
+            # No cap on connections (aiohttp's default is 100 at once): past it, slow generations would
+            # wait in the client for a connection, on their own timeout. Keys' concurrency limits apply.
+            self.http = aiohttp.ClientSession(headers={"User-Agent": "qwen-image-proxy"},
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              connector=aiohttp.TCPConnector(limit=0))
+            await self.store.start()
+            await self.state.start()
+            await self.usage.start()
+            if self.passthrough:
+                await self.passthrough.start()
+            ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
+            for provider in self.providers.values():
+                await provider.start(ctx)
+            for name in self.config.models:
+                if not self.router.usable(name):
+                    log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
+            self._started = True
+
+    async def drain(self) -> None:
+        """Graceful shutdown: let in-flight image requests finish within shutdown_grace, then end the rest
+        with a clear 503 (or a stream error event) rather than a dropped connection."""
+        self.draining = True
+        await self.inflight.drain(self.config.server.shutdown_grace)
+        # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
+        await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        self.inflight.close()
+        if not self._started:
+            return
+        for provider in self.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.close()
+        if self.passthrough:
+            await self.passthrough.close()
+        await self.usage.close()  # writes the ledger's queue
+        await self.store.close()
+        await self.state.close()
+        await self.fetcher.close()
+        await self.http.close()
+        self._started = False
+
+    async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Route a request in its own task, stopped if its client hangs up or the shutdown grace ends."""
+        try:  # the model is known now: may this key use it? (403)
+            self.policy.check_model(request.get(API_KEY), request.get(MODEL))
+        except ProxyError:
+            coro.close()
+            raise
+        return await self.inflight.run(request, coro)

@@ -1,0 +1,53 @@
+"""The work every image call does once parsed, streamed or not: route it (the images checked and converted
+inside each route attempt), then render the OpenAI payload."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..media.output import finish_images, render_images
+from ..request import ImageRequest
+from ..routing.policy import API_KEY
+from ..routing.router import RouteResult
+from .context import ROUTE
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+
+async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tuple[RouteResult, dict]:
+    """Route the request (images checked and converted inside each route attempt), then render it."""
+    deadline = time.monotonic() + gw.config.server.request_timeout
+
+    async def finish(images, route_req, provider):
+        return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
+                                   trusted_origin=provider.trusted_origin)
+
+    # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
+    result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
+    if result is None:
+        result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+        await gw.usage.after(req, result)
+    request[ROUTE] = result
+    base_url = gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
+    items = await render_images(result.images, req, store=gw.store, base_url=base_url)
+    for item in items:  # an upstream's text: it may echo what it was sent, keys included
+        item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
+    gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
+    out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
+    payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
+    for key in ("quality", "background"):
+        if getattr(req, key) is not None:
+            payload[key] = getattr(req, key)
+    seeds = [img.seed for img in result.images]
+    if all(s is not None for s in seeds):
+        payload["seeds"] = seeds
+    return result, payload
+
+
+def route_headers(result: RouteResult) -> dict[str, str]:
+    """Which route served and how many calls it took (retries and fallbacks included)."""
+    return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}

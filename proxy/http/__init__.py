@@ -1,0 +1,2 @@
+"""The HTTP side: the server, reading bodies, sending answers, request ids and the request log line, CPU work
+kept off the event loop."""

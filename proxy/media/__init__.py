@@ -1,0 +1,1 @@
+"""Images in and out: sizes, input images, output emulation, partial images, image checks, fetching."""

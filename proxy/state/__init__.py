@@ -1,0 +1,1 @@
+"""What outlives a request: idempotency records, shared counters, the image store."""

@@ -1,0 +1,1 @@
+"""Metrics about the proxy at work."""
