@@ -159,7 +159,13 @@ def build_tiny_edit_pipeline(path: str | os.PathLike):
 
 def tiny_pipeline_dir(edit: bool = False) -> Path:
     """The tiny pipeline's cache folder (the edit one with edit=True), built once (atomically) on first use."""
-    version = TINY_EDIT_VERSION if edit else TINY_VERSION
+    if edit:
+        return cached_build(TINY_EDIT_VERSION, build_tiny_edit_pipeline)
+    return cached_build(TINY_VERSION, build_tiny_pipeline)
+
+
+def cached_build(version: str, build) -> Path:
+    """The cache folder `version`, made by build(folder) once (atomically) on first use."""
     root = os.environ.get("QWEN_IMAGE_PROXY_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "qwen-image-proxy"
     target = base / version
@@ -170,7 +176,7 @@ def tiny_pipeline_dir(edit: bool = False) -> Path:
     # half-written folder where loaders look.
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
-        (build_tiny_edit_pipeline if edit else build_tiny_pipeline)(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
