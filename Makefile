@@ -55,6 +55,7 @@ test: lint docs
 bench: install-test
 	$(PY) bench/bench_proxy.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_usage.py
 	$(PY) bench/bench_gateway.py
 
 clean:

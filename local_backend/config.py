@@ -156,6 +156,8 @@ class GenerationResult:
     revised_prompt: str | None = None
     # Seconds the job waited in the queue before the worker took it (its first call, for n > max_batch)
     queued_seconds: float = 0.0
+    # The accelerator's time spent on this request's images (its share of each batched call).
+    gpu_seconds: float = 0.0
 
 
 def plain_options(options: dict) -> dict:

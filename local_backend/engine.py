@@ -378,6 +378,7 @@ class Engine(EngineWorker):
             seconds=time.monotonic() - (job.started_at or time.monotonic()),
             revised_prompt=job.revised_prompt,
             queued_seconds=(job.started_at or job.submitted_at) - job.submitted_at,
+            gpu_seconds=job.gpu_seconds,
         )
         settle(job.future, result)
 

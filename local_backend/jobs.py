@@ -45,6 +45,8 @@ class Job:
         self.steps_run = 0
         self.batch_size = 0
         self.submitted_at = time.monotonic()
+        # Its share of the pipeline calls' time: a call's seconds split by the images each job had in it.
+        self.gpu_seconds = 0.0
         self.started_at: float | None = None
         self.cancelled = False
         self.deadline_hit = False

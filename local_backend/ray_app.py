@@ -305,6 +305,7 @@ class EngineReplica:
             "steps_run": result.steps_run,
             "batch_size": result.batch_size,
             "seconds": result.seconds,
+            "gpu_seconds": result.gpu_seconds,
             "replica": self.replica_id,
             "queue_depth": self.engine.queue_depth,
         }

@@ -203,6 +203,7 @@ class EngineWorker:
             job.images[index] = final_image(job, image)
         for job, count in slots:  # only now: a failed call is run again from the same images
             job.next_index += count
+            job.gpu_seconds += seconds * count / len(prompts)
         for job in jobs:
             job.steps_run = steps_done if job.steps_run == 0 else min(job.steps_run, steps_done)
             job.batch_size = max(job.batch_size, len(prompts))

@@ -11,9 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import admin, edits, generations, playground
+from .api import admin, edits, generations, playground, usage
 from .api import jobs as jobs_api
-from .api.context import BODY, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
+from .api.context import BODY, METER, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
 from .api.gateway import Gateway
 from .config import Config
 from .errors import (
@@ -36,7 +36,7 @@ log = logging.getLogger("proxy")
 
 # Paths that carry no key: probes, scrapers and browsers following image links.
 OPEN_PATHS = ("/health", "/ready", "/metrics")
-ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models")
+ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models", *usage.PATHS)
 
 
 class Dispatcher:
@@ -51,6 +51,7 @@ class Dispatcher:
             "/v1/models": {"GET": partial(admin.list_models, gateway)},
             "/v1/images/generations": {"POST": partial(generations.generations, gateway)},
             "/v1/images/edits": {"POST": partial(edits.edits, gateway)},
+            **{path: {"GET": partial(handler, gateway)} for path, handler in usage.PATHS.items()},
         }
 
     def match(self, request: web.Request) -> Handler | None:
@@ -114,6 +115,8 @@ class Dispatcher:
                 await self.gw.start()
             started = time.monotonic()
             outcome, error_code = "ok", None
+            if request.path.startswith("/v1/images/") and not jobs_api.serves(request.path):
+                request[METER] = self.gw.usage.open()
             if fallback is not None:  # a model served elsewhere is passed on under the same limits
                 target = _or_passed_on(target, fallback)
             try:
@@ -154,6 +157,12 @@ class Dispatcher:
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
                      result: Any = None, trace_id: str = "", error_code: str | None = None) -> None:
+        meter = request.pop(METER, None)
+        # Not for calls passed on, nor for ones without a valid key (a stream of bad keys fills no ledger).
+        if meter is not None and PASSED_ON not in request and (API_KEY in request or not self.gw.policy.enabled):
+            self.gw.usage.finish(meter, request_id=request[REQUEST_ID], key=request.get(API_KEY),
+                                 model=request.get(MODEL, ""), path=request.path, status=status, outcome=outcome,
+                                 seconds=time.monotonic() - started)
         log_request(self.gw.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
                     key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
                     result=result, trace_id=trace_id, error_code=error_code)

@@ -1,4 +1,4 @@
-"""`qwen-image-proxy serve | generate | models | check-config`."""
+"""`qwen-image-proxy serve | generate | models | check-config | usage`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .plan_cli import run_plan
 from .providers import build_providers
 from .telemetry.logs_json import use_json_logs
 from .telemetry.settings import settings_from
+from .usage.cli import run_usage
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
 # Seconds aiohttp waits for open connections on shutdown, after the app's own drain of in-flight
@@ -346,6 +347,16 @@ def cmd_ray_serve(args: argparse.Namespace) -> None:
     print("the pools keep running after this command; `serve shutdown` (or `serve delete <app>`) removes them")
 
 
+def cmd_usage(args: argparse.Namespace) -> None:
+    config = _load(args.config)
+    try:
+        print(run_usage(config, args.since, args.group_by, args.bucket))
+    except ValueError as e:
+        _fail(str(e))
+    except Exception as e:  # the database is not there or not reachable: say so, no traceback
+        _fail(f"cannot read the usage ledger: {type(e).__name__}: {Scrubber(config.secrets()).text(str(e))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen-image-proxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qwen-image-proxy {version()}")
@@ -400,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray_serve.add_argument("--print-config", action="store_true",
                            help="print the Serve config file (serve deploy, KubeRay) instead of deploying")
     ray_serve.set_defaults(func=cmd_ray_serve)
+
+    usage = with_config(sub.add_parser("usage", help="print the usage ledger: requests, images, cost per day"))
+    usage.add_argument("--since", default="7d", help="7d, 24h, 30m, a Unix time or a date (default: %(default)s)")
+    usage.add_argument("--group-by", default="model", help="comma-separated: api_key_id, model, size, source, "
+                       "route, provider (default: %(default)s)")
+    usage.add_argument("--bucket", default="1d", help="1d, 1h or 1m (default: %(default)s)")
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 

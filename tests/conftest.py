@@ -25,6 +25,7 @@ def base_config(tmp_path, **overrides) -> dict:
     """A config dict with the placeholder model; tests add providers and models to it."""
     cfg = {
         "store": {"path": str(tmp_path / "images"), "ttl_seconds": 3600},
+        "usage": {"path": str(tmp_path / "usage.sqlite3")},
         "providers": {"placeholder": {"kind": "placeholder"}},
         "size_tables": {"qwen-image": copy.deepcopy(QWEN_1K)},
         "models": {"qwen-image-placeholder": {"sizes": "qwen-image", "routes": ["placeholder"]}},

@@ -130,3 +130,83 @@ def s3_bucket(moto_server) -> str:
     name = f"qip-{uuid.uuid4().hex[:12]}"
     moto_server.client().create_bucket(Bucket=name)
     return name
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) in a temp dir on a free loopback port, trust auth.
+    stop()/start() to test an outage. As root (CI containers) it runs as the `postgres` user: the server
+    refuses to run as root."""
+
+    def __init__(self, bindir: str):
+        import tempfile
+
+        self.bindir = bindir
+        self.port = free_port()
+        self.root = tempfile.mkdtemp(prefix="qip-pg-")
+        self.data = os.path.join(self.root, "data")
+        self.user_prefix: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.user_prefix = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.user_prefix, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=120)
+
+    def init(self) -> None:
+        self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres", "-A", "trust",
+                  "--no-sync", "-E", "UTF8")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-o", options, "-w", "-t", "60",
+                  "-l", os.path.join(self.root, "log"), "start")
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """An abrupt stop (immediate: no clean shutdown), as a crash would be."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def postgres_bindir() -> str | None:
+    """Where initdb and pg_ctl are: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    import glob
+
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return os.path.dirname(os.path.realpath(found))
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(bindir, "initdb")):
+            return bindir
+    return None
+
+
+@pytest.fixture
+def postgres_server():
+    """A started PostgreSQL server on a free port (one per test)."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        message = ("PostgreSQL is not installed (apt-get install -y postgresql); .ci/run installs it and sets "
+                   "QIP_REQUIRE_SERVICES=1, which makes this a failure")
+        if os.environ.get("QIP_REQUIRE_SERVICES") or os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bindir)
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -283,6 +283,12 @@ async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_pa
     assert card["accelerations"] == ["none", "regular", "high"]
     assert sum(s["served"] for s in route["replica_stats"].values()) >= 1
     assert 'qip_local_queue_depth{provider="pool"}' in metrics
+    # The replicas measured their GPU time: the usage ledger and /metrics have it.
+    assert f'qip_gpu_seconds_total{{model="{MODEL}",route="pool"}}' in metrics
+    usage = server.app[GATEWAY].usage
+    await usage.writer.flush()
+    (record,) = await usage.writer.backend.query(0, time.time() + 10)
+    assert record.route == "pool" and record.gpu_seconds > 0 and record.images_delivered == 2
     # prompt_enhancement on: the replica rewrites with its text encoder and the rewrite comes back,
     # and the image is the one the in-process engine makes from that rewritten prompt.
     r = await generate(client, seed=3, prompt_enhancement="on")

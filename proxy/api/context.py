@@ -18,6 +18,8 @@ ROUTE = web.RequestKey("qip_route", object)
 PASSED_ON = web.RequestKey("qip_passed_on", bool)
 # The error a stream ended with (its HTTP status was 200 before it was known).
 STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
+# The usage meter of an image request (proxy/usage/): its calls and costs, recorded when it ends.
+METER = web.RequestKey("qip_usage_meter", object)
 
 
 class NotServedHere(Exception):

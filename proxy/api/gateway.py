@@ -26,6 +26,7 @@ from ..state.factory import make_state, make_store
 from ..state.idempotency import Idempotency
 from ..telemetry import otel
 from ..telemetry.metrics import Metrics
+from ..usage.service import Usage
 from .context import MODEL
 from .passthrough import Passthrough
 
@@ -82,6 +83,8 @@ class Gateway:
         # Who may call what: key names, per-key models and limits, the /metrics key.
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
         self.policy = KeyPolicy(config.server, self.metrics, limits=self.state.limits)
+        # The usage ledger, budgets and the seeded-request cache.
+        self.usage = Usage(config, self.metrics, self.state, self.store, self.router, scrub=self.scrubber.text)
         self.http: aiohttp.ClientSession | None = None
         # Background jobs (proxy/api/jobs.py attaches the runner): the job store opens on the first job
         # call, or at start when it may hold jobs from before.
@@ -123,6 +126,7 @@ class Gateway:
                                               trace_configs=[self.tracing.client_trace_config()] if self.tracing else None)
             await self.store.start()
             await self.state.start()
+            await self.usage.start()
             if self.passthrough:
                 await self.passthrough.start()
             ctx = ProviderContext(http=self.http, extras={"metrics": self.metrics})
@@ -165,6 +169,7 @@ class Gateway:
                 await provider.close()
         if self.passthrough:
             await self.passthrough.close()
+        await self.usage.close()  # writes the ledger's queue
         if self._jobs_started:
             self._jobs_started = False
             await self.jobs.close()

@@ -86,7 +86,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
     """The JSON answer to a generation or an edit."""
     async def work() -> Answer:
         result, payload = await generate(gw, request, req)
-        return Answer(200, body_parts(payload), route_headers(result))
+        return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)

@@ -33,6 +33,7 @@ FILES = {
     "request.js": "text/javascript; charset=utf-8",
     "results.js": "text/javascript; charset=utf-8",
     "jobs.js": "text/javascript; charset=utf-8",
+    "usage.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..media.output import finish_images, render_images
 from ..request import ImageRequest
+from ..routing.policy import API_KEY
 from ..routing.router import RouteResult
 from .context import ROUTE
 
@@ -27,9 +28,14 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
-    work = gw.router.generate(req, deadline, finish)
-    result = await (gw.run_work(request, work) if request is not None else work)
-    if request is not None:
+    if request is None:  # a background job: not metered by the usage ledger, budgets or cache yet
+        result = await gw.router.generate(req, deadline, finish)
+    else:
+        # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
+        result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
+        if result is None:
+            result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+            await gw.usage.after(req, result)
         request[ROUTE] = result
         base_url = public_base_url(gw, request)
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)

@@ -37,6 +37,7 @@ from .sections import (
 from .server import ServerConfig
 from .size_families import BUILTIN_TABLES, family_table
 from .strict import Strict, suggest, validation_problems
+from .usage import UsageConfig
 from .yamlload import YamlProblem, load_yaml, read_text
 
 __all__ = [
@@ -68,6 +69,7 @@ class Config(Strict):
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     size_tables: dict[str, SizeTableConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -122,8 +124,9 @@ class Config(Strict):
         found = list(self.server.api_keys)
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
-        if self.state.redis_url and urlsplit(self.state.redis_url).password:
-            found.append(urlsplit(self.state.redis_url).password)
+        for url in (self.state.redis_url, self.usage.database_url):
+            if url and urlsplit(url).password:
+                found.append(urlsplit(url).password)
         if self.telemetry.headers_env and os.environ.get(self.telemetry.headers_env):
             found += [v.partition("=")[2].strip() for v in os.environ[self.telemetry.headers_env].split(",")]
         found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..media.sizing import MAX_SIDE, SizeTable, parse_pixels
 from .strict import Strict
+from .usage import CacheConfig, PriceConfig
 
 
 class ProviderConfig(BaseModel):
@@ -37,6 +38,8 @@ class RouteConfig(Strict):
     retries: int | None = Field(default=None, ge=0, le=10)
     # Fields never sent on this route (the client's or the route's params): e.g. [negative_prompt, go_fast].
     drop: list[str] = Field(default_factory=list)
+    # What a call on this route costs (proxy/usage/pricing.py); none: its cost is recorded as null.
+    price: PriceConfig | None = None
 
     @field_validator("drop")
     @classmethod
@@ -88,6 +91,8 @@ class ModelConfig(Strict):
     owned_by: str = "qwen-image-proxy"
     # An edit model (/v1/images/edits) takes 1 to this many input images; 0: it does not edit.
     max_input_images: int = Field(default=0, ge=0, le=16)
+    # Repeated requests with an explicit seed answered from stored images (proxy/usage/cache.py).
+    cache: CacheConfig | None = None
 
     @field_validator("routes", mode="before")
     @classmethod

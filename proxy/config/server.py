@@ -20,6 +20,7 @@ from pydantic import (
 
 from .sections import http_url
 from .strict import Strict, validation_problems
+from .usage import BudgetConfig
 from .yamlload import YamlProblem, load_yaml, read_text
 
 # A key's name shows in logs and metrics (its value never does).
@@ -36,6 +37,9 @@ class ApiKey:
     models: tuple[str, ...] | None = None
     rpm: int | None = None
     concurrency: int | None = None
+    # Its spending limits (None: the default budget, if any) and whether it may read the usage API.
+    budget: BudgetConfig | None = field(default=None, compare=False)
+    admin: bool = False
 
 
 def _env_from(context: Any) -> dict[str, str]:
@@ -63,6 +67,10 @@ class ApiKeyConfig(Strict):
     rpm: int | None = Field(default=None, ge=1)
     # Image requests in flight at once; default: no limit.
     concurrency: int | None = Field(default=None, ge=1)
+    # Spending limits (proxy/usage/budgets.py); default: usage.default_budget.
+    budget: BudgetConfig | None = None
+    # May read GET /v1/organization/usage/images and /v1/organization/costs.
+    admin: bool = False
     _value: str = PrivateAttr(default="")
 
     @field_validator("name")
@@ -101,7 +109,8 @@ class ApiKeyConfig(Strict):
 
     def resolved(self, default_name: str) -> ApiKey:
         return ApiKey(self.name or default_name, self._value,
-                      tuple(self.models) if self.models else None, self.rpm, self.concurrency)
+                      tuple(self.models) if self.models else None, self.rpm, self.concurrency,
+                      self.budget, self.admin)
 
 
 class _KeysFile(str):

@@ -46,6 +46,8 @@ class GeneratedImage:
     revised_prompt: str | None = None
     # The provider already encoded with the requested output_compression.
     compression_applied: bool = False
+    # Accelerator seconds spent making this image (local engines and Ray replicas measure it); None: unknown.
+    gpu_seconds: float | None = None
 
 
 @dataclass

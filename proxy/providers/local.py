@@ -344,7 +344,7 @@ class LocalProvider(Provider):
         return [
             GeneratedImage(data=data, mime=MIME[fmt], width=im.width, height=im.height, seed=seed,
                            revised_prompt=result.revised_prompt or revised,
-                           compression_applied=True)
+                           compression_applied=True, gpu_seconds=result.gpu_seconds / len(datas))
             for data, im, seed in zip(datas, result.images, result.seeds, strict=True)
         ]
 

@@ -106,8 +106,10 @@ def images_from_reply(reply: dict, req: ImageRequest, revised: str | None = None
         raise UpstreamError(f"the Ray pool returned {len(datas)} of {req.n} images")
     rewritten = reply.get("revised_prompt")  # the replica's prompt_enhancement, if it rewrote
     revised = rewritten if isinstance(rewritten, str) else revised
+    gpu = reply.get("gpu_seconds")  # the replica's accelerator time, split over the images
+    share = gpu / len(datas) if isinstance(gpu, int | float) and not isinstance(gpu, bool) and datas else None
     return [GeneratedImage(data=data, mime="image/png", width=req.width, height=req.height, seed=seed,
-                           revised_prompt=revised)
+                           revised_prompt=revised, gpu_seconds=share)
             for data, seed in zip(datas, seeds, strict=True)]
 
 

@@ -27,6 +27,7 @@ from ..media.output import generate_n
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest, with_route_defaults
 from ..telemetry import tracing
+from ..usage.meter import note_call
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
@@ -382,11 +383,13 @@ class _Parts:
         try:
             images = await self.route.provider.generate(chunk, self.route.config)
         except ProxyError as e:
+            note_call(self.route, chunk, None)  # for the usage ledger: a failed call
             if not self.retry_next(e):
                 self.fatal = e
                 raise
             self.errors.append(e)
             return []  # generate_n finds too few images; generate() raises this error instead
+        note_call(self.route, chunk, images)  # charged even if the images fail their checks later
         if len(images) >= chunk.n:
             self.done[key] = images
         return images

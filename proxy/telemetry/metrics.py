@@ -82,6 +82,16 @@ class Metrics:
                             "(completed, failed, cancelled)", ["model", "status"], registry=self.registry)
         self.webhook_attempts = Counter("qip_webhook_attempts_total", "Webhook delivery attempts by result: "
                                         "delivered, retry, gone, failed", ["result"], registry=self.registry)
+        # The usage ledger (proxy/usage/): spend, GPU time, cache hits, records it could not keep.
+        self.cost = Counter("qip_cost_usd", "USD spent on image requests (priced routes only)",
+                            ["key", "model", "route"], registry=self.registry)
+        self.gpu_seconds = Counter("qip_gpu_seconds", "GPU seconds local engines and Ray replicas spent",
+                                   ["model", "route"], registry=self.registry)
+        self.cache_hits = Counter("qip_cache_hits", "Seeded requests answered from the cache", ["model"],
+                                  registry=self.registry)
+        self.usage_dropped = Counter("qip_usage_records_dropped",
+                                     "Usage records dropped: the ledger's queue was full (database down)",
+                                     registry=self.registry)
 
         self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
                                    registry=self.registry)

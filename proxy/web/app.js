@@ -12,6 +12,7 @@ import { applyMode, applyModel, applySize, loadModels } from "./models.js";
 import { LOSSY, buildRequest, randomSeed } from "./request.js";
 import { addImage, clearPreviews, createRun, seconds, seedOf, showPartial } from "./results.js";
 import { state } from "./state.js";
+import { initUsage } from "./usage.js";
 
 // ---- sending the form ------------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ function init() {
   $("compression").addEventListener("input", () => { $("compression-value").textContent = $("compression").value; });
   syncFormat();
   $("refresh-jobs").addEventListener("click", () => refreshJobs(showJob));
+  initUsage();
   loadModels();
   refreshJobs(showJob);
 }

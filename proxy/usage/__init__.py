@@ -1,0 +1,1 @@
+"""What image requests cost and who spent it: the usage ledger, prices, budgets and the seeded-request cache."""

@@ -1,0 +1,207 @@
+"""The gateway's usage service: a meter per image request, the cache and budget checks before routing,
+and the ledger record, metrics and budget settlement when the request ends. The hooks in app.py and
+api/generations.py call only this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+from ..config import Config
+from ..media.output import FinalImage
+from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
+from .cache import SeededCache, cache_key, routes_signature
+from .cache_index import MemoryIndex, RedisIndex
+from .ledger import LedgerWriter
+from .meter import CURRENT, Meter
+from .postgres import PostgresLedger
+from .pricing import estimate, micro, route_price, total
+from .record import build_record
+from .sqlite import SqliteLedger
+
+log = logging.getLogger("proxy.usage")
+
+
+@dataclass
+class CachedResult:
+    """A cache hit in the router result's shape (route name and calls for headers and the log line)."""
+
+    images: list[FinalImage]
+    route: Any
+    attempts: list = field(default_factory=list)
+    calls: int = 0
+
+
+def make_backend(config: Config):
+    usage = config.usage
+    return PostgresLedger(usage.database_url) if usage.database_url else SqliteLedger(usage.path)
+
+
+class Usage:
+    def __init__(self, config: Config, metrics, state, store, router, scrub=str):
+        self.config = config
+        self.usage = config.usage
+        self.metrics = metrics
+        self.router = router
+        self.writer = (LedgerWriter(make_backend(config), queue_max=self.usage.queue_max,
+                                    batch_size=self.usage.batch_size, flush_seconds=self.usage.flush_seconds,
+                                    write_timeout=self.usage.write_timeout,
+                                    on_drop=lambda n: metrics.usage_dropped.inc(n), scrub=scrub)
+                       if self.usage.enabled else None)
+        shared = getattr(state, "kind", "") == "redis"  # state.redis_url: budgets and the cache index there
+        self.spend = RedisSpend(state) if shared else MemorySpend()
+        self.cache = SeededCache(store, RedisIndex(state) if shared else MemoryIndex())
+        self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
+        self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        if self.writer is not None:
+            await self.writer.start()
+            if isinstance(self.spend, MemorySpend):
+                await self._seed_spend()
+
+    async def _seed_spend(self) -> None:
+        """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
+        now = time.time()
+        try:
+            records = await asyncio.wait_for(self.writer.backend.query(month_start(now), now + 1),
+                                             2 * self.usage.write_timeout)
+        except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
+            log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
+                        type(e).__name__)
+            return
+        for r in records:
+            if r.key is not None:
+                day, month, _, _ = periods(r.ts)
+                images = 0 if r.cache_hit else r.images_delivered
+                await self.spend.add(Hold(r.key, day, month, 0, 0), images, micro(r.cost_usd or 0.0))
+
+    async def close(self) -> None:
+        if self._tasks:  # budget settlements under way: a moment to end (each is bounded by Redis' timeout)
+            await asyncio.wait(set(self._tasks), timeout=5)
+        if self.writer is not None:
+            await self.writer.close()
+
+    # ---- the hooks -----------------------------------------------------------------------------------
+
+    def open(self) -> Meter:
+        """A new meter for the image request starting in this task (the router's calls note into it)."""
+        meter = Meter(gpu_usd_per_hour=self.usage.gpu_usd_per_hour)
+        CURRENT.set(meter)
+        return meter
+
+    async def before(self, req, key, cache_control: str | None) -> CachedResult | None:
+        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold."""
+        meter = CURRENT.get() or self.open()
+        meter.req = req
+        model = self.config.models[req.model]
+        key_name = key.name if key is not None else None
+        if model.cache is not None:
+            args = (req, self._signatures[req.model], key_name, model.cache)
+            big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
+            meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
+            if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
+                try:
+                    found = await self.cache.get(req.model, meter.cache_key)
+                except Exception as e:  # noqa: BLE001 - the index (Redis) away: a miss, not a failure
+                    log.warning("cache: lookup failed (%s); serving without it", type(e).__name__)
+                    found = None
+                if found is not None:
+                    images, entry = found
+                    meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
+                    self.metrics.child(self.metrics.cache_hits, req.model).inc()
+                    return CachedResult(images, SimpleNamespace(name=entry.route))
+        budget = (key.budget if key is not None else None) or self.usage.default_budget
+        if key is not None and budget is not None:
+            now = time.time()
+            day, month, day_end, month_end = periods(now)
+            hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
+            limits = self._limits.get(id(budget))
+            if limits is None:
+                limits = self._limits[id(budget)] = limits_of(budget)
+            which = await self.spend.reserve(hold, limits)
+            if which is not None:
+                self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
+                raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
+            meter.reservation = hold
+        return None
+
+    def _estimate(self, req) -> float:
+        routes = self.router.usable(req.model) or self.router.routes[req.model]
+        route = routes[0]
+        price = route_price(route.config.price, route.provider.kind, self.usage.gpu_usd_per_hour)
+        return estimate(price, req.n, req.width, req.height, route.per_call)
+
+    async def after(self, req, result) -> None:
+        """A routed request succeeded: keep its images for later seeded repeats. Before the answer goes
+        out, so a client that repeats at once gets its hit; a store that fails costs only the entry."""
+        meter = CURRENT.get()
+        config = self.config.models[req.model].cache
+        if meter is None or meter.cache_key is None or config is None:
+            return
+        route = result.route
+        try:
+            await self.cache.put(req.model, meter.cache_key, list(result.images), route.name, route.provider.kind,
+                                 config)
+        except Exception as e:  # noqa: BLE001 - the answer matters more than its cache entry
+            log.warning("cache: could not keep the images of model %s (%s)", req.model, type(e).__name__)
+
+    def headers(self) -> dict[str, str]:
+        """x-qip-cost-usd (absent when unknown: a route without a price) and x-qip-cache."""
+        meter = CURRENT.get()
+        if meter is None:
+            return {}
+        out = {}
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
+        if cost is not None:
+            out["x-qip-cost-usd"] = f"{cost:.6f}"
+        if meter.cache_key is not None:
+            out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
+        return out
+
+    def finish(self, meter: Meter, *, request_id: str, key, model: str, path: str, status: int, outcome: str,
+               seconds: float) -> None:
+        """The request ended (answered, failed or cancelled): its record (built later, by the writer, off the
+        request's path), metrics and budget settlement."""
+        key_name = key.name if key else None
+        if self.writer is not None:  # its calls until now: a later note (a task it left behind) is not its own
+            self.writer.add(partial(build_record, meter, calls=tuple(meter.calls), ts=time.time(), request_id=request_id, key=key_name,
+                                    model=model, path=path, status=status, outcome=outcome, seconds=seconds))
+        ok = status == 200 and outcome == "ok"
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
+        m = self.metrics
+        route = meter.cache_route[0] if meter.cache_hit and meter.cache_route else (
+            meter.calls[-1].route if meter.calls else "-")
+        if cost:
+            m.child(m.cost, key_name or "-", model, route).inc(cost)
+        gpu = [c.gpu_seconds for c in meter.calls if c.gpu_seconds]
+        if gpu:
+            m.child(m.gpu_seconds, model, route).inc(sum(gpu))
+        hold = meter.reservation
+        if hold is not None:
+            images = hold.images if ok and not meter.cache_hit else 0
+            actual = micro(cost or 0.0)
+            if images != hold.images or actual != hold.micro_usd:
+                self._spawn(self._settle(hold, images - hold.images, actual - hold.micro_usd))
+
+    async def _settle(self, hold: Hold, images: int, micro_usd: int) -> None:
+        try:
+            await self.spend.add(hold, images, micro_usd)
+        except Exception as e:  # noqa: BLE001 - Redis away: the hold stays as it was (errs on the safe side)
+            log.warning("budgets: could not settle a request's spending (%s)", type(e).__name__)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("usage: a background step failed: %s", task.exception())

@@ -1,0 +1,120 @@
+"""The usage ledger in a real PostgreSQL server (usage.database_url), stopped mid-run; and budgets shared
+by two proxies through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from openai import RateLimitError
+
+from proxy.app import GATEWAY
+
+from .fake_openai_upstream import FakeOpenAIUpstream
+from .services import postgres_server, redis_server  # noqa: F401
+from .test_usage_e2e import api, client_for, usage_config
+
+pytest.importorskip("psycopg")
+
+
+async def ledger_rows(server) -> list:
+    usage = server.app[GATEWAY].usage
+    return await usage.writer.backend.query(0, time.time() + 10)
+
+
+async def test_postgres_down_mid_run(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["usage"] = {"database_url": postgres_server.url, "flush_seconds": 0.05, "write_timeout": 2}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    writer = server.app[GATEWAY].usage.writer
+    try:
+        for _ in range(2):
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        assert await writer.flush()
+        assert len(await ledger_rows(server)) == 2
+
+        postgres_server.stop()
+        for _ in range(3):  # the database is down: generations go on
+            r = await alice.images.with_raw_response.generate(model="qwen-image-placeholder", prompt="a fox",
+                                                              size="1024x1024")
+            assert r.status_code == 200
+        await asyncio.sleep(0.3)  # the writer has tried (and failed) meanwhile
+        assert writer.pending == 3
+
+        postgres_server.start()
+        deadline = time.monotonic() + 60
+        while writer.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert writer.pending == 0
+        rows = await ledger_rows(server)
+        assert len(rows) == 5 and len({r.id for r in rows}) == 5  # each once
+        assert writer.dropped == 0
+
+        status, page = await api(server, "/v1/organization/usage/images",
+                                 {"start_time": str(int(time.time()) - 60), "group_by[]": "api_key_id"})
+        assert status == 200
+        assert [(x["api_key_id"], x["images"]) for x in page["data"][0]["results"]] == [("alice", 5)]
+    finally:
+        await alice.close()
+
+
+async def test_a_retried_batch_counts_once(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
+    """A batch written twice (its commit was lost on the way back) keeps one copy of each record."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["usage"] = {"database_url": postgres_server.url}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+    await alice.close()
+    writer = server.app[GATEWAY].usage.writer
+    await writer.flush()
+    rows = await ledger_rows(server)
+    await writer.backend.write(rows)
+    assert len(await ledger_rows(server)) == 1
+
+
+async def test_queue_bound_drops_and_counts(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["usage"] = {"database_url": postgres_server.url, "queue_max": 2, "flush_seconds": 0.05}
+    server, _ = await start_proxy(cfg)
+    postgres_server.stop()
+    alice = client_for(server, "sk-alice-0000000000")
+    for _ in range(4):
+        await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+    await alice.close()
+    status, _ = await api(server, "/v1/organization/costs", {"start_time": "0"})
+    assert status == 503
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
+        text = await r.text()
+    assert "qip_usage_records_dropped_total 2.0" in text
+
+
+async def test_two_proxies_share_a_budget_through_redis(start_proxy, aiohttp_server, tmp_path, redis_server):  # noqa: F811
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+        cfg["state"] = {"redis_url": redis_server.url}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    clients = [client_for(s, "sk-alice-0000000000") for s in servers]
+    try:
+        made = 0
+        for i in range(3):
+            r = await clients[i % 2].images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            made += len(r.data)
+        assert made == 3
+        for c in clients:
+            with pytest.raises(RateLimitError) as info:
+                await c.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            assert info.value.body["code"] == "insufficient_quota"
+    finally:
+        for c in clients:
+            await c.close()

@@ -1,0 +1,111 @@
+"""The usage package's pure parts: prices -> costs, budget arithmetic, OpenAI's query parameters; and the
+`usage` command's table over a real SQLite ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+import yaml
+from multidict import MultiDict
+
+from proxy import cli, parse_config
+from proxy.config.usage import BudgetConfig, PriceConfig
+from proxy.errors import InvalidRequest
+from proxy.providers.ray_convert import images_from_reply
+from proxy.request import ImageRequest
+from proxy.usage.budgets import limits_of, over, periods
+from proxy.usage.pricing import call_cost, estimate, route_price, total
+from proxy.usage.record import UsageRecord
+from proxy.usage.report import IMAGE_GROUPS, parse_query
+from proxy.usage.sqlite import SqliteLedger
+
+from .conftest import base_config
+
+
+def test_costs():
+    assert call_cost(None, 2, 1024, 1024, None) is None  # no price: unknown, never 0
+    assert call_cost(PriceConfig(per_image=0.02), 2, 64, 64, None) == pytest.approx(0.04)
+    mp = PriceConfig(per_megapixel=0.01, per_call=0.001)
+    assert call_cost(mp, 2, 1000, 500, None) == pytest.approx(0.001 + 0.01 * 2 * 0.5)
+    assert call_cost(mp, 0, 1000, 500, None) == 0.0  # a call that made nothing is not charged
+    gpu = PriceConfig(per_gpu_second=0.001)
+    assert call_cost(gpu, 1, 64, 64, 2.5) == pytest.approx(0.0025)
+    assert call_cost(gpu, 1, 64, 64, None) is None  # priced by time, time not measured
+    assert route_price(None, "diffusers", 3.6).per_gpu_second == pytest.approx(0.001)
+    assert route_price(None, "openai", 3.6) is None
+    assert total([0.01, 0.02]) == pytest.approx(0.03) and total([0.01, None]) is None and total([]) == 0.0
+    assert estimate(PriceConfig(per_call=0.5, per_image=0.1), 3, 64, 64, per_call=2) == pytest.approx(1.3)
+    with pytest.raises(ValueError):
+        PriceConfig()
+
+
+def test_budget_arithmetic():
+    limits = limits_of(BudgetConfig(images_per_day=3, usd_per_day=0.03))
+    assert over((2, 20000, 20000), (1, 10000), limits) is None  # 0.02 + 0.01 = 0.03 exactly: allowed
+    assert over((3, 0, 0), (1, 0), limits) == "images_per_day"
+    assert over((0, 30000, 30000), (1, 0), limits) == "usd_per_day"  # spent: even an unknown cost is refused
+    assert over((0, 0, 10**9), (1, 0), limits_of(BudgetConfig(usd_per_month=1))) == "usd_per_month"
+    day, month, day_end, month_end = periods(1767225599.0)  # 2025-12-31T23:59:59Z
+    assert (day, month, day_end, month_end) == ("2025-12-31", "2025-12", 1767225600.0, 1767225600.0)
+
+
+def test_query_parameters():
+    q = parse_query(MultiDict([("start_time", "100"), ("end_time", "200000"), ("group_by[]", "model"),
+                               ("group_by", "route,api_key_id"), ("models[]", "a"), ("bucket_width", "1h")]),
+                    IMAGE_GROUPS, now=300000)
+    assert q.group_by == ["model", "route", "api_key_id"] and q.filters == {"model": {"a"}} and q.limit == 24
+    for bad in ({"start_time": "x"}, {"start_time": "5", "end_time": "5"}, {"start_time": "0", "limit": "0"},
+                {"start_time": "0", "page": "7"}, {"start_time": "0", "group_by": "nope"}):
+        with pytest.raises(InvalidRequest):
+            parse_query(MultiDict(bad), IMAGE_GROUPS, now=10**6)
+
+
+def record(i: int, model: str, route: str, cost: float | None, ts: float) -> UsageRecord:
+    return UsageRecord(id=f"r{i}", ts=ts, request_id=f"q{i}", key="alice", model=model, source="image.generation",
+                       route=route, provider="openai", outcome="ok", status=200, images_asked=1,
+                       images_delivered=1, width=64, height=64, megapixels=0.004096, steps=None, tier=None,
+                       latency_ms=12.0, gpu_seconds=None, cost_usd=cost, cache_hit=False, stream=False,
+                       attempts=json.dumps([{"route": route}]))
+
+
+def test_usage_command_prints_a_table(tmp_path, capsys):
+    db = tmp_path / "usage.sqlite3"
+    now = time.time()
+    noon = now - now % 86400 - 2 * 86400 + 43200  # two days ago at 12:00 UTC: one day's bucket for all
+
+    async def fill():
+        ledger = SqliteLedger(str(db))
+        await ledger.start()
+        await ledger.write([record(1, "m1", "fal", 0.02, noon), record(2, "m1", "fal", 0.02, noon + 10),
+                            record(3, "m2", "local", None, noon + 20)])
+        await ledger.close()
+
+    asyncio.run(fill())
+    cfg = base_config(tmp_path)
+    cfg["usage"] = {"path": str(db)}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    parse_config(cfg)  # a valid config
+    cli.main(["usage", "--config", str(path), "--since", "7d", "--group-by", "model,route"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["start", "model", "route", "requests", "images", "cost_usd", "unpriced", "gpu_s",
+                              "cache_hits"]
+    rows = [line.split()[1:] for line in out[1:]]
+    assert ["m1", "fal", "2", "2", "0.040000", "0", "0.00", "0"] in rows
+    assert ["m2", "local", "1", "1", "0.000000", "1", "0.00", "0"] in rows
+    with pytest.raises(SystemExit):
+        cli.main(["usage", "--config", str(path), "--group-by", "colour"])
+
+
+def test_ray_replies_carry_gpu_seconds():
+    """A Ray replica's reply says how long its accelerator worked; each image gets its share."""
+    req = ImageRequest(prompt="p", model="m", width=8, height=8, n=2)
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    reply = {"ok": True, "images": [png, png], "seeds": [1, 2], "gpu_seconds": 3.0}
+    assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [1.5, 1.5]
+    del reply["gpu_seconds"]  # an older replica: unknown
+    assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [None, None]
