@@ -25,7 +25,8 @@ import contextlib
 import importlib.util
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParamsError
 
@@ -44,7 +45,7 @@ MAX_ASPECT = 8.0  # longest side / shortest side: beyond it diffusers' 32-roundi
 MIN_WORKING_AREA = 64 * 64
 
 
-def check_images(images, max_images: int) -> list[Image]:
+def check_images(images: object, max_images: int) -> list[Image]:
     """The input images as RGB, or InvalidParamsError("images"). Alpha is flattened on white."""
     from PIL import Image
 
@@ -94,7 +95,7 @@ def _rgb(image: Image) -> Image:
     return image.convert("RGB")
 
 
-def check_mask(mask, first: Image) -> Image:
+def check_mask(mask: object, first: Image) -> Image:
     """The mask as an "L" image, 255 = repaint, 0 = keep; or InvalidParamsError("mask")."""
     from PIL import Image
 
@@ -131,7 +132,7 @@ def paste_kept(result: Image, original: Image, mask: Image) -> Image:
 # ----- the processor -----
 
 
-def load_processor(source: str, hub_kwargs: dict):
+def load_processor(source: str, hub_kwargs: dict) -> Any:  # a transformers processor
     """The edit pipelines' Qwen2VLProcessor, from the model's `processor/` folder.
 
     transformers builds a Qwen2VLProcessor with a video processor, which needs torchvision. Where
@@ -165,14 +166,14 @@ def _torchvision_works() -> bool:
 _IMAGE_ONLY = None
 
 
-def _image_only_processor_class():
+def _image_only_processor_class() -> type:
     """A Qwen2VLProcessor that accepts video_processor=None (its class check needs torchvision)."""
     global _IMAGE_ONLY
     if _IMAGE_ONLY is None:
         from transformers import Qwen2VLProcessor
 
         class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-            def check_argument_for_proper_class(self, argument_name, argument):
+            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
                 if argument_name == "video_processor" and argument is None:
                     return None
                 return super().check_argument_for_proper_class(argument_name, argument)
@@ -209,7 +210,7 @@ def _install_area_hook() -> None:
         for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus, pipeline_qwenimage_edit_inpaint):
             original = module.calculate_dimensions
 
-            def scaled(target_area, ratio, _original=original):
+            def scaled(target_area: float, ratio: float, _original: Callable[..., Any] = original) -> Any:
                 scale = getattr(_AREA, "scale", None)
                 if scale:
                     target_area = max(target_area * scale, MIN_WORKING_AREA)
@@ -220,7 +221,7 @@ def _install_area_hook() -> None:
 
 
 @contextlib.contextmanager
-def working_area_scale(scale: float | None):
+def working_area_scale(scale: float | None) -> Iterator[None]:
     """Within this block, on this thread, the edit pipelines work at `scale` times their areas."""
     if not scale or scale == 1:
         yield

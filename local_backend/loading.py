@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
@@ -22,6 +23,9 @@ from .errors import EngineError
 from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
 Progress = Callable[[str], None]
 
 # name -> (backend package, builder of the PipelineQuantizationConfig)
@@ -58,7 +62,7 @@ def resolve_device(config: EngineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(config: EngineConfig, device: str):
+def resolve_dtype(config: EngineConfig, device: str) -> torch.dtype:
     import torch
 
     name = config.dtype or ("float32" if device == "cpu" else "bfloat16")
@@ -71,7 +75,7 @@ def local_files_only(config: EngineConfig) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _quantization_config(name: str, dtype, skip: list[str] | None = None):
+def _quantization_config(name: str, dtype: torch.dtype, skip: list[str] | None = None) -> Any:
     from diffusers import PipelineQuantizationConfig
 
     if name in ("int8", "nf4", "fp4"):
@@ -79,6 +83,7 @@ def _quantization_config(name: str, dtype, skip: list[str] | None = None):
             raise EngineError(
                 f"quantization {name!r} needs the bitsandbytes package (pip install bitsandbytes)"
             )
+        kwargs: dict[str, Any]
         if name == "int8":
             backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
         else:
@@ -123,7 +128,7 @@ def _declared_class(source: str, local_only: bool) -> str | None:
         return None
 
 
-def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
+def _pipeline_class(config: EngineConfig, source: str, local_only: bool) -> Any:  # a pipeline class
     """The diffusers class for the task, checked against what the model declares."""
     import diffusers
 
@@ -151,7 +156,7 @@ def _area_scale(source: str) -> float | None:
     return float(scale)
 
 
-def _place(pipe, config: EngineConfig, device: str, progress: Progress) -> None:
+def _place(pipe: Any, config: EngineConfig, device: str, progress: Progress) -> None:
     import torch
 
     offload = config.offload
@@ -186,7 +191,7 @@ def _place(pipe, config: EngineConfig, device: str, progress: Progress) -> None:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_pipeline(config: EngineConfig, progress: Progress | None = None):
+def load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:  # a diffusers pipeline
     """Return (pipeline, device, seconds). Raises EngineError with a readable message.
 
     An edit pipeline carries `working_area_scale` (None for real models: see local_backend.edit).
@@ -201,7 +206,7 @@ def load_pipeline(config: EngineConfig, progress: Progress | None = None):
         _LOAD_LOCK.release()
 
 
-def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
+def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -213,7 +218,7 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
         raise EngineError(f"device {device!r} was asked for but CUDA is not available")
     dtype = resolve_dtype(config, device)
     source = _model_source(config, report)
-    kwargs = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:

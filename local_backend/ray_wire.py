@@ -24,8 +24,9 @@ import base64
 import binascii
 import io
 import time
-from dataclasses import MISSING, fields, is_dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields, is_dataclass
+from typing import TYPE_CHECKING, Any
 
 from .config import GenerationParams, LoraSpec
 from .errors import (
@@ -36,14 +37,17 @@ from .errors import (
     QueueFullError,
 )
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
-def encode_png(image) -> bytes:
+
+def encode_png(image: Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=False)
     return out.getvalue()
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     """A GenerationParams value as plain data: dataclasses -> dicts, Pillow images -> PNG bytes."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -56,7 +60,7 @@ def _plain(value):
     return value
 
 
-def _default(f):
+def _default(f: Field) -> Any:
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
@@ -82,7 +86,7 @@ def params_to_wire(params: GenerationParams) -> dict:
     return wire
 
 
-def _decode_image(data, name: str):
+def _decode_image(data: object, name: str) -> Image:
     from PIL import Image
 
     if not isinstance(data, (bytes, bytearray)):
@@ -95,7 +99,7 @@ def _decode_image(data, name: str):
     return image
 
 
-def params_from_wire(wire: dict, on_partial=None) -> GenerationParams:
+def params_from_wire(wire: dict, on_partial: Callable[[int, int, Image], None] | None = None) -> GenerationParams:
     """The plain dict -> GenerationParams (the replica's side; InvalidParamsError for what is wrong).
 
     A field this engine does not know is refused (a caller newer than the pool): it would be ignored
@@ -158,11 +162,11 @@ def error_reply(exc: BaseException) -> dict:
 HTTP_STATUS = {"queue_full": 429, "invalid_params": 400, "cancelled": 503, "deadline": 504, "engine": 500}
 
 
-def _b64_in(value):
+def _b64_in(value: object) -> Any:
     return base64.b64decode(value, validate=True) if isinstance(value, str) else value
 
 
-def wire_to_json(data):
+def wire_to_json(data: Any) -> Any:
     """bytes -> base64 text, recursively (for JSON)."""
     if isinstance(data, (bytes, bytearray)):
         return base64.b64encode(data).decode("ascii")

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..media.output import finish_images, render_images
+from ..media.output import FinalImage, finish_images, render_images
+from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest
 from ..routing.router import RouteResult
 from .context import ROUTE
@@ -21,7 +22,7 @@ async def generate(gw: Gateway, request: web.Request, req: ImageRequest) -> tupl
     """Route the request (images checked and converted inside each route attempt), then render it."""
     deadline = time.monotonic() + gw.config.server.request_timeout
 
-    async def finish(images, route_req, provider):
+    async def finish(images: list[GeneratedImage], route_req: ImageRequest, provider: Provider) -> list[FinalImage]:
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 

@@ -81,11 +81,11 @@ class Config(Strict):
     def secrets(self) -> list[str]:
         """Every secret this config holds: proxy keys, the passthrough key, the Redis password, providers'
         keys and tokens (what the scrubber keeps out of answers and logs)."""
-        found = list(self.server.api_keys)
+        found = [key.value for key in self.server.keys]
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
-        if self.state.redis_url and urlsplit(self.state.redis_url).password:
-            found.append(urlsplit(self.state.redis_url).password)
+        if self.state.redis_url and (password := urlsplit(self.state.redis_url).password):
+            found.append(password)
         for provider in self.providers.values():
             for name, value in provider.options.items():
                 if isinstance(value, str) and _SECRET_OPTION.search(name):

@@ -119,7 +119,7 @@ def json_image_refs(fields: dict[str, Any]) -> tuple[list[tuple[str, str]], tupl
 class InputReader:
     """Turns uploads and image URLs into checked InputImages."""
 
-    def __init__(self, fetcher: GuardedFetcher, policy: FetchPolicy | None, max_pixels: int, max_bytes: int):
+    def __init__(self, fetcher: GuardedFetcher, policy: FetchPolicy | None, max_pixels: int, max_bytes: int) -> None:
         self.fetcher = fetcher
         self.policy = policy  # None: image URLs other than data: are refused
         self.max_pixels = max_pixels

@@ -11,8 +11,9 @@ huggingface_hub are imported inside the functions that need them.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from local_backend import EngineConfig, EngineError, GenerationParams, LoraSpec
 from local_backend.accel_options import validate as validate_accel
@@ -25,11 +26,14 @@ from ..media.output import encode_image
 from ..request import ImageRequest, InputImage
 from . import enhance
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 # Options that belong to the provider, not to the engine.
 _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 
 
-def engine_config(options: dict[str, Any]):
+def engine_config(options: dict[str, Any]) -> EngineConfig:
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
     known = {f.name for f in fields(EngineConfig)}
     unknown = set(options) - known - _PROVIDER_OPTIONS
@@ -47,14 +51,17 @@ def engine_config(options: dict[str, Any]):
     return config
 
 
-def request_tier(req: ImageRequest, config) -> str | None:
+def request_tier(req: ImageRequest, config: EngineConfig) -> str | None:
     """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
     use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
     return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
                        use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
 
 
-def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None, tier=None):
+def to_params(req: ImageRequest, on_step: Callable[[int, int], None] | None = None,
+              images: Iterable[PILImage] = (), mask: PILImage | None = None,
+              on_partial: Callable[[int, int, PILImage], None] | None = None,
+              tier: str | None = None) -> GenerationParams:
     """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
     input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
     request_tier()'s answer."""
@@ -79,11 +86,11 @@ def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=
     )
 
 
-def decode_inputs(req: ImageRequest):
+def decode_inputs(req: ImageRequest) -> tuple[list[PILImage], PILImage | None]:
     """The request's input images and mask as Pillow images (CPU work: run it off the event loop)."""
     from PIL import Image
 
-    def decode(item: InputImage, param: str):
+    def decode(item: InputImage, param: str) -> PILImage:
         try:
             image = Image.open(io.BytesIO(item.data))
             image.load()
@@ -96,7 +103,7 @@ def decode_inputs(req: ImageRequest):
     )
 
 
-def weights_problem(config) -> str | None:
+def weights_problem(config: EngineConfig) -> str | None:
     """Whether the weights are on disk, when they may not be downloaded."""
     from pathlib import Path
 
@@ -118,6 +125,6 @@ def weights_problem(config) -> str | None:
             f"(run `hf download {model}`, or set local_files_only: false)")
 
 
-def encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
+def encode_all(images: Iterable[PILImage], fmt: str, compression: int | None) -> list[bytes]:
     """The engine's images in the request's format (CPU work: run it off the event loop)."""
     return [encode_image(im, fmt, compression) for im in images]

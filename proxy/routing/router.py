@@ -7,6 +7,7 @@ conversion: `finish`), so a route whose images turn out bad fails like one that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from ..errors import (
 from ..media.output import generate_n
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest, with_route_defaults
+from ..telemetry.metrics import Metrics
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
@@ -135,9 +137,9 @@ def _retries(route: RouteConfig, provider: Provider, routing: RoutingConfig) -> 
 
 
 class Router:
-    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics=None,
+    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics: Metrics | None = None,
                  routing: RoutingConfig | None = None, max_load_wait: float = 120.0,
-                 scrub: Callable[[str], str] = str):
+                 scrub: Callable[[str], str] = str) -> None:
         self.metrics = metrics
         self.scrub = scrub
         self.routing = routing or RoutingConfig()
@@ -212,7 +214,8 @@ class Router:
                 break
         raise self._final_error(req.model, attempts, failures)
 
-    async def _wait_loaded(self, route: Route, deadline: float, attempts, failures) -> bool:
+    async def _wait_loaded(self, route: Route, deadline: float, attempts: list[tuple[str, str]],
+                           failures: list[ProxyError]) -> bool:
         wait = min(self.max_load_wait, deadline - time.monotonic())
         stage = route.provider.loading_stage
         if wait > 0 and await route.provider.wait_ready(wait):
@@ -228,7 +231,7 @@ class Router:
         return False
 
     async def _try_route(self, route: Route, req: ImageRequest, deadline: float, finish: Finish,
-                         attempts: list, failures: list, last: bool) -> list[Any] | None:
+                         attempts: list[tuple[str, str]], failures: list[ProxyError], last: bool) -> list[Any] | None:
         """The route's calls, retries included: its images, or None after recording why it failed."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
         route_req = with_route_defaults(req, route.config.params, route.config.drop)
@@ -238,7 +241,7 @@ class Router:
             if remaining <= 0:
                 break
             limit = min(route.timeout, remaining)
-            parts.retry_next = lambda e, attempt=attempt: self._may_retry(e, attempt, route, last)
+            parts.retry_next = functools.partial(self._may_retry, attempt=attempt, route=route, last=last)
             try:
                 async with asyncio.timeout(limit):
                     images = await parts.generate(route_req)
@@ -337,7 +340,7 @@ class _Parts:
     cancelling them; otherwise (no retry left, a refusal, the client's error) they are cancelled at once.
     """
 
-    def __init__(self, route: Route):
+    def __init__(self, route: Route) -> None:
         self.route = route
         self.done: dict[tuple[int, int], list[GeneratedImage]] = {}
         self.errors: list[ProxyError] = []
