@@ -20,7 +20,7 @@ encoder is skipped: random prompt embeddings shaped like Qwen2.5-VL's (3584 wide
     python bench/bench_engine.py --gpu [--sizes 1024 1328 --batches 1 4]
 
 Then the offload rows: the same pipeline placed by the engine's own loading code
-(local_backend.loading._place) with offload none, model, sequential and group, one 1024x1024 image at
+(local_backend.offload.place) with offload none, model, sequential and group, one 1024x1024 image at
 50 steps with CFG 4 each: seconds per image, peak GPU memory, and what stays on the GPU between calls.
 `sequential` streams every layer's weights per step: a few minutes for its row.
 
@@ -35,6 +35,13 @@ options are applied by the engine's own code (local_backend.accel.Accel, quant_s
 measured is what is served.
 
     python bench/bench_engine.py --gpu --options [--size 1024 --reps 3]
+
+--models (bench/bench_models.py): rows for Qwen-Image-2.1 (bf16), the 20B transformer from GGUF Q8_0 and
+Q4_K files this script quantizes, and offload: auto at --gpu-memory (default 24GiB). With --gpu at real
+size; without, the same rows on the tiny models on the CPU (the code path).
+
+    python bench/bench_engine.py --models --gpu [--gpu-memory 24GiB] [--gguf-dir /big/disk] [--offload-size 1024]
+    python bench/bench_engine.py --models
 
 --cpu-smoke: the offload rows, then the same options table, on the tiny model on the CPU (64x64, few
 steps): the code path, not speed. The engine ignores offload on the CPU (there is no GPU memory to
@@ -399,7 +406,7 @@ def bench_gpu(args) -> None:
         bench_offload(pipe, device, args.offload_size, 50, 4.0, args.reps, args.text_tokens, args.offload_modes)
 
 
-# ----- offload modes (local_backend.loading._place): GPU rows, CPU smoke -----
+# ----- offload modes (local_backend.offload.place): GPU rows, CPU smoke -----
 
 # In this order: each mode's hooks are removed before the next, and group offload (last) cannot be
 # undone by diffusers' remove_all_hooks.
@@ -409,12 +416,11 @@ OFFLOAD_ORDER = ("none", "model", "sequential", "group")
 def bench_offload(pipe, device: str, size: int, steps: int, cfg: float, reps: int, text_tokens: int,
                   modes=OFFLOAD_ORDER) -> None:
     """Seconds per image and peak GPU memory for each offload mode, placed by the engine's own loading
-    code (local_backend.loading._place) on the same pipeline. On the CPU the engine ignores offload (there
+    code (local_backend.offload.place) on the same pipeline. On the CPU the engine ignores offload (there
     is no GPU memory to save): the rows then run the same code and say so."""
     import torch
 
-    from local_backend import EngineConfig
-    from local_backend.loading import _place
+    from local_backend.offload import place
 
     cuda = torch.device(device).type == "cuda"
     print(f"offload modes at {size}x{size}, {steps} steps, true CFG {cfg:g}, 1 image, median of {reps}; "
@@ -424,7 +430,7 @@ def bench_offload(pipe, device: str, size: int, steps: int, cfg: float, reps: in
     for mode in (m for m in OFFLOAD_ORDER if m in modes):
         try:
             _unplace(pipe)
-            _place(pipe, EngineConfig(offload=mode), device, lambda stage: None)  # logs "ignored" on the CPU
+            place(pipe, mode, None, device, lambda stage: None)  # logs "ignored" on the CPU
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -447,7 +453,7 @@ def bench_offload(pipe, device: str, size: int, steps: int, cfg: float, reps: in
 
 def _unplace(pipe) -> None:
     """Remove the previous mode's model or sequential offload hooks (accelerate puts the weights back on
-    the CPU); the next _place moves them where its mode wants them."""
+    the CPU); the next place() moves them where its mode wants them."""
     pipe.remove_all_hooks()
 
 
@@ -616,8 +622,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="--gpu and --cpu-smoke: the offload rows to run (none model sequential group; "
                              "none given: no offload rows)")
     parser.add_argument("--offload-size", type=int, default=1024, help="--gpu: the offload rows' image side")
+    parser.add_argument("--models", action="store_true",
+                        help="2.1, GGUF Q8_0/Q4_K and offload: auto rows (with --gpu: real size; else tiny, CPU)")
+    parser.add_argument("--gpu-memory", default="24GiB", help="--models: what offload: auto may plan with")
+    parser.add_argument("--gguf-dir", help="--models: where the GGUF files go (default: a temp folder; 20B: ~34 GB)")
     args = parser.parse_args(argv)
-    if args.cpu_smoke:
+    if args.models:
+        from bench.bench_models import bench_models
+
+        args.reps = args.reps or (1 if args.gpu else 3)
+        bench_models(args, gpu=args.gpu)
+    elif args.cpu_smoke:
         args.reps = args.reps or 3
         args.size = 64 if args.size == 256 else args.size
         bench_cpu_smoke(args)

@@ -7,6 +7,8 @@ Usable on its own::
         result = engine.generate_sync(GenerationParams("a cat", width=256, height=256))
     with Engine(EngineConfig(model="tiny-edit", task="edit")) as engine:  # edits: 1-3 input images
         edited = engine.generate_sync(GenerationParams("make it red", 256, 256, images=result.images))
+    with Engine(EngineConfig(model="tiny-2.1")) as engine:  # Qwen-Image-2.1: generates, and edits with 1-10 images
+        both = engine.generate_sync(GenerationParams("a cat", 64, 64, images=[]))
 
 Importing this package does not import torch or diffusers; loading a pipeline does.
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .edit import MAX_IMAGES, inpaint_working_size, paste_kept
+from .edit import MAX_IMAGES, UNIFIED_PIPELINES, inpaint_working_size, paste_kept
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -26,7 +26,7 @@ def call_arguments(first: Job, prompts: list[str], negatives: list[str | None], 
     kwargs: dict[str, Any]
     if not first.inputs:  # text to image: any number of prompts
         kwargs = {"prompt": prompts, "negative_prompt": negatives if cfg else None}
-        kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+        kwargs.update(width=first.gen_size[0], height=first.gen_size[1], **unified_arguments(pipe, first.steps))
         return pipe, kwargs, first.gen_size
     # An edit: one prompt, its images made with num_images_per_prompt (one generator each).
     kwargs = {
@@ -37,7 +37,7 @@ def call_arguments(first: Job, prompts: list[str], negatives: list[str | None], 
     if first.mask is None:
         many = max_images > 1
         kwargs.update(image=list(first.inputs) if many else first.inputs[0])
-        kwargs.update(width=first.gen_size[0], height=first.gen_size[1])
+        kwargs.update(width=first.gen_size[0], height=first.gen_size[1], **unified_arguments(pipe, first.steps))
         return pipe, kwargs, first.gen_size
     # Inpainting works at ~1 MP of its input's aspect ratio, whatever the asked size: give it the
     # input stretched to the asked shape, so the result only needs resizing (local_backend.edit).
@@ -49,6 +49,26 @@ def call_arguments(first: Job, prompts: list[str], negatives: list[str | None], 
         mask = mask.resize(first.gen_size, Image.Resampling.NEAREST)
     kwargs.update(image=image, mask_image=mask, strength=1.0)
     return inpaint, kwargs, inpaint_working_size(first.gen_size, multiple)
+
+
+def unified_arguments(pipe: Any, steps: int) -> dict:
+    """The extra arguments of a Qwen-Image-2.1 call (nothing for the other pipelines).
+
+    sigmas: a 2.1 checkpoint may carry its own schedule (sample_sigmas), whose length then decides the
+    number of steps whatever num_inference_steps says; a request for another count gets the default
+    linear schedule of that many steps. output_resolution: the side reference images are resized to
+    (1024), shrunk for the tiny model like the edit pipelines' working areas (local_backend.edit).
+    """
+    if type(pipe).__name__ not in UNIFIED_PIPELINES:
+        return {}
+    kwargs: dict = {}
+    schedule = pipe.config.get("sample_sigmas") if hasattr(pipe.config, "get") else None
+    if schedule and len(schedule) != steps:
+        kwargs["sigmas"] = [1.0 - (1.0 - 1.0 / steps) * i / max(1, steps - 1) for i in range(steps)]
+    scale = getattr(pipe, "working_area_scale", None)
+    if scale:
+        kwargs["output_resolution"] = max(32, round(1024 * scale**0.5 / 32) * 32)
+    return kwargs
 
 
 def hand_out_previews(previewer: Previewer, pipeline: Any, latents: Tensor, previous: Tensor | None, steps_done: int,

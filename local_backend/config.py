@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # PIL is only needed for the annotation
     from PIL.Image import Image
 
-OFFLOAD_MODES = ("none", "model", "sequential", "group")
+OFFLOAD_MODES = ("none", "model", "sequential", "group", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
 TASKS = ("generate", "edit")
 PREVIEWS = ("latent", "vae")
@@ -68,8 +68,17 @@ class EngineConfig:
     task: str = "generate"
     device: str | None = None  # None = "cuda" if available else "cpu"
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
-    offload: str = "none"  # none | model | sequential | group
+    offload: str = "none"  # none | model | sequential | group | auto (local_backend.placement picks)
     quantization: str | None = None  # None | int8 | nf4 | fp4 (bitsandbytes) | int8wo | float8wo (torchao)
+    # A GGUF transformer (local_backend.single_file): a .gguf file, or "owner/repo/file.gguf" from the
+    # Hugging Face cache; the rest of the pipeline comes from `model`. None: the model's own transformer.
+    transformer: str | None = None
+    # Where the text encoder runs and in what precision (local_backend.placement):
+    # {device: cpu | cuda, quantization: int8 | nf4 (bitsandbytes, GPU) | int8wo (torchao)}. None: with the
+    # pipeline (its offload), in its dtype. Prompt enhancement runs wherever it is.
+    text_encoder: dict | None = None
+    # Cap on the GPU memory `offload: auto` plans with ("24GiB", or bytes); None: the GPU's free memory.
+    gpu_memory: str | int | None = None
     # Speed options (local_backend.accel), all off by default. compile: torch.compile the transformer's
     # repeated blocks: true, or {warm_sizes: [[w, h], ...] | "table", mode, dynamic, fullgraph, backend}
     compile: bool | dict = False

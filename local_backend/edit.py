@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParamsError
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # How many input images each edit pipeline takes (by class name).
 MAX_IMAGES = {"QwenImageEditPlusPipeline": 3, "QwenImageEditPipeline": 1}
 EDIT_PIPELINES = tuple(MAX_IMAGES)
+# Pipelines that make images from text alone and edit with reference images (0 to N): one model serves
+# both endpoints. Qwen-Image-2.1 takes up to 10 references (its model card) and no mask.
+UNIFIED_PIPELINES = {"QwenImage21Pipeline": 10}
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # per input image; the pipeline resizes to ~1 MP anyway
 MAX_ASPECT = 8.0  # longest side / shortest side: beyond it diffusers' 32-rounding breaks down
 # A scaled working area never goes below this: diffusers rounds sides to multiples of 32, so at 64x64
@@ -132,25 +136,43 @@ def paste_kept(result: Image, original: Image, mask: Image) -> Image:
 # ----- the processor -----
 
 
-def load_processor(source: str, hub_kwargs: dict) -> Any:  # a transformers processor
-    """The edit pipelines' Qwen2VLProcessor, from the model's `processor/` folder.
+def load_processor(source: str, hub_kwargs: dict, class_name: str = "Qwen2VLProcessor") -> Any:
+    """The pipeline's processor (Qwen2VLProcessor for the edit pipelines, Qwen3VLProcessor for
+    Qwen-Image-2.1), from the model's `processor/` folder.
 
-    transformers builds a Qwen2VLProcessor with a video processor, which needs torchvision. Where
+    transformers builds these processors with a video processor, which needs torchvision. Where
     torchvision is missing (or does not import beside this torch, as with PyPI's CPU wheels), the
-    processor is put together from its image processor (the Pillow one) and tokenizer alone: the
-    edit pipelines never pass videos.
+    processor is put together from its image processor (the Pillow one), tokenizer and chat template
+    alone: the pipelines never pass videos.
     """
-    from transformers import AutoTokenizer, Qwen2VLProcessor
+    import transformers
+    from transformers import AutoTokenizer
 
     if _torchvision_works():
-        return Qwen2VLProcessor.from_pretrained(source, subfolder="processor", **hub_kwargs)
+        return getattr(transformers, class_name).from_pretrained(source, subfolder="processor", **hub_kwargs)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, subfolder="processor", **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, subfolder="processor", **hub_kwargs)
-    return _image_only_processor_class()(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+    extra = {}
+    if class_name != "Qwen2VLProcessor":  # 2.1 counts its system turn's tokens with the chat template
+        extra["chat_template"] = _chat_template(source, hub_kwargs) or getattr(tokenizer, "chat_template", None)
+    return processor_class(class_name)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **extra
     )
+
+
+def _chat_template(source: str, hub_kwargs: dict) -> str | None:
+    """The processor folder's chat_template.jinja, if it has one."""
+    if Path(source).is_dir():
+        path = Path(source) / "processor" / "chat_template.jinja"
+        return path.read_text() if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, "processor/chat_template.jinja", **hub_kwargs)).read_text()
+    except Exception:  # not in the repo (or not cached): the tokenizer's own template is used
+        return None
 
 
 def _torchvision_works() -> bool:
@@ -163,23 +185,25 @@ def _torchvision_works() -> bool:
     return True
 
 
-_IMAGE_ONLY = None
+_IMAGE_ONLY: dict[str, type] = {}
 
 
-def _image_only_processor_class() -> type:
-    """A Qwen2VLProcessor that accepts video_processor=None (its class check needs torchvision)."""
-    global _IMAGE_ONLY
-    if _IMAGE_ONLY is None:
-        from transformers import Qwen2VLProcessor
+def processor_class(class_name: str) -> type:
+    """A subclass of transformers' `class_name` processor that accepts video_processor=None (its class
+    check needs torchvision)."""
+    if class_name not in _IMAGE_ONLY:
+        import transformers
 
-        class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-            def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-                if argument_name == "video_processor" and argument is None:
-                    return None
-                return super().check_argument_for_proper_class(argument_name, argument)
+        base = getattr(transformers, class_name)
 
-        _IMAGE_ONLY = ImageOnlyQwen2VLProcessor
-    return _IMAGE_ONLY
+        def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return base.check_argument_for_proper_class(self, argument_name, argument)
+
+        _IMAGE_ONLY[class_name] = type(f"ImageOnly{class_name}", (base,),
+                                       {"check_argument_for_proper_class": check_argument_for_proper_class})
+    return _IMAGE_ONLY[class_name]
 
 
 # ----- working sizes -----

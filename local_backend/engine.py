@@ -37,7 +37,7 @@ from . import enhance
 from .accel import WARM_STEPS, Accel, Progress
 from .calls import inpaint_pipeline
 from .config import EngineConfig, GenerationParams, GenerationResult
-from .edit import MAX_IMAGES, working_area_scale
+from .edit import MAX_IMAGES, UNIFIED_PIPELINES, working_area_scale
 from .errors import DeadlineExceededError, EngineError, JobCancelledError, QueueFullError
 from .jobs import Job, settle
 from .loading import load_pipeline, validate_config
@@ -65,6 +65,7 @@ class Engine(EngineWorker):
         self._device: str | None = None
         self._multiple = 16  # size granularity; read from the pipeline once loaded
         self._max_images = 0  # input images an edit takes (0: a text-to-image pipeline)
+        self._images_optional = False  # a model that both generates and edits (Qwen-Image-2.1)
         self._area_scale: float | None = None  # edit working sizes (tiny models: local_backend.edit)
         self._inpaint = None  # the inpainting pipeline around the edit pipeline's components
         self._previewer: Previewer | None = None
@@ -96,6 +97,12 @@ class Engine(EngineWorker):
         return self._accel
 
     @property
+    def placement(self) -> dict | None:
+        """Where the loaded pipeline is (offload mode, text encoder's device; with offload: auto, the
+        estimated peak and the GPU memory it was planned for). None until loaded."""
+        return getattr(self._pipe, "placement", None) if self._pipe is not None else None
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -124,8 +131,12 @@ class Engine(EngineWorker):
             if self._closed:  # closed while it loaded: drop the pipeline rather than keep it
                 raise EngineError("the engine was closed while it loaded")
             self._multiple = pipe.vae_scale_factor * 2
-            if self.config.task == "edit":
-                self._max_images = MAX_IMAGES.get(type(pipe).__name__, 1)
+            kind = type(pipe).__name__
+            if kind in UNIFIED_PIPELINES:  # generations and edits (0 to N references), no mask
+                self._max_images, self._images_optional = UNIFIED_PIPELINES[kind], True
+                self._area_scale = getattr(pipe, "working_area_scale", None)
+            elif self.config.task == "edit":
+                self._max_images = MAX_IMAGES.get(kind, 1)
                 self._area_scale = getattr(pipe, "working_area_scale", None)
                 self._inpaint = inpaint_pipeline(pipe)
             self._previewer = Previewer(pipe, self.config.preview)  # fits its map on first use
@@ -151,7 +162,7 @@ class Engine(EngineWorker):
         width, height = size
         common: dict[str, Any] = dict(width=width, height=height, num_inference_steps=WARM_STEPS, cfg_scale=4.0, seed=0,
                       tier=tier, acceleration=level, prompt_enhancement=False)
-        if self.config.task == "edit":
+        if self.config.task == "edit" and not self._images_optional:
             gray = Image.new("RGB", size, (128, 128, 128))
             params = [GenerationParams("warm up", n=batch, images=[gray], **common)]
         else:
@@ -260,6 +271,7 @@ class Engine(EngineWorker):
         return LoadedFacts(
             config=self.config, tiers=self._tiers, accel=self._accel, enhance=self._enhance,
             multiple=self._multiple, max_images=self._max_images, can_inpaint=self._inpaint is not None,
+            images_optional=self._images_optional,
         )
 
     def _retry_after(self) -> float:

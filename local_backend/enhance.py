@@ -216,6 +216,8 @@ def _rewrite(pipe: Any, prompt: str, instruction: str, max_new_tokens: int, unti
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tokenizer, model = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+    if tokenizer is None:  # Qwen-Image-2.1 keeps its tokenizer in its processor
+        tokenizer = getattr(getattr(pipe, "processor", None), "tokenizer", None)
     if tokenizer is None or model is None or not hasattr(model, "generate"):
         return done(None, "failed: the pipeline has no text encoder that can generate text")
     # The user's text must not close the chat turn early: special-token text is dropped from it.
@@ -247,7 +249,8 @@ def _rewrite(pipe: Any, prompt: str, instruction: str, max_new_tokens: int, unti
 
     stop = Stop()
     # Under offload the module sits on the CPU until its hook moves it: inputs go where it will run.
-    device = getattr(pipe, "_execution_device", None) or model.device
+    # A text encoder kept on the CPU (text_encoder: {device: cpu}, local_backend.offload) generates there.
+    device = getattr(model, "qip_device", None) or getattr(pipe, "_execution_device", None) or model.device
     inputs = tokenizer(chat_text(tokenizer, instruction, prompt), return_tensors="pt").to(device)
     if time.monotonic() >= until:
         return done(None, "timeout")

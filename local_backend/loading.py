@@ -1,4 +1,6 @@
-"""Load the engine's pipeline: class (by task), source, dtype, device, offload, quantization.
+"""Load the engine's pipeline: class (from the model's model_index.json), source, dtype, a GGUF
+transformer (local_backend.single_file), quantization; then its placement (local_backend.offload,
+planned before any weight is read when offload is auto).
 
 The speed options (compile, cache, attention backend) are applied to the loaded pipeline by
 local_backend.accel.
@@ -18,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
-from .edit import EDIT_PIPELINES, load_processor
+from .edit import EDIT_PIPELINES, UNIFIED_PIPELINES, load_processor
 from .errors import EngineError
+from .offload import check_options, choose, place
+from .single_file import check_gguf, gguf_file, load_transformer, transformer_config
 from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
+from .tiny21 import TINY21_VERSION, tiny21_pipeline_dir
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:
@@ -45,11 +50,20 @@ def validate_config(config: EngineConfig) -> None:
     for name in ("max_batch", "max_queue", "max_pixels", "default_steps", "lora_cache_size"):
         if getattr(config, name) < 1:
             raise EngineError(f"{name} must be at least 1")
+    if config.transformer is not None:
+        if not isinstance(config.transformer, str) or not config.transformer.lower().endswith(".gguf"):
+            raise EngineError(f"transformer must be a .gguf file, not {config.transformer!r}")
+        if config.quantization is not None:
+            raise EngineError(
+                f"quantization {config.quantization!r} and a GGUF transformer cannot both apply: the GGUF file "
+                "is already quantized (drop one of them)"
+            )
     if config.task not in TASKS:
         raise EngineError(f"task must be one of {', '.join(TASKS)}, not {config.task!r}")
     if config.preview not in PREVIEWS:
         raise EngineError(f"preview must be one of {', '.join(PREVIEWS)}, not {config.preview!r}")
-    tiny_task = {"tiny": "generate", "tiny-edit": "edit"}.get(config.model)
+    check_options(config)  # text_encoder, gpu_memory, offload: auto
+    tiny_task = {"tiny": "generate", "tiny-edit": "edit"}.get(config.model)  # tiny-2.1: both
     if tiny_task is not None and tiny_task != config.task:
         raise EngineError(f"model {config.model!r} is for task {tiny_task!r}, not {config.task!r}")
 
@@ -106,7 +120,36 @@ def _quantization_config(name: str, dtype: torch.dtype, skip: list[str] | None =
     )
 
 
+TINY_MODELS = ("tiny", "tiny-edit", "tiny-2.1")
+
+
+def _text_encoder_quantization(existing: Any, name: str, dtype: torch.dtype) -> Any:
+    """`existing` (a PipelineQuantizationConfig or None) plus the text encoder's own quantization
+    (text_encoder.quantization): bitsandbytes int8 / nf4 on a GPU, torchao int8 weight-only anywhere."""
+    import transformers
+    from diffusers import PipelineQuantizationConfig
+
+    te: Any  # a transformers quantization config
+    if name == "int8wo":
+        if importlib.util.find_spec("torchao") is None:
+            raise EngineError("text_encoder.quantization int8wo needs the torchao package (pip install torchao)")
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        te = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise EngineError(f"text_encoder.quantization {name} needs the bitsandbytes package (pip install bitsandbytes)")
+        te = (transformers.BitsAndBytesConfig(load_in_8bit=True) if name == "int8" else
+              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    mapping = dict(existing.quant_mapping or {}) if existing is not None else {}
+    mapping["text_encoder"] = te
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
 def _model_source(config: EngineConfig, progress: Progress) -> str:
+    if config.model == "tiny-2.1":
+        progress(f"preparing the tiny pipeline ({TINY21_VERSION})")
+        return str(tiny21_pipeline_dir())
     if config.model in ("tiny", "tiny-edit"):
         edit = config.model == "tiny-edit"
         progress(f"preparing the tiny pipeline ({TINY_EDIT_VERSION if edit else TINY_VERSION})")
@@ -128,11 +171,44 @@ def _declared_class(source: str, local_only: bool) -> str | None:
         return None
 
 
+def tiny_source(model: str) -> str:
+    """The folder of a tiny model (built on first use)."""
+    return _model_source(EngineConfig(model=model, task="edit" if model == "tiny-edit" else "generate"),
+                         lambda stage: None)
+
+
+def gguf_problem(config: EngineConfig) -> str | None:
+    """Why the configured GGUF transformer cannot load here (None: it can, or there is none). Reads the
+    file's header and builds the transformer on the meta device: no weights are read."""
+    if not config.transformer:
+        return None
+    local_only = local_files_only(config)
+    try:
+        path = gguf_file(config.transformer, local_only)
+        source = tiny_source(config.model) if config.model in TINY_MODELS else os.path.expanduser(config.model)
+        check_gguf(path, config.transformer, transformer_config(source, local_only))
+    except EngineError as e:
+        return str(e)
+    return None
+
+
+def declared_pipeline(config: EngineConfig) -> str | None:
+    """The pipeline class the configured model declares, read from disk only (no download, no torch):
+    what the proxy needs to know before loading (whether the model edits, takes masks)."""
+    known = {"tiny": "QwenImagePipeline", "tiny-edit": "QwenImageEditPlusPipeline",
+             "tiny-2.1": "QwenImage21Pipeline"}
+    if config.model in known:
+        return known[config.model]
+    return _declared_class(os.path.expanduser(config.model), True)
+
+
 def _pipeline_class(config: EngineConfig, source: str, local_only: bool) -> Any:  # a pipeline class
-    """The diffusers class for the task, checked against what the model declares."""
+    """The diffusers class the model declares in its model_index.json, checked against the task."""
     import diffusers
 
     declared = _declared_class(source, local_only)
+    if declared in UNIFIED_PIPELINES:  # one model for both tasks
+        return getattr(diffusers, declared)
     if config.task == "edit":
         if declared is not None and declared not in EDIT_PIPELINES:
             raise EngineError(
@@ -156,33 +232,20 @@ def _area_scale(source: str) -> float | None:
     return float(scale)
 
 
-def _place(pipe: Any, config: EngineConfig, device: str, progress: Progress) -> None:
-    import torch
-
-    offload = config.offload
-    if offload != "none" and device == "cpu":
-        log.warning("offload=%s has no effect on the CPU; ignored", offload)
-        offload = "none"
-    if offload == "none":
-        progress(f"moving the pipeline to {device}")
-        pipe.to(device)
-    elif offload == "model":
-        progress("enabling model CPU offload")
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        progress("enabling sequential CPU offload")
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        progress("enabling group offload")
-        # leaf_level + a CUDA stream prefetches the next layer while this one runs: close to
-        # no-offload speed at a fraction of the memory (diffusers' own recommendation).
-        is_cuda = torch.device(device).type == "cuda"
-        pipe.enable_group_offload(
-            onload_device=torch.device(device),
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=is_cuda,
-        )
+def _gguf_transformer(config: EngineConfig, source: str, dtype: torch.dtype, local_only: bool,
+                      report: Progress) -> Any:  # a diffusers transformer
+    spec = config.transformer
+    if not spec:  # called only with one configured
+        raise EngineError("no GGUF transformer is configured")
+    path = gguf_file(spec, local_only)
+    model_config = transformer_config(source, local_only)
+    counts = check_gguf(path, spec, model_config)
+    shown = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    report(f"loading the GGUF transformer {config.transformer} ({shown} tensors)")
+    try:
+        return load_transformer(path, source, model_config, dtype, local_only)
+    except Exception as e:
+        raise EngineError(f"could not load the GGUF transformer {config.transformer}: {type(e).__name__}: {e}") from e
 
 
 # from_pretrained is not thread-safe: accelerate's empty-weights loading patches torch.nn.Module for the
@@ -229,14 +292,23 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> An
         shown = f", kept in {str(dtype).removeprefix('torch.')}: {', '.join(skip)}" if skip else ""
         report(f"preparing {config.quantization} quantization{shown}")
         kwargs["quantization_config"] = _quantization_config(config.quantization, dtype, skip)
+    te_quant = (config.text_encoder or {}).get("quantization")
+    if te_quant:
+        report(f"preparing the text encoder's {te_quant} quantization")
+        kwargs["quantization_config"] = _text_encoder_quantization(kwargs.get("quantization_config"), te_quant, dtype)
 
     local_only = kwargs.get("local_files_only", True)
     pipeline_class = _pipeline_class(config, source, local_only)
+    # Before any weight is read: a model that fits nowhere fails now, not after minutes of loading.
+    offload, te_device, placement = choose(config, source, device, report)
+    if config.transformer:
+        kwargs["transformer"] = _gguf_transformer(config, source, dtype, local_files_only(config), report)
     report(f"loading {config.model} ({str(dtype).removeprefix('torch.')})")
     try:
-        if config.task == "edit":
+        if config.task == "edit" or pipeline_class.__name__ in UNIFIED_PIPELINES:
             hub = {} if Path(source).is_dir() else {"local_files_only": local_only}
-            kwargs["processor"] = load_processor(source, hub)
+            processor = "Qwen3VLProcessor" if pipeline_class.__name__ in UNIFIED_PIPELINES else "Qwen2VLProcessor"
+            kwargs["processor"] = load_processor(source, hub, processor)
         pipe = pipeline_class.from_pretrained(source, **kwargs)
     except EngineError:
         raise
@@ -248,7 +320,7 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> An
             f"could not load model {config.model!r}{hint}: {type(exc).__name__}: {exc}"
         ) from exc
     pipe.set_progress_bar_config(disable=True)
-    if config.task == "edit":
+    if config.task == "edit" or pipeline_class.__name__ in UNIFIED_PIPELINES:
         pipe.working_area_scale = _area_scale(source)
 
     if config.scheduler:
@@ -257,7 +329,8 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> An
             pipe.scheduler.config, **config.scheduler
         )
 
-    _place(pipe, config, device, report)
+    place(pipe, offload, te_device, device, report)
+    pipe.placement = placement  # what /ready shows (offload: auto: the pick and its estimate)
     # compile, cache and the attention backend: local_backend.accel, applied by the engine
     seconds = time.monotonic() - started
     report(f"loaded in {seconds:.1f}s")

@@ -40,6 +40,7 @@ class LoadedFacts:
     multiple: int  # generation sizes are multiples of this (vae_scale_factor * 2)
     max_images: int  # input images an edit takes (0: a text-to-image pipeline)
     can_inpaint: bool  # a mask can be used (the inpainting pipeline exists)
+    images_optional: bool = False  # input images may be given or not (a model that generates and edits)
 
 
 def plan_job(p: GenerationParams, pipe: LoadedFacts) -> dict:
@@ -101,7 +102,11 @@ def plan_job(p: GenerationParams, pipe: LoadedFacts) -> dict:
 def _plan_inputs(pipe: LoadedFacts, p: GenerationParams) -> tuple[list, object]:
     """The input images and mask of an edit, checked and converted (RGB, "L")."""
     images = p.images if p.images is not None else []
-    if pipe.config.task != "edit":
+    if pipe.images_optional and isinstance(images, (list, tuple)) and not images:
+        if p.mask is not None:
+            raise InvalidParamsError("masks are not supported by this model", "mask")
+        return [], None
+    if pipe.config.task != "edit" and not pipe.images_optional:
         if images or p.mask is not None:
             raise InvalidParamsError(
                 "this model makes images from text: it takes no input images or mask (use an edit model)",

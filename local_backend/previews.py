@@ -110,7 +110,7 @@ class Previewer:
             latents = F.interpolate(latents.float(), size=(h // 2, w // 2), mode="area")
         mean, std = _latent_stats(vae, latents)
         raw = (latents * std + mean).to(vae.dtype).unsqueeze(2)
-        return vae.decode(raw, return_dict=False)[0][:, :, 0]
+        return vae.decode(raw, return_dict=False)[0][:, :3, 0]  # RGB of an RGBA VAE (Qwen-Image-2.1)
 
     def matrix(self) -> Tensor:
         """The fitted latent -> RGB map (fitted on first use)."""
@@ -177,6 +177,8 @@ def fit_latent_rgb(pipe: Any, count: int = 6, cells: int = 8, ridge: float = 1e-
     vae = pipe.vae
     scale = pipe.vae_scale_factor
     images = synthetic_images(count, cells * scale, scale)
+    if vae.config.get("in_channels", 3) == 4:  # an RGBA VAE (Qwen-Image-2.1): opaque colours
+        images = torch.cat([images, torch.ones_like(images[:, :1])], dim=1)
     device = pipe._execution_device  # right under every offload mode
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -184,7 +186,7 @@ def fit_latent_rgb(pipe: Any, count: int = 6, cells: int = 8, ridge: float = 1e-
         mean, std = _latent_stats(vae, encoded[:, :, 0].float())
         noise = torch.randn(encoded.shape, generator=generator).to(device) * 0.5 * std.unsqueeze(2)
         raw = torch.cat([encoded.float(), encoded.float() + noise]).to(vae.dtype)
-        decoded = vae.decode(raw, return_dict=False)[0][:, :, 0].float().clamp(-1, 1)
+        decoded = vae.decode(raw, return_dict=False)[0][:, :3, 0].float().clamp(-1, 1)
     latents = ((raw[:, :, 0].float() - mean) / std).cpu().double()  # (N, C, h, w)
     targets = F.avg_pool2d(decoded.cpu().double(), scale)  # (N, 3, h, w)
     if targets.shape[-2:] != latents.shape[-2:]:

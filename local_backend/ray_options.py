@@ -104,7 +104,7 @@ def _check(config: EngineConfig) -> None:
 
 
 def _on_cpu(config: EngineConfig) -> bool:
-    return (config.device or "").startswith("cpu") or (config.device is None and config.model in ("tiny", "tiny-edit"))
+    return (config.device or "").startswith("cpu") or (config.device is None and config.model in ("tiny", "tiny-edit", "tiny-2.1"))
 
 
 def deployment_options(options: dict | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,13 @@ def build_tiny_edit_pipeline(path: str | os.PathLike) -> Any:  # a QwenImageEdit
 
 def tiny_pipeline_dir(edit: bool = False) -> Path:
     """The tiny pipeline's cache folder (the edit one with edit=True), built once (atomically) on first use."""
-    version = TINY_EDIT_VERSION if edit else TINY_VERSION
+    if edit:
+        return cached_build(TINY_EDIT_VERSION, build_tiny_edit_pipeline)
+    return cached_build(TINY_VERSION, build_tiny_pipeline)
+
+
+def cached_build(version: str, build: Callable[[Path], object]) -> Path:
+    """The cache folder `version`, made by build(folder) once (atomically) on first use."""
     root = os.environ.get("QWEN_IMAGE_PROXY_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "qwen-image-proxy"
     target = base / version
@@ -173,7 +180,7 @@ def tiny_pipeline_dir(edit: bool = False) -> Path:
     # half-written folder where loaders look.
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
     try:
-        (build_tiny_edit_pipeline if edit else build_tiny_pipeline)(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -24,6 +24,7 @@ from .app import GATEWAY, build_app
 from .config import Config, ConfigError, load_config
 from .generate_cli import run_generate
 from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
+from .plan_cli import run_plan
 from .providers import build_providers
 
 DEFAULT_CONFIG = os.environ.get("QWEN_IMAGE_PROXY_CONFIG") or "models.yaml"  # set but empty: the default
@@ -274,6 +275,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     asyncio.run(run_generate(args, _load(args.config)))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    config, providers = _load_checked(args.config)
+    run_plan(args, config, providers, _fail)
+
+
 def cmd_ray_serve(args: argparse.Namespace) -> None:
     """Deploy the pool of every `kind: ray` provider to a running Ray cluster (or print its Serve config)."""
     config, providers = _load_checked(args.config)
@@ -351,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=1)
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
     gen.set_defaults(func=cmd_generate)
+
+    plan = with_config(sub.add_parser("plan", help="the local engine's memory plan: what fits on which GPU"))
+    plan.add_argument("--model", required=True, help="a model of the config (its local routes), or a repo id / folder")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory (e.g. 24GiB; default: "
+                      "this machine's free GPU memory, if it has a GPU)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     ray_serve = with_config(sub.add_parser("ray-serve", help="deploy the kind: ray pools to a running Ray cluster"))
     ray_serve.add_argument("--provider", action="append", metavar="NAME", help="only this provider (repeatable)")

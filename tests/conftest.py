@@ -78,6 +78,14 @@ def tiny_edit_dir(tmp_path_factory):
     return tiny_edit_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny21_dir(tmp_path_factory):
+    """The tiny random-weight Qwen-Image-2.1 pipeline, built once per session (generations and edits)."""
+    from .local_helpers import tiny21_pipeline_dir
+
+    return tiny21_pipeline_dir(tmp_path_factory.getbasetemp() / "shared-tiny")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The tiny model gains nothing from threads, and on a busy 2-core box OpenMP threads spinning

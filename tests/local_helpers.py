@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.gguf_files import write_gguf  # noqa: F401  (the GGUF tests write their files with it)
+
 TINY_SUBDIR = "tiny-qwen-image"
 
 
@@ -37,6 +39,20 @@ def tiny_edit_pipeline_dir(tmp: str | Path) -> Path:
     return path
 
 
+TINY21_SUBDIR = "tiny-qwen-image-21"
+
+
+def tiny21_pipeline_dir(tmp: str | Path) -> Path:
+    """Build the tiny random Qwen-Image-2.1 pipeline under `tmp` once; return its folder (the engine picks
+    QwenImage21Pipeline from its model_index.json: generations and edits on one model)."""
+    from local_backend.tiny21 import build_tiny21_pipeline
+
+    path = Path(tmp) / TINY21_SUBDIR
+    if not (path / "model_index.json").exists():
+        build_tiny21_pipeline(path)
+    return path
+
+
 def image_bytes(image, fmt: str = "PNG") -> bytes:
     """A Pillow image encoded (PNG by default)."""
     import io
@@ -60,7 +76,8 @@ def _transformer_config(pipeline_dir_or_pipe) -> dict:
     import json
 
     if hasattr(pipeline_dir_or_pipe, "transformer"):
-        return dict(pipeline_dir_or_pipe.transformer.config)
+        transformer = pipeline_dir_or_pipe.transformer
+        return {**transformer.config, "_class_name": type(transformer).__name__}
     return json.loads((Path(pipeline_dir_or_pipe) / "transformer" / "config.json").read_text())
 
 
@@ -70,14 +87,16 @@ def lora_state_dict(pipeline_dir_or_pipe, seed: int = 0, rank: int = 4, strength
     `strength` multiplies lora_B: at 1.0 a random LoRA moves the tiny model's pixels by only 1-2
     levels; 10 makes its effect obvious (mean ~6 levels) without saturating.
     """
+    import diffusers
     import torch
-    from diffusers import QwenImageTransformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     # A fresh transformer built from the config: only the shapes matter, and the caller's
-    # pipeline is never touched.
-    config = {k: v for k, v in _transformer_config(pipeline_dir_or_pipe).items() if not k.startswith("_")}
-    transformer = QwenImageTransformer2DModel.from_config(config)
+    # pipeline is never touched. Its class: the one the config names (Qwen-Image or 2.1).
+    full = _transformer_config(pipeline_dir_or_pipe)
+    cls = getattr(diffusers, full.get("_class_name") or "QwenImageTransformer2DModel")
+    config = {k: v for k, v in full.items() if not k.startswith("_")}
+    transformer = cls.from_config(config)
     torch.manual_seed(seed)
     transformer.add_adapter(
         LoraConfig(
@@ -126,3 +145,29 @@ def submit_while_held(engine, make_jobs):
         release.set()
     gate.future.result(30)
     return jobs
+
+
+def wide_tiny_pipeline_dir(tmp: str | Path) -> Path:
+    """The tiny pipeline with a wider transformer (2 heads x 128: rows of 256, so Q4_K's 256-value blocks
+    fit), built once under `tmp`: the model the GGUF tests quantize."""
+    import shutil
+
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    path = Path(tmp) / "tiny-qwen-image-wide"
+    if (path / "model_index.json").exists():
+        return path
+    base = tiny_pipeline_dir(tmp)
+    staging = Path(tmp) / "tiny-qwen-image-wide.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base, staging)
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=128,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(32, 48, 48),
+    )
+    shutil.rmtree(staging / "transformer")
+    transformer.save_pretrained(str(staging / "transformer"))
+    staging.rename(path)
+    return path

@@ -102,7 +102,7 @@ def test_check_config_and_serve_reject_the_same_configs(tmp_path, case):
 def test_check_config_accepts_the_repo_models_yaml(tmp_path):
     out = run_cli(tmp_path, "check-config", "--config", str(ROOT / "models.yaml"))
     assert out.returncode == 0, out.stderr
-    assert "8 models" in out.stdout
+    assert "12 models" in out.stdout
 
 
 def test_unreadable_config_is_one_line(tmp_path):

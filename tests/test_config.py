@@ -390,7 +390,7 @@ def test_missing_vars_is_not_a_config_key():
         ("providers.placeholder.timeout", "soon", "providers.placeholder.timeout: Input should be a valid number, "
                                                   "got 'soon'"),
         ("providers.loc.offload", "disk",
-         "providers.loc.offload: Input should be 'none', 'model', 'sequential' or 'group', got 'disk'"),
+         "providers.loc.offload: Input should be 'none', 'model', 'sequential', 'group' or 'auto', got 'disk'"),
         ("providers.loc.max_batch", "lots", "providers.loc.max_batch: Input should be a valid integer, got 'lots'"),
         ("providers.loc.lora_dirs", "loras", "providers.loc.lora_dirs: Input should be a valid list, got 'loras'"),
     ],

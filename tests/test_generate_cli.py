@@ -181,12 +181,13 @@ def test_models_and_check_config(tmp_path):
     assert "-> placeholder [placeholder] usable" in models.stdout
     # Local routes are checked without loading: the tiny one needs nothing, the GPU one a GPU.
     assert "-> local-tiny [diffusers] usable" in models.stdout
+    assert "-> local-tiny-2.1 [diffusers] usable" in models.stdout
     if not torch.cuda.is_available():
         assert "-> local-gpu [diffusers] unavailable: no CUDA GPU on this machine" in models.stdout
 
     check, strict = runs["check"], runs["strict"]
     assert check.returncode == 0, check.stderr
-    assert "8 models" in check.stdout
+    assert "12 models" in check.stdout
     assert strict.returncode == 1, strict.stdout + strict.stderr
     warnings = [line for line in strict.stdout.splitlines() if line.startswith("warning:")]
     qwen = [line for line in warnings if "model qwen-image has no usable route" in line]

@@ -219,7 +219,7 @@ def start_serving(tmp_path, upstream_url: str, grace: float) -> tuple[subprocess
 
 
 async def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # an interpreter start on a busy machine
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode()
         with socket.socket() as s:

@@ -256,7 +256,7 @@ async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_pa
 
     # The speed options reach the replicas: a replica's option warning is the route's in /ready (from the
     # replicas' stats reports, read every status_interval) ...
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as s:
         while "warnings" not in route and time.monotonic() < deadline:
             await asyncio.sleep(0.2)

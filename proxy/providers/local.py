@@ -29,6 +29,7 @@ from local_backend import (
     QueueFullError,
 )
 from local_backend.accel_options import static_problems, static_warnings
+from local_backend.loading import gguf_problem
 from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
 from local_backend.tiers import tier_summary
 
@@ -40,7 +41,15 @@ from ..request import ImageRequest
 from ..telemetry.metrics import Metrics
 from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext, started
-from .local_convert import decode_inputs, encode_all, engine_config, request_tier, to_params, weights_problem
+from .local_convert import (
+    decode_inputs,
+    encode_all,
+    engine_config,
+    model_abilities,
+    request_tier,
+    to_params,
+    weights_problem,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -95,8 +104,11 @@ class LocalProvider(Provider):
         "quality_tiers": dict[str, str] | None,
         "device": str | None,
         "dtype": (None, "bfloat16", "float16", "float32"),
-        "offload": ("none", "model", "sequential", "group"),
+        "offload": ("none", "model", "sequential", "group", "auto"),  # auto: local_backend.placement picks
+        "text_encoder": dict | None,  # {device: cpu | cuda, quantization: int8 | nf4 | int8wo}
+        "gpu_memory": str | int | None,  # cap on what offload: auto plans with ("24GiB")
         "quantization": (None, "int8", "nf4", "fp4", "int8wo", "float8wo"),
+        "transformer": str | None,  # a GGUF transformer file (local_backend.single_file)
         "compile": bool | dict,  # local_backend.accel: true or {warm_sizes, mode, dynamic, fullgraph, backend}
         "attention_backend": str | None,
         "cache": bool | dict | None,  # cache-dit levels: true or {regular: {...}, high: {...}, default}
@@ -142,10 +154,10 @@ class LocalProvider(Provider):
         # job takes one queue slot. Split by the router instead, each part took a slot, and one request
         # of n > max_queue + 1 (at max_batch 1) was refused with 429 on an idle server.
         per_call = _engine_max_n() if self.config else 1
-        edits = bool(self.config and self.config.task == "edit")
+        edits, masks = model_abilities(self.config) if self.config else (False, False)
         self.capabilities = Capabilities(
             max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
-            edits=edits, masks=edits,  # both edit pipelines inpaint (one input image with a mask)
+            edits=edits, masks=masks,
         )
         # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
         self.tiers: list[dict] | None = None
@@ -164,6 +176,12 @@ class LocalProvider(Provider):
             chat = enhance.parse_options(options.get("prompt_enhancement"))  # checked by engine_config
             if chat is not None and chat.with_ == "chat":
                 self.chat_enhancer = enhance.ChatEnhancer(chat, name, self.config.task)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self.engine is not None and self.engine.placement:  # /ready: where the model went, and why
+            info["placement"] = self.engine.placement
+        return info
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -234,7 +252,9 @@ class LocalProvider(Provider):
 
         self._static_warnings = static_warnings(config, device)  # off the event loop: imports diffusers
         problems = static_problems(config, device)
-        return problems[0] if problems else weights_problem(config)
+        if problems:
+            return problems[0]
+        return weights_problem(config) or gguf_problem(config)
 
     def preflight(self) -> str | None:
         if self.config is None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from local_backend import EngineConfig, EngineError, GenerationParams, LoraSpec
 from local_backend.accel_options import validate as validate_accel
 from local_backend.config import plain_options
-from local_backend.loading import local_files_only
+from local_backend.edit import UNIFIED_PIPELINES
+from local_backend.loading import declared_pipeline, local_files_only, validate_config
 from local_backend.tiers import choose_tier, parse_tiers
 
 from ..errors import InvalidRequest
@@ -44,11 +45,22 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
         values["prompt_enhancement"] = enhance.engine_spec(enhance.parse_options(values["prompt_enhancement"]))
     config = EngineConfig(**values)
     try:
+        validate_config(config)  # offload: auto on a CPU route, a transformer that is no .gguf, ...
         parse_tiers(config)  # a bad tier is a config error now, not at load
         validate_accel(config)  # so is a bad speed option (compile, cache, attention_backend)
     except EngineError as e:
         raise ValueError(str(e)) from None
     return config
+
+
+def model_abilities(config: EngineConfig) -> tuple[bool, bool]:
+    """(edits, masks) of the configured model, from the pipeline class its model_index.json declares:
+    the edit pipelines edit and inpaint (one input image with a mask); Qwen-Image-2.1 generates and
+    edits with reference images, without masks; a text-to-image model does neither."""
+    if declared_pipeline(config) in UNIFIED_PIPELINES:
+        return True, False
+    edits = config.task == "edit"
+    return edits, edits
 
 
 def request_tier(req: ImageRequest, config: EngineConfig) -> str | None:
@@ -109,7 +121,7 @@ def weights_problem(config: EngineConfig) -> str | None:
 
 
     model = config.model
-    if model in ("tiny", "tiny-edit") or not local_files_only(config):
+    if model in ("tiny", "tiny-edit", "tiny-2.1") or not local_files_only(config):
         return None
     if Path(model).expanduser().is_dir():
         return None if (Path(model).expanduser() / "model_index.json").is_file() else (

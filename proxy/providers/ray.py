@@ -57,6 +57,7 @@ from .base import (
     read_answer,
     started,
 )
+from .local_convert import model_abilities
 from .ray_convert import images_from_reply, reencode, to_wire, unb64
 from .ray_transport import OnPartial, app_status, call_handle, call_http, connect, disconnect
 
@@ -112,10 +113,11 @@ class RayProvider(Provider):
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with /")
         self.status_interval = float(options.get("status_interval") or 5.0)
-        edits = self.engine_config.task == "edit"
+        # A Qwen-Image-2.1 pool edits without masks; known when the model is readable here (or tiny-2.1).
+        edits, masks = model_abilities(self.engine_config)
         self.capabilities = Capabilities(
             max_images_per_call=self.engine_config.max_batch, output_formats=frozenset({"png"}),
-            output_compression=False, edits=edits, masks=edits,
+            output_compression=False, edits=edits, masks=masks,
         )
         self.transport: str | None = None  # handle | http, once connected
         self._handle: Any = None  # a ray.serve DeploymentHandle, once connected

@@ -1,0 +1,88 @@
+"""`qwen-image-proxy plan --model NAME [--gpu-memory 24GiB] [--json]`: the memory plan of a model's local
+routes, made before any weight is read (local_backend.memory and local_backend.placement): each
+component's size, each placement's estimated GPU peak and whether it fits, and the one `offload: auto`
+picks. NAME is a model of the config (its `diffusers` routes are planned), or else a model the engine
+can load (a Hugging Face repo id or a pipeline folder) with the engine's defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from local_backend import EngineConfig, EngineError
+from local_backend.memory import estimate
+from local_backend.offload import text_encoder_device
+from local_backend.placement import parse_bytes, plan, table
+from local_backend.single_file import gguf_file
+
+from .config import Config
+
+
+def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, EngineConfig, int | None]]:
+    """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`."""
+    if name not in config.models:
+        return [(name, EngineConfig(model=name, device="cuda"), None)]
+    table = config.size_table(name)
+    found = []
+    for route in config.models[name].routes:
+        provider = providers.get(route.provider)
+        engine_config = getattr(provider, "config", None)
+        if getattr(provider, "kind", None) == "diffusers" and engine_config is not None:
+            found.append((route.provider, engine_config, table.max_pixels))
+    return found
+
+
+def _budget(args: argparse.Namespace) -> int | None:
+    if args.gpu_memory:
+        return parse_bytes(args.gpu_memory)
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    return None
+
+
+def run_plan(args: argparse.Namespace, config: Config, providers: dict,
+             fail: Callable[[str], NoReturn]) -> None:
+    try:
+        budget = _budget(args)
+    except ValueError as err:  # not `e`: that name is each route's estimate below
+        fail(f"--gpu-memory: {err}")
+    routes = _routes(config, providers, args.model)
+    if not routes:
+        fail(f"model {args.model} has no local (kind: diffusers) route to plan")
+    reports = []
+    for route, engine_config, table_pixels in routes:
+        pixels = min(engine_config.max_pixels, table_pixels or engine_config.max_pixels)
+        side = int(pixels ** 0.5) // 16 * 16
+        try:
+            path = None
+            if engine_config.transformer:
+                try:
+                    path = gguf_file(engine_config.transformer, True)
+                except EngineError:
+                    path = None  # not here: its size comes from its type's name
+            e = estimate(engine_config, size=(side, side), gguf_path=path)
+        except EngineError as err:
+            fail(f"{route}: {err}")
+        cap = budget
+        if engine_config.gpu_memory is not None and cap is not None:
+            cap = min(cap, parse_bytes(engine_config.gpu_memory))
+        result = plan(e, cap, text_encoder_device(engine_config))
+        reports.append((route, e, result))
+    if args.json:
+        out = [{"route": route, "model": e.model, "family": e.family, "size": list(e.size), "batch": e.batch,
+                "references": e.references,
+                "components": {c.name: {"params": c.params, "bytes": c.bytes, "precision": c.precision}
+                               for c in e.components.values()},
+                "activations": e.activations, **result.as_dict()} for route, e, result in reports]
+        json.dump({"model": args.model, "routes": out}, sys.stdout, indent=2)
+        print()
+        return
+    for i, (route, e, result) in enumerate(reports):
+        if i:
+            print()
+        print(f"route {route}: {table(e, result)}")
