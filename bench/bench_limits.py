@@ -11,6 +11,10 @@ growth of the peak while the case ran (after imports and setup).
    through proxy.media.output.convert (structural check with the proxy's pixel limit, then refused), next to
    Pillow's plain Image.open + load (the default MAX_IMAGE_PIXELS only warns at this size), and next to
    Pillow with MAX_IMAGE_PIXELS lowered to the proxy's limit (DecompressionBombError at open).
+3. A heavy edit input: a flat 4096x4096 progressive CMYK JPEG (about 0.5 MB) as both image and mask,
+   1024x1024 output on the placeholder, through the running proxy with n=1 and n=10, next to the
+   baseline of decoding that JPEG once with Pillow. An input is decoded once per request (checked, then
+   decoded at the scale the route needs), so n adds only the output images.
 
 Usage: python bench/bench_limits.py [--repeat 20]
 """
@@ -120,6 +124,83 @@ def case_new_placeholder(args) -> dict:
     return {"seconds": time.perf_counter() - start, "before_mb": before, "status": ["200 (1 image)"]}
 
 
+def heavy_jpeg() -> bytes:
+    """A flat 4096x4096 progressive CMYK JPEG: small on the wire, costly to decode (libjpeg keeps every
+    coefficient of a progressive image: ~128 MB, plus 64 MB of pixels)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("CMYK", (4096, 4096), (30, 60, 90, 10)).save(out, format="JPEG", progressive=True, quality=90)
+    return out.getvalue()
+
+
+async def _heavy_edit(path: str, n: int) -> dict:
+    import aiohttp
+    from aiohttp import web
+
+    from proxy import build_app, parse_config
+
+    with open(path, "rb") as f:
+        data = f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = parse_config({
+            "store": {"path": tmp},
+            "providers": {"placeholder": {"kind": "placeholder"}},
+            "size_tables": {"qwen-image": {"default": "1024x1024", "tiers": {"1K": {"1:1": "1024x1024"}}}},
+            "models": {"qwen-image-edit-placeholder": {"sizes": "qwen-image", "max_input_images": 1,
+                                                       "routes": ["placeholder"]}},
+        }, env={})
+        runner = web.AppRunner(build_app(config))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}/v1/images/edits"
+
+        def form() -> aiohttp.FormData:
+            f = aiohttp.FormData()
+            for name, value in (("model", "qwen-image-edit-placeholder"), ("prompt", "paint it"), ("n", str(n)),
+                                ("size", "1024x1024"), ("response_format", "b64_json")):
+                f.add_field(name, value)
+            f.add_field("image", data, filename="in.jpg", content_type="image/jpeg")
+            f.add_field("mask", data, filename="mask.jpg", content_type="image/jpeg")
+            return f
+
+        async with aiohttp.ClientSession() as session:
+            before = peak_mb()
+            start = time.perf_counter()
+            async with session.post(url, data=form()) as r:
+                body = await r.read()
+                status = f"{r.status} ({len(json.loads(body).get('data', []))} images)" if r.status == 200 else f"{r.status} {body[:200]!r}"
+            seconds = time.perf_counter() - start
+        await runner.cleanup()
+    return {"seconds": seconds, "before_mb": before, "status": [status]}
+
+
+def case_heavy_edit(args) -> dict:
+    return asyncio.run(_heavy_edit(args.input, args.n))
+
+
+def case_heavy_make(args) -> dict:
+    """Writes the heavy JPEG (in a child: the peak RSS a parent reaches is inherited by the children it
+    starts, and the 64 MB CMYK picture would show in every case after it)."""
+    with open(args.input, "wb") as f:
+        f.write(heavy_jpeg())
+    return {"seconds": 0.0, "before_mb": 0.0, "status": []}
+
+
+def case_heavy_decode(args) -> dict:
+    from PIL import Image
+
+    with open(args.input, "rb") as f:
+        data = f.read()
+    before = peak_mb()
+    start = time.perf_counter()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+    return {"seconds": time.perf_counter() - start, "before_mb": before, "status": [f"{len(data) // 1024} KB"]}
+
+
 def case_bomb_convert(args) -> dict:
     from proxy.errors import UpstreamError
     from proxy.media.output import OutputSettings, convert
@@ -167,6 +248,9 @@ CASES = {
     "new-placeholder": case_new_placeholder,
     "bomb-convert": case_bomb_convert,
     "bomb-pillow": case_bomb_pillow,
+    "heavy-edit": case_heavy_edit,
+    "heavy-make": case_heavy_make,
+    "heavy-decode": case_heavy_decode,
 }
 
 
@@ -193,6 +277,8 @@ def main() -> None:
     parser.add_argument("--body", help=argparse.SUPPRESS)
     parser.add_argument("--bomb", help=argparse.SUPPRESS)
     parser.add_argument("--pillow-limit", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.case:  # a child: one case, one JSON line
@@ -228,6 +314,15 @@ def main() -> None:
         print(row("Pillow open+load, default MAX_IMAGE_PIXELS", run_case("bomb-pillow", "--bomb", path)))
         print(row(f"Pillow open+load, MAX_IMAGE_PIXELS={limit}",
                   run_case("bomb-pillow", "--bomb", path, "--pillow-limit", str(limit))))
+
+    print("\nA heavy edit input: 4096x4096 progressive CMYK JPEG as image and mask, 1024x1024 out, placeholder:")
+    print(header)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "heavy.jpg")
+        run_case("heavy-make", "--input", path)
+        print(row("baseline: Pillow decodes the JPEG once", run_case("heavy-decode", "--input", path)))
+        for n in (1, 10):
+            print(row(f"edit n={n} (image and mask)", run_case("heavy-edit", "--input", path, "--n", str(n))))
 
 
 if __name__ == "__main__":

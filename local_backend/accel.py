@@ -56,20 +56,41 @@ WARM_STEPS = 2
 GRAPHS_PER_CALL = 4  # at most this many new graphs per warm-up call (measured on the tiny model: 4)
 
 
+# Warm-up calls asked for so far by the engines of this process (counted under local_backend.exclusive).
+_WARM_CALLS = 0
+
+
 def _allow_recompiles(calls: int) -> None:
     """Let the compiled blocks keep a graph per warmed variant. Every block shares one code object, and
     torch's default of 8 graphs per code object is reached by a few warm-up calls: each can add up to
     GRAPHS_PER_CALL (the text length of the CFG pass, the text mask present or not, the batch of 2 and
     the first size are static until a second value is seen, each tier's LoRA set is new to the guards).
-    Past the limit a fullgraph compile fails, and the engine would serve uncompiled. Only raised."""
+    Past the limit a fullgraph compile fails, and the engine would serve uncompiled. The limit is
+    per code object, so the engines of one process share it (every engine's blocks run the same code):
+    each engine's calls add to those of the engines before it. Only raised."""
     import torch._dynamo
 
+    global _WARM_CALLS
+    _WARM_CALLS += calls
     dynamo = torch._dynamo.config
-    wanted = GRAPHS_PER_CALL * calls + 8
+    wanted = GRAPHS_PER_CALL * _WARM_CALLS + 8
     if dynamo.recompile_limit < wanted:
         dynamo.recompile_limit = wanted
     if dynamo.accumulated_recompile_limit < wanted:
         dynamo.accumulated_recompile_limit = wanted
+
+
+def _set_own_backend(transformer: Any, name: str) -> None:
+    """transformer.set_attention_backend(name), for this model alone. diffusers also makes it the process's
+    default backend, which every model without one of its own then used: another provider's model, and
+    this one after a failed check call (reset_attention_backend leaves its processors on the default)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
 
 
 class Accel:
@@ -135,7 +156,7 @@ class Accel:
                 self._warn(problem)
             else:
                 try:
-                    transformer.set_attention_backend(name)
+                    _set_own_backend(transformer, name)
                     self.attention = name
                 except Exception as e:
                     self._warn(f"attention_backend {name}: {first_line(e)}; serving with diffusers' default attention")

@@ -39,6 +39,7 @@ from .calls import inpaint_pipeline
 from .config import EngineConfig, GenerationParams, GenerationResult
 from .edit import MAX_IMAGES, UNIFIED_PIPELINES, working_area_scale
 from .errors import DeadlineExceededError, EngineError, JobCancelledError, QueueFullError
+from .exclusive import exclusive
 from .jobs import Job, settle
 from .loading import load_pipeline, validate_config
 from .loras import LoraManager, LoraRef
@@ -112,8 +113,9 @@ class Engine(EngineWorker):
         return self._pipe
 
     def load(self, progress: Progress | None = None) -> float:
-        """Load the pipeline and the base LoRAs (blocking). Returns seconds spent."""
-        with self._load_lock:
+        """Load the pipeline and the base LoRAs (blocking). Returns seconds spent. All of it (LoRAs, speed
+        options, warm-up) is one module-building step: alone in the process (local_backend.exclusive)."""
+        with self._load_lock, exclusive(progress):
             if self._closed:
                 raise EngineError("the engine is closed")
             if self._pipe is not None:

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
 from .edit import EDIT_PIPELINES, UNIFIED_PIPELINES, load_processor
 from .errors import EngineError
+from .exclusive import exclusive
 from .offload import check_options, choose, place
 from .single_file import check_gguf, gguf_file, load_transformer, transformer_config
 from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_dir
@@ -248,25 +248,15 @@ def _gguf_transformer(config: EngineConfig, source: str, dtype: torch.dtype, loc
         raise EngineError(f"could not load the GGUF transformer {config.transformer}: {type(e).__name__}: {e}") from e
 
 
-# from_pretrained is not thread-safe: accelerate's empty-weights loading patches torch.nn.Module for the
-# whole process while it runs, so two engines loading at once (two local providers at start-up) fail
-# with "Cannot copy out of meta tensor". One load at a time per process.
-_LOAD_LOCK = threading.Lock()
-
-
 def load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:  # a diffusers pipeline
     """Return (pipeline, device, seconds). Raises EngineError with a readable message.
 
     An edit pipeline carries `working_area_scale` (None for real models: see local_backend.edit).
+    from_pretrained patches torch for the whole process while it runs: one module-building step at a
+    time per process, and nothing left patched after it (local_backend.exclusive).
     """
-    report = progress or (lambda stage: None)
-    if not _LOAD_LOCK.acquire(blocking=False):
-        report("waiting for another model to finish loading")
-        _LOAD_LOCK.acquire()
-    try:
+    with exclusive(progress):
         return _load_pipeline(config, progress)
-    finally:
-        _LOAD_LOCK.release()
 
 
 def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:

@@ -4,7 +4,8 @@ Resolution (`LoraManager.resolve_request`) runs at submit time on the caller's t
 touches the file system, so bad input fails synchronously. URL downloads (`safe_download`: https
 only, every redirect hop on the allowlist, public addresses only, size and time caps) run on a helper thread;
 the worker only takes a job once its downloads are done. Loading adapters into the pipeline
-(`LoraManager.activate`) runs on the engine's worker thread, like every other pipeline call.
+(`LoraManager.activate`) runs on the engine's worker thread, like every other pipeline call, and
+alone among the process's module-building steps (local_backend.exclusive).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from .config import EngineConfig, LoraSpec
 from .errors import LoraError
+from .exclusive import exclusive
 from .safe_download import DownloadError, DownloadPolicy, DownloadRefused, check_url, download
 
 log = logging.getLogger(__name__)
@@ -324,8 +326,11 @@ class LoraManager:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return name
-        self._evict(pipe, keep)
-        self._load(pipe, path, name, ref.label)
+        # peft builds the adapter's layers under a process-wide patch of torch (local_backend.exclusive):
+        # never beside another engine's load, whichever thread this is.
+        with exclusive():
+            self._evict(pipe, keep)
+            self._load(pipe, path, name, ref.label)
         self._loaded[name] = key
         return name
 

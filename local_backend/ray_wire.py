@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields, is_dataclass
@@ -86,17 +87,59 @@ def params_to_wire(params: GenerationParams) -> dict:
     return wire
 
 
-def _decode_image(data: object, name: str) -> Image:
+# The edit pipelines condition on about 1 MP of each input and paste the kept area back at the output
+# size: a JPEG is decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8) that still covers both.
+CONDITION_PIXELS = 1024 * 1024
+
+
+def _cover(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    w, h = size
+    scale = min(1.0, max(width / w, height / h, math.sqrt(CONDITION_PIXELS / (w * h))))
+    return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+
+
+def _decode_image(data: object, name: str, out: tuple[int, int] | None = None,
+                  sent: dict | None = None) -> Image:
+    """An encoded file -> a loaded Pillow image; a JPEG at the scale `out` (the output's width, height)
+    needs. `sent`, when given, maps the image's id to the size it was sent at."""
     from PIL import Image
 
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidParamsError(f"{name} must be an encoded image file", name)
     try:
         image = Image.open(io.BytesIO(data))
+        sent_size = image.size
+        if out is not None and image.format == "JPEG" and min(sent_size) > 0:
+            image.draft(None, _cover(sent_size, *out))
         image.load()
     except Exception as e:
         raise InvalidParamsError(f"the {name} could not be decoded: {type(e).__name__}", name) from None
+    if sent is not None:
+        sent[id(image)] = sent_size
     return image
+
+
+def _decode_inputs(values: dict[str, Any]) -> None:
+    """images and mask in `values`, decoded once each; a mask sent at the first image's size stays at the
+    size that image was decoded at (one of them may be a JPEG read at a smaller scale)."""
+    from PIL import Image
+
+    width, height = values.get("width"), values.get("height")
+    out: tuple[int, int] | None = None
+    if (isinstance(width, int) and isinstance(height, int) and not isinstance(width, bool)
+            and not isinstance(height, bool) and width > 0 and height > 0):
+        out = (width, height)
+    sent: dict[int, tuple[int, int]] = {}
+    for name in ("images", "mask"):
+        value = values.get(name)
+        if value is not None:
+            values[name] = ([_decode_image(v, name, out, sent) for v in value] if isinstance(value, list)
+                            else _decode_image(value, name, out, sent))
+    images, mask = values.get("images"), values.get("mask")
+    if isinstance(images, list) and images and mask is not None:
+        first = images[0]
+        if sent[id(mask)] == sent[id(first)] and mask.size != first.size:
+            values["mask"] = mask.resize(first.size, Image.Resampling.NEAREST)
 
 
 def params_from_wire(wire: dict, on_partial: Callable[[int, int, Image], None] | None = None) -> GenerationParams:
@@ -127,9 +170,8 @@ def params_from_wire(wire: dict, on_partial: Callable[[int, int, Image], None] |
                 value = [LoraSpec(**v) if isinstance(v, dict) else LoraSpec(v) for v in value]
             except TypeError as e:
                 raise InvalidParamsError(f"loras: {e}", "loras") from None
-        elif "Image" in kind and value is not None:
-            value = [_decode_image(v, name) for v in value] if isinstance(value, list) else _decode_image(value, name)
         values[name] = value
+    _decode_inputs(values)  # after the loop: the output size decides the scale
     if "prompt" not in values:
         raise InvalidParamsError("prompt is required", "prompt")
     params = GenerationParams(**values)

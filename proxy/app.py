@@ -25,7 +25,9 @@ from .errors import (
     from_http_exception,
 )
 from .http.request_log import REQUEST_ID, log_request, outcome_of, with_id
+from .http.wire_errors import install_log_scrubbing
 from .providers import Provider
+from .request import MAX_FORM_FIELDS
 from .routing.policy import API_KEY
 
 log = logging.getLogger("proxy")
@@ -118,9 +120,7 @@ class Dispatcher:
                 response, outcome = error.to_response(), outcome_of(error)
             except Exception:
                 log.exception("request %s failed", request_id)
-                response = ProxyError(f"The proxy failed to handle the request (request id {request_id}).",
-                                      code="internal_error").to_response()
-                outcome = "error"
+                response, outcome = internal_error(request_id).to_response(), "error"
             if STREAM_ERROR in request:
                 outcome = outcome_of(request[STREAM_ERROR])
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
@@ -185,11 +185,23 @@ class Dispatcher:
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
         except ProxyError as e:
             return with_id(self.gw.scrubber.error(e).to_response(), request_id)
+        except Exception:
+            if request.writer.output_size > 0:  # the answer has begun: nothing can be sent but a cut
+                raise
+            # Never aiohttp's bare text 500 ("Server got itself in trouble"): the client gets OpenAI's shape.
+            log.exception("request %s failed", request_id)
+            return with_id(internal_error(request_id).to_response(), request_id)
 
     def _check_length(self, request: web.Request) -> None:
         limit = self.gw.config.server.max_body_mb * 1024 * 1024
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit:.0f} bytes.")
+
+
+def internal_error(request_id: str | None = None) -> ProxyError:
+    """What a client gets for a failure of the proxy itself (500), in OpenAI's shape."""
+    where = f" (request id {request_id})" if request_id else ""
+    return ProxyError(f"The proxy failed to handle the request{where}.", code="internal_error")
 
 
 def _or_passed_on(target: Handler, fallback: Handler) -> Handler:
@@ -232,10 +244,13 @@ def build_app(config: Config, providers: dict[str, Provider] | None = None) -> w
     app = web.Application(
         middlewares=[dispatcher.middleware(fallback=dispatcher.fallback)],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
+        client_max_fields=MAX_FORM_FIELDS,
     )
     # Every request reaches the middleware; this route only makes aiohttp let it through.
     app.router.add_route("*", "/{tail:.*}", dispatcher.fallback)
     _lifecycle(app, gateway)
+    # aiohttp logs what a malformed request sent (a header with the key in it): never into the log.
+    install_log_scrubbing(config.secrets())
     return app
 
 
@@ -249,6 +264,7 @@ def image_proxy_middleware(config: Config, app: web.Application | None = None, *
     Pass `app` so the gateway starts, drains and closes with it.
     """
     gateway = Gateway(config)
+    install_log_scrubbing(config.secrets())
     gateway.mounted = True
     gateway.admin_prefix = admin_prefix.rstrip("/") if admin_prefix is not None else None
     if app is not None:

@@ -24,6 +24,7 @@ from .app import GATEWAY, build_app
 from .config import Config, ConfigError, load_config
 from .generate_cli import run_generate
 from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
+from .http.wire_errors import install_log_scrubbing
 from .plan_cli import run_plan
 from .providers import build_providers
 
@@ -137,6 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config, providers = _load_checked(args.config)
     logging.basicConfig(level=(args.log_level or config.server.log_level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # every library's records too, not only aiohttp's and ours
+        handler.addFilter(install_log_scrubbing(config.secrets()))
     log = logging.getLogger("proxy")
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port

@@ -133,15 +133,22 @@ class InputImage:
     format: str  # png | jpeg | webp | gif
     width: int
     height: int
+    # The name the client sent it under ("image", "image[1]", "images[0]", "mask"): errors name that.
+    param: str = "image"
+    _uri: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def mime(self) -> str:
         return f"image/{self.format}"
 
     def data_uri(self) -> str:
-        import pybase64 as base64
+        """As a data: URL, encoded once however many calls upload it (n split over calls, retries,
+        fallbacks): each call would otherwise hold its own copy of megabytes of base64."""
+        if not self._uri:
+            import pybase64 as base64
 
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+            self._uri.append(f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}")
+        return self._uri[0]
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,25 @@ def test_bad_values_that_used_to_fail_at_start_up_fail_check_config_without_a_tr
     assert len(lines) == 2 and "server.max_body_mb" in lines[0] and "fetch.allowed_networks" in lines[1]
 
 
+def test_credentials_in_a_url_are_refused_in_one_line_that_hides_the_password(tmp_path):
+    """`user:password@` in a base_url made every call fail inside aiohttp (passthrough: a bare 500)."""
+    path = write(tmp_path, BASE.replace("  placeholder: {kind: placeholder}\n", """\
+  placeholder: {kind: placeholder}
+  up: {kind: openai, base_url: "https://bob:${UP_PASS}@up.example/v1", api_key: k}
+  fal: {kind: fal, api_key: k, base_url: "https://:hunter2-only@queue.example"}
+""") + """\
+passthrough: {base_url: "https://alice:hunter2-pass@pt.example/v1", api_key: k}
+""")
+    env = {**os.environ, "UP_PASS": "hunter2-env"}
+    lines = assert_clean_failure(subprocess.run([sys.executable, "-m", "proxy", "check-config", "--config", str(path)],
+                                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60))
+    assert len(lines) == 3, lines
+    for where in ("passthrough.base_url", "providers.up.base_url", "providers.fal.base_url"):
+        line = next(line for line in lines if where in line)
+        assert "must not hold credentials" in line and "api_key" in line
+    assert "hunter2" not in "\n".join(lines) and "bob" not in "\n".join(lines)
+
+
 # ---- ${VAR} ----------------------------------------------------------------------------------------
 
 

@@ -255,10 +255,13 @@ async def test_serve_lifts_the_open_files_limit(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=low_soft_limit)
     try:
-        await wait_listening(port, proc)
-        limits = Path(f"/proc/{proc.pid}/limits").read_text()
-        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
-        assert row.split()[3:5] == ["4096", "4096"], row
+        await wait_listening(port, proc)  # the socket listens before the limit is lifted: wait for it
+
+        def open_files_limit() -> list[str]:
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            return next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+
+        await eventually(lambda: open_files_limit() == ["4096", "4096"])
     finally:
         proc.terminate()
         proc.wait(10)

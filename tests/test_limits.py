@@ -151,3 +151,31 @@ async def test_the_placeholder_refuses_above_its_own_limits(monkeypatch):
         with pytest.raises(InvalidRequest) as e:
             await provider.generate(req, None)
         assert e.value.param == param and e.value.status == 400
+
+
+@pytest.mark.parametrize("kind", ["multipart", "urlencoded"])
+async def test_a_form_with_too_many_fields_is_a_400_naming_the_limit(start_proxy, tmp_path, kind):
+    """1,001 fields in a small form is the client's mistake, not a body over max_body_mb (413)."""
+    from urllib.parse import urlencode
+
+    import aiohttp
+
+    server, _ = await start_proxy(base_config(tmp_path))
+    url = server.make_url("/v1/images/generations")
+    async with aiohttp.ClientSession() as s:
+        for count in (1000, 1001):
+            fields = [("model", MODEL), ("prompt", "a fox")] + [(f"x{i}", "1") for i in range(count - 2)]
+            if kind == "multipart":
+                form = aiohttp.FormData(fields)
+                form._is_multipart = True  # noqa: SLF001 - multipart/form-data although no part is a file
+                send = {"data": form}
+            else:
+                send = {"data": urlencode(fields), "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+            async with s.post(url, **send) as r:
+                text = await r.text()
+            if count == 1000:  # read (the unknown fields would go upstream as extras)
+                assert r.status != 413 and "too_many_fields" not in text, text
+                continue
+            assert r.status == 400, (r.status, text)
+            err = assert_openai_error(text, code="too_many_fields", type_="invalid_request_error")
+            assert "1000" in err["message"]

@@ -187,14 +187,17 @@ def test_jobs_of_different_cache_levels_do_not_share_a_call(cached):
 # ----- compile, failures -----
 
 
-def test_compile_warms_up_every_tier_at_load_and_requests_do_not_recompile(tiny_dir, lora_dir, plain, monkeypatch):
+def test_compile_warms_up_every_tier_at_load_and_requests_do_not_recompile(tiny_dir, lora_dir, plain, request):
     """Every tier is compiled at load, through the engine's own call path (its LoRA on), and the graphs it
     takes fit under torch's per-code-object limit: 8 by default, reached by the real model's warm-ups
     (sizes x batch x cache levels x tiers); 1 here, so that the tiny model's few calls reach it too."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # torch's own patch, not monkeypatch (whose undo deletes the setting from torch's config module)
+    patched = torch._dynamo.config.patch(recompile_limit=1)
+    patched.__enter__()
+    request.addfinalizer(lambda: patched.__exit__(None, None, None))
     stages = []
     engine = Engine(EngineConfig(model=str(tiny_dir), default_steps=STEPS, max_batch=1, tiers=tiers(lora_dir),
                                  compile={"warm_sizes": [[SIZE, SIZE]], "dynamic": True}))

@@ -335,3 +335,32 @@ async def test_provider_maps_edit_errors_to_invalid_request(provider):
         await provider.generate(ImageRequest(prompt="a fox", model="m", width=W, height=H,
                                              images=(input_image(INPUTS[0]),), mask=bad_mask), route)
     assert e.value.param == "mask"
+
+
+async def test_a_too_narrow_input_names_the_param_the_client_sent(start_proxy, tmp_path, tiny_edit_dir):
+    """multipart sends `image`, the JSON variant `images`: the engine's "too narrow" names that one."""
+    import base64
+
+    from openai import BadRequestError
+
+    from tests.conftest import base_config
+    from tests.test_local_e2e import TINY_SIZES, local_options
+
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local-edit"] = local_options(tiny_edit_dir, task="edit")
+    cfg["size_tables"]["tiny"] = TINY_SIZES
+    cfg["models"] = {"tiny-edit": {"sizes": "tiny", "max_input_images": 3, "routes": ["local-edit"]}}
+    _, client = await start_proxy(cfg)
+    narrow = image_bytes(noise_image(90, 10), "PNG")
+    with pytest.raises(BadRequestError) as e:
+        await client.images.edit(model="tiny-edit", prompt="make it red", size="64x64",
+                                 image=("narrow.png", narrow, "image/png"))
+    assert e.value.status_code == 400 and "too narrow" in e.value.body["message"]
+    assert e.value.body["param"] == "image"
+    url = "data:image/png;base64," + base64.b64encode(narrow).decode()
+    square = "data:image/png;base64," + base64.b64encode(image_bytes(noise_image(32, 32), "PNG")).decode()
+    with pytest.raises(BadRequestError) as e:
+        await client.post("/images/edits", cast_to=object, body={
+            "model": "tiny-edit", "prompt": "make it red", "size": "64x64",
+            "images": [{"image_url": square}, {"image_url": url}]})
+    assert "too narrow" in e.value.body["message"] and e.value.body["param"] == "images"

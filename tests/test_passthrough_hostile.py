@@ -145,3 +145,23 @@ async def test_a_malformed_upstream_model_list_still_lists_ours(start_proxy, tmp
     _, client = await start_proxy(pt_config(tmp_path, await web_upstream(aiohttp_server, models)))
     ids = [m.id for m in (await client.models.list()).data]
     assert ids == ([MODEL, "upstream-model"] if isinstance(data, list) else [MODEL])
+
+
+async def test_an_exception_inside_passthrough_is_openai_json_not_aiohttps_bare_500(aiohttp_server, tmp_path, caplog):
+    """An error nobody foresaw while forwarding (here aiohttp's ValueError for credentials in the URL,
+    which check-config now refuses) used to escape the handler: aiohttp's text/plain 500 "Server got
+    itself in trouble". The client gets OpenAI's error JSON; the log gets no password."""
+    from openai import AsyncOpenAI
+
+    from proxy import build_app, parse_config
+
+    config = parse_config(pt_config(tmp_path, "https://pt.example/v1"), env={})
+    object.__setattr__(config.passthrough, "base_url", "https://alice:hunter2-pw@127.0.0.1:9/v1")
+    server = await aiohttp_server(build_app(config))
+    async with AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="k", max_retries=0) as client:
+        with pytest.raises(InternalServerError) as e:
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert e.value.status_code == 500
+    assert e.value.body["code"] == "internal_error" and e.value.body["type"] == "server_error"
+    assert "hunter2" not in e.value.response.text
+    assert "hunter2" not in caplog.text

@@ -485,3 +485,34 @@ def test_tiers_and_loras_follow_the_models_capabilities(page, live):
     assert body["tier"] == "lightning-8"
     assert body["loras"] == [{"path": "styles/ink.safetensors", "scale": 0.5}, {"path": "my-style", "scale": 0.8}]
     assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_ray_pool_model_offers_its_speed_tiers(browser, tmp_path):
+    """A model served by a `kind: ray` pool gets the speed-tier field with its engine options' tiers (the
+    pool need not be reachable: /v1/models lists them from the options)."""
+    from .fake_openai_upstream import free_port
+
+    cfg = base_config(tmp_path, server={"api_keys": [KEY]})
+    cfg["size_tables"]["small"] = SMALL_SIZES
+    cfg["providers"]["pool"] = {"kind": "ray", "transport": "http", "http_url": f"http://127.0.0.1:{free_port()}",
+                                "engine": {"model": "tiny", "device": "cpu",
+                                           "tiers": {"fast": {"steps": 1, "cfg_scale": 1.0}}}}
+    cfg["models"]["pooled"] = {"sizes": "small", "routes": ["pool"]}
+    loop = Loop()
+    runner, url = loop.run(serve(build_app(parse_config(cfg))))
+    context = browser.new_context()
+    try:
+        context.add_init_script(f"sessionStorage.setItem('qip.apiKey', {json.dumps(KEY)});")
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"{url}/playground")
+        page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+        page.select_option("#model", PLACEHOLDER)
+        assert page.locator("#tier-field").is_hidden()
+        page.select_option("#model", "pooled")
+        assert page.locator("#tier-field").is_visible()
+        assert page.locator("#tier option").all_inner_texts() == ["Model default", "base", "fast"]
+    finally:
+        context.close()
+        loop.run(runner.cleanup())
+        loop.close()

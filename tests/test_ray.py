@@ -23,9 +23,10 @@ import numpy as np  # noqa: E402
 from openai import RateLimitError  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from local_backend import GenerationParams, LoraSpec  # noqa: E402
+from local_backend import EngineConfig, GenerationParams, LoraSpec  # noqa: E402
 from local_backend.ray_options import deployment_options, serve_application  # noqa: E402
 from local_backend.ray_wire import error_reply, params_from_wire, params_to_wire  # noqa: E402
+from local_backend.tiers import tier_summary  # noqa: E402
 from proxy import parse_config  # noqa: E402
 from proxy.app import GATEWAY  # noqa: E402
 from proxy.providers import build_providers  # noqa: E402
@@ -108,6 +109,21 @@ def test_wire_round_trip():
     assert error_reply(QueueFullError(retry_after=2.5))["type"] == "queue_full"
 
 
+def test_a_replica_decodes_a_large_jpeg_at_the_scale_the_edit_needs():
+    """A 2048x2048 JPEG for a 512x512 edit: read at half scale (the pipeline conditions on ~1 MP), not
+    expanded to 16 MB of pixels; a PNG mask sent at the image's size follows it."""
+    photo, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (2048, 2048), (10, 20, 30)).save(photo, format="JPEG")
+    Image.new("LA", (2048, 2048)).save(mask, format="PNG")
+    wire = {"prompt": "x", "width": 512, "height": 512, "images": [photo.getvalue()], "mask": mask.getvalue()}
+    params = params_from_wire(wire)
+    assert params.images[0].size == (1024, 1024) and params.mask.size == (1024, 1024)
+    small_mask = io.BytesIO()
+    Image.new("LA", (64, 64)).save(small_mask, format="PNG")
+    params = params_from_wire({**wire, "mask": small_mask.getvalue()})
+    assert params.mask.size == (64, 64)  # a mask of another size stays so: the engine names the mismatch
+
+
 def test_replies_map_to_the_proxy_errors():
     from local_backend import DeadlineExceededError, EngineError, InvalidParamsError, QueueFullError
     from proxy.errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
@@ -163,6 +179,23 @@ def test_pool_engine_options_in_their_models_yaml_forms(tmp_path):
             engine_config(options)
         with pytest.raises(Exception, match=message):
             build_providers(parse_config(ray_config(tmp_path, {"engine": {**ENGINE, **options}}), env={}))
+
+
+def test_a_pool_lists_the_tiers_and_cache_levels_of_its_engine_options(tmp_path):
+    """/v1/models and the playground's speed-tier field read these: a pool lists what an in-process provider
+    of the same engine options lists."""
+    cfg = ray_config(tmp_path)
+    cfg["providers"]["local"] = {"kind": "diffusers", **ENGINE}
+    providers = build_providers(parse_config(cfg, env={}))
+    assert [t["name"] for t in providers["pool"].tiers] == ["base", "fast"]
+    assert providers["pool"].tiers == providers["local"].tiers
+    assert providers["pool"].accelerations == providers["local"].accelerations == ["none", "regular", "high"]
+    plain = {k: v for k, v in ENGINE.items() if k not in ("tiers", "quality_tiers", "cache")}
+    cfg = ray_config(tmp_path, {"engine": plain})
+    cfg["providers"]["local"] = {"kind": "diffusers", **plain}
+    providers = build_providers(parse_config(cfg, env={}))
+    assert providers["pool"].tiers is providers["local"].tiers is None
+    assert providers["pool"].accelerations is providers["local"].accelerations is None
 
 
 def test_serve_config_for_kuberay(tmp_path, capsys):
@@ -243,6 +276,11 @@ async def test_same_image_as_the_engine(ray_pool, reference, start_proxy, tmp_pa
         async with s.get(server.make_url("/metrics")) as resp:
             metrics = await resp.text()
     assert route["transport"] == transport and route["replicas"] == {"RUNNING": 2}
+    # /v1/models lists the pool's speed tiers and cache levels, as for an in-process engine of its options.
+    card = (await client.models.retrieve(MODEL)).model_extra["capabilities"]
+    assert card["tiers"] == tier_summary(EngineConfig(**ENGINE))
+    assert [t["name"] for t in card["tiers"]] == ["base", "fast"]
+    assert card["accelerations"] == ["none", "regular", "high"]
     assert sum(s["served"] for s in route["replica_stats"].values()) >= 1
     assert 'qip_local_queue_depth{provider="pool"}' in metrics
     # prompt_enhancement on: the replica rewrites with its text encoder and the rewrite comes back,

@@ -130,3 +130,109 @@ def test_the_cli_never_prints_keys(tmp_path):
         assert run.returncode == 0, run.stderr
         for secret in SECRETS:
             assert secret not in run.stdout + run.stderr
+
+
+# ---- what a malformed request sends: aiohttp's parser quotes it back, in its answer and its log ----------
+
+KEY = PROXY_KEY.encode()
+AUTH = b"Authorization: Bearer " + KEY
+# (name, the raw request) for each kind of request aiohttp's parser refuses with a 400.
+MALFORMED = [
+    ("control char after the key", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\x01\r\n\r\n"),
+    ("NUL after the key", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\x00\r\n\r\n"),
+    ("control char in another header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + KEY + b"\x01\r\n\r\n"),
+    ("bad request line", b"GET /v1/models?key=" + KEY + b" HTTP/1.1 junk\r\nHost: x\r\n\r\n"),
+    ("bad method", b"G\x01T /" + KEY + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("bad version", b"GET / HTTP/9." + KEY + b"\r\nHost: x\r\n\r\n"),
+    ("a bare target", b"GET " + KEY + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("TLS on the HTTP port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + KEY + b"\r\n\r\n"),
+    ("header over 8190 bytes", b"GET / HTTP/1.1\r\nHost: x\r\n" + AUTH + b"A" * 9000 + b"\r\n\r\n"),
+    ("request line over 8190 bytes", b"GET /" + KEY + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("bad header name", b"GET / HTTP/1.1\r\nHost: x\r\nAuth orization: Bearer " + KEY + b"\r\n\r\n"),
+    ("header without a colon", b"GET / HTTP/1.1\r\nHost: x\r\nBearer " + KEY + b"\r\n\r\n"),
+    ("obsolete line folding", b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\r\n " + KEY + b"\r\n\r\n"),
+    ("bad Content-Length", b"POST / HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\nContent-Length: " + KEY + b"\r\n\r\n"),
+    ("bad chunk size", b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n" + AUTH +
+     b"\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nzz" + KEY + b"\r\n"),
+]
+# A body that breaks after its handler started reading it (the parts arrive apart).
+CHUNKED_HEAD = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n" + AUTH +
+                b"\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+BROKEN_MID_BODY = [CHUNKED_HEAD, b"5\r\n{\"a\":\r\n", b"zz" + KEY + b"\r\n"]
+
+
+async def send_raw(port: int, parts: list[bytes], timeout: float = 30) -> tuple[int, bytes, bytes]:
+    """Send the parts (a short pause between them); (status, headers, body) of the answer."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(0.2)
+            writer.write(part)
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout)  # the server closes after an error
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+async def test_malformed_requests_never_put_a_key_into_the_served_log(tmp_path):
+    """`serve` as a user runs it, at --log-level debug: each malformed request is a 400 with OpenAI's error
+    JSON, logged as one DEBUG line (not an ERROR with a traceback), and the key is in neither."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .fake_openai_upstream import free_port
+    from .test_lifecycle import ROOT, wait_listening
+
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port, "api_keys": [PROXY_KEY]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--log-level", "debug"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await wait_listening(port, proc)
+        for name, parts in [*((name, [raw]) for name, raw in MALFORMED), ("body broken mid-way", BROKEN_MID_BODY)]:
+            status, head, body = await send_raw(port, parts)
+            assert status == 400, (name, head, body)
+            assert b"application/json" in head, (name, head)
+            error = json.loads(body)["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], (name, error)
+            assert KEY not in head + body, name
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert PROXY_KEY not in log
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+    assert log.count("malformed request from") >= len(MALFORMED), log[-3000:]
+
+
+async def test_malformed_requests_never_put_a_key_into_the_apps_log(start_proxy, tmp_path, caplog):
+    """The app on another server (aiohttp's own handler, as in tests or mounted elsewhere): its loggers
+    scrub what aiohttp logs, at DEBUG, and the access log's request line and headers."""
+    caplog.set_level(logging.DEBUG)
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"api_keys": [PROXY_KEY]}
+    server, _ = await start_proxy(cfg)
+    for name, raw in MALFORMED:
+        status, head, _ = await send_raw(server.port, [raw])
+        assert status == 400, (name, head)
+    # A request that parses, with the key where the access log writes it (the target, Referer, User-Agent).
+    ok = (b"GET /health?api_key=" + KEY + b" HTTP/1.1\r\nHost: x\r\nReferer: https://x/?token=" + KEY +
+          b"\r\nUser-Agent: Bearer " + KEY + b"\r\nConnection: close\r\n\r\n")
+    status, _, _ = await send_raw(server.port, [ok])
+    assert status == 200
+    seen = []
+    for rec in caplog.records:
+        seen += [rec.getMessage(), str(rec.exc_info), str(rec.exc_text), str(vars(rec))]
+        assert not (rec.name.startswith("aiohttp") and rec.levelno >= logging.ERROR), rec.getMessage()
+    assert any("malformed request" in rec.getMessage() for rec in caplog.records)
+    assert any(rec.name == "aiohttp.access" for rec in caplog.records)
+    assert PROXY_KEY not in "\n".join(seen)

@@ -196,6 +196,8 @@ async def test_cache_lifetime_ends_when_the_image_expires(start_proxy, tmp_path)
     r = await client.images.generate(model=MODEL, prompt="a fox", size="64x64", response_format="url")
     status, headers, body = await get(r.data[0].url)
     assert status == 200 and 0 < max_age(headers) <= 60
+    # A browser takes the stored type as it is, never sniffs HTML or script from the bytes.
+    assert headers["X-Content-Type-Options"] == "nosniff"
     assert_png(body)
     age(tmp_path / "images" / r.data[0].url.rsplit("/", 1)[1], 50)
     status, headers, _ = await get(r.data[0].url)
@@ -212,6 +214,7 @@ async def test_cache_lifetime_from_the_bucket_ends_with_the_ttl(start_proxy, tmp
     r = await client.images.generate(model=MODEL, prompt="a fox", size="64x64", response_format="url")
     status, headers, body = await get(r.data[0].url)
     assert status == 200 and 0 < max_age(headers) <= 120
+    assert headers["X-Content-Type-Options"] == "nosniff"
     assert_png(body)
 
 

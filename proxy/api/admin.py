@@ -142,7 +142,9 @@ async def image_file(gw: Gateway, request: web.Request) -> web.StreamResponse:
         raise NotFound("This image does not exist or has expired.", code="image_not_found")
     # Kept by a browser no longer than the store keeps it: after that the link must stop working.
     max_age = 3600 if found.expires_at is None else max(0, int(found.expires_at - time.time()))
-    headers = {"Content-Type": found.content_type, "Cache-Control": f"private, max-age={max_age}"}
+    # nosniff: a browser takes the stored type as it is (an image), never guesses HTML or script from bytes.
+    headers = {"Content-Type": found.content_type, "Cache-Control": f"private, max-age={max_age}",
+               "X-Content-Type-Options": "nosniff"}
     if found.path is not None:
         return web.FileResponse(found.path, headers=headers)
     response = web.StreamResponse(headers=headers)  # an object in a bucket, streamed through

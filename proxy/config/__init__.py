@@ -23,7 +23,15 @@ from .envvars import Expansion, expand_env
 from .errors import ConfigError
 from .kinds import KINDS, options_model, provider_class
 from .models import ModelConfig, ProviderConfig, RouteConfig, SizeTableConfig
-from .sections import FetchConfig, PassthroughConfig, RoutingConfig, StateConfig, StoreConfig
+from .sections import (
+    CREDENTIALS_IN_URL,
+    FetchConfig,
+    PassthroughConfig,
+    RoutingConfig,
+    StateConfig,
+    StoreConfig,
+    has_credentials,
+)
 from .server import ServerConfig
 from .strict import Strict, suggest, validation_problems
 from .yamlload import YamlProblem, load_yaml, read_text
@@ -117,6 +125,18 @@ def _check_providers(config: Config, hidden: set[str]) -> list[str]:
             continue
         # The typed values: "300" from a ${VAR} becomes 300.0 where the option is a number.
         config.providers[name] = ProviderConfig(kind=pc.kind, **options.model_dump(exclude_unset=True))
+        problems += _url_credentials(f"providers.{name}", pc.options)
+    return problems
+
+
+def _url_credentials(where: str, options: dict[str, Any]) -> list[str]:
+    """A line for each URL option (base_url, http_url; nested ones too) that carries user:password@."""
+    problems = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            problems += _url_credentials(f"{where}.{key}", value)
+        elif isinstance(value, str) and str(key).endswith("url") and has_credentials(value):
+            problems.append(f"{where}.{key}: {CREDENTIALS_IN_URL}")
     return problems
 
 

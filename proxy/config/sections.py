@@ -22,7 +22,18 @@ def http_url(value: str | None, example: str = "https://api.openai.com/v1") -> s
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {example}")
+    if has_credentials(value):
+        raise ValueError(CREDENTIALS_IN_URL)
     return value
+
+
+# The message names no part of the URL: the password is in it.
+CREDENTIALS_IN_URL = "must not hold credentials (user:password@host); give the key in api_key instead"
+
+
+def has_credentials(url: str) -> bool:
+    """Whether an URL carries userinfo (user:password@ before the host)."""
+    return "@" in urlsplit(url).netloc
 
 
 class StoreConfig(Strict):

@@ -2,7 +2,8 @@
 
 JSON objects, urlencoded and multipart forms; every malformed body is an InvalidRequest (400) with a
 code saying which kind (invalid_json, invalid_multipart, invalid_form, invalid_body,
-invalid_content_type); a body over the app's client_max_size stays aiohttp's 413.
+invalid_content_type), and too_many_fields for a form of more than MAX_FORM_FIELDS fields; a body over
+the app's client_max_size stays aiohttp's 413.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp.streams import StreamReader
 
 from ..errors import InvalidRequest
 from ..request import _THREAD_PARSE_BYTES, MAX_FORM_FIELDS, _printable, _safe, check_values, parse_json_bytes
+from .wire_errors import describe
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,14 @@ _FORM_ERRORS = (ValueError, LookupError, RuntimeError, AssertionError, zlib.erro
 async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[str, str], list[Upload]]:
     try:
         form = await request.post()
+    except web.HTTPRequestEntityTooLarge as e:
+        # The body is within client_max_size (read whole already): aiohttp's 413 here means too many
+        # parts. That is the client's malformed request, not an oversized one: a 400 naming the limit.
+        limit = getattr(request, "_client_max_fields", MAX_FORM_FIELDS)
+        if "form fields" not in (e.text or ""):
+            raise
+        raise InvalidRequest(f"The multipart/form-data body has more than {limit} fields (parts); at most "
+                             f"{limit} are accepted.", code="too_many_fields") from None
     except _FORM_ERRORS as e:
         raise InvalidRequest(f"The multipart/form-data body is malformed: {_reason(e)}.",
                              code="invalid_multipart") from None
@@ -172,7 +182,13 @@ def _parse_urlencoded(raw: bytes, charset: str | None) -> dict[str, str]:
     try:
         pairs = parse_qsl(raw.rstrip().decode(charset), keep_blank_values=True, encoding=charset,
                           errors="strict", max_num_fields=MAX_FORM_FIELDS)
-    except (ValueError, LookupError) as e:  # an unknown charset, undecodable text, too many fields
+    except ValueError as e:
+        if "Max number of fields" in str(e):
+            raise InvalidRequest(f"The application/x-www-form-urlencoded body has more than {MAX_FORM_FIELDS} "
+                                 f"fields; at most {MAX_FORM_FIELDS} are accepted.", code="too_many_fields") from None
+        raise InvalidRequest(f"The application/x-www-form-urlencoded body is malformed: {_reason(e)}.",
+                             code="invalid_form") from None
+    except LookupError as e:  # an unknown charset
         raise InvalidRequest(f"The application/x-www-form-urlencoded body is malformed: {_reason(e)}.",
                              code="invalid_form") from None
     return dict(pairs)
@@ -182,5 +198,7 @@ def _reason(e: Exception) -> str:
     if isinstance(e, web.RequestPayloadError) and isinstance(e.__cause__, HttpProcessingError):
         e = e.__cause__  # the parser's own words
     text = e.message if isinstance(e, HttpProcessingError) else str(e)
+    if isinstance(e, HttpProcessingError) and ("'" in text or '"' in text):
+        text = describe(e)  # the parser quotes the client's bytes: name the problem, not them
     text = _printable(" ".join(str(text).split())).rstrip(".")
     return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import StreamReader, web
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+
+from .wire_errors import client_error, describe, error_response
 
 log = logging.getLogger("proxy")
 
@@ -74,8 +76,10 @@ class GuardedRequestHandler(RequestHandler):
         self._last_read = self._loop.time()
         if self._request_count != parsed:  # a head arrived (or a malformed one, which aiohttp answers 400)
             self._stop_head_timer()
-            payload = self._messages[-1][1] if self._messages else None
-            if payload is not None and not payload.is_eof():
+            message, payload = self._messages[-1] if self._messages else (None, None)
+            if isinstance(message, _ErrInfo):
+                self._body_broke(message.exc)
+            elif payload is not None and not payload.is_eof():
                 self._watch_body(payload)
         elif data and self._head_timer is None and self._waiting_for_request():
             self._start_head_timer()  # the first bytes of the next request on a keep-alive connection
@@ -112,6 +116,20 @@ class GuardedRequestHandler(RequestHandler):
         if self._body_timer is None:
             self._body_timer = self._loop.call_later(self._limits.body_timeout, self._check_body)
 
+    def _body_broke(self, exc: BaseException | None) -> None:
+        """The parser failed in the middle of a body (bad chunked encoding): aiohttp queues a 400 for after
+        the handler, and the handler's read would wait for data the parser no longer passes on, until
+        body_timeout. Its read fails now instead (the proxy answers 400), in words without the bytes;
+        a body nobody reads any more just ends (aiohttp's drain of it would log the error at ERROR)."""
+        payload, self._body = self._body, None
+        if payload is None or payload.is_eof():
+            return
+        request = self._current_request
+        if request is not None and request.content is payload:
+            payload.set_exception(RequestPayloadError(f"{describe(exc)} in the request body"))
+        else:  # answered already, aiohttp is draining the unread rest: there is none
+            payload.feed_eof()
+
     def _check_body(self) -> None:
         self._body_timer = None
         payload = self._body
@@ -138,6 +156,23 @@ class GuardedRequestHandler(RequestHandler):
         # Nothing left to wait for: neither the handler nor aiohttp's draining of an unread body after the
         # answer (up to 10 s) waits on the rest.
         payload.feed_eof()
+
+    # ---- what aiohttp answers itself ------------------------------------------------------------------
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused (400) or whose handler raised past every
+        middleware (500, 504), in OpenAI's shape rather than text quoting the client's bytes; a malformed
+        request is logged at DEBUG without them (see proxy/http/wire_errors.py)."""
+        if client_error(exc) or status == 400:
+            log.debug("malformed request from %s: %s", request.remote, describe(exc))
+        elif status == 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:  # the answer has begun: nothing more can be sent
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        response = error_response(status, exc).to_response()
+        response.force_close()
+        return response
 
 
 class GuardedServer(web.Server):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
@@ -38,14 +39,22 @@ def check_input(data: bytes, param: str, max_pixels: int) -> InputImage:
                              param=param, code="invalid_image_format")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            upright = _upright(im)
+            if _needs_rewrite(im):
+                im.load()
+                upright = _upright(im, param)
+            else:
+                # Only whether it decodes: a JPEG at 1/8 scale (libjpeg still reads every byte of it),
+                # not megabytes of pixels nobody keeps.
+                if im.format == "JPEG":
+                    im.draft(None, (1, 1))
+                im.load()
+                upright = None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise InvalidRequest(f"Invalid '{param}': the image does not decode.", param=param,
                              code="invalid_image") from None
     if upright is not None:
         return upright
-    return InputImage(data, info.format, info.width, info.height)
+    return InputImage(data, info.format, info.width, info.height, param)
 
 
 # 16-bit greyscale (and 32-bit) modes: Pillow's convert() to RGB, L or RGBA clips them at 255, so every
@@ -54,15 +63,23 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 _ORIENTATION = 0x0112
 
 
-def _upright(im: Image.Image) -> InputImage | None:
+def _orientation(im: Image.Image) -> int:
+    try:
+        return im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block (Pillow raises many kinds) is no reason to refuse the picture
+        return 1
+
+
+def _needs_rewrite(im: Image.Image) -> bool:
+    """Whether the bytes read otherwise than the picture is displayed (known from the header)."""
+    return _orientation(im) in range(2, 9) or im.mode in _WIDE_MODES
+
+
+def _upright(im: Image.Image, param: str) -> InputImage | None:
     """The image as it is displayed, re-encoded, when its bytes read otherwise: an EXIF orientation
     (a phone photo is stored sideways; the output's shape and what the model sees must follow the
     picture), or pixels wider than 8 bits. None when the bytes are fine as they are."""
-    try:
-        orientation = im.getexif().get(_ORIENTATION, 1)
-    except Exception:  # a damaged EXIF block (Pillow raises many kinds) is no reason to refuse the picture
-        orientation = 1
-    rotated = orientation in range(2, 9)
+    rotated = _orientation(im) in range(2, 9)
     wide = im.mode in _WIDE_MODES
     if not rotated and not wide:
         return None
@@ -76,7 +93,7 @@ def _upright(im: Image.Image) -> InputImage | None:
         im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     out = io.BytesIO()
     im.save(out, format=fmt.upper(), icc_profile=icc, **({"quality": 95} if fmt == "jpeg" else {}))
-    return InputImage(out.getvalue(), fmt, im.width, im.height)
+    return InputImage(out.getvalue(), fmt, im.width, im.height, param)
 
 
 def _data_url(url: str, param: str, max_bytes: int) -> bytes:
@@ -124,11 +141,18 @@ class InputReader:
         self.policy = policy  # None: image URLs other than data: are refused
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
+        # One request's inputs are decoded one after another (their fetches still overlap): its peak is
+        # the largest input's decode, not the sum of all of them (a progressive 4096x4096 JPEG: ~130 MB).
+        self._decoding = asyncio.Lock()
+
+    async def _check(self, fn: Callable[..., InputImage], *args: Any) -> InputImage:
+        async with self._decoding:
+            return await asyncio.to_thread(fn, *args)
 
     async def from_url(self, param: str, url: str) -> InputImage:
         if url.startswith("data:"):
             # Decoding tens of megabytes of base64 is CPU work: in the thread, with the check.
-            return await asyncio.to_thread(self._check_data_url, param, url)
+            return await self._check(self._check_data_url, param, url)
         if self.policy is None:
             raise InvalidRequest(f"Invalid '{param}': image URLs are not fetched by this server; send the image "
                                  "itself (a data: URL or a file upload).", param=param, code="invalid_image_url")
@@ -137,10 +161,10 @@ class InputReader:
         except FetchError as e:
             raise InvalidRequest(f"Invalid '{param}': the image could not be fetched: {e}.", param=param,
                                  code="invalid_image_url") from None
-        return await asyncio.to_thread(check_input, data, param, self.max_pixels)
+        return await self._check(check_input, data, param, self.max_pixels)
 
     def _check_data_url(self, param: str, url: str) -> InputImage:
         return check_input(_data_url(url, param, self.max_bytes), param, self.max_pixels)
 
     async def from_upload(self, param: str, upload: Upload) -> InputImage:
-        return await asyncio.to_thread(check_input, upload.data, param, self.max_pixels)
+        return await self._check(check_input, upload.data, param, self.max_pixels)

@@ -31,7 +31,6 @@ from local_backend import (
 from local_backend.accel_options import static_problems, static_warnings
 from local_backend.loading import gguf_problem
 from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
-from local_backend.tiers import tier_summary
 
 from ..config import RouteConfig
 from ..errors import InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
@@ -42,6 +41,9 @@ from ..telemetry.metrics import Metrics
 from . import enhance
 from .base import Capabilities, GeneratedImage, Provider, ProviderContext, started
 from .local_convert import (
+    advertised_accelerations,
+    advertised_tiers,
+    client_param,
     decode_inputs,
     encode_all,
     engine_config,
@@ -159,15 +161,11 @@ class LocalProvider(Provider):
             max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
             edits=edits, masks=masks,
         )
-        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base.
-        self.tiers: list[dict] | None = None
-        if self.config is not None and self.config.tiers:
-            self.tiers = tier_summary(self.config)
-        # The block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
-        self.accelerations: list[str] | None = None
+        # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base, and the
+        # block cache's levels (fal's acceleration), when one is configured (local_backend.accel).
+        self.tiers: list[dict] | None = advertised_tiers(self.config)
+        self.accelerations: list[str] | None = advertised_accelerations(self.config)
         self._static_warnings: list[str] | None = None  # what accel.static_warnings found (None: not yet)
-        if self.config is not None and self.config.cache:
-            self.accelerations = ["none", "regular", "high"]
         # prompt_enhancement with: chat is done here, before the engine (proxy.providers.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
@@ -285,11 +283,15 @@ class LocalProvider(Provider):
 
         config = self._engine_config
         engine = None
+        # A thread of its own, not the default executor's: a load waits for the other providers' loads
+        # (local_backend.exclusive), and providers waiting there took every thread requests need.
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-load")
+        loop = asyncio.get_running_loop()
         try:
             engine = Engine(config)
-            seconds = await asyncio.to_thread(engine.load, progress)
+            seconds = await loop.run_in_executor(loader, engine.load, progress)
             progress("starting the engine")
-            await asyncio.to_thread(engine.start)
+            await loop.run_in_executor(loader, engine.start)
         except asyncio.CancelledError:  # closed while loading: a load still running drops its pipeline
             if engine is not None:
                 engine.close()
@@ -299,6 +301,8 @@ class LocalProvider(Provider):
             self._state = f"failed to load {config.model}: {type(e).__name__}: {e}"
             log.error("provider %s: %s", self.name, self._state)
             return
+        finally:
+            loader.shutdown(wait=False)
         self.engine = engine
         self._state = None
         log.info("provider %s: %s loaded in %.1f s", self.name, config.model, seconds)
@@ -336,7 +340,7 @@ class LocalProvider(Provider):
         except QueueFullError as e:
             raise RateLimited(str(e), retry_after=e.retry_after) from None
         except InvalidParamsError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
+            raise InvalidRequest(str(e), param=client_param(req, e.param)) from None
         except JobCancelledError as e:
             raise UpstreamTimeout(f"the local job was stopped: {e}") from None
         except EngineError as e:

@@ -10,7 +10,6 @@ huggingface_hub are imported inside the functions that need them.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,10 @@ from local_backend.accel_options import validate as validate_accel
 from local_backend.config import plain_options
 from local_backend.edit import UNIFIED_PIPELINES
 from local_backend.loading import declared_pipeline, local_files_only, validate_config
-from local_backend.tiers import choose_tier, parse_tiers
+from local_backend.tiers import choose_tier, parse_tiers, tier_summary
 
 from ..errors import InvalidRequest
+from ..media import pixels
 from ..media.output import encode_image
 from ..request import ImageRequest, InputImage
 from . import enhance
@@ -51,6 +51,19 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
     except EngineError as e:
         raise ValueError(str(e)) from None
     return config
+
+
+def advertised_tiers(config: EngineConfig | None) -> list[dict] | None:
+    """What /v1/models lists as the model's speed tiers ([{name, steps, cfg_scale}], base first): None
+    without tiers beyond base. The same for an in-process engine and a Ray pool of the same options."""
+    if config is None or not config.tiers:
+        return None
+    return tier_summary(config)
+
+
+def advertised_accelerations(config: EngineConfig | None) -> list[str] | None:
+    """fal's acceleration levels /v1/models lists: the block cache's, when one is configured."""
+    return ["none", "regular", "high"] if config is not None and config.cache else None
 
 
 def model_abilities(config: EngineConfig) -> tuple[bool, bool]:
@@ -98,21 +111,40 @@ def to_params(req: ImageRequest, on_step: Callable[[int, int], None] | None = No
     )
 
 
+# The edit pipelines condition on about 1 MP of each input (and paste the kept area back at the output
+# size): an input is decoded at no less than that, and no larger than it needs to be.
+CONDITION_PIXELS = 1024 * 1024
+
+
 def decode_inputs(req: ImageRequest) -> tuple[list[PILImage], PILImage | None]:
-    """The request's input images and mask as Pillow images (CPU work: run it off the event loop)."""
+    """The request's input images and mask as Pillow images, each decoded once, a JPEG at the smallest
+    scale that covers both the output size and CONDITION_PIXELS (CPU work: run it off the event loop)."""
     from PIL import Image
 
     def decode(item: InputImage, param: str) -> PILImage:
+        at_least = pixels.cover_size(item.width, item.height, (req.width, req.height), CONDITION_PIXELS)
         try:
-            image = Image.open(io.BytesIO(item.data))
-            image.load()
+            return pixels.open_scaled(item.data, at_least)
         except Exception as e:  # checked at parse time, so this is rare: still the client's input
             raise InvalidRequest(f"the {param} could not be decoded: {type(e).__name__}", param=param) from None
-        return image
 
-    return [decode(item, "image") for item in req.images], (
-        decode(req.mask, "mask") if req.mask is not None else None
-    )
+    images = [decode(item, "image") for item in req.images]
+    mask = decode(req.mask, "mask") if req.mask is not None else None
+    first = req.images[0] if req.images else None
+    sent_alike = req.mask is not None and first is not None and (
+        (req.mask.width, req.mask.height) == (first.width, first.height))
+    if mask is not None and sent_alike and mask.size != images[0].size:
+        # One of the two was a JPEG decoded at a smaller scale: the mask follows the image.
+        mask = mask.resize(images[0].size, Image.Resampling.NEAREST)
+    return images, mask
+
+
+def client_param(req: ImageRequest, param: str | None) -> str | None:
+    """The engine's name for a parameter -> the one the client sent: its `images` are the client's
+    `image` (multipart) or `images` (the JSON variant), as recorded when the inputs were read."""
+    if param == "images" and req.images:
+        return req.images[0].param.split("[", 1)[0]
+    return param
 
 
 def weights_problem(config: EngineConfig) -> str | None:

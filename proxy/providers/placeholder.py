@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..config import RouteConfig
 from ..errors import InvalidRequest
+from ..media import pixels
 from ..media.output import fit
 from ..request import SEED_MAX, ImageRequest
 from .base import Capabilities, GeneratedImage, Provider
@@ -94,27 +95,38 @@ def check_work(width: int, height: int, n: int) -> None:
         )
 
 
-def draw_edit(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> Image.Image:
-    """The first input image, visibly changed: fitted to the size, tinted with the (prompt, seed) colour
-    (only where the mask is transparent, when there is one), with the prompt drawn on it."""
-    with Image.open(io.BytesIO(image)) as src:
-        base = fit(src.convert("RGB"), (width, height))
+def prepare_edit(width: int, height: int, image: bytes, mask: bytes | None) -> tuple[Image.Image, Image.Image | None]:
+    """The first input fitted to the size, and the mask's edit area (255 = transparent in the mask) at the
+    size: decoded once for all n images, a JPEG at the smallest scale that still covers the size."""
+    src = pixels.open_scaled(image, (width, height))
+    base = fit(src.convert("RGB"), (width, height))
+    src.close()
+    if mask is None:
+        return base, None
+    m = pixels.open_scaled(mask, (width, height))
+    alpha = m.convert("RGBA").getchannel("A").resize((width, height), Image.Resampling.NEAREST)
+    m.close()
+    return base, alpha.point(lambda a: 255 if a > 0 else 0)
+
+
+def draw_edit(prompt: str, seed: int, base: Image.Image, keep: Image.Image | None) -> Image.Image:
+    """The prepared input, visibly changed: tinted with the (prompt, seed) colour (only where the mask is
+    transparent, when there is one), with the prompt drawn on it."""
+    width, height = base.size
     tint = Image.new("RGB", (width, height), _palette(prompt, seed)[0])
     changed = Image.blend(base, tint, 0.45)
-    if mask is not None:
-        with Image.open(io.BytesIO(mask)) as m:
-            alpha = m.convert("RGBA").getchannel("A").resize((width, height), Image.Resampling.NEAREST)
+    if keep is not None:
         # OpenAI's mask: transparent pixels are the area to edit.
-        changed = Image.composite(base, changed, alpha.point(lambda a: 255 if a > 0 else 0))
+        changed = Image.composite(base, changed, keep)
     label = _draw(prompt, seed, max(1, width), max(1, height), f"edit {width}x{height}")
     text_area = Image.new("L", (width, height), 0)
     ImageDraw.Draw(text_area).rectangle((0, 0, width, max(1, height // 6)), fill=255)
     return Image.composite(label, changed, text_area)
 
 
-def render_edit_png(prompt: str, seed: int, width: int, height: int, image: bytes, mask: bytes | None) -> bytes:
+def render_edit_png(prompt: str, seed: int, base: Image.Image, keep: Image.Image | None) -> bytes:
     out = io.BytesIO()
-    draw_edit(prompt, seed, width, height, image, mask).save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    draw_edit(prompt, seed, base, keep).save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return out.getvalue()
 
 
@@ -137,9 +149,10 @@ class PlaceholderProvider(Provider):
             for i in range(req.n)
         ]
         if req.is_edit:
+            # Decoded once for the n images (each thread only reads the prepared pixels).
             mask = req.mask.data if req.mask is not None else None
-            jobs = [asyncio.to_thread(render_edit_png, req.prompt, s, req.width, req.height, req.images[0].data, mask)
-                    for s in seeds]
+            base, keep = await asyncio.to_thread(prepare_edit, req.width, req.height, req.images[0].data, mask)
+            jobs = [asyncio.to_thread(render_edit_png, req.prompt, s, base, keep) for s in seeds]
         else:
             jobs = [asyncio.to_thread(render_png, req.prompt, s, req.width, req.height) for s in seeds]
         datas = await asyncio.gather(*jobs)

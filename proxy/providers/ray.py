@@ -57,7 +57,7 @@ from .base import (
     read_answer,
     started,
 )
-from .local_convert import model_abilities
+from .local_convert import advertised_accelerations, advertised_tiers, model_abilities
 from .ray_convert import images_from_reply, reencode, to_wire, unb64
 from .ray_transport import OnPartial, app_status, call_handle, call_http, connect, disconnect
 
@@ -119,6 +119,9 @@ class RayProvider(Provider):
             max_images_per_call=self.engine_config.max_batch, output_formats=frozenset({"png"}),
             output_compression=False, edits=edits, masks=masks,
         )
+        # What /v1/models lists (and the playground offers): the same as an in-process engine of these options.
+        self.tiers: list[dict] | None = advertised_tiers(self.engine_config)
+        self.accelerations: list[str] | None = advertised_accelerations(self.engine_config)
         self.transport: str | None = None  # handle | http, once connected
         self._handle: Any = None  # a ray.serve DeploymentHandle, once connected
         self._http: aiohttp.ClientSession | None = None

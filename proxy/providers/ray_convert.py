@@ -27,7 +27,7 @@ from ..errors import (
 from ..media.output import encode_image
 from ..request import ImageRequest
 from .base import GeneratedImage
-from .local_convert import request_tier, to_params
+from .local_convert import client_param, request_tier, to_params
 
 
 class _Partials:
@@ -97,7 +97,9 @@ def images_from_reply(reply: dict, req: ImageRequest, revised: str | None = None
     if not isinstance(reply, dict):
         raise UpstreamError("the Ray pool answered something that is not a reply")
     if not reply.get("ok"):
-        raise reply_error(reply)
+        error = reply_error(reply)
+        error.param = client_param(req, error.param)
+        raise error
     try:
         datas = [unb64(d) for d in reply["images"]]
         seeds = list(reply.get("seeds") or [None] * len(datas))
