@@ -1,5 +1,6 @@
 # make run   - install what serving needs into .venv and serve with models.yaml
 #              (make run CONFIG=other.yaml PORT=9000 HOST=0.0.0.0)
+# make lint  - ruff and the type check (mypy), the same checks as pre-commit (.pre-commit-config.yaml)
 # make test  - install the test tools too, lint, build the docs (strict) and run the test suite
 # make docs  - build the documentation site into site/ (mkdocs build --strict: a broken link fails)
 # make bench - print benchmark numbers (not tests)
@@ -42,8 +43,11 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 run: install
 	$(VENV)/bin/qwen-image-proxy serve $(SERVE_ARGS)
 
+# The same commands as the hooks in .pre-commit-config.yaml. mypy keeps its cache in .mypy_cache: the
+# first run reads torch, diffusers and transformers (a minute or more), later ones take seconds.
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 docs: install-test
 	@# not --quiet: it hides the warnings --strict counts, and a broken link would pass
@@ -59,4 +63,4 @@ bench: install-test
 	$(PY) bench/bench_gateway.py
 
 clean:
-	rm -rf $(VENV) var site .pytest_cache .ruff_cache
+	rm -rf $(VENV) var site .pytest_cache .ruff_cache .mypy_cache

@@ -14,7 +14,7 @@ Importing this package does not import torch or diffusers; loading a pipeline do
 """
 
 from .config import EngineConfig, GenerationParams, GenerationResult, LoraSpec
-from .engine import Engine, Job
+from .engine import Engine
 from .errors import (
     DeadlineExceededError,
     EngineError,
@@ -23,6 +23,7 @@ from .errors import (
     LoraError,
     QueueFullError,
 )
+from .jobs import Job
 from .tiny import build_tiny_edit_pipeline, build_tiny_pipeline
 
 __all__ = [

@@ -39,7 +39,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .accel_options import LEVELS, first_line, installed, static_warnings, validate
 from .config import EngineConfig
@@ -79,7 +80,7 @@ def _allow_recompiles(calls: int) -> None:
         dynamo.accumulated_recompile_limit = wanted
 
 
-def _set_own_backend(transformer, name: str) -> None:
+def _set_own_backend(transformer: Any, name: str) -> None:
     """transformer.set_attention_backend(name), for this model alone. diffusers also makes it the process's
     default backend, which every model without one of its own then used: another provider's model, and
     this one after a failed check call (reset_attention_backend leaves its processors on the default)."""
@@ -95,20 +96,20 @@ def _set_own_backend(transformer, name: str) -> None:
 class Accel:
     """The speed options of one engine: applied once at load, then per call (cache levels)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.compile_spec, self.cache_spec = validate(config)
         self.warnings: list[str] = []  # options left off at load, with the reason
         self.compiled = False
         self.attention: str | None = None  # the backend set, once it worked
-        self.levels: dict[str, object] = {}  # cache level -> its DBCacheConfig fields, once enabled
-        self._transformer = None
-        self._plain_forward = None  # the transformer's forward without cache-dit (None: the class's)
-        self._cached_forward = None
+        self.levels: dict[str, dict[str, Any]] = {}  # cache level -> its DBCacheConfig fields, once enabled
+        self._transformer: Any = None  # the pipeline's transformer (a torch module), once prepared
+        self._plain_forward: Any = None  # the transformer's forward without cache-dit (None: the class's)
+        self._cached_forward: Any = None
 
     # ----- per request -----
 
-    def level(self, acceleration) -> str:
+    def level(self, acceleration: object) -> str:
         """The cache level a job runs at: its acceleration (or the configured default), "none" when
         that level is not enabled. A value outside none/regular/high -> InvalidParamsError."""
         if acceleration is not None and acceleration not in LEVELS:
@@ -119,7 +120,7 @@ class Accel:
         return wanted if wanted in self.levels else "none"
 
     @contextlib.contextmanager
-    def call(self, level: str, steps: int, cfg: bool):
+    def call(self, level: str, steps: int, cfg: bool) -> Iterator[None]:
         """Around one pipeline call: the cache level's settings, or the transformer untouched."""
         if level == "none" or level not in self.levels:
             yield
@@ -142,7 +143,7 @@ class Accel:
 
     # ----- at load -----
 
-    def prepare(self, pipe, device: str, progress: Progress) -> None:
+    def prepare(self, pipe: Any, device: str, progress: Progress) -> None:
         """Attention backend, cache and compile, in that order; a failing option is left off, reported."""
         transformer = pipe.transformer
         self._transformer = transformer
@@ -173,7 +174,7 @@ class Accel:
                 self._uncompile()
                 self._warn(f"compile: {first_line(e)}; serving uncompiled")
 
-    def _enable_cache(self, transformer, progress: Progress) -> None:
+    def _enable_cache(self, transformer: Any, progress: Progress) -> None:
         if not installed("cache_dit"):
             self._warn("cache: cache-dit is not installed (pip install cache-dit); serving without block caching")
             return
@@ -182,7 +183,8 @@ class Accel:
             return
         blocks = len(getattr(transformer, "transformer_blocks", []))
         usable = {}
-        for name, settings in self.cache_spec.levels.items():
+        levels = self.cache_spec.levels if self.cache_spec is not None else {}
+        for name, settings in levels.items():
             computed = settings["Fn_compute_blocks"] + settings["Bn_compute_blocks"]
             if computed >= blocks:
                 self._warn(f"cache.{name}: Fn_compute_blocks + Bn_compute_blocks = {computed} leaves none of "
@@ -243,7 +245,7 @@ class Accel:
         if not self.compiled and self.attention is None:
             return
         sizes = [PROBE_SIZE]
-        if self.compiled and self.compile_spec.warm_sizes:
+        if self.compiled and self.compile_spec is not None and self.compile_spec.warm_sizes:
             sizes = list(self.compile_spec.warm_sizes)
         made = []
         for w, h in sizes:
@@ -270,7 +272,7 @@ class Accel:
             if not self._try(run, size, batch, level, tier):
                 return
 
-    def _try(self, run: WarmCall, size, batch, level, tier) -> bool:
+    def _try(self, run: WarmCall, size: tuple[int, int], batch: int, level: str, tier: str) -> bool:
         """One warm-up call; on failure drop compile, then the attention backend. False: stop warming."""
         while True:
             try:

@@ -69,11 +69,11 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_sizes(value, where: str) -> list[tuple[int, int]] | str:
+def parse_sizes(value: object, where: str) -> list[tuple[int, int]] | str:
     if value == "table":
         return "table"
     if not isinstance(value, (list, tuple)):
@@ -89,7 +89,7 @@ def parse_sizes(value, where: str) -> list[tuple[int, int]] | str:
     return sizes
 
 
-def parse_compile(value) -> CompileSpec | None:
+def parse_compile(value: object) -> CompileSpec | None:
     """EngineConfig.compile -> CompileSpec (None: off). Raises EngineError naming the bad field."""
     if value is None or value is False:
         return None
@@ -104,7 +104,7 @@ def parse_compile(value) -> CompileSpec | None:
     spec = CompileSpec()
     if "warm_sizes" in value:
         sizes = parse_sizes(value["warm_sizes"] or [], "compile.warm_sizes")
-        spec.warm_sizes = list(NATIVE_SIZES) if sizes == "table" else sizes
+        spec.warm_sizes = list(NATIVE_SIZES) if isinstance(sizes, str) else sizes  # "table"
     if value.get("mode") not in COMPILE_MODES:
         raise EngineError(f"compile.mode must be one of {', '.join(str(m) for m in COMPILE_MODES[1:])}")
     spec.mode = value.get("mode")
@@ -121,7 +121,7 @@ def parse_compile(value) -> CompileSpec | None:
     return spec
 
 
-def _level(name: str, value) -> dict:
+def _level(name: str, value: object) -> dict:
     where = f"cache.{name}"
     if value is None or value is True:
         value = {}
@@ -142,7 +142,7 @@ def _level(name: str, value) -> dict:
     return settings
 
 
-def parse_cache(value) -> CacheSpec | None:
+def parse_cache(value: object) -> CacheSpec | None:
     """EngineConfig.cache -> CacheSpec (None: off). `true` means both levels with their defaults."""
     if value is None or value is False:
         return None
@@ -169,7 +169,7 @@ def attention_backends() -> list[str]:
     return [b.value for b in AttentionBackendName]
 
 
-def check_attention_backend(name) -> None:
+def check_attention_backend(name: object) -> None:
     if name is None:
         return
     known = attention_backends()

@@ -4,21 +4,27 @@ step, and the images as the caller gets them. Run on the engine's worker thread.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import stages
 from .edit import MAX_IMAGES, UNIFIED_PIPELINES, inpaint_working_size, paste_kept
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+    from torch import Generator, Tensor
+
     from .jobs import Job
+    from .previews import Previewer
 
 log = logging.getLogger("local_backend.engine")  # the engine's logger: these run as part of its calls
 
 
-def call_arguments(first: Job, prompts: list, negatives: list, generators: list, *, pipe, inpaint,
-                   max_images: int, multiple: int):
+def call_arguments(first: Job, prompts: list[str], negatives: list[str | None], generators: list[Generator], *,
+                   pipe: Any, inpaint: Any, max_images: int,
+                   multiple: int) -> tuple[Any, dict[str, Any], tuple[int, int]]:
     """(pipeline, its arguments, the size it works at) for a call of these images."""
     cfg = first.negative is not None
+    kwargs: dict[str, Any]
     if not first.inputs:  # text to image: any number of prompts
         kwargs = {"prompt": prompts, "negative_prompt": negatives if cfg else None}
         kwargs.update(width=first.gen_size[0], height=first.gen_size[1], **unified_arguments(pipe, first.steps))
@@ -40,13 +46,13 @@ def call_arguments(first: Job, prompts: list, negatives: list, generators: list,
 
     image, mask = first.inputs[0], first.mask
     if image.size != first.gen_size:
-        image = image.resize(first.gen_size, Image.LANCZOS)
-        mask = mask.resize(first.gen_size, Image.NEAREST)
+        image = image.resize(first.gen_size, Image.Resampling.LANCZOS)
+        mask = mask.resize(first.gen_size, Image.Resampling.NEAREST)
     kwargs.update(image=image, mask_image=mask, strength=1.0)
     return inpaint, kwargs, inpaint_working_size(first.gen_size, multiple)
 
 
-def unified_arguments(pipe, steps: int) -> dict:
+def unified_arguments(pipe: Any, steps: int) -> dict:
     """The extra arguments of a Qwen-Image-2.1 call (nothing for the other pipelines).
 
     sigmas: a 2.1 checkpoint may carry its own schedule (sample_sigmas), whose length then decides the
@@ -66,7 +72,8 @@ def unified_arguments(pipe, steps: int) -> dict:
     return kwargs
 
 
-def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, owners: list, work_size):
+def hand_out_previews(previewer: Previewer, pipeline: Any, latents: Tensor, previous: Tensor | None, steps_done: int,
+                      owners: list[tuple[Job, int]], work_size: tuple[int, int]) -> Tensor | None:
     """Hand out the previews due after this step; return the latents to keep for the next step."""
     due = []  # (row, job, image index, partial index)
     for row, (job, index) in enumerate(owners):
@@ -92,8 +99,10 @@ def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, o
             by_row = dict(zip(rows, made, strict=True))
             for row, job, index, k in due:
                 job.partials_sent[index] = k + 1
+                callback = job.params.on_partial
                 try:
-                    job.params.on_partial(index, k, by_row[row])
+                    if callback is not None:  # checked above: only jobs with one have previews due
+                        callback(index, k, by_row[row])
                 except Exception:  # a caller's callback must not kill the job
                     log.exception("on_partial callback failed")
         for end in ends:
@@ -105,7 +114,7 @@ def hand_out_previews(previewer, pipeline, latents, previous, steps_done: int, o
     return latents.detach().clone() if wanted else None
 
 
-def inpaint_pipeline(pipe):
+def inpaint_pipeline(pipe: Any) -> Any:
     """QwenImageEditInpaintPipeline around an edit pipeline's own components (no extra memory)."""
     from diffusers import QwenImageEditInpaintPipeline
 
@@ -117,16 +126,16 @@ def inpaint_pipeline(pipe):
     return inpaint
 
 
-def final_image(job: Job, image):
+def final_image(job: Job, image: Image) -> Image:
     """The pipeline's image as the caller gets it: exactly the asked size, a mask's kept area restored."""
     from PIL import Image
 
     if image.size != job.size:
-        image = image.resize(job.size, Image.LANCZOS)
+        image = image.resize(job.size, Image.Resampling.LANCZOS)
     if job.mask is None:
         return image
     original, mask = job.inputs[0], job.mask
     if original.size != job.size:
-        original = original.resize(job.size, Image.LANCZOS)
-        mask = mask.resize(job.size, Image.NEAREST)
+        original = original.resize(job.size, Image.Resampling.LANCZOS)
+        mask = mask.resize(job.size, Image.Resampling.NEAREST)
     return paste_kept(image, original, mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # PIL is only needed for the annotation
     from PIL.Image import Image
@@ -165,7 +165,7 @@ def plain_options(options: dict) -> dict:
     {path, scale} become LoraSpec, empty entries of the path lists go, and tiers left empty become {}.
     Keys are neither checked nor dropped: the callers do that (the local provider, a Ray pool)."""
 
-    def spec(value) -> LoraSpec:
+    def spec(value: Any) -> LoraSpec:  # a LoraSpec, a path, or {path, scale} from YAML
         if isinstance(value, LoraSpec):
             return value
         return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)

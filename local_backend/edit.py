@@ -25,8 +25,9 @@ import contextlib
 import importlib.util
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParamsError
 
@@ -48,7 +49,7 @@ MAX_ASPECT = 8.0  # longest side / shortest side: beyond it diffusers' 32-roundi
 MIN_WORKING_AREA = 64 * 64
 
 
-def check_images(images, max_images: int) -> list[Image]:
+def check_images(images: object, max_images: int) -> list[Image]:
     """The input images as RGB, or InvalidParamsError("images"). Alpha is flattened on white."""
     from PIL import Image
 
@@ -98,7 +99,7 @@ def _rgb(image: Image) -> Image:
     return image.convert("RGB")
 
 
-def check_mask(mask, first: Image) -> Image:
+def check_mask(mask: object, first: Image) -> Image:
     """The mask as an "L" image, 255 = repaint, 0 = keep; or InvalidParamsError("mask")."""
     from PIL import Image
 
@@ -135,7 +136,7 @@ def paste_kept(result: Image, original: Image, mask: Image) -> Image:
 # ----- the processor -----
 
 
-def load_processor(source: str, hub_kwargs: dict, class_name: str = "Qwen2VLProcessor"):
+def load_processor(source: str, hub_kwargs: dict, class_name: str = "Qwen2VLProcessor") -> Any:
     """The pipeline's processor (Qwen2VLProcessor for the edit pipelines, Qwen3VLProcessor for
     Qwen-Image-2.1), from the model's `processor/` folder.
 
@@ -187,7 +188,7 @@ def _torchvision_works() -> bool:
 _IMAGE_ONLY: dict[str, type] = {}
 
 
-def processor_class(class_name: str):
+def processor_class(class_name: str) -> type:
     """A subclass of transformers' `class_name` processor that accepts video_processor=None (its class
     check needs torchvision)."""
     if class_name not in _IMAGE_ONLY:
@@ -195,7 +196,7 @@ def processor_class(class_name: str):
 
         base = getattr(transformers, class_name)
 
-        def check_argument_for_proper_class(self, argument_name, argument):
+        def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> Any:
             if argument_name == "video_processor" and argument is None:
                 return None
             return base.check_argument_for_proper_class(self, argument_name, argument)
@@ -233,7 +234,7 @@ def _install_area_hook() -> None:
         for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus, pipeline_qwenimage_edit_inpaint):
             original = module.calculate_dimensions
 
-            def scaled(target_area, ratio, _original=original):
+            def scaled(target_area: float, ratio: float, _original: Callable[..., Any] = original) -> Any:
                 scale = getattr(_AREA, "scale", None)
                 if scale:
                     target_area = max(target_area * scale, MIN_WORKING_AREA)
@@ -244,7 +245,7 @@ def _install_area_hook() -> None:
 
 
 @contextlib.contextmanager
-def working_area_scale(scale: float | None):
+def working_area_scale(scale: float | None) -> Iterator[None]:
     """Within this block, on this thread, the edit pipelines work at `scale` times their areas."""
     if not scale or scale == 1:
         yield

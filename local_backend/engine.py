@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
+from typing import Any
 
 from . import enhance
-from .accel import WARM_STEPS, Accel
+from .accel import WARM_STEPS, Accel, Progress
 from .calls import inpaint_pipeline
 from .config import EngineConfig, GenerationParams, GenerationResult
 from .edit import MAX_IMAGES, UNIFIED_PIPELINES, working_area_scale
@@ -48,7 +50,7 @@ from .worker import EngineWorker
 
 
 class Engine(EngineWorker):
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         validate_config(self.config)
         try:
@@ -91,7 +93,7 @@ class Engine(EngineWorker):
         return list(self._accel.warnings)
 
     @property
-    def accel(self):
+    def accel(self) -> Accel:
         """The engine's speed options (local_backend.accel.Accel): what is on, the cache levels."""
         return self._accel
 
@@ -106,11 +108,11 @@ class Engine(EngineWorker):
         return len(self._waiting)
 
     @property
-    def pipe(self):
+    def pipe(self) -> Any:  # a diffusers pipeline
         """The pipeline itself. Only touch it while no job runs (it is not thread-safe)."""
         return self._pipe
 
-    def load(self, progress=None) -> float:
+    def load(self, progress: Progress | None = None) -> float:
         """Load the pipeline and the base LoRAs (blocking). Returns seconds spent. All of it (LoRAs, speed
         options, warm-up) is one module-building step: alone in the process (local_backend.exclusive)."""
         with self._load_lock, exclusive(progress):
@@ -151,7 +153,7 @@ class Engine(EngineWorker):
             self._pipe, self._device = pipe, device
             return time.monotonic() - started
 
-    def _warm_call(self, pipe, size: tuple[int, int], batch: int, level: str, tier: str) -> None:
+    def _warm_call(self, pipe: Any, size: tuple[int, int], batch: int, level: str, tier: str) -> None:
         """One short call at load (local_backend.accel.warm_up) through the path requests take: planned
         as a job, then _execute (the tier's LoRAs and scheduler, the cache level). True CFG, so the
         transformer sees two text lengths (the prompt and the negative " "); a batch of 2 is two
@@ -160,7 +162,7 @@ class Engine(EngineWorker):
 
         facts = self._facts()
         width, height = size
-        common = dict(width=width, height=height, num_inference_steps=WARM_STEPS, cfg_scale=4.0, seed=0,
+        common: dict[str, Any] = dict(width=width, height=height, num_inference_steps=WARM_STEPS, cfg_scale=4.0, seed=0,
                       tier=tier, acceleration=level, prompt_enhancement=False)
         if self.config.task == "edit" and not self._images_optional:
             gray = Image.new("RGB", size, (128, 128, 128))
@@ -208,7 +210,7 @@ class Engine(EngineWorker):
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ----- submitting -----
@@ -236,7 +238,11 @@ class Engine(EngineWorker):
             timer.daemon = True
             timer.start()
             job.future.add_done_callback(lambda _: timer.cancel())
-        job.future.add_done_callback(lambda fut, job=job: fut.cancelled() and self._cancel(job))
+        def cancelled(fut: Future, job: Job = job) -> None:  # the caller cancelled the future: stop the job
+            if fut.cancelled():
+                self._cancel(job)
+
+        job.future.add_done_callback(cancelled)
         return job
 
     def _check_open(self) -> None:

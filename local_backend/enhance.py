@@ -35,6 +35,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import PromptEnhancement
 from .errors import EngineError
@@ -101,7 +102,7 @@ class Rewrites:
     rewritten again, which on a GPU saves seconds of the text encoder's generation each time. Only whole
     rewrites are kept (done, or cut at max_new_tokens; never one stopped by a timeout)."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 256) -> None:
         self.size = size
         self._texts: OrderedDict[tuple[str, str, int], str] = OrderedDict()
 
@@ -118,7 +119,7 @@ class Rewrites:
             self._texts.popitem(last=False)
 
 
-def parse_spec(value) -> PromptEnhancement | None:
+def parse_spec(value: object) -> PromptEnhancement | None:
     """EngineConfig.prompt_enhancement (a PromptEnhancement, a dict of its fields, or None), checked.
     The dict may say `with: text_encoder`, as models.yaml writes it; `with: chat` is the proxy's to do."""
     if value is None:
@@ -175,7 +176,7 @@ def clean(text: str) -> str:
     return text.rstrip("\ufffd").strip()  # a multi-byte character cut by the token limit
 
 
-def chat_text(tokenizer, instruction: str, prompt: str) -> str:
+def chat_text(tokenizer: Any, instruction: str, prompt: str) -> str:
     """The chat-formatted input: the tokenizer's chat template, or Qwen's ChatML written out."""
     messages = [{"role": "system", "content": instruction},
                 {"role": "user", "content": f"Rewrite this:\n\n{prompt}"}]
@@ -190,7 +191,7 @@ def chat_text(tokenizer, instruction: str, prompt: str) -> str:
         "<|im_start|>assistant\n")
 
 
-def rewrite(pipe, prompt: str, *, instruction: str = DEFAULT_INSTRUCTION, max_new_tokens: int = 256,
+def rewrite(pipe: Any, prompt: str, *, instruction: str = DEFAULT_INSTRUCTION, max_new_tokens: int = 256,
             timeout: float = 20.0, should_stop: Callable[[], bool] | None = None) -> Rewrite:
     """Rewrite `prompt` with pipe.text_encoder and pipe.tokenizer; never raises (see Rewrite).
 
@@ -209,7 +210,8 @@ def rewrite(pipe, prompt: str, *, instruction: str = DEFAULT_INSTRUCTION, max_ne
         return done(None, f"failed: {type(e).__name__}" + (f": {detail}" if detail else ""))
 
 
-def _rewrite(pipe, prompt, instruction, max_new_tokens, until, should_stop, done) -> Rewrite:
+def _rewrite(pipe: Any, prompt: str, instruction: str, max_new_tokens: int, until: float,
+             should_stop: Callable[[], bool] | None, done: Callable[..., Rewrite]) -> Rewrite:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -234,13 +236,15 @@ def _rewrite(pipe, prompt, instruction, max_new_tokens, until, should_stop, done
     class Stop(StoppingCriteria):
         reason: str | None = None
 
-        def __call__(self, input_ids, scores, **kwargs):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                     **kwargs: Any) -> torch.BoolTensor:
             if self.reason is None:
                 if should_stop is not None and should_stop():
                     self.reason = "cancelled"
                 elif time.monotonic() >= until:
                     self.reason = "timeout"
-            return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool,
+            # A bool tensor: torch types every tensor its functions make as plain Tensor.
+            return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool,  # type: ignore[return-value]
                               device=input_ids.device)
 
     stop = Stop()
@@ -276,5 +280,5 @@ def _rewrite(pipe, prompt, instruction, max_new_tokens, until, should_stop, done
     return done(text, "done" if finished else "max_new_tokens", len(new))
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -32,6 +32,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,14 @@ _LIBRARIES = ("transformers.modeling_utils", "diffusers.models.modeling_utils", 
 class _Attr:
     """One attribute of a module or class, read and written raw (a staticmethod stays one)."""
 
-    def __init__(self, owner, name: str):
+    def __init__(self, owner: object, name: str) -> None:
         self.owner, self.name = owner, name
         self.label = f"{getattr(owner, '__name__', owner)}.{name}"
 
-    def get(self):
+    def get(self) -> Any:
         return vars(self.owner).get(self.name, _MISSING)
 
-    def set(self, value) -> None:
+    def set(self, value: Any) -> None:
         if value is _MISSING:
             with contextlib.suppress(AttributeError):
                 delattr(self.owner, self.name)

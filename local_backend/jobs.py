@@ -22,7 +22,7 @@ class Job:
     knows nothing of the engine."""
 
     def __init__(self, on_cancel: Callable[[Job], None], params: GenerationParams, plan: dict,
-                 loras: list[LoraRef]):
+                 loras: list[LoraRef]) -> None:
         self.future: Future[GenerationResult] = Future()
         self.params = params
         self.seeds: list[int] = plan["seeds"]
@@ -66,7 +66,7 @@ class Job:
         return len(self.seeds) - self.next_index
 
 
-def settle(future: Future, result=None, error: BaseException | None = None) -> None:
+def settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
     """Complete a future unless the caller already cancelled it."""
     if future.done():
         return

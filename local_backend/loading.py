@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .accel_options import TORCHAO, quant_skip, transformer_layers
 from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
@@ -27,6 +28,9 @@ from .tiny import EXTRAS_FILE, TINY_EDIT_VERSION, TINY_VERSION, tiny_pipeline_di
 from .tiny21 import TINY21_VERSION, tiny21_pipeline_dir
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
 Progress = Callable[[str], None]
 
 # name -> (backend package, builder of the PipelineQuantizationConfig)
@@ -72,7 +76,7 @@ def resolve_device(config: EngineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(config: EngineConfig, device: str):
+def resolve_dtype(config: EngineConfig, device: str) -> torch.dtype:
     import torch
 
     name = config.dtype or ("float32" if device == "cpu" else "bfloat16")
@@ -85,7 +89,7 @@ def local_files_only(config: EngineConfig) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _quantization_config(name: str, dtype, skip: list[str] | None = None):
+def _quantization_config(name: str, dtype: torch.dtype, skip: list[str] | None = None) -> Any:
     from diffusers import PipelineQuantizationConfig
 
     if name in ("int8", "nf4", "fp4"):
@@ -93,6 +97,7 @@ def _quantization_config(name: str, dtype, skip: list[str] | None = None):
             raise EngineError(
                 f"quantization {name!r} needs the bitsandbytes package (pip install bitsandbytes)"
             )
+        kwargs: dict[str, Any]
         if name == "int8":
             backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
         else:
@@ -118,12 +123,13 @@ def _quantization_config(name: str, dtype, skip: list[str] | None = None):
 TINY_MODELS = ("tiny", "tiny-edit", "tiny-2.1")
 
 
-def _text_encoder_quantization(existing, name: str, dtype):
+def _text_encoder_quantization(existing: Any, name: str, dtype: torch.dtype) -> Any:
     """`existing` (a PipelineQuantizationConfig or None) plus the text encoder's own quantization
     (text_encoder.quantization): bitsandbytes int8 / nf4 on a GPU, torchao int8 weight-only anywhere."""
     import transformers
     from diffusers import PipelineQuantizationConfig
 
+    te: Any  # a transformers quantization config
     if name == "int8wo":
         if importlib.util.find_spec("torchao") is None:
             raise EngineError("text_encoder.quantization int8wo needs the torchao package (pip install torchao)")
@@ -196,7 +202,7 @@ def declared_pipeline(config: EngineConfig) -> str | None:
     return _declared_class(os.path.expanduser(config.model), True)
 
 
-def _pipeline_class(config: EngineConfig, source: str, local_only: bool):
+def _pipeline_class(config: EngineConfig, source: str, local_only: bool) -> Any:  # a pipeline class
     """The diffusers class the model declares in its model_index.json, checked against the task."""
     import diffusers
 
@@ -226,10 +232,14 @@ def _area_scale(source: str) -> float | None:
     return float(scale)
 
 
-def _gguf_transformer(config: EngineConfig, source: str, dtype, local_only: bool, report: Progress):
-    path = gguf_file(config.transformer, local_only)
+def _gguf_transformer(config: EngineConfig, source: str, dtype: torch.dtype, local_only: bool,
+                      report: Progress) -> Any:  # a diffusers transformer
+    spec = config.transformer
+    if not spec:  # called only with one configured
+        raise EngineError("no GGUF transformer is configured")
+    path = gguf_file(spec, local_only)
     model_config = transformer_config(source, local_only)
-    counts = check_gguf(path, config.transformer, model_config)
+    counts = check_gguf(path, spec, model_config)
     shown = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     report(f"loading the GGUF transformer {config.transformer} ({shown} tensors)")
     try:
@@ -238,7 +248,7 @@ def _gguf_transformer(config: EngineConfig, source: str, dtype, local_only: bool
         raise EngineError(f"could not load the GGUF transformer {config.transformer}: {type(e).__name__}: {e}") from e
 
 
-def load_pipeline(config: EngineConfig, progress: Progress | None = None):
+def load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:  # a diffusers pipeline
     """Return (pipeline, device, seconds). Raises EngineError with a readable message.
 
     An edit pipeline carries `working_area_scale` (None for real models: see local_backend.edit).
@@ -249,7 +259,7 @@ def load_pipeline(config: EngineConfig, progress: Progress | None = None):
         return _load_pipeline(config, progress)
 
 
-def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
+def _load_pipeline(config: EngineConfig, progress: Progress | None = None) -> Any:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -261,7 +271,7 @@ def _load_pipeline(config: EngineConfig, progress: Progress | None = None):
         raise EngineError(f"device {device!r} was asked for but CUDA is not available")
     dtype = resolve_dtype(config, device)
     source = _model_source(config, report)
-    kwargs = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if not Path(source).is_dir():
         kwargs["local_files_only"] = local_files_only(config)
     if config.quantization:

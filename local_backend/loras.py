@@ -24,6 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import EngineConfig, LoraSpec
 from .errors import LoraError
@@ -100,7 +101,7 @@ def _safe_label(path: str) -> str:
 
 
 class LoraManager:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.cache_dir = Path(
             config.lora_cache_dir or Path.home() / ".cache" / "qwen-image-proxy" / "loras"
@@ -304,7 +305,7 @@ class LoraManager:
 
     # ----- adapters (worker thread only) -----
 
-    def activate(self, pipe, refs: list[LoraRef], pinned: bool = False) -> None:
+    def activate(self, pipe: Any, refs: list[LoraRef], pinned: bool = False) -> None:
         """Make exactly `refs` active with their scales (none: plain base model)."""
         weights: OrderedDict[str, float] = OrderedDict()
         for ref in refs:
@@ -317,7 +318,7 @@ class LoraManager:
         pipe.enable_lora()
         pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
-    def _ensure_loaded(self, pipe, ref: LoraRef, keep: list[str], pinned: bool) -> str:
+    def _ensure_loaded(self, pipe: Any, ref: LoraRef, keep: list[str], pinned: bool) -> str:
         path, key = ref.source.result()  # raises the download's LoraError, if any
         name = _adapter_name(key)
         if pinned:
@@ -333,14 +334,14 @@ class LoraManager:
         self._loaded[name] = key
         return name
 
-    def _evict(self, pipe, keep: list[str]) -> None:
+    def _evict(self, pipe: Any, keep: list[str]) -> None:
         unpinned = [n for n in self._loaded if n not in self._pinned and n not in keep]
         while len(unpinned) >= self.config.lora_cache_size:
             victim = unpinned.pop(0)
             pipe.delete_adapters(victim)
             del self._loaded[victim]
 
-    def _load(self, pipe, path: str, name: str, label: str) -> None:
+    def _load(self, pipe: Any, path: str, name: str, label: str) -> None:
         from safetensors.torch import load_file
 
         try:
@@ -360,7 +361,7 @@ class LoraManager:
             raise LoraError(f"LoRA {label!r} loaded no weights: none of its keys match a Qwen-Image layer")
 
     @staticmethod
-    def _drop_partial(pipe, name: str) -> None:
+    def _drop_partial(pipe: Any, name: str) -> None:
         if any(name in names for names in pipe.get_list_adapters().values()):
             pipe.delete_adapters(name)
 

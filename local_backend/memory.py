@@ -23,11 +23,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import EngineConfig
 from .errors import EngineError
 from .tiny import tiny_pipeline_dir
 from .tiny21 import tiny21_pipeline_dir
+
+if TYPE_CHECKING:
+    import torch
 
 SHIPPED = Path(__file__).parent / "model_configs"
 # Published repos -> the shipped configs of their architecture (the edit models share Qwen-Image's).
@@ -126,7 +130,7 @@ def _read_config(source: str, name: str, local_only: bool) -> dict | None:
         return None
 
 
-def build_on_meta(name: str, config: dict):
+def build_on_meta(name: str, config: dict) -> Any:  # a torch module on the meta device
     """The component as a module on the meta device (no memory): diffusers' or transformers' class."""
     import torch
 
@@ -142,7 +146,7 @@ def build_on_meta(name: str, config: dict):
         return cls(cls.config_class.from_dict(config))
 
 
-def count(module, bytes_per_param: float) -> tuple[int, int, int]:
+def count(module: torch.nn.Module, bytes_per_param: float) -> tuple[int, int, int]:
     """(parameters, weight bytes, bytes of the largest leaf module) of a module on any device."""
     params = sum(p.numel() for p in module.parameters())
     largest = 0
@@ -177,7 +181,7 @@ def gguf_bytes(path: str | None, spec: str, params: int) -> tuple[int, str]:
         kinds: dict[str, int] = {}
         for t in reader.tensors:
             kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + int(t.n_elements)
-        main = max(kinds, key=kinds.get)
+        main = max(kinds, key=lambda kind: kinds[kind])
         return sum(int(t.n_bytes) for t in reader.tensors), f"GGUF {main}"
     upper = Path(spec).name.upper()
     kind = next((k for k in sorted(GGUF_BITS, key=len, reverse=True) if k in upper), None)
@@ -202,7 +206,7 @@ def estimate(config: EngineConfig, *, size: tuple[int, int] | None = None, batch
         per, label = _precision(config, name, device_dtype)
         params, weights, leaf = count(module, per if per is not None else DTYPE_BYTES[device_dtype])
         if per is None:
-            weights, label = gguf_bytes(gguf_path, config.transformer, params)
+            weights, label = gguf_bytes(gguf_path, config.transformer or "", params)  # per is None: GGUF
             leaf = int(leaf * weights / max(1, params * DTYPE_BYTES[device_dtype]))
         width, blocks = _shape(name, configs[name])
         components[name] = ComponentSize(name, params, weights, label, leaf, width, blocks)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .config import EngineConfig
 from .errors import EngineError
@@ -90,7 +91,7 @@ def choose(config: EngineConfig, source: str, device: str, progress: Progress) -
 
 
 @contextlib.contextmanager
-def _detached(pipe, name: str):
+def _detached(pipe: Any, name: str) -> Iterator[Any]:
     """The pipeline without component `name` for the duration (so offload hooks and .to() skip it)."""
     module = getattr(pipe, name, None)
     setattr(pipe, name, None)
@@ -100,7 +101,7 @@ def _detached(pipe, name: str):
         setattr(pipe, name, module)
 
 
-def place(pipe, offload: str, te_device: str | None, device: str, progress: Progress) -> None:
+def place(pipe: Any, offload: str, te_device: str | None, device: str, progress: Progress) -> None:
     """Put the pipeline on `device` with this offload mode; the text encoder on te_device if set."""
     import torch
 
@@ -112,13 +113,13 @@ def place(pipe, offload: str, te_device: str | None, device: str, progress: Prog
     else:
         _offload(pipe, offload, device, progress)
     vae = getattr(pipe, "vae", None)
-    if torch.device(device).type == "cuda" and hasattr(vae, "enable_slicing"):
+    if torch.device(device).type == "cuda" and vae is not None and hasattr(vae, "enable_slicing"):
         # The VAE decodes a batch one image at a time: its peak (GiBs at 2048x2048) stops growing with
         # the batch, for a negligible cost (local_backend.memory counts one image).
         vae.enable_slicing()
 
 
-def place_with_cpu_encoder(pipe, offload: str, device: str, progress: Progress) -> None:
+def place_with_cpu_encoder(pipe: Any, offload: str, device: str, progress: Progress) -> None:
     """The offload mode for everything but the text encoder, which stays on the CPU and runs there."""
     with _detached(pipe, "text_encoder") as encoder:
         _offload(pipe, offload, device, progress)
@@ -127,7 +128,7 @@ def place_with_cpu_encoder(pipe, offload: str, device: str, progress: Progress) 
         # the text encoder out of them then too, or its next call would move it onto the GPU.
         install = pipe.enable_model_cpu_offload
 
-        def without_text_encoder(*args, **kwargs):
+        def without_text_encoder(*args: Any, **kwargs: Any) -> Any:
             with _detached(pipe, "text_encoder"):
                 return install(*args, **kwargs)
 
@@ -136,7 +137,7 @@ def place_with_cpu_encoder(pipe, offload: str, device: str, progress: Progress) 
     run_on_cpu(pipe, encoder)
 
 
-def run_on_cpu(pipe, encoder) -> None:
+def run_on_cpu(pipe: Any, encoder: Any) -> None:
     """Run the text encoder on the CPU, its outputs handed back where its inputs came from."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
@@ -147,7 +148,7 @@ def run_on_cpu(pipe, encoder) -> None:
     encoder.qip_device = "cpu"  # where prompt enhancement puts its inputs (local_backend.enhance)
 
 
-def _offload(pipe, offload: str, device: str, progress: Progress) -> None:
+def _offload(pipe: Any, offload: str, device: str, progress: Progress) -> None:
     import torch
 
     if offload == "none":

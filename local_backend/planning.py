@@ -10,12 +10,17 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import enhance
 from .config import EngineConfig, GenerationParams, PromptEnhancement
 from .edit import check_images, check_mask
 from .errors import InvalidParamsError
 from .previews import MAX_PARTIALS, preview_steps
+
+if TYPE_CHECKING:
+    from .accel import Accel
+    from .tiers import TierSet
 
 MAX_N = 16
 MAX_STEPS = 1000
@@ -29,8 +34,8 @@ class LoadedFacts:
     """What planning needs to know of the engine and its loaded pipeline."""
 
     config: EngineConfig
-    tiers: object  # local_backend.tiers.TierSet
-    accel: object  # local_backend.accel.Accel
+    tiers: TierSet
+    accel: Accel
     enhance: PromptEnhancement | None
     multiple: int  # generation sizes are multiples of this (vae_scale_factor * 2)
     max_images: int  # input images an edit takes (0: a text-to-image pipeline)
@@ -162,5 +167,5 @@ def _check_text(text: str, name: str) -> None:
         ) from None
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

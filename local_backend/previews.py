@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL.Image import Image
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,15 @@ def preview_steps(total: int, count: int) -> list[int]:
 class Previewer:
     """Turns a call's packed latents into preview images. Used on the engine's worker thread only."""
 
-    def __init__(self, pipe, method: str = "latent"):
+    def __init__(self, pipe: Any, method: str = "latent") -> None:
         self.pipe = pipe
         self.method = method
-        self._matrix = None  # (C + 1, 3) float32: channels and bias -> RGB in [-1, 1]
+        self._matrix: Tensor | None = None  # (C + 1, 3) float32: channels and bias -> RGB in [-1, 1]
         self._lock = threading.Lock()
 
     # ----- the clean estimate -----
 
-    def estimate(self, latents, previous, scheduler):
+    def estimate(self, latents: Tensor, previous: Tensor | None, scheduler: Any) -> Tensor:
         """x0 from this step's latents and the previous step's (None: the latents as they are)."""
         if previous is None:
             return latents
@@ -78,7 +80,7 @@ class Previewer:
 
     # ----- rendering -----
 
-    def render(self, packed, work_size: tuple[int, int], out_sizes: list[tuple[int, int]]) -> list[Image]:
+    def render(self, packed: Tensor, work_size: tuple[int, int], out_sizes: list[tuple[int, int]]) -> list[Image]:
         """Preview images of the rows of `packed` (B, seq, C*4), the first len(out_sizes) rows."""
         import torch
 
@@ -88,10 +90,10 @@ class Previewer:
             latents = latents[:, :, 0]  # (B, C, h, w): one frame
             rgb = self._decode(latents) if self.method == "vae" else self._project(latents)
             pixels = ((rgb.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return [_to_image(pixels[i], size) for i, size in enumerate(out_sizes)]
+            arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return [_to_image(arrays[i], size) for i, size in enumerate(out_sizes)]
 
-    def _project(self, latents):
+    def _project(self, latents: Tensor) -> Tensor:
         import torch
 
         matrix = self.matrix().to(latents.device, torch.float32)
@@ -99,7 +101,7 @@ class Previewer:
         rgb = flat @ matrix[:-1] + matrix[-1]
         return rgb.permute(0, 3, 1, 2)
 
-    def _decode(self, latents):
+    def _decode(self, latents: Tensor) -> Tensor:
         import torch.nn.functional as F
 
         vae = self.pipe.vae
@@ -110,7 +112,7 @@ class Previewer:
         raw = (latents * std + mean).to(vae.dtype).unsqueeze(2)
         return vae.decode(raw, return_dict=False)[0][:, :3, 0]  # RGB of an RGBA VAE (Qwen-Image-2.1)
 
-    def matrix(self):
+    def matrix(self) -> Tensor:
         """The fitted latent -> RGB map (fitted on first use)."""
         with self._lock:
             if self._matrix is None:
@@ -118,14 +120,14 @@ class Previewer:
             return self._matrix
 
 
-def _to_image(pixels, size: tuple[int, int]) -> Image:
+def _to_image(pixels: np.ndarray, size: tuple[int, int]) -> Image:
     from PIL import Image
 
     image = Image.fromarray(pixels, "RGB")
-    return image if image.size == size else image.resize(size, Image.BILINEAR)
+    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
 
-def _latent_stats(vae, like):
+def _latent_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     """The VAE's per-channel latent mean and std, shaped to broadcast over (B, C, h, w)."""
     import torch
 
@@ -135,7 +137,7 @@ def _latent_stats(vae, like):
     return mean, std
 
 
-def synthetic_images(count: int, side: int, cell: int, seed: int = 0):
+def synthetic_images(count: int, side: int, cell: int, seed: int = 0) -> Tensor:
     """Colour fields for fitting: blocks of random colours (two latent pixels wide), smooth colour
     gradients, and mixes, as a (count, 3, side, side) tensor in [-1, 1]."""
     import torch
@@ -160,7 +162,7 @@ def synthetic_images(count: int, side: int, cell: int, seed: int = 0):
     return torch.cat(images) * 2 - 1
 
 
-def fit_latent_rgb(pipe, count: int = 6, cells: int = 8, ridge: float = 1e-3):
+def fit_latent_rgb(pipe: Any, count: int = 6, cells: int = 8, ridge: float = 1e-3) -> Tensor:
     """Fit the (C + 1, 3) map from normalized latents (as the denoising loop holds them) to RGB.
 
     The latents: the VAE encodes `count` synthetic images of cells x cells latent pixels, and the same

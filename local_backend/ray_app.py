@@ -30,6 +30,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from .config import GenerationParams
 from .engine import Engine
@@ -43,6 +45,9 @@ from .errors import (
 from .ray_options import deployment_options, engine_config
 from .ray_tracing import job_trace
 from .ray_wire import HTTP_STATUS, encode_png, error_reply, params_from_json, params_from_wire, wire_to_json
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ def stats_actor_name(app_name: str) -> str:
 class PoolStats:
     """The stats actor's class (wrapped with ray.remote by stats_actor)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._replicas: dict[str, tuple[float, dict]] = {}
 
     def report(self, replica_id: str, stats: dict) -> None:
@@ -86,7 +91,7 @@ class PoolStats:
 _remote_stats = None
 
 
-def stats_actor(app_name: str, create: bool = False):
+def stats_actor(app_name: str, create: bool = False) -> Any:  # a ray ActorHandle
     """The application's stats actor (ValueError when there is none and create is false)."""
     global _remote_stats
     import ray
@@ -121,7 +126,7 @@ class EngineReplica:
     Plain Python: Serve wraps it (EngineDeployment); it can be used without Ray in a test.
     """
 
-    def __init__(self, engine: dict | None = None):
+    def __init__(self, engine: dict | None = None) -> None:
         self.config = engine_config(engine)
         self.replica_id, self.app_name = _replica_context()
         self._lock = threading.Lock()
@@ -146,12 +151,12 @@ class EngineReplica:
             return self._reply_error(e)
         return await self._traced(params, traceparent)
 
-    async def generate_stream(self, wire: dict):
+    async def generate_stream(self, wire: dict) -> AsyncIterator[dict]:
         """Previews as the job makes them ({"partial": ...}), then the reply. Closing it cancels the job."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def on_partial(index: int, partial_index: int, image) -> None:  # the engine's worker thread
+        def on_partial(index: int, partial_index: int, image: Image) -> None:  # the engine's worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (index, partial_index, image))
 
         wire, traceparent = _without_trace(wire)
@@ -203,7 +208,7 @@ class EngineReplica:
         self._stopping.set()
         self.engine.close()
 
-    def __del__(self):  # Serve calls it when it stops the replica
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
         if hasattr(self, "_stopping"):
             self._stopping.set()
         engine = getattr(self, "engine", None)
@@ -214,11 +219,14 @@ class EngineReplica:
         """The stats thread: this replica's stats to the stats actor every STATS_INTERVAL seconds."""
         import ray
 
+        app_name = self.app_name
+        if app_name is None:  # started only inside a Serve application
+            return
         actor = None
         while not self._stopping.wait(STATS_INTERVAL):
             try:
                 if actor is None:
-                    actor = stats_actor(self.app_name, create=True)
+                    actor = stats_actor(app_name, create=True)
                 ray.get(actor.report.remote(self.replica_id, self.stats()), timeout=5)
             except Exception:  # the actor's replica went away: make (or find) a new one next time
                 actor = None
@@ -228,7 +236,7 @@ class EngineReplica:
 
     # ----- HTTP (Serve's ingress) -----
 
-    async def __call__(self, request):
+    async def __call__(self, request: Any) -> Any:  # a starlette Request -> Response
         from starlette.responses import JSONResponse, StreamingResponse
 
         if request.method == "GET" and request.url.path.rstrip("/").endswith("/stats"):
@@ -246,7 +254,7 @@ class EngineReplica:
             return _json_reply(self._reply_error(error))
         if body.get("stream"):
 
-            async def lines():
+            async def lines() -> AsyncIterator[str]:
                 async for event in self.generate_stream(wire):
                     yield json.dumps(wire_to_json(event)) + "\n"
 
@@ -320,13 +328,13 @@ def _without_trace(wire):
     return wire, wire.pop("traceparent")
 
 
-def _json_reply(reply: dict):
+def _json_reply(reply: dict) -> Any:  # a starlette JSONResponse
     from starlette.responses import JSONResponse
 
     status, headers = 200, {}
     if not reply.get("ok"):
         error = reply.get("error") or {}
-        status = HTTP_STATUS.get(error.get("type"), 500)
+        status = HTTP_STATUS.get(str(error.get("type")), 500)
         if error.get("retry_after") is not None:
             headers["Retry-After"] = str(max(1, round(error["retry_after"])))
     return JSONResponse(wire_to_json(reply), status_code=status, headers=headers)
@@ -337,7 +345,7 @@ def _json_reply(reply: dict):
 _deployment = None
 
 
-def engine_deployment():
+def engine_deployment() -> Any:  # a ray.serve Deployment
     """EngineReplica as a Serve deployment (imports ray)."""
     global _deployment
     if _deployment is None:
@@ -347,14 +355,14 @@ def engine_deployment():
     return _deployment
 
 
-def build_app(args: dict | None = None):
+def build_app(args: dict | None = None) -> Any:  # a ray.serve Application
     """The Serve application of a pool (Serve's application builder: `import_path: ...:build_app`)."""
     args = dict(args or {})
     options = deployment_options(args)
     return engine_deployment().options(**options).bind(args.get("engine") or {})
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # `serve run local_backend.ray_app:app`: the tiny model, one CPU replica. Built on first use, so
     # importing this module does not import ray.
     if name == "app":

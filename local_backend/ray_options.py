@@ -67,7 +67,7 @@ def engine_config(options: dict | None) -> EngineConfig:
     return config
 
 
-def pool_enhancement(value):
+def pool_enhancement(value: object) -> Any:
     """A pool's prompt_enhancement, as models.yaml writes it ({with: text_encoder | chat, ...}) -> the
     replicas' engine option: with: chat is done by the proxy before it calls the pool (it has the
     upstream's key and the HTTP session), so the replicas then rewrite nothing themselves."""

@@ -25,8 +25,9 @@ import binascii
 import io
 import math
 import time
-from dataclasses import MISSING, fields, is_dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields, is_dataclass
+from typing import TYPE_CHECKING, Any
 
 from .config import GenerationParams, LoraSpec
 from .errors import (
@@ -37,14 +38,17 @@ from .errors import (
     QueueFullError,
 )
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
-def encode_png(image) -> bytes:
+
+def encode_png(image: Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=False)
     return out.getvalue()
 
 
-def _plain(value):
+def _plain(value: Any) -> Any:
     """A GenerationParams value as plain data: dataclasses -> dicts, Pillow images -> PNG bytes."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
@@ -57,7 +61,7 @@ def _plain(value):
     return value
 
 
-def _default(f):
+def _default(f: Field) -> Any:
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
@@ -94,7 +98,8 @@ def _cover(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
     return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
 
 
-def _decode_image(data, name: str, out: tuple[int, int] | None = None, sent: dict | None = None):
+def _decode_image(data: object, name: str, out: tuple[int, int] | None = None,
+                  sent: dict | None = None) -> Image:
     """An encoded file -> a loaded Pillow image; a JPEG at the scale `out` (the output's width, height)
     needs. `sent`, when given, maps the image's id to the size it was sent at."""
     from PIL import Image
@@ -119,8 +124,11 @@ def _decode_inputs(values: dict[str, Any]) -> None:
     size that image was decoded at (one of them may be a JPEG read at a smaller scale)."""
     from PIL import Image
 
-    out = (values.get("width"), values.get("height"))
-    out = out if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in out) else None
+    width, height = values.get("width"), values.get("height")
+    out: tuple[int, int] | None = None
+    if (isinstance(width, int) and isinstance(height, int) and not isinstance(width, bool)
+            and not isinstance(height, bool) and width > 0 and height > 0):
+        out = (width, height)
     sent: dict[int, tuple[int, int]] = {}
     for name in ("images", "mask"):
         value = values.get(name)
@@ -134,7 +142,7 @@ def _decode_inputs(values: dict[str, Any]) -> None:
             values["mask"] = mask.resize(first.size, Image.Resampling.NEAREST)
 
 
-def params_from_wire(wire: dict, on_partial=None) -> GenerationParams:
+def params_from_wire(wire: dict, on_partial: Callable[[int, int, Image], None] | None = None) -> GenerationParams:
     """The plain dict -> GenerationParams (the replica's side; InvalidParamsError for what is wrong).
 
     A field this engine does not know is refused (a caller newer than the pool): it would be ignored
@@ -196,11 +204,11 @@ def error_reply(exc: BaseException) -> dict:
 HTTP_STATUS = {"queue_full": 429, "invalid_params": 400, "cancelled": 503, "deadline": 504, "engine": 500}
 
 
-def _b64_in(value):
+def _b64_in(value: object) -> Any:
     return base64.b64decode(value, validate=True) if isinstance(value, str) else value
 
 
-def wire_to_json(data):
+def wire_to_json(data: Any) -> Any:
     """bytes -> base64 text, recursively (for JSON)."""
     if isinstance(data, (bytes, bytearray)):
         return base64.b64encode(data).decode("ascii")

@@ -33,6 +33,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from email.message import Message as HTTPMessage
+from typing import IO, Any
 
 from netguard.addresses import IPAddress, address_refusal
 
@@ -65,7 +67,7 @@ _CHUNK = 1 << 20
 
 def resolve_host(host: str, port: int) -> list[str]:
     """The addresses of a host name (getaddrinfo). Module level so tests can answer for it."""
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 def vet_addresses(host: str, port: int, policy: DownloadPolicy) -> list[IPAddress]:
@@ -101,7 +103,7 @@ def vet_addresses(host: str, port: int, policy: DownloadPolicy) -> list[IPAddres
 class _Watchdog:
     """Closes every connection of a download at its deadline (blocking reads then fail at once)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
         self.fired = False
         self._lock = threading.Lock()
@@ -150,7 +152,7 @@ class _Watchdog:
 class _VettedHTTPSConnection(http.client.HTTPSConnection):
     """An HTTPS connection to the checked addresses of its host, with the host's name for TLS."""
 
-    def __init__(self, *args, policy: DownloadPolicy, watchdog: _Watchdog, **kwargs):
+    def __init__(self, *args: Any, policy: DownloadPolicy, watchdog: _Watchdog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._policy = policy
         self._watchdog = watchdog
@@ -158,10 +160,12 @@ class _VettedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         addresses = vet_addresses(self.host.rstrip("."), self.port, self._policy)
         error: OSError | None = None
+        limit = self._watchdog.remaining()
+        if isinstance(self.timeout, (int, float)):  # urllib passes the timeout download() gives open()
+            limit = min(self.timeout, limit)
         for ip in addresses:
             try:
-                sock = socket.create_connection((str(ip), self.port),
-                                                min(self.timeout, self._watchdog.remaining()))
+                sock = socket.create_connection((str(ip), self.port), limit)
                 break
             except OSError as e:
                 error = e
@@ -169,17 +173,18 @@ class _VettedHTTPSConnection(http.client.HTTPSConnection):
             raise error or OSError("no address to connect to")
         self._watchdog.watch(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host.rstrip("."))
+        # HTTPSConnection keeps its TLS context in _context, which typeshed leaves out (a private name).
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host.rstrip("."))  # type: ignore[attr-defined]
 
 
 class _VettedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: DownloadPolicy, watchdog: _Watchdog):
+    def __init__(self, policy: DownloadPolicy, watchdog: _Watchdog) -> None:
         self._ssl = policy.ssl_context or ssl.create_default_context()
         super().__init__(context=self._ssl)
         self._policy, self._watchdog = policy, watchdog
 
-    def https_open(self, req):
-        def connection(host, **kwargs):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        def connection(host: str, **kwargs: Any) -> _VettedHTTPSConnection:
             return _VettedHTTPSConnection(host, policy=self._policy, watchdog=self._watchdog, **kwargs)
 
         return self.do_open(connection, req, context=self._ssl)
@@ -187,7 +192,8 @@ class _VettedHTTPSHandler(urllib.request.HTTPSHandler):
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     # A redirect comes back as an HTTPError: download() checks the hop and follows it itself.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:
         return None
 
 
@@ -232,7 +238,7 @@ def download(url: str, sink: Callable[[bytes], object], policy: DownloadPolicy) 
         watchdog.close()
 
 
-def _stream(response, sink: Callable[[bytes], object], policy: DownloadPolicy, watchdog: _Watchdog) -> int:
+def _stream(response: http.client.HTTPResponse, sink: Callable[[bytes], object], policy: DownloadPolicy, watchdog: _Watchdog) -> int:
     limit = policy.max_bytes
     declared = (response.headers.get("Content-Length") or "").strip()
     if declared.isdigit() and int(declared) > limit:

@@ -17,6 +17,10 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import EngineError
 
@@ -131,7 +135,8 @@ def _check_tensors(found: dict[str, tuple[int, ...]], label: str, model_config: 
         raise EngineError(f"transformer: {label} does not match the model's {class_name}: {'; '.join(parts)}")
 
 
-def load_transformer(path: str, source: str, model_config: dict, dtype, local_only: bool):
+def load_transformer(path: str, source: str, model_config: dict, dtype: torch.dtype,
+                     local_only: bool) -> Any:  # a diffusers transformer
     """The GGUF transformer, its config from the model (`source`), computing in `dtype`."""
     import diffusers
     from diffusers import GGUFQuantizationConfig

@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .config import EngineConfig, LoraSpec, TierSpec
 from .errors import EngineError, InvalidParamsError
+
+if TYPE_CHECKING:
+    from .loras import LoraManager
 
 BASE = "base"
 ACCELERATIONS = ("none", "regular", "high")
@@ -43,7 +48,7 @@ class Tier:
     cfg_scale: float | None = None  # None: the engine's default_cfg_scale
 
 
-def _lora(value, where: str) -> LoraSpec:
+def _lora(value: object, where: str) -> LoraSpec:
     if isinstance(value, LoraSpec):
         return value
     if isinstance(value, str):
@@ -56,7 +61,7 @@ def _lora(value, where: str) -> LoraSpec:
     raise EngineError(f"{where}: a LoRA is a path or {{path, scale}}")
 
 
-def _tier(name, value) -> Tier:
+def _tier(name: object, value: object) -> Tier:
     where = f"tiers.{name}"
     if not isinstance(name, str) or not name.strip():
         raise EngineError("tiers: a tier name must be a non-empty string")
@@ -116,7 +121,7 @@ def tier_summary(config: EngineConfig) -> list[dict]:
     ]
 
 
-def _flag(value, name: str) -> bool:
+def _flag(value: object, name: str) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # multipart forms
@@ -124,12 +129,13 @@ def _flag(value, name: str) -> bool:
     raise InvalidParamsError(f"{name} must be a boolean", name)
 
 
-def choose_tier(config: EngineConfig, *, tier=None, quality=None, use_turbo=None, acceleration=None) -> str | None:
+def choose_tier(config: EngineConfig, *, tier: object = None, quality: object = None, use_turbo: object = None,
+                acceleration: object = None) -> str | None:
     """The tier for a request's fields (None: base). Only an explicit `tier` can name an unknown tier:
     the engine refuses it (InvalidParamsError("tier")). A bad use_turbo / acceleration value raises
     InvalidParamsError here."""
-    if tier is not None:
-        return tier
+    if tier is not None:  # TierSet.get refuses a name it does not know, a non-string included
+        return tier if isinstance(tier, str) else repr(tier)
     tiers = parse_tiers(config)
     accelerated = sorted((t for t in tiers.values() if t.name != BASE), key=lambda t: _steps(config, t))
     if use_turbo is not None and _flag(use_turbo, "use_turbo"):
@@ -151,13 +157,13 @@ def choose_tier(config: EngineConfig, *, tier=None, quality=None, use_turbo=None
 class TierSet:
     """The engine's tiers at run time. `load` runs once with the pipeline; the rest on the worker."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tiers = parse_tiers(config)
         self._refs: dict[str, list] = {name: [] for name in self.tiers}  # tier -> its LoraRefs
         self._schedulers: dict[str, object] = {}  # tier -> its own scheduler (only with overrides)
 
-    def get(self, name) -> Tier:
+    def get(self, name: str | None) -> Tier:
         """The tier a job asks for (None: base). Unknown -> InvalidParamsError("tier")."""
         if name is None:
             return self.tiers[BASE]
@@ -166,7 +172,8 @@ class TierSet:
             raise InvalidParamsError(f"unknown tier {shown!r}; this model has: {', '.join(self.tiers)}", "tier")
         return self.tiers[name]
 
-    def load(self, pipe, loras, base_refs: list, progress=None) -> None:
+    def load(self, pipe: Any, loras: LoraManager, base_refs: list,
+             progress: Callable[[str], None] | None = None) -> None:
         """Load every tier's LoRAs as pinned adapters and build each tier's scheduler."""
         extra = [t for t in self.tiers.values() if t.name != BASE]
         if extra and progress:
@@ -184,12 +191,12 @@ class TierSet:
     def loras(self, name: str) -> list:
         return self._refs[name]
 
-    def scheduler(self, name: str):
+    def scheduler(self, name: str) -> Any:  # a diffusers scheduler
         """The tier's own scheduler, or None when it uses the pipeline's."""
         return self._schedulers.get(name)
 
 
-def _scheduler(base, tier: Tier):
+def _scheduler(base: Any, tier: Tier) -> Any:
     cls = type(base)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = set(tier.scheduler) - accepted

@@ -18,7 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TINY_VERSION = "tiny-qwen-image-v1"
 TINY_EDIT_VERSION = "tiny-qwen-image-edit-v1"
@@ -38,7 +40,7 @@ SPECIAL_TOKENS = [
 ]
 
 
-def _tokenizer():
+def _tokenizer() -> Any:  # a transformers Qwen2Tokenizer
     # The diffusers tests download a tokenizer; offline we build a byte-level one from the 256
     # GPT-2 byte symbols plus Qwen's special tokens (every string encodes, one token per byte).
     from transformers import Qwen2Tokenizer
@@ -103,7 +105,9 @@ def _components() -> dict:
             "num_heads": 2,
             "out_hidden_size": 16,
         },
-        vocab_size=len(tokenizer),
+        # Also kept at the top level (as extra attributes; the text config is what the model reads), as the
+        # saved tiny model has always had them; the config's typed signature leaves them out.
+        vocab_size=len(tokenizer),  # type: ignore[call-arg]
         bos_token_id=ids("<|endoftext|>"),
         eos_token_id=ids("<|im_end|>"),
         image_token_id=ids("<|image_pad|>"),
@@ -122,7 +126,7 @@ def _components() -> dict:
     }
 
 
-def build_tiny_pipeline(path: str | os.PathLike):
+def build_tiny_pipeline(path: str | os.PathLike) -> Any:  # a diffusers QwenImagePipeline
     """Build the tiny text-to-image pipeline and save_pretrained it into `path`. Returns the pipeline."""
     from diffusers import QwenImagePipeline
 
@@ -131,7 +135,7 @@ def build_tiny_pipeline(path: str | os.PathLike):
     return pipe
 
 
-def build_tiny_edit_pipeline(path: str | os.PathLike):
+def build_tiny_edit_pipeline(path: str | os.PathLike) -> Any:  # a QwenImageEditPlusPipeline
     """Build the tiny edit pipeline (QwenImageEditPlusPipeline) into `path`. Returns the folder.
 
     Load it with local_backend's loader (Engine, EngineConfig(model=path, task="edit")): without
@@ -164,7 +168,7 @@ def tiny_pipeline_dir(edit: bool = False) -> Path:
     return cached_build(TINY_VERSION, build_tiny_pipeline)
 
 
-def cached_build(version: str, build) -> Path:
+def cached_build(version: str, build: Callable[[Path], object]) -> Path:
     """The cache folder `version`, made by build(folder) once (atomically) on first use."""
     root = os.environ.get("QWEN_IMAGE_PROXY_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "qwen-image-proxy"

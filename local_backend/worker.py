@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -31,9 +32,11 @@ from .jobs import Job, empty_cuda_cache, is_oom, settle, summary, wrap_error
 from .stages import CallStages
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from .accel import Accel
     from .config import EngineConfig, PromptEnhancement
-    from .loras import LoraManager
+    from .loras import LoraManager, LoraRef
     from .previews import Previewer
     from .tiers import TierSet
 
@@ -64,6 +67,11 @@ class EngineWorker:
     _closed: bool
     _call_seconds: float | None
     _call_started: float | None
+    _rewrites: enhance.Rewrites
+    # Engine's own methods, called from here.
+    _take_batch: Callable[[], list[tuple[Job, int]] | None]
+    _finish: Callable[[Job], None]
+    _active_loras: Callable[[Job], list[LoraRef]]
 
     def _work(self) -> None:
         while True:
@@ -120,14 +128,17 @@ class EngineWorker:
                 except Exception as lone:
                     self._fail([(job, count)], lone)
 
-    def _execute(self, slots: list[tuple[Job, int]], base=None) -> None:
+    def _execute(self, slots: list[tuple[Job, int]], base: Any = None) -> None:
         """One pipeline call for these slots. `base`: the pipeline, while it loads (the warm-up calls)."""
         import torch
 
         base = self._pipe if base is None else base
         first = slots[0][0]
         jobs = [job for job, _ in slots]
-        prompts, negatives, generators, owners = [], [], [], []
+        prompts: list[str] = []
+        negatives: list[str | None] = []
+        generators: list[torch.Generator] = []
+        owners: list[tuple[Job, int]] = []
         for job, count in slots:
             for index in range(job.next_index, job.next_index + count):
                 prompts.append(job.params.prompt)
@@ -144,7 +155,7 @@ class EngineWorker:
         previous = None  # the last step's latents, kept only when a preview is due after this step
         previews = any(job.preview_at for job in jobs)
 
-        def on_step_end(pipeline, step, timestep, tensors):
+        def on_step_end(pipeline: Any, step: int, timestep: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             nonlocal steps_done, previous
             steps_done = step + 1
             for job in jobs:
@@ -209,7 +220,10 @@ class EngineWorker:
             job.batch_size = max(job.batch_size, len(prompts))
             self._finish(job)
 
-    def _make_previews(self, pipeline, latents, previous, steps_done: int, owners: list, work_size):
+    def _make_previews(self, pipeline: Any, latents: Tensor, previous: Tensor | None, steps_done: int,
+                       owners: list[tuple[Job, int]], work_size: tuple[int, int]) -> Tensor | None:
+        if self._previewer is None:  # no job gets previews from an engine without a previewer (plan_job)
+            return None
         return hand_out_previews(self._previewer, pipeline, latents, previous, steps_done, owners, work_size)
 
     def _enhance_prompts(self, slots: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
@@ -218,12 +232,14 @@ class EngineWorker:
         still to run (a job stopped meanwhile is settled with its reason)."""
         if not any(job.enhance for job, _ in slots):
             return slots
-        instruction = enhance.instruction_for(self.config.task, self._enhance)
+        spec = self._enhance
+        assert spec is not None  # a job asks for a rewrite only from an engine that has one (Engine.submit)
+        instruction = enhance.instruction_for(self.config.task, spec)
         for job, _ in slots:
             if not job.enhance:
                 continue
             job.enhance = False  # once, even when n > max_batch brings the job back
-            key = (job.params.prompt, instruction, self._enhance.max_new_tokens)
+            key = (job.params.prompt, instruction, spec.max_new_tokens)
             text = self._rewrites.get(key)
             if text is None:
                 text = self._rewrite(job, instruction)
@@ -250,11 +266,13 @@ class EngineWorker:
 
     def _rewrite(self, job: Job, instruction: str) -> str | None:
         """The text encoder's rewrite of the job's prompt, or None to keep it (the reason is logged)."""
-        timeout = self._enhance.timeout
+        spec = self._enhance
+        assert spec is not None  # as in _rewrite_prompts
+        timeout = spec.timeout
         if job.params.deadline is not None:
             timeout = min(timeout, job.params.deadline - time.monotonic())
         done = enhance.rewrite(
-            self._pipe, job.params.prompt, instruction=instruction, max_new_tokens=self._enhance.max_new_tokens,
+            self._pipe, job.params.prompt, instruction=instruction, max_new_tokens=spec.max_new_tokens,
             timeout=timeout, should_stop=lambda: self._closed or job.cancelled or job.deadline_hit,
         )
         if done.text is not None:

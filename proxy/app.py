@@ -7,9 +7,10 @@ import logging
 import secrets
 import time
 from functools import partial
-from typing import Any
+from typing import Any, overload
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .api import admin, edits, generations, playground, usage
 from .api import jobs as jobs_api
@@ -42,7 +43,7 @@ ADMIN_PATHS = ("/health", "/ready", "/metrics", "/v1/models", *usage.PATHS)
 class Dispatcher:
     """Which handler answers a request, with whose key, and what it is logged as; one per mounted gateway."""
 
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.routes: dict[str, dict[str, Handler]] = {
             "/health": {"GET": partial(admin.health, gateway)},
@@ -57,6 +58,7 @@ class Dispatcher:
     def match(self, request: web.Request) -> Handler | None:
         """The handler for a request this gateway answers itself; None for anything else."""
         path = request.path
+        methods: dict[str, Handler] | None
         if not self.gw.mounted and playground.serves(path):
             methods = {"GET": playground.handle, "HEAD": playground.handle}
         elif path.startswith("/images/"):
@@ -81,7 +83,7 @@ class Dispatcher:
                                    headers={"Allow": allowed})
         return methods[request.method]
 
-    def middleware(self, fallback: Handler | None = None):
+    def middleware(self, fallback: Handler | None = None) -> Middleware:
         """The aiohttp middleware: answers image calls for our models, hands the rest on.
 
         `fallback`, when given, replaces the next handler for what this gateway does not serve
@@ -178,6 +180,11 @@ class Dispatcher:
             "qip.outcome": outcome, "http.response.status_code": status,
             "qip.route": result.route.name if result else None, "qip.attempts": result.calls if result else None})
         return tracing.trace_id()
+
+    @overload
+    async def authenticate(self, request: web.Request, handler: Handler) -> Handler: ...
+    @overload
+    async def authenticate(self, request: web.Request, handler: None = None) -> None: ...
 
     async def authenticate(self, request: web.Request, handler: Handler | None = None) -> Handler | None:
         """The caller's key (401 without a valid one; see proxy/routing/policy.py), kept as request[API_KEY].
@@ -290,7 +297,7 @@ def build_app(config: Config, providers: dict[str, Provider] | None = None) -> w
 
 
 def image_proxy_middleware(config: Config, app: web.Application | None = None, *,
-                           admin_prefix: str | None = None):
+                           admin_prefix: str | None = None) -> Middleware:
     """The interception as a middleware for an existing aiohttp app.
 
     Only POST /v1/images/* for the models in `config` (and GET /images/<id> for url answers) are

@@ -10,6 +10,10 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from types import FrameType
 from typing import NoReturn
 
 import proxy
@@ -38,9 +42,6 @@ MAX_WORKERS = 1024
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
-
     try:
         return installed_version("qwen-image-proxy")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -201,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_workers(workers, serve_one, log)
 
 
-def run_workers(count: int, serve_one, log: logging.Logger) -> None:
+def run_workers(count: int, serve_one: Callable[[str], None], log: logging.Logger) -> None:
     """`count` processes serving the same already-bound sockets (the kernel spreads connections over
     them); SIGTERM / SIGINT go to every worker, and this returns when all have stopped."""
     import signal
@@ -209,7 +210,7 @@ def run_workers(count: int, serve_one, log: logging.Logger) -> None:
     children: list[int] = []
     stopping: list[int] = []
 
-    def forward(signum, _frame) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ class ProxyError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
         retry_after: float | None = None,
-    ):
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -206,7 +207,7 @@ class Scrubber:
     """Removes every configured secret, and anything shaped like a credential, from text that came from
     an upstream (error messages, params, codes, revised prompts, passthrough error bodies)."""
 
-    def __init__(self, secrets: list[str]):
+    def __init__(self, secrets: list[str]) -> None:
         # Longest first: a key that contains another is removed whole.
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
@@ -216,7 +217,7 @@ class Scrubber:
         value = _TOKEN_PATTERNS[1].sub(lambda m: f"{m.group(1)}[redacted]", value)
         return _TOKEN_PATTERNS[2].sub("[redacted]", value)
 
-    def value(self, value):
+    def value(self, value: Any) -> Any:
         return self.text(value) if isinstance(value, str) else value
 
     def error(self, error: ProxyError) -> ProxyError:

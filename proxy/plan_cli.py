@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from local_backend import EngineConfig, EngineError
 from local_backend.memory import estimate
@@ -19,7 +21,7 @@ from local_backend.single_file import gguf_file
 from .config import Config
 
 
-def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, object, int | None]]:
+def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, EngineConfig, int | None]]:
     """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`."""
     if name not in config.models:
         return [(name, EngineConfig(model=name, device="cuda"), None)]
@@ -43,11 +45,12 @@ def _budget(args: argparse.Namespace) -> int | None:
     return None
 
 
-def run_plan(args: argparse.Namespace, config: Config, providers: dict, fail) -> None:
+def run_plan(args: argparse.Namespace, config: Config, providers: dict,
+             fail: Callable[[str], NoReturn]) -> None:
     try:
         budget = _budget(args)
-    except ValueError as e:
-        fail(f"--gpu-memory: {e}")
+    except ValueError as err:  # not `e`: that name is each route's estimate below
+        fail(f"--gpu-memory: {err}")
     routes = _routes(config, providers, args.model)
     if not routes:
         fail(f"model {args.model} has no local (kind: diffusers) route to plan")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import InvalidRequest
 
@@ -80,7 +81,7 @@ class _GenerationBody(BaseModel):
 
     @field_validator("seed", "n", "output_compression", "num_inference_steps", "partial_images", mode="before")
     @classmethod
-    def _whole_number(cls, v):
+    def _whole_number(cls, v: Any) -> Any:
         _not_bool(v)
         if isinstance(v, float) and v.is_integer():
             # 1e308 is then "less than or equal to 10", not pydantic's "unable to parse input string".
@@ -91,18 +92,20 @@ class _GenerationBody(BaseModel):
 
     @field_validator("n", "response_format", "stream", mode="before")
     @classmethod
-    def _null_is_the_default(cls, v, info):
+    def _null_is_the_default(cls, v: Any, info: ValidationInfo) -> Any:
         # OpenAI documents these as "or null" (JSON clients send null for "not set"): null means the default.
-        return cls.model_fields[info.field_name].default if v is None else v
+        if v is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return v
 
     @field_validator("output_format", mode="before")
     @classmethod
-    def _jpg_is_jpeg(cls, v):
+    def _jpg_is_jpeg(cls, v: Any) -> Any:
         return "jpeg" if isinstance(v, str) and v.lower() in ("jpg", "jpeg") else (v.lower() if isinstance(v, str) else v)
 
     @field_validator("prompt_enhancement", mode="before")
     @classmethod
-    def _bool_to_on_off(cls, v):
+    def _bool_to_on_off(cls, v: Any) -> Any:
         if isinstance(v, bool):
             return "on" if v else "off"
         if isinstance(v, str):
@@ -112,7 +115,7 @@ class _GenerationBody(BaseModel):
 
     @field_validator("loras", mode="before")
     @classmethod
-    def _loras_from_text(cls, v):
+    def _loras_from_text(cls, v: Any) -> Any:
         # Multipart forms can only carry strings: accept the list as JSON text.
         if isinstance(v, str):
             try:
@@ -199,7 +202,7 @@ class ImageRequest:
         return replace(self, n=n, seed=seed, first_index=self.first_index + offset)
 
 
-def _describe(error: dict) -> tuple[str, str | None]:
+def _describe(error: Mapping[str, Any]) -> tuple[str, str | None]:
     loc = list(error.get("loc", ()))
     param = _safe(str(loc[0])) if loc else None
     path = param or "body"
@@ -270,7 +273,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _no_constant(name: str):
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -371,7 +374,7 @@ def _check_extra(extra: dict[str, Any]) -> None:
             raise InvalidRequest(f"Invalid '{_safe(key)}': must be a JSON value.", param=_safe(key)) from None
     total = sum(sizes.values())
     if total > MAX_EXTRA_BYTES:
-        biggest = max(sizes, key=sizes.get)
+        biggest = max(sizes, key=lambda k: sizes[k])
         raise InvalidRequest(
             f"The unknown parameters ({', '.join(_safe(k) for k in list(sizes)[:5])}"
             f"{', ...' if len(sizes) > 5 else ''}) are {total} bytes of JSON; at most {MAX_EXTRA_BYTES} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -67,7 +67,7 @@ async def metrics(gw: Gateway, request: web.Request) -> web.Response:
 def _model_card(gw: Gateway, name: str) -> dict:
     """OpenAI's model object, plus what this model can do here (apps and the playground read it)."""
     cfg = gw.config.models[name]
-    card = {"id": name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
+    card: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
     if cfg.description:
         card["description"] = cfg.description
     table = gw.size_tables[name]
@@ -85,11 +85,10 @@ def _model_card(gw: Gateway, name: str) -> dict:
         "stream": True,
         "routes": [{"name": r.name, "kind": r.provider.kind, "state": r.state} for r in gw.router.routes[name]],
     }
-    tiers = next((r.provider.tiers for r in gw.router.routes[name] if getattr(r.provider, "tiers", None)), None)
+    tiers = next((t for r in gw.router.routes[name] if (t := getattr(r.provider, "tiers", None))), None)
     if tiers:
         card["capabilities"]["tiers"] = tiers  # [{name, steps, cfg_scale}], base first
-    levels = next((r.provider.accelerations for r in gw.router.routes[name]
-                   if getattr(r.provider, "accelerations", None)), None)
+    levels = next((a for r in gw.router.routes[name] if (a := getattr(r.provider, "accelerations", None))), None)
     if levels:
         card["capabilities"]["accelerations"] = levels  # fal's acceleration: the block cache's levels
     return card
@@ -108,6 +107,8 @@ MODEL_LIST_BYTES = 8 << 20
 
 async def _upstream_models(gw: Gateway, request: web.Request, exclude: set[str]) -> list[dict]:
     """The passthrough upstream's models, so apps see one list; ours win on a name clash."""
+    if gw.passthrough is None or gw.http is None:  # no passthrough, or not started
+        return []
     headers = {}
     auth = gw.config.passthrough.api_key
     if auth:
@@ -151,7 +152,7 @@ async def image_file(gw: Gateway, request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=headers)  # an object in a bucket, streamed through
     response.content_length = found.size
     await response.prepare(request)
-    if request.method != "HEAD":
+    if request.method != "HEAD" and found.chunks is not None:
         try:
             async for chunk in found.chunks:
                 await response.write(chunk)

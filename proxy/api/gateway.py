@@ -37,7 +37,7 @@ class Gateway:
     """Everything the proxy owns: providers, router, store, state, passthrough, metrics; started and closed
     together. The handlers (proxy/api/) work with it; proxy/app.py routes requests to them."""
 
-    def __init__(self, config: Config, providers: dict[str, Provider] | None = None):
+    def __init__(self, config: Config, providers: dict[str, Provider] | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         # OpenTelemetry spans when telemetry (or OTEL_EXPORTER_OTLP_ENDPOINT) is set; None: off, free.
@@ -78,7 +78,7 @@ class Gateway:
         self.mounted = False
         self.admin_prefix: str | None = ""
         self.default_model = config.server.default_model or next(iter(config.models), None)
-        self._keys = [k.encode() for k in config.server.api_keys]
+        self._keys = [k.value.encode() for k in config.server.keys]
         self.json_logs = config.server.log_format == "json"
         # Who may call what: key names, per-key models and limits, the /metrics key.
         # Per-key rpm and concurrency: counted in Redis when state.redis_url is set, else in this process.
@@ -176,7 +176,8 @@ class Gateway:
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()
-        await self.http.close()
+        if self.http is not None:
+            await self.http.close()
         if self.tracing is not None:  # the spans still batched go out now
             await asyncio.to_thread(self.tracing.shutdown)
         self._started = False

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from ..errors import InvalidRequest, ModelNotFound
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 
-def served_model(gw: Gateway, request: web.Request, asked, default: str | None, served: list[str],
+def served_model(gw: Gateway, request: web.Request, asked: object, default: str | None, served: list[str],
                  label: str = "Models served here") -> str:
     """The model an image call names (or the default), checked: served here and allowed for the caller's
     key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
@@ -120,7 +121,7 @@ class SentAsIs(Payload):
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._value).decode(encoding, errors)
 
-    async def write(self, writer) -> None:
+    async def write(self, writer: AbstractStreamWriter) -> None:
         try:
             for part in self._value:
                 big = len(part) > INLINE_BYTES

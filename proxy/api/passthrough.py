@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from ..config import PassthroughConfig
@@ -96,7 +96,7 @@ def _too_large(limit: int | None) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
-def forward_headers(headers, extra_drop: frozenset[str] = frozenset(),
+def forward_headers(headers: MultiMapping[str], extra_drop: frozenset[str] = frozenset(),
                     scrub: Callable[[str], str] | None = None) -> CIMultiDict:
     """Copy headers minus hop-by-hop ones, including those the Connection header names; each value
     through `scrub` when given (an upstream's answer may echo what it was sent, the key included)."""
@@ -107,7 +107,7 @@ def forward_headers(headers, extra_drop: frozenset[str] = frozenset(),
 
 class Passthrough:
     def __init__(self, config: PassthroughConfig, max_body_bytes: int | None = None,
-                 scrub: Callable[[str], str] | None = None, send_timeout: float = 30):
+                 scrub: Callable[[str], str] | None = None, send_timeout: float = 30) -> None:
         self.config = config
         # Applied to error bodies (status >= 400, not a stream): an upstream may echo the key it got.
         self.scrub = scrub
@@ -170,6 +170,7 @@ class Passthrough:
         headers["X-Forwarded-Proto"] = request.scheme
         headers["X-Forwarded-Host"] = request.host
         over: list[int] = []  # set when a chunked body ran over the limit
+        data: bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None
         if body is not None:
             data = body
         elif request.body_exists:
@@ -185,13 +186,14 @@ class Passthrough:
         response: web.StreamResponse | None = None
         try:
             # encoded=True: the client's raw path and query as they are (yarl would turn %2F into /).
+            assert self.http is not None  # start() runs before the server takes requests
             async with self.http.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False,
             ) as upstream:
                 if upstream.status < 200:  # 1xx is never a final answer (a 101 would switch protocols)
                     raise UpstreamError(f"The passthrough upstream answered {upstream.status} as a final answer.")
                 if self.scrub and upstream.status >= 400 and "event-stream" not in upstream.content_type:
-                    return await self._scrubbed(upstream)
+                    return await self._scrubbed(upstream, self.scrub)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers, scrub=self.scrub))
                 await response.prepare(request)
@@ -215,7 +217,7 @@ class Passthrough:
             raise UpstreamError(f"The passthrough upstream could not be reached ({type(e).__name__}).") from None
 
 
-    async def _scrubbed(self, upstream: aiohttp.ClientResponse) -> web.Response:
+    async def _scrubbed(self, upstream: aiohttp.ClientResponse, scrub: Callable[[str], str]) -> web.Response:
         """An error answer, read whole (capped) and scrubbed of secrets before it is handed on."""
         try:  # read(n) would give only what has arrived so far: the rest of the body would be lost
             raw = await upstream.content.readexactly(ERROR_BODY_LIMIT)
@@ -229,8 +231,8 @@ class Passthrough:
                 raw = b""
         elif encoding != "identity":
             raw = b""  # an encoding we cannot read is not handed on unread
-        text = self.scrub(raw.decode("utf-8", "replace"))
-        headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}), self.scrub)
+        text = scrub(raw.decode("utf-8", "replace"))
+        headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}), scrub)
         return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(), headers=headers)
 
 

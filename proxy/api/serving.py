@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..media.output import finish_images, render_images
+from ..media.output import FinalImage, finish_images, render_images
+from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest
 from ..routing.policy import API_KEY
 from ..routing.router import RouteResult
@@ -24,7 +25,7 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
     Without `request` (a background job), in the caller's task, links under `base_url`."""
     deadline = time.monotonic() + gw.config.server.request_timeout
 
-    async def finish(images, route_req, provider):
+    async def finish(images: list[GeneratedImage], route_req: ImageRequest, provider: Provider) -> list[FinalImage]:
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
 from aiohttp import web
@@ -66,7 +66,8 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
         while not work.done():
             if sink is not None and getter is None:
                 getter = asyncio.ensure_future(sink.queue.get())
-            done, _ = await asyncio.wait({work, getter} - {None}, timeout=gw.keepalive_seconds,
+            waiting: set[asyncio.Future[Any]] = {work} if getter is None else {work, getter}
+            done, _ = await asyncio.wait(waiting, timeout=gw.keepalive_seconds,
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter is not None and getter in done:
                 if (event := await previews.event(getter.result())) is not None:
@@ -80,11 +81,12 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
                 await out.send(event)
         for item in payload["data"]:
             b64 = item["b64_json"]
-            event = {"type": f"{prefix}.completed", "b64_json": b64 if isinstance(b64, str) else str(b64, "ascii"),
+            completed: dict[str, Any] = {
+                     "type": f"{prefix}.completed", "b64_json": b64 if isinstance(b64, str) else str(b64, "ascii"),
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
-            await out.send(sse(event["type"], event))
+            await out.send(sse(completed["type"], completed))
     except ProxyError as e:
         if not response.prepared:
             raise  # nothing sent yet: an HTTP error with its status (and Retry-After), as without stream

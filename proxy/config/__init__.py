@@ -121,7 +121,7 @@ class Config(Strict):
     def secrets(self) -> list[str]:
         """Every secret this config holds: proxy keys, the passthrough key, the Redis password, providers'
         keys and tokens (what the scrubber keeps out of answers and logs)."""
-        found = list(self.server.api_keys)
+        found = [key.value for key in self.server.keys]
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
         for url in (self.state.redis_url, self.usage.database_url):

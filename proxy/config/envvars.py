@@ -18,7 +18,7 @@ SECRET_NAME = re.compile(r"(?i)key|token|secret|password")
 class Expansion:
     """What expanding one tree found: unset variables, malformed references, values to keep out of errors."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.missing: set[str] = set()
         self.missing_at: dict[str, list[str]] = {}  # path -> the unset variables its value names

@@ -60,7 +60,7 @@ class SizeTableConfig(Strict):
 
     @field_validator("tiers", mode="before")
     @classmethod
-    def _tier_labels_as_text(cls, tiers):
+    def _tier_labels_as_text(cls, tiers: Any) -> Any:
         # YAML reads an unquoted megapixel tier such as `0.25:` as a number.
         return {str(k): v for k, v in tiers.items()} if isinstance(tiers, dict) else tiers
 
@@ -96,7 +96,7 @@ class ModelConfig(Strict):
 
     @field_validator("routes", mode="before")
     @classmethod
-    def _route_shorthand(cls, routes):
+    def _route_shorthand(cls, routes: Any) -> Any:
         # "- lumenfall" is short for "- provider: lumenfall".
         if isinstance(routes, list):
             return [{"provider": r} if isinstance(r, str) else r for r in routes]

@@ -88,6 +88,7 @@ class ApiKeyConfig(Strict):
         if len(given) != 1:
             got = f" (got {', '.join(given)})" if given else ""
             raise ValueError(f"give exactly one of key, key_env or key_file{got}")
+        value: str | None
         if self.key is not None:
             value = self.key
         elif self.key_env is not None:
@@ -95,6 +96,7 @@ class ApiKeyConfig(Strict):
             if value is None:
                 raise ValueError(f"key_env: the environment variable {self.key_env} is not set")
         else:
+            assert self.key_file is not None  # exactly one of the three is given (checked above)
             try:
                 value = Path(self.key_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
@@ -271,5 +273,5 @@ class ServerConfig(Strict):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _level_any_case(cls, value):
+    def _level_any_case(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

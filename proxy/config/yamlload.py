@@ -24,7 +24,7 @@ _MERGE = "tag:yaml.org,2002:merge"
 class YamlProblem(Exception):
     """The text cannot be used; `lines` are `source: path: what is wrong` or `source is not valid YAML: ...`."""
 
-    def __init__(self, lines: list[str]):
+    def __init__(self, lines: list[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
 

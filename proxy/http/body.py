@@ -160,11 +160,12 @@ async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[
                     uploads.append(Upload(name, value.filename, value.content_type, data))
                 continue
             if not isinstance(value, str):  # a part with a non-text Content-Type and no filename
+                raw = bytes(value)
                 try:
-                    value = bytes(value).decode("utf-8")
+                    value = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     if keep_files:  # binary data with no filename (requests: files={name: (None, data, type)}): a file
-                        uploads.append(Upload(name, "", "application/octet-stream", bytes(value)))
+                        uploads.append(Upload(name, "", "application/octet-stream", raw))
                         continue
                     raise InvalidRequest(f"Invalid '{_safe(name)}': the form field is not UTF-8 text.",
                                          param=_safe(name), code="invalid_multipart") from None

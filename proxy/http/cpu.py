@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 INLINE_BYTES = 64 * 1024
 
 
-async def run_cpu(size: int, fn: Callable[..., T], *args) -> T:
+async def run_cpu(size: int, fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) on the loop when `size` (the bytes it works on) is small, else in a thread."""
     if size <= INLINE_BYTES:
         return fn(*args)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 log = logging.getLogger("proxy")
 
 
-async def send_or_drop(write: Awaitable[None], transport: asyncio.BaseTransport | None, stall: float) -> None:
+async def send_or_drop(write: Awaitable[None], transport: asyncio.Transport | None, stall: float) -> None:
     """Await `write`, a write to the client that waits while the client's socket is full.
 
     A client that takes nothing of its answer for `stall` seconds is dropped (the connection aborted, and

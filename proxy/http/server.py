@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import ipaddress
 import logging
 import os
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .wire_errors import client_error, describe, error_response
@@ -47,13 +49,13 @@ class GuardedRequestHandler(RequestHandler):
 
     __slots__ = ("_limits", "_head_timer", "_head_count", "_body_timer", "_body", "_last_read")
 
-    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any):
+    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_count = 0
         self._body_timer: asyncio.TimerHandle | None = None
-        self._body = None  # the payload (StreamReader) of the request being received
+        self._body: StreamReader | None = None  # the payload of the request being received
         self._last_read = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,7 +111,7 @@ class GuardedRequestHandler(RequestHandler):
 
     # ---- the request body -------------------------------------------------------------------------
 
-    def _watch_body(self, payload) -> None:
+    def _watch_body(self, payload: StreamReader) -> None:
         self._body = payload
         if self._body_timer is None:
             self._body_timer = self._loop.call_later(self._limits.body_timeout, self._check_body)
@@ -176,7 +178,7 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedServer(web.Server):
     """web.Server whose connections are GuardedRequestHandlers."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any):
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
 
@@ -187,7 +189,7 @@ class GuardedServer(web.Server):
 class GuardedAppRunner(web.AppRunner):
     """web.AppRunner serving through GuardedServer: the app's startup, shutdown and cleanup as usual."""
 
-    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any):
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
         self.limits = limits
 
@@ -207,9 +209,7 @@ TRIM_IDLE_SECONDS = 1.0  # ...when no image request is being worked on, at most 
 TRIM_BUSY_SECONDS = 30.0  # ...and under load that never pauses, this often
 
 
-def _glibc():
-    import ctypes
-    import ctypes.util
+def _glibc() -> ctypes.CDLL | None:
 
     name = ctypes.util.find_library("c")
     try:
@@ -264,17 +264,21 @@ async def _trim_forever(busy: Callable[[], bool]) -> None:
     system within a second of its end. Not while requests run (under a load that never pauses, every
     TRIM_BUSY_SECONDS): their next buffers would fault the same pages in again."""
     libc = _glibc()
-    if libc is None or _resident_bytes() is None:
+    floor = _resident_bytes()
+    if libc is None or floor is None:
         return
     loop = asyncio.get_running_loop()
-    trimmed_at, floor = loop.time(), _resident_bytes()
+    trimmed_at = loop.time()
     while True:
         await asyncio.sleep(TRIM_CHECK_SECONDS)
         waited = loop.time() - trimmed_at
-        if (_resident_bytes() - floor > TRIM_GROWTH_BYTES
+        resident = _resident_bytes()
+        if resident is None:  # /proc unreadable now: try again on the next round
+            continue
+        if (resident - floor > TRIM_GROWTH_BYTES
                 and waited >= (TRIM_BUSY_SECONDS if busy() else TRIM_IDLE_SECONDS)):
             await asyncio.to_thread(libc.malloc_trim, 0)
-            trimmed_at, floor = loop.time(), min(floor, _resident_bytes())
+            trimmed_at, floor = loop.time(), min(floor, _resident_bytes() or floor)
 
 
 async def _serve(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,

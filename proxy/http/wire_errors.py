@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from aiohttp import http_exceptions as hx
 from aiohttp.http_exceptions import HttpProcessingError
@@ -122,7 +123,7 @@ class LogScrubber(logging.Filter):
                     setattr(record, key, self._scrub_value(value))
         return True
 
-    def _scrub_value(self, value):
+    def _scrub_value(self, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: self._text(v) if isinstance(v, str) else v for k, v in value.items()}
         return self._text(value)

@@ -63,7 +63,7 @@ class FetchRefused(FetchError):
 class FetchFailed(FetchError):
     """The fetch was allowed but did not succeed: network, HTTP status, size cap or time."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
@@ -148,7 +148,8 @@ class GuardedFetcher:
     host -> addresses (sync or async). Default: the event loop's getaddrinfo.
     """
 
-    def __init__(self, resolver: AbstractResolver | HostResolver | None = None, trace_configs=None):
+    def __init__(self, resolver: AbstractResolver | HostResolver | None = None,
+                 trace_configs: list | None = None) -> None:
         self.resolver = resolver
         self.trace_configs = trace_configs  # client spans for the downloads, when the gateway traces
         self._session: aiohttp.ClientSession | None = None

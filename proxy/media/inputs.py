@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pybase64 as base64  # the same API as the standard library's, 20-40x faster on megabytes
@@ -135,7 +136,7 @@ def json_image_refs(fields: dict[str, Any]) -> tuple[list[tuple[str, str]], tupl
 class InputReader:
     """Turns uploads and image URLs into checked InputImages."""
 
-    def __init__(self, fetcher: GuardedFetcher, policy: FetchPolicy | None, max_pixels: int, max_bytes: int):
+    def __init__(self, fetcher: GuardedFetcher, policy: FetchPolicy | None, max_pixels: int, max_bytes: int) -> None:
         self.fetcher = fetcher
         self.policy = policy  # None: image URLs other than data: are refused
         self.max_pixels = max_pixels
@@ -144,7 +145,7 @@ class InputReader:
         # the largest input's decode, not the sum of all of them (a progressive 4096x4096 JPEG: ~130 MB).
         self._decoding = asyncio.Lock()
 
-    async def _check(self, fn, *args) -> InputImage:
+    async def _check(self, fn: Callable[..., InputImage], *args: Any) -> InputImage:
         async with self._decoding:
             return await asyncio.to_thread(fn, *args)
 

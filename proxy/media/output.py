@@ -20,6 +20,7 @@ from ..telemetry import tracing
 
 if TYPE_CHECKING:
     from ..providers.base import GeneratedImage
+    from ..state.store import ImageStore
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
 from .imagecheck import BadImage, ImageInfo, check_image
 
@@ -183,10 +184,9 @@ def reencode(data: bytes, info: ImageInfo, target: str | None, compression: int 
     """Decode checked image bytes in full and encode them in the target format at exactly `size`."""
     target = target or info.format
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.size != tuple(size):
-                im = fit(im, tuple(size))
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            im = opened if opened.size == tuple(size) else fit(opened, size)
             return Encoded(encode_image(im, target, compression), target, *im.size)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None
@@ -256,7 +256,7 @@ class FinalImage:
 
     @property
     def mime(self) -> str:
-        return MIME[self.format]
+        return MIME[self.format] if self.format else "application/octet-stream"  # a URL handed on
 
 
 def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
@@ -265,10 +265,11 @@ def _checked_bytes(img: GeneratedImage, data: bytes | None, req: ImageRequest,
     when it passes through untouched (None: it needs converting)."""
     keep_b64 = False
     if data is None:
-        data = _strict_b64(img.b64)
+        text = img.b64 or b""  # the caller downloaded the bytes of an image without base64
+        data = _strict_b64(text)
         keep_b64 = data is not None
         if data is None:  # line breaks or junk: decode leniently, re-encode on the way out
-            data = decode_b64(img.b64)
+            data = decode_b64(text)
     info = inspect(data, max_pixels)
     if _needs_change(info, req.output_format, req.output_compression, (req.width, req.height),
                      img.compression_applied):
@@ -304,10 +305,12 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
             return FinalImage(None, None, img.seed, img.revised_prompt, url=img.url)
         data = img.data
         if data is None and img.b64 is None:
+            if img.url is None:  # a provider's bug: nothing to check, and the route fails like any other
+                raise UpstreamError("the upstream answered an image without data or a URL")
             data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
-        size = len(data) if data is not None else len(img.b64)
+        size = len(data) if data is not None else len(img.b64 or b"")
         with tracing.span("image.check", {"qip.bytes": size}) as span:
-            data, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
+            checked, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
             if tracing.current() is not None:
                 span.set_attributes({"qip.format": info.format, "qip.width": info.width, "qip.height": info.height,
                                      "qip.converted": final is None})
@@ -315,24 +318,28 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
             return final
         # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
         with tracing.span("image.convert", {"qip.to_format": req.output_format, "qip.compression": req.output_compression}):
-            return await asyncio.to_thread(_converted, img, data, info, req)
+            return await asyncio.to_thread(_converted, img, checked, info, req)
 
     return await gather_or_cancel([one(img) for img in images])
 
 
-async def render_images(finals: list[FinalImage], req: ImageRequest, *, store, base_url: str) -> list[dict]:
+async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: ImageStore,
+                        base_url: str) -> list[dict]:
     """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
 
     async def one(img: FinalImage) -> dict:
         revised = img.revised_prompt or req.prompt
         if img.url is not None:
             return {"url": img.url, "revised_prompt": revised}
+        data = img.data
+        if req.response_format == "b64_json" and img.b64:
+            return {"b64_json": img.b64, "revised_prompt": revised}
+        assert data is not None  # a final image without a URL has its bytes, or base64 handed on
         if req.response_format == "b64_json":
-            b64 = img.b64 or await run_cpu(len(img.data), _b64, img.data)
-            return {"b64_json": b64, "revised_prompt": revised}
-        with tracing.span("store.upload", {"qip.store": type(store).__name__, "qip.bytes": len(img.data)}
+            return {"b64_json": await run_cpu(len(data), _b64, data), "revised_prompt": revised}
+        with tracing.span("store.upload", {"qip.store": type(store).__name__, "qip.bytes": len(data)}
                           if tracing.current() is not None else None):
-            name = await store.put(img.data, img.mime)
+            name = await store.put(data, img.mime)
         return {"url": await store.url_for(name, base_url), "revised_prompt": revised}
 
     return await gather_or_cancel([one(img) for img in finals])

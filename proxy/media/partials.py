@@ -57,4 +57,8 @@ def threadsafe_emitter() -> Callable[[PartialImage], None] | None:
     if sink is None:
         return None
     loop = asyncio.get_running_loop()
-    return lambda partial: loop.call_soon_threadsafe(sink.put, partial)
+
+    def emit_threadsafe(partial: PartialImage) -> None:
+        loop.call_soon_threadsafe(sink.put, partial)
+
+    return emit_threadsafe

@@ -45,7 +45,7 @@ class SizeTable:
     default_ratio: str = field(init=False)
     default_tier: str = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.tiers or not all(self.tiers.values()):
             raise ValueError("a size table needs at least one tier with one ratio")
         if self.max_total_pixels is not None and self.max_total_pixels < self.pixel_limit:
@@ -172,7 +172,8 @@ def resolve_size(
         aspect_ratio, ratio_param = size, "size"
 
     if aspect_ratio is None and resolution is None:
-        return tuple(table.default)
+        width, height = table.default  # a copy: the table may hold lists from YAML
+        return width, height
 
     if resolution is None:
         tier = table.default_tier
@@ -191,4 +192,5 @@ def resolve_size(
             ratio = _nearest_ratio(ratios, parse_ratio(aspect_ratio))
         except ValueError as e:
             raise InvalidRequest(f"Invalid {ratio_param}: {e}.", param=ratio_param) from None
-    return tuple(ratios[ratio])
+    width, height = ratios[ratio]
+    return width, height

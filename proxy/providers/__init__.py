@@ -28,11 +28,11 @@ def build_providers(config: Config) -> dict[str, Provider]:
 
 def _served_sizes(config: Config, provider: str) -> list[tuple[int, int]]:
     """Every size in the size tables of the models with a route to `provider`, largest first."""
-    sizes = set()
+    sizes: set[tuple[int, int]] = set()
     for model, mc in config.models.items():
         if any(route.provider == provider for route in mc.routes):
             for ratios in config.size_table(model).tiers.values():
-                sizes.update(tuple(wh) for wh in ratios.values())
+                sizes.update((w, h) for w, h in ratios.values())
     return sorted(sizes, key=lambda wh: (-wh[0] * wh[1], wh))
 
 

@@ -62,7 +62,7 @@ class Provider(ABC):
     kind: ClassVar[str]
     capabilities: Capabilities = Capabilities()
 
-    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         self.name = name
         self.options = options
         self.missing_vars = list(missing_vars or [])
@@ -143,6 +143,14 @@ MIN_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 ANSWER_SLACK = 1 << 20
 # A small answer: an acknowledgement, a status, a cancel, a pool's stats.
 SMALL_ANSWER = 1 << 20
+
+
+def started(http: aiohttp.ClientSession | None) -> aiohttp.ClientSession:
+    """The shared HTTP session a provider keeps from start(): a call before start() is an upstream error,
+    not an AttributeError on None."""
+    if http is None:
+        raise UpstreamError("the provider was not started")
+    return http
 
 
 def json_or_none(raw: bytes) -> Any:

@@ -45,7 +45,7 @@ from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, re
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from ..telemetry import tracing
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
 from .dashscope_convert import (
     KIND,
     TERMINAL_STATES,
@@ -88,7 +88,7 @@ class DashScopeProvider(VendorProvider):
         "retries": (int, {"ge": 0, "le": 10}),
     }
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         self.mode = options.get("mode") or "auto"
@@ -106,8 +106,8 @@ class DashScopeProvider(VendorProvider):
         max_bytes = answer_limit(req)  # of each answer (DashScope answers with image URLs: far less)
         if req.is_edit:
             # Megabytes of base64 and JSON: built off the event loop. Edits have the sync endpoint only.
-            body = await asyncio.to_thread(edit_json, req, model)
-            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, body)
+            encoded = await asyncio.to_thread(edit_json, req, model)
+            status, payload, retry_after = await self._call("POST", SYNC_PATH, deadline, max_bytes, encoded)
             self._raise_for(status, payload, retry_after)
             return self._images(payload, req.n)
         mode = resolve_mode(self.mode, model)
@@ -161,7 +161,7 @@ class DashScopeProvider(VendorProvider):
         else:
             send = {"json": body}
         try:
-            async with self.http.request(method, f"{self.base_url}{path}", **send, headers=headers,
+            async with started(self.http).request(method, f"{self.base_url}{path}", **send, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=remaining),
                                          allow_redirects=False) as resp:
                 raw = await read_answer(resp, max_bytes, "DashScope")

@@ -99,12 +99,12 @@ def parse_options(value: Any) -> EnhanceOptions | None:
         for name in ("base_url", "model"):
             if not getattr(options, name):
                 raise ValueError(f"prompt_enhancement.{name} is required with: chat")
-        if not options.base_url.startswith(("http://", "https://")):
+        if not (options.base_url or "").startswith(("http://", "https://")):
             raise ValueError("prompt_enhancement.base_url must be an http(s) URL, e.g. https://host/v1")
     return options
 
 
-def engine_spec(options: EnhanceOptions | None):
+def engine_spec(options: EnhanceOptions | None) -> PromptEnhancement | None:
     """The local_backend.PromptEnhancement for `with: text_encoder`; None otherwise."""
     if options is None or options.with_ != "text_encoder":
         return None
@@ -151,11 +151,11 @@ def chat_answer(payload: Any) -> tuple[str | None, str]:
 class ChatEnhancer:
     """Rewrites prompts with a chat-completions upstream. rewrite() never raises (except cancellation)."""
 
-    def __init__(self, options: EnhanceOptions, provider: str, task: str = "generate"):
+    def __init__(self, options: EnhanceOptions, provider: str, task: str = "generate") -> None:
         self.options = options
         self.provider = provider
         self.instruction = options.instruction or instruction_for(task)
-        self.url = options.base_url.rstrip("/") + "/chat/completions"
+        self.url = (options.base_url or "").rstrip("/") + "/chat/completions"  # parse_options: set with chat
         self.scrub = Scrubber([options.api_key] if options.api_key else []).text
         # the token bound's name now: token_param's, or (auto) max_tokens until the upstream refuses it
         self.token_param = "max_tokens" if options.token_param == "auto" else options.token_param
@@ -245,6 +245,8 @@ class ChatEnhancer:
 
 def _refuses(raw: bytes | None, name: str) -> bool:
     """Whether an OpenAI error body refuses the parameter `name` (its `param`, or named in its message)."""
+    if raw is None:  # no body, or one over the size limit
+        return False
     try:
         error = json.loads(raw)["error"]
     except (TypeError, ValueError, KeyError):
@@ -271,7 +273,8 @@ def _flag(value: Any) -> bool:
     raise ValueError(f"prompt_enhancement.default must be on or off, not {value!r}")
 
 
-def _number(value: dict, name: str, kind, default, low, high, inclusive: bool = False):
+def _number(value: dict, name: str, kind: type[int] | type[float], default: float | None, low: float,
+            high: float | None, inclusive: bool = False) -> Any:
     raw = value.get(name, default)
     if raw is None or raw is default:
         return default

@@ -27,7 +27,7 @@ from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from ..telemetry import tracing
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
 from .fal_convert import (
     EDIT_IMAGE_FIELDS,
     NATIVE_FORMATS,
@@ -78,7 +78,7 @@ class FalProvider(VendorProvider):
         "edit_image_field": EDIT_IMAGE_FIELDS,
     }
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         self.poll_interval = float(options.get("poll_interval") or 0.25)
@@ -199,24 +199,24 @@ class FalProvider(VendorProvider):
         timeout = aiohttp.ClientTimeout(total=min(CALL_TIMEOUT, remaining))
         headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
         try:
-            async with self.http.request(method, url, data=body, headers=headers, timeout=timeout,
+            async with started(self.http).request(method, url, data=body, headers=headers, timeout=timeout,
                                          allow_redirects=False) as resp:
                 raw = await read_answer(resp, max_bytes, "fal")
-                status, headers = resp.status, resp.headers
+                status, answer_headers = resp.status, resp.headers
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from fal within {timeout.total:.3g} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach fal ({type(e).__name__})") from None
         # sync_mode results carry the images as data URIs: megabytes of JSON, parsed off the event loop.
         payload = await run_cpu(len(raw), json_or_none, raw)
-        return status, payload, headers
+        return status, payload, answer_headers
 
     def _cancel_later(self, handle: QueueHandle) -> None:
         self.in_background(self._cancel(handle))
 
     async def _cancel(self, handle: QueueHandle) -> None:
         try:
-            async with self.http.put(handle.cancel_url, headers=self._headers, allow_redirects=False,
+            async with started(self.http).put(handle.cancel_url, headers=self._headers, allow_redirects=False,
                                      timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT)) as resp:
                 await read_answer(resp, SMALL_ANSWER, "fal")
                 log.info("fal request %s: cancel answered HTTP %d", handle.request_id, resp.status)

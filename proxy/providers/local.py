@@ -13,11 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 from local_backend import (
     Engine,
+    EngineConfig,
     EngineError,
+    GenerationParams,
     InvalidParamsError,
     JobCancelledError,
     QueueFullError,
@@ -33,8 +39,9 @@ from ..media.partials import PartialImage, threadsafe_emitter
 from ..media.progress import step_reporter
 from ..request import ImageRequest
 from ..telemetry import tracing
+from ..telemetry.metrics import Metrics
 from . import enhance
-from .base import Capabilities, GeneratedImage, Provider, ProviderContext
+from .base import Capabilities, GeneratedImage, Provider, ProviderContext, started
 from .local_convert import (
     advertised_accelerations,
     advertised_tiers,
@@ -48,6 +55,9 @@ from .local_convert import (
     weights_problem,
 )
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 log = logging.getLogger(__name__)
 
 
@@ -60,18 +70,19 @@ class PartialSender:
     otherwise lose. `wait()` returns once every preview handed over so far has been emitted.
     """
 
-    def __init__(self, req: ImageRequest, emit, encoder=None):
+    def __init__(self, req: ImageRequest, emit: Callable[[PartialImage], None],
+                 encoder: ThreadPoolExecutor | None = None) -> None:
         self.req, self.emit, self.encoder = req, emit, encoder
         self.format = req.output_format or "png"
-        self._last = None  # the last encoding handed to the encoder
+        self._last: Future[None] | None = None  # the last encoding handed to the encoder
 
-    def __call__(self, index: int, partial_index: int, image) -> None:
+    def __call__(self, index: int, partial_index: int, image: PILImage) -> None:
         if self.encoder is None:
             self._send(index, partial_index, image)
         else:
             self._last = self.encoder.submit(self._send, index, partial_index, image)
 
-    def _send(self, index: int, partial_index: int, image) -> None:
+    def _send(self, index: int, partial_index: int, image: PILImage) -> None:
         try:
             data = encode_image(image, self.format, self.req.output_compression)
         except Exception:  # a preview that cannot be encoded is skipped, never the image
@@ -125,15 +136,16 @@ class LocalProvider(Provider):
         "prompt_enhancement": dict | None,  # proxy.providers.enhance: {with: text_encoder | chat, ...}
     }
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
-        self.engine = None
-        self._encoder = None  # the thread that encodes partial images (made on first use)
+        self.engine: Engine | None = None
+        self._encoder: ThreadPoolExecutor | None = None  # the thread that encodes partial images (made on first use)
         self._state: str | None = "not started"  # why it cannot serve (None: it can), unless loading
         self._load_task: asyncio.Task | None = None
         self._stage = ""  # while loading: what the load is doing now
         self._load_started = 0.0
-        self.metrics = None
+        self.metrics: Metrics | None = None
+        self.config: EngineConfig | None
         try:
             self.config = engine_config(options)
         except ImportError as e:
@@ -159,7 +171,7 @@ class LocalProvider(Provider):
         # prompt_enhancement with: chat is done here, before the engine (proxy.providers.enhance); with:
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
-        self._http = None
+        self._http: aiohttp.ClientSession | None = None
         if self.config is not None:
             chat = enhance.parse_options(options.get("prompt_enhancement"))  # checked by engine_config
             if chat is not None and chat.with_ == "chat":
@@ -190,13 +202,20 @@ class LocalProvider(Provider):
     def serve_sizes(self, sizes: list[tuple[int, int]]) -> None:
         """The sizes of the models this route serves: what `compile: {warm_sizes: table}` warms."""
         spec = self.config.compile if self.config is not None else None
-        if isinstance(spec, dict) and spec.get("warm_sizes") == "table" and sizes:
+        if self.config is not None and isinstance(spec, dict) and spec.get("warm_sizes") == "table" and sizes:
             self.config.compile = {**spec, "warm_sizes": [list(size) for size in sizes]}
+
+    @property
+    def _engine_config(self) -> EngineConfig:
+        """The engine's options; used only once they parsed (start() and preflight() stop before, without)."""
+        if self.config is None:
+            raise UpstreamError(f"the local model is not ready ({self._state})")
+        return self.config
 
     def _device(self) -> str:
         import torch
 
-        return self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return self._engine_config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def loading_stage(self) -> str | None:
@@ -226,15 +245,16 @@ class LocalProvider(Provider):
         """Why loading would fail before trying: no GPU where one is asked for, weights not on disk."""
         import torch
 
-        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = self._engine_config
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA GPU on this machine"
 
-        self._static_warnings = static_warnings(self.config, device)  # off the event loop: imports diffusers
-        problems = static_problems(self.config, device)
+        self._static_warnings = static_warnings(config, device)  # off the event loop: imports diffusers
+        problems = static_problems(config, device)
         if problems:
             return problems[0]
-        return weights_problem(self.config) or gguf_problem(self.config)
+        return weights_problem(config) or gguf_problem(config)
 
     def preflight(self) -> str | None:
         if self.config is None:
@@ -263,13 +283,14 @@ class LocalProvider(Provider):
             self._stage = stage
             log.info("provider %s: %s", self.name, stage)
 
+        config = self._engine_config
         engine = None
         # A thread of its own, not the default executor's: a load waits for the other providers' loads
         # (local_backend.exclusive), and providers waiting there took every thread requests need.
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-load")
         loop = asyncio.get_running_loop()
         try:
-            engine = Engine(self.config)
+            engine = Engine(config)
             seconds = await loop.run_in_executor(loader, engine.load, progress)
             progress("starting the engine")
             await loop.run_in_executor(loader, engine.start)
@@ -279,14 +300,14 @@ class LocalProvider(Provider):
             self._state = "closed"
             raise
         except Exception as e:  # any failure leaves the route unusable with the reason shown
-            self._state = f"failed to load {self.config.model}: {type(e).__name__}: {e}"
+            self._state = f"failed to load {config.model}: {type(e).__name__}: {e}"
             log.error("provider %s: %s", self.name, self._state)
             return
         finally:
             loader.shutdown(wait=False)
         self.engine = engine
         self._state = None
-        log.info("provider %s: %s loaded in %.1f s", self.name, self.config.model, seconds)
+        log.info("provider %s: %s loaded in %.1f s", self.name, config.model, seconds)
 
     async def close(self) -> None:
         if self._load_task and not self._load_task.done():
@@ -321,7 +342,7 @@ class LocalProvider(Provider):
                 report(step, total)
 
         try:
-            tier = request_tier(req, self.config)
+            tier = request_tier(req, self._engine_config)
             params = to_params(req, on_step, images, mask, sender, tier)
             params.trace = tracing.engine_hook()  # None untraced: the engine's stages as spans
             revised = await self._chat_rewrite(req, params)
@@ -348,14 +369,14 @@ class LocalProvider(Provider):
             for data, im, seed in zip(datas, result.images, result.seeds, strict=True)
         ]
 
-    async def _chat_rewrite(self, req: ImageRequest, params) -> str | None:
+    async def _chat_rewrite(self, req: ImageRequest, params: GenerationParams) -> str | None:
         """With prompt_enhancement `with: chat`: the rewritten prompt (already put into params), or None."""
         if self.chat_enhancer is None:
             return None
         params.prompt_enhancement = False  # the engine has no rewriter of its own here
         if not self.chat_enhancer.enabled(enhance.requested(req.prompt_enhancement)):
             return None
-        revised = await self.chat_enhancer.rewrite(self._http, req.prompt)
+        revised = await self.chat_enhancer.rewrite(started(self._http), req.prompt)
         if revised is not None:
             params.prompt = revised
         return revised

@@ -10,8 +10,9 @@ huggingface_hub are imported inside the functions that need them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from local_backend import EngineConfig, EngineError, GenerationParams, LoraSpec
 from local_backend.accel_options import validate as validate_accel
@@ -26,11 +27,14 @@ from ..media.output import encode_image
 from ..request import ImageRequest, InputImage
 from . import enhance
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 # Options that belong to the provider, not to the engine.
 _PROVIDER_OPTIONS = {"timeout", "load_in_background"}
 
 
-def engine_config(options: dict[str, Any]):
+def engine_config(options: dict[str, Any]) -> EngineConfig:
     """models.yaml provider options -> local_backend.EngineConfig, with clear errors for unknown keys."""
     known = {f.name for f in fields(EngineConfig)}
     unknown = set(options) - known - _PROVIDER_OPTIONS
@@ -49,7 +53,7 @@ def engine_config(options: dict[str, Any]):
     return config
 
 
-def advertised_tiers(config) -> list[dict] | None:
+def advertised_tiers(config: EngineConfig | None) -> list[dict] | None:
     """What /v1/models lists as the model's speed tiers ([{name, steps, cfg_scale}], base first): None
     without tiers beyond base. The same for an in-process engine and a Ray pool of the same options."""
     if config is None or not config.tiers:
@@ -57,12 +61,12 @@ def advertised_tiers(config) -> list[dict] | None:
     return tier_summary(config)
 
 
-def advertised_accelerations(config) -> list[str] | None:
+def advertised_accelerations(config: EngineConfig | None) -> list[str] | None:
     """fal's acceleration levels /v1/models lists: the block cache's, when one is configured."""
     return ["none", "regular", "high"] if config is not None and config.cache else None
 
 
-def model_abilities(config) -> tuple[bool, bool]:
+def model_abilities(config: EngineConfig) -> tuple[bool, bool]:
     """(edits, masks) of the configured model, from the pipeline class its model_index.json declares:
     the edit pipelines edit and inpaint (one input image with a mask); Qwen-Image-2.1 generates and
     edits with reference images, without masks; a text-to-image model does neither."""
@@ -72,14 +76,17 @@ def model_abilities(config) -> tuple[bool, bool]:
     return edits, edits
 
 
-def request_tier(req: ImageRequest, config) -> str | None:
+def request_tier(req: ImageRequest, config: EngineConfig) -> str | None:
     """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
     use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""
     return choose_tier(config, tier=req.extra.get("tier"), quality=req.quality,
                        use_turbo=req.extra.get("use_turbo"), acceleration=req.extra.get("acceleration"))
 
 
-def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=None, tier=None):
+def to_params(req: ImageRequest, on_step: Callable[[int, int], None] | None = None,
+              images: Iterable[PILImage] = (), mask: PILImage | None = None,
+              on_partial: Callable[[int, int, PILImage], None] | None = None,
+              tier: str | None = None) -> GenerationParams:
     """ImageRequest -> local_backend.GenerationParams (pure). `images` and `mask` are the request's
     input images decoded (decode_inputs); without on_partial no previews are made; `tier` is
     request_tier()'s answer."""
@@ -109,12 +116,12 @@ def to_params(req: ImageRequest, on_step=None, images=(), mask=None, on_partial=
 CONDITION_PIXELS = 1024 * 1024
 
 
-def decode_inputs(req: ImageRequest):
+def decode_inputs(req: ImageRequest) -> tuple[list[PILImage], PILImage | None]:
     """The request's input images and mask as Pillow images, each decoded once, a JPEG at the smallest
     scale that covers both the output size and CONDITION_PIXELS (CPU work: run it off the event loop)."""
     from PIL import Image
 
-    def decode(item: InputImage, param: str):
+    def decode(item: InputImage, param: str) -> PILImage:
         at_least = pixels.cover_size(item.width, item.height, (req.width, req.height), CONDITION_PIXELS)
         try:
             return pixels.open_scaled(item.data, at_least)
@@ -140,7 +147,7 @@ def client_param(req: ImageRequest, param: str | None) -> str | None:
     return param
 
 
-def weights_problem(config) -> str | None:
+def weights_problem(config: EngineConfig) -> str | None:
     """Whether the weights are on disk, when they may not be downloaded."""
     from pathlib import Path
 
@@ -162,6 +169,6 @@ def weights_problem(config) -> str | None:
             f"(run `hf download {model}`, or set local_files_only: false)")
 
 
-def encode_all(images, fmt: str, compression: int | None) -> list[bytes]:
+def encode_all(images: Iterable[PILImage], fmt: str, compression: int | None) -> list[bytes]:
     """The engine's images in the request's format (CPU work: run it off the event loop)."""
     return [encode_image(im, fmt, compression) for im in images]

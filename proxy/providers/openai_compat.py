@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,7 @@ from .base import (
     answer_limit,
     answer_lines,
     read_answer,
+    started,
 )
 from .base import json_or_none as _json_or_none  # a module name of its own: bench/ patches it
 from .extras import extras_for
@@ -68,12 +70,14 @@ def from_native(payload: Any, req: ImageRequest, compression_sent: bool) -> list
     for item in items:
         if not isinstance(item, dict):
             raise UpstreamError("the upstream answered with a malformed data item")
-        common = dict(revised_prompt=item.get("revised_prompt"), compression_applied=compression_sent)
+        revised = item.get("revised_prompt")
         if isinstance(item.get("b64_json"), (str, memoryview)) and item["b64_json"]:
             # Checked with the rest of the route's images (output.finish_images): a bad one falls back.
-            images.append(GeneratedImage(b64=item["b64_json"], **common))
+            images.append(GeneratedImage(b64=item["b64_json"], revised_prompt=revised,
+                                         compression_applied=compression_sent))
         elif isinstance(item.get("url"), str) and item["url"]:
-            images.append(GeneratedImage(url=item["url"], **common))
+            images.append(GeneratedImage(url=item["url"], revised_prompt=revised,
+                                         compression_applied=compression_sent))
         else:
             raise UpstreamError("the upstream answered with a data item that has neither url nor b64_json")
     return images
@@ -95,7 +99,8 @@ def edit_form(body: dict[str, Any], req: ImageRequest) -> aiohttp.FormData:
     return form
 
 
-async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, redacted) -> list[GeneratedImage]:
+async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest,
+                            redacted: Callable[[ProxyError], ProxyError]) -> list[GeneratedImage]:
     """An upstream's OpenAI image stream: partial images go on to the client's stream as they come,
     completed events become the route's images, an error event is the route's failure."""
     images: list[GeneratedImage] = []
@@ -115,7 +120,8 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
             partials += 1
             data = await run_cpu(len(b64), _b64decode, b64)
             if data is not None:
-                index = event.get("image_index") if isinstance(event.get("image_index"), int) else len(images)
+                given = event.get("image_index")
+                index = given if isinstance(given, int) else len(images)
                 emit(PartialImage(req.first_index + index, int(event.get("partial_image_index") or 0), data,
                                   str(event.get("output_format") or req.output_format or "png")))
         elif kind.endswith(".completed"):
@@ -127,7 +133,7 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest, red
     return images
 
 
-async def _sse_events(stream: aiohttp.StreamReader, limit: int):
+async def _sse_events(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[dict[str, Any]]:
     """The JSON data of each server-sent event (comments and keep-alives skipped), each of `limit` bytes
     at most."""
     data: list[bytes] = []
@@ -187,7 +193,9 @@ def split_answer(raw: bytes) -> Any:
     rest) gives None. Memory scans only: cheap enough for the event loop even on a 4 MB answer.
     """
     view = memoryview(raw)
-    cuts, parts, pos = [], [], 0
+    cuts: list[memoryview] = []
+    parts: list[memoryview] = []
+    pos = 0
     while len(cuts) < 64:
         key = raw.find(b'"b64_json"', pos)
         if key < 0:
@@ -250,7 +258,7 @@ class OpenAICompatProvider(Provider):
         "stream": bool,
     }
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or "").rstrip("/")
         self.api_key = str(options.get("api_key") or "")
@@ -293,12 +301,13 @@ class OpenAICompatProvider(Provider):
         if req.stream and req.partial_images and self.options.get("stream") and partials_wanted():
             body.update(stream=True, partial_images=req.partial_images)
             headers["Accept"] = "text/event-stream, application/json"
+        send: dict[str, Any]
         if req.is_edit:
             url, send = f"{self.base_url}/images/edits", {"data": edit_form(body, req)}
         else:
             url, send = f"{self.base_url}/images/generations", {"json": body}
         try:
-            async with self.http.post(url, headers=headers, timeout=timeout, allow_redirects=False,
+            async with started(self.http).post(url, headers=headers, timeout=timeout, allow_redirects=False,
                                       **send) as resp:
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
                 if status < 300 and resp.content_type == "text/event-stream":

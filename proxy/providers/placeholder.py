@@ -35,7 +35,7 @@ PNG_COMPRESS_LEVEL = 1
 
 def _palette(prompt: str, seed: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     digest = hashlib.sha256(f"{seed}\0{prompt}".encode()).digest()
-    return tuple(digest[0:3]), tuple(digest[3:6])
+    return (digest[0], digest[1], digest[2]), (digest[3], digest[4], digest[5])
 
 
 def draw_placeholder(prompt: str, seed: int, width: int, height: int) -> Image.Image:
@@ -145,7 +145,7 @@ class PlaceholderProvider(Provider):
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         check_work(req.width, req.height, req.n)
         seeds = [
-            req.with_chunk(1, i).seed if req.seed is not None else random.randint(0, SEED_MAX)
+            seed if (seed := req.with_chunk(1, i).seed) is not None else random.randint(0, SEED_MAX)
             for i in range(req.n)
         ]
         if req.is_edit:

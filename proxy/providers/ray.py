@@ -56,10 +56,11 @@ from .base import (
     ProviderContext,
     answer_limit,
     read_answer,
+    started,
 )
 from .local_convert import advertised_accelerations, advertised_tiers, model_abilities
 from .ray_convert import images_from_reply, reencode, to_wire, unb64
-from .ray_transport import app_status, call_handle, call_http, connect, disconnect
+from .ray_transport import OnPartial, app_status, call_handle, call_http, connect, disconnect
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class RayProvider(Provider):
         "graceful_shutdown_timeout_s": (float, {"ge": 0}),
     }
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
 
         # Strict: a pool that could not be deployed is a config error, not a route that never works.
@@ -123,7 +124,7 @@ class RayProvider(Provider):
         self.tiers: list[dict] | None = advertised_tiers(self.engine_config)
         self.accelerations: list[str] | None = advertised_accelerations(self.engine_config)
         self.transport: str | None = None  # handle | http, once connected
-        self._handle = None
+        self._handle: Any = None  # a ray.serve DeploymentHandle, once connected
         self._http: aiohttp.ClientSession | None = None
         self._state: str | None = "not started"
         self._stage: str | None = None  # while connecting or while the pool starts
@@ -132,7 +133,7 @@ class RayProvider(Provider):
         self.app_status: str | None = None
         self.replica_states: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}  # replica id -> its last stats (+ "served" by this proxy)
-        self._stats_actor = None
+        self._stats_actor: Any = None  # the pool's stats actor (a ray ActorHandle)
         # prompt_enhancement with: chat is done here, before the pool is called (proxy.providers.enhance); the
         # replicas get no rewriter then (local_backend.ray_options.pool_enhancement). with: text_encoder: theirs.
         self.chat_enhancer: enhance.ChatEnhancer | None = None
@@ -319,7 +320,7 @@ class RayProvider(Provider):
     async def _poll_http(self) -> None:
         url = f"{self.http_url}{self.route_prefix}/stats"
         try:
-            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT),
+            async with started(self._http).get(url, timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT),
                                       allow_redirects=False) as resp:
                 if resp.status == 404:
                     self._set(None, f"the Ray pool's HTTP ingress has no application at {self.route_prefix}")
@@ -366,12 +367,18 @@ class RayProvider(Provider):
                        partials=emit is not None)
         revised = await self._chat_rewrite(req, wire)
 
-        async def on_partial(p: dict) -> None:
-            data = unb64(p["data"])
-            if fmt != "png":  # the replica sends PNG: re-encode in the request's format
-                data = await asyncio.to_thread(reencode, data, fmt, req.output_compression)
-            emit(PartialImage(image_index=req.first_index + int(p["image_index"]),
-                              partial_index=int(p["partial_index"]), data=data, format=fmt))
+        on_partial: OnPartial | None = None
+        if emit is not None:
+            send = emit
+
+            async def relay(p: dict) -> None:
+                data = unb64(p["data"])
+                if fmt != "png":  # the replica sends PNG: re-encode in the request's format
+                    data = await asyncio.to_thread(reencode, data, fmt, req.output_compression)
+                send(PartialImage(image_index=req.first_index + int(p["image_index"]),
+                                  partial_index=int(p["partial_index"]), data=data, format=fmt))
+
+            on_partial = relay
 
         with tracing.span("pool.call", {"qip.provider": self.name, "qip.transport": self.transport}) as span:
             if (parent := tracing.traceparent()) is not None:  # the replica's spans join this trace
@@ -379,7 +386,7 @@ class RayProvider(Provider):
             if self.transport == "handle":
                 reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
             else:
-                reply = await call_http(self._http, f"{self.http_url}{self.route_prefix}", wire,
+                reply = await call_http(started(self._http), f"{self.http_url}{self.route_prefix}", wire,
                                         on_partial if emit else None, answer_limit(req))
             span.set_attribute("qip.replica", str(reply.get("replica")))
         return self._images(reply, req, revised)
@@ -391,7 +398,7 @@ class RayProvider(Provider):
         wire.pop("prompt_enhancement", None)  # the replicas have no rewriter of their own here
         if not self.chat_enhancer.enabled(enhance.requested(req.prompt_enhancement)):
             return None
-        revised = await self.chat_enhancer.rewrite(self._http, req.prompt)
+        revised = await self.chat_enhancer.rewrite(started(self._http), req.prompt)
         if revised is not None:
             wire["prompt"] = revised
         return revised

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Mapping
 
-from local_backend import InvalidParamsError
+from local_backend import EngineConfig, InvalidParamsError
 from local_backend.ray_wire import params_to_wire
 
 from ..errors import (
@@ -32,11 +33,11 @@ from .local_convert import client_param, request_tier, to_params
 class _Partials:
     """Marks that a request wants previews: to_params keeps partial_images only with an on_partial."""
 
-    def __call__(self, *args) -> None:  # never called here: the replica makes its own
+    def __call__(self, *args: object) -> None:  # never called here: the replica makes its own
         pass
 
 
-def to_wire(req: ImageRequest, config, timeout: float, partials: bool) -> dict:
+def to_wire(req: ImageRequest, config: EngineConfig, timeout: float, partials: bool) -> dict:
     """ImageRequest -> the replica's plain dict (pure): the local route's mapping (the speed tier that
     quality / use_turbo / acceleration pick included), input images as sent. `config` is the pool's
     local_backend.EngineConfig, `timeout` the route's time."""
@@ -44,8 +45,10 @@ def to_wire(req: ImageRequest, config, timeout: float, partials: bool) -> dict:
         tier = request_tier(req, config)
     except InvalidParamsError as e:
         raise InvalidRequest(str(e), param=e.param) from None
-    params = to_params(req, images=[im.data for im in req.images],
-                       mask=req.mask.data if req.mask is not None else None,
+    # The input files go on as they are (params_to_wire takes encoded bytes as well as Pillow images): the
+    # replica decodes them, so the proxy never spends CPU on it. GenerationParams names only the images.
+    params = to_params(req, images=[im.data for im in req.images],  # type: ignore[misc]
+                       mask=req.mask.data if req.mask is not None else None,  # type: ignore[arg-type]
                        on_partial=_Partials() if partials else None, tier=tier)
     # The queue drops a job that waits past the route's time (the router cancels it at the request's).
     params.deadline = time.monotonic() + timeout
@@ -85,7 +88,7 @@ def reply_error(reply: dict) -> ProxyError:
     return UpstreamError(f"the pool's engine failed: {message}")
 
 
-def unb64(value) -> bytes:
+def unb64(value: str | bytes) -> bytes:
     return base64.b64decode(value, validate=True) if isinstance(value, str) else value
 
 
@@ -125,7 +128,7 @@ def reencode(data: bytes, fmt: str, compression: int | None) -> bytes:
     return encode_image(image, fmt, compression)
 
 
-def http_error(status: int, headers) -> ProxyError:
+def http_error(status: int, headers: Mapping[str, str]) -> ProxyError:
     """The HTTP ingress's status when it answered no reply (Serve itself, not a replica) -> the proxy's error."""
     retry_after = retry_after_from_headers(headers)
     if status == 429:

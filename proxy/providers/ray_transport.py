@@ -8,6 +8,8 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -16,6 +18,9 @@ from local_backend.ray_wire import wire_to_json
 from ..errors import ProxyError, UpstreamError
 from .base import answer_lines, read_answer
 from .ray_convert import http_error, ray_error
+
+# What a call hands each preview to (a replica's {"index", "partial_index", "b64"...} dict), awaited.
+OnPartial = Callable[[dict], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ def app_status(app_name: str, deployment: str) -> tuple[str | None, dict[str, in
 # ----- one generation call ----------------------------------------------------------------------------
 
 
-async def call_handle(handle, wire: dict, on_partial, name: str) -> dict:
+async def call_handle(handle: Any, wire: dict, on_partial: OnPartial | None, name: str) -> dict:
     """One request through a Serve handle: the reply; on_partial (async) gets each preview first."""
     loop = asyncio.get_running_loop()
     try:
@@ -107,7 +112,8 @@ async def call_handle(handle, wire: dict, on_partial, name: str) -> dict:
         raise error from None
 
 
-async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial, max_bytes: int) -> dict:
+async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial: OnPartial | None,
+                    max_bytes: int) -> dict:
     """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first.
     The reply (each line of a stream) may take max_bytes."""
     body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
@@ -143,7 +149,7 @@ async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partia
         raise UpstreamError("the Ray pool's HTTP ingress sent something that is not JSON") from None
 
 
-def _cancel(response) -> None:
+def _cancel(response: Any) -> None:  # a ray.serve DeploymentResponse(Generator)
     """Cancel a Serve call (best effort, in a thread: it waits for the call's replica assignment)."""
     # It raises when the call failed or finished already (cancel fetches its outcome): nothing to stop.
     with contextlib.suppress(Exception):

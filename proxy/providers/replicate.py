@@ -23,7 +23,7 @@ from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_fro
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from ..telemetry import tracing
-from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer
+from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
 from .replicate_convert import (
     TERMINAL,
     compression_applied,
@@ -64,7 +64,7 @@ class ReplicateProvider(VendorProvider):
     capabilities = Capabilities(max_images_per_call=1, output_formats=frozenset({"png", "jpeg", "webp"}),
                                 output_compression=True, edits=True, masks=False)
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
         self.base_url = str(options.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         wait = options.get("wait_seconds")
@@ -124,7 +124,7 @@ class ReplicateProvider(VendorProvider):
                     what: str, max_bytes: int) -> tuple[int, Any, float | None]:
         """One HTTP call; `body` is JSON already encoded (the headers say application/json)."""
         try:
-            async with self.http.request(method, url, data=body, headers=headers, allow_redirects=False,
+            async with started(self.http).request(method, url, data=body, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 raw = await read_answer(resp, max_bytes)
                 status, retry_after = resp.status, retry_after_from_headers(resp.headers)
@@ -189,7 +189,7 @@ class ReplicateProvider(VendorProvider):
 
     async def _cancel(self, url: str) -> None:
         try:
-            async with self.http.post(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10),
+            async with started(self.http).post(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10),
                                       allow_redirects=False) as r:
                 await read_answer(r, SMALL_ANSWER)
                 if r.status >= 300:

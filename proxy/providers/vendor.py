@@ -45,7 +45,7 @@ class VendorProvider(Provider):
     # How long close() waits for cancels already sent (each has a short timeout of its own).
     cancel_timeout: ClassVar[float] = 5.0
 
-    def __init__(self, name, options, missing_vars=None):
+    def __init__(self, name: str, options: dict[str, Any], missing_vars: list[str] | None = None) -> None:
         super().__init__(name, options, missing_vars)
         self.api_key = str(options.get("api_key") or "")
         self.base_url = ""  # set by the subclass, from its vendor's default

@@ -40,6 +40,7 @@ class InFlight:
     async def run(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
         """Await coro in the current task, registered for the watcher and for drain()."""
         task = asyncio.current_task()
+        assert task is not None  # called from a handler: always inside a task
         self._tasks[task] = request
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.ensure_future(self._watch())

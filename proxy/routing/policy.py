@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..config.server import ApiKey, ServerConfig
 from ..errors import AuthenticationFailed, ProxyError, RateLimited
+from ..telemetry.metrics import Metrics
 
 # The key a request was made with, once authenticated (absent when the proxy has no keys).
 API_KEY = web.RequestKey("qip_api_key", ApiKey)
@@ -62,7 +63,7 @@ NO_LEASE = _NoLease()
 class _Slot:
     __slots__ = ("_limits", "_key", "_held")
 
-    def __init__(self, limits: MemoryLimits, key: str):
+    def __init__(self, limits: MemoryLimits, key: str) -> None:
         self._limits, self._key, self._held = limits, key, True
 
     async def release(self) -> None:
@@ -75,7 +76,7 @@ class MemoryLimits:
     """Limits for one process: a token bucket per key for rpm (up to `rpm` requests at once, refilled at
     `rpm` a minute) and a count of slots held. Nothing here awaits, so each acquire is atomic on the loop."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when counted)
         self._in_flight: dict[str, int] = {}
@@ -131,7 +132,7 @@ def _bearer(authorization: str | None) -> bytes:
 class KeyPolicy:
     """The configured keys, their models and limits, and the key /metrics asks for."""
 
-    def __init__(self, server: ServerConfig, metrics=None, limits: Limits | None = None):
+    def __init__(self, server: ServerConfig, metrics: Metrics | None = None, limits: Limits | None = None) -> None:
         self.keys = list(server.keys)
         self._digests = [(_digest(key.value.encode()), key) for key in self.keys]
         self._metrics_digest = _digest(server.metrics_key.encode()) if server.metrics_key else None

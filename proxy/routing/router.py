@@ -27,6 +27,7 @@ from ..media.output import generate_n
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest, with_route_defaults
 from ..telemetry import tracing
+from ..telemetry.metrics import Metrics
 from ..usage.meter import note_call
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
@@ -137,9 +138,9 @@ def _retries(route: RouteConfig, provider: Provider, routing: RoutingConfig) -> 
 
 
 class Router:
-    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics=None,
+    def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics: Metrics | None = None,
                  routing: RoutingConfig | None = None, max_load_wait: float = 120.0,
-                 scrub: Callable[[str], str] = str):
+                 scrub: Callable[[str], str] = str) -> None:
         self.metrics = metrics
         self.scrub = scrub
         self.routing = routing or RoutingConfig()
@@ -218,7 +219,8 @@ class Router:
                 self._fallback(req.model, route, "failed")
         raise self._final_error(req.model, attempts, failures)
 
-    async def _wait_loaded(self, route: Route, deadline: float, attempts, failures) -> bool:
+    async def _wait_loaded(self, route: Route, deadline: float, attempts: list[tuple[str, str]],
+                           failures: list[ProxyError]) -> bool:
         wait = min(self.max_load_wait, deadline - time.monotonic())
         stage = route.provider.loading_stage
         if wait > 0 and await route.provider.wait_ready(wait):
@@ -234,7 +236,7 @@ class Router:
         return False
 
     async def _try_route(self, route: Route, req: ImageRequest, deadline: float, finish: Finish,
-                         attempts: list, failures: list, last: bool) -> list[Any] | None:
+                         attempts: list[tuple[str, str]], failures: list[ProxyError], last: bool) -> list[Any] | None:
         """The route's calls, retries included: its images, or None after recording why it failed."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
         route_req = with_route_defaults(req, route.config.params, route.config.drop)
@@ -368,7 +370,7 @@ class _Parts:
     cancelling them; otherwise (no retry left, a refusal, the client's error) they are cancelled at once.
     """
 
-    def __init__(self, route: Route):
+    def __init__(self, route: Route) -> None:
         self.route = route
         self.done: dict[tuple[int, int], list[GeneratedImage]] = {}
         self.errors: list[ProxyError] = []

@@ -90,7 +90,7 @@ Work = Callable[[], Awaitable[Answer]]
 
 class Idempotency:
     def __init__(self, records: Records, *, ttl: float = 86400, max_bytes: int = 64 * 1024 * 1024,
-                 wait_timeout: float = 600, url_ttl: float | None = None):
+                 wait_timeout: float = 600, url_ttl: float | None = None) -> None:
         self.records = records
         self.ttl = ttl
         # A url answer is kept no longer than its links live (store.ttl_seconds): a replay must not be
@@ -143,7 +143,7 @@ class Idempotency:
                 raise IdempotencyKeyMismatch(
                     f"This {HEADER} was already used with a different request body; use a new key for a "
                     "new request.")
-            if record.done:
+            if record.answer is not None:  # done
                 return record.answer, True
             raise IdempotencyInProgress(
                 f"A request with this {HEADER} is still being processed; retry it later.", retry_after=5)

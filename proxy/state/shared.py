@@ -24,7 +24,7 @@ class StateUnavailable(ServiceUnavailable):
     code = "state_unavailable"
 
     def __init__(self, message: str = "The proxy's shared state (Redis) is unavailable; retry shortly.", *,
-                 retry_after: float = 2):
+                 retry_after: float = 2) -> None:
         super().__init__(message, retry_after=retry_after)
 
 
@@ -51,7 +51,8 @@ class Answer:
     def encode(self, fingerprint: str) -> bytes:
         head = json.dumps({"state": "done", "fp": fingerprint, "status": self.status, "headers": self.headers,
                            "content_type": self.content_type}, separators=(",", ":"))
-        return head.encode() + b"\n" + self.body
+        body = self.body if isinstance(self.body, bytes) else b"".join(self.body)
+        return head.encode() + b"\n" + body
 
 
 @dataclass

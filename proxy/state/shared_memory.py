@@ -29,7 +29,7 @@ class MemoryRecords:
     """Records in this process: LRU-bounded by count and by the bytes of stored answers, each with a TTL.
     A claim in progress is never evicted (it holds no answer yet)."""
 
-    def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024) -> None:
         self.max_records = max_records
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, _MemoryEntry] = OrderedDict()
@@ -104,7 +104,7 @@ class MemoryRecords:
 class MemoryState:
     kind = "memory"
 
-    def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024) -> None:
         self.records: Records = MemoryRecords(max_records, max_bytes)
         # None: proxy.routing.policy keeps its own in-process MemoryLimits.
         self.limits: RedisLimits | None = None

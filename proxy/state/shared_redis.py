@@ -17,10 +17,11 @@ import contextlib
 import logging
 import math
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 from ..errors import RateLimited
-from ..routing.policy import NO_LEASE, ConcurrencyLimited
+from ..routing.policy import NO_LEASE, ConcurrencyLimited, Lease
 from .shared import Answer, Record, Records, StateUnavailable, decode_record, running_value
 
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
@@ -59,7 +60,7 @@ class RedisRecords:
 
     POLL_FIRST, POLL_MAX = 0.05, 0.5
 
-    def __init__(self, state: RedisState):
+    def __init__(self, state: RedisState) -> None:
         self.state = state
 
     def _key(self, key: str) -> str:
@@ -152,7 +153,7 @@ return 1
 class _RedisLease:
     __slots__ = ("_limits", "_key", "_token")
 
-    def __init__(self, limits: RedisLimits, key: str, token: str | None):
+    def __init__(self, limits: RedisLimits, key: str, token: str | None) -> None:
         self._limits, self._key, self._token = limits, key, token
 
     async def release(self) -> None:
@@ -168,7 +169,7 @@ class _RedisLease:
 class RedisLimits:
     """proxy.routing.policy's `Limits` in Redis: per-key rpm and concurrency counted across every process."""
 
-    def __init__(self, state: RedisState, lease: float):
+    def __init__(self, state: RedisState, lease: float) -> None:
         self.state = state
         self.lease = lease  # seconds a slot lives in Redis unless renewed
 
@@ -178,7 +179,7 @@ class RedisLimits:
     def slots_key(self, key: str) -> str:
         return f"{self.state.prefix}slots:{key}"
 
-    async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None):
+    async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None) -> Lease:
         if rpm is None and concurrency is None:
             return NO_LEASE
         token = secrets.token_hex(8) if concurrency is not None else None
@@ -209,7 +210,7 @@ class RedisState:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float | None = None):
+    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float | None = None) -> None:
         try:
             import redis.asyncio  # noqa: F401
         except ImportError:  # pragma: no cover - the message is the point
@@ -228,7 +229,7 @@ class RedisState:
         self.limits: RedisLimits | None = RedisLimits(self, self.lease)
 
     @property
-    def client(self):
+    def client(self) -> Any:  # redis.asyncio.Redis, imported only when Redis is used
         if self._client is None:
             from redis.asyncio import Redis
             from redis.asyncio.retry import Retry
@@ -242,7 +243,7 @@ class RedisState:
                                           health_check_interval=30)
         return self._client
 
-    async def call(self, awaitable):
+    async def call(self, awaitable: Awaitable[Any]) -> Any:
         """Await one Redis call; any failure to reach Redis is a StateUnavailable."""
         from redis.exceptions import RedisError
 
@@ -253,7 +254,7 @@ class RedisState:
             log.warning("shared state: Redis call failed: %s", type(e).__name__)
             raise StateUnavailable() from None
 
-    def hold(self, ident: tuple, script: str, key: str, *args) -> None:
+    def hold(self, ident: tuple, script: str, key: str, *args: Any) -> None:
         """Renew `key` with `script` every third of the lease until `drop(ident)`."""
         self._held[ident] = (script, key, args)
         if self._keeper is None or self._keeper.done():

@@ -39,7 +39,7 @@ class StoreUnavailable(ServiceUnavailable):
 
     code = "store_unavailable"
 
-    def __init__(self, message: str = "The image store is unavailable; retry shortly.", *, retry_after: float = 5):
+    def __init__(self, message: str = "The image store is unavailable; retry shortly.", *, retry_after: float = 5) -> None:
         super().__init__(message, retry_after=retry_after)
 
 

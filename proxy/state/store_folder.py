@@ -17,7 +17,7 @@ log = logging.getLogger("proxy.store")  # its name before proxy/ had packages: l
 class FilesystemStore:
     """Files in one folder, served by the proxy at /images/<name>; a background sweeper removes expired ones."""
 
-    def __init__(self, root: str | os.PathLike, ttl_seconds: float):
+    def __init__(self, root: str | os.PathLike, ttl_seconds: float) -> None:
         self.root = Path(root)
         self.ttl = ttl_seconds
         self._sweeper: asyncio.Task | None = None

@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
@@ -34,7 +35,7 @@ MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 STREAM_CHUNK = 256 * 1024
 
 
-def _obstore():
+def _obstore() -> ModuleType:
     try:
         import obstore
         import obstore.store
@@ -49,7 +50,7 @@ class S3Store:
     def __init__(self, bucket: str, *, ttl_seconds: float, endpoint_url: str | None = None,
                  region: str | None = None, prefix: str = "", access_key_id: str | None = None,
                  secret_access_key: str | None = None, presign: bool = True, public_url: str | None = None,
-                 serve_via_proxy: bool = False, timeout: float = 30):
+                 serve_via_proxy: bool = False, timeout: float = 30) -> None:
         _obstore()  # a missing extra is a clear error when the gateway is built, not on the first request
         self.bucket = bucket
         self.ttl = ttl_seconds
@@ -68,10 +69,11 @@ class S3Store:
         self._sweeper: asyncio.Task | None = None
 
     @classmethod
-    def from_config(cls, config: StoreConfig, env: dict[str, str] | None = None) -> S3Store:
-        env = os.environ if env is None else env
-        key_id = env.get(config.access_key_id_env) if config.access_key_id_env else None
-        secret = env.get(config.secret_access_key_env) if config.secret_access_key_env else None
+    def from_config(cls, config: StoreConfig, env: Mapping[str, str] | None = None) -> S3Store:
+        source = os.environ if env is None else env
+        key_id = source.get(config.access_key_id_env) if config.access_key_id_env else None
+        secret = source.get(config.secret_access_key_env) if config.secret_access_key_env else None
+        assert config.bucket is not None  # StoreConfig requires it for kind s3
         return cls(config.bucket, ttl_seconds=config.ttl_seconds, endpoint_url=config.endpoint_url,
                    region=config.region, prefix=config.prefix, access_key_id=key_id, secret_access_key=secret,
                    presign=config.presign, public_url=config.public_url, serve_via_proxy=config.serve_via_proxy,
@@ -79,7 +81,7 @@ class S3Store:
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
-    def _client(self):
+    def _client(self) -> Any:  # obstore.store.S3Store
         obstore = _obstore()
         options: dict[str, Any] = {}
         if self.endpoint_url:
@@ -123,7 +125,7 @@ class S3Store:
             await asyncio.sleep(0.05)
 
     @property
-    def client(self):
+    def client(self) -> Any:  # obstore.store.S3Store
         if self._store is None:
             self._store = self._client()
         return self._store
@@ -182,7 +184,7 @@ class S3Store:
         return StoredImage(content_type=content_type, size=meta["size"], chunks=self._chunks(result),
                            expires_at=modified + self.ttl)
 
-    async def _chunks(self, result) -> AsyncIterator[bytes]:
+    async def _chunks(self, result: Any) -> AsyncIterator[bytes]:  # an obstore GetResult
         try:
             async for chunk in result.stream(min_chunk_size=STREAM_CHUNK):
                 yield bytes(chunk)

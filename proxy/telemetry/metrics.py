@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple, object] = {}
         self.requests = Counter(
@@ -98,7 +101,7 @@ class Metrics:
         self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",
                                 ["provider", "replica"], registry=self.registry)
 
-    def child(self, metric, *values: str):
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """metric.labels(*values) (in the metric's label order), remembered: prometheus_client takes a lock
         and builds the key on every labels() call. Only for metrics that are never cleared; their label
         values are few (endpoints, models, routes, statuses, outcomes, key names)."""
@@ -108,7 +111,7 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
-    def refresh(self, gateway) -> None:
+    def refresh(self, gateway: Any) -> None:
         """Gauges read at scrape time: local queue depths and route states."""
         for provider in gateway.providers.values():
             if hasattr(provider, "queue_depth"):

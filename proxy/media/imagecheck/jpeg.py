@@ -28,7 +28,9 @@ def check_jpeg(buf: memoryview, limit: Limit) -> tuple[int, int]:
             raise BadImage(_JPEG_TRUNCATED)
         if buf[pos] != 0xFF:
             raise BadImage("JPEG has stray bytes between header segments")
-        pos = _JPEG_FILL.match(buf, pos).end()  # matches: buf[pos] is 0xFF
+        fill = _JPEG_FILL.match(buf, pos)
+        assert fill is not None  # buf[pos] is 0xFF
+        pos = fill.end()
         if pos >= n:
             raise BadImage(_JPEG_TRUNCATED)
         marker = buf[pos]

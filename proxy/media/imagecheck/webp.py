@@ -36,7 +36,7 @@ def _webp_bitstream(buf: memoryview, fourcc: bytes, p: int, size: int) -> tuple[
             or (bits >> 1) & 7 > 3  # unknown profile
             or not (bits >> 4) & 1  # not shown
             or bits >> 5 >= size  # first partition longer than the chunk
-            or buf[p + 3 : p + 6] != b"\x9d\x01\x2a"
+            or bytes(buf[p + 3 : p + 6]) != b"\x9d\x01\x2a"
         ):
             raise BadImage("WebP VP8 header is invalid")
         width, height = _unpack("<HH", buf, p + 6)
