@@ -319,7 +319,7 @@ class EngineReplica:
         }
 
 
-def _without_trace(wire):
+def _without_trace(wire: Any) -> tuple[Any, Any]:
     """(the wire without its traceparent, the traceparent): the caller's trace context rides along with
     the parameters (the proxy sends it when it traces) but is none of them."""
     if not isinstance(wire, dict) or "traceparent" not in wire:

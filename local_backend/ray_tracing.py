@@ -10,16 +10,21 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .stages import SpanStages, StageHook
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger("local_backend.ray")
 
 _lock = threading.Lock()
-_made: list = []  # [tracer or None], once per process
+_made: list[Tracer | None] = []  # [tracer or None], once per process
 
 
-def _make_tracer():
+def _make_tracer() -> Tracer | None:
     environ = os.environ
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
@@ -32,10 +37,15 @@ def _make_tracer():
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+        exporter_class: type[SpanExporter]
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+            exporter_class = GrpcExporter
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            exporter_class = HttpExporter
     except ImportError as e:
         log.warning("an OTLP endpoint is set but OpenTelemetry is not installed (%s): this replica sends no "
                     "spans; pip install 'qwen-image-proxy[otel]' on the cluster's nodes", e.name)
@@ -43,11 +53,11 @@ def _make_tracer():
     # The exporter reads its endpoint, headers and timeout from the same variables.
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": "qwen-image-pool"}
     provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter_class()))
     return provider.get_tracer("qwen-image-pool")
 
 
-def tracer():
+def tracer() -> Tracer | None:
     """This process's tracer, made on first use; None when spans are off here."""
     with _lock:
         if not _made:

@@ -17,7 +17,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger("local_backend.engine")
 
@@ -40,7 +44,7 @@ def start(hook: StageHook | None, stage: str, attributes: dict, start_ns: int | 
         log.exception("a stage hook failed")
         return _noop
 
-    ended = []
+    ended: list[bool] = []
 
     def safe_end(attributes: dict | None = None) -> None:
         if ended:  # once: a job dropped from the queue may be told twice
@@ -97,13 +101,13 @@ class CallStages:
             end({"steps_run": self.steps})
 
     @contextlib.contextmanager
-    def watch(self, pipe) -> Iterator[None]:
+    def watch(self, pipe: Any) -> Iterator[None]:
         """Wrap encode_prompt and vae.decode of `pipe` for this call; the denoise stage closes after it."""
         patched = []
         encode = getattr(pipe, "encode_prompt", None)
         vae = getattr(pipe, "vae", None)
         if encode is not None:
-            def encode_prompt(*args, **kwargs):
+            def encode_prompt(*args: Any, **kwargs: Any) -> Any:
                 with self.stage("text_encode", {}):
                     result = encode(*args, **kwargs)
                 self._encoded_ns = time.time_ns()
@@ -114,7 +118,7 @@ class CallStages:
         if vae is not None and hasattr(vae, "decode"):
             decode = vae.decode
 
-            def vae_decode(*args, **kwargs):
+            def vae_decode(*args: Any, **kwargs: Any) -> Any:
                 if self.previewing:
                     return decode(*args, **kwargs)
                 self._end_denoise()
@@ -136,7 +140,7 @@ class SpanStages:
     that is open (call > denoise > preview), all under `parent` (an OpenTelemetry Context). For callers
     that trace (the proxy, a pool's replica); OpenTelemetry is imported only when one is made."""
 
-    def __init__(self, tracer, parent):
+    def __init__(self, tracer: Tracer, parent: Context) -> None:
         from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
         self._error = Status(StatusCode.ERROR)

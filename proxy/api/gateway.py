@@ -142,12 +142,17 @@ class Gateway:
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
             self._started = True
 
+    def _job_runner(self) -> JobRunner:
+        if self.jobs is None:
+            raise RuntimeError("background jobs are not set up (jobs.enabled is off)")
+        return self.jobs
+
     async def start_jobs(self) -> None:
         """Open the job store and start running jobs (once; a store that fails to open is tried again
         by the next call, which meanwhile answer 503 job_store_unavailable)."""
         async with self._jobs_lock:
             if not self._jobs_started:
-                await self.jobs.start()
+                await self._job_runner().start()
                 self._jobs_started = True
 
     async def drain(self) -> None:
@@ -156,7 +161,7 @@ class Gateway:
         the same grace; those still running then, and the queued ones, wait for the next start."""
         self.draining = True
         grace = self.config.server.shutdown_grace
-        await asyncio.gather(self.inflight.drain(grace), *([self.jobs.drain(grace)] if self._jobs_started else []))
+        await asyncio.gather(self.inflight.drain(grace), *([self._job_runner().drain(grace)] if self._jobs_started else []))
         # The handlers answer their clients on the next turns of the loop; aiohttp waits for them.
         await asyncio.sleep(0.05)
 
@@ -172,7 +177,7 @@ class Gateway:
         await self.usage.close()  # writes the ledger's queue
         if self._jobs_started:
             self._jobs_started = False
-            await self.jobs.close()
+            await self._job_runner().close()
         await self.store.close()
         await self.state.close()
         await self.fetcher.close()

@@ -39,6 +39,8 @@ from ..state.store import valid_name
 from .serving import public_base_url
 
 if TYPE_CHECKING:
+    from ..config.jobs import KeyWebhook
+    from ..routing.policy import Lease
     from .context import Handler
     from .gateway import Gateway
 
@@ -79,7 +81,7 @@ def build_runner(gw: Gateway, work: Work) -> JobRunner | None:
         return None
     keys = {key.name: key for key in gw.policy.keys}
 
-    async def slot(key_name: str | None):
+    async def slot(key_name: str | None) -> Lease:
         key = keys.get(key_name or "")
         return await gw.policy.limits.acquire(key_name or "-", rpm=None,
                                               concurrency=key.concurrency if key else None)
@@ -158,7 +160,7 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
     return response
 
 
-async def check_webhook_url(gw: Gateway, url: str, key_hook) -> None:
+async def check_webhook_url(gw: Gateway, url: str, key_hook: KeyWebhook | None) -> None:
     """400 for a webhook URL the guarded fetcher would refuse (private addresses, no https, ...)."""
     if not (gw.config.jobs.webhook_secret or (key_hook is not None and key_hook.secret)):
         raise InvalidRequest("Webhooks are not set up on this server: it needs jobs.webhook_secret (a whsec_ "

@@ -16,11 +16,12 @@ from ..routing.router import RouteResult
 from .context import ROUTE
 
 if TYPE_CHECKING:
+    from ..usage.service import CachedResult
     from .gateway import Gateway
 
 
 async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
-                   base_url: str | None = None) -> tuple[RouteResult, dict]:
+                   base_url: str | None = None) -> tuple[RouteResult | CachedResult, dict]:
     """Route the request (images checked and converted inside each route attempt), then render it.
     Without `request` (a background job), in the caller's task, links under `base_url`."""
     deadline = time.monotonic() + gw.config.server.request_timeout
@@ -29,14 +30,20 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
+    result: RouteResult | CachedResult
     if request is None:  # a background job: not metered by the usage ledger, budgets or cache yet
+        if base_url is None:
+            raise TypeError("generate: a background job (no request) needs base_url")
         result = await gw.router.generate(req, deadline, finish)
     else:
         # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
-        result = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
-        if result is None:
-            result = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-            await gw.usage.after(req, result)
+        cached = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
+        if cached is None:
+            routed = await gw.run_work(request, gw.router.generate(req, deadline, finish))
+            await gw.usage.after(req, routed)
+            result = routed
+        else:
+            result = cached
         request[ROUTE] = result
         base_url = public_base_url(gw, request)
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)
@@ -59,6 +66,6 @@ def public_base_url(gw: Gateway, request: web.Request) -> str:
     return gw.config.server.public_base_url or f"{request.scheme}://{request.host}"
 
 
-def route_headers(result: RouteResult) -> dict[str, str]:
+def route_headers(result: RouteResult | CachedResult) -> dict[str, str]:
     """Which route served and how many calls it took (retries and fallbacks included)."""
     return {"x-qip-route": result.route.name, "x-qip-attempts": str(result.calls)}

@@ -12,10 +12,11 @@ from aiohttp import web
 
 from ..errors import ProxyError, ServiceUnavailable
 from ..routing.policy import API_KEY
-from ..usage.report import COST_GROUPS, IMAGE_GROUPS, costs_page, images_page, parse_query
+from ..usage.record import UsageRecord
+from ..usage.report import COST_GROUPS, IMAGE_GROUPS, Query, costs_page, images_page, parse_query
 
 if TYPE_CHECKING:
-    from ..app import Gateway
+    from .gateway import Gateway
 
 
 # Seconds a usage query may take before the answer is a 503 (a database that hangs must not hold clients).
@@ -28,7 +29,8 @@ class NotAdmin(ProxyError):
     code = "insufficient_permissions"
 
 
-async def _records(gw: Gateway, request: web.Request, groups, widths=None):
+async def _records(gw: Gateway, request: web.Request, groups: tuple[str, ...],
+                   widths: tuple[str, ...] | None = None) -> tuple[Query, list[UsageRecord]]:
     key = request.get(API_KEY)
     if gw.policy.enabled and (key is None or not key.admin):
         raise NotAdmin("The usage API needs an admin key (admin: true under server.api_keys).")

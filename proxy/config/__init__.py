@@ -96,6 +96,7 @@ class Config(Strict):
         if isinstance(sizes, SizeTableConfig):
             return sizes.build()
         name = self.size_table_choice(model)["name"]
+        assert name is not None, "only an inline table (handled above) has no name"
         table = self.size_tables.get(name) or SizeTableConfig.model_validate(BUILTIN_TABLES[name])
         return table.build()
 
@@ -125,8 +126,8 @@ class Config(Strict):
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
         for url in (self.state.redis_url, self.usage.database_url):
-            if url and urlsplit(url).password:
-                found.append(urlsplit(url).password)
+            if url and (password := urlsplit(url).password):
+                found.append(password)
         if self.telemetry.headers_env and os.environ.get(self.telemetry.headers_env):
             found += [v.partition("=")[2].strip() for v in os.environ[self.telemetry.headers_env].split(",")]
         found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]

@@ -68,7 +68,7 @@ class UsageConfig(Strict):
 
     @field_validator("database_url", "gpu_usd_per_hour", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value):
+    def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator("database_url")

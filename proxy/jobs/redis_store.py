@@ -10,9 +10,11 @@ is imported only when a RedisJobStore is made."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from .model import IN_PROGRESS, Job
@@ -131,7 +133,7 @@ class RedisJobStore:
         self._client: Any = None
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             from redis.asyncio import Redis
 
@@ -139,7 +141,7 @@ class RedisJobStore:
                                           socket_connect_timeout=self.socket_timeout)
         return self._client
 
-    async def _call(self, awaitable):
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
         from redis.exceptions import RedisError
 
         try:
@@ -148,7 +150,7 @@ class RedisJobStore:
             log.warning("jobs: Redis call failed: %s", type(e).__name__)  # the URL may hold a password
             raise JobStoreUnavailable() from None
 
-    async def _eval(self, script: str, *args):
+    async def _eval(self, script: str, *args: Any) -> Any:
         return await self._call(self.client.eval(script, 0, self.prefix, *args))
 
     def _key(self, job_id: str) -> str:
@@ -188,7 +190,7 @@ class RedisJobStore:
     async def result(self, job_id: str) -> bytes | None:
         return await self._call(self.client.hget(self._key(job_id), "result"))
 
-    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> list[Job]:
+    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> builtins.list[Job]:
         zkey = f"{self.prefix}owner:{owner}"
         top = "+inf"
         if after is not None:
@@ -252,7 +254,7 @@ class RedisJobStore:
             job.cancel_requested = True
         return job, False
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> list[Job]:
+    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
         docs = await self._eval(_DUE, _ms(now), _ms(now + hold))
         return [Job.from_doc(doc) for doc in docs]
 
@@ -271,6 +273,6 @@ class RedisJobStore:
             pipe.srem(f"{self.prefix}active:{owner.decode()}", job_id)
         await self._call(pipe.execute())
 
-    async def purge(self, before: float) -> list[str]:
+    async def purge(self, before: float) -> builtins.list[str]:
         return []  # finished jobs expire by themselves (PEXPIRE jobs.ttl_seconds when they end)
 

@@ -140,7 +140,11 @@ class JobRunner:
                     break
                 task = asyncio.ensure_future(self._run(job))
                 self.running[job.id] = task
-                task.add_done_callback(lambda _t, job_id=job.id: self._done(job_id))
+
+                def done(_t: asyncio.Future[Any], job_id: str = job.id) -> None:
+                    self._done(job_id)
+
+                task.add_done_callback(done)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -152,6 +156,7 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a job always runs as a task of its own (see _claim_loop)
         keeper = asyncio.ensure_future(self._keep_lease(job.id, task))
         result: bytes | None = None
         try:
@@ -219,7 +224,7 @@ class JobRunner:
         error["message"] = self.scrub(error["message"])
         return error
 
-    async def _slot(self, key_name: str | None):
+    async def _slot(self, key_name: str | None) -> Any:
         """The key's concurrency slot (jobs count against the same limit as synchronous calls)."""
         while True:
             try:

@@ -4,16 +4,21 @@ machine (`serve --workers N`), each statement run in one thread of its own, neve
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .model import ACTIVE, IN_PROGRESS, QUEUED, TERMINAL, Job
 from .store import JobStoreUnavailable
 
 log = logging.getLogger("proxy.jobs")
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -45,7 +50,7 @@ class SqliteJobStore:
         # One thread: the connection is used by one thread at a time, statements in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qip-jobs-sqlite")
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
         except (sqlite3.Error, OSError) as e:  # OSError: the folder cannot be made
@@ -75,9 +80,14 @@ class SqliteJobStore:
             self._db = None
         self._thread.shutdown(wait=False)
 
-    def _tx(self, fn):
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the SQLite job store is not started (call start() first)")
+        return self._db
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """fn(db) inside BEGIN IMMEDIATE ... COMMIT: a write lock across the processes sharing the file."""
-        db = self._db
+        db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
             out = fn(db)
@@ -90,7 +100,7 @@ class SqliteJobStore:
     # ---- the interface ------------------------------------------------------------------------------
 
     async def create(self, job: Job, request: bytes, max_active: int) -> bool:
-        def insert(db):
+        def insert(db: sqlite3.Connection) -> bool:
             active = db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)",
                                 (job.owner, *ACTIVE)).fetchone()[0]
             if active >= max_active:
@@ -106,8 +116,8 @@ class SqliteJobStore:
         row = await self._run(self._one, "SELECT doc FROM jobs WHERE id = ?", (job_id,))
         return Job.from_doc(row[0]) if row else None
 
-    def _one(self, sql: str, args: tuple):
-        return self._db.execute(sql, args).fetchone()
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        return self._conn().execute(sql, args).fetchone()
 
     async def request(self, job_id: str) -> bytes | None:
         row = await self._run(self._one, "SELECT request FROM jobs WHERE id = ?", (job_id,))
@@ -117,9 +127,10 @@ class SqliteJobStore:
         row = await self._run(self._one, "SELECT result FROM jobs WHERE id = ?", (job_id,))
         return row[0] if row else None
 
-    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> list[Job]:
-        def query():
-            sql, args = "SELECT doc FROM jobs WHERE owner = ?", [owner]
+    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> builtins.list[Job]:
+        def query() -> builtins.list[Job]:
+            sql = "SELECT doc FROM jobs WHERE owner = ?"
+            args: builtins.list[Any] = [owner]
             if after is not None:
                 sql += " AND seq < COALESCE((SELECT seq FROM jobs WHERE id = ? AND owner = ?), -1)"
                 args += [after, owner]
@@ -128,7 +139,7 @@ class SqliteJobStore:
                 args.append(status)
             sql += " ORDER BY seq DESC LIMIT ?"
             args.append(limit)
-            return [Job.from_doc(r[0]) for r in self._db.execute(sql, args).fetchall()]
+            return [Job.from_doc(r[0]) for r in self._conn().execute(sql, args).fetchall()]
 
         return await self._run(query)
 
@@ -137,7 +148,7 @@ class SqliteJobStore:
                               (owner, *ACTIVE))
         return row[0]
 
-    def _take(self, db, where: str, args: tuple, worker: str, lease: float) -> Job | None:
+    def _take(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...], worker: str, lease: float) -> Job | None:
         row = db.execute(f"SELECT doc FROM jobs WHERE {where} ORDER BY seq LIMIT 1", args).fetchone()
         if row is None:
             return None
@@ -155,7 +166,7 @@ class SqliteJobStore:
             db, "status = ? AND lease_until < ?", (IN_PROGRESS, time.time()), worker, lease))
 
     async def renew(self, job_id: str, worker: str, lease: float) -> Job | None:
-        def renew(db):
+        def renew(db: sqlite3.Connection) -> Job | None:
             row = db.execute("SELECT doc FROM jobs WHERE id = ? AND lease_owner = ? AND status = ?",
                              (job_id, worker, IN_PROGRESS)).fetchone()
             if row is None:
@@ -166,14 +177,14 @@ class SqliteJobStore:
         return await self._run(self._tx, renew)
 
     async def save(self, job: Job, worker: str, *, result: bytes | None = None, release: bool = False) -> bool:
-        def save(db):
+        def save(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT doc FROM jobs WHERE id = ? AND lease_owner = ?", (job.id, worker)).fetchone()
             if row is None:
                 return False
             # A cancel request may have come in meanwhile (from another request): keep it.
             job.cancel_requested = job.cancel_requested or Job.from_doc(row[0]).cancel_requested
             sets = "status = ?, doc = ?, next_delivery = ?"
-            args: list = [job.status, job.to_doc(), job.next_delivery_at]
+            args: builtins.list[Any] = [job.status, job.to_doc(), job.next_delivery_at]
             if result is not None:
                 sets += ", result = ?"
                 args.append(result)
@@ -187,7 +198,7 @@ class SqliteJobStore:
         return await self._run(self._tx, save)
 
     async def cancel(self, job_id: str, worker: str, lease: float) -> tuple[Job | None, bool]:
-        def cancel(db):
+        def cancel(db: sqlite3.Connection) -> tuple[Job | None, bool]:
             row = db.execute("SELECT doc, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None, False
@@ -201,8 +212,8 @@ class SqliteJobStore:
 
         return await self._run(self._tx, cancel)
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> list[Job]:
-        def due(db):
+    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
+        def due(db: sqlite3.Connection) -> builtins.list[Job]:
             rows = db.execute("SELECT doc FROM jobs WHERE next_delivery <= ? AND "
                               "(delivery_hold IS NULL OR delivery_hold < ?) ORDER BY next_delivery LIMIT 50",
                               (now, now)).fetchall()
@@ -214,7 +225,7 @@ class SqliteJobStore:
         return await self._run(self._tx, due)
 
     async def save_deliveries(self, job: Job, worker: str) -> None:
-        def save(db):
+        def save(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT doc FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is None:
                 return
@@ -228,8 +239,8 @@ class SqliteJobStore:
     async def delete(self, job_id: str) -> None:
         await self._run(self._tx, lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
 
-    async def purge(self, before: float) -> list[str]:
-        def purge(db):
+    async def purge(self, before: float) -> builtins.list[str]:
+        def purge(db: sqlite3.Connection) -> builtins.list[str]:
             rows = db.execute("SELECT id, doc FROM jobs WHERE status IN (?, ?, ?) AND next_delivery IS NULL",
                               TERMINAL).fetchall()
             gone = [r[0] for r in rows if (Job.from_doc(r[1]).finished_at or 0) < before]

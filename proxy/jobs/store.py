@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ServiceUnavailable
@@ -35,7 +36,7 @@ class JobStore(Protocol):
 
     async def result(self, job_id: str) -> bytes | None: ...
 
-    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> list[Job]:
+    async def list(self, owner: str, *, limit: int, after: str | None, status: str | None) -> builtins.list[Job]:
         """The owner's jobs, newest first; `after`: the id of the last job of the previous page."""
 
     async def active_count(self, owner: str) -> int:
@@ -57,7 +58,7 @@ class JobStore(Protocol):
         """A queued job: taken by `worker` (in_progress, held) to be ended as cancelled; a running one:
         marked to be stopped by its holder. (The job as it is now or None, whether `worker` took it.)"""
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> list[Job]:
+    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
         """Jobs with a webhook delivery due by `now`, held by `worker` for `hold` seconds for the attempt."""
 
     async def save_deliveries(self, job: Job, worker: str) -> None:
@@ -65,5 +66,5 @@ class JobStore(Protocol):
 
     async def delete(self, job_id: str) -> None: ...
 
-    async def purge(self, before: float) -> list[str]:
+    async def purge(self, before: float) -> builtins.list[str]:
         """Remove finished jobs whose webhooks are settled and that ended before `before`; their ids."""

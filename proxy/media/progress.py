@@ -25,4 +25,8 @@ def step_reporter() -> StepCallback | None:
     if callback is None:
         return None
     loop = asyncio.get_running_loop()
-    return lambda step, total: loop.call_soon_threadsafe(callback, step, total)
+
+    def report(step: int, total: int) -> None:
+        loop.call_soon_threadsafe(callback, step, total)
+
+    return report

@@ -7,6 +7,7 @@ conversion: `finish`), so a route whose images turn out bad fails like one that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -246,7 +247,7 @@ class Router:
             if remaining <= 0:
                 break
             limit = min(route.timeout, remaining)
-            parts.retry_next = lambda e, attempt=attempt: self._may_retry(e, attempt, route, last)
+            parts.retry_next = functools.partial(self._may_retry, attempt=attempt, route=route, last=last)
             traced = tracing.current() is not None
             with tracing.span("route_attempt", {
                     "qip.route": route.name, "qip.provider": route.provider.kind, "qip.attempt": attempt + 1,

@@ -10,8 +10,9 @@ never headers; and the W3C traceparent goes out with each call.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -20,6 +21,10 @@ from local_backend.stages import SpanStages
 from ..config import TelemetryConfig
 from .settings import TraceSettings, settings_from
 from .tracing import clean, enter, leave
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Span
 
 
 def configure(config: TelemetryConfig) -> OtelTracing | None:
@@ -46,7 +51,7 @@ def route_name(path: str) -> str:
     return path if path in ("/health", "/ready", "/metrics") else "/*"
 
 
-def _exporter(settings: TraceSettings):
+def _exporter(settings: TraceSettings) -> SpanExporter:
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
@@ -60,7 +65,7 @@ def _exporter(settings: TraceSettings):
 class OtelTracing:
     """One gateway's tracer: its own TracerProvider (never the global one), batching spans to OTLP."""
 
-    def __init__(self, settings: TraceSettings, exporter=None):
+    def __init__(self, settings: TraceSettings, exporter: SpanExporter | None = None) -> None:
         from opentelemetry import context
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -96,7 +101,7 @@ class OtelTracing:
                 raise
 
     @contextlib.contextmanager
-    def request(self, method: str, path: str, headers) -> Iterator[Any]:
+    def request(self, method: str, path: str, headers: Mapping[str, str]) -> Iterator[Any]:
         """The request's server span, continuing the client's traceparent when it sent one."""
         parent = self.propagator.extract(headers)
         with self.tracer.start_as_current_span(
@@ -109,14 +114,14 @@ class OtelTracing:
             finally:
                 leave(tokens)
 
-    def failed(self, span) -> None:
+    def failed(self, span: Span) -> None:
         span.set_status(self._error)
 
     def client_trace_config(self) -> aiohttp.TraceConfig:
         """Spans for the calls an aiohttp session makes (upstreams, vendor polls, downloads)."""
         config = aiohttp.TraceConfig()
 
-        async def on_start(_session, ctx, params: aiohttp.TraceRequestStartParams) -> None:
+        async def on_start(_session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams) -> None:
             url = params.url
             bare = url.with_user(None).with_password(None).with_query(None).with_fragment(None)
             span = self.tracer.start_span(params.method, kind=self._client, attributes={
@@ -125,7 +130,7 @@ class OtelTracing:
             ctx.qip_span = span
             self.propagator.inject(params.headers, context=self._in_context(span))
 
-        async def on_end(_session, ctx, params: aiohttp.TraceRequestEndParams) -> None:
+        async def on_end(_session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams) -> None:
             span = getattr(ctx, "qip_span", None)
             if span is not None:
                 span.set_attribute("http.response.status_code", params.response.status)
@@ -133,7 +138,7 @@ class OtelTracing:
                     span.set_status(self._error)
                 span.end()
 
-        async def on_error(_session, ctx, params: aiohttp.TraceRequestExceptionParams) -> None:
+        async def on_error(_session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestExceptionParams) -> None:
             span = getattr(ctx, "qip_span", None)
             if span is not None:
                 span.set_attribute("error.type", type(params.exception).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -19,7 +20,7 @@ class TraceSettings:
     record_prompts: bool
 
 
-def settings_from(config: TelemetryConfig, environ=os.environ) -> TraceSettings | None:
+def settings_from(config: TelemetryConfig, environ: Mapping[str, str] = os.environ) -> TraceSettings | None:
     """The exporter's settings, or None when tracing is off (no endpoint anywhere, or OTEL_SDK_DISABLED)."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None

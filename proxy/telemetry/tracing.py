@@ -10,8 +10,15 @@ Several gateways in one process (tests, mounted apps) each keep their own tracer
 from __future__ import annotations
 
 import itertools
-from contextvars import ContextVar
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from local_backend.stages import StageHook
 
 
 class Tracing(Protocol):
@@ -19,17 +26,17 @@ class Tracing(Protocol):
 
     record_prompts: bool
 
-    def span(self, name: str, attributes: dict[str, Any] | None = None): ...
+    def span(self, name: str, attributes: dict[str, Any] | None = None) -> AbstractContextManager[Any]: ...
 
-    def request(self, method: str, path: str, headers): ...
+    def request(self, method: str, path: str, headers: Mapping[str, str]) -> AbstractContextManager[Any]: ...
 
-    def failed(self, span) -> None: ...
+    def failed(self, span: Any) -> None: ...
 
-    def engine_hook(self): ...
+    def engine_hook(self) -> StageHook: ...
 
     def traceparent(self) -> str | None: ...
 
-    def client_trace_config(self): ...
+    def client_trace_config(self) -> aiohttp.TraceConfig: ...
 
     def shutdown(self) -> None: ...
 
@@ -46,6 +53,10 @@ class _NoSpan:
 
     __slots__ = ()
 
+    if TYPE_CHECKING:  # set below, as C callables: what a type checker sees of them
+        __enter__: Callable[[], _NoSpan]
+        __exit__: Callable[..., Any]  # "".format: returns "", which is false (an exception goes on)
+
     def set_attribute(self, key: str, value: Any) -> None:
         return None
 
@@ -60,11 +71,11 @@ NO_SPAN = _NoSpan()
 # `with NO_SPAN as span` runs on every span site of every untraced request, so its __enter__ and
 # __exit__ are C callables rather than Python methods (being no descriptors, they get no `self`):
 # __enter__ returns NO_SPAN, __exit__ returns "" (false: an exception goes on). Half the cost.
-_NoSpan.__enter__ = itertools.repeat(NO_SPAN).__next__  # type: ignore[attr-defined]
-_NoSpan.__exit__ = "".format  # type: ignore[attr-defined]
+_NoSpan.__enter__ = itertools.repeat(NO_SPAN).__next__
+_NoSpan.__exit__ = "".format
 
 
-def span(name: str, attributes: dict[str, Any] | None = None):
+def span(name: str, attributes: dict[str, Any] | None = None) -> AbstractContextManager[Any]:
     """A context manager for a span named `name` under the current one (yields it: set_attribute...)."""
     tracing = _tracing.get()
     if tracing is None:
@@ -90,7 +101,7 @@ def trace_id() -> str:
     return "" if found is None else format(found.get_span_context().trace_id, "032x")
 
 
-def engine_hook():
+def engine_hook() -> StageHook | None:
     """A local_backend stage hook that makes the engine's stages spans under the current span; None when
     this request is not traced (the engine then does nothing for it)."""
     tracing = _tracing.get()
@@ -110,12 +121,12 @@ def prompt_attributes(prompt: str | None) -> dict[str, Any]:
     return {"qip.prompt": prompt} if tracing is not None and tracing.record_prompts and prompt else {}
 
 
-def enter(tracing: Tracing, request_span) -> tuple:
+def enter(tracing: Tracing, request_span: Any) -> tuple[Token[Tracing | None], Token[Any]]:
     """Make `tracing` and `request_span` this context's (the request's); `leave` undoes it."""
     return _tracing.set(tracing), _request_span.set(request_span)
 
 
-def leave(tokens: tuple) -> None:
+def leave(tokens: tuple[Token[Tracing | None], Token[Any]]) -> None:
     _tracing.reset(tokens[0])
     _request_span.reset(tokens[1])
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config.usage import BudgetConfig
 from ..errors import ProxyError
+
+if TYPE_CHECKING:
+    from ..state.shared_redis import RedisState
 
 
 class QuotaExceeded(ProxyError):
@@ -68,7 +72,7 @@ def refusal(which: str, budget: BudgetConfig, resets_at: float, now: float) -> Q
 
 def limits_of(budget: BudgetConfig) -> tuple[int, int, int]:
     """(images per day, micro-USD per day, micro-USD per month); -1 for no limit."""
-    def micro(usd):
+    def micro(usd: float | None) -> int:
         return -1 if usd is None else round(usd * 1_000_000)
     return (-1 if budget.images_per_day is None else budget.images_per_day,
             micro(budget.usd_per_day), micro(budget.usd_per_month))
@@ -91,7 +95,7 @@ def over(spent: tuple[int, int, int], want: tuple[int, int], limits: tuple[int, 
 class MemorySpend:
     """The counters in this process (seeded from the ledger at start, so a restart forgets nothing)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._counts: dict[tuple[str, str, str], int] = {}  # (key, period, what) -> count
 
     def _get(self, key: str, period: str, what: str) -> int:
@@ -143,8 +147,8 @@ _DAY_TTL, _MONTH_TTL = 2 * 86400, 32 * 86400
 class RedisSpend:
     """The counters in Redis (state.redis_url): every proxy sharing it counts against the same budgets."""
 
-    def __init__(self, state):
-        self.state = state  # proxy.state.shared_redis.RedisState
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
 
     def _keys(self, hold: Hold) -> tuple[str, str, str]:
         p = f"{self.state.prefix}budget:{hold.key}:"

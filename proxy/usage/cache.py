@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import pybase64 as base64
 
@@ -16,10 +17,14 @@ from ..config.usage import CacheConfig
 from ..media.output import MIME, FinalImage
 from .cache_index import CacheIndex, Entry, MemoryIndex
 
+if TYPE_CHECKING:
+    from ..request import ImageRequest
+    from ..state.store import ImageStore
+
 log = logging.getLogger("proxy.usage")
 
 
-def cache_key(req, routes: str, key_name: str | None, config: CacheConfig) -> tuple | None:
+def cache_key(req: ImageRequest, routes: str, key_name: str | None, config: CacheConfig) -> tuple | None:
     """The request's cache key (pure): None without an explicit seed (it asks for a new image). A tuple of
     plain values, compared whole by the in-memory index (no digest to collide, and cheap to hash).
 
@@ -57,7 +62,7 @@ class SeededCache:
     """Entries expire after ttl_seconds or when the store lets their images go (store.ttl_seconds),
     whichever comes first; past a model's max_mb the oldest go."""
 
-    def __init__(self, store, index: CacheIndex | None = None):
+    def __init__(self, store: ImageStore, index: CacheIndex | None = None) -> None:
         self.store = store
         self.index = index if index is not None else MemoryIndex()
 
@@ -88,19 +93,23 @@ class SeededCache:
                 return await asyncio.to_thread(found.path.read_bytes)
             except OSError:
                 return None
-        return b"".join([chunk async for chunk in found.chunks])
+        chunks = found.chunks
+        assert chunks is not None, "a stored image has a path or chunks"
+        return b"".join([chunk async for chunk in chunks])
 
     async def put(self, model: str, key: tuple, images: list[FinalImage], route: str, provider: str,
                   config: CacheConfig) -> None:
-        datas = await asyncio.to_thread(lambda: [_raw(img) for img in images])
-        if any(d is None or img.format is None for d, img in zip(datas, images, strict=True)):
+        raws = await asyncio.to_thread(lambda: [_raw(img) for img in images])
+        datas = [d for d in raws if d is not None]
+        formats = [img.format for img in images if img.format is not None]
+        if len(datas) != len(raws) or len(formats) != len(images):
             return
         size = sum(len(d) for d in datas)
         limit = int(config.max_mb * 1024 * 1024)
         if size > limit:
             return
-        names = [await self.store.put(d, MIME[img.format]) for d, img in zip(datas, images, strict=True)]
+        names = [await self.store.put(d, MIME[fmt]) for d, fmt in zip(datas, formats, strict=True)]
         ttl = min(config.ttl_seconds, getattr(self.store, "ttl", config.ttl_seconds))
-        entry = Entry(names, [img.format for img in images], [img.seed for img in images],
+        entry = Entry(names, formats, [img.seed for img in images],
                       [img.revised_prompt for img in images], route, provider, time.time() + ttl, size)
         await self.index.put(model, key, entry, limit)

@@ -9,7 +9,10 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..state.shared_redis import RedisState
 
 
 @dataclass
@@ -35,13 +38,15 @@ class CacheIndex(Protocol):
 class MemoryIndex:
     """One LRU index per model, each within its model's max_mb."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._index: dict[str, OrderedDict[tuple, Entry]] = {}
         self._bytes: dict[str, int] = {}
 
     async def get(self, model: str, key: tuple) -> Entry | None:
         index = self._index.get(model)
-        entry = index.get(key) if index else None
+        if index is None:
+            return None
+        entry = index.get(key)
         if entry is not None:
             index.move_to_end(key)
         return entry
@@ -55,7 +60,8 @@ class MemoryIndex:
             await self.forget(model, next(iter(index)))
 
     async def forget(self, model: str, key: tuple) -> None:
-        entry = self._index.get(model, {}).pop(key, None)
+        index = self._index.get(model)
+        entry = index.pop(key, None) if index is not None else None
         if entry is not None:
             self._bytes[model] -= entry.size
 
@@ -90,8 +96,8 @@ class RedisIndex:
     """The index in Redis: an entry per request (expiring with it), and per model the entries by expiry and
     their sizes, so max_mb holds across every proxy (the first to expire go first when it is passed)."""
 
-    def __init__(self, state):
-        self.state = state  # proxy.state.shared_redis.RedisState
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
 
     def _keys(self, model: str, key: tuple) -> tuple[str, str, str]:
         # repr of plain values (text, numbers, bytes, None, tuples) is the same in every process.

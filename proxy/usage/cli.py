@@ -8,6 +8,7 @@ import re
 import time
 
 from ..config import Config
+from .record import UsageRecord
 from .report import COST_GROUPS, IMAGE_GROUPS, WIDTHS, summary
 from .service import make_backend
 
@@ -41,7 +42,7 @@ def table(rows: list[dict], group_by: list[str], width: str) -> str:
     return "\n".join(out)
 
 
-async def _read(config: Config, start: float, end: float):
+async def _read(config: Config, start: float, end: float) -> list[UsageRecord]:
     backend = make_backend(config)
     await backend.start()
     try:

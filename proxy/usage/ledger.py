@@ -35,7 +35,8 @@ class LedgerWriter:
     flush_seconds (or sooner when a batch is full), and keeps a batch that failed to try it again."""
 
     def __init__(self, backend: LedgerBackend, *, queue_max: int, batch_size: int, flush_seconds: float,
-                 write_timeout: float, on_drop=None, scrub=str):
+                 write_timeout: float, on_drop: Callable[[int], object] | None = None,
+                 scrub: Callable[[str], str] = str) -> None:
         self.backend = backend
         self.queue_max, self.batch_size = queue_max, batch_size
         self.flush_seconds, self.write_timeout = flush_seconds, write_timeout

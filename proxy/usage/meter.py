@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.usage import PriceConfig
 from .pricing import call_cost, route_price
+
+if TYPE_CHECKING:
+    from ..request import ImageRequest
+    from ..routing.router import Route
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Meter:
 CURRENT: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("qip_usage_meter", default=None)
 
 
-def note_call(route, chunk, images: list | None) -> None:
+def note_call(route: Route, chunk: ImageRequest, images: list | None) -> None:
     """The router's hook: a call on `route` (router.Route) for `chunk` (ImageRequest) ended."""
     meter = CURRENT.get()
     if meter is not None:

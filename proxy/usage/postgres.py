@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from .record import UsageRecord
 from .schema import CREATE, SELECT, from_row, insert
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("proxy.usage")
 
@@ -20,7 +24,7 @@ class PostgresLedger:
     def __init__(self, url: str, *, connect_timeout: float = 3):
         self.url = url
         self.connect_timeout = connect_timeout
-        self._conn = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -31,7 +35,7 @@ class PostgresLedger:
             log.warning("usage ledger: PostgreSQL is not reachable at start-up (%s); records queue in memory "
                         "until it is", type(e).__name__)
 
-    async def _connection(self):
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
         import psycopg  # optional dependency: pip install qwen-image-proxy[postgres]
 
         if self._conn is None or self._conn.closed or self._conn.broken:

@@ -55,9 +55,10 @@ def estimate(price: PriceConfig | None, images: int, width: int, height: int, pe
 
 def total(costs: list[float | None]) -> float | None:
     """A request's cost from its calls': None if any is unknown; 0 when it made no calls."""
-    if any(c is None for c in costs):
+    known = [c for c in costs if c is not None]
+    if len(known) != len(costs):
         return None
-    return float(sum(costs))
+    return float(sum(known))
 
 
 def micro(usd: float) -> int:

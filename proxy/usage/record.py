@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 
-from .meter import Meter
+from .meter import Call, Meter
 from .pricing import total
 
 
@@ -50,12 +51,13 @@ class UsageRecord:
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
 
 
-def build_record(meter: Meter, *, calls: tuple | None = None, ts: float, request_id: str, key: str | None, model: str, path: str,
+def build_record(meter: Meter, *, calls: Sequence[Call] | None = None, ts: float, request_id: str, key: str | None, model: str, path: str,
                  status: int, outcome: str, seconds: float) -> UsageRecord:
     req = meter.req
     delivered = (req.n if req is not None else 0) if status == 200 and outcome == "ok" else 0
     calls = meter.calls if calls is None else calls
     gpu_parts = [c.gpu_seconds for c in calls if c.gpu_seconds is not None]
+    cost: float | None
     if meter.cache_hit:
         cost, (route, provider) = 0.0, meter.cache_route or (None, None)
     else:

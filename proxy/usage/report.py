@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+from multidict import MultiMapping
 
 from ..errors import InvalidRequest
 from .record import UsageRecord
@@ -31,13 +35,13 @@ class Query:
     filters: dict[str, set[str]] = field(default_factory=dict)
 
 
-def _values(params, name: str) -> list[str]:
+def _values(params: MultiMapping[str], name: str) -> list[str]:
     """A list parameter as clients send it: name[]=a&name[]=b, name=a&name=b, or name=a,b."""
     found = list(params.getall(f"{name}[]", [])) + list(params.getall(name, []))
     return [v for part in found for v in part.split(",") if v]
 
 
-def _int(params, name: str, default: int | None = None) -> int:
+def _int(params: MultiMapping[str], name: str, default: int | None = None) -> int:
     text = params.get(name)
     if text is None:
         if default is None:
@@ -49,7 +53,7 @@ def _int(params, name: str, default: int | None = None) -> int:
         raise InvalidRequest(f"Invalid '{name}': must be an integer.", param=name) from None
 
 
-def parse_query(params, groups: tuple[str, ...], now: float, widths: tuple[str, ...] = tuple(WIDTHS)) -> Query:
+def parse_query(params: MultiMapping[str], groups: tuple[str, ...], now: float, widths: tuple[str, ...] = tuple(WIDTHS)) -> Query:
     start = _int(params, "start_time")
     end = _int(params, "end_time", math.ceil(now))
     if end <= start:
@@ -76,7 +80,7 @@ def parse_query(params, groups: tuple[str, ...], now: float, widths: tuple[str, 
     return Query(start, end, width, limit, page_start, group_by, filters)
 
 
-def _field(record: UsageRecord, name: str):
+def _field(record: UsageRecord, name: str) -> Any:
     return {"api_key_id": record.key, "size": record.size, "project_id": None, "user_id": None,
             "line_item": record.model}.get(name, getattr(record, name, None))
 
@@ -85,7 +89,7 @@ def _matches(record: UsageRecord, q: Query) -> bool:
     return all(_field(record, name) in wanted for name, wanted in q.filters.items())
 
 
-def _page(q: Query, records: list[UsageRecord], result, fields: tuple[str, ...]) -> dict:
+def _page(q: Query, records: list[UsageRecord], result: Callable[[list[UsageRecord], dict], dict], fields: tuple[str, ...]) -> dict:
     step = WIDTHS[q.width]
     starts = list(range(q.page_start, q.end, step))[:q.limit]
     groups: dict[int, dict[tuple, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))

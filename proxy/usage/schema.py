@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from .record import COLUMNS, UsageRecord
 
 _TYPES = {
@@ -29,7 +32,7 @@ def insert(placeholder: str) -> str:
     return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"
 
 
-def from_row(row) -> UsageRecord:
+def from_row(row: Sequence[Any]) -> UsageRecord:
     record = UsageRecord(*row)
     record.cache_hit, record.stream = bool(record.cache_hit), bool(record.stream)
     return record

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import Config
 from ..media.output import FinalImage
@@ -23,6 +24,15 @@ from .postgres import PostgresLedger
 from .pricing import estimate, micro, route_price, total
 from .record import build_record
 from .sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    from ..config.server import ApiKey
+    from ..request import ImageRequest
+    from ..routing.router import Router, RouteResult
+    from ..state.factory import State
+    from ..state.shared_redis import RedisState
+    from ..state.store import ImageStore
+    from ..telemetry.metrics import Metrics
 
 log = logging.getLogger("proxy.usage")
 
@@ -37,13 +47,14 @@ class CachedResult:
     calls: int = 0
 
 
-def make_backend(config: Config):
+def make_backend(config: Config) -> PostgresLedger | SqliteLedger:
     usage = config.usage
     return PostgresLedger(usage.database_url) if usage.database_url else SqliteLedger(usage.path)
 
 
 class Usage:
-    def __init__(self, config: Config, metrics, state, store, router, scrub=str):
+    def __init__(self, config: Config, metrics: Metrics, state: State, store: ImageStore, router: Router,
+                 scrub: Callable[[str], str] = str) -> None:
         self.config = config
         self.usage = config.usage
         self.metrics = metrics
@@ -53,9 +64,10 @@ class Usage:
                                     write_timeout=self.usage.write_timeout,
                                     on_drop=lambda n: metrics.usage_dropped.inc(n), scrub=scrub)
                        if self.usage.enabled else None)
-        shared = getattr(state, "kind", "") == "redis"  # state.redis_url: budgets and the cache index there
-        self.spend = RedisSpend(state) if shared else MemorySpend()
-        self.cache = SeededCache(store, RedisIndex(state) if shared else MemoryIndex())
+        # state.redis_url: budgets and the cache index there (kind "redis" is RedisState's)
+        redis = cast("RedisState", state) if getattr(state, "kind", "") == "redis" else None
+        self.spend = RedisSpend(redis) if redis is not None else MemorySpend()
+        self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
@@ -68,6 +80,8 @@ class Usage:
 
     async def _seed_spend(self) -> None:
         """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
+        if self.writer is None:  # only called with a ledger (start)
+            return
         now = time.time()
         try:
             records = await asyncio.wait_for(self.writer.backend.query(month_start(now), now + 1),
@@ -96,7 +110,7 @@ class Usage:
         CURRENT.set(meter)
         return meter
 
-    async def before(self, req, key, cache_control: str | None) -> CachedResult | None:
+    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None) -> CachedResult | None:
         """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold."""
         meter = CURRENT.get() or self.open()
         meter.req = req
@@ -132,13 +146,13 @@ class Usage:
             meter.reservation = hold
         return None
 
-    def _estimate(self, req) -> float:
+    def _estimate(self, req: ImageRequest) -> float:
         routes = self.router.usable(req.model) or self.router.routes[req.model]
         route = routes[0]
         price = route_price(route.config.price, route.provider.kind, self.usage.gpu_usd_per_hour)
         return estimate(price, req.n, req.width, req.height, route.per_call)
 
-    async def after(self, req, result) -> None:
+    async def after(self, req: ImageRequest, result: RouteResult) -> None:
         """A routed request succeeded: keep its images for later seeded repeats. Before the answer goes
         out, so a client that repeats at once gets its hit; a store that fails costs only the entry."""
         meter = CURRENT.get()
@@ -165,7 +179,7 @@ class Usage:
             out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
         return out
 
-    def finish(self, meter: Meter, *, request_id: str, key, model: str, path: str, status: int, outcome: str,
+    def finish(self, meter: Meter, *, request_id: str, key: ApiKey | None, model: str, path: str, status: int, outcome: str,
                seconds: float) -> None:
         """The request ended (answered, failed or cancelled): its record (built later, by the writer, off the
         request's path), metrics and budget settlement."""
@@ -196,7 +210,7 @@ class Usage:
         except Exception as e:  # noqa: BLE001 - Redis away: the hold stays as it was (errs on the safe side)
             log.warning("budgets: could not settle a request's spending (%s)", type(e).__name__)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)

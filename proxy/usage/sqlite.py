@@ -47,11 +47,19 @@ class SqliteLedger:
     async def write(self, records: list[UsageRecord]) -> None:
         await asyncio.to_thread(self._write, [r.row() for r in records])
 
+    def _connected(self) -> sqlite3.Connection:
+        """The open connection (call under self._lock, after _open)."""
+        if self._db is None:
+            raise RuntimeError(f"usage ledger: {self.path} is not open")
+        return self._db
+
     def _write(self, rows: list[tuple]) -> None:
         with self._lock:
             self._open()
-        with self._lock, self._db:  # one transaction
-            self._db.executemany(insert("?"), rows)
+        with self._lock:
+            db = self._connected()
+            with db:  # one transaction
+                db.executemany(insert("?"), rows)
 
     async def query(self, start: float, end: float) -> list[UsageRecord]:
         return await asyncio.to_thread(self._query, start, end)
@@ -59,5 +67,5 @@ class SqliteLedger:
     def _query(self, start: float, end: float) -> list[UsageRecord]:
         with self._lock:
             self._open()
-            rows = self._db.execute(SELECT.format(p="?"), (start, end)).fetchall()
+            rows = self._connected().execute(SELECT.format(p="?"), (start, end)).fetchall()
         return [from_row(row) for row in rows]
