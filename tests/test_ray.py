@@ -522,6 +522,42 @@ async def test_an_edit_with_a_mask_through_the_pool(edit_pool, start_proxy, tmp_
     assert (out[inside] != src[inside]).any()
 
 
+@pytest.fixture(scope="module")
+def pool_21(ray_pool):
+    """A third application: the tiny Qwen-Image-2.1 model (generations and edits on one model), one replica."""
+    from ray import serve
+
+    from local_backend.ray_app import build_app
+
+    engine = {k: v for k, v in ENGINE.items() if k not in ("tiers", "quality_tiers")}
+    options = {**EDIT_POOL, "engine": {**engine, "model": "tiny-2.1"}}
+    serve.run(build_app(options), name=f"{APP}-21", route_prefix=f"{ROUTE}-21")
+    yield options
+    serve.delete(f"{APP}-21")
+
+
+@pytest.mark.ray
+async def test_qwen_image_21_generates_and_edits_through_the_pool(pool_21, start_proxy, tmp_path):
+    provider = {**pool_21, "app_name": f"{APP}-21", "route_prefix": f"{ROUTE}-21"}
+    cfg = ray_config(tmp_path, provider)
+    cfg["models"][MODEL]["max_input_images"] = 3
+    server, client = await start_proxy(cfg)
+    pool = server.app[GATEWAY].providers["pool"]
+    assert await pool.wait_ready(60), pool.unavailable_reason
+    assert pool.capabilities.edits  # one model serves both endpoints
+    made = [await generate(client, seed=4, n=2) for _ in range(2)]
+    first, again = ([b64_pixels(d) for d in r.data] for r in made)
+    assert all(p.shape == (64, 64, 3) for p in first)
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))  # seeded: the same pixels
+    assert (first[0] != first[1]).any()  # image i has seed + i
+    rng = np.random.default_rng(2)
+    inputs = [("a.png", png(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))), "image/png")
+              for _ in range(2)]
+    r = await client.images.edit(model=MODEL, image=inputs, prompt="put them together", response_format="b64_json",
+                                 extra_body={"seed": 2, "num_inference_steps": 2})
+    assert b64_pixels(r.data[0]).shape[2] == 3 and len(r.data) == 1
+
+
 @pytest.mark.ray
 async def test_a_killed_replica_loses_no_request(ray_pool, start_proxy, tmp_path):
     """Last: it leaves the pool with one replica until Serve has started a new one."""
