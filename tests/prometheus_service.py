@@ -4,27 +4,21 @@ loopback only, on a free port; and promtool beside it."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from .services import free_port
+from .services import free_port, service_missing
 
 
 def require(binary: str) -> str:
     """The binary's path; without it a skip (a failure under QIP_REQUIRE_SERVICES, as in CI)."""
     path = shutil.which(binary)
     if path is None:
-        message = (f"{binary} is not installed (apt-get install -y prometheus); .ci/run installs it and sets "
-                   "QIP_REQUIRE_SERVICES=1, which makes this a failure")
-        if os.environ.get("QIP_REQUIRE_SERVICES") or os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        service_missing(f"{binary} is not installed (apt-get install -y prometheus)")
     return path
 
 

@@ -67,6 +67,14 @@ class RedisServer:
             self.proc.send_signal(signal.SIGCONT)
 
 
+def service_missing(message: str) -> None:
+    """A service a test needs is not installed: a skip here, a failure in CI (.ci/run installs every
+    service and sets QIP_REQUIRE_SERVICES=1)."""
+    if os.environ.get("QIP_REQUIRE_SERVICES") or os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
@@ -76,11 +84,7 @@ def redis_server():
     """A started redis-server on a free port (one per test: nothing leaks between tests)."""
     binary = redis_binary()
     if binary is None:
-        message = ("redis-server is not installed (apt-get install -y redis-server); .ci/run installs it "
-                   "and sets QIP_REQUIRE_SERVICES=1, which makes this a failure")
-        if os.environ.get("QIP_REQUIRE_SERVICES") or os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        service_missing("redis-server is not installed (apt-get install -y redis-server)")
     server = RedisServer(binary)
     server.start()
     try:
@@ -198,11 +202,7 @@ def postgres_server():
     """A started PostgreSQL server on a free port (one per test)."""
     bindir = postgres_bindir()
     if bindir is None:
-        message = ("PostgreSQL is not installed (apt-get install -y postgresql); .ci/run installs it and sets "
-                   "QIP_REQUIRE_SERVICES=1, which makes this a failure")
-        if os.environ.get("QIP_REQUIRE_SERVICES") or os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        service_missing("PostgreSQL is not installed (apt-get install -y postgresql)")
     server = PostgresServer(bindir)
     server.init()
     server.start()
