@@ -8,6 +8,7 @@
     python bench/bench_gateway.py --memory   # then idle memory after the large run: malloc_trim, glibc knobs
     python bench/bench_gateway.py --variant all=pybase64+splice-json   # a column per patched proxy (PATCHES)
     python bench/bench_gateway.py --no-table --micro                   # only the in-process step costs
+    python bench/bench_gateway.py --burst    # thousands in flight against a slow mock (bench/burst.py)
 
 Processes (all on 127.0.0.1, each its own; with 2 cores they all share the CPU, the numbers say so):
 
@@ -585,7 +586,85 @@ def _patch_inline_check() -> None:
     proxy.media.output.run_cpu = run_cpu_8mb
 
 
-PATCHES = {"inline-check": _patch_inline_check, "loop-lag": _patch_loop_lag, "uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
+def _patch_gc_freeze() -> None:
+    """gc.freeze() once the app is built: the objects of start-up (modules, config) leave the collector's walks."""
+    import gc
+
+    import proxy.http.server
+
+    make = proxy.http.server.new_event_loop
+
+    def new_event_loop():
+        gc.collect()
+        gc.freeze()
+        return make()
+
+    proxy.http.server.new_event_loop = new_event_loop
+
+
+def _patch_gc_off() -> None:
+    """No automatic garbage collection at all (a yardstick for what the collector costs; not a fix)."""
+    import gc
+
+    gc.disable()
+
+
+def _patch_gc_threshold() -> None:
+    """A young generation of 20,000 objects instead of 700: fewer collections, each over more objects."""
+    import gc
+
+    gc.set_threshold(20_000, 10, 10)
+
+
+def _patch_gc_threshold_50k() -> None:
+    import gc
+
+    gc.set_threshold(50_000, 10, 10)
+
+
+def _patch_gc_threshold_5k() -> None:
+    import gc
+
+    gc.set_threshold(5_000, 10, 10)
+
+
+def _patch_gc_stats() -> None:
+    """The garbage collector's work, printed to the proxy's log every 5 s while it collects (grep gc-stats):
+    collections per generation, their total and worst time, and the objects each generation held."""
+    import gc
+    import threading
+
+    totals = {g: [0, 0.0, 0.0, 0] for g in range(3)}  # count, total ms, worst ms, objects collected
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - started[0]) * 1000
+        t = totals[info["generation"]]
+        t[0] += 1
+        t[1] += ms
+        t[2] = max(t[2], ms)
+        t[3] += info["collected"]
+
+    def report() -> None:
+        while True:
+            time.sleep(5)
+            if any(t[0] for t in totals.values()):
+                print("gc-stats: " + "; ".join(f"gen{g} {t[0]}x {t[1]:.0f} ms (worst {t[2]:.1f}, collected {t[3]})"
+                                               for g, t in totals.items()) + f"; tracked now {len(gc.get_objects())}, "
+                      f"frozen {gc.get_freeze_count()}", flush=True)
+                for t in totals.values():
+                    t[:] = [0, 0.0, 0.0, 0]
+
+    gc.callbacks.append(on_gc)
+    threading.Thread(target=report, daemon=True).start()
+
+
+PATCHES = {"gc-stats": _patch_gc_stats, "gc-freeze": _patch_gc_freeze, "gc-off": _patch_gc_off, "gc-threshold": _patch_gc_threshold,
+           "gc-threshold-50k": _patch_gc_threshold_50k, "gc-threshold-5k": _patch_gc_threshold_5k,
+           "inline-check": _patch_inline_check, "loop-lag": _patch_loop_lag, "uvloop": _patch_uvloop, "fast-encoders": _patch_fast_encoders, "pybase64": _patch_pybase64, "splice-json": _patch_splice_json,
            "orjson": _patch_orjson, "quiet-access-log": _patch_quiet_access_log, "single-await": _patch_single_await}
 
 
@@ -645,7 +724,8 @@ def floor_worker(config: str, cut_through: bool = False) -> None:
         return web.json_response({"status": "ok"})
 
     async def session(app: web.Application):
-        app[HTTP] = aiohttp.ClientSession()
+        # No cap on connections (aiohttp's default is 100): a burst of slow answers would queue behind it.
+        app[HTTP] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         yield
         await app[HTTP].close()
 
@@ -1346,7 +1426,18 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated case keys (large_c1 always runs: the reference)")
     parser.add_argument("--json", help="write every run's numbers here")
     parser.add_argument("--keep", help="keep logs and profiles in this folder")
-    parser.add_argument("--worker", choices=["loadgen", "proxy", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--burst", action="store_true",
+                        help="instead of the table: bursts of thousands in flight against a slow mock (bench/burst.py)")
+    parser.add_argument("--burst-rounds", type=int, default=2, help="--burst: interleaved rounds of the bursts")
+    parser.add_argument("--burst-scale", type=float, default=1.0, help="--burst: every burst's size times this")
+    parser.add_argument("--burst-only", metavar="KEY,KEY",
+                        help="--burst: only these bursts (small_16, large_100, small_4000, small_10000), no c=1 rows")
+    parser.add_argument("--burst-targets", metavar="NAME,NAME",
+                        help="--burst: only these columns (direct, floor, proxy, proxy-w2, variants)")
+    parser.add_argument("--burst-profile", action="store_true",
+                        help="--burst: then py-spy on --profile-target during a burst (--burst-profile-key)")
+    parser.add_argument("--burst-profile-key", default="small_4000", help="--burst-profile: which burst")
+    parser.add_argument("--worker", choices=["loadgen", "proxy", "floor", "burst"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--patches", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1359,6 +1450,13 @@ def main() -> None:
     if args.worker == "floor":
         floor_worker(args.config, args.cut_through)
         return
+    if args.worker == "burst" or args.burst:
+        import burst  # here, not above: burst.py imports this module for its helpers
+
+        if args.worker == "burst":
+            burst.client_worker()
+            return
+        sys.exit(asyncio.run(burst.orchestrate(args)))
     if args.rounds < 1 or args.rounds > 9:
         parser.error("--rounds: 1 to 9")
     try:

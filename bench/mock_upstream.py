@@ -15,6 +15,8 @@ then sent as bytes, so the upstream itself costs as little as aiohttp allows.
 - response_format "url": data items {"url": "http://<host>:<port>/files/<size>-<image>.png"}, served
   by GET /files/<size>-<image>.png from memory (the proxy downloads it: its fetch path).
 - GET /health: 200 "ok" (the benchmark's event-loop probe, also for the direct target).
+- --delay SECONDS (default 0): each generation answers after this long, like an upstream that works on it;
+  PUT /control/delay?seconds=S changes it while running (the burst benchmark's slow phases).
 
 The first line on stdout is "listening on http://127.0.0.1:<port>" once it accepts connections. Only
 loopback addresses are accepted for --host. Nothing is logged per request.
@@ -71,6 +73,7 @@ class MockUpstream:
         self.b64 = {name: base64.b64encode(data).decode("ascii") for name, data in self.png.items()}
         self._answers: dict[tuple[str, int, str, str], bytes] = {}
         self.calls = 0
+        self.delay = 0.0  # seconds each generation waits before it answers
 
     def answer(self, name: str, n: int, response_format: str, origin: str) -> bytes:
         """The JSON answer (bytes) for image `name` ("<size>-<image>"), n times, as url or b64_json."""
@@ -99,6 +102,8 @@ class MockUpstream:
         prompt = fields.get("prompt")
         image = "photo" if isinstance(prompt, str) and prompt.startswith("photo") else "noise"
         body = self.answer(f"{size}-{image}", n, fmt, f"http://{request.host}")
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
         return web.Response(body=body, content_type="application/json")
 
     async def file(self, request: web.Request) -> web.Response:
@@ -110,19 +115,30 @@ class MockUpstream:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def set_delay(self, request: web.Request) -> web.Response:
+        try:
+            delay = float(request.query["seconds"])
+        except (KeyError, ValueError):
+            return web.json_response({"error": {"message": "want ?seconds=<number>"}}, status=400)
+        self.delay = max(0.0, delay)
+        return web.Response(text="ok")
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/images/generations", self.generations)
         app.router.add_get("/files/{name}.png", self.file)
         app.router.add_get("/health", self.health)
+        app.router.add_put("/control/delay", self.set_delay)
         return app
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, delay: float = 0.0) -> None:
     mock = MockUpstream()
+    mock.delay = delay
     runner = web.AppRunner(mock.app(), access_log=None, handle_signals=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=256)
+    # A deep accept queue: a burst of thousands of connections at once is accepted, not dropped and retried.
+    site = web.TCPSite(runner, host, port, backlog=8192)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]
     print(f"listening on http://{host}:{bound}", flush=True)
@@ -136,11 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9100, help="0: any free port")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each generation waits before answering")
     args = parser.parse_args(argv)
     if not ipaddress.ip_address(args.host).is_loopback:
         parser.error("--host must be a loopback address: this is a benchmark fixture, not a server")
     with contextlib.suppress(KeyboardInterrupt, web.GracefulExit):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.delay))
     sys.exit(0)
 
 
