@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
+from .collector import collect_forever, tune_gc
 from .wire_errors import client_error, describe, error_response
 
 log = logging.getLogger("proxy")
@@ -289,6 +290,7 @@ async def _serve(app: web.Application, sockets: list[socket.socket], limits: Con
     runner = GuardedAppRunner(app, limits, handle_signals=True, shutdown_timeout=shutdown_timeout, access_log=None,
                               handler_cancellation=True)
     await runner.setup()
+    collector = asyncio.ensure_future(collect_forever(busy)) if tune_gc() else None
     try:
         for sock in sockets:
             await web.SockSite(runner, sock).start()
@@ -296,6 +298,8 @@ async def _serve(app: web.Application, sockets: list[socket.socket], limits: Con
         await _trim_forever(busy)  # until SIGINT / SIGTERM (GracefulExit) or cancellation
         await asyncio.Event().wait()  # (without glibc there is nothing to trim)
     finally:
+        if collector is not None:
+            collector.cancel()
         await runner.cleanup()
 
 
