@@ -734,9 +734,11 @@ def floor_worker(config: str, cut_through: bool = False) -> None:
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_get("/health", health)
     app.cleanup_ctx.append(session)
-    sock = socket.create_server((LOOPBACK, 0))
+    # The accept queue `serve` listens with (proxy.http.server.LISTEN_BACKLOG): bursts compare the work per
+    # request, not how many connections the kernel drops and the clients retry.
+    sock = socket.create_server((LOOPBACK, 0), backlog=4096)
     print(f"serving on http://{LOOPBACK}:{sock.getsockname()[1]}", flush=True)
-    web.run_app(app, sock=sock, access_log=None, print=None, loop=uvloop.new_event_loop())
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=uvloop.new_event_loop(), backlog=4096)
 
 
 # ------------------------------------------------------------------------------ probe and one run

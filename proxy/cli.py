@@ -25,7 +25,15 @@ from .app import GATEWAY, build_app
 from .config import Config, ConfigError, load_config
 from .errors import Scrubber
 from .generate_cli import run_generate
-from .http.server import ConnectionLimits, all_loopback, raise_open_files_limit, run, tune_malloc
+from .http.server import (
+    LISTEN_BACKLOG,
+    ConnectionLimits,
+    all_loopback,
+    log_open_files_limit,
+    raise_open_files_limit,
+    run,
+    tune_malloc,
+)
 from .http.wire_errors import install_log_scrubbing
 from .plan_cli import run_plan
 from .providers import build_providers
@@ -130,7 +138,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
             if port == 0 and sockets[0] is not sock:  # one port the system picked, on every address
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in sockets:
@@ -180,9 +188,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = ConnectionLimits(header_timeout=server.header_timeout, body_timeout=server.body_timeout,
                               keepalive_timeout=server.keepalive_timeout)
 
+    open_files = raise_open_files_limit()  # before the workers fork: they inherit it
+    if open_files is not None:
+        log_open_files_limit(*open_files)
+
     def serve_one(worker: str = "") -> None:
         tune_malloc()
-        raise_open_files_limit()
         app = build_app(config, providers=providers)
         run(app, sockets, limits, shutdown_timeout=SHUTDOWN_TIMEOUT,
             on_ready=lambda: log.info("serving on http://%s%s", _where(host, port), worker),

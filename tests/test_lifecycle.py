@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -241,7 +242,7 @@ async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
 
 async def test_serve_lifts_the_open_files_limit(tmp_path):
     """A service manager's soft limit on open files (1024 is usual) would stop accepting at a few hundred
-    slow generations in flight (two sockets each): `serve` raises it to the hard limit."""
+    slow generations in flight (two sockets each): `serve` raises it to the hard limit, and says so."""
     import resource
 
     def low_soft_limit():
@@ -263,6 +264,45 @@ async def test_serve_lifts_the_open_files_limit(tmp_path):
 
         await eventually(lambda: open_files_limit() == ["4096", "4096"])
     finally:
+        proc.terminate()
+        proc.wait(10)
+    # Said in the log, with what it allows (two sockets per request in flight).
+    assert "open files: limit raised from 256 to 4096 (about 2048 requests in flight at most)" in \
+        proc.stdout.read().decode()
+
+
+async def test_a_burst_of_connections_waits_in_the_accept_queue(tmp_path):
+    """Thousands of clients connecting at the same moment wait in the listening socket's queue: with the
+    server not accepting at all (stopped), 300 connections still complete their handshake (a queue of
+    128, Python's and aiohttp's default, drops the rest, and each client retries a second or more later)."""
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clients: list[socket.socket] = []
+    try:
+        await wait_listening(port, proc)
+        await asyncio.sleep(1)  # aiohttp's site has set up the socket (the queue is set again there)
+        os.kill(proc.pid, signal.SIGSTOP)  # accepts nothing from now on
+        for _ in range(300):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            clients.append(sock)
+
+        def handshakes_done() -> int:
+            _, writable, _ = select.select([], clients, [], 0)
+            return sum(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in writable)
+
+        await eventually(lambda: handshakes_done() == 300, timeout=20)
+    finally:
+        for sock in clients:
+            sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.wait(10)
 

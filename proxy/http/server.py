@@ -35,6 +35,11 @@ from .wire_errors import client_error, describe, error_response
 
 log = logging.getLogger("proxy")
 
+# The accept queue of each listening socket (the kernel caps it at net.core.somaxconn): a burst of
+# thousands of clients connecting at once waits in it; past it, connections are dropped and each client
+# retries a second or more later (10,000 at once on --workers 2 waited +19 s with 128).
+LISTEN_BACKLOG = 4096
+
 _TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -237,18 +242,32 @@ def tune_malloc() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024)
 
 
-def raise_open_files_limit() -> None:
+def raise_open_files_limit() -> tuple[int, int] | None:
     """Lift the soft limit on open files to the hard one: each request in flight holds two sockets (the
     client's and the upstream's), and a service manager's usual soft limit (1024) is reached at a few
-    hundred slow generations at once, where accepting fails. An operator's lower hard limit still holds."""
+    hundred slow generations at once, where accepting fails. An operator's lower hard limit still holds.
+    Returns the soft limit before and after (None where there is no such limit: Windows)."""
     try:
         import resource
     except ImportError:  # not on Windows
-        return
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def log_open_files_limit(before: int, after: int) -> None:
+    """Say what the open files limit allows: about half of it in requests at once."""
+    if after == before:
+        log.info("open files: limit %d (about %d requests in flight at most)", after, after // 2)
+    else:
+        log.info("open files: limit raised from %d to %d (about %d requests in flight at most)",
+                 before, after, after // 2)
+    if after < 4096:
+        log.warning("open files: the hard limit (%d) allows only about %d requests in flight; raise it "
+                    "(ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) for more", after, after // 2)
 
 
 def _resident_bytes() -> int | None:
@@ -293,7 +312,7 @@ async def _serve(app: web.Application, sockets: list[socket.socket], limits: Con
     collector = asyncio.ensure_future(collect_forever(busy)) if tune_gc() else None
     try:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         on_ready()
         await _trim_forever(busy)  # until SIGINT / SIGTERM (GracefulExit) or cancellation
         await asyncio.Event().wait()  # (without glibc there is nothing to trim)
