@@ -4,6 +4,7 @@
 # make test  - install the test tools too, lint, build the docs (strict) and run the test suite
 # make docs  - build the documentation site into site/ (mkdocs build --strict: a broken link fails)
 # make bench - print benchmark numbers (not tests)
+# make bench-burst - thousands of requests in flight at once, then py-spy on the proxy (~12 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ TEST_STAMP := $(VENV)/.installed-test
 
 SERVE_ARGS := --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-.PHONY: install install-test run test lint docs bench clean
+.PHONY: install install-test run test lint docs bench bench-burst clean
 
 install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)
@@ -61,6 +62,11 @@ bench: install-test
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_usage.py
 	$(PY) bench/bench_gateway.py
+
+# The burst table of docs/benchmarks.md; py-spy (the bench extra) for its profile.
+bench-burst: install-test
+	$(PIP) install --progress-bar off -e '.[bench]'
+	$(PY) bench/bench_gateway.py --burst --burst-profile
 
 clean:
 	rm -rf $(VENV) var site .pytest_cache .ruff_cache .mypy_cache
