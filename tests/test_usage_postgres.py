@@ -118,3 +118,38 @@ async def test_two_proxies_share_a_budget_through_redis(start_proxy, aiohttp_ser
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_two_proxies_share_a_budget_through_postgres(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
+    """usage.database_url and no Redis: the running totals live in PostgreSQL, so two proxies enforce
+    images_per_day together, one request at a time and in a burst."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        for key in cfg["server"]["api_keys"][:2]:
+            key["budget"] = {"images_per_day": 3}
+        cfg["usage"] = {"database_url": postgres_server.url}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    alice = [client_for(s, "sk-alice-0000000000") for s in servers]
+    bob = [client_for(s, "sk-bob-0000000000") for s in servers]
+
+    async def one(client):
+        try:
+            r = await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            return len(r.data)
+        except RateLimitError as e:
+            assert e.status_code == 429 and e.body["code"] == "insufficient_quota"
+            assert "images_per_day" in e.body["message"] and "resets at" in e.body["message"]
+            return 0
+    try:
+        made = [await one(alice[i % 2]) for i in range(3)]
+        assert made == [1, 1, 1]
+        assert [await one(c) for c in alice] == [0, 0]
+        # bob: 8 requests at once from both proxies; the upsert's row locks let exactly 3 through
+        burst = await asyncio.gather(*(one(bob[i % 2]) for i in range(8)))
+        assert sorted(burst) == [0] * 5 + [1] * 3
+    finally:
+        for c in alice + bob:
+            await c.close()

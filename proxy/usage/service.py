@@ -21,6 +21,7 @@ from .cache_index import MemoryIndex, RedisIndex
 from .ledger import LedgerWriter
 from .meter import CURRENT, Meter
 from .postgres import PostgresLedger
+from .postgres_spend import PostgresSpend
 from .pricing import estimate, micro, route_price, total
 from .record import build_record
 from .sqlite import SqliteLedger
@@ -66,13 +67,18 @@ class Usage:
                        if self.usage.enabled else None)
         # state.redis_url: budgets and the cache index there (kind "redis" is RedisState's)
         redis = cast("RedisState", state) if getattr(state, "kind", "") == "redis" else None
-        self.spend = RedisSpend(redis) if redis is not None else MemorySpend()
+        # Shared running totals: in Redis, else in the ledger's PostgreSQL, else in this process.
+        self.spend: RedisSpend | PostgresSpend | MemorySpend = (
+            RedisSpend(redis) if redis is not None else
+            PostgresSpend(self.usage.database_url) if self.usage.database_url else MemorySpend())
         self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        if isinstance(self.spend, PostgresSpend):
+            await self.spend.start()
         if self.writer is not None:
             await self.writer.start()
             if isinstance(self.spend, MemorySpend):
@@ -101,6 +107,8 @@ class Usage:
             await asyncio.wait(set(self._tasks), timeout=5)
         if self.writer is not None:
             await self.writer.close()
+        if isinstance(self.spend, PostgresSpend):
+            await self.spend.close()
 
     # ---- the hooks -----------------------------------------------------------------------------------
 
