@@ -19,6 +19,7 @@ from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, peri
 from .cache import SeededCache, cache_key, routes_signature
 from .cache_index import MemoryIndex, RedisIndex
 from .ledger import LedgerWriter
+from .lora_digest import LoraDigests
 from .meter import CURRENT, Meter
 from .postgres import PostgresLedger
 from .postgres_spend import PostgresSpend
@@ -73,6 +74,7 @@ class Usage:
             PostgresSpend(self.usage.database_url) if self.usage.database_url else MemorySpend())
         self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
+        self.lora_digests = LoraDigests()
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
 
@@ -125,7 +127,11 @@ class Usage:
         model = self.config.models[req.model]
         key_name = key.name if key is not None else None
         if model.cache is not None:
-            args = (req, self._signatures[req.model], key_name, model.cache)
+            loras = ()
+            if req.loras and req.seed is not None:  # their files' content hashes (file system: off the loop)
+                resolvers = [route.provider.lora_file for route in self.router.routes[req.model]]
+                loras = await asyncio.to_thread(self.lora_digests.keys, req.loras, resolvers)
+            args = (req, self._signatures[req.model], key_name, model.cache, loras)
             big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
             meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
