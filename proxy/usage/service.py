@@ -193,6 +193,18 @@ class Usage:
             out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
         return out
 
+    def stream_fields(self) -> dict[str, Any]:
+        """The same for a stream's last completed event, whose head went out before the cost was known:
+        x_qip_cost_usd (null when unknown) and x_qip_cache (when the model has a cache)."""
+        meter = CURRENT.get()
+        if meter is None:
+            return {}
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
+        out: dict[str, Any] = {"x_qip_cost_usd": None if cost is None else round(cost, 6)}
+        if meter.cache_key is not None:
+            out["x_qip_cache"] = "hit" if meter.cache_hit else "miss"
+        return out
+
     def finish(self, meter: Meter, *, request_id: str, key: ApiKey | None, model: str, path: str, status: int, outcome: str,
                seconds: float) -> None:
         """The request ended (answered, failed or cancelled): its record (built later, by the writer, off the
