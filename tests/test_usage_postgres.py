@@ -153,3 +153,65 @@ async def test_two_proxies_share_a_budget_through_postgres(start_proxy, aiohttp_
     finally:
         for c in alice + bob:
             await c.close()
+
+
+async def test_postgres_budget_counts_what_was_spent_before_it(start_proxy, aiohttp_server, tmp_path,
+                                                               postgres_server):  # noqa: F811
+    """A key spends 2 images on a proxy without budgets; proxies started later with images_per_day: 3
+    count them from the ledger (once, however many start), so 1 more image is left, not 3."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path / "before", vendor.url)
+    cfg["usage"] = {"database_url": postgres_server.url}
+    before, _ = await start_proxy(cfg)
+    alice = client_for(before, "sk-alice-0000000000")
+    await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
+    await alice.close()
+    assert await before.app[GATEWAY].usage.writer.flush()
+
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+        cfg["usage"] = {"database_url": postgres_server.url}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    clients = [client_for(s, "sk-alice-0000000000") for s in servers]
+    try:
+        r = await clients[1].images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        assert len(r.data) == 1
+        for c in clients:
+            with pytest.raises(RateLimitError) as info:
+                await c.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            assert info.value.body["code"] == "insufficient_quota"
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_postgres_budget_counters_down_is_503_not_unchecked(start_proxy, aiohttp_server, tmp_path,
+                                                                  postgres_server):  # noqa: F811
+    """The counters' database away: a key with a budget gets 503 state_unavailable (never an unchecked
+    pass), a key without one is served; once it is back, the budget is checked again."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+    cfg["usage"] = {"database_url": postgres_server.url, "write_timeout": 1}
+    server, _ = await start_proxy(cfg)
+    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
+
+    async def post(key: str) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                        headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, await r.json()
+
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    postgres_server.stop()
+    status, answer = await post("sk-alice-0000000000")
+    assert status == 503 and answer["error"]["code"] == "state_unavailable"
+    assert postgres_server.url not in str(answer)
+    assert (await post("sk-bob-0000000000"))[0] == 200
+    postgres_server.start()
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    status, answer = await post("sk-alice-0000000000")  # 3 images counted across the outage
+    assert status == 429 and answer["error"]["code"] == "insufficient_quota"

@@ -112,6 +112,11 @@ class MemorySpend:
             await self.add(hold, hold.images, hold.micro_usd)
         return which
 
+    async def floor(self, totals: dict[tuple[str, str, str], int]) -> None:
+        """Raise counters ((key, period, "img" | "usd") -> count) to at least these (the ledger's sums)."""
+        for counter, amount in totals.items():
+            self._counts[counter] = max(self._counts.get(counter, 0), amount)
+
     async def add(self, hold: Hold, images: int, micro_usd: int) -> None:
         self._add(hold.key, hold.day, "img", images)
         self._add(hold.key, hold.day, "usd", micro_usd)

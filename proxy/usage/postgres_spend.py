@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,20 @@ UPSERT = (f"INSERT INTO {TABLE} (key, period, what, amount, resets_at) VALUES "
           "(%s, %s, 'img', %s, %s), (%s, %s, 'usd', %s, %s), (%s, %s, 'usd', %s, %s) "
           f"ON CONFLICT (key, period, what) DO UPDATE SET amount = {TABLE}.amount + EXCLUDED.amount "
           "RETURNING period, what, amount")
+# The ledger's sums at start-up: a counter is raised to them, never lowered nor added to twice (a restart,
+# or two proxies starting, change nothing that is already counted).
+FLOOR = (f"INSERT INTO {TABLE} (key, period, what, amount, resets_at) VALUES (%s, %s, %s, %s, %s) "
+         f"ON CONFLICT (key, period, what) DO UPDATE SET amount = GREATEST({TABLE}.amount, EXCLUDED.amount)")
 # Periods that ended more than a day ago: nobody asks about them again.
 EXPIRE = f"DELETE FROM {TABLE} WHERE resets_at < %s"
+
+
+def period_end(period: str) -> float:
+    """When a day ("2026-12-07") or a month ("2026-12") period ends, UTC."""
+    start = dt.datetime.strptime(period, "%Y-%m-%d" if len(period) > 7 else "%Y-%m").replace(tzinfo=dt.UTC)
+    if len(period) > 7:
+        return (start + dt.timedelta(days=1)).timestamp()
+    return start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1).timestamp()
 
 
 def upsert_args(hold: Hold, images: int, micro_usd: int, day_end: float, month_end: float) -> tuple:
@@ -114,6 +127,17 @@ class PostgresSpend:
 
     async def add(self, hold: Hold, images: int, micro_usd: int) -> None:
         await self._run(self._add, hold, images, micro_usd)
+
+    async def floor(self, totals: dict[tuple[str, str, str], int]) -> None:
+        """Raise counters ((key, period, "img" | "usd") -> count) to at least the ledger's sums: spending
+        made before a key had a budget, or before this table existed, counts too."""
+        if totals:
+            await self._run(self._floor, [(*counter, amount, period_end(counter[1]))
+                                          for counter, amount in totals.items()])
+
+    async def _floor(self, conn: psycopg.AsyncConnection[Any], rows: list[tuple]) -> None:
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(FLOOR, rows)
 
     async def _add(self, conn: psycopg.AsyncConnection[Any], hold: Hold, images: int, micro_usd: int) -> None:
         _, _, day_end, month_end = periods(time.time())

@@ -83,11 +83,12 @@ class Usage:
             await self.spend.start()
         if self.writer is not None:
             await self.writer.start()
-            if isinstance(self.spend, MemorySpend):
+            if isinstance(self.spend, MemorySpend | PostgresSpend):  # Redis' counters outlive restarts
                 await self._seed_spend()
 
     async def _seed_spend(self) -> None:
-        """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
+        """This month's spending from the ledger, so budgets survive a restart (in-memory counters) and
+        count what was spent before a key had a budget (PostgreSQL's counters count budgeted requests)."""
         if self.writer is None:  # only called with a ledger (start)
             return
         now = time.time()
@@ -99,11 +100,24 @@ class Usage:
             log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
                         type(e).__name__)
             return
+        totals: dict[tuple[str, str, str], int] = {}  # (key, period, "img" | "usd") -> this month's sums
+        today = periods(now)[0]
         for p in parts:
             if p.key is not None:
                 day, month, _, _ = periods(p.start)
-                images = 0 if p.cache_hit else p.images
-                await self.spend.add(Hold(p.key, day, month, 0, 0), images, micro(p.cost_usd))
+                images, usd = 0 if p.cache_hit else p.images, micro(p.cost_usd)
+                counters = [((p.key, month, "usd"), usd)]
+                if day == today:  # earlier days' counters: nobody asks about them
+                    counters += [((p.key, day, "img"), images), ((p.key, day, "usd"), usd)]
+                for counter, amount in counters:
+                    totals[counter] = totals.get(counter, 0) + amount
+        spend = self.spend
+        if isinstance(spend, RedisSpend):  # not called with Redis (start): its counters outlive restarts
+            return
+        try:
+            await spend.floor(totals)
+        except Exception as e:  # noqa: BLE001 - the counters' database away: they count from what they hold
+            log.warning("budgets: could not count this month's spending (%s)", type(e).__name__)
 
     async def close(self) -> None:
         if self._tasks:  # budget settlements under way: a moment to end (each is bounded by Redis' timeout)
