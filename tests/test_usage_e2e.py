@@ -245,6 +245,7 @@ async def test_a_stream_carries_its_cost_in_the_last_completed_event(start_proxy
     cfg = usage_config(tmp_path, vendor.url)
     cfg["models"]["edit-placeholder"] = {"sizes": "qwen-image", "max_input_images": 1,
                                          "routes": [{"provider": "placeholder", "price": {"per_image": 0.02}}]}
+    cfg["models"]["vendor-image"]["cache"] = {"scope": "key"}
     server, _ = await start_proxy(cfg)
     alice = client_for(server, "sk-alice-0000000000")
     png = io.BytesIO()
@@ -265,14 +266,23 @@ async def test_a_stream_carries_its_cost_in_the_last_completed_event(start_proxy
         unpriced = await alice.images.generate(model="unpriced", prompt="a fox", size="64x64", stream=True)
         last = [event async for event in unpriced][-1]
         assert last.type == "image_generation.completed" and last.x_qip_cost_usd is None
-        assert len(Image.open(io.BytesIO(base64.b64decode(last.b64_json))).size) == 2
+        assert Image.open(io.BytesIO(base64.b64decode(last.b64_json))).size == (64, 64)
+        # A seeded stream on a model with a cache: a miss that costs, then a hit that costs nothing.
+        for expected in ("miss", "hit"):
+            seeded = await alice.images.generate(model="vendor-image", prompt="a fox", size="64x64",
+                                                 stream=True, extra_body={"seed": 3})
+            last = [event async for event in seeded][-1]
+            assert last.x_qip_cache == expected
+            assert last.x_qip_cost_usd == (pytest.approx(0.001 + 0.5 * 64 * 64 / 1e6) if expected == "miss" else 0)
     finally:
         await alice.close()
     usage = server.app[GATEWAY].usage
     await usage.writer.flush()
     records = await usage.writer.backend.query(0, time.time() + 10)
-    assert sorted(((r.model, r.stream, r.cost_usd) for r in records), key=str) == [
-        ("edit-placeholder", True, 0.02), ("qwen-image-placeholder", True, 0.02), ("unpriced", True, None)]
+    assert sorted(((r.model, r.stream, r.cost_usd, r.cache_hit) for r in records), key=str) == [
+        ("edit-placeholder", True, 0.02, False), ("qwen-image-placeholder", True, 0.02, False),
+        ("unpriced", True, None, False), ("vendor-image", True, 0.0, True),
+        ("vendor-image", True, pytest.approx(0.001 + 0.5 * 64 * 64 / 1e6), False)]
 
 
 async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):

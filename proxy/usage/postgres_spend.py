@@ -136,7 +136,7 @@ class PostgresSpend:
                                           for counter, amount in totals.items()])
 
     async def _floor(self, conn: psycopg.AsyncConnection[Any], rows: list[tuple]) -> None:
-        async with conn.transaction(), conn.cursor() as cur:
+        async with conn.cursor() as cur:  # each row its own statement (autocommit): it locks one row at a time
             await cur.executemany(FLOOR, rows)
 
     async def _add(self, conn: psycopg.AsyncConnection[Any], hold: Hold, images: int, micro_usd: int) -> None:
