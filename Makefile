@@ -60,6 +60,7 @@ bench: install-test
 	$(PY) bench/bench_proxy.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_usage.py
+	$(PY) bench/bench_usage_api.py
 	$(PY) bench/bench_gateway.py
 
 clean:

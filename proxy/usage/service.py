@@ -85,18 +85,19 @@ class Usage:
         if self.writer is None:  # only called with a ledger (start)
             return
         now = time.time()
-        try:
-            records = await asyncio.wait_for(self.writer.backend.query(month_start(now), now + 1),
-                                             2 * self.usage.write_timeout)
+        start = month_start(now)
+        try:  # summed per key and UTC day in the database: a month of records is a few hundred rows
+            parts = await asyncio.wait_for(self.writer.backend.aggregate(start, now + 1, start, 86400),
+                                           2 * self.usage.write_timeout)
         except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
             log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
                         type(e).__name__)
             return
-        for r in records:
-            if r.key is not None:
-                day, month, _, _ = periods(r.ts)
-                images = 0 if r.cache_hit else r.images_delivered
-                await self.spend.add(Hold(r.key, day, month, 0, 0), images, micro(r.cost_usd or 0.0))
+        for p in parts:
+            if p.key is not None:
+                day, month, _, _ = periods(p.start)
+                images = 0 if p.cache_hit else p.images
+                await self.spend.add(Hold(p.key, day, month, 0, 0), images, micro(p.cost_usd))
 
     async def close(self) -> None:
         if self._tasks:  # budget settlements under way: a moment to end (each is bounded by Redis' timeout)
