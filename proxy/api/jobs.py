@@ -81,6 +81,7 @@ def build_runner(gw: Gateway, work: Work) -> JobRunner | None:
     settings = gw.config.jobs
     if not settings.enabled:
         return None
+
     async def slot(key_name: str | None) -> Lease:
         key = gw.policy.named(key_name)
         return await gw.policy.limits.acquire(key_name or "-", rpm=None,
@@ -88,6 +89,7 @@ def build_runner(gw: Gateway, work: Work) -> JobRunner | None:
 
     deliverer = Deliverer(gw.fetcher, webhook_policy(gw), backoff_base=settings.webhook_backoff_base,
                           backoff_max=settings.webhook_backoff_max, window=settings.webhook_retry_window)
+
     def unused_hold(doc: dict) -> None:
         gw.usage.release(gw.usage.held(doc))
 

@@ -279,7 +279,7 @@ class JobRunner:
     async def _finish(self, job: Job, result: bytes | None) -> None:
         """End a job this process holds: its webhook message, the record, the lease given back."""
         job.finished_at = time.time()
-        if job.budget_hold is not None and self.unused_hold is not None:  # it never ran
+        if job.budget_hold is not None and self.unused_hold is not None:  # no run took it over
             self.unused_hold(job.budget_hold)
             job.budget_hold = None
         url = job.webhook_url
@@ -367,7 +367,6 @@ class JobRunner:
             self._wake_deliveries.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_deliveries.wait(), poll)
-
 
     async def _attempt(self, job: Job, delivery: Delivery, secret: str) -> None:
         """One delivery attempt; traced, a span of its own linked to the job's run (or its submit)."""
