@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ..errors import ProxyError
 from ..media import progress
 from ..routing.policy import ConcurrencyLimited
+from ..telemetry.tracing import clean
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -35,17 +38,20 @@ if TYPE_CHECKING:
     from ..config.jobs import JobsConfig
     from ..request import ImageRequest
     from ..telemetry.metrics import Metrics
+    from ..telemetry.tracing import Tracing
     from .webhooks import Deliverer
 
 log = logging.getLogger("proxy.jobs")
 
-# (the answer's JSON bytes, the route that served it)
-Work = Callable[["ImageRequest", str], Awaitable[tuple[bytes, str]]]
+# Runs one job's request: (the answer's JSON bytes, the route that served it)
+Work = Callable[["ImageRequest", Job], Awaitable[tuple[bytes, str]]]
 # A key's concurrency slot for a job (by the key's name; None: no key): an object with `release()`.
 Slot = Callable[[str | None], Awaitable[Any]]
 
 # A running job's progress is written at most this often.
 PROGRESS_WRITE_SECONDS = 1.0
+# Why a running job's task is cancelled when the server stops (its work records it as "shutdown").
+SHUTTING_DOWN = "the server is shutting down"
 INTERRUPTED_UNSAFE = ("The proxy stopped while this job was running on a route that calls a paid upstream; it "
                       "was not run again, because the upstream may already have charged for it. Submit it again "
                       "if you still want the images.")
@@ -57,9 +63,12 @@ def _interrupted(message: str) -> dict:
 
 class JobRunner:
     def __init__(self, store: JobStore, settings: JobsConfig, work: Work, *, slot: Slot, deliverer: Deliverer,
-                 scrub: Callable[[str], str] = lambda s: s, metrics: Metrics | None = None):
+                 scrub: Callable[[str], str] = lambda s: s, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None, unused_hold: Callable[[dict], None] | None = None):
         self.store, self.settings, self.work, self.slot = store, settings, work, slot
-        self.deliverer, self.scrub, self.metrics = deliverer, scrub, metrics
+        self.deliverer, self.scrub, self.metrics, self.tracing = deliverer, scrub, metrics, tracing
+        # A job that ends without having run gives back the budget hold it took when submitted.
+        self.unused_hold = unused_hold
         self.worker = secrets.token_hex(8)  # this process, as leases name it
         self.running: dict[str, asyncio.Task] = {}
         self._why_stopped: dict[str, str] = {}  # job id -> cancel | lost | shutdown
@@ -73,7 +82,11 @@ class JobRunner:
 
     async def start(self) -> None:
         await self.store.start()
-        self._loops = [asyncio.ensure_future(f()) for f in (self._claim_loop, self._deliver_loop, self._keep_loop)]
+        # A context of their own: started from a request, they (and every job they run) would otherwise
+        # carry its context variables: its usage meter, its trace.
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(f(), context=contextvars.Context())
+                       for f in (self._claim_loop, self._deliver_loop, self._keep_loop)]
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: take no more jobs; running ones get `grace` s to finish, then go back to the queue
@@ -88,7 +101,7 @@ class JobRunner:
         left = set(self.running.items())
         for job_id, task in left:
             self._why_stopped[job_id] = "shutdown"
-            task.cancel("the server is shutting down")
+            task.cancel(SHUTTING_DOWN)
         if left:
             await asyncio.wait({t for _, t in left}, timeout=5)
 
@@ -155,6 +168,24 @@ class JobRunner:
         self._wake.set()
 
     async def _run(self, job: Job) -> None:
+        """Run a claimed job to its end; traced, its span is the root of a trace of its own, linked to the
+        request that submitted it (it may run long after that request, or after a restart)."""
+        if self.tracing is None:
+            await self._run_job(job)
+            return
+        with self.tracing.background("image_job", {"qip.job_id": job.id, "qip.model": job.model,
+                                                   "qip.key": job.key_name, "qip.job.kind": job.kind},
+                                     link=job.traceparent, kind="consumer") as span:
+            job.run_traceparent = self.tracing.traceparent()
+            await self._run_job(job)
+            span.set_attributes(clean({
+                "qip.outcome": {QUEUED: "requeued", IN_PROGRESS: "lost"}.get(job.status, job.status),
+                "qip.job.run": job.runs, "qip.job.recovered": job.runs > 1, "qip.route": job.route,
+                "qip.error_code": (job.error or {}).get("code")}))
+            if job.status == FAILED:
+                self.tracing.failed(span)
+
+    async def _run_job(self, job: Job) -> None:
         task = asyncio.current_task()
         assert task is not None  # a job always runs as a task of its own (see _claim_loop)
         keeper = asyncio.ensure_future(self._keep_lease(job.id, task))
@@ -172,7 +203,7 @@ class JobRunner:
                         return
                     job.progress = None
                     progress.watch(lambda step, total: self._progress(job, step, total))
-                    result, job.route = await self.work(req, job.base_url)
+                    result, job.route = await self.work(req, job)
                     job.status, job.has_result = COMPLETED, True
                 finally:
                     await slot.release()
@@ -248,6 +279,9 @@ class JobRunner:
     async def _finish(self, job: Job, result: bytes | None) -> None:
         """End a job this process holds: its webhook message, the record, the lease given back."""
         job.finished_at = time.time()
+        if job.budget_hold is not None and self.unused_hold is not None:  # no run took it over
+            self.unused_hold(job.budget_hold)
+            job.budget_hold = None
         url = job.webhook_url
         if url and job.status in TERMINAL:
             parsed = None
@@ -319,10 +353,7 @@ class JobRunner:
                             d.attempts.append({"at": int(time.time()), "status": None,
                                                "error": "no webhook secret is configured"})
                         else:
-                            await self.deliverer.attempt(d, secret)
-                            if self.metrics is not None:
-                                result = "retry" if d.state == "pending" else d.state
-                                self.metrics.child(self.metrics.webhook_attempts, result).inc()
+                            await self._attempt(job, d, secret)
                 await self.store.save_deliveries(job, self.worker)
 
         while not self.stopping:
@@ -336,6 +367,30 @@ class JobRunner:
             self._wake_deliveries.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_deliveries.wait(), poll)
+
+    async def _attempt(self, job: Job, delivery: Delivery, secret: str) -> None:
+        """One delivery attempt; traced, a span of its own linked to the job's run (or its submit)."""
+        if self.tracing is None:
+            await self.deliverer.attempt(delivery, secret)
+        else:
+            host = urlsplit(delivery.url).hostname  # the host alone: a URL's query or user info may be secret
+            with self.tracing.background("webhook.deliver", {
+                    "qip.job_id": job.id, "qip.webhook.event": delivery.event, "qip.webhook.id": delivery.id,
+                    "qip.webhook.attempt": len(delivery.attempts) + 1, "server.address": host},
+                    link=job.run_traceparent or job.traceparent, kind="internal") as span:
+                await self.deliverer.attempt(delivery, secret)
+                last = delivery.attempts[-1]
+                span.set_attributes(clean({"http.response.status_code": last["status"], "qip.error": last["error"],
+                                           "qip.outcome": _attempt_outcome(delivery)}))
+                if _attempt_outcome(delivery) != "delivered":
+                    self.tracing.failed(span)
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.webhook_attempts, _attempt_outcome(delivery)).inc()
+
+
+def _attempt_outcome(delivery: Delivery) -> str:
+    """An attempt's result: delivered | retry (another attempt is due) | failed | gone."""
+    return "retry" if delivery.state == "pending" else delivery.state
 
 
 class _Stop(Exception):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -77,6 +78,7 @@ class Usage:
         self.lora_digests = LoraDigests()
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
+        self._epoch = secrets.token_hex(8)  # these counters' life (see hold_doc)
 
     async def start(self) -> None:
         if isinstance(self.spend, PostgresSpend):
@@ -135,10 +137,14 @@ class Usage:
         CURRENT.set(meter)
         return meter
 
-    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None) -> CachedResult | None:
-        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold."""
+    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None, *,
+                     held: Hold | None = None) -> CachedResult | None:
+        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold.
+        `held`: a background job's hold, taken when it was submitted (settled at its end like any other)."""
         meter = CURRENT.get() or self.open()
         meter.req = req
+        if held is not None:
+            meter.reservation = held
         model = self.config.models[req.model]
         key_name = key.name if key is not None else None
         if model.cache is not None:
@@ -160,20 +166,45 @@ class Usage:
                     meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
                     self.metrics.child(self.metrics.cache_hits, req.model).inc()
                     return CachedResult(images, SimpleNamespace(name=entry.route))
-        budget = (key.budget if key is not None else None) or self.usage.default_budget
-        if key is not None and budget is not None:
-            now = time.time()
-            day, month, day_end, month_end = periods(now)
-            hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
-            limits = self._limits.get(id(budget))
-            if limits is None:
-                limits = self._limits[id(budget)] = limits_of(budget)
-            which = await self.spend.reserve(hold, limits)
-            if which is not None:
-                self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
-                raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
-            meter.reservation = hold
+        if held is None:
+            meter.reservation = await self.reserve(req, key)
         return None
+
+    async def reserve(self, req: ImageRequest, key: ApiKey | None) -> Hold | None:
+        """Hold the request's images and estimated cost in the key's budget (None: no budget applies);
+        429 insufficient_quota where it would pass one."""
+        budget = (key.budget if key is not None else None) or self.usage.default_budget
+        if key is None or budget is None:
+            return None
+        now = time.time()
+        day, month, day_end, month_end = periods(now)
+        hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
+        limits = self._limits.get(id(budget))
+        if limits is None:
+            limits = self._limits[id(budget)] = limits_of(budget)
+        which = await self.spend.reserve(hold, limits)
+        if which is not None:
+            self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
+            raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
+        return hold
+
+    def release(self, hold: Hold | None) -> None:
+        """Give a hold back whole (a job that ended without running)."""
+        if hold is not None:
+            self._spawn(self._settle(hold, -hold.images, -hold.micro_usd))
+
+    # A background job keeps its hold in the job store while it waits. Counters in this process's memory
+    # die with it, so a hold stored by another process (one before a restart) no longer counts: the job
+    # reserves again when it runs. Counters in Redis outlive processes: a stored hold stays good.
+
+    def hold_doc(self, hold: Hold | None) -> dict | None:
+        return None if hold is None else {**asdict(hold), "epoch": self._epoch}
+
+    def held(self, doc: dict | None) -> Hold | None:
+        """The hold a job stored (None: none, or one these counters no longer hold)."""
+        if not doc or (isinstance(self.spend, MemorySpend) and doc.get("epoch") != self._epoch):
+            return None
+        return Hold(**{k: v for k, v in doc.items() if k != "epoch"})
 
     def _estimate(self, req: ImageRequest) -> float:
         routes = self.router.usable(req.model) or self.router.routes[req.model]
