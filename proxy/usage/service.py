@@ -195,7 +195,7 @@ class Usage:
 
     # A background job keeps its hold in the job store while it waits. Counters in this process's memory
     # die with it, so a hold stored by another process (one before a restart) no longer counts: the job
-    # reserves again when it runs. Counters in Redis outlive processes: a stored hold stays good.
+    # reserves again when it runs. Counters in Redis or PostgreSQL outlive processes: a stored hold stays good.
 
     def hold_doc(self, hold: Hold | None) -> dict | None:
         return None if hold is None else {**asdict(hold), "epoch": self._epoch}
