@@ -155,10 +155,13 @@ async def test_two_proxies_share_a_budget_through_postgres(start_proxy, aiohttp_
             await c.close()
 
 
-async def test_postgres_budget_counts_what_was_spent_before_it(start_proxy, aiohttp_server, tmp_path,
-                                                               postgres_server):  # noqa: F811
+@pytest.mark.parametrize("counters", ["postgres", "redis"])
+async def test_budget_counts_what_was_spent_before_it(start_proxy, aiohttp_server, tmp_path, postgres_server,  # noqa: F811
+                                                      counters, request):
     """A key spends 2 images on a proxy without budgets; proxies started later with images_per_day: 3
-    count them from the ledger (once, however many start), so 1 more image is left, not 3."""
+    count them from the ledger (once, however many start), so 1 more image is left, not 3. The running
+    totals in PostgreSQL or in Redis alike."""
+    state = {"redis_url": request.getfixturevalue("redis_server").url} if counters == "redis" else None
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
     cfg = usage_config(tmp_path / "before", vendor.url)
     cfg["usage"] = {"database_url": postgres_server.url}
@@ -173,6 +176,8 @@ async def test_postgres_budget_counts_what_was_spent_before_it(start_proxy, aioh
         cfg = usage_config(tmp_path / f"p{i}", vendor.url)
         cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
         cfg["usage"] = {"database_url": postgres_server.url}
+        if state:
+            cfg["state"] = state
         server, _ = await start_proxy(cfg)
         servers.append(server)
     clients = [client_for(s, "sk-alice-0000000000") for s in servers]

@@ -85,12 +85,12 @@ class Usage:
             await self.spend.start()
         if self.writer is not None:
             await self.writer.start()
-            if isinstance(self.spend, MemorySpend | PostgresSpend):  # Redis' counters outlive restarts
-                await self._seed_spend()
+            await self._seed_spend()
 
     async def _seed_spend(self) -> None:
         """This month's spending from the ledger, so budgets survive a restart (in-memory counters) and
-        count what was spent before a key had a budget (PostgreSQL's counters count budgeted requests)."""
+        count what was spent before a key had a budget (Redis' and PostgreSQL's counters count budgeted
+        requests only). Counters are raised to these sums, never added to: every proxy may do it."""
         if self.writer is None:  # only called with a ledger (start)
             return
         now = time.time()
@@ -113,11 +113,8 @@ class Usage:
                     counters += [((p.key, day, "img"), images), ((p.key, day, "usd"), usd)]
                 for counter, amount in counters:
                     totals[counter] = totals.get(counter, 0) + amount
-        spend = self.spend
-        if isinstance(spend, RedisSpend):  # not called with Redis (start): its counters outlive restarts
-            return
         try:
-            await spend.floor(totals)
+            await self.spend.floor(totals)
         except Exception as e:  # noqa: BLE001 - the counters' database away: they count from what they hold
             log.warning("budgets: could not count this month's spending (%s)", type(e).__name__)
 
