@@ -1,5 +1,5 @@
 """Runs background jobs: claims queued ones, keeps their leases, ends them (completed, failed, cancelled),
-takes over jobs whose process died, and sends their webhooks. One per proxy process."""
+takes over jobs whose process died; its WebhookSender sends their webhooks. One per proxy process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from ..errors import ProxyError
 from ..media import progress
@@ -33,6 +32,7 @@ from .model import (
     webhook_body,
 )
 from .store import JobStore
+from .webhook_sender import WebhookSender
 
 if TYPE_CHECKING:
     from ..config.jobs import JobsConfig
@@ -74,7 +74,7 @@ class JobRunner:
         self._why_stopped: dict[str, str] = {}  # job id -> cancel | lost | shutdown
         self._progress_writers: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
-        self._wake_deliveries = asyncio.Event()
+        self.webhooks = WebhookSender(store, settings, deliverer, self.worker, metrics=metrics, tracing=tracing)
         self._loops: list[asyncio.Task] = []
         self.stopping = False
 
@@ -86,14 +86,14 @@ class JobRunner:
         # carry its context variables: its usage meter, its trace.
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(f(), context=contextvars.Context())
-                       for f in (self._claim_loop, self._deliver_loop, self._keep_loop)]
+                       for f in (self._claim_loop, self.webhooks.run, self._keep_loop)]
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: take no more jobs; running ones get `grace` s to finish, then go back to the queue
         (or fail, where a rerun may be charged). Pending webhook deliveries stay stored for the next start."""
         self.stopping = True
         self._wake.set()
-        self._wake_deliveries.set()
+        self.webhooks.stop()
         pending = set(self.running.values())
         if pending:
             log.info("jobs: %d running, up to %.0f s to finish", len(pending), grace)
@@ -107,6 +107,7 @@ class JobRunner:
 
     async def close(self) -> None:
         self.stopping = True
+        self.webhooks.stop()
         for task in [*self._loops, *self.running.values()]:
             task.cancel()
         for task in [*self._loops, *self.running.values()]:
@@ -294,7 +295,7 @@ class JobRunner:
         if saved and self.metrics is not None and job.status in TERMINAL:
             self.metrics.child(self.metrics.jobs, job.model, job.status).inc()
         if saved and job.deliveries:
-            self._wake_deliveries.set()
+            self.webhooks.wake()
 
     # ---- interrupted jobs, old jobs ---------------------------------------------------------------
 
@@ -328,69 +329,6 @@ class JobRunner:
                     purged_at = time.time()
                     await self.store.purge(time.time() - self.settings.ttl_seconds)
             await asyncio.sleep(max(0.2, self.settings.lease_seconds / 3))
-
-    # ---- webhooks -------------------------------------------------------------------------------
-
-    def secret_for(self, job: Job) -> str | None:
-        hook = self.settings.key_webhooks.get(job.key_name or "")
-        if hook is not None and hook.url == job.webhook_url and hook.secret:
-            return hook.secret
-        return self.settings.webhook_secret
-
-    async def _deliver_loop(self) -> None:
-        s = self.settings
-        hold = s.webhook_timeout * 2 + 5
-        poll = min(1.0, max(0.05, s.webhook_backoff_base / 4))
-        limit = asyncio.Semaphore(16)
-
-        async def deliver(job: Job) -> None:
-            async with limit:
-                secret = self.secret_for(job)
-                for d in job.deliveries:
-                    if d.state == "pending" and (d.next_attempt_at or 0) <= time.time():
-                        if secret is None:
-                            d.state, d.next_attempt_at = "failed", None
-                            d.attempts.append({"at": int(time.time()), "status": None,
-                                               "error": "no webhook secret is configured"})
-                        else:
-                            await self._attempt(job, d, secret)
-                await self.store.save_deliveries(job, self.worker)
-
-        while not self.stopping:
-            try:
-                due = await self.store.due_deliveries(self.worker, time.time(), hold)
-            except ProxyError:
-                due = []
-            if due:
-                await asyncio.gather(*(deliver(job) for job in due), return_exceptions=True)
-                continue
-            self._wake_deliveries.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_deliveries.wait(), poll)
-
-    async def _attempt(self, job: Job, delivery: Delivery, secret: str) -> None:
-        """One delivery attempt; traced, a span of its own linked to the job's run (or its submit)."""
-        if self.tracing is None:
-            await self.deliverer.attempt(delivery, secret)
-        else:
-            host = urlsplit(delivery.url).hostname  # the host alone: a URL's query or user info may be secret
-            with self.tracing.background("webhook.deliver", {
-                    "qip.job_id": job.id, "qip.webhook.event": delivery.event, "qip.webhook.id": delivery.id,
-                    "qip.webhook.attempt": len(delivery.attempts) + 1, "server.address": host},
-                    link=job.run_traceparent or job.traceparent, kind="internal") as span:
-                await self.deliverer.attempt(delivery, secret)
-                last = delivery.attempts[-1]
-                span.set_attributes(clean({"http.response.status_code": last["status"], "qip.error": last["error"],
-                                           "qip.outcome": _attempt_outcome(delivery)}))
-                if _attempt_outcome(delivery) != "delivered":
-                    self.tracing.failed(span)
-        if self.metrics is not None:
-            self.metrics.child(self.metrics.webhook_attempts, _attempt_outcome(delivery)).inc()
-
-
-def _attempt_outcome(delivery: Delivery) -> str:
-    """An attempt's result: delivered | retry (another attempt is due) | failed | gone."""
-    return "retry" if delivery.state == "pending" else delivery.state
 
 
 class _Stop(Exception):
