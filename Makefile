@@ -61,6 +61,7 @@ bench: install-test
 	$(PY) bench/bench_proxy.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_usage.py
+	$(PY) bench/bench_usage_api.py
 	$(PY) bench/bench_gateway.py
 
 # The burst table of docs/benchmarks.md; py-spy (the bench extra) for its profile.

@@ -152,6 +152,25 @@ class LoraManager:
             f"LoRA {label!r} not found: not a configured name, an allowed file, a cached repo or a URL"
         )
 
+    def local_file(self, path: str) -> str | None:
+        """The local file a request's LoRA `path` names, resolved as a request's would be (a configured
+        name, a file under lora_dirs, a cached repo, a URL already downloaded); None where there is none.
+        Never downloads, never raises: what a request cannot use fails when the request runs."""
+        try:
+            trusted = path in self.config.loras
+            target = self.config.loras[path].path if trusted else path
+            if "://" in target:
+                cached = self._cached_url(target)
+                return None if cached is None else str(cached)
+            file = self._find_file(target, trusted)
+            if file is not None:
+                return str(file)
+            if HUB_ID.match(target) and not target.startswith((".", "/", "~")):
+                return str(self._resolve_hub(target).result()[0])
+        except (LoraError, OSError, ValueError):
+            pass
+        return None
+
     def _find_file(self, path: str, trusted: bool) -> Path | None:
         """The real path of a local file, or None when `path` may still be a repo id."""
         raw = Path(path).expanduser()

@@ -152,12 +152,16 @@ class EngineReplica:
         return await self._traced(params, traceparent)
 
     async def generate_stream(self, wire: dict) -> AsyncIterator[dict]:
-        """Previews as the job makes them ({"partial": ...}), then the reply. Closing it cancels the job."""
+        """Steps done ({"progress": {"step", "total"}}) and previews ({"partial": ...}) as the job makes
+        them, then the reply. Closing it cancels the job."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_partial(index: int, partial_index: int, image: Image) -> None:  # the engine's worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (index, partial_index, image))
+
+        def on_step(step: int, total: int) -> None:  # the engine's worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, (step, total))
 
         wire, traceparent = _without_trace(wire)
         try:
@@ -165,12 +169,16 @@ class EngineReplica:
         except InvalidParamsError as e:
             yield self._reply_error(e)
             return
+        params.on_step = on_step
         task = asyncio.ensure_future(self._traced(params, traceparent))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
-            # Partials are queued (call_soon_threadsafe) before the job's result reaches the task, so
-            # every preview comes before the end marker.
+            # Steps and partials are queued (call_soon_threadsafe) before the job's result reaches the
+            # task, so every one comes before the end marker.
             while (item := await queue.get()) is not None:
+                if len(item) == 2:
+                    yield {"progress": {"step": item[0], "total": item[1]}}
+                    continue
                 index, partial_index, image = item
                 data = await asyncio.to_thread(encode_png, image)
                 yield {"partial": {"image_index": index, "partial_index": partial_index, "data": data}}

@@ -10,7 +10,8 @@ It is plain data, so the caller needs neither torch nor ray:
   bytes], "seeds", "steps_run", "batch_size", "seconds", "replica", "queue_depth"} or {"ok": false,
   "error": {"type", "message", "param", "retry_after"}, ...}, where type is queue_full,
   invalid_params, cancelled, deadline or engine; nothing raises across the wire on purpose;
-- `generate_stream` yields {"partial": {"image_index", "partial_index", "data": PNG bytes}} previews
+- `generate_stream` yields {"progress": {"step", "total"}} for each denoising step and {"partial":
+  {"image_index", "partial_index", "data": PNG bytes}} previews
   first (when partial_images > 0);
 - over HTTP (Serve's ingress, for callers outside the cluster) the same dicts are JSON with the bytes
   in base64: POST <route_prefix> {"params": {...}, "stream": false} answers the reply (status 200, 400,

@@ -34,6 +34,7 @@ class Span:
     status: int  # 0 unset, 1 ok, 2 error
     service: str
     attributes: dict = field(default_factory=dict)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of each linked span
 
 
 class OtlpReceiver:
@@ -89,7 +90,8 @@ class OtlpReceiver:
                         name=s.name, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
                         parent_id=s.parent_span_id.hex(), kind=s.kind, start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano, status=s.status.code, service=resource.get("service.name", ""),
-                        attributes={a.key: _value(a.value) for a in s.attributes}))
+                        attributes={a.key: _value(a.value) for a in s.attributes},
+                        links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links]))
 
     async def trace_with(self, name: str, timeout: float = 60.0, **attributes) -> list[Span]:
         """Every span of the first trace holding a span `name` with these attributes, once it arrived."""

@@ -284,6 +284,15 @@ def test_repo_models_yaml_loads_with_an_empty_environment():
     assert [r.provider for r in cfg.models["qwen-image-placeholder"].routes] == ["placeholder"]
     assert [r.provider for r in cfg.models["qwen-image-tiny"].routes] == ["local-tiny"]
 
+    # Shipped prices: only ones read on the vendor's own page, each with that page and the date read;
+    # the routes whose vendor page showed none stay unpriced (cost null).
+    priced = {(name, r.provider, r.model): r.price for name, m in cfg.models.items() for r in m.routes
+              if r.price is not None}
+    assert set(priced) == {("qwen-image", "lumenfall", "qwen-image")}
+    lumenfall_price = priced["qwen-image", "lumenfall", "qwen-image"]
+    assert lumenfall_price.per_image == 0.02 and lumenfall_price.currency == "USD"
+    assert lumenfall_price.source == "https://lumenfall.ai/models/alibaba/qwen-image/api, read 2026-12-07"
+
     table = cfg.size_table("qwen-image")
     assert table.tiers["1K"] == {
         "1:1": (1024, 1024), "4:3": (1183, 887), "3:4": (887, 1182), "2:3": (836, 1254),

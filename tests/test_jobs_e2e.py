@@ -90,7 +90,8 @@ async def test_background_json_answers_202_and_get_returns_the_same_images(start
     server, client = await start_proxy(jobs_config(tmp_path))
     status, headers, job = await submit(client, seed=11, size="64x48", response_format="b64_json")
     assert status == 202
-    assert headers["location"] == f"/v1/images/jobs/{job['id']}"
+    # Absolute (RFC 9110 allows a relative one, but clients that follow it by hand need the origin).
+    assert headers["location"] == str(server.make_url(f"/v1/images/jobs/{job['id']}"))
     assert job["object"] == "image.job" and job["status"] in ("queued", "in_progress")
     assert job["id"].startswith("imgjob_") and job["model"] == MODEL and job["request"]["seed"] == 11
     assert job["result"] is None and job["error"] is None and job["webhook"] is None
@@ -101,6 +102,16 @@ async def test_background_json_answers_202_and_get_returns_the_same_images(start
     assert base64.b64decode(done["result"]["data"][0]["b64_json"]) == base64.b64decode(sync.data[0].b64_json)
     assert png(done["result"]["data"][0]["b64_json"]).size == (64, 48)
     assert done["result"]["seeds"] == [11] and done["result"]["size"] == "64x48"
+
+
+async def test_location_follows_public_base_url(start_proxy, tmp_path):
+    cfg = jobs_config(tmp_path)
+    cfg["server"]["public_base_url"] = "https://images.example.com/qip"
+    server, client = await start_proxy(cfg)
+    status, headers, job = await submit(client, size="64x64", response_format="url")
+    assert status == 202 and headers["location"] == f"https://images.example.com/qip/v1/images/jobs/{job['id']}"
+    done = await wait_done(server, job["id"])  # the image links are under the same base
+    assert done["result"]["data"][0]["url"].startswith("https://images.example.com/qip/images/")
 
 
 async def test_prefer_respond_async_and_url_results(start_proxy, tmp_path):

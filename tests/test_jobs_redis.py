@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
+from openai import RateLimitError
+
 from proxy.app import GATEWAY
 from proxy.jobs.model import Job, new_job_id, request_to_bytes
 from proxy.jobs.redis_store import RedisJobStore
@@ -87,3 +90,30 @@ async def test_cancel_through_another_proxy_stops_the_running_job(start_proxy, t
     async with asyncio.timeout(30):
         while fake.in_flight:
             await asyncio.sleep(0.02)
+
+
+async def test_two_proxies_hold_a_keys_budget_for_jobs_together(start_proxy, tmp_path, aiohttp_server,
+                                                                redis_server):  # noqa: F811
+    """images_per_day: 3 in Redis: jobs submitted to either proxy (and run by either) count once each; the
+    4th submit is refused whichever proxy gets it, and a synchronous call shares the budget."""
+    fake = await FakeOpenAIUpstream().start(aiohttp_server)
+    proxies = []
+    for name in ("a", "b"):
+        cfg = redis_jobs_config(tmp_path / name, redis_server.url, fake)
+        cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+        proxies.append(await start_proxy(cfg))
+    ids = []
+    for i in range(3):
+        status, _, job = await submit(proxies[i % 2][1], model="vendor-image", prompt=f"p{i}")
+        assert status == 202
+        ids.append(job["id"])
+    for i, job_id in enumerate(ids):
+        assert (await wait_done(proxies[(i + 1) % 2][0], job_id))["status"] == "completed"
+    for server, client in proxies:
+        with pytest.raises(RateLimitError) as info:
+            await submit(client, model="vendor-image")
+        assert info.value.body["code"] == "insufficient_quota"
+        status, _, error = await http(server, "POST", "/v1/images/generations",
+                                      json={"model": MODEL, "prompt": "x", "size": "64x64"})
+        assert status == 429 and error["error"]["code"] == "insufficient_quota"
+    assert len(fake.requests) == 3

@@ -462,6 +462,35 @@ async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_pat
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("transport", ["handle", "http"])
+async def test_a_background_job_shows_the_replicas_steps_and_cancel_stops_it(ray_pool, start_proxy, tmp_path,
+                                                                              transport):
+    provider = {"transport": transport, "http_url": ray_pool.http_url}
+    server, client, _ = await start(start_proxy, tmp_path, provider,
+                                    jobs={"path": str(tmp_path / "jobs.sqlite3")})
+    before = sum(s["cancelled"] for s in (await pool_stats()).values())
+    raw = await client.images.with_raw_response.generate(
+        model=MODEL, prompt="slow", size="64x64", extra_body={"background": True, "num_inference_steps": 500})
+    assert raw.http_response.status_code == 202
+    job_id = raw.http_response.json()["id"]
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    async with aiohttp.ClientSession() as s:
+        async with asyncio.timeout(120):
+            while True:  # the steps the replica reports reach the job
+                async with s.get(server.make_url(f"/v1/images/jobs/{job_id}"), headers=headers) as r:
+                    job = await r.json()
+                if job["progress"]:
+                    break
+                await asyncio.sleep(0.1)
+        assert job["status"] == "in_progress"
+        assert job["progress"]["steps_total"] == 500 and 0 < job["progress"]["steps_done"] < 500
+        async with s.post(server.make_url(f"/v1/images/jobs/{job_id}/cancel"), headers=headers) as r:
+            assert r.status == 200 and (await r.json())["status"] == "cancelled"
+    await wait_pool(lambda st: sum(s["cancelled"] for s in st.values()) > before
+                    and sum(s["active"] for s in st.values()) == 0)
+
+
+@pytest.mark.ray
 async def test_a_full_pool_is_429_with_retry_after(ray_pool, start_proxy, tmp_path):
     _, client, _ = await start(start_proxy, tmp_path, routing={"retries": 0})
     tasks = [asyncio.create_task(generate(client, f"flood {i}", num_inference_steps=300)) for i in range(14)]

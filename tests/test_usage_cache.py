@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 
 import aiohttp
+import numpy as np
 import pytest
+from PIL import Image
 
 from proxy.app import GATEWAY
 from proxy.config.usage import CacheConfig
@@ -16,6 +20,7 @@ from proxy.usage.cache import SeededCache
 from proxy.usage.cache_index import RedisIndex
 
 from .fake_openai_upstream import FakeOpenAIUpstream
+from .local_helpers import make_lora_file
 from .services import redis_server  # noqa: F401
 from .test_usage_e2e import api, client_for, usage_config
 
@@ -71,6 +76,43 @@ async def test_seeded_repeat_is_a_hit(start_proxy, aiohttp_server, tmp_path):
     async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics")) as r:
         body = await r.text()
     assert 'qip_cache_hits_total{model="vendor-image"} 2.0' in body
+
+
+async def test_a_lora_replaced_in_place_is_a_miss(start_proxy, aiohttp_server, tmp_path, tiny_dir, one_torch_thread):
+    """LoRAs are in the key by content hash: the same request after the LoRA file was overwritten with other
+    weights (same path, same size) is made again, not served the old weights' pictures."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    loras = tmp_path / "loras"
+    make_lora_file(tiny_dir, loras / "style.safetensors", seed=1)
+    cfg = usage_config(tmp_path, vendor.url, tiny_dir)
+    cfg["providers"]["local"]["lora_dirs"] = [str(loras)]
+    cfg["models"]["tiny"]["cache"] = {"scope": "shared"}
+    server, _ = await start_proxy(cfg)
+    client = client_for(server, "sk-alice-0000000000")
+    digests = server.app[GATEWAY].usage.lora_digests
+
+    async def styled():
+        r = await client.images.with_raw_response.generate(
+            model="tiny", prompt="a fox", size="64x64", response_format="b64_json",
+            extra_body={"seed": 5, "loras": [{"path": "style.safetensors", "scale": 1.0}]})
+        image = Image.open(io.BytesIO(base64.b64decode(r.parse().data[0].b64_json)))
+        assert image.size == (64, 64)
+        return r.headers["x-qip-cache"], np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    try:
+        first, old = await styled()
+        again, same = await styled()
+        assert (first, again) == ("miss", "hit") and (old == same).all()
+        assert digests.reads == 1  # the repeat hashed nothing: its file's stamp was known
+        size = (loras / "style.safetensors").stat().st_size
+        make_lora_file(tiny_dir, loras / "style.safetensors", seed=2)  # other weights, in place
+        assert (loras / "style.safetensors").stat().st_size == size
+        after, new = await styled()
+        assert after == "miss" and digests.reads == 2
+        assert np.abs(new - old).max() > 0  # made with the new weights
+        assert (await styled())[0] == "hit"
+    finally:
+        await client.close()
 
 
 async def test_without_cache_config_a_seeded_repeat_goes_upstream(start_proxy, aiohttp_server, tmp_path):

@@ -238,6 +238,53 @@ async def test_streams_and_edits_are_recorded(start_proxy, aiohttp_server, tmp_p
     assert [(x["size"], x["images"], x["source"]) for x in page["data"][0]["results"]] == [("1024x1024", 1, None)]
 
 
+async def test_a_stream_carries_its_cost_in_the_last_completed_event(start_proxy, aiohttp_server, tmp_path):
+    """The head of a stream goes out before the cost is known: the official client reads it from the last
+    completed event (x_qip_cost_usd, null for an unpriced route), and the ledger holds the same."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["models"]["edit-placeholder"] = {"sizes": "qwen-image", "max_input_images": 1,
+                                         "routes": [{"provider": "placeholder", "price": {"per_image": 0.02}}]}
+    cfg["models"]["vendor-image"]["cache"] = {"scope": "key"}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    try:
+        stream = await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024",
+                                             n=2, stream=True)
+        events = [event async for event in stream]
+        done = [e for e in events if e.type == "image_generation.completed"]
+        assert len(done) == 2 and done[-1] is events[-1]
+        assert done[-1].x_qip_cost_usd == pytest.approx(0.02)  # the request's two images, once
+        assert "x_qip_cost_usd" not in (done[0].model_extra or {})
+        assert done[-1].usage.total_tokens == 0  # the official fields parse as before
+        edit = await alice.images.edit(model="edit-placeholder", prompt="make it blue", size="1024x1024",
+                                       image=("in.png", png.getvalue(), "image/png"), stream=True)
+        last = [event async for event in edit][-1]
+        assert last.type == "image_edit.completed" and last.x_qip_cost_usd == pytest.approx(0.02)
+        unpriced = await alice.images.generate(model="unpriced", prompt="a fox", size="64x64", stream=True)
+        last = [event async for event in unpriced][-1]
+        assert last.type == "image_generation.completed" and last.x_qip_cost_usd is None
+        assert Image.open(io.BytesIO(base64.b64decode(last.b64_json))).size == (64, 64)
+        # A seeded stream on a model with a cache: a miss that costs, then a hit that costs nothing.
+        for expected in ("miss", "hit"):
+            seeded = await alice.images.generate(model="vendor-image", prompt="a fox", size="64x64",
+                                                 stream=True, extra_body={"seed": 3})
+            last = [event async for event in seeded][-1]
+            assert last.x_qip_cache == expected
+            assert last.x_qip_cost_usd == (pytest.approx(0.001 + 0.5 * 64 * 64 / 1e6) if expected == "miss" else 0)
+    finally:
+        await alice.close()
+    usage = server.app[GATEWAY].usage
+    await usage.writer.flush()
+    records = await usage.writer.backend.query(0, time.time() + 10)
+    assert sorted(((r.model, r.stream, r.cost_usd, r.cache_hit) for r in records), key=str) == [
+        ("edit-placeholder", True, 0.02, False), ("qwen-image-placeholder", True, 0.02, False),
+        ("unpriced", True, None, False), ("vendor-image", True, 0.0, True),
+        ("vendor-image", True, pytest.approx(0.001 + 0.5 * 64 * 64 / 1e6), False)]
+
+
 async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):
     """`serve` stopped by SIGTERM writes the records still queued (flush_seconds is an hour here)."""
     up = await SlowUpstream(delay=0.5).start(aiohttp_server)

@@ -118,3 +118,105 @@ async def test_two_proxies_share_a_budget_through_redis(start_proxy, aiohttp_ser
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_two_proxies_share_a_budget_through_postgres(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
+    """usage.database_url and no Redis: the running totals live in PostgreSQL, so two proxies enforce
+    images_per_day together, one request at a time and in a burst."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        for key in cfg["server"]["api_keys"][:2]:
+            key["budget"] = {"images_per_day": 3}
+        cfg["usage"] = {"database_url": postgres_server.url}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    alice = [client_for(s, "sk-alice-0000000000") for s in servers]
+    bob = [client_for(s, "sk-bob-0000000000") for s in servers]
+
+    async def one(client):
+        try:
+            r = await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            return len(r.data)
+        except RateLimitError as e:
+            assert e.status_code == 429 and e.body["code"] == "insufficient_quota"
+            assert "images_per_day" in e.body["message"] and "resets at" in e.body["message"]
+            return 0
+    try:
+        made = [await one(alice[i % 2]) for i in range(3)]
+        assert made == [1, 1, 1]
+        assert [await one(c) for c in alice] == [0, 0]
+        # bob: 8 requests at once from both proxies; the upsert's row locks let exactly 3 through
+        burst = await asyncio.gather(*(one(bob[i % 2]) for i in range(8)))
+        assert sorted(burst) == [0] * 5 + [1] * 3
+    finally:
+        for c in alice + bob:
+            await c.close()
+
+
+@pytest.mark.parametrize("counters", ["postgres", "redis"])
+async def test_budget_counts_what_was_spent_before_it(start_proxy, aiohttp_server, tmp_path, postgres_server,  # noqa: F811
+                                                      counters, request):
+    """A key spends 2 images on a proxy without budgets; proxies started later with images_per_day: 3
+    count them from the ledger (once, however many start), so 1 more image is left, not 3. The running
+    totals in PostgreSQL or in Redis alike."""
+    state = {"redis_url": request.getfixturevalue("redis_server").url} if counters == "redis" else None
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path / "before", vendor.url)
+    cfg["usage"] = {"database_url": postgres_server.url}
+    before, _ = await start_proxy(cfg)
+    alice = client_for(before, "sk-alice-0000000000")
+    await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
+    await alice.close()
+    assert await before.app[GATEWAY].usage.writer.flush()
+
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
+        cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+        cfg["usage"] = {"database_url": postgres_server.url}
+        if state:
+            cfg["state"] = state
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    clients = [client_for(s, "sk-alice-0000000000") for s in servers]
+    try:
+        r = await clients[1].images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        assert len(r.data) == 1
+        for c in clients:
+            with pytest.raises(RateLimitError) as info:
+                await c.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+            assert info.value.body["code"] == "insufficient_quota"
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_postgres_budget_counters_down_is_503_not_unchecked(start_proxy, aiohttp_server, tmp_path,
+                                                                  postgres_server):  # noqa: F811
+    """The counters' database away: a key with a budget gets 503 state_unavailable (never an unchecked
+    pass), a key without one is served; once it is back, the budget is checked again."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
+    cfg["usage"] = {"database_url": postgres_server.url, "write_timeout": 1}
+    server, _ = await start_proxy(cfg)
+    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
+
+    async def post(key: str) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                        headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, await r.json()
+
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    postgres_server.stop()
+    status, answer = await post("sk-alice-0000000000")
+    assert status == 503 and answer["error"]["code"] == "state_unavailable"
+    assert postgres_server.url not in str(answer)
+    assert (await post("sk-bob-0000000000"))[0] == 200
+    postgres_server.start()
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    status, answer = await post("sk-alice-0000000000")  # 3 images counted across the outage
+    assert status == 429 and answer["error"]["code"] == "insufficient_quota"

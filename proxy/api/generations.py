@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -12,11 +13,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from ..errors import InvalidRequest, ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound, ProxyError
 from ..http.body import read_fields
 from ..http.cpu import INLINE_BYTES
+from ..http.request_log import outcome_of
 from ..http.send import send_or_drop
 from ..jobs.ask import BACKGROUND, mark_background
+from ..jobs.runner import SHUTTING_DOWN
 from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
@@ -29,7 +32,10 @@ from .context import BODY, MODEL, NotServedHere
 from .serving import generate, route_headers
 
 if TYPE_CHECKING:
+    from ..jobs.model import Job
     from .gateway import Gateway
+
+GENERATIONS_PATH, EDITS_PATH = "/v1/images/generations", "/v1/images/edits"
 
 
 def served_model(gw: Gateway, request: web.Request, asked: object, default: str | None, served: list[str],
@@ -165,7 +171,25 @@ def dumps_with_b64(payload: dict) -> bytes:
     return b"".join(body_parts(payload))
 
 
-async def run_job(gw: Gateway, req: ImageRequest, base_url: str) -> tuple[bytes, str]:
-    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served)."""
-    result, payload = await generate(gw, None, req, base_url)
-    return await asyncio.to_thread(dumps_with_b64, payload), result.route.name
+async def run_job(gw: Gateway, req: ImageRequest, job: Job) -> tuple[bytes, str]:
+    """A background job's work: (the answer's JSON as a synchronous call returns it, the route that served).
+    Metered as a synchronous call is (app.py opens and finishes its meter): a meter of its own (this task's,
+    not the submitting request's), and at the end one ledger record under the job's id."""
+    meter = gw.usage.open()
+    started = time.monotonic()
+    status, outcome = 500, "error"
+    try:
+        result, payload = await generate(gw, None, req, job)
+        body = await asyncio.to_thread(dumps_with_b64, payload)
+        status, outcome = 200, "ok"
+        return body, result.route.name
+    except ProxyError as e:
+        status, outcome = e.status, outcome_of(e)
+        raise
+    except asyncio.CancelledError as e:  # cancelled by its client, or the server stopping
+        status, outcome = (503, "shutdown") if SHUTTING_DOWN in e.args else (499, "cancelled")
+        raise
+    finally:
+        gw.usage.finish(meter, request_id=job.id, key=gw.policy.named(job.key_name), model=job.model,
+                        path=EDITS_PATH if job.kind == "edit" else GENERATIONS_PATH, status=status, outcome=outcome,
+                        seconds=time.monotonic() - started)

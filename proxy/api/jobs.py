@@ -36,6 +36,8 @@ from ..routing.policy import API_KEY
 from ..state.idempotency import REPLAYED, client_scope
 from ..state.shared import Answer
 from ..state.store import valid_name
+from ..telemetry import tracing
+from .context import METER
 from .serving import public_base_url
 
 if TYPE_CHECKING:
@@ -79,17 +81,20 @@ def build_runner(gw: Gateway, work: Work) -> JobRunner | None:
     settings = gw.config.jobs
     if not settings.enabled:
         return None
-    keys = {key.name: key for key in gw.policy.keys}
 
     async def slot(key_name: str | None) -> Lease:
-        key = keys.get(key_name or "")
+        key = gw.policy.named(key_name)
         return await gw.policy.limits.acquire(key_name or "-", rpm=None,
                                               concurrency=key.concurrency if key else None)
 
     deliverer = Deliverer(gw.fetcher, webhook_policy(gw), backoff_base=settings.webhook_backoff_base,
                           backoff_max=settings.webhook_backoff_max, window=settings.webhook_retry_window)
-    return JobRunner(make_job_store(gw.config), settings, work, slot=slot,
-                     deliverer=deliverer, scrub=gw.scrubber.text, metrics=gw.metrics)
+
+    def unused_hold(doc: dict) -> None:
+        gw.usage.release(gw.usage.held(doc))
+
+    return JobRunner(make_job_store(gw.config), settings, work, slot=slot, deliverer=deliverer,
+                     scrub=gw.scrubber.text, metrics=gw.metrics, tracing=gw.tracing, unused_hold=unused_hold)
 
 
 def serves(path: str) -> bool:
@@ -139,12 +144,24 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
         job = Job(id=new_job_id(), owner=client_scope(request), key_name=key.name if key else None,
                   model=req.model, kind="edit" if req.is_edit else "generation",
                   request=public_request(run_req), base_url=base_url, webhook_url=url,
-                  rerun_safe=all(gw.providers[r.provider].kind in RERUN_SAFE_KINDS for r in routes))
-        if not await jobs.submit(job, request_to_bytes(run_req)):
+                  rerun_safe=all(gw.providers[r.provider].kind in RERUN_SAFE_KINDS for r in routes),
+                  no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
+                  traceparent=tracing.traceparent())
+        # The key's budget, as for a synchronous call: a key that is spent is told now (429
+        # insufficient_quota), not when the job runs; the hold goes with the job and is settled at its end.
+        hold = await gw.usage.reserve(req, key)
+        job.budget_hold = gw.usage.hold_doc(hold)
+        try:
+            added = await jobs.submit(job, request_to_bytes(run_req))
+        except BaseException:
+            gw.usage.release(hold)
+            raise
+        if not added:
+            gw.usage.release(hold)
             limit = gw.config.jobs.max_queued_per_key
             raise RateLimited(f"Too many background jobs: this API key may have {limit} queued or running at "
                               "once; retry when one finishes.", code="too_many_jobs", retry_after=5)
-        headers = {"Location": f"{PREFIX}/{job.id}"}
+        headers = {"Location": f"{base_url}{PREFIX}/{job.id}"}
         if ask.prefer_header:
             headers["Preference-Applied"] = "respond-async"
         return Answer(202, json.dumps(job.public()).encode(), headers)
@@ -153,6 +170,9 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
     # synchronous call, or another webhook, is another request (422 idempotency_key_mismatch).
     marked = replace(req, extra={**req.extra, "background": {"webhook_url": url}})
     answer, replayed = await gw.idempotency.run(request, marked, work)
+    if answer.status == 202:  # the job is the image request the ledger records, at its end; not this 202
+        request.pop(METER, None)
+        tracing.annotate_request({"qip.job_id": answer.headers["Location"].rsplit("/", 1)[-1]})
     response = web.Response(body=answer.whole().body, status=answer.status, content_type="application/json",
                             headers=answer.headers)
     if replayed:

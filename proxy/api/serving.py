@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ..errors import AuthenticationFailed
 from ..media.output import FinalImage, finish_images, render_images
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest
@@ -16,49 +17,67 @@ from ..routing.router import RouteResult
 from .context import ROUTE
 
 if TYPE_CHECKING:
+    from ..config.server import ApiKey
+    from ..jobs.model import Job
     from ..usage.service import CachedResult
     from .gateway import Gateway
 
 
 async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
-                   base_url: str | None = None) -> tuple[RouteResult | CachedResult, dict]:
+                   job: Job | None = None) -> tuple[RouteResult | CachedResult, dict]:
     """Route the request (images checked and converted inside each route attempt), then render it.
-    Without `request` (a background job), in the caller's task, links under `base_url`."""
+    Without `request`: a background `job`, run in its own task (its meter opened there), links under its
+    base URL. Both go the same way: the seeded cache, the key's budget, the router, the cache entry."""
     deadline = time.monotonic() + gw.config.server.request_timeout
 
     async def finish(images: list[GeneratedImage], route_req: ImageRequest, provider: Provider) -> list[FinalImage]:
         return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
                                    trusted_origin=provider.trusted_origin)
 
-    result: RouteResult | CachedResult
-    if request is None:  # a background job: not metered by the usage ledger, budgets or cache yet
-        if base_url is None:
-            raise TypeError("generate: a background job (no request) needs base_url")
-        result = await gw.router.generate(req, deadline, finish)
-    else:
-        # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
-        cached = await gw.usage.before(req, request.get(API_KEY), request.headers.get("Cache-Control"))
-        if cached is None:
-            routed = await gw.run_work(request, gw.router.generate(req, deadline, finish))
-            await gw.usage.after(req, routed)
-            result = routed
-        else:
-            result = cached
-        request[ROUTE] = result
+    if request is not None:
+        key, cache_control, held = request.get(API_KEY), request.headers.get("Cache-Control"), None
         base_url = public_base_url(gw, request)
+    elif job is not None:
+        key, cache_control = job_key(gw, job), "no-cache" if job.no_cache else None
+        # The hold taken at submit is this run's now: its meter settles it, however the run ends.
+        held, job.budget_hold = gw.usage.held(job.budget_hold), None
+        base_url = job.base_url
+    else:
+        raise TypeError("generate: a background job (no request) needs its job")
+    # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
+    cached = await gw.usage.before(req, key, cache_control, held=held)
+    result: RouteResult | CachedResult
+    if cached is None:
+        work = gw.router.generate(req, deadline, finish)
+        routed: RouteResult = await (gw.run_work(request, work) if request is not None else work)
+        await gw.usage.after(req, routed)
+        result = routed
+    else:
+        result = cached
+    if request is not None:
+        request[ROUTE] = result
     items = await render_images(result.images, req, store=gw.store, base_url=base_url)
     for item in items:  # an upstream's text: it may echo what it was sent, keys included
         item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
     gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
     out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
     payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
-    for key in ("quality", "background"):
-        if getattr(req, key) is not None:
-            payload[key] = getattr(req, key)
+    for name in ("quality", "background"):
+        if getattr(req, name) is not None:
+            payload[name] = getattr(req, name)
     seeds = [img.seed for img in result.images]
     if all(s is not None for s in seeds):
         payload["seeds"] = seeds
     return result, payload
+
+
+def job_key(gw: Gateway, job: Job) -> ApiKey | None:
+    """The key a job was submitted with, by its name (None: the proxy has no keys)."""
+    key = gw.policy.named(job.key_name)
+    if key is None and job.key_name is not None:
+        raise AuthenticationFailed(f"The API key this job was submitted with ('{job.key_name}') is no longer "
+                                   "configured on this server.")
+    return key
 
 
 def public_base_url(gw: Gateway, request: web.Request) -> str:

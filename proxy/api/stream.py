@@ -79,13 +79,16 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
         while sink is not None and not sink.queue.empty():  # previews that came in with the result
             if (event := await previews.event(sink.queue.get_nowait())) is not None:
                 await out.send(event)
-        for item in payload["data"]:
+        last = len(payload["data"]) - 1
+        for i, item in enumerate(payload["data"]):
             b64 = item["b64_json"]
             completed: dict[str, Any] = {
                      "type": f"{prefix}.completed", "b64_json": b64 if isinstance(b64, str) else str(b64, "ascii"),
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
+            if i == last:  # the request's cost, known only now (the head went out long ago): our own fields
+                completed |= gw.usage.stream_fields()
             await out.send(sse(completed["type"], completed))
     except ProxyError as e:
         if not response.prepared:

@@ -72,6 +72,12 @@ class Job:
     webhook_url: str | None = None
     deliveries: list[Delivery] = field(default_factory=list)
     route: str | None = None
+    # The key's budget hold taken at submit (proxy/usage/service.py), until the job's run takes it over.
+    budget_hold: dict[str, Any] | None = None
+    no_cache: bool = False  # submitted with Cache-Control: no-cache (the seeded cache is not read)
+    # W3C traceparents: the submitting request's span, and the job's own run (its webhook spans link to it).
+    traceparent: str | None = None
+    run_traceparent: str | None = None
 
     def to_doc(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

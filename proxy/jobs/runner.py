@@ -1,10 +1,11 @@
 """Runs background jobs: claims queued ones, keeps their leases, ends them (completed, failed, cancelled),
-takes over jobs whose process died, and sends their webhooks. One per proxy process."""
+takes over jobs whose process died; its WebhookSender sends their webhooks. One per proxy process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ProxyError
 from ..media import progress
 from ..routing.policy import ConcurrencyLimited
+from ..telemetry.tracing import clean
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -30,22 +32,26 @@ from .model import (
     webhook_body,
 )
 from .store import JobStore
+from .webhook_sender import WebhookSender
 
 if TYPE_CHECKING:
     from ..config.jobs import JobsConfig
     from ..request import ImageRequest
     from ..telemetry.metrics import Metrics
+    from ..telemetry.tracing import Tracing
     from .webhooks import Deliverer
 
 log = logging.getLogger("proxy.jobs")
 
-# (the answer's JSON bytes, the route that served it)
-Work = Callable[["ImageRequest", str], Awaitable[tuple[bytes, str]]]
+# Runs one job's request: (the answer's JSON bytes, the route that served it)
+Work = Callable[["ImageRequest", Job], Awaitable[tuple[bytes, str]]]
 # A key's concurrency slot for a job (by the key's name; None: no key): an object with `release()`.
 Slot = Callable[[str | None], Awaitable[Any]]
 
 # A running job's progress is written at most this often.
 PROGRESS_WRITE_SECONDS = 1.0
+# Why a running job's task is cancelled when the server stops (its work records it as "shutdown").
+SHUTTING_DOWN = "the server is shutting down"
 INTERRUPTED_UNSAFE = ("The proxy stopped while this job was running on a route that calls a paid upstream; it "
                       "was not run again, because the upstream may already have charged for it. Submit it again "
                       "if you still want the images.")
@@ -57,15 +63,18 @@ def _interrupted(message: str) -> dict:
 
 class JobRunner:
     def __init__(self, store: JobStore, settings: JobsConfig, work: Work, *, slot: Slot, deliverer: Deliverer,
-                 scrub: Callable[[str], str] = lambda s: s, metrics: Metrics | None = None):
+                 scrub: Callable[[str], str] = lambda s: s, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None, unused_hold: Callable[[dict], None] | None = None):
         self.store, self.settings, self.work, self.slot = store, settings, work, slot
-        self.deliverer, self.scrub, self.metrics = deliverer, scrub, metrics
+        self.deliverer, self.scrub, self.metrics, self.tracing = deliverer, scrub, metrics, tracing
+        # A job that ends without having run gives back the budget hold it took when submitted.
+        self.unused_hold = unused_hold
         self.worker = secrets.token_hex(8)  # this process, as leases name it
         self.running: dict[str, asyncio.Task] = {}
         self._why_stopped: dict[str, str] = {}  # job id -> cancel | lost | shutdown
         self._progress_writers: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
-        self._wake_deliveries = asyncio.Event()
+        self.webhooks = WebhookSender(store, settings, deliverer, self.worker, metrics=metrics, tracing=tracing)
         self._loops: list[asyncio.Task] = []
         self.stopping = False
 
@@ -73,14 +82,18 @@ class JobRunner:
 
     async def start(self) -> None:
         await self.store.start()
-        self._loops = [asyncio.ensure_future(f()) for f in (self._claim_loop, self._deliver_loop, self._keep_loop)]
+        # A context of their own: started from a request, they (and every job they run) would otherwise
+        # carry its context variables: its usage meter, its trace.
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(f(), context=contextvars.Context())
+                       for f in (self._claim_loop, self.webhooks.run, self._keep_loop)]
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: take no more jobs; running ones get `grace` s to finish, then go back to the queue
         (or fail, where a rerun may be charged). Pending webhook deliveries stay stored for the next start."""
         self.stopping = True
         self._wake.set()
-        self._wake_deliveries.set()
+        self.webhooks.stop()
         pending = set(self.running.values())
         if pending:
             log.info("jobs: %d running, up to %.0f s to finish", len(pending), grace)
@@ -88,12 +101,13 @@ class JobRunner:
         left = set(self.running.items())
         for job_id, task in left:
             self._why_stopped[job_id] = "shutdown"
-            task.cancel("the server is shutting down")
+            task.cancel(SHUTTING_DOWN)
         if left:
             await asyncio.wait({t for _, t in left}, timeout=5)
 
     async def close(self) -> None:
         self.stopping = True
+        self.webhooks.stop()
         for task in [*self._loops, *self.running.values()]:
             task.cancel()
         for task in [*self._loops, *self.running.values()]:
@@ -155,6 +169,24 @@ class JobRunner:
         self._wake.set()
 
     async def _run(self, job: Job) -> None:
+        """Run a claimed job to its end; traced, its span is the root of a trace of its own, linked to the
+        request that submitted it (it may run long after that request, or after a restart)."""
+        if self.tracing is None:
+            await self._run_job(job)
+            return
+        with self.tracing.background("image_job", {"qip.job_id": job.id, "qip.model": job.model,
+                                                   "qip.key": job.key_name, "qip.job.kind": job.kind},
+                                     link=job.traceparent, kind="consumer") as span:
+            job.run_traceparent = self.tracing.traceparent()
+            await self._run_job(job)
+            span.set_attributes(clean({
+                "qip.outcome": {QUEUED: "requeued", IN_PROGRESS: "lost"}.get(job.status, job.status),
+                "qip.job.run": job.runs, "qip.job.recovered": job.runs > 1, "qip.route": job.route,
+                "qip.error_code": (job.error or {}).get("code")}))
+            if job.status == FAILED:
+                self.tracing.failed(span)
+
+    async def _run_job(self, job: Job) -> None:
         task = asyncio.current_task()
         assert task is not None  # a job always runs as a task of its own (see _claim_loop)
         keeper = asyncio.ensure_future(self._keep_lease(job.id, task))
@@ -172,7 +204,7 @@ class JobRunner:
                         return
                     job.progress = None
                     progress.watch(lambda step, total: self._progress(job, step, total))
-                    result, job.route = await self.work(req, job.base_url)
+                    result, job.route = await self.work(req, job)
                     job.status, job.has_result = COMPLETED, True
                 finally:
                     await slot.release()
@@ -248,6 +280,9 @@ class JobRunner:
     async def _finish(self, job: Job, result: bytes | None) -> None:
         """End a job this process holds: its webhook message, the record, the lease given back."""
         job.finished_at = time.time()
+        if job.budget_hold is not None and self.unused_hold is not None:  # no run took it over
+            self.unused_hold(job.budget_hold)
+            job.budget_hold = None
         url = job.webhook_url
         if url and job.status in TERMINAL:
             parsed = None
@@ -260,7 +295,7 @@ class JobRunner:
         if saved and self.metrics is not None and job.status in TERMINAL:
             self.metrics.child(self.metrics.jobs, job.model, job.status).inc()
         if saved and job.deliveries:
-            self._wake_deliveries.set()
+            self.webhooks.wake()
 
     # ---- interrupted jobs, old jobs ---------------------------------------------------------------
 
@@ -294,48 +329,6 @@ class JobRunner:
                     purged_at = time.time()
                     await self.store.purge(time.time() - self.settings.ttl_seconds)
             await asyncio.sleep(max(0.2, self.settings.lease_seconds / 3))
-
-    # ---- webhooks -------------------------------------------------------------------------------
-
-    def secret_for(self, job: Job) -> str | None:
-        hook = self.settings.key_webhooks.get(job.key_name or "")
-        if hook is not None and hook.url == job.webhook_url and hook.secret:
-            return hook.secret
-        return self.settings.webhook_secret
-
-    async def _deliver_loop(self) -> None:
-        s = self.settings
-        hold = s.webhook_timeout * 2 + 5
-        poll = min(1.0, max(0.05, s.webhook_backoff_base / 4))
-        limit = asyncio.Semaphore(16)
-
-        async def deliver(job: Job) -> None:
-            async with limit:
-                secret = self.secret_for(job)
-                for d in job.deliveries:
-                    if d.state == "pending" and (d.next_attempt_at or 0) <= time.time():
-                        if secret is None:
-                            d.state, d.next_attempt_at = "failed", None
-                            d.attempts.append({"at": int(time.time()), "status": None,
-                                               "error": "no webhook secret is configured"})
-                        else:
-                            await self.deliverer.attempt(d, secret)
-                            if self.metrics is not None:
-                                result = "retry" if d.state == "pending" else d.state
-                                self.metrics.child(self.metrics.webhook_attempts, result).inc()
-                await self.store.save_deliveries(job, self.worker)
-
-        while not self.stopping:
-            try:
-                due = await self.store.due_deliveries(self.worker, time.time(), hold)
-            except ProxyError:
-                due = []
-            if due:
-                await asyncio.gather(*(deliver(job) for job in due), return_exceptions=True)
-                continue
-            self._wake_deliveries.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_deliveries.wait(), poll)
 
 
 class _Stop(Exception):

@@ -98,6 +98,12 @@ class Provider(ABC):
         """For `models` / `check-config`: what would stop this provider serving, without starting it."""
         return self.unavailable_reason
 
+    def lora_file(self, path: str) -> str | None:
+        """The file on this machine that a request's LoRA `path` loads (for the seeded-request cache's
+        content hash); None where the proxy cannot see it (an upstream's LoRAs, a URL not yet downloaded).
+        Blocking (file system): call it off the event loop."""
+        return None
+
     @property
     def trusted_origin(self) -> str | None:
         """scheme://host:port whose image URLs this provider's answers may point at even when it is not a

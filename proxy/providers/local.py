@@ -30,6 +30,7 @@ from local_backend import (
 )
 from local_backend.accel_options import static_problems, static_warnings
 from local_backend.loading import gguf_problem
+from local_backend.loras import LoraManager  # no torch: resolves request LoRAs to files
 from local_backend.planning import MAX_N  # no torch: the engine's limit on n per job
 
 from ..config import RouteConfig
@@ -172,6 +173,7 @@ class LocalProvider(Provider):
         # text_encoder by the engine itself (in self.config).
         self.chat_enhancer: enhance.ChatEnhancer | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._lora_files: LoraManager | None = None
         if self.config is not None:
             chat = enhance.parse_options(options.get("prompt_enhancement"))  # checked by engine_config
             if chat is not None and chat.with_ == "chat":
@@ -198,6 +200,13 @@ class LocalProvider(Provider):
         if self._static_warnings is None:  # not started (check-config): found here, once
             self._static_warnings = static_warnings(self.config, self._device())
         return self._static_warnings
+
+    def lora_file(self, path: str) -> str | None:
+        if self.config is None:
+            return None
+        if self._lora_files is None:  # its own resolver: the engine's may not exist yet (loading)
+            self._lora_files = LoraManager(self.config)
+        return self._lora_files.local_file(path)
 
     def serve_sizes(self, sizes: list[tuple[int, int]]) -> None:
         """The sizes of the models this route serves: what `compile: {warm_sizes: table}` warms."""

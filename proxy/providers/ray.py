@@ -45,6 +45,7 @@ from local_backend.ray_options import (
 from ..config import RouteConfig
 from ..errors import UpstreamError
 from ..media.partials import PartialImage, threadsafe_emitter
+from ..media.progress import step_reporter
 from ..request import ImageRequest
 from ..telemetry import tracing
 from . import enhance
@@ -383,11 +384,12 @@ class RayProvider(Provider):
         with tracing.span("pool.call", {"qip.provider": self.name, "qip.transport": self.transport}) as span:
             if (parent := tracing.traceparent()) is not None:  # the replica's spans join this trace
                 wire["traceparent"] = parent
+            report = step_reporter()  # a background job's progress: the replica streams its steps
             if self.transport == "handle":
-                reply = await call_handle(self._handle, wire, on_partial if emit else None, self.name)
+                reply = await call_handle(self._handle, wire, on_partial, self.name, report)
             else:
                 reply = await call_http(started(self._http), f"{self.http_url}{self.route_prefix}", wire,
-                                        on_partial if emit else None, answer_limit(req))
+                                        on_partial, answer_limit(req), report)
             span.set_attribute("qip.replica", str(reply.get("replica")))
         return self._images(reply, req, revised)
 

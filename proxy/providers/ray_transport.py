@@ -21,6 +21,8 @@ from .ray_convert import http_error, ray_error
 
 # What a call hands each preview to (a replica's {"index", "partial_index", "b64"...} dict), awaited.
 OnPartial = Callable[[dict], Awaitable[None]]
+# What a call hands each step the replica reports to: (steps done, steps in all).
+OnProgress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,26 @@ def app_status(app_name: str, deployment: str) -> tuple[str | None, dict[str, in
 # ----- one generation call ----------------------------------------------------------------------------
 
 
-async def call_handle(handle: Any, wire: dict, on_partial: OnPartial | None, name: str) -> dict:
-    """One request through a Serve handle: the reply; on_partial (async) gets each preview first."""
+async def _event(event: dict, on_partial: OnPartial | None, on_progress: OnProgress | None) -> bool:
+    """A stream's step or preview handed on (True), or False for the reply."""
+    if "progress" in event:
+        if on_progress is not None:
+            on_progress(int(event["progress"]["step"]), int(event["progress"]["total"]))
+        return True
+    if "partial" in event:
+        if on_partial is not None:
+            await on_partial(event["partial"])
+        return True
+    return False
+
+
+async def call_handle(handle: Any, wire: dict, on_partial: OnPartial | None, name: str,
+                      on_progress: OnProgress | None = None) -> dict:
+    """One request through a Serve handle: the reply; on_partial (async) gets each preview first and
+    on_progress each step (either asks for the replica's stream)."""
     loop = asyncio.get_running_loop()
     try:
-        if on_partial is None:
+        if on_partial is None and on_progress is None:
             response = handle.generate.remote(wire)
             try:
                 return await response
@@ -94,9 +111,7 @@ async def call_handle(handle: Any, wire: dict, on_partial: OnPartial | None, nam
         reply = None
         try:
             async for event in stream:
-                if "partial" in event:
-                    await on_partial(event["partial"])
-                else:
+                if not await _event(event, on_partial, on_progress):
                     reply = event
         except BaseException:
             loop.run_in_executor(None, _cancel, stream)
@@ -113,16 +128,16 @@ async def call_handle(handle: Any, wire: dict, on_partial: OnPartial | None, nam
 
 
 async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partial: OnPartial | None,
-                    max_bytes: int) -> dict:
-    """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first.
-    The reply (each line of a stream) may take max_bytes."""
-    body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire),
-                                                        "stream": on_partial is not None}))
+                    max_bytes: int, on_progress: OnProgress | None = None) -> dict:
+    """One request through Serve's HTTP ingress at url: the reply; on_partial (async) gets each preview first
+    and on_progress each step (either asks for a stream). The reply (each line of a stream) may take max_bytes."""
+    streamed = on_partial is not None or on_progress is not None
+    body = await asyncio.to_thread(lambda: json.dumps({"params": wire_to_json(wire), "stream": streamed}))
     try:
         # Leaving this block early (cancelled) closes the connection: Serve cancels the replica's job.
         async with http.post(url, data=body, headers={"Content-Type": "application/json"},
                              allow_redirects=False) as resp:
-            if on_partial is None or resp.status != 200:
+            if not streamed or resp.status != 200:
                 text = await read_answer(resp, max_bytes, "the Ray pool's HTTP ingress")
                 try:
                     reply = json.loads(text)
@@ -136,9 +151,7 @@ async def call_http(http: aiohttp.ClientSession, url: str, wire: dict, on_partia
                 if not line.strip():
                     continue
                 event = json.loads(line)
-                if "partial" in event:
-                    await on_partial(event["partial"])
-                else:
+                if not await _event(event, on_partial, on_progress):
                     reply = event
             if reply is None:
                 raise UpstreamError("the Ray pool's stream ended without a result")

@@ -135,6 +135,7 @@ class KeyPolicy:
     def __init__(self, server: ServerConfig, metrics: Metrics | None = None, limits: Limits | None = None) -> None:
         self.keys = list(server.keys)
         self._digests = [(_digest(key.value.encode()), key) for key in self.keys]
+        self._named = {key.name: key for key in self.keys}
         self._metrics_digest = _digest(server.metrics_key.encode()) if server.metrics_key else None
         self.limits: Limits = limits if limits is not None else MemoryLimits()
         self.metrics = metrics
@@ -160,6 +161,10 @@ class KeyPolicy:
                 "in the Authorization header."
             )
         return found
+
+    def named(self, name: str | None) -> ApiKey | None:
+        """The configured key of this name (a background job keeps its key's name, never the key)."""
+        return self._named.get(name) if name is not None else None
 
     def check_metrics_key(self, authorization: str | None) -> None:
         """/metrics with server.metrics_key set: that key, and no other, or 401."""

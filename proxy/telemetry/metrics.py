@@ -57,7 +57,7 @@ class Metrics:
         self.key_rejections = Counter(
             "qip_key_rejections_total",
             "Requests refused by a key's policy: rate_limit_exceeded, concurrency_limit_exceeded, "
-            "model_not_allowed", ["key", "reason"], registry=self.registry,
+            "model_not_allowed, insufficient_quota (budget spent)", ["key", "reason"], registry=self.registry,
         )
         self.route_state = Gauge(
             "qip_route_state",

@@ -71,7 +71,14 @@ class OtelTracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace import (
+            Link,
+            SpanKind,
+            Status,
+            StatusCode,
+            get_current_span,
+            set_span_in_context,
+        )
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.settings = settings
@@ -86,6 +93,8 @@ class OtelTracing:
         self._current_context = context.get_current
         self._in_context = set_span_in_context
         self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
+        self._consumer, self._internal = SpanKind.CONSUMER, SpanKind.INTERNAL
+        self._root, self._link, self._span_of = context.Context, Link, get_current_span
         self._error = Status(StatusCode.ERROR)
 
     @contextlib.contextmanager
@@ -111,6 +120,31 @@ class OtelTracing:
             tokens = enter(self, span)
             try:
                 yield span
+            finally:
+                leave(tokens)
+
+    @contextlib.contextmanager
+    def background(self, name: str, attributes: dict[str, Any], *, link: str | None,
+                   kind: str = "internal") -> Iterator[Any]:
+        """Work no request waits for (a background job, a webhook delivery): the root span of a trace of its
+        own, linked to the span whose W3C traceparent is `link` (OpenTelemetry's way for work started by
+        another trace, which may have ended long before), and this task's current span as a request's is."""
+        links = []
+        if link:
+            found = self._span_of(self.propagator.extract({"traceparent": link})).get_span_context()
+            if found.is_valid:
+                links.append(self._link(found))
+        with self.tracer.start_as_current_span(
+                name, context=self._root(), kind=self._consumer if kind == "consumer" else self._internal,
+                attributes=clean(attributes), links=links, record_exception=False,
+                set_status_on_exception=False) as span:
+            tokens = enter(self, span)
+            try:
+                yield span
+            except BaseException as e:
+                span.set_attribute("error.type", type(e).__name__)
+                span.set_status(self._error)
+                raise
             finally:
                 leave(tokens)
 

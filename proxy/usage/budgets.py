@@ -112,6 +112,11 @@ class MemorySpend:
             await self.add(hold, hold.images, hold.micro_usd)
         return which
 
+    async def floor(self, totals: dict[tuple[str, str, str], int]) -> None:
+        """Raise counters ((key, period, "img" | "usd") -> count) to at least these (the ledger's sums)."""
+        for counter, amount in totals.items():
+            self._counts[counter] = max(self._counts.get(counter, 0), amount)
+
     async def add(self, hold: Hold, images: int, micro_usd: int) -> None:
         self._add(hold.key, hold.day, "img", images)
         self._add(hold.key, hold.day, "usd", micro_usd)
@@ -141,6 +146,18 @@ redis.call('INCRBY', KEYS[3], ARGV[2]) redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
 """
 
+# Raises each counter to at least its ARGV value (ARGV[1] the day's TTL, ARGV[2] the month's; then a value
+# and whether it is a month's, per key), never lowers one: several proxies may each do it at start-up.
+_FLOOR = """
+for i, key in ipairs(KEYS) do
+  local want = tonumber(ARGV[1 + 2 * i])
+  if tonumber(redis.call('GET', key) or '0') < want then
+    redis.call('SET', key, want, 'EX', ARGV[2 + 2 * i] == '1' and ARGV[2] or ARGV[1])
+  end
+end
+return 1
+"""
+
 _DAY_TTL, _MONTH_TTL = 2 * 86400, 32 * 86400
 
 
@@ -159,6 +176,15 @@ class RedisSpend:
             _RESERVE, 3, *self._keys(hold), hold.images, hold.micro_usd, *limits, _DAY_TTL, _MONTH_TTL))
         which = which.decode() if isinstance(which, bytes) else which
         return which or None
+
+    async def floor(self, totals: dict[tuple[str, str, str], int]) -> None:
+        """Raise counters ((key, period, "img" | "usd") -> count) to at least the ledger's sums: spending
+        made before a key had a budget counts too (a month's period is "YYYY-MM", a day's "YYYY-MM-DD")."""
+        if not totals:
+            return
+        keys = [f"{self.state.prefix}budget:{key}:{period}:{what}" for key, period, what in totals]
+        args = [a for (_, period, _), amount in totals.items() for a in (amount, int(len(period) == 7))]
+        await self.state.call(self.state.client.eval(_FLOOR, len(keys), *keys, _DAY_TTL, _MONTH_TTL, *args))
 
     async def add(self, hold: Hold, images: int, micro_usd: int) -> None:
         await self.state.call(self.state.client.eval(

@@ -24,20 +24,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.usage")
 
 
-def cache_key(req: ImageRequest, routes: str, key_name: str | None, config: CacheConfig) -> tuple | None:
+def cache_key(req: ImageRequest, routes: str, key_name: str | None, config: CacheConfig,
+              loras: tuple = ()) -> tuple | None:
     """The request's cache key (pure): None without an explicit seed (it asks for a new image). A tuple of
     plain values, compared whole by the in-memory index (no digest to collide, and cheap to hash).
 
     Everything that changes the pictures is in it: the model and what its routes run (`routes`: the
-    model's routes_signature), prompt, negative prompt, size, n, seed, steps, cfg, tier, LoRAs, input images and
-    mask by content hash, output format and compression, and the key with scope: key.
+    model's routes_signature), prompt, negative prompt, size, n, seed, steps, cfg, tier, LoRAs (`loras`: path,
+    scale and file content hash, from LoraDigests.keys), input images and mask by content hash, output format
+    and compression, and the key with scope: key.
     """
     if req.seed is None:
         return None
     return (
         req.model, routes, req.prompt, req.negative_prompt, req.width, req.height, req.n,
         req.seed, req.num_inference_steps, req.cfg_scale, req.resolution, req.prompt_enhancement, req.quality,
-        req.background, req.style, req.input_fidelity, tuple((lora.path, lora.scale) for lora in req.loras),
+        req.background, req.style, req.input_fidelity, loras or tuple((lora.path, lora.scale) for lora in req.loras),
         tuple(hashlib.sha256(img.data).digest() for img in req.images),
         hashlib.sha256(req.mask.data).digest() if req.mask is not None else None,
         req.output_format, req.output_compression, repr(sorted(req.extra.items())) if req.extra else None,

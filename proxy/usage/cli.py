@@ -8,7 +8,7 @@ import re
 import time
 
 from ..config import Config
-from .record import UsageRecord
+from .aggregate import Partial
 from .report import COST_GROUPS, IMAGE_GROUPS, WIDTHS, summary
 from .service import make_backend
 
@@ -42,11 +42,11 @@ def table(rows: list[dict], group_by: list[str], width: str) -> str:
     return "\n".join(out)
 
 
-async def _read(config: Config, start: float, end: float) -> list[UsageRecord]:
+async def _read(config: Config, start: float, end: float, width: int) -> list[Partial]:
     backend = make_backend(config)
     await backend.start()
     try:
-        return await backend.query(start, end)
+        return await backend.aggregate(start, end, start, width)
     finally:
         await backend.close()
 
@@ -61,6 +61,5 @@ def run_usage(config: Config, since: str, group_by: str, bucket: str) -> str:
         raise ValueError(f"--bucket {bucket!r}: choose from {', '.join(WIDTHS)}")
     start = since_time(since, now)
     start = start - start % WIDTHS[bucket] if bucket != "1m" else start  # whole days / hours (UTC)
-    records = asyncio.run(_read(config, start, now + 1))
-    rows = summary(records, start, bucket, groups)
+    rows = summary(asyncio.run(_read(config, start, now + 1, WIDTHS[bucket])), groups)
     return table(rows, groups, bucket) if rows else "no usage recorded in that time"

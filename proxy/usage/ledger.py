@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .aggregate import Partial
 from .record import UsageRecord
 
 log = logging.getLogger("proxy.usage")
@@ -28,6 +29,10 @@ class LedgerBackend(Protocol):
 
     async def query(self, start: float, end: float) -> list[UsageRecord]:
         """Every record with start <= ts < end, oldest first."""
+
+    async def aggregate(self, lo: float, hi: float, origin: float, width: int, by_call: bool = False) -> list[Partial]:
+        """The records with lo <= ts < hi summed in the database per bucket (of `width` seconds from
+        `origin`) and dimension (aggregate.py)."""
 
 
 class LedgerWriter:

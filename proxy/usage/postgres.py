@@ -11,6 +11,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import aggregate
+from .aggregate import Partial
 from .record import UsageRecord
 from .schema import CREATE, SELECT, from_row, insert
 
@@ -73,6 +75,19 @@ class PostgresLedger:
                 await self._drop()
                 raise
         return [from_row(row) for row in rows]
+
+    async def aggregate(self, lo: float, hi: float, origin: float, width: int, by_call: bool = False) -> list[Partial]:
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.execute(aggregate.sql(aggregate.POSTGRES, by_call),
+                                      aggregate.params(lo, hi, origin, width, by_call))
+                    rows = await cur.fetchall()
+            except BaseException:
+                await self._drop()
+                raise
+        return aggregate.partials(rows, origin, width)
 
     async def _drop(self) -> None:
         """Forget a connection that failed (a timeout may have left it mid-statement)."""

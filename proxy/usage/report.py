@@ -1,18 +1,17 @@
-"""OpenAI's usage and costs API over ledger records (pure): query parameters in, page/bucket/result out."""
+"""OpenAI's usage and costs API over the ledger's partial sums (pure): query parameters in, page/bucket/result out."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import MultiMapping
 
 from ..errors import InvalidRequest
-from .record import UsageRecord
+from .aggregate import Partial
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 # (default, max) buckets per page, as OpenAI documents them.
@@ -80,92 +79,85 @@ def parse_query(params: MultiMapping[str], groups: tuple[str, ...], now: float, 
     return Query(start, end, width, limit, page_start, group_by, filters)
 
 
-def _field(record: UsageRecord, name: str) -> Any:
-    return {"api_key_id": record.key, "size": record.size, "project_id": None, "user_id": None,
-            "line_item": record.model}.get(name, getattr(record, name, None))
+def _field(part: Partial, name: str) -> Any:
+    return {"api_key_id": part.key, "size": part.size, "project_id": None, "user_id": None,
+            "line_item": part.model}.get(name, getattr(part, name, None))
 
 
-def _matches(record: UsageRecord, q: Query) -> bool:
-    return all(_field(record, name) in wanted for name, wanted in q.filters.items())
+def _matches(part: Partial, q: Query) -> bool:
+    return all(_field(part, name) in wanted for name, wanted in q.filters.items())
 
 
-def _page(q: Query, records: list[UsageRecord], result: Callable[[list[UsageRecord], dict], dict], fields: tuple[str, ...]) -> dict:
+def page_window(q: Query) -> tuple[int, int]:
+    """The time span one page covers: its buckets, the last cut at end_time (what the database reads)."""
+    step = WIDTHS[q.width]
+    return q.page_start, min(q.page_start + q.limit * step, q.end)
+
+
+def _page(q: Query, parts: list[Partial], result: Callable[[list[Partial], dict], dict], fields: tuple[str, ...]) -> dict:
     step = WIDTHS[q.width]
     starts = list(range(q.page_start, q.end, step))[:q.limit]
-    groups: dict[int, dict[tuple, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if starts[0] <= r.ts < min(starts[-1] + step, q.end) and _matches(r, q):
-            bucket = q.page_start + int((r.ts - q.page_start) // step) * step
-            groups[bucket][tuple(_field(r, g) for g in q.group_by)].append(r)
+    groups: dict[int, dict[tuple, list[Partial]]] = defaultdict(lambda: defaultdict(list))
+    for p in parts:
+        if starts[0] <= p.start <= starts[-1] and _matches(p, q):
+            groups[p.start][tuple(_field(p, g) for g in q.group_by)].append(p)
     data = []
     for s in starts:
         results = []
-        for values, rs in sorted(groups.get(s, {}).items(), key=lambda kv: [str(v) for v in kv[0]]):
+        for values, ps in sorted(groups.get(s, {}).items(), key=lambda kv: [str(v) for v in kv[0]]):
             shown = dict.fromkeys(fields)
             shown.update(zip(q.group_by, values, strict=True))
-            results.append(result(rs, shown))
+            results.append(result(ps, shown))
         data.append({"object": "bucket", "start_time": s, "end_time": min(s + step, q.end), "results": results})
     after = starts[-1] + step
     more = after < q.end
     return {"object": "page", "data": data, "has_more": more, "next_page": str(after) if more else None}
 
 
-def images_page(q: Query, records: list[UsageRecord]) -> dict:
-    """GET /v1/organization/usage/images: successful requests, images delivered; gpu_seconds, cache_hits,
-    route and provider are ours."""
-    def result(rs: list[UsageRecord], shown: dict) -> dict:
-        served = [r for r in rs if r.outcome == "ok"]
+def images_page(q: Query, parts: list[Partial]) -> dict:
+    """GET /v1/organization/usage/images over the page's partial sums (aggregate.py, by record): successful
+    requests, images delivered; gpu_seconds, cache_hits, route and provider are ours."""
+    def result(ps: list[Partial], shown: dict) -> dict:
+        served = [p for p in ps if p.ok]
         return {"object": "organization.usage.images.result",
-                "images": sum(r.images_delivered for r in served), "num_model_requests": len(served),
-                **shown, "gpu_seconds": round(math.fsum(r.gpu_seconds or 0.0 for r in rs), 6),
-                "cache_hits": sum(1 for r in served if r.cache_hit)}
+                "images": sum(p.images for p in served), "num_model_requests": sum(p.requests for p in served),
+                **shown, "gpu_seconds": round(math.fsum(p.gpu_seconds for p in ps), 6),
+                "cache_hits": sum(p.requests for p in served if p.cache_hit)}
 
-    return _page(q, records, result, IMAGE_GROUPS[:6] + ("route", "provider"))
+    return _page(q, parts, result, IMAGE_GROUPS[:6] + ("route", "provider"))
 
 
-def costs_page(q: Query, records: list[UsageRecord]) -> dict:
+def costs_by_call(q: Query) -> bool:
+    """Whether the costs page needs each record split by the routes it called (grouped or filtered by route)."""
+    return bool({"route", "provider"} & (set(q.group_by) | set(q.filters)))
+
+
+def costs_page(q: Query, parts: list[Partial]) -> dict:
     """GET /v1/organization/costs: every request's cost (failed calls a vendor charged included);
-    unpriced_requests (ours) counts those whose cost is unknown (a route without a price)."""
-    def result(rs: list[UsageRecord], shown: dict) -> dict:
-        amount = round(math.fsum(r.cost_usd or 0.0 for r in rs), 9)
+    unpriced_requests (ours) counts those whose cost is unknown (a route without a price). Grouped by route
+    or provider, `parts` are by call (costs_by_call): a fallback's cost goes to the routes that charged it."""
+    def result(ps: list[Partial], shown: dict) -> dict:
+        amount = round(math.fsum(p.cost_usd for p in ps), 9)
         return {"object": "organization.costs.result", "amount": {"value": amount, "currency": "usd"},
-                **shown, "unpriced_requests": sum(1 for r in rs if r.cost_usd is None and r.attempts != "[]")}
+                **shown, "unpriced_requests": sum(p.unpriced for p in ps)}
 
-    if "route" in q.group_by or "provider" in q.group_by or {"route", "provider"} & set(q.filters):
-        records = [part for r in records for part in _by_call(r)]
-    return _page(q, records, result, ("line_item", "project_id"))
+    return _page(q, parts, result, ("line_item", "project_id"))
 
 
-def _by_call(record: UsageRecord) -> list[UsageRecord]:
-    """A record split into one per route it called, with that route's share of the cost (grouped by route,
-    a fallback's cost goes to the routes that charged it, not all to the one that served)."""
-    calls = json.loads(record.attempts)
-    if not calls:
-        return [record]
-    shares: dict[tuple, float | None] = {}
-    for c in calls:
-        where = (c["route"], c["provider"])
-        before = shares.get(where, 0.0)
-        shares[where] = None if before is None or c["cost"] is None else before + c["cost"]
-    return [replace(record, route=route, provider=provider, cost_usd=cost) for (route, provider), cost in shares.items()]
-
-
-def summary(records: list[UsageRecord], start: float, width: str, group_by: list[str]) -> list[dict]:
+def summary(parts: list[Partial], group_by: list[str]) -> list[dict]:
     """Rows for `qwen-image-proxy usage`: per bucket and group, requests served, images, cost, GPU time,
     cache hits (cost over every request, failed ones included, as in the costs API)."""
-    step = WIDTHS[width]
     rows: dict[tuple, dict] = {}
-    for r in records:
-        bucket = int(start + ((r.ts - start) // step) * step)
-        key = (bucket, *(str(_field(r, g)) for g in group_by))
-        row = rows.setdefault(key, {"start": bucket, **dict(zip(group_by, key[1:], strict=True)),
+    for p in parts:
+        key = (p.start, *(str(_field(p, g)) for g in group_by))
+        row = rows.setdefault(key, {"start": p.start, **dict(zip(group_by, key[1:], strict=True)),
                                     "requests": 0, "images": 0, "cost_usd": 0.0, "unpriced": 0,
                                     "gpu_seconds": 0.0, "cache_hits": 0})
-        if r.outcome == "ok":
-            row["requests"] += 1
-            row["images"] += r.images_delivered
-            row["cache_hits"] += int(r.cache_hit)
-        row["cost_usd"] = round(row["cost_usd"] + (r.cost_usd or 0.0), 9)
-        row["unpriced"] += int(r.cost_usd is None and r.attempts != "[]")
-        row["gpu_seconds"] += r.gpu_seconds or 0.0
+        if p.ok:
+            row["requests"] += p.requests
+            row["images"] += p.images
+            row["cache_hits"] += p.requests if p.cache_hit else 0
+        row["cost_usd"] = round(row["cost_usd"] + p.cost_usd, 9)
+        row["unpriced"] += p.unpriced
+        row["gpu_seconds"] += p.gpu_seconds
     return [rows[k] for k in sorted(rows)]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -19,8 +20,10 @@ from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, peri
 from .cache import SeededCache, cache_key, routes_signature
 from .cache_index import MemoryIndex, RedisIndex
 from .ledger import LedgerWriter
+from .lora_digest import LoraDigests
 from .meter import CURRENT, Meter
 from .postgres import PostgresLedger
+from .postgres_spend import PostgresSpend
 from .pricing import estimate, micro, route_price, total
 from .record import build_record
 from .sqlite import SqliteLedger
@@ -66,41 +69,62 @@ class Usage:
                        if self.usage.enabled else None)
         # state.redis_url: budgets and the cache index there (kind "redis" is RedisState's)
         redis = cast("RedisState", state) if getattr(state, "kind", "") == "redis" else None
-        self.spend = RedisSpend(redis) if redis is not None else MemorySpend()
+        # Shared running totals: in Redis, else in the ledger's PostgreSQL, else in this process.
+        self.spend: RedisSpend | PostgresSpend | MemorySpend = (
+            RedisSpend(redis) if redis is not None else
+            PostgresSpend(self.usage.database_url) if self.usage.database_url else MemorySpend())
         self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
+        self.lora_digests = LoraDigests()
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
+        self._epoch = secrets.token_hex(8)  # these counters' life (see hold_doc)
 
     async def start(self) -> None:
+        if isinstance(self.spend, PostgresSpend):
+            await self.spend.start()
         if self.writer is not None:
             await self.writer.start()
-            if isinstance(self.spend, MemorySpend):
-                await self._seed_spend()
+            await self._seed_spend()
 
     async def _seed_spend(self) -> None:
-        """This month's spending from the ledger, so budgets survive a restart (in-memory counters)."""
+        """This month's spending from the ledger, so budgets survive a restart (in-memory counters) and
+        count what was spent before a key had a budget (Redis' and PostgreSQL's counters count budgeted
+        requests only). Counters are raised to these sums, never added to: every proxy may do it."""
         if self.writer is None:  # only called with a ledger (start)
             return
         now = time.time()
-        try:
-            records = await asyncio.wait_for(self.writer.backend.query(month_start(now), now + 1),
-                                             2 * self.usage.write_timeout)
+        start = month_start(now)
+        try:  # summed per key and UTC day in the database: a month of records is a few hundred rows
+            parts = await asyncio.wait_for(self.writer.backend.aggregate(start, now + 1, start, 86400),
+                                           2 * self.usage.write_timeout)
         except Exception as e:  # noqa: BLE001 - a ledger that cannot be read: budgets count from now
             log.warning("usage ledger: could not read this month's spending (%s); budgets count from now",
                         type(e).__name__)
             return
-        for r in records:
-            if r.key is not None:
-                day, month, _, _ = periods(r.ts)
-                images = 0 if r.cache_hit else r.images_delivered
-                await self.spend.add(Hold(r.key, day, month, 0, 0), images, micro(r.cost_usd or 0.0))
+        totals: dict[tuple[str, str, str], int] = {}  # (key, period, "img" | "usd") -> this month's sums
+        today = periods(now)[0]
+        for p in parts:
+            if p.key is not None:
+                day, month, _, _ = periods(p.start)
+                images, usd = 0 if p.cache_hit else p.images, micro(p.cost_usd)
+                counters = [((p.key, month, "usd"), usd)]
+                if day == today:  # earlier days' counters: nobody asks about them
+                    counters += [((p.key, day, "img"), images), ((p.key, day, "usd"), usd)]
+                for counter, amount in counters:
+                    totals[counter] = totals.get(counter, 0) + amount
+        try:
+            await self.spend.floor(totals)
+        except Exception as e:  # noqa: BLE001 - the counters' database away: they count from what they hold
+            log.warning("budgets: could not count this month's spending (%s)", type(e).__name__)
 
     async def close(self) -> None:
         if self._tasks:  # budget settlements under way: a moment to end (each is bounded by Redis' timeout)
             await asyncio.wait(set(self._tasks), timeout=5)
         if self.writer is not None:
             await self.writer.close()
+        if isinstance(self.spend, PostgresSpend):
+            await self.spend.close()
 
     # ---- the hooks -----------------------------------------------------------------------------------
 
@@ -110,14 +134,22 @@ class Usage:
         CURRENT.set(meter)
         return meter
 
-    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None) -> CachedResult | None:
-        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold."""
+    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None, *,
+                     held: Hold | None = None) -> CachedResult | None:
+        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold.
+        `held`: a background job's hold, taken when it was submitted (settled at its end like any other)."""
         meter = CURRENT.get() or self.open()
         meter.req = req
+        if held is not None:
+            meter.reservation = held
         model = self.config.models[req.model]
         key_name = key.name if key is not None else None
         if model.cache is not None:
-            args = (req, self._signatures[req.model], key_name, model.cache)
+            loras = ()
+            if req.loras and req.seed is not None:  # their files' content hashes (file system: off the loop)
+                resolvers = [route.provider.lora_file for route in self.router.routes[req.model]]
+                loras = await asyncio.to_thread(self.lora_digests.keys, req.loras, resolvers)
+            args = (req, self._signatures[req.model], key_name, model.cache, loras)
             big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
             meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
@@ -131,20 +163,45 @@ class Usage:
                     meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
                     self.metrics.child(self.metrics.cache_hits, req.model).inc()
                     return CachedResult(images, SimpleNamespace(name=entry.route))
-        budget = (key.budget if key is not None else None) or self.usage.default_budget
-        if key is not None and budget is not None:
-            now = time.time()
-            day, month, day_end, month_end = periods(now)
-            hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
-            limits = self._limits.get(id(budget))
-            if limits is None:
-                limits = self._limits[id(budget)] = limits_of(budget)
-            which = await self.spend.reserve(hold, limits)
-            if which is not None:
-                self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
-                raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
-            meter.reservation = hold
+        if held is None:
+            meter.reservation = await self.reserve(req, key)
         return None
+
+    async def reserve(self, req: ImageRequest, key: ApiKey | None) -> Hold | None:
+        """Hold the request's images and estimated cost in the key's budget (None: no budget applies);
+        429 insufficient_quota where it would pass one."""
+        budget = (key.budget if key is not None else None) or self.usage.default_budget
+        if key is None or budget is None:
+            return None
+        now = time.time()
+        day, month, day_end, month_end = periods(now)
+        hold = Hold(key.name, day, month, req.n, micro(self._estimate(req)))
+        limits = self._limits.get(id(budget))
+        if limits is None:
+            limits = self._limits[id(budget)] = limits_of(budget)
+        which = await self.spend.reserve(hold, limits)
+        if which is not None:
+            self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
+            raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
+        return hold
+
+    def release(self, hold: Hold | None) -> None:
+        """Give a hold back whole (a job that ended without running)."""
+        if hold is not None:
+            self._spawn(self._settle(hold, -hold.images, -hold.micro_usd))
+
+    # A background job keeps its hold in the job store while it waits. Counters in this process's memory
+    # die with it, so a hold stored by another process (one before a restart) no longer counts: the job
+    # reserves again when it runs. Counters in Redis or PostgreSQL outlive processes: a stored hold stays good.
+
+    def hold_doc(self, hold: Hold | None) -> dict | None:
+        return None if hold is None else {**asdict(hold), "epoch": self._epoch}
+
+    def held(self, doc: dict | None) -> Hold | None:
+        """The hold a job stored (None: none, or one these counters no longer hold)."""
+        if not doc or (isinstance(self.spend, MemorySpend) and doc.get("epoch") != self._epoch):
+            return None
+        return Hold(**{k: v for k, v in doc.items() if k != "epoch"})
 
     def _estimate(self, req: ImageRequest) -> float:
         routes = self.router.usable(req.model) or self.router.routes[req.model]
@@ -177,6 +234,18 @@ class Usage:
             out["x-qip-cost-usd"] = f"{cost:.6f}"
         if meter.cache_key is not None:
             out["x-qip-cache"] = "hit" if meter.cache_hit else "miss"
+        return out
+
+    def stream_fields(self) -> dict[str, Any]:
+        """The same for a stream's last completed event, whose head went out before the cost was known:
+        x_qip_cost_usd (null when unknown) and x_qip_cache (when the model has a cache)."""
+        meter = CURRENT.get()
+        if meter is None:
+            return {}
+        cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
+        out: dict[str, Any] = {"x_qip_cost_usd": None if cost is None else round(cost, 6)}
+        if meter.cache_key is not None:
+            out["x_qip_cache"] = "hit" if meter.cache_hit else "miss"
         return out
 
     def finish(self, meter: Meter, *, request_id: str, key: ApiKey | None, model: str, path: str, status: int, outcome: str,

@@ -8,6 +8,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from . import aggregate
+from .aggregate import Partial
 from .record import UsageRecord
 from .schema import CREATE, SELECT, from_row, insert
 
@@ -69,3 +71,13 @@ class SqliteLedger:
             self._open()
             rows = self._connected().execute(SELECT.format(p="?"), (start, end)).fetchall()
         return [from_row(row) for row in rows]
+
+    async def aggregate(self, lo: float, hi: float, origin: float, width: int, by_call: bool = False) -> list[Partial]:
+        return await asyncio.to_thread(self._aggregate, lo, hi, origin, width, by_call)
+
+    def _aggregate(self, lo: float, hi: float, origin: float, width: int, by_call: bool) -> list[Partial]:
+        with self._lock:
+            self._open()
+            rows = self._connected().execute(aggregate.sql(aggregate.SQLITE, by_call),
+                                             aggregate.params(lo, hi, origin, width, by_call)).fetchall()
+        return aggregate.partials(rows, origin, width)
