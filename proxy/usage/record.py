@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 from .meter import Call, Meter
 from .pricing import total
@@ -45,7 +45,8 @@ class UsageRecord:
         return f"{self.width}x{self.height}" if self.width and self.height else None
 
     def row(self) -> tuple:
-        return astuple(self)
+        # Not dataclasses.astuple: it deep-copies field by field (every value here is a plain scalar).
+        return tuple([getattr(self, name) for name in COLUMNS])
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
