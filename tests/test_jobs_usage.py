@@ -202,6 +202,33 @@ async def test_a_repeated_seeded_job_is_a_cache_hit(start_proxy, aiohttp_server,
     assert 'qip_cache_hits_total{model="vendor-image"} 3.0' in await metrics(server)
 
 
+async def test_a_spent_key_still_gets_its_seeded_repeat_from_the_cache(start_proxy, aiohttp_server, tmp_path):
+    """As a synchronous repeat is served from the cache whatever the budget says, so is a job's: its
+    submit takes no budget when the cache holds it (a new seed is refused: the day is spent)."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = jobs_usage_config(tmp_path, vendor.url)
+    cfg["models"]["vendor-image"]["cache"] = {"ttl_seconds": 600, "max_mb": 8, "scope": "key"}
+    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 2}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, ALICE)
+    fields = {"model": "vendor-image", "size": "64x64", "n": 2, "seed": 7, "response_format": "b64_json"}
+    try:
+        first = await run(server, alice, ALICE, **fields)  # the day's 2 images
+        assert first["status"] == "completed"
+        calls = len(vendor.image_calls)
+        with pytest.raises(RateLimitError) as info:
+            await submit(alice, **{**fields, "seed": 8})
+        assert info.value.body["code"] == "insufficient_quota"
+        again = await run(server, alice, ALICE, **fields)
+        assert again["status"] == "completed" and len(vendor.image_calls) == calls
+        assert ([base64.b64decode(d["b64_json"]) for d in again["result"]["data"]]
+                == [base64.b64decode(d["b64_json"]) for d in first["result"]["data"]])
+        with pytest.raises(RateLimitError):  # the hit took nothing, and gave nothing back
+            await submit(alice, **{**fields, "seed": 9, "n": 1})
+    finally:
+        await alice.close()
+
+
 async def test_a_job_cancelled_before_it_ran_gives_its_images_back(start_proxy, aiohttp_server, tmp_path):
     """A job holds its images in the budget from its submit; cancelled while queued (it never ran), it gives
     them back; a running one cancelled gives back what it did not deliver."""

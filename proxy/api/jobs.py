@@ -149,7 +149,10 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
                   traceparent=tracing.traceparent())
         # The key's budget, as for a synchronous call: a key that is spent is told now (429
         # insufficient_quota), not when the job runs; the hold goes with the job and is settled at its end.
-        hold = await gw.usage.reserve(req, key)
+        # A seeded repeat the cache holds needs none (should it expire before the job runs, the run
+        # reserves then, and a spent key's job fails with insufficient_quota).
+        cached = await gw.usage.cached(req, key, request.headers.get("Cache-Control"))
+        hold = None if cached else await gw.usage.reserve(req, key)
         job.budget_hold = gw.usage.hold_doc(hold)
         try:
             added = await jobs.submit(job, request_to_bytes(run_req))

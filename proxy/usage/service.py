@@ -142,16 +142,8 @@ class Usage:
         meter.req = req
         if held is not None:
             meter.reservation = held
-        model = self.config.models[req.model]
-        key_name = key.name if key is not None else None
-        if model.cache is not None:
-            loras = ()
-            if req.loras and req.seed is not None:  # their files' content hashes (file system: off the loop)
-                resolvers = [route.provider.lora_file for route in self.router.routes[req.model]]
-                loras = await asyncio.to_thread(self.lora_digests.keys, req.loras, resolvers)
-            args = (req, self._signatures[req.model], key_name, model.cache, loras)
-            big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
-            meter.cache_key = await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
+        if self.config.models[req.model].cache is not None:
+            meter.cache_key = await self._cache_key(req, key)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():
                 try:
                     found = await self.cache.get(req.model, meter.cache_key)
@@ -166,6 +158,30 @@ class Usage:
         if held is None:
             meter.reservation = await self.reserve(req, key)
         return None
+
+    async def _cache_key(self, req: ImageRequest, key: ApiKey | None) -> tuple | None:
+        """The request's key in the seeded cache (None: not cacheable); its model has a cache."""
+        model = self.config.models[req.model]
+        loras = ()
+        if req.loras and req.seed is not None:  # their files' content hashes (file system: off the loop)
+            resolvers = [route.provider.lora_file for route in self.router.routes[req.model]]
+            loras = await asyncio.to_thread(self.lora_digests.keys, req.loras, resolvers)
+        args = (req, self._signatures[req.model], key.name if key is not None else None, model.cache, loras)
+        big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
+        return await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
+
+    async def cached(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None) -> bool:
+        """Whether the cache holds this request now (a background job's submit: a hit needs no budget, as
+        a synchronous repeat needs none). Only the index is read; a failing index is a miss."""
+        if self.config.models[req.model].cache is None or "no-cache" in (cache_control or "").lower():
+            return False
+        found = await self._cache_key(req, key)
+        if found is None:
+            return False
+        try:
+            return await self.cache.index.get(req.model, found) is not None
+        except Exception:  # noqa: BLE001 - the index (Redis) away: a miss; the run looks again
+            return False
 
     async def reserve(self, req: ImageRequest, key: ApiKey | None) -> Hold | None:
         """Hold the request's images and estimated cost in the key's budget (None: no budget applies);
