@@ -160,13 +160,15 @@ class Usage:
         return None
 
     async def _cache_key(self, req: ImageRequest, key: ApiKey | None) -> tuple | None:
-        """The request's key in the seeded cache (None: not cacheable); its model has a cache."""
-        model = self.config.models[req.model]
-        loras = ()
+        """The request's key in the seeded cache (None: not cacheable, or its model has no cache)."""
+        settings = self.config.models[req.model].cache
+        if settings is None:
+            return None
+        loras: tuple = ()
         if req.loras and req.seed is not None:  # their files' content hashes (file system: off the loop)
             resolvers = [route.provider.lora_file for route in self.router.routes[req.model]]
             loras = await asyncio.to_thread(self.lora_digests.keys, req.loras, resolvers)
-        args = (req, self._signatures[req.model], key.name if key is not None else None, model.cache, loras)
+        args = (req, self._signatures[req.model], key.name if key is not None else None, settings, loras)
         big = sum(len(img.data) for img in req.images) > 65536  # hashing megabytes: not on the loop
         return await asyncio.to_thread(cache_key, *args) if big else cache_key(*args)
 
