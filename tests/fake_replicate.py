@@ -151,6 +151,7 @@ class Prediction:
     error: str | None = None
     logs: str = ""
     polls_left: int | None = 0
+    steps_done: int = 0
     created_at: str = ""
     started_at: str | None = None
     completed_at: str | None = None
@@ -183,6 +184,8 @@ class FakeReplicate(ServedFake):
     outcome: str = "succeeded"
     error: str = "CUDA out of memory"
     log_seed: bool = True
+    # Denoising steps a prediction's logs count with a tqdm bar, one more each poll (None: no bar).
+    progress_steps: int | None = None
     output_as_string: bool = False
     # urls.get / urls.cancel on another origin (the provider must not send its token there).
     foreign_urls: bool = False
@@ -356,6 +359,11 @@ class FakeReplicate(ServedFake):
                 p.status = "processing"
                 p.started_at = p.started_at or _now()
                 p.logs += "processing...\n"
+                if self.progress_steps:  # a cog model's diffusers pipeline: tqdm's bar, redrawn with \r
+                    p.steps_done = min(p.steps_done + 1, self.progress_steps)
+                    part = p.steps_done / self.progress_steps
+                    p.logs += (f"{int(part * 100):3d}%|{'#' * int(part * 10):<10}| {p.steps_done}/"
+                               f"{self.progress_steps} [00:01<00:02,  4.95it/s]\r")
             else:
                 return self._finished_view(request, p)
         return web.json_response(self.view(request, p))

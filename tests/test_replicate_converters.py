@@ -27,6 +27,7 @@ from proxy.providers.replicate_convert import (
     prediction_url,
     seed_from_logs,
     split_model,
+    steps_from_logs,
     to_native,
     to_native_edit,
 )
@@ -383,3 +384,18 @@ def test_422_on_the_image_names_image():
 def test_edit_capabilities():
     caps = ReplicateProvider("rep", {"api_key": "k"}).capabilities
     assert caps.edits is True and caps.masks is False and caps.max_images_per_call == 1
+
+
+@pytest.mark.parametrize("logs, steps", [
+    (" 40%|####      | 20/50 [00:04<00:06,  4.95it/s]\n", (20, 50)),
+    # tqdm redraws with \r: the latest bar counts, after an earlier one (loading shards)
+    ("Loading checkpoint shards: 100%|##########| 4/4 [00:02<00:00]\n  0%|          | 0/28 [00:00<?, ?it/s]\r"
+     "  4%|▍         | 1/28 [00:00<00:10,  2.5it/s]\r  7%|▋         | 2/28 [00:00<00:09,  2.7it/s]", (2, 28)),
+    ("Using seed: 3\nprocessing...\n", None),
+    ("50%|#####     | 9/3", None),  # more done than in all: not a bar to trust
+    ("0%|          | 0/0", None),
+    (None, None),
+    ("x" * 100_000 + " 10%|#         | 5/50 [", (5, 50)),  # long logs: the tail is searched
+])
+def test_steps_from_logs(logs, steps):
+    assert steps_from_logs(logs) == steps

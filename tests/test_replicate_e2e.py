@@ -379,3 +379,29 @@ async def test_a_prediction_lost_while_polling_falls_back_and_is_cancelled(start
     assert raw.headers["x-qip-route"] == "placeholder"  # a 404 on a poll is the route's failure, not a 400
     assert len(fake.polls) == 1
     await asyncio.wait_for(fake.cancelled.wait(), 30)  # polling gave up: the prediction is stopped
+
+
+async def test_a_background_job_shows_the_steps_in_the_predictions_logs(start_proxy, tmp_path, fake_replicate):
+    """Replicate reports no steps in its API, but a cog model's logs carry diffusers' tqdm bar: a background
+    job's `progress` follows it while the prediction runs."""
+    fake = await fake_replicate(polls_before_done=None, progress_steps=50)
+    cfg = rep_config(tmp_path, fake)
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, client = await start_proxy(cfg, env={"REPLICATE_API_TOKEN": fake.api_key}, api_key=CLIENT_KEY)
+    raw = await client.images.with_raw_response.generate(model=MODEL, prompt="a fox",
+                                                         extra_body={"background": True})
+    assert raw.http_response.status_code == 202
+    job_id = raw.http_response.json()["id"]
+    headers = {"Authorization": f"Bearer {client.api_key}"}
+    async with aiohttp.ClientSession() as s:
+        async with asyncio.timeout(60):
+            while True:
+                async with s.get(server.make_url(f"/v1/images/jobs/{job_id}"), headers=headers) as r:
+                    job = await r.json()
+                if job["progress"] and job["progress"]["steps_done"] >= 3:
+                    break
+                await asyncio.sleep(0.05)
+        assert job["status"] == "in_progress" and job["progress"]["steps_total"] == 50
+        async with s.post(server.make_url(f"/v1/images/jobs/{job_id}/cancel"), headers=headers) as r:
+            assert r.status == 200
+    await asyncio.wait_for(fake.cancelled.wait(), 30)  # the prediction is cancelled at Replicate too

@@ -21,6 +21,7 @@ import aiohttp
 from ..config import RouteConfig
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout, retry_after_from_headers
 from ..http.cpu import run_cpu
+from ..media.progress import step_reporter
 from ..request import ImageRequest
 from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
@@ -32,6 +33,7 @@ from .replicate_convert import (
     prediction_url,
     short_text,
     split_model,
+    steps_from_logs,
     to_native,
     to_native_edit,
 )
@@ -140,6 +142,7 @@ class ReplicateProvider(VendorProvider):
         get_url = None
         delay = self.poll_interval
         errors = 0
+        report = step_reporter()  # a background job's progress: the logs' progress bar
         while prediction.get("status") not in TERMINAL:
             if get_url is None:
                 get_url = prediction_url(prediction, "get", self.base_url)
@@ -177,6 +180,8 @@ class ReplicateProvider(VendorProvider):
                 continue
             errors = 0
             prediction = payload
+            if report is not None and (steps := steps_from_logs(prediction.get("logs"))) is not None:
+                report(*steps)
         return prediction
 
     def _cancel_later(self, prediction: dict[str, Any]) -> None:

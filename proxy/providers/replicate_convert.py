@@ -74,6 +74,10 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SEED_LOG = re.compile(r"Using seed:\s*(\d{1,20})")
+# A tqdm progress bar as cog models print it while denoising: " 40%|####      | 20/50 [00:04<00:06, ...]".
+_STEPS_LOG = re.compile(r"\d{1,3}%\|[^|\n\r]{0,200}\|\s*(\d{1,6})/(\d{1,6})")
+# The end of the logs that is searched for the latest bar (logs grow with every poll).
+_STEPS_TAIL = 4096
 _THROTTLE_WAIT = re.compile(r"available in (\d+(?:\.\d+)?) seconds?")
 _INPUT_FIELD = re.compile(r"\binput\.([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -194,6 +198,17 @@ def seed_from_logs(logs: Any) -> int | None:
         return None
     seed = int(found[-1])
     return seed if 0 <= seed <= SEED_MAX else None
+
+
+def steps_from_logs(logs: Any) -> tuple[int, int] | None:
+    """(steps done, steps in all) from the latest progress bar in a prediction's logs; None without one."""
+    if not isinstance(logs, str):
+        return None
+    found = _STEPS_LOG.findall(logs[-_STEPS_TAIL:])
+    if not found:
+        return None
+    done, total = int(found[-1][0]), int(found[-1][1])
+    return (done, total) if 0 <= done <= total and total > 0 else None
 
 
 def short_text(value: Any) -> str:
