@@ -216,7 +216,43 @@ async def test_postgres_budget_counters_down_is_503_not_unchecked(start_proxy, a
     assert postgres_server.url not in str(answer)
     assert (await post("sk-bob-0000000000"))[0] == 200
     postgres_server.start()
-    assert (await post("sk-alice-0000000000"))[0] == 200
+    async with asyncio.timeout(30):  # for a moment after a failure, checks answer 503 (with Retry-After)
+        while (result := await post("sk-alice-0000000000"))[0] == 503:
+            assert result[1]["error"]["code"] == "state_unavailable"
+            await asyncio.sleep(0.2)
+    assert result[0] == 200
     assert (await post("sk-alice-0000000000"))[0] == 200
     status, answer = await post("sk-alice-0000000000")  # 3 images counted across the outage
     assert status == 429 and answer["error"]["code"] == "insufficient_quota"
+
+
+async def test_a_hanging_budget_database_fails_fast_not_in_turn():
+    """A PostgreSQL that accepts connections and never answers (a network that drops replies): the first
+    budget check waits out its timeout and answers 503; the checks queued behind it answer 503 at once
+    instead of each waiting out the timeout in turn (one connection, one check at a time)."""
+    pytest.importorskip("psycopg")
+    from proxy.state.shared import StateUnavailable
+    from proxy.usage.budgets import Hold, periods
+    from proxy.usage.postgres_spend import PostgresSpend
+
+    connections = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # accepted, never answered
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spend = PostgresSpend(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=1, retry_after=60)
+    day, month, _, _ = periods(time.time())
+    try:
+        results = await asyncio.gather(*(spend.reserve(Hold("alice", day, month, 1, 0), (3, 0, 0))
+                                         for _ in range(10)), return_exceptions=True)
+        assert all(isinstance(r, StateUnavailable) for r in results), results
+        assert len(connections) == 1  # one check tried the database; the nine behind it did not
+    finally:
+        await spend.close()
+        for w in connections:
+            w.close()
+        server.close()
+        await server.wait_closed()

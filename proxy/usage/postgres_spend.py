@@ -65,9 +65,13 @@ class PostgresSpend:
     it breaks; a database that cannot be reached refuses the request with a 503 (state_unavailable)
     rather than letting it pass unchecked."""
 
-    def __init__(self, url: str, *, timeout: float = 3) -> None:
+    def __init__(self, url: str, *, timeout: float = 3, retry_after: float = 1.0) -> None:
         self.url = url
         self.timeout = timeout
+        # After a failure, checks answer 503 at once for this long: requests queued behind a database that
+        # hangs would otherwise each wait out the timeout in turn (one connection, one check at a time).
+        self.retry_after = retry_after
+        self._down_until = 0.0
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
 
@@ -94,18 +98,26 @@ class PostgresSpend:
         return self._conn
 
     async def _run(self, step: Any, *args: Any) -> Any:
-        """One step on the connection, under the timeout; any failure is a StateUnavailable (503)."""
+        """One step on the connection, under the timeout; any failure is a StateUnavailable (503), and so
+        is every step for `retry_after` s after one."""
+        self._fail_fast()
         async with self._lock:
+            self._fail_fast()  # it failed while this one waited its turn
             try:
                 return await asyncio.wait_for(step(await self._connection(), *args), self.timeout * 2)
             except Exception as e:  # noqa: BLE001 - the URL may carry a password: only the error's type
                 log.warning("budgets: PostgreSQL call failed: %s", type(e).__name__)
+                self._down_until = time.monotonic() + self.retry_after
                 conn, self._conn = self._conn, None  # a timeout may have left it mid-statement
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 1)
                 raise StateUnavailable("The proxy's budget counters (PostgreSQL) are unavailable; retry "
                                        "shortly.") from None
+
+    def _fail_fast(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise StateUnavailable("The proxy's budget counters (PostgreSQL) are unavailable; retry shortly.")
 
     async def _expire(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(EXPIRE, (time.time() - 86400,))
