@@ -65,9 +65,13 @@ async def pool_stats(app: str = APP) -> dict[str, dict]:
 
 
 async def wait_pool(predicate, timeout: float = 30.0) -> dict[str, dict]:
+    """The pool's stats once predicate(stats) holds (a pool just started has no stats actor yet: wait)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = await pool_stats()
+        try:
+            stats = await pool_stats()
+        except ValueError:  # ray: no actor of that name yet (the first replica creates it)
+            stats = {}
         if predicate(stats):
             return stats
         if time.monotonic() > deadline:

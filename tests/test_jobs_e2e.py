@@ -67,6 +67,16 @@ async def wait_done(server, job_id: str, key: str = KEY, timeout: float = 60) ->
             await asyncio.sleep(0.05)
 
 
+async def wait_progress(server, job_id: str, key: str = KEY, steps: int = 1, timeout: float = 120) -> dict:
+    """The job once its progress shows at least `steps` steps done."""
+    async with asyncio.timeout(timeout):
+        while True:
+            _, _, job = await http(server, "GET", f"/v1/images/jobs/{job_id}", key)
+            if job["progress"] and job["progress"]["steps_done"] >= steps:
+                return job
+            await asyncio.sleep(0.05)
+
+
 async def wait_delivery(server, job_id: str, state: str, timeout: float = 60) -> dict:
     async with asyncio.timeout(timeout):
         while True:

@@ -23,7 +23,7 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
 from .fake_openai_upstream import free_port  # noqa: E402
-from .test_jobs_e2e import KEY, http, jobs_config, submit, wait_done  # noqa: E402
+from .test_jobs_e2e import KEY, http, jobs_config, submit, wait_done, wait_progress  # noqa: E402
 from .test_local_e2e import MODEL, local_config, steps_total, wait_until  # noqa: E402
 from .webhook_receiver import Receiver  # noqa: E402
 
@@ -157,12 +157,7 @@ async def test_progress_shows_and_cancel_frees_the_engine(start_proxy, tmp_path,
     server, client = await start_proxy(tiny_jobs_config(tmp_path, tiny_dir, workers=2))
     _, _, long = await submit(client, model=MODEL, size="64x64", seed=1, num_inference_steps=500,
                               webhook_url=receiver.url)
-    async with asyncio.timeout(120):
-        while True:
-            _, _, job = await http(server, "GET", f"/v1/images/jobs/{long['id']}")
-            if job["progress"]:
-                break
-            await asyncio.sleep(0.1)
+    job = await wait_progress(server, long["id"])
     assert job["status"] == "in_progress"
     assert job["progress"]["steps_total"] == 500 and 0 < job["progress"]["steps_done"] < 500
     status, _, job = await http(server, "POST", f"/v1/images/jobs/{long['id']}/cancel")

@@ -39,10 +39,10 @@ from .ray_helpers import (  # noqa: E402
     POOL,
     ROUTE,
     kill_replica,
-    pool_stats,
     replica_actor_names,
     wait_pool,
 )
+from .test_jobs_e2e import http, wait_progress  # noqa: E402
 
 MODEL = "tiny"
 TINY_SIZES = {"default": "64x64", "max_side": 256, "tiers": {"0.004": {"1:1": "64x64"}}}
@@ -444,7 +444,7 @@ async def test_one_trace_spans_the_proxy_and_a_replica(ray_pool, start_proxy, tm
 async def test_disconnect_cancels_the_replica_job(ray_pool, start_proxy, tmp_path, transport):
     provider = {"transport": transport, "http_url": ray_pool.http_url}
     server, _, _ = await start(start_proxy, tmp_path, provider)
-    before = sum(s["cancelled"] for s in (await pool_stats()).values())
+    before = sum(s["cancelled"] for s in (await wait_pool(bool)).values())
     body = {"model": MODEL, "prompt": "slow", "size": "64x64", "num_inference_steps": 500}
 
     async def post():
@@ -468,24 +468,16 @@ async def test_a_background_job_shows_the_replicas_steps_and_cancel_stops_it(ray
     provider = {"transport": transport, "http_url": ray_pool.http_url}
     server, client, _ = await start(start_proxy, tmp_path, provider,
                                     jobs={"path": str(tmp_path / "jobs.sqlite3")})
-    before = sum(s["cancelled"] for s in (await pool_stats()).values())
+    before = sum(s["cancelled"] for s in (await wait_pool(bool)).values())
     raw = await client.images.with_raw_response.generate(
         model=MODEL, prompt="slow", size="64x64", extra_body={"background": True, "num_inference_steps": 500})
     assert raw.http_response.status_code == 202
     job_id = raw.http_response.json()["id"]
-    headers = {"Authorization": f"Bearer {client.api_key}"}
-    async with aiohttp.ClientSession() as s:
-        async with asyncio.timeout(120):
-            while True:  # the steps the replica reports reach the job
-                async with s.get(server.make_url(f"/v1/images/jobs/{job_id}"), headers=headers) as r:
-                    job = await r.json()
-                if job["progress"]:
-                    break
-                await asyncio.sleep(0.1)
-        assert job["status"] == "in_progress"
-        assert job["progress"]["steps_total"] == 500 and 0 < job["progress"]["steps_done"] < 500
-        async with s.post(server.make_url(f"/v1/images/jobs/{job_id}/cancel"), headers=headers) as r:
-            assert r.status == 200 and (await r.json())["status"] == "cancelled"
+    job = await wait_progress(server, job_id, client.api_key)  # the steps the replica reports reach the job
+    assert job["status"] == "in_progress"
+    assert job["progress"]["steps_total"] == 500 and 0 < job["progress"]["steps_done"] < 500
+    status, _, job = await http(server, "POST", f"/v1/images/jobs/{job_id}/cancel", client.api_key)
+    assert status == 200 and job["status"] == "cancelled"
     await wait_pool(lambda st: sum(s["cancelled"] for s in st.values()) > before
                     and sum(s["active"] for s in st.values()) == 0)
 

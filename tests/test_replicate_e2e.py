@@ -18,6 +18,7 @@ from PIL import Image
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, seed_colour
 from .fake_replicate import FakeReplicate
+from .test_jobs_e2e import http, wait_progress
 
 MODEL = "qwen-image"
 CLIENT_KEY = "client-secret-key-123"
@@ -392,16 +393,8 @@ async def test_a_background_job_shows_the_steps_in_the_predictions_logs(start_pr
                                                          extra_body={"background": True})
     assert raw.http_response.status_code == 202
     job_id = raw.http_response.json()["id"]
-    headers = {"Authorization": f"Bearer {client.api_key}"}
-    async with aiohttp.ClientSession() as s:
-        async with asyncio.timeout(60):
-            while True:
-                async with s.get(server.make_url(f"/v1/images/jobs/{job_id}"), headers=headers) as r:
-                    job = await r.json()
-                if job["progress"] and job["progress"]["steps_done"] >= 3:
-                    break
-                await asyncio.sleep(0.05)
-        assert job["status"] == "in_progress" and job["progress"]["steps_total"] == 50
-        async with s.post(server.make_url(f"/v1/images/jobs/{job_id}/cancel"), headers=headers) as r:
-            assert r.status == 200
+    job = await wait_progress(server, job_id, client.api_key, steps=3, timeout=60)
+    assert job["status"] == "in_progress" and job["progress"]["steps_total"] == 50
+    status, _, _ = await http(server, "POST", f"/v1/images/jobs/{job_id}/cancel", client.api_key)
+    assert status == 200
     await asyncio.wait_for(fake.cancelled.wait(), 30)  # the prediction is cancelled at Replicate too

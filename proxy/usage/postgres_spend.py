@@ -60,6 +60,9 @@ def spent_before(rows: list[tuple[str, str, int]], hold: Hold) -> tuple[int, int
             after[(hold.month, "usd")] - hold.micro_usd)
 
 
+UNAVAILABLE = "The proxy's budget counters (PostgreSQL) are unavailable; retry shortly."
+
+
 class PostgresSpend:
     """One connection of its own (a slow ledger batch never holds up a budget check), opened again after
     it breaks; a database that cannot be reached refuses the request with a 503 (state_unavailable)
@@ -112,12 +115,11 @@ class PostgresSpend:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 1)
-                raise StateUnavailable("The proxy's budget counters (PostgreSQL) are unavailable; retry "
-                                       "shortly.") from None
+                raise StateUnavailable(UNAVAILABLE) from None
 
     def _fail_fast(self) -> None:
         if time.monotonic() < self._down_until:
-            raise StateUnavailable("The proxy's budget counters (PostgreSQL) are unavailable; retry shortly.")
+            raise StateUnavailable(UNAVAILABLE)
 
     async def _expire(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(EXPIRE, (time.time() - 86400,))
