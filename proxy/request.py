@@ -216,11 +216,13 @@ def _describe(error: Mapping[str, Any]) -> tuple[str, str | None]:
     return f"Invalid '{path}': {msg}.", param
 
 
-def parse_body(fields: dict[str, Any]) -> _GenerationBody:
-    """Validate a request's fields (from JSON or a form): every mistake is an InvalidRequest naming the field."""
+def parse_body(fields: dict[str, Any], *, checked: bool = False) -> _GenerationBody:
+    """Validate a request's fields (from JSON or a form): every mistake is an InvalidRequest naming the field.
+    `checked`: the fields come from read_fields / read_body, which ran check_values on them already."""
     if not isinstance(fields, dict):
         raise InvalidRequest("The request body must be a JSON object.", param=None, code="invalid_json")
-    check_values(fields)
+    if not checked:
+        check_values(fields)
     try:
         body = _GenerationBody.model_validate(fields)
     except ValidationError as e:
@@ -231,17 +233,12 @@ def parse_body(fields: dict[str, Any]) -> _GenerationBody:
 
 
 def build_request(body: _GenerationBody, model: str, width: int, height: int) -> ImageRequest:
-    # model_dump includes extra="allow" fields too: those go to `extra`, not to the constructor.
-    known = body.model_dump(exclude={"loras", *(body.model_extra or {})})
-    known.pop("model", None)
-    return ImageRequest(
-        model=model,
-        width=width,
-        height=height,
-        loras=tuple(body.loras or ()),
-        extra=dict(body.model_extra or {}),
-        **known,
-    )
+    # The validated values as they are (pydantic keeps the fields in __dict__, the extra="allow" ones apart in
+    # model_extra): model_dump would serialize each again, for the same plain values (loras aside).
+    known = dict(body.__dict__)
+    del known["model"]
+    known["loras"] = tuple(body.loras or ())
+    return ImageRequest(model=model, width=width, height=height, extra=dict(body.model_extra or {}), **known)
 
 
 # ---- JSON and text checks ------------------------------------------------------------------------
@@ -255,7 +252,7 @@ def parse_json_bytes(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(
             f"The request body is not valid JSON: it is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
             f"position {e.start}).", code="invalid_json") from None
-    if not text.strip():
+    if not text or text.isspace():  # (not text.strip(): a copy of the whole body)
         raise InvalidRequest("The request body is empty; send a JSON object with a 'prompt'.", code="invalid_json")
     try:
         data = _loads(text)
@@ -290,10 +287,16 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+# One decoder with the hooks, built once: json.loads with them builds a new one (and its scanner) per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+
+
 def _loads(text: str) -> Any:
     """json.loads without NaN, Infinity, numbers that overflow, giant ints or deep nesting (ValueError)."""
+    if text.startswith("\ufeff"):  # as json.loads says it
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} levels deep") from None
     # Each level needs a [ or {: only count when there could be enough of them.

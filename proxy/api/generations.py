@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from ..errors import InvalidRequest, ModelNotFound, ProxyError
-from ..http.body import read_fields
+from ..http.body import read_body
 from ..http.cpu import INLINE_BYTES
 from ..http.request_log import outcome_of
 from ..http.send import send_or_drop
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 GENERATIONS_PATH, EDITS_PATH = "/v1/images/generations", "/v1/images/edits"
 
 
-def served_model(gw: Gateway, request: web.Request, asked: object, default: str | None, served: list[str],
+def served_model(gw: Gateway, request: web.Request, asked: object, default: str | None, served: Iterable[str],
                  label: str = "Models served here") -> str:
     """The model an image call names (or the default), checked: served here and allowed for the caller's
     key. A model served elsewhere goes on to passthrough or the host app (NotServedHere)."""
@@ -56,15 +57,17 @@ def served_model(gw: Gateway, request: web.Request, asked: object, default: str 
 
 
 async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
-    fields, raw = await read_fields(request)
-    if raw is not None:
-        request[BODY] = raw
+    body = await read_body(request, files=False)
+    fields = body.fields
+    if body.raw is not None:
+        request[BODY] = body.raw
     mark_background(request, fields)
-    model = served_model(gw, request, fields.get("model"), gw.default_model, list(gw.config.models))
-    body = parse_body(fields)
-    width, height = resolve_size(gw.size_tables[model], body.size, body.aspect_ratio, body.resolution)
-    check_work(gw.size_tables[model], width, height, body.n)
-    req = build_request(body, model, width, height)
+    model = served_model(gw, request, fields.get("model"), gw.default_model, gw.config.models)
+    asked = parse_body(fields, checked=True)  # read_body checked its names and strings
+    table = gw.size_tables[model]
+    width, height = resolve_size(table, asked.size, asked.aspect_ratio, asked.resolution)
+    check_work(table, width, height, asked.n)
+    req = build_request(asked, model, width, height)
     check_output_request(req)
     return req
 

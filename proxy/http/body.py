@@ -79,15 +79,17 @@ async def _read_body(request: web.Request, files: bool) -> Body:
         header = _printable(request.headers.get("Content-Type", ""))[:200]
         raise InvalidRequest(f"The Content-Type header cannot be parsed: '{header}'.",
                              code="invalid_content_type") from None
+    try:
+        # A form too is read whole first (within client_max_size), so a call this proxy does not serve can
+        # still be passed on as it came; then parsed from those bytes.
+        raw = await request.read()
+    except (web.RequestPayloadError, HttpProcessingError) as e:  # a broken chunked or gzip body, one cut short
+        raise InvalidRequest(f"The request body could not be read: {_reason(e)}.", code="invalid_body") from None
     if ctype == "multipart/form-data":
-        # Read whole first (within client_max_size), so a call this proxy does not serve can still be
-        # passed on as it came; then parse the form from those bytes.
-        raw = await _read_raw(request)
         _replay(request, raw)
         fields, uploads = await _read_multipart(request, files)
         check_values(fields)
         return Body(fields, uploads, raw)
-    raw = await _read_raw(request)
     # `curl -d '{...}'` sends JSON labelled as a form: read it as what it is.
     if ctype == "application/x-www-form-urlencoded" and not raw.lstrip().startswith(b"{"):
         fields = _parse_urlencoded(raw, charset)
@@ -120,13 +122,6 @@ def _replay(request: web.Request, raw: bytes) -> None:
     stream.feed_data(raw)
     stream.feed_eof()
     request._payload = stream  # noqa: SLF001 - aiohttp parses forms from this stream only
-
-
-async def _read_raw(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except (web.RequestPayloadError, HttpProcessingError) as e:  # a broken chunked or gzip body, one cut short
-        raise InvalidRequest(f"The request body could not be read: {_reason(e)}.", code="invalid_body") from None
 
 
 # What aiohttp's form parser raises for a malformed body: a missing or bad boundary, truncated parts,

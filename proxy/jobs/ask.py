@@ -24,7 +24,9 @@ _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 def prefers_async(prefer: str | None) -> bool:
     """Whether a Prefer header holds the respond-async preference (case-insensitive, any position)."""
-    for part in (prefer or "").split(","):
+    if not prefer:  # most calls have none
+        return False
+    for part in prefer.split(","):
         token = part.split(";", 1)[0].split("=", 1)[0].strip().lower()
         if token == "respond-async":
             return True
