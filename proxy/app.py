@@ -170,15 +170,16 @@ class Dispatcher:
 
     def _log_request(self, request: web.Request, status: int, started: float, outcome: str,
                      result: Any = None, trace_id: str = "", error_code: str | None = None) -> None:
+        seconds = time.monotonic() - started
         meter = request.pop(METER, None)
+        request_id, model, path = request[REQUEST_ID], request.get(MODEL, ""), request.path
+        key = request.get(API_KEY) if self.gw.policy.enabled else None  # (no keys: never set)
         # Not for calls passed on, nor for ones without a valid key (a stream of bad keys fills no ledger).
-        if meter is not None and PASSED_ON not in request and (API_KEY in request or not self.gw.policy.enabled):
-            self.gw.usage.finish(meter, request_id=request[REQUEST_ID], key=request.get(API_KEY),
-                                 model=request.get(MODEL, ""), path=request.path, status=status, outcome=outcome,
-                                 seconds=time.monotonic() - started)
-        log_request(self.gw.metrics, path=request.path, request_id=request[REQUEST_ID], model=request.get(MODEL, ""),
-                    key=request.get(API_KEY), status=status, seconds=time.monotonic() - started, outcome=outcome,
-                    result=result, trace_id=trace_id, error_code=error_code)
+        if meter is not None and (key is not None or not self.gw.policy.enabled) and PASSED_ON not in request:
+            self.gw.usage.finish(meter, request_id=request_id, key=key, model=model, path=path, status=status,
+                                 outcome=outcome, seconds=seconds)
+        log_request(self.gw.metrics, path=path, request_id=request_id, model=model, key=key, status=status,
+                    seconds=seconds, outcome=outcome, result=result, trace_id=trace_id, error_code=error_code)
 
     @staticmethod
     def _annotate(request: web.Request, status: int, outcome: str, result: Any = None) -> str:

@@ -37,7 +37,7 @@ from .http.server import (
 from .http.wire_errors import install_log_scrubbing
 from .plan_cli import run_plan
 from .providers import build_providers
-from .telemetry.logs_json import use_json_logs
+from .telemetry.logs_json import use_json_logs, use_text_logs
 from .telemetry.settings import settings_from
 from .usage.cli import run_usage
 
@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if config.server.log_format == "json":
         use_json_logs(level, Scrubber(config.secrets()).text)
     else:
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        use_text_logs(level)
     for handler in logging.getLogger().handlers:  # every library's records too, not only aiohttp's and ours
         handler.addFilter(install_log_scrubbing(config.secrets()))
     log = logging.getLogger("proxy")

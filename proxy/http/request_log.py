@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -32,9 +33,10 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     # Templates, not raw paths: every image URL as its own label value would grow without bound.
     endpoint = ("/images/{name}" if path.startswith("/images/")
                 else "/v1/models/{model}" if "/v1/models/" in path else path)
-    metrics.child(metrics.requests, endpoint, model, str(status)).inc()
+    status_text = str(status)
+    metrics.child(metrics.requests, endpoint, model, status_text).inc()
     if key is not None:
-        metrics.child(metrics.requests_by_key, key.name, endpoint, model, str(status)).inc()
+        metrics.child(metrics.requests_by_key, key.name, endpoint, model, status_text).inc()
     if status >= 400:
         code = error_code if error_code in own_codes() else "other"
         metrics.child(metrics.errors, model, code).inc()
@@ -47,9 +49,18 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
               "endpoint": endpoint, "model": model or "-", "route": result.route.name if result else "-",
               "attempts": result.calls if result else 0, "status": status,
               "duration_ms": round(seconds * 1000), "outcome": outcome}
-    # The fields again as `qip_fields`: the JSON log format (log_format: json) writes them as keys.
-    access_log.info("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d "
-                    "duration_ms=%d outcome=%s", *fields.values(), extra={"qip_fields": fields})
+    if access_log.isEnabledFor(logging.INFO):
+        # What access_log.info(...) makes, without its walk up the stack for the caller (a fifth of the
+        # line's cost): the caller is this line. The fields again as `qip_fields`: the JSON log format
+        # (log_format: json) writes them as keys.
+        here = sys._getframe()
+        access_log.handle(access_log.makeRecord(
+            access_log.name, logging.INFO, here.f_code.co_filename, here.f_lineno, _LINE, tuple(fields.values()),
+            None, here.f_code.co_name, {"qip_fields": fields}))
+
+
+_LINE = ("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d duration_ms=%d "
+         "outcome=%s")
 
 
 @functools.cache

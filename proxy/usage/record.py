@@ -50,6 +50,8 @@ class UsageRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(UsageRecord))
+# json.dumps with separators builds an encoder per call: one, built once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def build_record(meter: Meter, *, calls: Sequence[Call] | None = None, ts: float, request_id: str, key: str | None, model: str, path: str,
@@ -74,5 +76,5 @@ def build_record(meter: Meter, *, calls: Sequence[Call] | None = None, ts: float
         steps=getattr(req, "num_inference_steps", None), tier=getattr(req, "resolution", None),
         latency_ms=round(seconds * 1000, 3), gpu_seconds=sum(gpu_parts) if gpu_parts else None,
         cost_usd=cost, cache_hit=meter.cache_hit, stream=bool(getattr(req, "stream", False)),
-        attempts=json.dumps([c.__dict__ for c in calls], separators=(",", ":")),
+        attempts=_COMPACT.encode([c.__dict__ for c in calls]),
     )
