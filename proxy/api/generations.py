@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import os
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -97,20 +97,24 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)
+    response = answer_response(answer, gw.config.server.send_timeout)
+    if replayed:
+        response.headers[REPLAYED] = "true"
+    return response
+
+
+def answer_response(answer: Answer, stall: float | None) -> web.Response:
+    """The web.Response that sends an answer: its body in pieces (SentAsIs) where it is large."""
     body = answer.body
     if not isinstance(body, bytes) and sum(len(part) for part in body) <= INLINE_BYTES:
         body = b"".join(body)
     if isinstance(body, bytes) and len(body) <= INLINE_BYTES:
         # A small answer goes aiohttp's own way: one write with the headers, no payload object to look up,
         # size and write (the same bytes and headers on the wire as SentAsIs would send).
-        response = web.Response(body=body, status=answer.status,
-                                headers={**answer.headers, "Content-Type": answer.content_type})
-    else:
-        response = web.Response(body=SentAsIs(body, stall=gw.config.server.send_timeout), status=answer.status,
-                                content_type=answer.content_type, headers=answer.headers)
-    if replayed:
-        response.headers[REPLAYED] = "true"
-    return response
+        return web.Response(body=body, status=answer.status,
+                            headers={**answer.headers, "Content-Type": answer.content_type})
+    return web.Response(body=SentAsIs(body, stall=stall), status=answer.status, content_type=answer.content_type,
+                        headers=answer.headers)
 
 
 class SentAsIs(Payload):
@@ -156,7 +160,7 @@ def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
     Joined, the pieces are the JSON text (`dumps_with_b64`); sent one after the other, nothing is copied.
     """
     # A random marker: no text a client sent (a prompt, say) can collide with it.
-    nonce = secrets.token_hex(16)
+    nonce = os.urandom(16).hex()
     images = [item.pop("b64_json", None) for item in payload["data"]]
     for i, b64 in enumerate(images):
         if b64 is not None:
