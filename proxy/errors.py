@@ -212,7 +212,10 @@ def _may_match(low: str | None, words: tuple[str, ...]) -> bool:
     text that is not ASCII, where IGNORECASE is more than A-Z / a-z: the long s matches s, say)."""
     if low is None:
         return True
-    return any(word in low for word in words)
+    for word in words:  # noqa: SIM110 (any() over a generator: twice the time on every answer's text)
+        if word in low:
+            return True
+    return False
 
 
 class Scrubber:

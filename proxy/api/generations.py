@@ -106,7 +106,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
 def answer_response(answer: Answer, stall: float | None) -> web.Response:
     """The web.Response that sends an answer: its body in pieces (SentAsIs) where it is large."""
     body = answer.body
-    if not isinstance(body, bytes) and sum(len(part) for part in body) <= INLINE_BYTES:
+    if not isinstance(body, bytes) and sum(map(len, body)) <= INLINE_BYTES:
         body = b"".join(body)
     if isinstance(body, bytes) and len(body) <= INLINE_BYTES:
         # A small answer goes aiohttp's own way: one write with the headers, no payload object to look up,
@@ -130,7 +130,7 @@ class SentAsIs(Payload):
     def __init__(self, body: bytes | tuple[bytes | memoryview, ...], stall: float | None = None) -> None:
         parts = (body,) if isinstance(body, bytes) else body
         super().__init__(parts, content_type="application/json")
-        self._size = sum(len(part) for part in parts)
+        self._size = sum(map(len, parts))
         self._stall = stall  # a client that takes none of a big piece for this long is dropped
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
