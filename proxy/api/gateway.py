@@ -20,14 +20,13 @@ from ..media.fetch import FetchPolicy, GuardedFetcher
 from ..media.output import OutputSettings
 from ..providers import Provider, ProviderContext, build_providers
 from ..routing.inflight import InFlight
-from ..routing.policy import API_KEY, KeyPolicy
+from ..routing.policy import KeyPolicy
 from ..routing.router import Router
 from ..state.factory import make_state, make_store
 from ..state.idempotency import Idempotency
 from ..telemetry import otel
 from ..telemetry.metrics import Metrics
 from ..usage.service import Usage
-from .context import MODEL
 from .passthrough import Passthrough
 
 log = logging.getLogger("proxy")
@@ -187,11 +186,8 @@ class Gateway:
             await asyncio.to_thread(self.tracing.shutdown)
         self._started = False
 
-    async def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Route a request in its own task, stopped if its client hangs up or the shutdown grace ends."""
-        try:  # the model is known now: may this key use it? (403)
-            self.policy.check_model(request.get(API_KEY), request.get(MODEL))
-        except ProxyError:
-            coro.close()
-            raise
-        return await self.inflight.run(request, coro)
+    def run_work(self, request: web.Request, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+        """Route a request in its own task, stopped if its client hangs up or the shutdown grace ends (await
+        what this returns). Whether the caller's key may use the model was checked when the request was
+        parsed (generations.served_model: a 403 before any work, or any stream, starts)."""
+        return self.inflight.run(request, coro)

@@ -36,7 +36,8 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
 
     if request is not None:
         key, cache_control, held = request.get(API_KEY), request.headers.get("Cache-Control"), None
-        base_url = public_base_url(gw, request)
+        # Only url answers point at it (render_images); a b64_json answer need not look up the host.
+        base_url = public_base_url(gw, request) if req.response_format != "b64_json" else ""
     elif job is not None:
         key, cache_control = job_key(gw, job), "no-cache" if job.no_cache else None
         # The hold taken at submit is this run's now: its meter settles it, however the run ends.

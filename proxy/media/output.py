@@ -52,9 +52,12 @@ async def generate_n(
 ) -> list[GeneratedImage]:
     """Make req.n images with calls of at most per_call images; image i gets seed + i."""
     per_call = max(1, per_call)
-    chunks = [req.with_chunk(min(per_call, req.n - off), off) for off in range(0, req.n, per_call)]
-    results = await gather_or_cancel([call(chunk) for chunk in chunks])
-    images = [img for chunk, got in zip(chunks, results, strict=True) for img in _fill_seeds(chunk, got)]
+    if req.n <= per_call:  # one call (the common case): no chunks to split off and gather
+        images = _fill_seeds(req, await call(req))
+    else:
+        chunks = [req.with_chunk(min(per_call, req.n - off), off) for off in range(0, req.n, per_call)]
+        results = await gather_or_cancel([call(chunk) for chunk in chunks])
+        images = [img for chunk, got in zip(chunks, results, strict=True) for img in _fill_seeds(chunk, got)]
     if len(images) < req.n:
         raise UpstreamError(f"the route returned {len(images)} of {req.n} images")
     return images[: req.n]

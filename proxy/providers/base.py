@@ -191,7 +191,8 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int, upstream: str = 
     if resp.content_length is not None and resp.content_length > limit:
         raise _too_large(upstream, limit)
     chunks, size = [], 0
-    async for chunk in resp.content.iter_any():  # after decompression: a gzip bomb stops at the limit
+    read = resp.content.readany  # what iter_any() awaits, without its iterator: b"" at the end
+    while chunk := await read():  # after decompression: a gzip bomb stops at the limit
         size += len(chunk)
         if size > limit:
             raise _too_large(upstream, limit)

@@ -23,7 +23,15 @@ VENDOR_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
+_ALL_FIELDS = frozenset().union(*VENDOR_FIELDS.values())
+# The fields a provider of each kind never gets (for a kind not listed: every vendor's), worked out once.
+_FOREIGN = {kind: frozenset().union(*(f for vendor, f in VENDOR_FIELDS.items() if vendor != kind))
+            for kind in VENDOR_FIELDS}
+
+
 def extras_for(kind: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The request's unknown fields that may go to a provider of `kind` (other vendors' fields dropped)."""
-    foreign = frozenset().union(*(fields for vendor, fields in VENDOR_FIELDS.items() if vendor != kind))
+    if not extra:
+        return {}
+    foreign = _FOREIGN.get(kind, _ALL_FIELDS)
     return {k: v for k, v in extra.items() if k not in foreign}

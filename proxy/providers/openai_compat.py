@@ -271,6 +271,15 @@ class OpenAICompatProvider(Provider):
             masks=True,
         )
         self.http: aiohttp.ClientSession | None = None
+        # Fixed by the options: built once rather than on every call.
+        self._headers = {"Accept": "application/json"}
+        if self.api_key:
+            self._headers["Authorization"] = f"Bearer {self.api_key}"
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}  # one per route timeout in models.yaml
+        try:
+            self._origin = str(URL(self.base_url).origin()) if self.base_url else None
+        except ValueError:
+            self._origin = None
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -283,10 +292,7 @@ class OpenAICompatProvider(Provider):
 
     @property
     def trusted_origin(self) -> str | None:
-        try:
-            return str(URL(self.base_url).origin()) if self.base_url else None
-        except ValueError:
-            return None
+        return self._origin
 
     async def start(self, ctx: ProviderContext) -> None:
         self.http = ctx.http
@@ -294,13 +300,14 @@ class OpenAICompatProvider(Provider):
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         body = to_native(req, route.model or req.model, output_formats=self.capabilities.output_formats,
                          response_format=self.response_format)
-        headers = {"Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        timeout = aiohttp.ClientTimeout(total=route.timeout or self.default_timeout)
+        headers = self._headers  # aiohttp copies them (into the request's own CIMultiDict)
+        total = route.timeout or self.default_timeout
+        timeout = self._timeouts.get(total)
+        if timeout is None:
+            timeout = self._timeouts[total] = aiohttp.ClientTimeout(total=total)
         if req.stream and req.partial_images and self.options.get("stream") and partials_wanted():
             body.update(stream=True, partial_images=req.partial_images)
-            headers["Accept"] = "text/event-stream, application/json"
+            headers = {**headers, "Accept": "text/event-stream, application/json"}
         send: dict[str, Any]
         if req.is_edit:
             url, send = f"{self.base_url}/images/edits", {"data": edit_form(body, req)}
@@ -309,8 +316,11 @@ class OpenAICompatProvider(Provider):
         try:
             async with started(self.http).post(url, headers=headers, timeout=timeout, allow_redirects=False,
                                       **send) as resp:
-                status, retry_after = resp.status, retry_after_from_headers(resp.headers)
-                if status < 300 and resp.content_type == "text/event-stream":
+                status = resp.status
+                # Only an error reads Retry-After; the Content-Type is parsed only where it may be a stream.
+                retry_after = retry_after_from_headers(resp.headers) if status >= 400 else None
+                if (status < 300 and "event-stream" in resp.headers.get("Content-Type", "").lower()
+                        and resp.content_type == "text/event-stream"):
                     return await read_event_stream(resp, req, self._redacted)
                 raw = await read_answer(resp, answer_limit(req))
         except TimeoutError:

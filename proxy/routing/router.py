@@ -7,7 +7,6 @@ conversion: `finish`), so a route whose images turn out bad fails like one that 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -241,13 +240,13 @@ class Router:
         """The route's calls, retries included: its images, or None after recording why it failed."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
         route_req = with_route_defaults(req, route.config.params, route.config.drop)
-        parts = _Parts(route)
+        parts = _Parts(route, self._may_retry, last)
         for attempt in range(route.retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             limit = min(route.timeout, remaining)
-            parts.retry_next = functools.partial(self._may_retry, attempt=attempt, route=route, last=last)
+            parts.attempt = attempt
             traced = tracing.current() is not None
             with tracing.span("route_attempt", {
                     "qip.route": route.name, "qip.provider": route.provider.kind, "qip.attempt": attempt + 1,
@@ -371,12 +370,14 @@ class _Parts:
     cancelling them; otherwise (no retry left, a refusal, the client's error) they are cancelled at once.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, may_retry: Callable[[ProxyError, int, Route, bool], bool], last: bool) -> None:
         self.route = route
         self.done: dict[tuple[int, int], list[GeneratedImage]] = {}
         self.errors: list[ProxyError] = []
         self.fatal: BaseException | None = None
-        self.retry_next: Callable[[ProxyError], bool] = lambda e: False
+        self.may_retry = may_retry  # Router._may_retry
+        self.last = last  # the model's last route
+        self.attempt = 0  # the route's attempt now running (0: its first)
         self.images: list[Any] = []  # the final images of the attempt that succeeded
 
     async def call(self, chunk: ImageRequest) -> list[GeneratedImage]:
@@ -387,7 +388,7 @@ class _Parts:
             images = await self.route.provider.generate(chunk, self.route.config)
         except ProxyError as e:
             note_call(self.route, chunk, None)  # for the usage ledger: a failed call
-            if not self.retry_next(e):
+            if not self.may_retry(e, self.attempt, self.route, self.last):  # whether the route gets another try
                 self.fatal = e
                 raise
             self.errors.append(e)

@@ -155,8 +155,8 @@ class Usage:
                     meter.cache_hit, meter.cache_route = True, (entry.route, entry.provider)
                     self.metrics.child(self.metrics.cache_hits, req.model).inc()
                     return CachedResult(images, SimpleNamespace(name=entry.route))
-        if held is None:
-            meter.reservation = await self.reserve(req, key)
+        if held is None:  # without a key no budget applies (reserve would say so, one await later)
+            meter.reservation = await self.reserve(req, key) if key is not None else None
         return None
 
     async def _cache_key(self, req: ImageRequest, key: ApiKey | None) -> tuple | None:
