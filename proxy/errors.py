@@ -194,13 +194,28 @@ def redact(text: str, secrets: list[str]) -> str:
 
 # Credentials that look like credentials, whoever they belong to: "Bearer <token>", "Key <token>" (fal),
 # "api_key": "...", and the usual prefixed key formats (sk-..., r8_..., fal keys are id:secret).
-_TOKEN_PATTERNS = [
+# Each comes with the words it cannot match without (in lower case): most text holds none of them, and
+# a pattern that cannot match is not run (a 340-character prompt: 43 us for the three, 2 us to see that).
+_TOKEN_RULES: list[tuple[re.Pattern[str], Any, tuple[str, ...]]] = [
     # A token has a digit somewhere: "key provided" stays readable, "Key 4f2a...:9c1e..." does not.
-    re.compile(r"(?i)\b(bearer|key|token|basic)(\s+)(?=[A-Za-z._~+/:=-]*\d)[A-Za-z0-9._~+/:=-]{8,}"),
-    re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
-               r"(?!\[redacted\])[^\s\"',;}]{6,}"),
-    re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\br8_[A-Za-z0-9]{20,}"),
+    (re.compile(r"(?i)\b(bearer|key|token|basic)(\s+)(?=[A-Za-z._~+/:=-]*\d)[A-Za-z0-9._~+/:=-]{8,}"),
+     lambda m: f"{m.group(1)}{m.group(2)}[redacted]", ("bearer", "key", "token", "basic")),
+    (re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
+                r"(?!\[redacted\])[^\s\"',;}]{6,}"),
+     lambda m: f"{m.group(1)}[redacted]", ("key", "authorization", "token", "secret", "password")),
+    (re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\br8_[A-Za-z0-9]{20,}"), "[redacted]", ("sk-", "pk-", "rk-", "r8_")),
 ]
+
+
+def _may_match(low: str | None, words: tuple[str, ...]) -> bool:
+    """False only where a pattern needing one of `words` cannot match `low`: ASCII text in lower case (None:
+    text that is not ASCII, where IGNORECASE is more than A-Z / a-z: the long s matches s, say)."""
+    if low is None:
+        return True
+    for word in words:  # noqa: SIM110 (any() over a generator: twice the time on every answer's text)
+        if word in low:
+            return True
+    return False
 
 
 class Scrubber:
@@ -213,9 +228,12 @@ class Scrubber:
 
     def text(self, value: str) -> str:
         value = redact(value, self.secrets)
-        value = _TOKEN_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", value)
-        value = _TOKEN_PATTERNS[1].sub(lambda m: f"{m.group(1)}[redacted]", value)
-        return _TOKEN_PATTERNS[2].sub("[redacted]", value)
+        low = value.lower() if value.isascii() else None
+        for pattern, replacement, words in _TOKEN_RULES:
+            if _may_match(low, words):
+                value = pattern.sub(replacement, value)
+                low = value.lower() if value.isascii() else None
+        return value
 
     def value(self, value: Any) -> Any:
         return self.text(value) if isinstance(value, str) else value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -100,12 +100,24 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
 
     # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
     answer, replayed = await gw.idempotency.run(request, req, work)
-    response = web.Response(body=SentAsIs(answer.body, stall=gw.config.server.send_timeout), status=answer.status,
-                            content_type=answer.content_type,
-                            headers=answer.headers)
+    response = answer_response(answer, gw.config.server.send_timeout)
     if replayed:
         response.headers[REPLAYED] = "true"
     return response
+
+
+def answer_response(answer: Answer, stall: float | None) -> web.Response:
+    """The web.Response that sends an answer: its body in pieces (SentAsIs) where it is large."""
+    body = answer.body
+    if not isinstance(body, bytes) and sum(map(len, body)) <= INLINE_BYTES:
+        body = b"".join(body)
+    if isinstance(body, bytes) and len(body) <= INLINE_BYTES:
+        # A small answer goes aiohttp's own way: one write with the headers, no payload object to look up,
+        # size and write (the same bytes and headers on the wire as SentAsIs would send).
+        return web.Response(body=body, status=answer.status,
+                            headers={**answer.headers, "Content-Type": answer.content_type})
+    return web.Response(body=SentAsIs(body, stall=stall), status=answer.status, content_type=answer.content_type,
+                        headers=answer.headers)
 
 
 class SentAsIs(Payload):
@@ -115,16 +127,13 @@ class SentAsIs(Payload):
     The first piece (small: the JSON up to the first image) goes out with the headers; each megabyte
     piece is one write of a view (uvloop's transport keeps the view until the socket takes it; asyncio's
     copies what the socket did not take). Joining them would allocate and copy the whole answer once
-    more (4 MB for a 1024x1024 PNG). A small answer is joined: one send.
+    more (4 MB for a 1024x1024 PNG). A small answer needs none of this: respond() sends it as bytes.
     """
 
     def __init__(self, body: bytes | tuple[bytes | memoryview, ...], stall: float | None = None) -> None:
         parts = (body,) if isinstance(body, bytes) else body
-        size = sum(len(part) for part in parts)
-        if size <= INLINE_BYTES and len(parts) > 1:  # one write (one send) for a small answer
-            parts = (b"".join(parts),)
         super().__init__(parts, content_type="application/json")
-        self._size = size
+        self._size = sum(map(len, parts))
         self._stall = stall  # a client that takes none of a big piece for this long is dropped
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -154,7 +163,7 @@ def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
     Joined, the pieces are the JSON text (`dumps_with_b64`); sent one after the other, nothing is copied.
     """
     # A random marker: no text a client sent (a prompt, say) can collide with it.
-    nonce = secrets.token_hex(16)
+    nonce = os.urandom(16).hex()
     images = [item.pop("b64_json", None) for item in payload["data"]]
     for i, b64 in enumerate(images):
         if b64 is not None:

@@ -312,9 +312,10 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
                 raise UpstreamError("the upstream answered an image without data or a URL")
             data = await fetch_image(fetcher, img.url, url_policy(img.url, settings.fetch_policy, trusted_origin))
         size = len(data) if data is not None else len(img.b64 or b"")
-        with tracing.span("image.check", {"qip.bytes": size}) as span:
+        traced = tracing.current() is not None
+        with tracing.span("image.check", {"qip.bytes": size} if traced else None) as span:
             checked, info, final = await run_cpu(size, _checked_bytes, img, data, req, max_pixels)
-            if tracing.current() is not None:
+            if traced:
                 span.set_attributes({"qip.format": info.format, "qip.width": info.width, "qip.height": info.height,
                                      "qip.converted": final is None})
         if final is not None:
@@ -329,6 +330,9 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
 async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: ImageStore,
                         base_url: str) -> list[dict]:
     """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
+    if req.response_format == "b64_json" and all(img.b64 for img in finals):
+        # The usual answer: every image's base64 is at hand, nothing to await.
+        return [{"b64_json": img.b64, "revised_prompt": img.revised_prompt or req.prompt} for img in finals]
 
     async def one(img: FinalImage) -> dict:
         revised = img.revised_prompt or req.prompt
