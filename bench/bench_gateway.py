@@ -384,6 +384,9 @@ def write_config(tmp: Path, mock_url: str, name: str) -> Path:
     config = {
         "server": {"host": LOOPBACK, "port": 0, "max_body_mb": 64, "request_timeout": 300, "log_level": "info"},
         "store": {"path": str(tmp / f"images-{name}"), "ttl_seconds": 900},
+        # The ledger in this run's folder: the default (var/ under the working directory) would grow by
+        # every run's records, and a bigger file measures its own writes, not the gateway.
+        "usage": {"path": str(tmp / f"usage-{name}.sqlite3")},
         "routing": {"retries": 0},
         "providers": {"mock": provider, "mock-url": {**provider, "response_format": "url"}},
         "size_tables": {"bench": {"default": LARGE, "tiers": {"1K": {"1:1": LARGE}}}},
