@@ -114,10 +114,21 @@ def answer_response(answer: Answer, stall: float | None) -> web.Response:
     if isinstance(body, bytes) and len(body) <= INLINE_BYTES:
         # A small answer goes aiohttp's own way: one write with the headers, no payload object to look up,
         # size and write (the same bytes and headers on the wire as SentAsIs would send).
-        return web.Response(body=body, status=answer.status,
-                            headers={**answer.headers, "Content-Type": answer.content_type})
+        return SentBytes(body=body, status=answer.status, headers={**answer.headers, "Content-Type": answer.content_type})
     return web.Response(body=SentAsIs(body, stall=stall), status=answer.status, content_type=answer.content_type,
                         headers=answer.headers)
+
+
+class SentBytes(web.Response):
+    """A small answer as bytes, let go of once sent: aiohttp keeps a keep-alive connection's last response
+    until the next request arrives on it, and thousands of idle connections would each hold an answer
+    (17 KB for a 64x64 PNG: memory per request in flight 43 -> 64 KB at 4,000 in flight)."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._body = None
 
 
 class SentAsIs(Payload):
