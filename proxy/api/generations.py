@@ -109,12 +109,11 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.R
 def answer_response(answer: Answer, stall: float | None) -> web.Response:
     """The web.Response that sends an answer: its body in pieces (SentAsIs) where it is large."""
     body = answer.body
-    if not isinstance(body, bytes) and sum(map(len, body)) <= INLINE_BYTES:
-        body = b"".join(body)
-    if isinstance(body, bytes) and len(body) <= INLINE_BYTES:
+    if (len(body) if isinstance(body, bytes) else sum(map(len, body))) <= INLINE_BYTES:
         # A small answer goes aiohttp's own way: one write with the headers, no payload object to look up,
         # size and write (the same bytes and headers on the wire as SentAsIs would send).
-        return SentBytes(body=body, status=answer.status, headers={**answer.headers, "Content-Type": answer.content_type})
+        return SentBytes(body=body if isinstance(body, bytes) else b"".join(body), status=answer.status,
+                         headers={**answer.headers, "Content-Type": answer.content_type})
     return web.Response(body=SentAsIs(body, stall=stall), status=answer.status, content_type=answer.content_type,
                         headers=answer.headers)
 
@@ -138,7 +137,7 @@ class SentAsIs(Payload):
     The first piece (small: the JSON up to the first image) goes out with the headers; each megabyte
     piece is one write of a view (uvloop's transport keeps the view until the socket takes it; asyncio's
     copies what the socket did not take). Joining them would allocate and copy the whole answer once
-    more (4 MB for a 1024x1024 PNG). A small answer needs none of this: respond() sends it as bytes.
+    more (4 MB for a 1024x1024 PNG). A small answer needs none of this: answer_response() sends it as bytes (SentBytes).
     """
 
     def __init__(self, body: bytes | tuple[bytes | memoryview, ...], stall: float | None = None) -> None:

@@ -327,20 +327,29 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
     return await gather_or_cancel([one(img) for img in images])
 
 
+def _ready_item(img: FinalImage, req: ImageRequest) -> dict | None:
+    """The data item of an image that needs nothing awaited (a URL handed on, or base64 at hand); else None."""
+    revised = img.revised_prompt or req.prompt
+    if img.url is not None:
+        return {"url": img.url, "revised_prompt": revised}
+    if req.response_format == "b64_json" and img.b64:
+        return {"b64_json": img.b64, "revised_prompt": revised}
+    return None
+
+
 async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: ImageStore,
                         base_url: str) -> list[dict]:
     """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
-    if req.response_format == "b64_json" and all(img.b64 for img in finals):
-        # The usual answer: every image's base64 is at hand, nothing to await.
-        return [{"b64_json": img.b64, "revised_prompt": img.revised_prompt or req.prompt} for img in finals]
+    ready = [_ready_item(img, req) for img in finals]
+    items = [item for item in ready if item is not None]
+    if len(items) == len(ready):  # the usual answer: no coroutine per image
+        return items
 
-    async def one(img: FinalImage) -> dict:
+    async def one(img: FinalImage, item: dict | None) -> dict:
+        if item is not None:
+            return item
         revised = img.revised_prompt or req.prompt
-        if img.url is not None:
-            return {"url": img.url, "revised_prompt": revised}
         data = img.data
-        if req.response_format == "b64_json" and img.b64:
-            return {"b64_json": img.b64, "revised_prompt": revised}
         assert data is not None  # a final image without a URL has its bytes, or base64 handed on
         if req.response_format == "b64_json":
             return {"b64_json": await run_cpu(len(data), _b64, data), "revised_prompt": revised}
@@ -349,4 +358,4 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: I
             name = await store.put(data, img.mime)
         return {"url": await store.url_for(name, base_url), "revised_prompt": revised}
 
-    return await gather_or_cancel([one(img) for img in finals])
+    return await gather_or_cancel([one(img, item) for img, item in zip(finals, ready, strict=True)])
