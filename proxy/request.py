@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import from_json
 
 from .errors import InvalidRequest
 
@@ -246,6 +247,46 @@ def build_request(body: _GenerationBody, model: str, width: int, height: int) ->
 
 def parse_json_bytes(raw: bytes) -> dict[str, Any]:
     """A JSON object body: strict UTF-8, finite numbers, at most MAX_JSON_DEPTH deep, no lone surrogates."""
+    data = _fast_json_object(raw)
+    return data if data is not None else _parse_json_text(raw)
+
+
+def _fast_json_object(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object in raw read by pydantic_core's parser (~5x json.loads on a small body), where it surely
+    gives what _parse_json_text would; None for anything else (an error, a lone surrogate escape, deep
+    nesting, a number _loads refuses), which then takes the full path with its exact messages."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or (b"\\u" in raw and _SURROGATE_ESCAPE_BYTES.search(raw)):
+        return None
+    try:
+        # It refuses invalid UTF-8, a BOM, NaN and Infinity: those take the full path. cache_strings=False:
+        # its cache would keep clients' strings after their request.
+        data = from_json(raw, allow_inf_nan=False, cache_strings=False)
+    except ValueError:
+        return None
+    return data if type(data) is dict and _numbers_fit(data) else None
+
+
+def _numbers_fit(data: dict[str, Any]) -> bool:
+    """No float that overflowed to infinity (1e400) and no int of more than MAX_INT_DIGITS digits in data."""
+    stack: list[Any] = [data.values()]
+    while stack:
+        for v in stack.pop():
+            if type(v) is str:
+                continue
+            if type(v) is float:
+                if not math.isfinite(v):
+                    return False
+            elif type(v) is int:
+                if not -_INT_LIMIT < v < _INT_LIMIT:
+                    return False
+            elif type(v) is dict:
+                stack.append(v.values())
+            elif type(v) is list:
+                stack.append(v)
+    return True
+
+
+def _parse_json_text(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
@@ -267,6 +308,9 @@ def parse_json_bytes(raw: bytes) -> dict[str, Any]:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+# A JSON int literal (no leading zeros) of more than MAX_INT_DIGITS digits is at least this large.
+_INT_LIMIT = 10**MAX_INT_DIGITS
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
