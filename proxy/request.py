@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -229,17 +229,25 @@ def parse_body(fields: dict[str, Any], *, checked: bool = False) -> _GenerationB
     except ValidationError as e:
         message, param = _describe(e.errors()[0])
         raise InvalidRequest(message, param=param) from None
-    _check_extra(body.model_extra or {})
+    if extra := body.model_extra:
+        _check_extra(extra)
     return body
 
 
 def build_request(body: _GenerationBody, model: str, width: int, height: int) -> ImageRequest:
     # The validated values as they are (pydantic keeps the fields in __dict__, the extra="allow" ones apart in
     # model_extra): model_dump would serialize each again, for the same plain values (loras aside).
-    known = dict(body.__dict__)
-    del known["model"]
-    known["loras"] = tuple(body.loras or ())
-    return ImageRequest(model=model, width=width, height=height, extra=dict(body.model_extra or {}), **known)
+    values = {**_REQUEST_DEFAULTS, **body.__dict__, "model": model, "width": width, "height": height,
+              "loras": tuple(body.loras or ()), "extra": dict(body.model_extra or {})}
+    # Into the instance's dict at once (ImageRequest has no __post_init__ to run): the frozen dataclass's
+    # __init__ sets its 31 fields one object.__setattr__ call at a time, 4 of the 5 us this took.
+    req = object.__new__(ImageRequest)
+    object.__setattr__(req, "__dict__", values)
+    return req
+
+
+# What build_request fills in for fields the wire does not set (the edit's images, mask, first_index).
+_REQUEST_DEFAULTS = {f.name: f.default for f in ImageRequest.__dataclass_fields__.values() if f.default is not MISSING}
 
 
 # ---- JSON and text checks ------------------------------------------------------------------------
