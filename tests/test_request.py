@@ -18,15 +18,14 @@ from proxy.errors import InvalidRequest, ProxyError
 from proxy.http.body import Upload, read_body, read_fields
 from proxy.request import (
     MAX_EXTRA_BYTES,
-    MAX_JSON_DEPTH,
     SEED_MAX,
     ImageRequest,
     LoraRef,
     build_request,
     parse_body,
-    parse_json_bytes,
     with_route_defaults,
 )
+from proxy.wire_json import MAX_JSON_DEPTH, parse_json_bytes
 
 
 def invalid(fields: dict) -> InvalidRequest:

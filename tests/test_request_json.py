@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.request import (
+from proxy.wire_json import (
     MAX_INT_DIGITS,
     MAX_JSON_DEPTH,
     _fast_json_object,

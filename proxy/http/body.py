@@ -20,7 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from ..errors import InvalidRequest
-from ..request import _THREAD_PARSE_BYTES, MAX_FORM_FIELDS, _printable, _safe, check_values, parse_json_bytes
+from ..request import MAX_FORM_FIELDS
+from ..wire_json import _THREAD_PARSE_BYTES, _printable, _safe, check_values, parse_json_bytes
 from .wire_errors import describe
 
 
