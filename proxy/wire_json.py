@@ -29,7 +29,7 @@ def _fast_json_object(raw: bytes) -> dict[str, Any] | None:
     """The JSON object in raw read by pydantic_core's parser (~5x json.loads on a small body), where it surely
     gives what _parse_json_text would; None for anything else (an error, a lone surrogate escape, deep
     nesting, a number _loads refuses), which then takes the full path with its exact messages."""
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or (b"\\u" in raw and _SURROGATE_ESCAPE_BYTES.search(raw)):
+    if b"\\u" in raw and _SURROGATE_ESCAPE_BYTES.search(raw):
         return None
     try:
         # It refuses invalid UTF-8, a BOM, NaN and Infinity: those take the full path. cache_strings=False:
@@ -37,14 +37,16 @@ def _fast_json_object(raw: bytes) -> dict[str, Any] | None:
         data = from_json(raw, allow_inf_nan=False, cache_strings=False)
     except ValueError:
         return None
-    return data if type(data) is dict and _numbers_fit(data) else None
+    return data if type(data) is dict and _within_limits(data) else None
 
 
-def _numbers_fit(data: dict[str, Any]) -> bool:
-    """No float that overflowed to infinity (1e400) and no int of more than MAX_INT_DIGITS digits in data."""
-    stack: list[Any] = [data.values()]
+def _within_limits(data: dict[str, Any]) -> bool:
+    """Nothing in data nested over MAX_JSON_DEPTH deep, no float that overflowed to infinity (1e400) and no
+    int of more than MAX_INT_DIGITS digits: what _loads refuses."""
+    stack: list[tuple[Any, int]] = [(data.values(), 1)]  # the object itself is level 1
     while stack:
-        for v in stack.pop():
+        values, depth = stack.pop()
+        for v in values:
             if type(v) is str:
                 continue
             if type(v) is float:
@@ -53,10 +55,10 @@ def _numbers_fit(data: dict[str, Any]) -> bool:
             elif type(v) is int:
                 if not -_INT_LIMIT < v < _INT_LIMIT:
                     return False
-            elif type(v) is dict:
-                stack.append(v.values())
-            elif type(v) is list:
-                stack.append(v)
+            elif type(v) is dict or type(v) is list:
+                if depth == MAX_JSON_DEPTH:
+                    return False
+                stack.append((v.values() if type(v) is dict else v, depth + 1))
     return True
 
 
