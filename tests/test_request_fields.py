@@ -98,3 +98,22 @@ def test_not_an_object_is_refused_as_before():
     for fields in ([], "x", None):
         with pytest.raises(InvalidRequest, match="must be a JSON object"):
             parse_fields(fields)  # type: ignore[arg-type]
+
+
+def test_the_plain_path_knows_every_rule_of_its_fields():
+    """_plain_values hand-codes the rules of prompt, response_format and n, and takes the other text fields
+    as they are: a new validator, constraint or model-wide rule on any of them must be taught to it (or the
+    field left to pydantic). This fails until it is."""
+    decorators = _GenerationBody.__pydantic_decorators__
+    assert not decorators.model_validators
+    touching = {name: sorted(v.info.fields) for name, v in decorators.field_validators.items()
+                if {"prompt", "response_format", "n"} & set(v.info.fields)}
+    assert touching == {"_prompt_not_blank": ["prompt"], "_whole_number": ["n", "num_inference_steps",
+                        "output_compression", "partial_images", "seed"],
+                        "_null_is_the_default": ["n", "response_format", "stream"]}
+    fields = _GenerationBody.model_fields
+    assert [repr(m) for m in fields["n"].metadata] == ["Ge(ge=1)", f"Le(le={MAX_N})"]
+    assert not fields["prompt"].metadata and not fields["response_format"].metadata
+    assert _GenerationBody.model_config.get("str_strip_whitespace") is False
+    assert not {"str_max_length", "str_min_length", "str_to_lower", "str_to_upper", "strict"} & set(
+        _GenerationBody.model_config)
