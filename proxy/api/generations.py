@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, build_request, parse_body
 from ..routing.policy import API_KEY
+from ..state.idempotency import HEADER as IDEMPOTENCY_KEY
 from ..state.idempotency import REPLAYED
 from ..state.shared import Answer
 from ..telemetry import tracing
@@ -94,16 +96,20 @@ def traced(req: ImageRequest) -> None:
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:
     """The JSON answer to a generation or an edit."""
-    async def work() -> Answer:
-        result, payload = await generate(gw, request, req)
-        return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
-
-    # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
-    answer, replayed = await gw.idempotency.run(request, req, work)
+    if IDEMPOTENCY_KEY in request.headers:
+        # Run once per key and body, repeats get the stored answer.
+        answer, replayed = await gw.idempotency.run(request, req, partial(answered, gw, request, req))
+    else:  # most calls: straight to the work, without the idempotency layer's frame on the request's path
+        answer, replayed = await answered(gw, request, req), False
     response = answer_response(answer, gw.config.server.send_timeout)
     if replayed:
         response.headers[REPLAYED] = "true"
     return response
+
+
+async def answered(gw: Gateway, request: web.Request, req: ImageRequest) -> Answer:
+    result, payload = await generate(gw, request, req)
+    return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
 
 
 def answer_response(answer: Answer, stall: float | None) -> web.Response:
