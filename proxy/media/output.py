@@ -348,9 +348,8 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: I
                         base_url: str) -> list[dict]:
     """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
     ready = [_ready_item(img, req) for img in finals]
-    items = [item for item in ready if item is not None]
-    if len(items) == len(ready):  # the usual answer: no coroutine per image
-        return items
+    if None not in ready:  # the usual answer: no coroutine per image
+        return ready  # type: ignore[return-value]  # None is not in it
 
     async def one(img: FinalImage, item: dict | None) -> dict:
         if item is not None:
