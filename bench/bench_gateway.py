@@ -1442,8 +1442,12 @@ def main() -> None:
                         help="instead of the table: bursts of thousands in flight against a slow mock (bench/burst.py)")
     parser.add_argument("--burst-rounds", type=int, default=2, help="--burst: interleaved rounds of the bursts")
     parser.add_argument("--burst-scale", type=float, default=1.0, help="--burst: every burst's size times this")
+    parser.add_argument("--c1-rounds", type=int, default=12,
+                        help="--burst: interleaved rounds of the c=1 rows (short runs; the verdict is the median of "
+                             "the per-round ratios: one run's ratio swings +-0.5 on a shared machine)")
     parser.add_argument("--burst-only", metavar="KEY,KEY",
-                        help="--burst: only these bursts (small_16, large_100, small_4000, small_10000), no c=1 rows")
+                        help="--burst: only these bursts (small_16, large_100, small_4000, small_10000; c1: the c=1 rows), "
+                             "no c=1 rows unless c1 is named")
     parser.add_argument("--burst-targets", metavar="NAME,NAME",
                         help="--burst: only these columns (direct, floor, proxy, proxy-w2, variants)")
     parser.add_argument("--burst-profile", action="store_true",

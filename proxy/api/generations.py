@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,6 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from ..errors import InvalidRequest, ModelNotFound, ProxyError
+from ..http import jsonbytes
 from ..http.body import read_body
 from ..http.cpu import INLINE_BYTES
 from ..http.request_log import outcome_of
@@ -25,6 +26,7 @@ from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
 from ..request import ImageRequest, parse_fields, request_from
 from ..routing.policy import API_KEY
+from ..state.idempotency import HEADER as IDEMPOTENCY_KEY
 from ..state.idempotency import REPLAYED
 from ..state.shared import Answer
 from ..telemetry import tracing
@@ -95,16 +97,20 @@ def traced(req: ImageRequest) -> None:
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Response:
     """The JSON answer to a generation or an edit."""
-    async def work() -> Answer:
-        result, payload = await generate(gw, request, req)
-        return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
-
-    # With an Idempotency-Key: run once per key and body, repeats get the stored answer.
-    answer, replayed = await gw.idempotency.run(request, req, work)
+    if IDEMPOTENCY_KEY in request.headers:
+        # Run once per key and body, repeats get the stored answer.
+        answer, replayed = await gw.idempotency.run(request, req, partial(answered, gw, request, req))
+    else:  # most calls: straight to the work, without the idempotency layer's frame on the request's path
+        answer, replayed = await answered(gw, request, req), False
     response = answer_response(answer, gw.config.server.send_timeout)
     if replayed:
         response.headers[REPLAYED] = "true"
     return response
+
+
+async def answered(gw: Gateway, request: web.Request, req: ImageRequest) -> Answer:
+    result, payload = await generate(gw, request, req)
+    return Answer(200, body_parts(payload), route_headers(result) | gw.usage.headers())
 
 
 def answer_response(answer: Answer, stall: float | None) -> web.Response:
@@ -168,25 +174,30 @@ class SentAsIs(Payload):
 
 
 def body_parts(payload: dict) -> tuple[bytes | memoryview, ...]:
-    """The response body in pieces: json.dumps of the payload, with each image's base64 text as it is
-    (str, bytes, or a view of the upstream's answer) rather than scanned for escaping (base64 has no
-    character JSON would escape; output.py hands on only text that decoded strictly as base64).
+    """The response body in pieces: the JSON of the payload (jsonbytes.dumps), with each image's base64
+    text as it is (str, bytes, or a view of the upstream's answer) rather than scanned for escaping (base64
+    has no character JSON would escape; output.py hands on only text that decoded strictly as base64).
     Joined, the pieces are the JSON text (`dumps_with_b64`); sent one after the other, nothing is copied.
     """
-    # A random marker: no text a client sent (a prompt, say) can collide with it.
-    nonce = os.urandom(16).hex()
-    images = [item.pop("b64_json", None) for item in payload["data"]]
-    for i, b64 in enumerate(images):
-        if b64 is not None:
-            payload["data"][i] = {"b64_json": f"{nonce}-{i}", **payload["data"][i]}
-    parts, rest = [], json.dumps(payload).encode()
-    for i, b64 in enumerate(images):
-        if b64 is not None:
-            head, _, rest = rest.partition(f'"{nonce}-{i}"'.encode())
-            parts += [head + b'"', b64.encode("ascii") if isinstance(b64, str) else b64]
-            rest = b'"' + rest
+    data = payload["data"]
+    images: list[bytes | memoryview] = []
+    for i, item in enumerate(data):
+        b64 = item.pop("b64_json", None)
+        if b64 is not None:  # a marker where the text goes (written first in its item), found again below
+            images.append(b64.encode("ascii") if isinstance(b64, str) else b64)
+            data[i] = {"b64_json": _MARK, **item}
+    parts: list[bytes | memoryview] = []
+    rest = jsonbytes.dumps(payload)
+    for b64 in images:  # the markers come in the order of the items: each is the first one left
+        head, _, rest = rest.partition(_MARK_BYTES)  # (its quotes stay, around the text)
+        parts += (head, b64)
     parts.append(rest)
     return tuple(parts)
+
+
+# The marker: random per process and never sent, so no text a client sent (a prompt, say) can hold it.
+_MARK = os.urandom(16).hex()
+_MARK_BYTES = _MARK.encode()
 
 
 def dumps_with_b64(payload: dict) -> bytes:

@@ -4,6 +4,7 @@ inside each route attempt), then render the OpenAI payload."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -30,9 +31,10 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
     base URL. Both go the same way: the seeded cache, the key's budget, the router, the cache entry."""
     deadline = time.monotonic() + gw.config.server.request_timeout
 
-    async def finish(images: list[GeneratedImage], route_req: ImageRequest, provider: Provider) -> list[FinalImage]:
-        return await finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
-                                   trusted_origin=provider.trusted_origin)
+    def finish(images: list[GeneratedImage], route_req: ImageRequest, provider: Provider) -> Awaitable[list[FinalImage]]:
+        # finish_images' own coroutine, which the router awaits: no coroutine frame of this step's own
+        return finish_images(images, route_req, fetcher=gw.fetcher, settings=gw.output,
+                             trusted_origin=provider.trusted_origin)
 
     if request is not None:
         key, cache_control, held = request.get(API_KEY), request.headers.get("Cache-Control"), None
@@ -46,12 +48,13 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
     else:
         raise TypeError("generate: a background job (no request) needs its job")
     # A seeded repeat from the cache, else the key's budget is checked (429) before any route is called.
-    cached = await gw.usage.before(req, key, cache_control, held=held)
+    cached = await gw.usage.before(req, key, cache_control, held=held) if gw.usage.note(req, key, held) else None
     result: RouteResult | CachedResult
     if cached is None:
         work = gw.router.generate(req, deadline, finish)
         routed: RouteResult = await (gw.run_work(request, work) if request is not None else work)
-        await gw.usage.after(req, routed)
+        if req.model in gw.usage.cached_models:  # its images kept for seeded repeats
+            await gw.usage.after(req, routed)
         result = routed
     else:
         result = cached
@@ -63,11 +66,12 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
     gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
     out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
     payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
-    for name in ("quality", "background"):
-        if getattr(req, name) is not None:
-            payload[name] = getattr(req, name)
+    if req.quality is not None:
+        payload["quality"] = req.quality
+    if req.background is not None:
+        payload["background"] = req.background
     seeds = [img.seed for img in result.images]
-    if all(s is not None for s in seeds):
+    if None not in seeds:
         payload["seeds"] = seeds
     return result, payload
 

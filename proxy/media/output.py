@@ -53,11 +53,18 @@ async def generate_n(
     """Make req.n images with calls of at most per_call images; image i gets seed + i."""
     per_call = max(1, per_call)
     if req.n <= per_call:  # one call (the common case): no chunks to split off and gather
-        images = _fill_seeds(req, await call(req))
-    else:
-        chunks = [req.with_chunk(min(per_call, req.n - off), off) for off in range(0, req.n, per_call)]
-        results = await gather_or_cancel([call(chunk) for chunk in chunks])
-        images = [img for chunk, got in zip(chunks, results, strict=True) for img in _fill_seeds(chunk, got)]
+        return all_images(req, await call(req))
+    chunks = [req.with_chunk(min(per_call, req.n - off), off) for off in range(0, req.n, per_call)]
+    results = await gather_or_cancel([call(chunk) for chunk in chunks])
+    return _first_n(req, [img for chunk, got in zip(chunks, results, strict=True) for img in _fill_seeds(chunk, got)])
+
+
+def all_images(req: ImageRequest, images: list[GeneratedImage]) -> list[GeneratedImage]:
+    """The req.n images of one call that was to make them all (seeded as generate_n seeds them)."""
+    return _first_n(req, _fill_seeds(req, images))
+
+
+def _first_n(req: ImageRequest, images: list[GeneratedImage]) -> list[GeneratedImage]:
     if len(images) < req.n:
         raise UpstreamError(f"the route returned {len(images)} of {req.n} images")
     return images[: req.n]
@@ -341,9 +348,8 @@ async def render_images(finals: list[FinalImage], req: ImageRequest, *, store: I
                         base_url: str) -> list[dict]:
     """FinalImages -> OpenAI data items (url from the store, or b64_json)."""
     ready = [_ready_item(img, req) for img in finals]
-    items = [item for item in ready if item is not None]
-    if len(items) == len(ready):  # the usual answer: no coroutine per image
-        return items
+    if None not in ready:  # the usual answer: no coroutine per image
+        return ready  # type: ignore[return-value]  # None is not in it
 
     async def one(img: FinalImage, item: dict | None) -> dict:
         if item is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ import aiohttp
 
 from ..config import RouteConfig
 from ..errors import UpstreamError, UpstreamRefused
+from ..http import jsonbytes
 from ..media.sizing import DEFAULT_MAX_PIXELS
 from ..request import ImageRequest
 
@@ -160,9 +160,9 @@ def started(http: aiohttp.ClientSession | None) -> aiohttp.ClientSession:
 
 
 def json_or_none(raw: bytes) -> Any:
-    """An answer's JSON, or None for a body that is not JSON."""
+    """An answer's JSON (as json.loads reads it), or None for a body that is not JSON."""
     try:
-        return json.loads(raw)
+        return jsonbytes.loads(raw)
     except ValueError:
         return None
 
@@ -188,15 +188,18 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int, upstream: str = 
     if 300 <= resp.status < 400:
         raise UpstreamRefused(f"{upstream} answered HTTP {resp.status}, a redirect: API calls follow no "
                               "redirects (check the provider's base_url)")
-    if resp.content_length is not None and resp.content_length > limit:
+    if (length := resp.content_length) is not None and length > limit:
         raise _too_large(upstream, limit)
     chunks, size = [], 0
-    read = resp.content.readany  # what iter_any() awaits, without its iterator: b"" at the end
+    stream = resp.content
+    read = stream.readany  # what iter_any() awaits, without its iterator: b"" at the end
     while chunk := await read():  # after decompression: a gzip bomb stops at the limit
         size += len(chunk)
         if size > limit:
             raise _too_large(upstream, limit)
         chunks.append(chunk)
+        if stream.at_eof():  # all of it read (a small answer: at once): no await for the b"" that says so
+            break
     return b"".join(chunks)
 
 

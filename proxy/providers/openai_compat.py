@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import pybase64
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..config import RouteConfig
@@ -23,6 +24,7 @@ from ..errors import (
     redact,
     retry_after_from_headers,
 )
+from ..http import jsonbytes
 from ..http.cpu import INLINE_BYTES, run_cpu
 from ..media.partials import PartialImage, emit, partials_wanted
 from ..request import ImageRequest
@@ -218,12 +220,16 @@ def split_answer(raw: bytes) -> Any:
         return None
     doc = _json_or_none(skeleton)
     items = doc.get("data") if isinstance(doc, dict) else None
-    slots = [i for i in items if isinstance(i, dict) and "b64_json" in i] if isinstance(items, list) else []
-    if len(slots) != len(cuts) or any(item["b64_json"] != "" for item in slots):
+    if not isinstance(items, list):
         return None
-    for item, value in zip(slots, cuts, strict=True):
-        item["b64_json"] = value
-    return doc
+    put = 0  # each item's "b64_json" gets its cut, in order; a doc that does not match is dropped
+    for item in items:
+        if isinstance(item, dict) and "b64_json" in item:
+            if put == len(cuts) or item["b64_json"] != "":
+                return None
+            item["b64_json"] = cuts[put]
+            put += 1
+    return doc if put == len(cuts) else None
 
 
 def parse_answer(raw: bytes) -> Any:
@@ -271,10 +277,13 @@ class OpenAICompatProvider(Provider):
             masks=True,
         )
         self.http: aiohttp.ClientSession | None = None
-        # Fixed by the options: built once rather than on every call.
-        self._headers = {"Accept": "application/json"}
+        # Fixed by the options: built once rather than on every call, as multidicts (aiohttp converts a
+        # dict into one on every call).
+        headers = {"Accept": "application/json"}
         if self.api_key:
-            self._headers["Authorization"] = f"Bearer {self.api_key}"
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._headers = CIMultiDictProxy(CIMultiDict(headers))
+        self._json_headers = CIMultiDictProxy(CIMultiDict({**headers, "Content-Type": "application/json"}))
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}  # one per route timeout in models.yaml
         try:
             self._origin = str(URL(self.base_url).origin()) if self.base_url else None
@@ -300,7 +309,9 @@ class OpenAICompatProvider(Provider):
     async def generate(self, req: ImageRequest, route: RouteConfig) -> list[GeneratedImage]:
         body = to_native(req, route.model or req.model, output_formats=self.capabilities.output_formats,
                          response_format=self.response_format)
-        headers = self._headers  # aiohttp copies them (into the request's own CIMultiDict)
+        edit = req.is_edit
+        # aiohttp copies the headers (into the request's own CIMultiDict)
+        headers: Mapping[str, str] = self._headers if edit else self._json_headers
         total = route.timeout or self.default_timeout
         timeout = self._timeouts.get(total)
         if timeout is None:
@@ -308,14 +319,15 @@ class OpenAICompatProvider(Provider):
         if req.stream and req.partial_images and self.options.get("stream") and partials_wanted():
             body.update(stream=True, partial_images=req.partial_images)
             headers = {**headers, "Accept": "text/event-stream, application/json"}
-        send: dict[str, Any]
-        if req.is_edit:
-            url, send = f"{self.base_url}/images/edits", {"data": edit_form(body, req)}
+        data: aiohttp.FormData | bytes
+        if edit:
+            url, data = f"{self.base_url}/images/edits", edit_form(body, req)
         else:
-            url, send = f"{self.base_url}/images/generations", {"json": body}
+            # The JSON as bytes (Content-Type in the headers): json= would encode it with json.dumps.
+            url, data = f"{self.base_url}/images/generations", jsonbytes.dumps(body)
         try:
-            async with started(self.http).post(url, headers=headers, timeout=timeout, allow_redirects=False,
-                                      **send) as resp:
+            async with started(self.http).post(url, data=data, headers=headers, timeout=timeout,
+                                               allow_redirects=False) as resp:
                 status = resp.status
                 # Only an error reads Retry-After; the Content-Type is parsed only where it may be a stream.
                 retry_after = retry_after_from_headers(resp.headers) if status >= 400 else None
@@ -327,10 +339,12 @@ class OpenAICompatProvider(Provider):
             raise UpstreamTimeout(f"no answer within {timeout.total:.0f} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"cannot reach the upstream ({type(e).__name__})") from None
-        # The images stay in `raw` (views); only a body that needs a full parse goes to a thread.
-        payload = split_answer(raw)
-        if payload is None:
-            payload = await run_cpu(len(raw), _json_or_none, raw)
+        if len(raw) <= INLINE_BYTES:  # parsed whole, on the loop: one C call, cheaper than cutting it up
+            payload = _json_or_none(raw)
+        else:  # the images stay in `raw` (views); only a body that needs a full parse goes to a thread
+            payload = split_answer(raw)
+            if payload is None:
+                payload = await run_cpu(len(raw), _json_or_none, raw)
         if status >= 400:
             raise self._redacted(error_from_status(status, payload, retry_after))
         if payload is None:

@@ -23,12 +23,13 @@ from ..errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from ..media.output import generate_n
+from ..media.output import all_images, generate_n
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest, with_route_defaults
 from ..telemetry import tracing
 from ..telemetry.metrics import Metrics
 from ..usage.meter import note_call
+from .timer import AttemptTimer
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
@@ -96,17 +97,11 @@ class Route:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     retries: int = 2
 
-    @property
-    def name(self) -> str:
-        return self.config.provider
-
-    @property
-    def per_call(self) -> int:
-        return self.config.max_images_per_call or self.provider.capabilities.max_images_per_call
-
-    @property
-    def timeout(self) -> float:
-        return self.config.timeout or self.provider.default_timeout
+    def __post_init__(self) -> None:
+        # Read by every request, worked out once: a route's config and its provider's limits stay as built.
+        self.name: str = self.config.provider
+        self.per_call: int = self.config.max_images_per_call or self.provider.capabilities.max_images_per_call
+        self.timeout: float = self.config.timeout or self.provider.default_timeout
 
     @property
     def state(self) -> str:
@@ -195,17 +190,19 @@ class Router:
                     continue
                 if not await self._wait_loaded(route, deadline, attempts, failures):
                     continue
-            probe = route.breaker.state != "closed"  # allow() claims the probe slot if this passes
-            if not route.breaker.allow():
+            breaker = route.breaker
+            # Not closed: allow() claims the probe slot if this passes (closed, it lets every request by).
+            probe = breaker.failures >= breaker.threshold
+            if probe and not breaker.allow():
                 if not last:
                     attempts.append((route.name, "skipped: circuit open after repeated failures"))
                     self._fallback(req.model, route, "circuit_open")
                     continue
-                route.breaker.probing = True  # the last route is never skipped: this call is its probe
+                breaker.probing = True  # the last route is never skipped: this call is its probe
             try:
                 images = await self._try_route(route, req, deadline, finish, attempts, failures, last)
             except BaseException:
-                route.breaker.release(probe)
+                breaker.release(probe)
                 raise
             self._record(route, images is not None, probe)
             if images is not None:
@@ -237,7 +234,8 @@ class Router:
 
     async def _try_route(self, route: Route, req: ImageRequest, deadline: float, finish: Finish,
                          attempts: list[tuple[str, str]], failures: list[ProxyError], last: bool) -> list[Any] | None:
-        """The route's calls, retries included: its images, or None after recording why it failed."""
+        """The route's calls, retries included: its images, or None after recording why it failed.
+        The client's own errors are raised."""
         # The route's `params` fill what the client left unset (before n is split: seeds follow).
         route_req = with_route_defaults(req, route.config.params, route.config.drop)
         parts = _Parts(route, self._may_retry, last)
@@ -252,7 +250,19 @@ class Router:
                     "qip.route": route.name, "qip.provider": route.provider.kind, "qip.attempt": attempt + 1,
                     "qip.route_index": self.routes[req.model].index(route), "qip.breaker_state": route.breaker.state,
                     "qip.timeout_s": round(limit, 3)} if traced else None) as span:
-                error = await self._attempt(route, req, route_req, parts, finish, limit)
+                # One try: its images made and final (in parts.images), else the error why not (awaited
+                # here, not in a method of its own: a coroutine frame fewer on every request's way down).
+                try:
+                    with AttemptTimer(limit):  # asyncio.timeout's rules, without its two coroutines
+                        images = await parts.generate(route_req)
+                        try:
+                            parts.images = await finish(images, route_req, route.provider)
+                        except BaseException:
+                            parts.done.clear()  # which image was bad is not known: make them all again
+                            raise
+                    error = None
+                except Exception as e:
+                    error = self._attempt_error(e, req.model, route, limit)
                 if traced:
                     span.set_attribute("qip.outcome", "ok" if error is None else "error")
                     if error is not None:
@@ -275,31 +285,19 @@ class Router:
                 await asyncio.sleep(wait)
         return None
 
-    async def _attempt(self, route: Route, req: ImageRequest, route_req: ImageRequest, parts: _Parts,
-                       finish: Finish, limit: float) -> ProxyError | None:
-        """One try on the route: None when its images are made and final (in parts.images), else why not.
-        The client's own errors are raised."""
-        try:
-            async with asyncio.timeout(limit):
-                images = await parts.generate(route_req)
-                try:
-                    parts.images = await finish(images, route_req, route.provider)
-                except BaseException:
-                    parts.done.clear()  # which image was bad is not known: make them all again
-                    raise
-        except TimeoutError:
+    def _attempt_error(self, e: Exception, model: str, route: Route, limit: float) -> ProxyError:
+        """Why a try on the route failed, from what it raised; the client's own errors are raised again."""
+        if isinstance(e, TimeoutError):
             why = "the request deadline (server.request_timeout) passed" if limit < route.timeout else "timed out"
             return UpstreamTimeout(f"{why} after {limit:.3g} s")
-        except ProxyError as e:
+        if isinstance(e, ProxyError):
             if not e.retryable:
-                self._count(req.model, route, "client_error")
-                raise
+                self._count(model, route, "client_error")
+                raise e
             return e
-        except Exception as e:
-            # A provider bug must not cost the request: log it and try again / the next route.
-            log.exception("model %s: route %s raised", req.model, route.name)
-            return UpstreamError(f"internal error in the route ({type(e).__name__})")
-        return None
+        # A provider bug must not cost the request: log it and try again / the next route.
+        log.exception("model %s: route %s raised", model, route.name, exc_info=e)
+        return UpstreamError(f"internal error in the route ({type(e).__name__})")
 
     def _may_retry(self, error: ProxyError, attempt: int, route: Route, last: bool) -> bool:
         """Whether the route gets another try after this failure (the deadline aside)."""
@@ -319,8 +317,12 @@ class Router:
     @staticmethod
     def _record(route: Route, ok: bool, probe: bool) -> None:
         """The route's outcome for its breaker; a change of state is logged (it changes who gets served)."""
-        before = route.breaker.state
-        route.breaker.record(ok, probe)
+        breaker = route.breaker
+        if ok and breaker.failures < breaker.threshold:  # closed and stays closed (most requests): nothing to log
+            breaker.record(ok, probe)
+            return
+        before = breaker.state
+        breaker.record(ok, probe)
         after = route.breaker.state
         if after == before or (before == "open" and after == "half_open"):
             return
@@ -379,6 +381,7 @@ class _Parts:
         self.last = last  # the model's last route
         self.attempt = 0  # the route's attempt now running (0: its first)
         self.images: list[Any] = []  # the final images of the attempt that succeeded
+        self.per_call = max(1, route.per_call)
 
     async def call(self, chunk: ImageRequest) -> list[GeneratedImage]:
         key = (chunk.first_index, chunk.n)
@@ -401,7 +404,9 @@ class _Parts:
     async def generate(self, req: ImageRequest) -> list[GeneratedImage]:
         self.errors, self.fatal = [], None
         try:
-            return await generate_n(self.call, req, self.route.per_call)
+            if req.n <= self.per_call:  # one call makes them all (the common case): awaited without generate_n
+                return all_images(req, await self.call(req))
+            return await generate_n(self.call, req, self.per_call)
         except UpstreamError as e:
             if self.errors and e is not self.fatal:  # too few images because a call failed: say why
                 raise self.errors[0] from None

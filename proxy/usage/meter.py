@@ -47,7 +47,8 @@ class Meter:
             shares = [img.gpu_seconds for img in images if getattr(img, "gpu_seconds", None) is not None]
             gpu = sum(shares) if shares else None
         price = route_price(price, provider_kind, self.gpu_usd_per_hour)
-        self.calls.append(Call(route_name, provider_kind, made, gpu, call_cost(price, made, width, height, gpu)))
+        cost = None if price is None else call_cost(price, made, width, height, gpu)  # None: no price, unknown
+        self.calls.append(Call(route_name, provider_kind, made, gpu, cost))
 
 
 CURRENT: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("qip_usage_meter", default=None)

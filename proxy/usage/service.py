@@ -75,6 +75,9 @@ class Usage:
             PostgresSpend(self.usage.database_url) if self.usage.database_url else MemorySpend())
         self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
+        # Models whose answers the seeded cache keeps: only their requests have a lookup before routing
+        # and an entry to write after it.
+        self.cached_models = frozenset(name for name, m in config.models.items() if m.cache is not None)
         self.lora_digests = LoraDigests()
         self._limits: dict[int, tuple[int, int, int]] = {}  # id(budget) -> its limits in whole units
         self._tasks: set[asyncio.Task] = set()
@@ -134,14 +137,24 @@ class Usage:
         CURRENT.set(meter)
         return meter
 
-    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None, *,
-                     held: Hold | None = None) -> CachedResult | None:
-        """Before routing: a cache hit (returned), or a budget check (429 insufficient_quota) and hold.
-        `held`: a background job's hold, taken when it was submitted (settled at its end like any other)."""
+    def note(self, req: ImageRequest, key: ApiKey | None, held: Hold | None = None) -> bool:
+        """Note the request (and a background job's hold) in its meter; whether before() has more to do:
+        a cache to look in, or a key's budget to hold. Most requests have neither, and skip its await."""
         meter = CURRENT.get() or self.open()
         meter.req = req
         if held is not None:
             meter.reservation = held
+            return req.model in self.cached_models
+        return req.model in self.cached_models or (
+            key is not None and (key.budget or self.usage.default_budget) is not None)
+
+    async def before(self, req: ImageRequest, key: ApiKey | None, cache_control: str | None, *,
+                     held: Hold | None = None) -> CachedResult | None:
+        """Before routing, where note() said there is more to do: a cache hit (returned), or a budget
+        check (429 insufficient_quota) and hold. `held`: a background job's hold, taken when it was
+        submitted (settled at its end like any other)."""
+        meter = CURRENT.get()
+        assert meter is not None  # note() opened it
         if self.config.models[req.model].cache is not None:
             meter.cache_key = await self._cache_key(req, key)
             if meter.cache_key is not None and "no-cache" not in (cache_control or "").lower():

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .avif import check_avif
 from .base import BadImage, Limit
@@ -52,8 +52,7 @@ from .webp import check_webp
 __all__ = ["BadImage", "ImageInfo", "check_image", "sniff"]
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):  # a tuple: half the cost of a frozen dataclass, on every image checked
     format: str  # "png" | "jpeg" | "webp" | "gif" | "avif"
     width: int
     height: int

@@ -48,12 +48,11 @@ def check_png(buf: memoryview, limit: Limit) -> tuple[int, int]:
             raise BadImage(_PNG_TRUNCATED)
         if not ctype.isalpha():
             raise BadImage("PNG chunk type is not four letters")
-        name = ctype.decode("ascii")
         if crc32(buf[pos + 4 : end - 4]) != _unpack(">I", buf, end - 4)[0]:
-            raise BadImage(f"PNG {name} chunk fails its CRC check")
+            raise BadImage(f"PNG {ctype.decode()} chunk fails its CRC check")
         fixed = _PNG_FIXED_LENGTHS.get(ctype)
         if fixed is not None and length != fixed:
-            raise BadImage(f"PNG {name} chunk has the wrong length")
+            raise BadImage(f"PNG {ctype.decode()} chunk has the wrong length")
         data = pos + 8
 
         if width < 0:
@@ -104,5 +103,5 @@ def check_png(buf: memoryview, limit: Limit) -> tuple[int, int]:
                 if not good:
                     raise BadImage("PNG tRNS chunk does not fit the colour type")
             elif ctype[0] < 0x61 and ctype not in _PNG_CRITICAL:  # uppercase first letter: critical
-                raise BadImage(f"PNG has an unknown critical chunk {name}")
+                raise BadImage(f"PNG has an unknown critical chunk {ctype.decode()}")
         pos = end
