@@ -18,15 +18,14 @@ from proxy.errors import InvalidRequest, ProxyError
 from proxy.http.body import Upload, read_body, read_fields
 from proxy.request import (
     MAX_EXTRA_BYTES,
-    MAX_JSON_DEPTH,
     SEED_MAX,
     ImageRequest,
     LoraRef,
     build_request,
     parse_body,
-    parse_json_bytes,
     with_route_defaults,
 )
+from proxy.wire_json import MAX_JSON_DEPTH, parse_json_bytes
 
 
 def invalid(fields: dict) -> InvalidRequest:
@@ -181,6 +180,30 @@ def test_seed_page_fields_are_kept():
     assert req.stream is True
     assert req.partial_images == 2
     assert req.extra == {}
+
+
+@pytest.mark.parametrize("fields", [
+    {"prompt": "x"},
+    {"prompt": "a cat", "model": "other", "size": "64x64", "response_format": "b64_json", "n": 3, "seed": 7},
+    {"prompt": "x", "negative_prompt": "blurry", "output_format": "jpg", "output_compression": 80, "quality": "high",
+     "background": "opaque", "style": "vivid", "moderation": "low", "user": "u", "cfg_scale": 4, "stream": True,
+     "num_inference_steps": 30, "prompt_enhancement": True, "loras": [{"path": "a.safetensors", "scale": 0.5}],
+     "partial_images": 2, "input_fidelity": "high", "aspect_ratio": "16:9", "resolution": "1K", "extra_one": [1]},
+])
+def test_build_request_is_the_dataclass_built_from_the_fields(fields):
+    body = parse_body(dict(fields))
+    req = build_request(body, "qwen-image", 640, 480)
+    names = [f.name for f in dataclasses.fields(ImageRequest)]
+    assert sorted(vars(req)) == sorted(names)
+    known = {**body.__dict__, "loras": tuple(body.loras or ())}
+    del known["model"]
+    expected = ImageRequest(**known, model="qwen-image", width=640, height=480, extra=dict(body.model_extra or {}))
+    assert req == expected and repr(req) == repr(expected)
+    assert req.images == () and req.mask is None and req.first_index == 0
+    assert req.extra is not body.model_extra  # its own dict: route defaults and drops make new ones
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.prompt = "y"  # type: ignore[misc]
+    assert dataclasses.replace(req, n=2) == dataclasses.replace(expected, n=2)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
 from proxy.media.sizing import (
@@ -13,6 +16,7 @@ from proxy.media.sizing import (
     WORK_FACTOR,
     SizeTable,
     check_work,
+    parse_pixels,
     parse_ratio,
     resolve_size,
     tier_megapixels,
@@ -378,3 +382,20 @@ def test_absurd_aspect_ratio_is_rejected(qwen):
     with pytest.raises(InvalidRequest) as e:
         resolve_size(qwen, aspect_ratio="9" * 400 + ":1")
     assert e.value.param == "aspect_ratio"
+
+
+def _pixels_by_regex(text: str) -> tuple[int, int] | None:
+    m = re.match(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$", text)
+    return None if not m or max(len(m.group(1)), len(m.group(2))) > 9 else (int(m.group(1)), int(m.group(2)))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(["1", "0", "64", "٦", "²", "x", "X", "×", "*", " ", "\\n", "-", "+", ".", "a", ":",
+                                 "1234567890"]), max_size=8).map("".join))
+@example("64x64")
+@example("٦٤x٦٤")
+@example("123456789x1")
+@example("1234567890x1")
+@example("²x1")
+def test_parse_pixels_reads_what_its_pattern_reads(text):
+    assert parse_pixels(text) == _pixels_by_regex(text)

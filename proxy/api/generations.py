@@ -24,7 +24,7 @@ from ..jobs.ask import BACKGROUND, mark_background
 from ..jobs.runner import SHUTTING_DOWN
 from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
-from ..request import ImageRequest, build_request, parse_body
+from ..request import ImageRequest, parse_fields, request_from
 from ..routing.policy import API_KEY
 from ..state.idempotency import HEADER as IDEMPOTENCY_KEY
 from ..state.idempotency import REPLAYED
@@ -54,7 +54,8 @@ def served_model(gw: Gateway, request: web.Request, asked: object, default: str 
         raise ModelNotFound(f"The model '{model}' does not exist. {label}: {', '.join(served) or 'none'}.",
                             param="model")
     request[MODEL] = model
-    gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
+    if gw.policy.enabled:  # (no keys: no key on the request, no model refused)
+        gw.policy.check_model(request.get(API_KEY), model)  # before a stream starts: a real 403
     return model
 
 
@@ -65,11 +66,11 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
         request[BODY] = body.raw
     mark_background(request, fields)
     model = served_model(gw, request, fields.get("model"), gw.default_model, gw.config.models)
-    asked = parse_body(fields, checked=True)  # read_body checked its names and strings
+    values, extra = parse_fields(fields, checked=True)  # read_body checked its names and strings
     table = gw.size_tables[model]
-    width, height = resolve_size(table, asked.size, asked.aspect_ratio, asked.resolution)
-    check_work(table, width, height, asked.n)
-    req = build_request(asked, model, width, height)
+    width, height = resolve_size(table, values["size"], values["aspect_ratio"], values["resolution"])
+    check_work(table, width, height, values["n"])
+    req = request_from(values, extra, model, width, height)
     check_output_request(req)
     return req
 
