@@ -396,3 +396,28 @@ def test_a_provider_option_cannot_be_infinite(value):
     with pytest.raises(ConfigError) as e:
         parse_config(data, env={})
     assert "providers.up.timeout" in str(e.value) and "finite number" in str(e.value)
+
+
+@pytest.mark.parametrize(("params", "hint"), [
+    ("{release: 2024-05-01}", True),  # YAML's date: was sent upstream as the text "2024-05-01"
+    ("{stamp: 2024-05-01 10:00:00}", True),
+    ("{nested: {dates: [1, 2024-05-01]}}", True),
+    ("{guidance: .nan}", False),
+    ("{guidance: .inf}", False),
+    ("{tags: !!set {a, b}}", False),
+])
+def test_route_params_must_be_json_values(tmp_path, params, hint):
+    """A route's params go to the upstream as JSON with every call: what JSON cannot say is a config error
+    naming the param, never an upstream call that fails (or sends a date as text) on every request."""
+    text = BASE.replace("routes: [placeholder]", f"routes: [{{provider: placeholder, params: {params}}}]")
+    lines = errors_of(tmp_path, text)
+    name = params[1:].split(":")[0]
+    assert len(lines) == 1 and "models.m.routes.0.params" in lines[0] and f"'{name}' must be a JSON value" in lines[0]
+    assert ("quote it" in lines[0]) == hint
+
+
+def test_route_params_that_are_json_are_kept(tmp_path):
+    text = BASE.replace("routes: [placeholder]",
+                        "routes: [{provider: placeholder, params: {release: '2024-05-01', steps: 8, x: [1, {a: null}]}}]")
+    config = load_config(write(tmp_path, text), env={})
+    assert config.models["m"].routes[0].params == {"release": "2024-05-01", "steps": 8, "x": [1, {"a": None}]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import date, time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,6 +43,20 @@ class RouteConfig(Strict):
     # What a call on this route costs (proxy/usage/pricing.py); none: its cost is recorded as null.
     price: PriceConfig | None = None
 
+    @field_validator("params")
+    @classmethod
+    def _json_values(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Sent to the upstream as JSON: a YAML date or timestamp, a set or .nan would be sent as something
+        # else (a date as text), or fail every call; said here, with its name, instead.
+        for name, value in params.items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                hint = " (YAML reads an unquoted date or time as one: quote it)" if _has(value, (date, time)) else ""
+                raise ValueError(f"'{name}' must be a JSON value: text, a finite number, true/false, null, "
+                                 f"or a list or mapping of them{hint}") from None
+        return params
+
     @field_validator("drop")
     @classmethod
     def _droppable(cls, names: list[str]) -> list[str]:
@@ -48,6 +64,18 @@ class RouteConfig(Strict):
         if bad := sorted(set(names) & core):
             raise ValueError(f"{', '.join(bad)} cannot be dropped: every route needs them")
         return names
+
+
+def _has(value: Any, types: tuple[type, ...], depth: int = 0) -> bool:
+    """Whether value, or anything in it (a few levels down: YAML can make a list that holds itself), is one
+    of types."""
+    if isinstance(value, types):
+        return True
+    if depth > 20:
+        return False
+    if isinstance(value, dict):
+        return any(_has(v, types, depth + 1) for v in value.values())
+    return isinstance(value, (list, tuple, set)) and any(_has(v, types, depth + 1) for v in value)
 
 
 class SizeTableConfig(Strict):

@@ -26,11 +26,12 @@ async def send_or_drop(write: Awaitable[None], transport: asyncio.Transport | No
     try:
         await write
     except (ConnectionError, RuntimeError):
-        if watch.dropped:
-            raise ConnectionResetError(f"the client took none of its answer for {stall:g} s") from None
-        raise
+        if not watch.dropped:
+            raise
     finally:
         watch.stop()
+    if watch.dropped:  # (a write waiting for the socket may also just end when the connection is aborted)
+        raise ConnectionResetError(f"the client took none of its answer for {stall:g} s")
 
 
 class _Watch:
