@@ -22,7 +22,8 @@ from proxy.errors import (
 )
 from proxy.providers.base import Capabilities, GeneratedImage, Provider
 from proxy.request import ImageRequest
-from proxy.routing.router import CircuitBreaker, Router
+from proxy.routing.breaker import CircuitBreaker
+from proxy.routing.router import Router
 
 Behaviour = Callable[[ImageRequest], Awaitable[list[GeneratedImage]]]
 

@@ -29,6 +29,7 @@ from ..request import ImageRequest, with_route_defaults
 from ..telemetry import tracing
 from ..telemetry.metrics import Metrics
 from ..usage.meter import note_call
+from .breaker import CircuitBreaker
 from .timer import AttemptTimer
 
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
@@ -39,55 +40,6 @@ Finish = Callable[[list[GeneratedImage], ImageRequest, Provider], Awaitable[list
 
 async def _as_is(images: list[GeneratedImage], req: ImageRequest, provider: Provider) -> list[Any]:
     return images
-
-
-@dataclass
-class CircuitBreaker:
-    """Closed -> open after `threshold` failed requests in a row -> half-open after `cooldown`.
-
-    Half-open lets one probe request through at a time: its success closes the breaker, its failure
-    opens it for another cooldown.
-    """
-
-    threshold: int = 5
-    cooldown: float = 30.0
-    failures: int = 0
-    open_until: float = 0.0
-    probing: bool = False
-
-    @property
-    def state(self) -> str:
-        if self.failures < self.threshold:
-            return "closed"
-        return "open" if time.monotonic() < self.open_until else "half_open"
-
-    def allow(self) -> bool:
-        """Whether a request may use the route now; in half-open, claims the one probe slot."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half_open" and not self.probing:
-            self.probing = True
-            return True
-        return False
-
-    def record(self, ok: bool, probe: bool = True) -> None:
-        """The outcome of a request on the route. Only the probe frees the probe slot (a success closes
-        the breaker, so it frees it too): a request that started before the breaker opened and ends
-        during a probe must not let a second probe through."""
-        if probe or ok:
-            self.probing = False
-        if ok:
-            self.failures = 0
-            return
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.open_until = time.monotonic() + self.cooldown
-
-    def release(self, probe: bool = True) -> None:
-        """The request ended without judging the route (client error, cancelled): the probe frees its slot."""
-        if probe:
-            self.probing = False
 
 
 @dataclass
