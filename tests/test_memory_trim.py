@@ -39,6 +39,7 @@ def libc(monkeypatch):
     monkeypatch.setattr(server, "TRIM_CHECK_SECONDS", 0.01)
     monkeypatch.setattr(server, "TRIM_IDLE_SECONDS", 0.05)
     monkeypatch.setattr(server, "TRIM_BUSY_SECONDS", 0.6)
+    monkeypatch.setattr(server, "TRIM_QUIET_SECONDS", 0.16)
     return fake
 
 
@@ -81,6 +82,29 @@ async def test_small_growth_is_left_alone(libc):
     libc.resident = 64 * MB
     await task
     assert libc.trims == 0
+
+
+async def test_an_idle_server_looks_less_often_and_a_burst_brings_the_looks_back(libc, monkeypatch):
+    """Idle with nothing to give back, the looks at resident memory slow down (a server nobody calls wakes
+    a few times a second, not a hundred): a burst that starts meanwhile is seen at the next look, and
+    its memory still goes back once it is over."""
+    looks = []
+    monkeypatch.setattr(server, "_resident_bytes", lambda: looks.append(1) or libc.resident)
+    monkeypatch.setattr(server, "TRIM_BUSY_SECONDS", 10)  # (a busy trim, long after the last one, aside)
+    busy = [False]
+    task = asyncio.create_task(server._trim_forever(lambda: busy[0]))
+    await asyncio.sleep(1.0)
+    assert 4 <= len(looks) <= 12  # every 0.01 s it would be 100; backed off to every 0.16 s
+    busy[0], libc.resident = True, 300 * MB  # a burst
+    await asyncio.sleep(0.3)
+    assert libc.trims == 0
+    looks.clear()
+    busy[0] = False
+    await asyncio.sleep(0.3)
+    assert libc.trims == 1 and libc.resident == 62 * MB
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 def test_an_operators_own_malloc_settings_are_kept(libc, monkeypatch):

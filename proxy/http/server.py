@@ -210,6 +210,7 @@ class GuardedAppRunner(web.AppRunner):
 
 M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -8, -3, -1  # glibc's mallopt parameters
 TRIM_CHECK_SECONDS = 0.1
+TRIM_QUIET_SECONDS = 2.0  # idle with nothing to give back: the looks slow down to this (not 10 wake-ups a second)
 TRIM_GROWTH_BYTES = 8 * 1024 * 1024  # resident memory this much over the least a trim left: give back...
 TRIM_IDLE_SECONDS = 1.0  # ...when no image request is being worked on, at most this often
 TRIM_BUSY_SECONDS = 30.0  # ...and under load that never pauses, this often
@@ -281,24 +282,27 @@ def _resident_bytes() -> int | None:
 async def _trim_forever(busy: Callable[[], bool]) -> None:
     """malloc_trim(0) when resident memory has grown TRIM_GROWTH_BYTES over the least a trim left and no
     image request is being worked on (`busy()` is false): the freed buffers of a burst go back to the
-    system within a second of its end. Not while requests run (under a load that never pauses, every
-    TRIM_BUSY_SECONDS): their next buffers would fault the same pages in again."""
+    system within a second or two of its end. Not while requests run (under a load that never pauses,
+    every TRIM_BUSY_SECONDS): their next buffers would fault the same pages in again. An idle server with
+    nothing to give back looks less and less often, down to every TRIM_QUIET_SECONDS."""
     libc = _glibc()
     floor = _resident_bytes()
     if libc is None or floor is None:
         return
     loop = asyncio.get_running_loop()
     trimmed_at = loop.time()
+    interval = TRIM_CHECK_SECONDS
     while True:
-        await asyncio.sleep(TRIM_CHECK_SECONDS)
+        await asyncio.sleep(interval)
         waited = loop.time() - trimmed_at
         resident = _resident_bytes()
         if resident is None:  # /proc unreadable now: try again on the next round
             continue
-        if (resident - floor > TRIM_GROWTH_BYTES
-                and waited >= (TRIM_BUSY_SECONDS if busy() else TRIM_IDLE_SECONDS)):
+        grown, working = resident - floor > TRIM_GROWTH_BYTES, busy()
+        if grown and waited >= (TRIM_BUSY_SECONDS if working else TRIM_IDLE_SECONDS):
             await asyncio.to_thread(libc.malloc_trim, 0)
             trimmed_at, floor = loop.time(), min(floor, _resident_bytes() or floor)
+        interval = TRIM_CHECK_SECONDS if grown or working else min(interval * 2, TRIM_QUIET_SECONDS)
 
 
 async def _serve(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
