@@ -49,6 +49,9 @@ class _Watch:
         self._handle: asyncio.Handle | None = asyncio.get_running_loop().call_soon(self._look, True)
 
     def _look(self, first: bool = False) -> None:
+        if self._transport.is_closing():  # gone already (the client left): the write fails on its own
+            self._handle = None
+            return
         now = self._transport.get_write_buffer_size()
         if not first and now and now >= self._waiting:  # not a byte taken since the last look
             log.info("dropping a client that took none of its answer for %g s (%d bytes waiting)", self._stall, now)
