@@ -109,3 +109,29 @@ def test_ray_replies_carry_gpu_seconds():
     assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [1.5, 1.5]
     del reply["gpu_seconds"]  # an older replica: unknown
     assert [img.gpu_seconds for img in images_from_reply(reply, req)] == [None, None]
+
+
+async def test_the_ledger_builds_a_big_batch_between_the_loops_other_work(tmp_path):
+    """A full batch of records (500 by default) is built on the event loop a chunk at a time: requests in
+    flight get their turns in between, rather than waiting for the whole batch (milliseconds)."""
+    from proxy.usage.ledger import BUILD_CHUNK, LedgerWriter
+
+    ledger = SqliteLedger(str(tmp_path / "usage.sqlite3"))
+    writer = LedgerWriter(ledger, queue_max=10_000, batch_size=500, flush_seconds=60, write_timeout=10)
+    await ledger.start()
+    built: list[int] = []
+
+    def maker(i: int):
+        def make() -> UsageRecord:
+            built.append(i)
+            return record(i, "m1", "fal", 0.01, time.time())
+        return make
+
+    for i in range(500):
+        writer.add(maker(i))
+    seen_at: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: seen_at.append(len(built)))  # "a request's turn"
+    assert await writer.flush()
+    assert seen_at and seen_at[0] <= BUILD_CHUNK < 500
+    assert len(await ledger.query(0, time.time() + 1)) == 500 and writer.written == 500
+    await ledger.close()

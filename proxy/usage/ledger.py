@@ -16,6 +16,9 @@ from .record import UsageRecord
 
 log = logging.getLogger("proxy.usage")
 
+# Records built on the loop between its other work: a full batch (500) at once held it for milliseconds.
+BUILD_CHUNK = 50
+
 
 class LedgerBackend(Protocol):
     """Where records live: SQLite (proxy/usage/sqlite.py) or PostgreSQL (proxy/usage/postgres.py)."""
@@ -101,10 +104,14 @@ class LedgerWriter:
         if not self._queue:
             return True
         batch = []
+        built = 0
         for i in range(min(self.batch_size, len(self._queue))):
             item = self._queue[i]
             if not isinstance(item, UsageRecord):  # built once: a retried batch keeps its records' ids
                 item = self._queue[i] = item()
+                built += 1
+                if built % BUILD_CHUNK == 0:  # (records are only appended meanwhile: the indexes hold)
+                    await asyncio.sleep(0)
             batch.append(item)
         try:
             async with asyncio.timeout(self.write_timeout):
