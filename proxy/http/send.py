@@ -38,15 +38,16 @@ class _Watch:
     """Every `stall` seconds while a write waits: the bytes still waiting in the transport must have gone
     down since the last look, else the client is dropped (the transport aborted: the write fails)."""
 
-    __slots__ = ("_transport", "_stall", "_waiting", "_handle", "dropped")
+    __slots__ = ("_transport", "_stall", "_loop", "_waiting", "_handle", "dropped")
 
     def __init__(self, transport: asyncio.Transport, stall: float) -> None:
         self._transport, self._stall = transport, stall
+        self._loop = asyncio.get_running_loop()
         self._waiting = 0
         self.dropped = False
         # The first look on the loop's next turn, once the write has left in the transport what the socket
         # did not take (a write the socket takes whole is done before then, and stop() cancels it).
-        self._handle: asyncio.Handle | None = asyncio.get_running_loop().call_soon(self._look, True)
+        self._handle: asyncio.Handle | None = self._loop.call_soon(self._look, True)
 
     def _look(self, first: bool = False) -> None:
         if self._transport.is_closing():  # gone already (the client left): the write fails on its own
@@ -59,7 +60,7 @@ class _Watch:
             self._transport.abort()
             return
         self._waiting = now
-        self._handle = asyncio.get_running_loop().call_later(self._stall, self._look)
+        self._handle = self._loop.call_later(self._stall, self._look)
 
     def stop(self) -> None:
         if self._handle is not None:
