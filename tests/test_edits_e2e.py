@@ -134,6 +134,15 @@ async def test_a_model_that_does_not_edit(edit_proxy):
         await client.images.edit(model="no-such-model", prompt="x", image=png())
 
 
+@pytest.mark.parametrize("size", ["auto", "AUTO", " Auto ", ""])
+async def test_size_auto_follows_the_first_image_however_written(edit_proxy, size):
+    # "AUTO" or an empty size used to give the table's default (64x64) instead of the input's 3:4 shape.
+    _, _, client = await edit_proxy()
+    r = await client.images.edit(model=MODEL, image=("in.png", png((48, 64)), "image/png"), prompt="x",
+                                 size=size, response_format="b64_json")  # type: ignore[arg-type]
+    assert decode(r.data[0].b64_json).size == (64, 80) and r.size == "64x80"
+
+
 async def test_missing_image(edit_proxy):
     _, proxy, _ = await edit_proxy()
     form = aiohttp.FormData({"model": MODEL, "prompt": "x"})

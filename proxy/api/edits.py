@@ -76,7 +76,8 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     if mask is not None and (mask.width, mask.height) != (first.width, first.height):
         raise InvalidRequest(f"Invalid 'mask': it is {mask.width}x{mask.height}, the image is "
                              f"{first.width}x{first.height}; they must be the same size.", param="mask")
-    size = None if parsed.size in (None, "auto") else parsed.size
+    # "auto" in any case, or an empty size, follows the first image (as resolve_size reads them for generations).
+    size = None if parsed.size is None or parsed.size.strip().lower() in ("", "auto") else parsed.size
     aspect = parsed.aspect_ratio
     if size is None and aspect is None:
         aspect = f"{first.width}:{first.height}"  # the output follows the first image's shape
