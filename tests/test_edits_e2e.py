@@ -143,6 +143,35 @@ async def test_size_auto_follows_the_first_image_however_written(edit_proxy, siz
     assert decode(r.data[0].b64_json).size == (64, 80) and r.size == "64x80"
 
 
+async def test_lists_and_objects_in_extra_body_arrive_whole(edit_proxy):
+    # The openai SDK writes extra_body's lists and objects into the form in bracket notation
+    # (loras[][path], loras[][scale], tags[]). Read as names of their own, the LoRAs were lost: never
+    # checked, never applied, and the upstream got fields called "loras[][path]".
+    up, _, client = await edit_proxy()
+    await client.images.edit(model=MODEL, image=png(), prompt="x", response_format="b64_json", extra_body={
+        "loras": [{"path": "ink", "scale": 0.5}, {"path": "paper", "scale": 1}], "tags": ["a", "b"],
+        "options": {"grain": {"level": 2}}})
+    fields, _ = up.edit_forms[0]
+    assert json.loads(fields["loras"]) == [{"path": "ink", "scale": 0.5}, {"path": "paper", "scale": 1.0}]
+    assert json.loads(fields["tags"]) == ["a", "b"] and json.loads(fields["options"]) == {"grain": {"level": "2"}}
+    assert not [name for name in fields if "[" in name]
+
+    with pytest.raises(BadRequestError) as e:  # and checked as in JSON: at most 3 LoRAs
+        await client.images.edit(model=MODEL, image=png(), prompt="x",
+                                 extra_body={"loras": [{"path": f"l{i}", "scale": 1} for i in range(4)]})
+    assert e.value.status_code == 400 and e.value.body["param"] == "loras"
+
+
+async def test_a_form_field_sent_both_as_text_and_as_a_list_is_a_400(edit_proxy):
+    _, proxy, _ = await edit_proxy()
+    form = aiohttp.FormData({"model": MODEL, "prompt": "x", "tags": "a"})
+    form.add_field("tags[]", "b")
+    form.add_field("image", png(), filename="in.png", content_type="image/png")
+    async with aiohttp.ClientSession() as s, s.post(proxy.make_url("/v1/images/edits"), data=form) as r:
+        error = json.loads(await r.text())["error"]
+        assert r.status == 400 and error["param"] == "tags" and error["code"] == "invalid_multipart"
+
+
 async def test_missing_image(edit_proxy):
     _, proxy, _ = await edit_proxy()
     form = aiohttp.FormData({"model": MODEL, "prompt": "x"})

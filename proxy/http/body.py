@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.errors
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,7 +22,7 @@ from aiohttp.streams import StreamReader
 
 from ..errors import InvalidRequest
 from ..request import MAX_FORM_FIELDS
-from ..wire_json import _THREAD_PARSE_BYTES, _printable, _safe, check_values, parse_json_bytes
+from ..wire_json import _THREAD_PARSE_BYTES, MAX_JSON_DEPTH, _printable, _safe, check_values, parse_json_bytes
 from .wire_errors import describe
 
 
@@ -137,7 +138,7 @@ _FORM_ERRORS = (ValueError, LookupError, RuntimeError, AssertionError, zlib.erro
                 web.RequestPayloadError, web.HTTPBadRequest)
 
 
-async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[str, str], list[Upload]]:
+async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[str, Any], list[Upload]]:
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge as e:
@@ -151,7 +152,7 @@ async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[
     except _FORM_ERRORS as e:
         raise InvalidRequest(f"The multipart/form-data body is malformed: {_reason(e)}.",
                              code="invalid_multipart") from None
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     uploads: list[Upload] = []
     try:
         for name, value in form.items():
@@ -170,12 +171,72 @@ async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[
                         continue
                     raise InvalidRequest(f"Invalid '{_safe(name)}': the form field is not UTF-8 text.",
                                          param=_safe(name), code="invalid_multipart") from None
-            fields[name] = value  # a repeated field: the last one wins, as in JSON
+            if not _put_nested(fields, name, value):
+                fields[name] = value  # a repeated field: the last one wins, as in JSON
     finally:
         for value in form.values():
             if isinstance(value, web.FileField):
                 value.file.close()
     return fields, uploads
+
+
+_SUBSCRIPT = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _put_nested(fields: dict[str, Any], name: str, value: str) -> bool:
+    """A form field named in bracket notation, put where it belongs: the openai SDK writes a list or object
+    of extra_body into a form so (`loras=[{"path": "a", "scale": 0.5}]` arrives as the fields `loras[][path]`
+    and `loras[][scale]`), and read as names of their own they were lost (the LoRA silently not applied).
+    `x[]` appends to the list x, `x[k]` sets key k of the object x, `x[][k]` sets k in the first object of
+    the list x that has no k yet (a new one if all have). False for a name that is not bracket notation."""
+    base, bracket, rest = name.partition("[")
+    keys = _SUBSCRIPT.findall(bracket + rest)
+    if (not base or "".join(f"[{k}]" for k in keys) != bracket + rest or not keys or len(keys) >= MAX_JSON_DEPTH
+            or any(a == b == "" for a, b in zip(keys, keys[1:], strict=False))):  # (lists of lists: no)
+        return False
+    _put(fields, base, keys, value, name)
+    return True
+
+
+def _put(target: dict[str, Any], key: str, keys: list[str], value: str, name: str) -> None:
+    if not keys:
+        if isinstance(target.get(key), list | dict):
+            raise _mixed(name)
+        target[key] = value
+        return
+    sub, later = keys[0], keys[1:]
+    held = target.setdefault(key, [] if sub == "" else {})
+    if sub != "":
+        if not isinstance(held, dict):
+            raise _mixed(name)
+        _put(held, sub, later, value, name)
+    elif not isinstance(held, list):
+        raise _mixed(name)
+    elif not later:
+        held.append(value)
+    else:
+        # The first object without this key takes it: the SDK sends a list's objects key by key (every
+        # path, then every scale), other clients object by object; either way the i-th path is object i's.
+        item = next((o for o in held if isinstance(o, dict) and not _has(o, later)), None)
+        if item is None:
+            item = {}
+            held.append(item)
+        _put(item, later[0], later[1:], value, name)
+
+
+def _has(obj: Any, keys: list[str]) -> bool:
+    """Whether obj already holds the value keys lead to."""
+    for k in keys:
+        if k == "" or not isinstance(obj, dict) or k not in obj:
+            return False
+        obj = obj[k]
+    return True
+
+
+def _mixed(name: str) -> InvalidRequest:
+    base = _safe(name.partition("[")[0])
+    return InvalidRequest(f"Invalid '{base}': the form sends it both as text and as a list or object "
+                          f"('{_safe(name)}').", param=base, code="invalid_multipart")
 
 
 def _parse_urlencoded(raw: bytes, charset: str | None) -> dict[str, str]:
