@@ -179,6 +179,16 @@ async def test_missing_image(edit_proxy):
         assert r.status == 400 and json.loads(await r.text())["error"]["param"] == "image"
 
 
+async def test_an_image_sent_as_text_is_named_not_missing(edit_proxy):
+    # JSON with "image": "data:..." was answered "Missing required parameter: 'image'", though it was sent.
+    _, proxy, _ = await edit_proxy()
+    body = {"model": MODEL, "prompt": "x", "image": "data:image/png;base64," + base64.b64encode(png()).decode()}
+    async with aiohttp.ClientSession() as s, s.post(proxy.make_url("/v1/images/edits"), json=body) as r:
+        error = json.loads(await r.text())["error"]
+    assert r.status == 400 and error["param"] == "image" and "Missing" not in error["message"]
+    assert "images: [{" in error["message"]
+
+
 async def test_edit_stream_uses_image_edit_events(edit_proxy):
     _, _, client = await edit_proxy()
     stream = await client.images.edit(model=MODEL, image=png(), prompt="x", stream=True)

@@ -52,6 +52,10 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
         raise InvalidRequest("Send the images as files or as images[].image_url, not both.", param="images")
     count = len(uploads) or len(refs)
     if count == 0:
+        if any(name in fields for name in IMAGE_FIELDS):  # sent, but as text (a JSON string, a form text field)
+            raise InvalidRequest("Invalid 'image': send the image as a file (multipart 'image' or 'image[]'), or "
+                                 "in JSON as images: [{\"image_url\": \"data:image/png;base64,...\"}].",
+                                 param="image")
         raise InvalidRequest("Missing required parameter: 'image'.", param="image")
     if count > limit:
         raise InvalidRequest(f"Invalid 'image': the model '{model}' takes at most {limit} image(s), "
