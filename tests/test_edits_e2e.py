@@ -59,6 +59,14 @@ async def test_edit_with_one_image(edit_proxy):
     assert [(name, data) for name, _, data in files] == [("image", png((64, 48)))]
 
 
+async def test_input_fidelity_reaches_the_upstream(edit_proxy):
+    up, _, client = await edit_proxy()
+    await client.images.edit(model=MODEL, image=("in.png", png((64, 48)), "image/png"), prompt="keep the face",
+                             input_fidelity="high", response_format="b64_json")
+    fields, _ = up.edit_forms[0]
+    assert fields["input_fidelity"] == "high"
+
+
 @pytest.mark.parametrize("count", [2, 3])
 async def test_edit_with_several_images(edit_proxy, count):
     up, _, client = await edit_proxy()

@@ -59,13 +59,15 @@ def test_size_is_the_resolved_pixels_not_the_client_text():
 
 def test_all_optional_fields_are_sent():
     req = request(n=3, seed=42, negative_prompt="blurry", quality="high", background="opaque", style="vivid",
-                  moderation="low", user="u1", cfg_scale=4.0, num_inference_steps=30, prompt_enhancement=True)
+                  moderation="low", user="u1", input_fidelity="high", cfg_scale=4.0, num_inference_steps=30,
+                  prompt_enhancement=True)
     body = to_native(req, "m", output_formats=ALL)
     assert body["n"] == 3
     assert body["seed"] == 42
     assert body["negative_prompt"] == "blurry"
     assert (body["quality"], body["background"], body["style"], body["moderation"], body["user"]) == (
         "high", "opaque", "vivid", "low", "u1")
+    assert body["input_fidelity"] == "high"
     assert body["cfg_scale"] == 4.0
     assert body["num_inference_steps"] == 30
     assert body["prompt_enhancement"] == "on"

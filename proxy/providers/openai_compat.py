@@ -43,7 +43,7 @@ from .extras import extras_for
 
 # Request fields sent when set; everything the proxy does not know rides along in req.extra.
 _OPTIONAL_FIELDS = ("negative_prompt", "seed", "quality", "background", "style", "moderation", "user",
-                    "cfg_scale", "num_inference_steps", "prompt_enhancement")
+                    "input_fidelity", "cfg_scale", "num_inference_steps", "prompt_enhancement")
 
 
 def to_native(req: ImageRequest, model: str, *, output_formats: frozenset[str],
