@@ -170,6 +170,21 @@ async def test_lists_and_objects_in_extra_body_arrive_whole(edit_proxy):
     assert e.value.status_code == 400 and e.value.body["param"] == "loras"
 
 
+async def test_indexed_lists_in_a_form_arrive_as_lists(edit_proxy):
+    # qs, PHP and Rails write a list's items with their index (loras[0][path]), in any order.
+    up, proxy, _ = await edit_proxy()
+    form = aiohttp.FormData({"model": MODEL, "prompt": "x", "response_format": "b64_json"})
+    for name, value in [("loras[1][path]", "paper"), ("loras[0][path]", "ink"), ("loras[0][scale]", "0.5"),
+                        ("loras[1][scale]", "1"), ("options[size][0]", "s")]:
+        form.add_field(name, value)
+    form.add_field("image", png(), filename="in.png", content_type="image/png")
+    async with aiohttp.ClientSession() as s, s.post(proxy.make_url("/v1/images/edits"), data=form) as r:
+        assert r.status == 200, await r.text()
+    fields, _ = up.edit_forms[0]
+    assert json.loads(fields["loras"]) == [{"path": "ink", "scale": 0.5}, {"path": "paper", "scale": 1.0}]
+    assert json.loads(fields["options"]) == {"size": ["s"]}
+
+
 async def test_a_form_field_sent_both_as_text_and_as_a_list_is_a_400(edit_proxy):
     _, proxy, _ = await edit_proxy()
     form = aiohttp.FormData({"model": MODEL, "prompt": "x", "tags": "a"})

@@ -177,7 +177,7 @@ async def _read_multipart(request: web.Request, keep_files: bool) -> tuple[dict[
         for value in form.values():
             if isinstance(value, web.FileField):
                 value.file.close()
-    return fields, uploads
+    return {name: _indexed_lists(value) for name, value in fields.items()}, uploads
 
 
 _SUBSCRIPT = re.compile(r"\[([^\[\]]*)\]")
@@ -222,6 +222,19 @@ def _put(target: dict[str, Any], key: str, keys: list[str], value: str, name: st
             item = {}
             held.append(item)
         _put(item, later[0], later[1:], value, name)
+
+
+def _indexed_lists(value: Any) -> Any:
+    """Objects keyed 0, 1, ... n-1 as the lists they stand for: other clients (qs, PHP, Rails) write a
+    list's items as `loras[0][path]`, `loras[1][path]`, in any order."""
+    if isinstance(value, list):
+        return [_indexed_lists(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    items = {k: _indexed_lists(v) for k, v in value.items()}
+    if items and all(k.isdigit() and k.isascii() for k in items) and {int(k) for k in items} == set(range(len(items))):
+        return [items[str(i)] for i in range(len(items))]
+    return items
 
 
 def _has(obj: Any, keys: list[str]) -> bool:
