@@ -142,6 +142,23 @@ async def test_usage_api_needs_an_admin_key_and_valid_params(start_proxy, aiohtt
     assert status == 400 and body["error"]["param"] == "bucket_width"
 
 
+async def test_hostile_times_are_400_and_a_huge_range_is_one_page(start_proxy, aiohttp_server, tmp_path):
+    """Times out of range are the client's error (they reached SQLite: a 503 that blamed the database, or a
+    MemoryError 500), and a range of billions of buckets answers its first page at once."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(usage_config(tmp_path, vendor.url))
+    for path in ("/v1/organization/usage/images", "/v1/organization/costs"):
+        for params, param in (({"start_time": str(-10**20)}, "start_time"), ({"start_time": "-1"}, "start_time"),
+                              ({"start_time": "0", "end_time": str(10**20)}, "end_time")):
+            status, body = await api(server, path, params)
+            assert status == 400 and body["error"]["param"] == param, (path, params, status, body)
+            assert body["error"]["type"] == "invalid_request_error" and "Unix time" in body["error"]["message"]
+        # 1970 to 9999 by the minute: 4 billion buckets, of which the page lists its 60.
+        status, page = await api(server, path, {"start_time": "0", "end_time": "253402300800", "bucket_width": "1m"})
+        assert status == 200, page
+        assert len(page["data"]) == 60 and page["has_more"] is True and page["next_page"] == "3600"
+
+
 async def test_pages_of_buckets(start_proxy, aiohttp_server, tmp_path):
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
     server, _ = await start_proxy(usage_config(tmp_path, vendor.url))

@@ -19,6 +19,9 @@ PAGE_LIMITS = {"1d": (7, 31), "1h": (24, 168), "1m": (60, 1440)}
 # OpenAI's group_by values, plus route and provider (ours).
 IMAGE_GROUPS = ("project_id", "user_id", "api_key_id", "model", "size", "source", "route", "provider")
 COST_GROUPS = ("project_id", "line_item", "api_key_id", "model", "route", "provider")
+# The Unix times a query may name: 1970 to the end of year 9999 (past them no record can exist, and the
+# database's 64-bit integers and Python's dates end).
+LATEST = 253402300800
 FILTERS = {"sources": "source", "sizes": "size", "project_ids": "project_id", "user_ids": "user_id",
            "api_key_ids": "api_key_id", "models": "model", "routes": "route", "providers": "provider"}
 
@@ -40,6 +43,14 @@ def _values(params: MultiMapping[str], name: str) -> list[str]:
     return [v for part in found for v in part.split(",") if v]
 
 
+def _time(params: MultiMapping[str], name: str, default: int | None = None) -> int:
+    """A Unix time within 1970..9999: a time past them used to reach the database (a 503 that blamed it)."""
+    value = _int(params, name, default)
+    if not 0 <= value <= LATEST:
+        raise InvalidRequest(f"Invalid '{name}': must be a Unix time in seconds from 0 to {LATEST}.", param=name)
+    return value
+
+
 def _int(params: MultiMapping[str], name: str, default: int | None = None) -> int:
     text = params.get(name)
     if text is None:
@@ -53,8 +64,8 @@ def _int(params: MultiMapping[str], name: str, default: int | None = None) -> in
 
 
 def parse_query(params: MultiMapping[str], groups: tuple[str, ...], now: float, widths: tuple[str, ...] = tuple(WIDTHS)) -> Query:
-    start = _int(params, "start_time")
-    end = _int(params, "end_time", math.ceil(now))
+    start = _time(params, "start_time")
+    end = _time(params, "end_time", math.ceil(now))
     if end <= start:
         raise InvalidRequest("Invalid 'end_time': must be after start_time.", param="end_time")
     width = params.get("bucket_width", "1d")
@@ -96,7 +107,8 @@ def page_window(q: Query) -> tuple[int, int]:
 
 def _page(q: Query, parts: list[Partial], result: Callable[[list[Partial], dict], dict], fields: tuple[str, ...]) -> dict:
     step = WIDTHS[q.width]
-    starts = list(range(q.page_start, q.end, step))[:q.limit]
+    # The range sliced before it becomes a list: start_time=0 with 1m buckets is 30 million of them.
+    starts = list(range(q.page_start, q.end, step)[:q.limit])
     groups: dict[int, dict[tuple, list[Partial]]] = defaultdict(lambda: defaultdict(list))
     for p in parts:
         if starts[0] <= p.start <= starts[-1] and _matches(p, q):
