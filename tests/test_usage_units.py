@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import time
 
@@ -99,6 +100,39 @@ def test_usage_command_prints_a_table(tmp_path, capsys):
     assert ["m2", "local", "1", "1", "0.000000", "1", "0.00", "0"] in rows
     with pytest.raises(SystemExit):
         cli.main(["usage", "--config", str(path), "--group-by", "colour"])
+
+
+def test_usage_command_since_with_an_offset_and_minute_buckets(tmp_path, capsys):
+    """--since keeps a time's UTC offset (it was read as UTC: 5 hours late here, so no usage), and 1m buckets
+    start on the minute (one began at second 30 and was printed as its minute, holding the next one's)."""
+    db = tmp_path / "usage.sqlite3"
+    now = time.time()
+    minute = now - now % 60 - 180  # three whole minutes ago
+    at = minute + 70  # 10 s into the next minute
+
+    async def fill():
+        ledger = SqliteLedger(str(db))
+        await ledger.start()
+        await ledger.write([record(1, "m1", "fal", 0.02, at)])
+        await ledger.close()
+
+    asyncio.run(fill())
+    cfg = base_config(tmp_path)
+    cfg["usage"] = {"path": str(db)}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fmt = "%Y-%m-%d %H:%M"
+    utc = datetime.datetime.fromtimestamp(minute + 30, datetime.UTC)
+    cli.main(["usage", "--config", str(path), "--since", str(int(minute + 30)), "--bucket", "1m"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [" ".join(r[:2]) for r in rows] == [datetime.datetime.fromtimestamp(at, datetime.UTC).strftime(fmt)]
+    plus5 = utc.astimezone(datetime.timezone(datetime.timedelta(hours=5))).isoformat()  # the same instant
+    cli.main(["usage", "--config", str(path), "--since", plus5, "--bucket", "1h"])
+    out = capsys.readouterr().out
+    assert "no usage" not in out and "m1" in out
+    with pytest.raises(SystemExit):  # more seconds than a float holds: the --since message, not the ledger's
+        cli.main(["usage", "--config", str(path), "--since", "9" * 400 + "d"])
+    assert "--since" in capsys.readouterr().err
 
 
 def test_ray_replies_carry_gpu_seconds():

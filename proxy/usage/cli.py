@@ -18,16 +18,18 @@ GROUPS = tuple(dict.fromkeys(IMAGE_GROUPS[2:] + COST_GROUPS[2:]))  # the ones th
 
 
 def since_time(text: str, now: float) -> float:
-    """'7d', '24h', '30m', '2w' ago, or a Unix time, or an ISO date (UTC)."""
-    if m := _SPAN.fullmatch(text):
-        return now - int(m.group(1)) * _UNITS[m.group(2)]
-    if text.isdigit():
-        return float(text)
+    """'7d', '24h', '30m', '2w' ago, or a Unix time, or an ISO date or time (UTC unless it names an offset)."""
+    bad = f"--since {text!r}: give 7d, 24h, 30m, 2w, a Unix time or a date like 2026-01-31"
     try:
-        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        raise ValueError(f"--since {text!r}: give 7d, 24h, 30m, 2w, a Unix time or a date like 2026-01-31") \
-            from None
+        if m := _SPAN.fullmatch(text):
+            return now - int(m.group(1)) * _UNITS[m.group(2)]
+        if text.isdigit():
+            return float(text)
+        when = dt.datetime.fromisoformat(text)
+    except (ValueError, OverflowError):  # OverflowError: a span of more seconds than a float holds
+        raise ValueError(bad) from None
+    # A date or time without an offset is UTC; one with an offset (2026-01-31T10:00+05:00) keeps it.
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def table(rows: list[dict], group_by: list[str], width: str) -> str:
@@ -60,6 +62,8 @@ def run_usage(config: Config, since: str, group_by: str, bucket: str) -> str:
     if bucket not in WIDTHS:
         raise ValueError(f"--bucket {bucket!r}: choose from {', '.join(WIDTHS)}")
     start = since_time(since, now)
-    start = start - start % WIDTHS[bucket] if bucket != "1m" else start  # whole days / hours (UTC)
+    # Whole days, hours or minutes (UTC): a bucket's printed start is its real one (a 1m bucket that began
+    # at 13:41:52 was printed 13:41 and held a request of 13:42:26).
+    start = start - start % WIDTHS[bucket]
     rows = summary(asyncio.run(_read(config, start, now + 1, WIDTHS[bucket])), groups)
     return table(rows, groups, bucket) if rows else "no usage recorded in that time"
