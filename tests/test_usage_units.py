@@ -135,6 +135,21 @@ def test_usage_command_since_with_an_offset_and_minute_buckets(tmp_path, capsys)
     assert "--since" in capsys.readouterr().err
 
 
+def test_usage_command_without_a_ledger_says_so_and_creates_none(tmp_path, capsys):
+    """A usage.path with no ledger (a relative path read from another folder) is an error naming it; it was
+    created empty, and the answer was "no usage recorded"."""
+    cfg = base_config(tmp_path)
+    missing = tmp_path / "elsewhere" / "usage.sqlite3"
+    cfg["usage"] = {"path": str(missing)}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["usage", "--config", str(path)])
+    assert info.value.code != 0
+    assert f"no usage ledger at {missing}" in capsys.readouterr().err
+    assert not missing.exists() and not missing.parent.exists()
+
+
 def test_ray_replies_carry_gpu_seconds():
     """A Ray replica's reply says how long its accelerator worked; each image gets its share."""
     req = ImageRequest(prompt="p", model="m", width=8, height=8, n=2)

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import re
 import time
+from pathlib import Path
 
 from ..config import Config
 from .aggregate import Partial
@@ -45,6 +46,11 @@ def table(rows: list[dict], group_by: list[str], width: str) -> str:
 
 
 async def _read(config: Config, start: float, end: float, width: int) -> list[Partial]:
+    path = Path(config.usage.path)
+    if not config.usage.database_url and not path.is_file():
+        # Opening it would create an empty ledger there and print "no usage": the wrong folder looked empty.
+        raise ValueError(f"no usage ledger at {path.resolve()} (usage.path; a relative path is read from the "
+                         "current directory): run this where the proxy runs, or set usage.path to the ledger's file")
     backend = make_backend(config)
     await backend.start()
     try:
