@@ -140,6 +140,11 @@ async def test_usage_api_needs_an_admin_key_and_valid_params(start_proxy, aiohtt
     assert status == 400 and body["error"]["param"] == "group_by"
     status, body = await api(server, "/v1/organization/costs", {"start_time": "0", "bucket_width": "1w"})
     assert status == 400 and body["error"]["param"] == "bucket_width"
+    # A start in the future with no end_time: the start is wrong, not the end the client never sent.
+    status, body = await api(server, "/v1/organization/costs", {"start_time": str(int(time.time()) + 86400)})
+    assert status == 400 and body["error"]["param"] == "start_time" and "future" in body["error"]["message"]
+    status, body = await api(server, "/v1/organization/costs", {"start_time": "100", "end_time": "50"})
+    assert status == 400 and body["error"]["param"] == "end_time"
 
 
 async def test_hostile_times_are_400_and_a_huge_range_is_one_page(start_proxy, aiohttp_server, tmp_path):

@@ -67,6 +67,9 @@ def parse_query(params: MultiMapping[str], groups: tuple[str, ...], now: float, 
     start = _time(params, "start_time")
     end = _time(params, "end_time", math.ceil(now))
     if end <= start:
+        if params.get("end_time") is None:  # the client named no end: its start is what is wrong
+            raise InvalidRequest("Invalid 'start_time': it is in the future (end_time defaults to now).",
+                                 param="start_time")
         raise InvalidRequest("Invalid 'end_time': must be after start_time.", param="end_time")
     width = params.get("bucket_width", "1d")
     if width not in widths:
