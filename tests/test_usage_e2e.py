@@ -399,7 +399,7 @@ async def test_dollar_budget_and_a_restart_remembers_the_day(start_proxy, aiohtt
         await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
         with pytest.raises(RateLimitError) as info:  # 0.02 spent, 0.02 more would pass 0.03
             await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=2)
-        assert "usd_per_day" in info.value.body["message"]
+        assert "usd_per_day" in info.value.body["message"] and "budget of $0.03 per day" in info.value.body["message"]
     finally:
         await alice.close()
     await server.close()  # the process ends: its records are written

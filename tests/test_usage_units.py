@@ -18,7 +18,7 @@ from proxy.config.usage import BudgetConfig, PriceConfig
 from proxy.errors import InvalidRequest
 from proxy.providers.ray_convert import images_from_reply
 from proxy.request import ImageRequest
-from proxy.usage.budgets import limits_of, over, periods
+from proxy.usage.budgets import limits_of, over, periods, refusal
 from proxy.usage.pricing import call_cost, estimate, route_price, total
 from proxy.usage.record import UsageRecord
 from proxy.usage.report import IMAGE_GROUPS, parse_query
@@ -184,3 +184,13 @@ async def test_the_ledger_builds_a_big_batch_between_the_loops_other_work(tmp_pa
     assert seen_at and seen_at[0] <= BUILD_CHUNK < 500
     assert len(await ledger.query(0, time.time() + 1)) == 500 and writer.written == 500
     await ledger.close()
+
+
+def test_budget_refusals_write_dollars_as_people_do():
+    def message(**budget):
+        return refusal(next(iter(budget)), BudgetConfig(**budget), resets_at=86400, now=0).message
+
+    assert "budget of $20.00 per day" in message(usd_per_day=20)
+    assert "budget of $1,500.50 per month" in message(usd_per_month=1500.5)
+    assert "budget of $0.0025 per day" in message(usd_per_day=0.0025)
+    assert "budget of 3 images per day" in message(images_per_day=3)

@@ -59,11 +59,17 @@ def month_start(now: float) -> float:
     return dt.datetime(t.year, t.month, 1, tzinfo=dt.UTC).timestamp()
 
 
+def _usd(amount: float | None) -> str:
+    """Dollars as people write them: $20.00, $0.03; a budget of fractions of a cent keeps its digits."""
+    amount = amount or 0.0
+    return f"${amount:,.2f}" if round(amount, 2) == amount else f"${amount:,.6f}".rstrip("0")
+
+
 def refusal(which: str, budget: BudgetConfig, resets_at: float, now: float) -> QuotaExceeded:
     """OpenAI's answer for a spent quota, saying which budget and when it resets."""
     limit = {"images_per_day": f"{budget.images_per_day} images per day",
-             "usd_per_day": f"${budget.usd_per_day} per day",
-             "usd_per_month": f"${budget.usd_per_month} per month"}[which]
+             "usd_per_day": f"{_usd(budget.usd_per_day)} per day",
+             "usd_per_month": f"{_usd(budget.usd_per_month)} per month"}[which]
     when = dt.datetime.fromtimestamp(resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return QuotaExceeded(f"You exceeded your current quota: this API key's budget of {limit} is spent "
                          f"(budget.{which}); it resets at {when}.", retry_after=max(1.0, resets_at - now),
