@@ -415,6 +415,43 @@ async def test_dollar_budget_and_a_restart_remembers_the_day(start_proxy, aiohtt
         await alice.close()
 
 
+async def rejections(server, key: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(server.make_url("/metrics"),
+                                                   headers={"Authorization": "Bearer sk-admin-000000000"}) as r:
+        text = await r.text()
+    line = f'qip_key_rejections_total{{key="{key}",reason="insufficient_quota"}} '
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+async def test_a_spent_budget_is_not_retried_and_a_request_beyond_it_says_so(start_proxy, aiohttp_server, tmp_path):
+    """The openai SDK retries a 429 twice within seconds; a budget that resets at midnight refuses those
+    too, so the refusal says not to (x-should-retry: false). A request that alone asks more than the whole
+    budget is told so, with no Retry-After: waiting for the reset would not make it pass."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3, "usd_per_month": 0.05}
+    server, _ = await start_proxy(cfg)
+    alice = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="sk-alice-0000000000", max_retries=2,
+                        timeout=120)
+    try:
+        with pytest.raises(RateLimitError) as info:  # 4 images: more than the whole day's 3
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=4)
+        error, headers = info.value.body, info.value.response.headers
+        assert error["code"] == "insufficient_quota" and "this request alone (4 images, about $0.04)" in error["message"]
+        assert "whole budget of 3 images per day (budget.images_per_day)" in error["message"]
+        assert "retry-after" not in headers and headers["x-should-retry"] == "false"
+        assert await rejections(server, "alice") == 1  # asked once: the SDK did not retry
+
+        await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024", n=3)
+        with pytest.raises(RateLimitError) as info:  # the day's 3 are spent: resets at midnight
+            await alice.images.generate(model="qwen-image-placeholder", prompt="a fox", size="1024x1024")
+        headers = info.value.response.headers
+        assert "is spent" in info.value.body["message"] and int(headers["retry-after"]) > 0
+        assert headers["x-should-retry"] == "false" and await rejections(server, "alice") == 2
+    finally:
+        await alice.close()
+
+
 async def test_calls_without_a_valid_key_leave_no_record(start_proxy, aiohttp_server, tmp_path):
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
     server, _ = await start_proxy(usage_config(tmp_path, vendor.url))

@@ -65,15 +65,33 @@ def _usd(amount: float | None) -> str:
     return f"${amount:,.2f}" if round(amount, 2) == amount else f"${amount:,.6f}".rstrip("0")
 
 
+def _limit(which: str, budget: BudgetConfig) -> str:
+    return {"images_per_day": f"{budget.images_per_day} images per day",
+            "usd_per_day": f"{_usd(budget.usd_per_day)} per day",
+            "usd_per_month": f"{_usd(budget.usd_per_month)} per month"}[which]
+
+
+# The openai SDKs retry a 429 twice within seconds unless told not to: a spent budget refuses those too
+# (Retry-After still says when it resets).
+_NO_RETRY = {"x-should-retry": "false"}
+
+
 def refusal(which: str, budget: BudgetConfig, resets_at: float, now: float) -> QuotaExceeded:
     """OpenAI's answer for a spent quota, saying which budget and when it resets."""
-    limit = {"images_per_day": f"{budget.images_per_day} images per day",
-             "usd_per_day": f"{_usd(budget.usd_per_day)} per day",
-             "usd_per_month": f"{_usd(budget.usd_per_month)} per month"}[which]
     when = dt.datetime.fromtimestamp(resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return QuotaExceeded(f"You exceeded your current quota: this API key's budget of {limit} is spent "
-                         f"(budget.{which}); it resets at {when}.", retry_after=max(1.0, resets_at - now),
-                         headers={"x-qip-budget-resets-at": str(int(resets_at))})
+    headers = {"x-qip-budget-resets-at": str(int(resets_at)), **_NO_RETRY}
+    return QuotaExceeded(f"You exceeded your current quota: this API key's budget of {_limit(which, budget)} "
+                         f"is spent (budget.{which}); it resets at {when}.", retry_after=max(1.0, resets_at - now),
+                         headers=headers)
+
+
+def beyond_budget(which: str, budget: BudgetConfig, images: int, micro_usd: int) -> QuotaExceeded:
+    """The answer for a request that alone asks more than the whole budget: no wait makes it pass, so it
+    says so, with no Retry-After (which would send the client back at the reset to be refused again)."""
+    asked = f"{images} image{'s' if images != 1 else ''}" + (f", about {_usd(micro_usd / 1_000_000)}" if micro_usd else "")
+    return QuotaExceeded(f"You exceeded your current quota: this request alone ({asked}) is more than this API "
+                         f"key's whole budget of {_limit(which, budget)} (budget.{which}); ask for fewer or "
+                         "smaller images.", headers=dict(_NO_RETRY))
 
 
 def limits_of(budget: BudgetConfig) -> tuple[int, int, int]:

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..config import Config
 from ..media.output import FinalImage
-from .budgets import Hold, MemorySpend, RedisSpend, limits_of, month_start, periods, refusal
+from .budgets import (
+    Hold,
+    MemorySpend,
+    RedisSpend,
+    beyond_budget,
+    limits_of,
+    month_start,
+    over,
+    periods,
+    refusal,
+)
 from .cache import SeededCache, cache_key, routes_signature
 from .cache_index import MemoryIndex, RedisIndex
 from .ledger import LedgerWriter
@@ -210,9 +220,12 @@ class Usage:
         limits = self._limits.get(id(budget))
         if limits is None:
             limits = self._limits[id(budget)] = limits_of(budget)
-        which = await self.spend.reserve(hold, limits)
+        alone = over((0, 0, 0), (hold.images, hold.micro_usd), limits)
+        which = alone or await self.spend.reserve(hold, limits)
         if which is not None:
             self.metrics.key_rejections.labels(key=key.name, reason="insufficient_quota").inc()
+            if alone is not None:
+                raise beyond_budget(alone, budget, hold.images, hold.micro_usd)
             raise refusal(which, budget, month_end if which == "usd_per_month" else day_end, now)
         return hold
 
