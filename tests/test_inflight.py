@@ -115,6 +115,28 @@ async def test_drain_waits_then_ends_the_rest_with_shutting_down():
     flights.close()
 
 
+async def test_the_watcher_stops_when_idle_and_starts_again():
+    # An idle server does not wake twice a second for nothing; the next request is watched again.
+    flights = InFlight()
+
+    async def work(seconds):
+        await asyncio.sleep(seconds)
+
+    await flights.run(request(Transport()), work(0.01))
+    watcher = flights._watcher
+    assert watcher is not None and not watcher.done()
+    await asyncio.sleep(inflight.DISCONNECT_POLL_SECONDS * (inflight.IDLE_LOOKS + 2))
+    assert watcher.done()
+    transport = Transport()
+    task = asyncio.ensure_future(flights.run(request(transport), work(30)))
+    await asyncio.sleep(0.01)
+    assert flights._watcher is not watcher and not flights._watcher.done()
+    transport.closing = True
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    flights.close()
+
+
 async def test_drain_with_nothing_in_flight_returns_at_once():
     flights = InFlight()
     t0 = time.monotonic()
