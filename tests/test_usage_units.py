@@ -194,3 +194,49 @@ def test_budget_refusals_write_dollars_as_people_do():
     assert "budget of $1,500.50 per month" in message(usd_per_month=1500.5)
     assert "budget of $0.0025 per day" in message(usd_per_day=0.0025)
     assert "budget of 3 images per day" in message(images_per_day=3)
+
+
+async def test_an_idle_ledger_writer_sleeps_and_a_failing_database_is_not_hammered(tmp_path, monkeypatch):
+    """With nothing queued the writer waits for the first record instead of waking every flush_seconds
+    (an idle server stays asleep); that record is written within flush_seconds. A database that fails is
+    tried again after flush_seconds, not at every record added while its batch is full."""
+    from proxy.usage.ledger import LedgerWriter
+
+    timed_waits = 0
+    real_timeout = asyncio.timeout
+
+    def counting_timeout(delay):
+        nonlocal timed_waits
+        timed_waits += 1
+        return real_timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting_timeout)
+    ledger = SqliteLedger(str(tmp_path / "usage.sqlite3"))
+    writer = LedgerWriter(ledger, queue_max=10_000, batch_size=5, flush_seconds=0.05, write_timeout=10)
+    await writer.start()
+    await asyncio.sleep(0.5)
+    assert timed_waits == 0  # ten flush periods idle: not one wake-up
+    writer.add(record(1, "m1", "fal", 0.01, time.time()))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if writer.written:
+            break
+    assert writer.written == 1 and len(await ledger.query(0, time.time() + 1)) == 1
+
+    attempts = 0
+
+    async def failing_write(records):
+        nonlocal attempts
+        attempts += 1
+        raise OSError("database down")
+
+    monkeypatch.setattr(ledger, "write", failing_write)
+    writer.flush_seconds = 10.0
+    for i in range(40):  # 8 batches' worth, one by one, while every write fails
+        writer.add(record(i + 2, "m1", "fal", 0.01, time.time()))
+        await asyncio.sleep(0.005)
+    assert attempts <= 2 and writer.pending == 40
+    writer._closing = True
+    writer._wake.set()
+    await asyncio.wait_for(writer._task, 5)
+    await ledger.close()

@@ -77,7 +77,8 @@ class LedgerWriter:
                           "(%d dropped so far)", len(self._queue), self.dropped)
             return
         self._queue.append(record)
-        if len(self._queue) >= self.batch_size:
+        queued = len(self._queue)
+        if queued == 1 or queued == self.batch_size:  # the writer waits for the first record, then a batch
             self._wake.set()
 
     async def start(self) -> None:
@@ -87,14 +88,22 @@ class LedgerWriter:
     async def _run(self) -> None:
         # Ends when close() sets _closing, not by cancellation alone (on Python 3.11 asyncio.wait_for may
         # swallow a cancellation that arrives as its wait ends, and a loop would then never stop).
+        failing = False
         while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.flush_seconds):
-                    await self._wake.wait()
-            self._wake.clear()
+            if not self._queue:  # nothing to write: sleep until the first record (an idle server stays asleep)
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if failing or len(self._queue) < self.batch_size:  # a batch's worth, or flush_seconds
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_seconds):
+                        await self._wake.wait()
+            failing = False
             while self._queue and not self._closing:
                 if not await self._write_batch():
-                    break  # the database is failing: try again after flush_seconds
+                    failing = True  # the database is failing: try again after flush_seconds
+                    break
 
     async def _write_batch(self) -> bool:
         async with self._writing:
