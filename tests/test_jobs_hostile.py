@@ -68,6 +68,26 @@ async def test_webhook_needs_a_secret_and_a_background_request(start_proxy, tmp_
         assert status == 400, error
 
 
+async def test_a_keys_own_secret_signs_only_its_own_webhook_url(start_proxy, tmp_path, aiohttp_server):
+    # A key with its own secret and no jobs.webhook_secret: another URL would have nothing to be signed
+    # with, so it is refused at once (it was a 202 whose every delivery then failed).
+    receiver = await Receiver().start(aiohttp_server)
+    cfg = jobs_config(tmp_path, key_webhooks={"alice": {"url": receiver.url, "secret": SECRET_TEXT}})
+    del cfg["jobs"]["webhook_secret"]
+    server, client = await start_proxy(cfg)
+    status, _, error = await http(server, "POST", "/v1/images/generations",
+                                  json={"model": MODEL, "prompt": "x", "background": True,
+                                        "webhook_url": receiver.url + "?elsewhere=1"})
+    assert status == 400 and error["error"]["code"] == "webhooks_not_configured", error
+    assert (await http(server, "GET", "/v1/images/jobs"))[2]["data"] == []  # no job was made
+    # Its configured URL, named or not, is signed with its secret and delivered.
+    for extra in ({}, {"webhook_url": receiver.url}):
+        _, _, job = await submit(client, size="64x64", **extra)
+        done = await wait_delivery(server, job["id"], "delivered")
+        assert done["webhook"]["url"] == receiver.url
+    assert len(receiver.arrivals) == 2 and all(a.verified for a in receiver.arrivals)
+
+
 async def test_a_10_mb_webhook_answer_is_not_read(start_proxy, tmp_path, aiohttp_server):
     receiver = await Receiver(answers=["huge"]).start(aiohttp_server)
     server, client = await start_proxy(jobs_config(tmp_path, webhook_max_response_kb=64))

@@ -185,9 +185,15 @@ async def submit(gw: Gateway, request: web.Request, req: ImageRequest) -> web.Re
 
 async def check_webhook_url(gw: Gateway, url: str, key_hook: KeyWebhook | None) -> None:
     """400 for a webhook URL the guarded fetcher would refuse (private addresses, no https, ...)."""
-    if not (gw.config.jobs.webhook_secret or (key_hook is not None and key_hook.secret)):
-        raise InvalidRequest("Webhooks are not set up on this server: it needs jobs.webhook_secret (a whsec_ "
-                             "secret to sign them with).", param="webhook_url", code="webhooks_not_configured")
+    # What the sender signs with (WebhookSender.secret_for): a key's own secret only for the key's own URL;
+    # any other URL needs jobs.webhook_secret (a job accepted without one would fail its every delivery).
+    own_secret = key_hook is not None and key_hook.secret and key_hook.url == url
+    if not (gw.config.jobs.webhook_secret or own_secret):
+        why = (" (this key's own webhook secret signs only its configured webhook URL)"
+               if key_hook is not None and key_hook.secret else "")
+        raise InvalidRequest("Webhooks to a URL of the request's choosing are not set up on this server: it needs "
+                             f"jobs.webhook_secret (a whsec_ secret to sign them with){why}.", param="webhook_url",
+                             code="webhooks_not_configured")
     if len(url) > MAX_WEBHOOK_URL:
         raise InvalidRequest(f"Invalid 'webhook_url': longer than {MAX_WEBHOOK_URL} characters.",
                              param="webhook_url", code="invalid_webhook_url")
