@@ -112,6 +112,22 @@ async def test_a_receiver_that_never_answers_is_bounded(start_proxy, tmp_path, a
 
 
 
+async def test_a_hanging_receiver_does_not_hold_up_other_jobs_webhooks(start_proxy, tmp_path, aiohttp_server):
+    # The sender used to wait for every delivery it had fetched before it looked again: one receiver that
+    # never answers held every other job's message back for webhook_timeout, at each of its retries.
+    hanging = await Receiver(answers=["hang"]).start(aiohttp_server)
+    fine = await Receiver().start(aiohttp_server)
+    server, client = await start_proxy(jobs_config(tmp_path, webhook_timeout=8))
+    await submit(client, size="64x64", webhook_url=hanging.url)
+    await hanging.wait_for(1)  # its attempt is under way, and waits for its 8 s
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _, _, job = await submit(client, size="64x64", webhook_url=fine.url)
+    await wait_delivery(server, job["id"], "delivered", timeout=30)
+    assert loop.time() - started < 4, "the message waited for the hanging receiver's attempt"
+    assert len(fine.arrivals) == 1 and fine.arrivals[0].verified
+
+
 async def test_garbage_background_bodies(start_proxy, tmp_path):
     server, client = await start_proxy(jobs_config(tmp_path))
     async with aiohttp.ClientSession() as s:

@@ -93,7 +93,7 @@ return 1
 """
 _DUE = """
 local p = ARGV[1]
-local ids = redis.call('ZRANGEBYSCORE', p..'deliveries', '-inf', ARGV[2], 'LIMIT', 0, 50)
+local ids = redis.call('ZRANGEBYSCORE', p..'deliveries', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 for _, id in ipairs(ids) do
   local doc = redis.call('HGET', p..'job:'..id, 'doc')
@@ -254,8 +254,8 @@ class RedisJobStore:
             job.cancel_requested = True
         return job, False
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
-        docs = await self._eval(_DUE, _ms(now), _ms(now + hold))
+    async def due_deliveries(self, worker: str, now: float, hold: float, limit: int = 50) -> builtins.list[Job]:
+        docs = await self._eval(_DUE, _ms(now), _ms(now + hold), limit)
         return [Job.from_doc(doc) for doc in docs]
 
     async def save_deliveries(self, job: Job, worker: str) -> None:

@@ -212,11 +212,11 @@ class SqliteJobStore:
 
         return await self._run(self._tx, cancel)
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
+    async def due_deliveries(self, worker: str, now: float, hold: float, limit: int = 50) -> builtins.list[Job]:
         def due(db: sqlite3.Connection) -> builtins.list[Job]:
             rows = db.execute("SELECT doc FROM jobs WHERE next_delivery <= ? AND "
-                              "(delivery_hold IS NULL OR delivery_hold < ?) ORDER BY next_delivery LIMIT 50",
-                              (now, now)).fetchall()
+                              "(delivery_hold IS NULL OR delivery_hold < ?) ORDER BY next_delivery LIMIT ?",
+                              (now, now, limit)).fetchall()
             jobs = [Job.from_doc(r[0]) for r in rows]
             for job in jobs:
                 db.execute("UPDATE jobs SET delivery_hold = ? WHERE id = ?", (now + hold, job.id))

@@ -58,8 +58,9 @@ class JobStore(Protocol):
         """A queued job: taken by `worker` (in_progress, held) to be ended as cancelled; a running one:
         marked to be stopped by its holder. (The job as it is now or None, whether `worker` took it.)"""
 
-    async def due_deliveries(self, worker: str, now: float, hold: float) -> builtins.list[Job]:
-        """Jobs with a webhook delivery due by `now`, held by `worker` for `hold` seconds for the attempt."""
+    async def due_deliveries(self, worker: str, now: float, hold: float, limit: int = 50) -> builtins.list[Job]:
+        """At most `limit` jobs with a webhook delivery due by `now`, held by `worker` for `hold` seconds
+        for the attempt."""
 
     async def save_deliveries(self, job: Job, worker: str) -> None:
         """Write the job's deliveries back and let go of the hold."""

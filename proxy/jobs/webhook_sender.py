@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from ..telemetry.metrics import Metrics
     from ..telemetry.tracing import Tracing
     from .webhooks import Deliverer
+
+log = logging.getLogger("proxy.jobs")
 
 # Deliveries attempted at once (each waits up to webhook_timeout on a receiver).
 PARALLEL = 16
@@ -51,32 +55,50 @@ class WebhookSender:
         s = self.settings
         hold = s.webhook_timeout * 2 + 5
         poll = min(1.0, max(0.05, s.webhook_backoff_base / 4))
-        limit = asyncio.Semaphore(PARALLEL)
+        # Each job's deliveries go in a task of their own, at most PARALLEL at once, and a freed slot takes
+        # the next due one at once: a receiver that hangs for webhook_timeout holds up its own messages, not
+        # every other job's that was fetched with it (they waited for the slowest of the batch). Only as
+        # many jobs are fetched as there are free slots, so none waits here while its hold runs out.
+        sending: set[asyncio.Task] = set()
+        try:
+            while not self.stopping:
+                self._wake.clear()  # before the look: a delivery added during it wakes the wait below
+                free = PARALLEL - len(sending)
+                due: list[Job] = []
+                if free > 0:
+                    try:
+                        due = await self.store.due_deliveries(self.worker, time.time(), hold, limit=free)
+                    except ProxyError:
+                        due = []
+                for job in due:
+                    task = asyncio.ensure_future(self._deliver(job))
+                    sending.add(task)
+                    task.add_done_callback(partial(_sent, sending))
+                if due and len(sending) < PARALLEL:
+                    continue
+                # Until a delivery is added, a slot frees, or the next poll.
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({waker, *sending}, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+            if sending:  # stopped: attempts under way may end (close() cancels them)
+                await asyncio.wait(set(sending))
+        finally:
+            for task in list(sending):
+                task.cancel()
 
-        async def deliver(job: Job) -> None:
-            async with limit:
-                secret = self.secret_for(job)
-                for d in job.deliveries:
-                    if d.state == "pending" and (d.next_attempt_at or 0) <= time.time():
-                        if secret is None:
-                            d.state, d.next_attempt_at = "failed", None
-                            d.attempts.append({"at": int(time.time()), "status": None,
-                                               "error": "no webhook secret is configured"})
-                        else:
-                            await self._attempt(job, d, secret)
-                await self.store.save_deliveries(job, self.worker)
-
-        while not self.stopping:
-            try:
-                due = await self.store.due_deliveries(self.worker, time.time(), hold)
-            except ProxyError:
-                due = []
-            if due:
-                await asyncio.gather(*(deliver(job) for job in due), return_exceptions=True)
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll)
+    async def _deliver(self, job: Job) -> None:
+        """The job's due deliveries, one attempt each, then written back (and the hold let go)."""
+        secret = self.secret_for(job)
+        for d in job.deliveries:
+            if d.state == "pending" and (d.next_attempt_at or 0) <= time.time():
+                if secret is None:
+                    d.state, d.next_attempt_at = "failed", None
+                    d.attempts.append({"at": int(time.time()), "status": None,
+                                       "error": "no webhook secret is configured"})
+                else:
+                    await self._attempt(job, d, secret)
+        with contextlib.suppress(ProxyError):  # the hold runs out and the next look tries again
+            await self.store.save_deliveries(job, self.worker)
 
     async def _attempt(self, job: Job, delivery: Delivery, secret: str) -> None:
         """One delivery attempt; traced, a span of its own linked to the job's run (or its submit)."""
@@ -96,6 +118,12 @@ class WebhookSender:
                     self.tracing.failed(span)
         if self.metrics is not None:
             self.metrics.child(self.metrics.webhook_attempts, _attempt_outcome(delivery)).inc()
+
+
+def _sent(sending: set[asyncio.Task], task: asyncio.Task) -> None:
+    sending.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("jobs: a webhook delivery failed", exc_info=task.exception())
 
 
 def _attempt_outcome(delivery: Delivery) -> str:
