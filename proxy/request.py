@@ -16,6 +16,9 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
 SEED_MAX = 2**32 - 1
 MAX_N = 10
 MAX_LORAS = 3
+# OpenAI's longest prompt (gpt-image-1). A prompt is echoed in every background job's answers and lists
+# and wrapped into the placeholder's image: megabytes of it cost memory and time everywhere.
+MAX_PROMPT_CHARS = 32_000
 # Unknown fields are passed on to upstreams as JSON: at most this many bytes of them.
 MAX_EXTRA_BYTES = 256 * 1024
 MAX_FORM_FIELDS = 1000
@@ -34,6 +37,12 @@ class LoraRef(BaseModel):
     scale: float = Field(default=1.0, ge=-10, le=10)
 
     _scale_not_bool = field_validator("scale", mode="before")(_not_bool)
+
+
+def _not_too_long(text: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters (it has {len(text)})")
+    return text
 
 
 class _GenerationBody(BaseModel):
@@ -70,7 +79,12 @@ class _GenerationBody(BaseModel):
     def _prompt_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        return v
+        return _not_too_long(v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_not_too_long(cls, v: str | None) -> str | None:
+        return v if v is None else _not_too_long(v)
 
     @field_validator("seed", "n", "output_compression", "num_inference_steps", "partial_images", mode="before")
     @classmethod
@@ -241,10 +255,11 @@ def parse_fields(fields: dict[str, Any], *, checked: bool = False) -> tuple[dict
 
 def _plain_values(fields: dict[str, Any]) -> dict[str, Any] | None:
     """What parse_body makes of fields when each is plain: a prompt that is not blank, text (or null) for a
-    field pydantic takes as it is, a response_format it names, n a whole number in range. None for anything
+    field pydantic takes as it is, prompts within MAX_PROMPT_CHARS, a response_format it names, n a whole
+    number in range. None for anything
     else (an unknown field, another type, a value to convert or refuse): parse_body reads that."""
     prompt = fields.get("prompt")
-    if type(prompt) is not str or not prompt.strip():
+    if type(prompt) is not str or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
         return None
     for name, value in fields.items():
         if name in _PLAIN_TEXT:
@@ -255,6 +270,9 @@ def _plain_values(fields: dict[str, Any]) -> dict[str, Any] | None:
                 return None
         elif name == "n":
             if type(value) is not int or not 1 <= value <= MAX_N:
+                return None
+        elif name == "negative_prompt":
+            if value is not None and (type(value) is not str or len(value) > MAX_PROMPT_CHARS):
                 return None
         elif name != "prompt":
             return None

@@ -648,6 +648,21 @@ async def test_invalid_requests_through_the_sdk(start_proxy, tmp_path):
     assert e.value.body["code"] == "model_not_found"
 
 
+async def test_prompts_longer_than_openais_limit_are_refused(start_proxy, tmp_path):
+    # OpenAI takes prompts of up to 32,000 characters; a longer one (a 45 MB prompt was accepted) is echoed
+    # in every background job's answer and list, and wrapped into the placeholder's picture.
+    _, client = await start_proxy(base_config(tmp_path))
+    r = await client.images.generate(model=MODEL, prompt="a " * 16_000, size="64x48", response_format="b64_json")
+    assert decode(r.data[0].b64_json).size == (64, 48)
+    word = "x" * 32_001  # one word: the placeholder wraps only what it shows
+    for kwargs in ({"prompt": word}, {"prompt": "x", "extra_body": {"negative_prompt": word}},
+                   {"prompt": word, "extra_body": {"background": True}}):
+        with pytest.raises(BadRequestError) as e:
+            await client.images.generate(model=MODEL, size="64x48", **kwargs)
+        param = "negative_prompt" if "extra_body" in kwargs and "negative_prompt" in kwargs["extra_body"] else "prompt"
+        assert e.value.body["param"] == param and "at most 32000 characters" in e.value.body["message"]
+
+
 async def test_method_and_path_errors(start_proxy, tmp_path):
     server, client = await start_proxy(base_config(tmp_path))
     status, headers, text = await call(server, "GET", "/v1/images/generations")

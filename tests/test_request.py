@@ -18,6 +18,7 @@ from proxy.errors import InvalidRequest, ProxyError
 from proxy.http.body import Upload, read_body, read_fields
 from proxy.request import (
     MAX_EXTRA_BYTES,
+    MAX_PROMPT_CHARS,
     SEED_MAX,
     ImageRequest,
     LoraRef,
@@ -576,8 +577,11 @@ def test_extras_over_the_size_limit_are_refused():
 
 
 def test_the_prompt_is_not_an_extra():
-    # Only unknown fields are capped; a long prompt is the route's business.
-    assert len(req_from({"prompt": "p" * (2 * MAX_EXTRA_BYTES)}).prompt) == 2 * MAX_EXTRA_BYTES
+    # Unknown fields are capped together; the prompt has its own cap (OpenAI's), and is kept up to it.
+    assert len(req_from({"prompt": "p" * MAX_PROMPT_CHARS}).prompt) == MAX_PROMPT_CHARS
+    with pytest.raises(InvalidRequest, match=f"at most {MAX_PROMPT_CHARS} characters") as e:
+        req_from({"prompt": "p" * (MAX_PROMPT_CHARS + 1)})
+    assert e.value.param == "prompt"
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, object(), {1, 2}, b"bytes", {"k": math.nan},

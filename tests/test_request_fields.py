@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidRequest
 from proxy.request import (
     MAX_N,
+    MAX_PROMPT_CHARS,
     _GenerationBody,
     _plain_values,
     build_request,
@@ -54,6 +55,9 @@ names = st.sampled_from([*_GenerationBody.model_fields, "extra_one", "Prompt", "
 @example({"n": MAX_N + 1}, "x")
 @example({"response_format": None}, "x")
 @example({"size": 64}, "x")
+@example({}, "p" * (MAX_PROMPT_CHARS + 1))
+@example({"negative_prompt": "n" * (MAX_PROMPT_CHARS + 1)}, "x")
+@example({"negative_prompt": "n" * MAX_PROMPT_CHARS}, "p" * MAX_PROMPT_CHARS)
 def test_parse_fields_gives_what_parse_body_gives(fields, prompt):
     assert_same_as_pydantic(fields)
     assert_same_as_pydantic({**fields, "prompt": prompt})
@@ -107,13 +111,14 @@ def test_the_plain_path_knows_every_rule_of_its_fields():
     decorators = _GenerationBody.__pydantic_decorators__
     assert not decorators.model_validators
     touching = {name: sorted(v.info.fields) for name, v in decorators.field_validators.items()
-                if {"prompt", "response_format", "n"} & set(v.info.fields)}
-    assert touching == {"_prompt_not_blank": ["prompt"], "_whole_number": ["n", "num_inference_steps",
-                        "output_compression", "partial_images", "seed"],
+                if {"prompt", "negative_prompt", "response_format", "n"} & set(v.info.fields)}
+    assert touching == {"_prompt_not_blank": ["prompt"], "_negative_prompt_not_too_long": ["negative_prompt"],
+                        "_whole_number": ["n", "num_inference_steps", "output_compression", "partial_images", "seed"],
                         "_null_is_the_default": ["n", "response_format", "stream"]}
     fields = _GenerationBody.model_fields
     assert [repr(m) for m in fields["n"].metadata] == ["Ge(ge=1)", f"Le(le={MAX_N})"]
     assert not fields["prompt"].metadata and not fields["response_format"].metadata
+    assert not fields["negative_prompt"].metadata
     assert _GenerationBody.model_config.get("str_strip_whitespace") is False
     assert not {"str_max_length", "str_min_length", "str_to_lower", "str_to_upper", "strict"} & set(
         _GenerationBody.model_config)

@@ -70,7 +70,9 @@ def _draw(prompt: str, seed: int, width: int, height: int, label: str) -> Image.
     font_size = max(8, min(width, height) // 16)
     font = ImageFont.load_default(size=font_size)
     chars_per_line = max(4, int(width / (font_size * 0.6)) - 2)
-    lines = textwrap.wrap(prompt, chars_per_line)[: max(1, height // (font_size * 2))]
+    shown = max(1, height // (font_size * 2))
+    # Only the text the shown lines can hold is wrapped: wrapping a whole long prompt took seconds.
+    lines = textwrap.wrap(prompt[: chars_per_line * shown * 2], chars_per_line)[:shown]
     lines.append(f"{label} seed {seed}")
     y = font_size
     for line in lines:
