@@ -29,7 +29,7 @@ from .http.request_log import REQUEST_ID, log_request, outcome_of, with_id
 from .http.wire_errors import install_log_scrubbing
 from .providers import Provider
 from .request import MAX_FORM_FIELDS
-from .routing.policy import API_KEY
+from .routing.policy import API_KEY, KeyPolicy
 from .telemetry import tracing
 from .telemetry.logs_json import REQUEST_ID_VAR
 
@@ -105,8 +105,8 @@ class Dispatcher:
 
         # A model served elsewhere is passed on under the same limits: each fixed route's handler wrapped
         # so once, here, rather than on every request.
-        passed_on = ({h: _or_passed_on(h, fallback) for methods in self.routes.values() for h in methods.values()}
-                     if fallback is not None else {})
+        passed_on = ({h: _or_passed_on(h, fallback, self.gw.policy) for methods in self.routes.values()
+                      for h in methods.values()} if fallback is not None else {})
 
         async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
@@ -129,7 +129,7 @@ class Dispatcher:
             if image_call:
                 request[METER] = gw.usage.open()
             if fallback is not None:
-                target = passed_on.get(target) or _or_passed_on(target, fallback)
+                target = passed_on.get(target) or _or_passed_on(target, fallback, gw.policy)
             try:
                 # The key (401), and image calls held to its limits while they run (429).
                 target = await self.authenticate(request, target)
@@ -264,7 +264,7 @@ def internal_error(request_id: str | None = None) -> ProxyError:
     return ProxyError(f"The proxy failed to handle the request{where}.", code="internal_error")
 
 
-def _or_passed_on(target: Handler, fallback: Handler) -> Handler:
+def _or_passed_on(target: Handler, fallback: Handler, policy: KeyPolicy) -> Handler:
     """target, or for a model served elsewhere the fallback (passthrough) in its place: inside the
     key's limits, so a forwarded image call holds a concurrency slot like one served here."""
 
@@ -272,6 +272,8 @@ def _or_passed_on(target: Handler, fallback: Handler) -> Handler:
         try:
             return await target(request)
         except NotServedHere:
+            if policy.enabled:
+                policy.needs_slot(request)
             request[PASSED_ON] = True
             return await fallback(request)
 

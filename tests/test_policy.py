@@ -199,6 +199,39 @@ async def test_concurrency_limit_and_release_after_completion(start_proxy, tmp_p
     assert (await generate(ci)).data[0].b64_json
 
 
+async def test_a_key_at_its_concurrency_limit_can_still_queue_background_jobs(start_proxy, tmp_path):
+    """A background submit holds no generation (its job takes the key's slot when it runs): with the key's
+    one slot held, a submit is a 202 and its job runs once the slot is free, while a synchronous call is
+    still refused (and only that one counts as a rejection)."""
+    gated = GatedPlaceholder("placeholder", {})
+    cfg = with_keys(tmp_path, {"name": "ci", "key": CI, "concurrency": 1})
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, _ = await start_proxy(cfg, providers={"placeholder": gated})
+    ci = client_for(server, CI)
+    first = asyncio.create_task(generate(ci))
+    await wait_for(lambda: gated.started == 1)
+    body = {"model": MODEL, "prompt": "later", "size": "64x64", "background": True}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {CI}"}) as s:
+        async with s.post(server.make_url("/v1/images/generations"), json=body) as r:
+            assert r.status == 202, await r.text()
+            job = await r.json()
+        with pytest.raises(RateLimitError) as e:  # a synchronous call still needs the slot
+            await generate(ci)
+        assert e.value.body["code"] == "concurrency_limit_exceeded"
+        status, metrics = await get(server, "/metrics")
+        assert 'qip_key_rejections_total{key="ci",reason="concurrency_limit_exceeded"} 1.0' in metrics
+        assert gated.started == 1  # the job waits for the key's slot
+        gated.gate.set()
+        await asyncio.wait_for(first, 10)
+        for _ in range(300):
+            async with s.get(server.make_url(f"/v1/images/jobs/{job['id']}")) as r:
+                done = await r.json()
+            if done["status"] == "completed":
+                break
+            await asyncio.sleep(0.1)
+        assert done["status"] == "completed" and gated.started == 2
+
+
 async def test_concurrency_slot_comes_back_when_the_client_hangs_up(start_proxy, tmp_path):
     gated = GatedPlaceholder("placeholder", {})
     server, _ = await start_proxy(with_keys(tmp_path, {"name": "ci", "key": CI, "concurrency": 1}),

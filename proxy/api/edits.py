@@ -98,6 +98,8 @@ async def edits(gw: Gateway, request: web.Request) -> web.StreamResponse:
     generations.traced(req)
     if BACKGROUND in request:
         return await jobs.submit(gw, request, req)
+    if gw.policy.enabled:  # a background submit needs no concurrency slot; this call does
+        gw.policy.needs_slot(request)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_edit")
     return await generations.respond(gw, request, req)

@@ -81,6 +81,8 @@ async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
     traced(req)
     if BACKGROUND in request:
         return await jobs.submit(gw, request, req)
+    if gw.policy.enabled:  # a background submit needs no concurrency slot; this call does
+        gw.policy.needs_slot(request)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")
     return await respond(gw, request, req)

@@ -31,6 +31,12 @@ class ConcurrencyLimited(RateLimited):
     code = "concurrency_limit_exceeded"
 
 
+# An image call of a key whose every concurrency slot was held when it came in: refused once it turns out
+# to need one (a synchronous call, or one passed on), let through when it does not (a background submit:
+# its job takes a slot when it runs). Absent for every call that found a slot.
+SLOT_REFUSED = web.RequestKey("qip_slot_refused", ConcurrencyLimited)
+
+
 class ModelNotAllowed(ProxyError):
     status = 403
     type = "invalid_request_error"
@@ -189,13 +195,28 @@ class KeyPolicy:
         (an answer, an error, or a client that hung up)."""
 
         async def limited(request: web.Request) -> web.StreamResponse:
-            lease = await self.admit(key, image=True)
+            try:
+                lease = await self.limits.acquire(key.name, rpm=key.rpm, concurrency=key.concurrency)
+            except ConcurrencyLimited as full:  # (refused, it counted nothing)
+                lease = await self.admit(key, image=False)  # its rpm counts all the same
+                request[SLOT_REFUSED] = full
+            except RateLimited as e:
+                self._rejected(key, e.code)
+                raise
             try:
                 return await handler(request)
             finally:
                 await lease.release()
 
         return limited
+
+    def needs_slot(self, request: web.Request) -> None:
+        """An image call about to route (not a background submit): 429 concurrency_limit_exceeded if it came
+        in while every slot of its key was held."""
+        refused = request.get(SLOT_REFUSED)
+        if refused is not None:
+            self._rejected(request[API_KEY], refused.code)
+            raise refused
 
     def check_model(self, key: ApiKey | None, model: str | None) -> None:
         """403 for a model the key may not use."""
