@@ -10,8 +10,9 @@ import pytest
 from openai import RateLimitError
 
 from proxy.app import GATEWAY
-from proxy.jobs.model import Job, new_job_id, request_to_bytes
+from proxy.jobs.model import QUEUED, Job, new_job_id, request_to_bytes
 from proxy.jobs.redis_store import RedisJobStore
+from proxy.jobs.sqlite_store import SqliteJobStore
 from proxy.request import ImageRequest
 
 from .fake_openai_upstream import FakeOpenAIUpstream
@@ -117,3 +118,28 @@ async def test_two_proxies_hold_a_keys_budget_for_jobs_together(start_proxy, tmp
                                       json={"model": MODEL, "prompt": "x", "size": "64x64"})
         assert status == 429 and error["error"]["code"] == "insufficient_quota"
     assert len(fake.requests) == 3
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_claim_passes_over_owners_with_no_free_slot_and_a_job_put_back_keeps_its_place(
+        kind, tmp_path, redis_server):  # noqa: F811
+    store = (SqliteJobStore(tmp_path / "jobs.sqlite3") if kind == "sqlite"
+             else RedisJobStore(redis_server.url, prefix=f"qip:skip-{tmp_path.name}:"))
+    await store.start()
+    try:
+        jobs = [Job(id=new_job_id(), owner=owner, key_name=owner, model=MODEL, kind="generation", request={})
+                for owner in ("busy", "busy", "free")]
+        for job in jobs:
+            assert await store.create(job, request_to_bytes(ImageRequest(prompt="p", model=MODEL, width=64,
+                                                                         height=64)), 10)
+        taken = await store.claim("w", 30, frozenset({"busy"}))
+        assert taken is not None and taken.id == jobs[2].id  # the oldest job of an owner with a free slot
+        assert await store.claim("w", 30, frozenset({"busy", "free"})) is None
+        first = await store.claim("w", 30)
+        assert first is not None and first.id == jobs[0].id
+        first.status = QUEUED
+        assert await store.save(first, "w", release=True)  # back to the queue: no slot for it after all
+        again = await store.claim("w", 30)
+        assert again is not None and again.id == jobs[0].id  # in its place, ahead of the later one
+    finally:
+        await store.close()

@@ -232,6 +232,52 @@ async def test_a_key_at_its_concurrency_limit_can_still_queue_background_jobs(st
         assert done["status"] == "completed" and gated.started == 2
 
 
+async def test_a_key_at_its_limit_does_not_hold_the_job_workers(start_proxy, tmp_path):
+    """Jobs of a key with no free slot stay queued, in their place, and the workers run other keys' jobs
+    (a worker used to wait for the slot while showing the job in_progress, and held everyone's jobs up)."""
+    gated = GatedPlaceholder("placeholder", {})
+    cfg = with_keys(tmp_path, {"name": "ci", "key": CI, "concurrency": 1}, {"name": "plain", "key": PLAIN})
+    cfg["providers"]["free"] = {"kind": "placeholder"}
+    cfg["models"]["qwen-image-free"] = {"sizes": "qwen-image", "routes": ["free"]}
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3"), "workers": 2}
+    server, _ = await start_proxy(cfg, providers={"placeholder": gated, "free": PlaceholderProvider("free", {})})
+    first = asyncio.create_task(generate(client_for(server, CI)))  # holds ci's one slot
+    await wait_for(lambda: gated.started == 1)
+
+    async def submit(key: str, model: str) -> str:
+        body = {"model": model, "prompt": "later", "size": "64x64", "background": True}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s, \
+                s.post(server.make_url("/v1/images/generations"), json=body) as r:
+            assert r.status == 202, await r.text()
+            return (await r.json())["id"]
+
+    async def job(key: str, job_id: str) -> dict:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s, \
+                s.get(server.make_url(f"/v1/images/jobs/{job_id}")) as r:
+            return await r.json()
+
+    waiting = [await submit(CI, "qwen-image-free") for _ in range(2)]  # two workers' worth for ci
+    other = await submit(PLAIN, "qwen-image-free")
+    for _ in range(300):
+        if (await job(PLAIN, other))["status"] == "completed":
+            break
+        await asyncio.sleep(0.1)
+    assert (await job(PLAIN, other))["status"] == "completed"  # not held up by ci's jobs
+    for _ in range(50):  # waiting, not "running" (a look for a free slot shows one for milliseconds)
+        waiting_now = [await job(CI, j) for j in waiting]
+        if [j["status"] for j in waiting_now] == ["queued", "queued"]:
+            break
+        await asyncio.sleep(0.02)
+    assert [(j["status"], j["started_at"]) for j in waiting_now] == [("queued", None), ("queued", None)]
+    gated.gate.set()
+    await asyncio.wait_for(first, 10)
+    for _ in range(300):
+        if [(await job(CI, j))["status"] for j in waiting] == ["completed", "completed"]:
+            break
+        await asyncio.sleep(0.1)
+    assert [(await job(CI, j))["status"] for j in waiting] == ["completed", "completed"]
+
+
 async def test_concurrency_slot_comes_back_when_the_client_hangs_up(start_proxy, tmp_path):
     gated = GatedPlaceholder("placeholder", {})
     server, _ = await start_proxy(with_keys(tmp_path, {"name": "ci", "key": CI, "concurrency": 1}),

@@ -33,11 +33,21 @@ redis.call('SADD', p..'active:'..ARGV[4], id)
 return 1
 """
 # ARGV: prefix, worker, lease end (ms), now (ms), mode (queued | expired | the id to cancel)
+# How far down the queue a claim looks past the jobs of keys with no free slot (a bound on the script's time).
+SKIP_SCAN = 200
 _TAKE = """
 local p, worker = ARGV[1], ARGV[2]
 local id
 if ARGV[5] == 'queued' then
-  id = redis.call('ZRANGE', p..'queue', 0, 0)[1]
+  if #ARGV == 5 then
+    id = redis.call('ZRANGE', p..'queue', 0, 0)[1]
+  else  -- the oldest of the first SKIP_SCAN whose owner is not one of ARGV[6..] (keys with no free slot)
+    local skip = {}
+    for i = 6, #ARGV do skip[ARGV[i]] = true end
+    for _, queued in ipairs(redis.call('ZRANGE', p..'queue', 0, SKIP_SCAN - 1)) do
+      if not skip[redis.call('HGET', p..'job:'..queued, 'owner') or ''] then id = queued; break end
+    end
+  end
 elseif ARGV[5] == 'expired' then
   id = redis.call('ZRANGEBYSCORE', p..'running', '-inf', ARGV[4], 'LIMIT', 0, 1)[1]
 else
@@ -55,7 +65,7 @@ redis.call('ZREM', p..'queue', id)
 redis.call('HSET', k, 'status', 'in_progress', 'lease_owner', worker)
 redis.call('ZADD', p..'running', ARGV[3], id)
 return {id, redis.call('HGET', k, 'doc'), redis.call('HGET', k, 'cancel') or '0'}
-"""
+""".replace("SKIP_SCAN", str(SKIP_SCAN))
 _RENEW = """
 local p, id = ARGV[1], ARGV[2]
 local k = p..'job:'..id
@@ -220,16 +230,16 @@ class RedisJobStore:
     async def active_count(self, owner: str) -> int:
         return await self._call(self.client.scard(f"{self.prefix}active:{owner}"))
 
-    async def _take(self, worker: str, lease: float, mode: str) -> Job | None:
+    async def _take(self, worker: str, lease: float, mode: str, skip_owners: frozenset[str] = frozenset()) -> Job | None:
         now = time.time()
-        row = await self._eval(_TAKE, worker, _ms(now + lease), _ms(now), mode)
+        row = await self._eval(_TAKE, worker, _ms(now + lease), _ms(now), mode, *sorted(skip_owners))
         if not row:
             return None
         job = self._job(row[1], b"in_progress", row[2])
         return job
 
-    async def claim(self, worker: str, lease: float) -> Job | None:
-        return await self._take(worker, lease, "queued")
+    async def claim(self, worker: str, lease: float, skip_owners: frozenset[str] = frozenset()) -> Job | None:
+        return await self._take(worker, lease, "queued", skip_owners)
 
     async def claim_expired(self, worker: str, lease: float) -> Job | None:
         return await self._take(worker, lease, "expired")

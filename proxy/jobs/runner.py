@@ -144,15 +144,22 @@ class JobRunner:
 
     async def _claim_loop(self) -> None:
         while not self.stopping:
+            # Owners whose key has no free concurrency slot now: their jobs stay queued, in their place, and
+            # the workers take other keys' jobs (a worker waiting for one key's slot held up everyone's).
+            full: set[str] = set()
             while len(self.running) < self.settings.workers and not self.stopping:
                 try:
-                    job = await self.store.claim(self.worker, self.settings.lease_seconds)
+                    job = await self.store.claim(self.worker, self.settings.lease_seconds, frozenset(full))
                 except ProxyError as e:
                     log.warning("jobs: cannot claim: %s", e.message)
                     job = None
                 if job is None:
                     break
-                task = asyncio.ensure_future(self._run(job))
+                slot = await self._slot(job)
+                if slot is None:
+                    full.add(job.owner)
+                    continue
+                task = asyncio.ensure_future(self._run(job, slot))
                 self.running[job.id] = task
 
                 def done(_t: asyncio.Future[Any], job_id: str = job.id) -> None:
@@ -168,9 +175,30 @@ class JobRunner:
         self._why_stopped.pop(job_id, None)
         self._wake.set()
 
-    async def _run(self, job: Job) -> None:
-        """Run a claimed job to its end; traced, its span is the root of a trace of its own, linked to the
-        request that submitted it (it may run long after that request, or after a restart)."""
+    async def _slot(self, job: Job) -> Any:
+        """The key's concurrency slot for a claimed job (jobs count against the same limit as synchronous
+        calls); None when every slot is held: the job goes back to the queue, in its place."""
+        try:
+            return await self.slot(job.key_name)
+        except ConcurrencyLimited:
+            pass
+        except ProxyError as e:  # the limits' store (Redis) away: the job waits in the queue
+            log.warning("jobs: cannot take a slot for %s: %s", job.id, e.message)
+        job.status = QUEUED
+        with contextlib.suppress(ProxyError):  # else its lease runs out and the lease keeper queues it again
+            await self.store.save(job, self.worker, release=True)
+        return None
+
+    async def _run(self, job: Job, slot: Any) -> None:
+        """Run a claimed job to its end, holding its key's slot; traced, its span is the root of a trace of
+        its own, linked to the request that submitted it (it may run long after that request, or after a
+        restart)."""
+        try:
+            await self._run_traced(job)
+        finally:
+            await slot.release()
+
+    async def _run_traced(self, job: Job) -> None:
         if self.tracing is None:
             await self._run_job(job)
             return
@@ -195,19 +223,15 @@ class JobRunner:
             try:
                 if job.cancel_requested:
                     raise _Stop("cancel")
-                slot = await self._slot(job.key_name)
-                try:
-                    req = request_from_bytes(await self.store.request(job.id) or b"")
-                    job.runs += 1
-                    job.started_at = time.time()
-                    if not await self.store.save(job, self.worker):
-                        return
-                    job.progress = None
-                    progress.watch(lambda step, total: self._progress(job, step, total))
-                    result, job.route = await self.work(req, job)
-                    job.status, job.has_result = COMPLETED, True
-                finally:
-                    await slot.release()
+                req = request_from_bytes(await self.store.request(job.id) or b"")
+                job.runs += 1
+                job.started_at = time.time()
+                if not await self.store.save(job, self.worker):
+                    return
+                job.progress = None
+                progress.watch(lambda step, total: self._progress(job, step, total))
+                result, job.route = await self.work(req, job)
+                job.status, job.has_result = COMPLETED, True
             except asyncio.CancelledError:
                 why = self._why_stopped.get(job.id, "shutdown")
                 task.uncancel()
@@ -255,14 +279,6 @@ class JobRunner:
         error = e.to_dict()["error"]
         error["message"] = self.scrub(error["message"])
         return error
-
-    async def _slot(self, key_name: str | None) -> Any:
-        """The key's concurrency slot (jobs count against the same limit as synchronous calls)."""
-        while True:
-            try:
-                return await self.slot(key_name)
-            except ConcurrencyLimited:
-                await asyncio.sleep(0.5)
 
     async def _keep_lease(self, job_id: str, task: asyncio.Task) -> None:
         lease = self.settings.lease_seconds

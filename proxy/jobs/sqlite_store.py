@@ -158,8 +158,10 @@ class SqliteJobStore:
                    (IN_PROGRESS, worker, time.time() + lease, job.to_doc(), job.id))
         return job
 
-    async def claim(self, worker: str, lease: float) -> Job | None:
-        return await self._run(self._tx, lambda db: self._take(db, "status = ?", (QUEUED,), worker, lease))
+    async def claim(self, worker: str, lease: float, skip_owners: frozenset[str] = frozenset()) -> Job | None:
+        skipped = sorted(skip_owners)
+        where = "status = ?" + (f" AND owner NOT IN ({', '.join('?' * len(skipped))})" if skipped else "")
+        return await self._run(self._tx, lambda db: self._take(db, where, (QUEUED, *skipped), worker, lease))
 
     async def claim_expired(self, worker: str, lease: float) -> Job | None:
         return await self._run(self._tx, lambda db: self._take(

@@ -42,8 +42,9 @@ class JobStore(Protocol):
     async def active_count(self, owner: str) -> int:
         """The owner's queued and running jobs."""
 
-    async def claim(self, worker: str, lease: float) -> Job | None:
-        """The oldest queued job, now in_progress and held by `worker` for `lease` seconds."""
+    async def claim(self, worker: str, lease: float, skip_owners: frozenset[str] = frozenset()) -> Job | None:
+        """The oldest queued job not of `skip_owners` (owners whose key has no free slot now), now
+        in_progress and held by `worker` for `lease` seconds."""
 
     async def claim_expired(self, worker: str, lease: float) -> Job | None:
         """A running job whose holder's lease ran out (its process died), now held by `worker`."""
