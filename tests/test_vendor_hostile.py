@@ -110,11 +110,11 @@ async def start_fal(start_proxy, tmp_path, aiohttp_server, route: dict | None = 
     return fal, client
 
 
-async def start_replicate(start_proxy, tmp_path, aiohttp_server, **knobs):
+async def start_replicate(start_proxy, tmp_path, aiohttp_server, route: dict | None = None, **knobs):
     fake = await TakenReplicate(**knobs).start(aiohttp_server)
     provider = {"kind": "replicate", "base_url": fake.base_url, "api_key": fake.api_key, "wait_seconds": 0,
                 "poll_interval": 0.01, "poll_max_interval": 0.04}
-    _, client = await start_proxy(config(tmp_path, provider, {"model": "qwen/qwen-image"}))
+    _, client = await start_proxy(config(tmp_path, provider, {"model": "qwen/qwen-image", **(route or {})}))
     return fake, client
 
 
@@ -266,3 +266,28 @@ async def test_dashscope_results_beyond_n_are_not_taken_for_the_next_call(start_
     assert r.to_dict()["seeds"] == list(range(40, 46))
     assert [near(decode(d.b64_json), seed_colour(40 + i)) for i, d in enumerate(r.data)] == [True] * 6
 
+
+
+# ---- a status the vendor never documented ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vendor", ["replicate", "dashscope"])
+async def test_an_unknown_job_status_fails_the_attempt_instead_of_polling_to_the_timeout(
+        start_proxy, tmp_path, aiohttp_server, vendor):
+    # Every poll answers a status the vendor does not document: like fal's, a few in a row fail the attempt
+    # (so the next route can serve), instead of polling until the route's timeout runs out.
+    route = {"retries": 0, "timeout": 20}
+    if vendor == "replicate":
+        fake, client = await start_replicate(start_proxy, tmp_path, aiohttp_server, route, polls_before_done=None)
+        fake.on_poll = lambda request: web.json_response(
+            {"id": request.path.rsplit("/", 1)[-1], "status": "hibernating", "output": None, "urls": {}})
+    else:
+        fake, client = await start_dashscope(start_proxy, tmp_path, aiohttp_server, route)
+        fake.on_poll = lambda request: web.json_response(
+            {"output": {"task_id": "t", "task_status": "SUSPENDED"}, "request_id": "r-1"})
+    started = time.monotonic()
+    with pytest.raises(InternalServerError) as e:
+        await client.images.generate(model="qwen-image", prompt="p")
+    assert time.monotonic() - started < 10
+    assert e.value.status_code == 502 and "unknown" in e.value.message
+    assert ("hibernating" if vendor == "replicate" else "SUSPENDED") in e.value.message

@@ -41,13 +41,14 @@ from typing import Any
 import aiohttp
 
 from ..config import RouteConfig
-from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, retry_after_from_headers
+from ..errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout, clip, retry_after_from_headers
 from ..http.cpu import run_cpu
 from ..request import ImageRequest
 from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
 from .dashscope_convert import (
     KIND,
+    PENDING_STATES,
     TERMINAL_STATES,
     edit_json,
     error_from_payload,
@@ -190,6 +191,10 @@ class DashScopeProvider(VendorProvider):
                                                                 max_bytes)
                 self._raise_for(status, payload, retry_after)
                 state = task_status_of(payload)
+                if state not in PENDING_STATES and state not in TERMINAL_STATES:
+                    # Polled on, it would hold the request to the route's timeout (5 min by default) with
+                    # no fallback: a few in a row fail the attempt, as fal's unknown statuses do.
+                    raise UpstreamError(f"DashScope answered an unknown task status {clip(state, 40)!r}")
             except UpstreamTimeout:
                 raise
             except ProxyError as e:

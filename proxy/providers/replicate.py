@@ -26,6 +26,7 @@ from ..request import ImageRequest
 from ..telemetry import tracing
 from .base import SMALL_ANSWER, Capabilities, GeneratedImage, answer_limit, json_or_none, read_answer, started
 from .replicate_convert import (
+    PENDING,
     TERMINAL,
     compression_applied,
     error_from_status,
@@ -143,7 +144,8 @@ class ReplicateProvider(VendorProvider):
         delay = self.poll_interval
         errors = 0
         report = step_reporter()  # a background job's progress: the logs' progress bar
-        while prediction.get("status") not in TERMINAL:
+        # A status that is no string (a list is unhashable) is polled like one that is unknown.
+        while str(prediction.get("status")) not in TERMINAL:
             if get_url is None:
                 get_url = prediction_url(prediction, "get", self.base_url)
             if loop.time() + delay >= end:
@@ -177,6 +179,14 @@ class ReplicateProvider(VendorProvider):
                 errors += 1
                 if errors >= MAX_POLL_ERRORS:
                     raise UpstreamError("the upstream answered a poll with a body that is not a prediction")
+                continue
+            state = payload.get("status")
+            if not isinstance(state, str) or (state not in PENDING and state not in TERMINAL):
+                # Polled on, it would hold the request to the route's timeout (5 min by default) with no
+                # fallback: a few in a row fail the attempt, as fal's unknown statuses do.
+                errors += 1
+                if errors >= MAX_POLL_ERRORS:
+                    raise UpstreamError(f"the upstream answered an unknown prediction status {short_text(state)}")
                 continue
             errors = 0
             prediction = payload
