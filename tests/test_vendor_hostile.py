@@ -8,8 +8,10 @@ the vendor asks; a vendor answer steers no call anywhere else; a call's images a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import inspect
 import io
 import time
 
@@ -17,6 +19,9 @@ import pytest
 from aiohttp import web
 from openai import InternalServerError
 from PIL import Image
+
+from proxy.providers import dashscope as dashscope_provider
+from proxy.providers import fal as fal_provider
 
 from .conftest import base_config
 from .fake_dashscope import FakeDashScope
@@ -51,7 +56,7 @@ class Throttle:
 
 class TakenFal(FakeFal):
     """FakeFal whose status and result answers go through `on_status` / `on_result` first: each gets the
-    request and the fake's own answer, and returns it or another one."""
+    request and the fake's own answer, and returns (or awaits) it or another one."""
 
     on_status = on_result = None
 
@@ -61,7 +66,8 @@ class TakenFal(FakeFal):
         if request.method != "GET" or "requests" not in parts:
             return answer
         hook = self.on_status if parts[-1] == "status" else self.on_result
-        return hook(request, answer) if hook else answer
+        taken = hook(request, answer) if hook else answer
+        return await taken if inspect.isawaitable(taken) else taken
 
 
 class TakenReplicate(FakeReplicate):
@@ -81,6 +87,8 @@ class TakenDashScope(FakeDashScope):
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         if self.on_poll and request.method == "GET" and "/tasks/" in request.path:
             taken = self.on_poll(request)
+            if inspect.isawaitable(taken):
+                taken = await taken
             if taken is not None:
                 return taken
         answer = await super().dispatch(request)
@@ -291,3 +299,41 @@ async def test_an_unknown_job_status_fails_the_attempt_instead_of_polling_to_the
     assert time.monotonic() - started < 10
     assert e.value.status_code == 502 and "unknown" in e.value.message
     assert ("hibernating" if vendor == "replicate" else "SUSPENDED") in e.value.message
+
+
+# ---- a poll that gets no answer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vendor", ["fal", "dashscope"])
+async def test_a_status_poll_that_hangs_is_made_again_and_the_job_kept(start_proxy, tmp_path, aiohttp_server,
+                                                                        monkeypatch, vendor):
+    # One status poll never answers: it is given up after the per-call limit and made again, and the job
+    # runs on (neither cancelled and submitted a second time, nor waited for until the route's timeout).
+    monkeypatch.setattr(fal_provider, "CALL_TIMEOUT", 0.3)
+    monkeypatch.setattr(dashscope_provider, "POLL_TIMEOUT", 0.3, raising=False)
+    release, hangs = asyncio.Event(), [True]
+
+    async def hang_once(answer):
+        if hangs:
+            hangs.pop()
+            await asyncio.wait_for(release.wait(), 10)
+        return answer
+
+    route = {"retries": 0, "timeout": 5}
+    if vendor == "fal":
+        fake, client = await start_fal(start_proxy, tmp_path, aiohttp_server, route)
+        fake.on_status = lambda request, answer: hang_once(answer)
+        submits, cancels = lambda: fake.submits, lambda: fake.cancel_calls
+    else:
+        fake, client = await start_dashscope(start_proxy, tmp_path, aiohttp_server, route)
+        fake.on_poll = lambda request: hang_once(None)
+        submits, cancels = lambda: fake.submits, lambda: fake.cancels
+    started = time.monotonic()
+    try:
+        r = await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json",
+                                         extra_body={"seed": 6})
+    finally:
+        release.set()
+    assert near(decode(r.data[0].b64_json), seed_colour(6))
+    assert time.monotonic() - started < 4
+    assert len(submits()) == 1 and cancels() == []

@@ -72,6 +72,9 @@ ASYNC_PATH = "/services/aigc/text2image/image-synthesis"
 MAX_POLL_FAILURES = 3
 # Seconds allowed for the best-effort cancel of a task nobody waits for any more.
 CANCEL_TIMEOUT = 5.0
+# Seconds one task poll may take: a poll that hangs is given up and made again (the task runs on), rather
+# than holding the request to the route's timeout.
+POLL_TIMEOUT = 30.0
 
 
 class DashScopeProvider(VendorProvider):
@@ -148,13 +151,15 @@ class DashScopeProvider(VendorProvider):
         return headers
 
     async def _call(self, method: str, path: str, deadline: float, max_bytes: int,
-                    body: dict | bytes | None = None,
-                    asynchronous: bool = False) -> tuple[int, Any, float | None]:
-        """One HTTP call; `body` is a JSON object, or JSON already encoded; an answer over max_bytes is an
-        UpstreamError."""
+                    body: dict | bytes | None = None, asynchronous: bool = False,
+                    limit: float | None = None) -> tuple[int, Any, float | None]:
+        """One HTTP call, of at most `limit` seconds (None: until the deadline); `body` is a JSON object, or
+        JSON already encoded; an answer over max_bytes is an UpstreamError."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("DashScope did not finish in time")
+        if limit is not None:
+            remaining = min(remaining, limit)
         headers = self._headers(asynchronous)
         if isinstance(body, bytes):
             send: dict[str, Any] = {"data": body}
@@ -188,18 +193,18 @@ class DashScopeProvider(VendorProvider):
             wait = interval
             try:
                 status, payload, retry_after = await self._call("GET", f"/tasks/{task_id}", deadline,
-                                                                max_bytes)
+                                                                max_bytes, limit=POLL_TIMEOUT)
                 self._raise_for(status, payload, retry_after)
                 state = task_status_of(payload)
                 if state not in PENDING_STATES and state not in TERMINAL_STATES:
                     # Polled on, it would hold the request to the route's timeout (5 min by default) with
                     # no fallback: a few in a row fail the attempt, as fal's unknown statuses do.
                     raise UpstreamError(f"DashScope answered an unknown task status {clip(state, 40)!r}")
-            except UpstreamTimeout:
-                raise
             except ProxyError as e:
-                # A lost poll does not lose the task: a few transient failures in a row are sat out. A 429
-                # is none: DashScope said how long to wait, and the deadline bounds the waiting.
+                if isinstance(e, UpstreamTimeout) and time.monotonic() >= deadline:
+                    raise
+                # A lost poll (no answer, 5xx) does not lose the task: a few transient failures in a row are
+                # sat out. A 429 is none: DashScope said how long to wait, and the deadline bounds the waiting.
                 if not isinstance(e, RateLimited):
                     failures += 1
                 if not e.retryable or not e.retry_same_route or failures > MAX_POLL_FAILURES:

@@ -140,9 +140,9 @@ class FalProvider(VendorProvider):
             error: ProxyError | None = None
             try:
                 status, payload, headers = await self._call("GET", handle.status_url, deadline, max_bytes)
-            except UpstreamTimeout:
-                raise
-            except UpstreamError as e:  # cannot reach fal for now
+            except UpstreamError as e:  # cannot reach fal for now, or no answer within CALL_TIMEOUT
+                if isinstance(e, UpstreamTimeout) and loop.time() >= deadline:
+                    raise
                 error = e
             else:
                 if status >= 400:
@@ -170,9 +170,9 @@ class FalProvider(VendorProvider):
         while True:
             try:
                 status, result, headers = await self._call("GET", handle.response_url, deadline, max_bytes)
-            except UpstreamTimeout:
-                raise
-            except UpstreamError as e:
+            except UpstreamError as e:  # a call that got no answer in time is a hiccup until the route's deadline
+                if isinstance(e, UpstreamTimeout) and loop.time() >= deadline:
+                    raise
                 error: ProxyError = e
             else:
                 if status >= 400:
