@@ -18,7 +18,7 @@ Edit endpoints (an app id with "qwen-image-edit" in it): fal-ai/qwen-image-edit 
 fal-ai/qwen-image-edit-lora need `image_url` (one URL or data URI), the others (-2511, -2509, -plus...)
 `image_urls` (a non-empty list); a missing, malformed or undecodable image is a 422 naming the field.
 Data URIs are decoded and kept (`Job.images`, `edit_images`); without image_size the output has the
-first input's size. Edit ranges: num_inference_steps 1..50, guidance_scale 0..20, num_images 1..4.
+first input's size. Edit ranges: num_inference_steps 2..50, guidance_scale 0..20, num_images 1..4.
 
 Input is validated like fal's qwen-image (types, ranges, at most 3 LoRAs): a mistake is a 422 with
 FastAPI's `{"detail": [{"loc": ["body", field], "msg", "type"}]}`, at submit (`validate_at="submit"`)
@@ -146,7 +146,7 @@ def validate(body: Any, app: str = "fal-ai/qwen-image") -> list[dict]:
                                  "type": "int_range"})
     elif size not in PRESETS:
         problems.append(_invalid("image_size", "Input should be a preset or {width, height}", "literal_error"))
-    ranges = {"num_inference_steps": (1, 50, int) if edit else (2, 250, int), "num_images": (1, 4, int),
+    ranges = {"num_inference_steps": (2, 50, int) if edit else (2, 250, int), "num_images": (1, 4, int),
               "guidance_scale": (0, 20, float), "seed": (0, 2**63 - 1, int)}
     for name, (lo, hi, kind) in ranges.items():
         if name in body:
