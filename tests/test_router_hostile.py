@@ -52,6 +52,27 @@ async def test_an_upstream_failing_every_other_call_still_serves_n(start_proxy, 
     assert len(up.image_calls) == 7
 
 
+class OneImageMore(FakeOpenAIUpstream):
+    """Answers every image call with one image more than its `n` asked for (seed + n for the extra one)."""
+
+    async def _generations(self, request: web.Request, received) -> web.Response:
+        received.json["n"] = int(received.json.get("n") or 1) + 1
+        return await super()._generations(request, received)
+
+
+async def test_a_surplus_image_is_not_taken_for_the_next_calls(start_proxy, tmp_path, aiohttp_server):
+    # n=4 in two calls of 2 (seeds 40 and 42), each answered with 3 images. Before: the first call's extra
+    # image was taken for the second call's first one, so the answer held seed 42's image twice, labelled
+    # 42 and 42, and seed 43's was lost.
+    up = await OneImageMore().start(aiohttp_server)
+    _, client = await start_proxy(one_route_config(tmp_path, up, max_images_per_call=2))
+    r = await client.images.generate(model="qwen-image", prompt="p", n=4, response_format="b64_json",
+                                     extra_body={"seed": 40})
+    assert r.to_dict()["seeds"] == [40, 41, 42, 43]
+    colours = [decode(d.b64_json).convert("RGB").getpixel((0, 0)) for d in r.data]
+    assert colours == [seed_colour(s) for s in (40, 41, 42, 43)]
+
+
 def per_call(behaviours: dict[int, list]):
     """A provider behaviour by the chunk's first image: each call takes the next of its list."""
     async def behaviour(req):

@@ -349,6 +349,10 @@ class _Parts:
             self.errors.append(e)
             return []  # generate_n finds too few images; generate() raises this error instead
         note_call(self.route, chunk, images)  # charged even if the images fail their checks later
+        if len(images) > chunk.n:
+            # A surplus (an upstream that ignored `n`) would be taken for the next call's images when n is
+            # split: a duplicate image in the answer, with the seeds shifted, and the last image lost.
+            images = images[:chunk.n]
         if len(images) >= chunk.n:
             self.done[key] = images
         return images
