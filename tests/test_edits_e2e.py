@@ -212,6 +212,19 @@ async def test_an_image_sent_as_text_is_named_not_missing(edit_proxy):
     assert "images: [{" in error["message"]
 
 
+async def test_an_input_that_no_edit_takes_names_the_formats_an_edit_takes(edit_proxy):
+    # The structural checker knows AVIF too; an edit input was told "not a PNG, JPEG, WebP, GIF or AVIF
+    # image", then refused as AVIF ("a AVIF image").
+    _, _, client = await edit_proxy()
+    avif = png(fmt="AVIF")
+    for data, code, says in ((b"plain text, no image", "invalid_image", "not a PNG, JPEG, WebP or GIF image."),
+                             (avif, "invalid_image_format", "an AVIF image; send a PNG, JPEG, WebP or GIF")):
+        with pytest.raises(BadRequestError) as e:
+            await client.images.edit(model=MODEL, image=("in.bin", data, "application/octet-stream"), prompt="x")
+        assert e.value.body["param"] == "image" and e.value.body["code"] == code
+        assert says in e.value.body["message"]
+
+
 async def test_edit_stream_uses_image_edit_events(edit_proxy):
     _, _, client = await edit_proxy()
     stream = await client.images.edit(model=MODEL, image=png(), prompt="x", stream=True)

@@ -21,7 +21,7 @@ from ..errors import InvalidRequest
 from ..http.body import Upload
 from ..request import InputImage
 from .fetch import FetchError, FetchPolicy, GuardedFetcher
-from .imagecheck import BadImage, check_image
+from .imagecheck import NAMES, NOT_AN_IMAGE, BadImage, check_image
 
 EDIT_FORMATS = ("png", "jpeg", "webp", "gif")
 
@@ -33,9 +33,12 @@ def check_input(data: bytes, param: str, max_pixels: int) -> InputImage:
     try:
         info = check_image(data, max_pixels=max_pixels)
     except BadImage as e:
+        if str(e) == NOT_AN_IMAGE:  # (the checker knows AVIF too, which no edit takes)
+            raise InvalidRequest(f"Invalid '{param}': not a PNG, JPEG, WebP or GIF image.", param=param,
+                                 code="invalid_image") from None
         raise InvalidRequest(f"Invalid '{param}': {e}.", param=param, code="invalid_image") from None
     if info.format not in EDIT_FORMATS:
-        raise InvalidRequest(f"Invalid '{param}': a {info.format.upper()} image; send PNG, JPEG, WebP or GIF.",
+        raise InvalidRequest(f"Invalid '{param}': an {NAMES[info.format]} image; send a PNG, JPEG, WebP or GIF.",
                              param=param, code="invalid_image_format")
     try:
         with Image.open(io.BytesIO(data)) as im:

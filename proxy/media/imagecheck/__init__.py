@@ -58,8 +58,8 @@ class ImageInfo(NamedTuple):  # a tuple: half the cost of a frozen dataclass, on
     height: int
 
 
-_NOT_AN_IMAGE = "not a PNG, JPEG, WebP, GIF or AVIF image"
-_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "gif": "GIF", "avif": "AVIF"}
+NOT_AN_IMAGE = "not a PNG, JPEG, WebP, GIF or AVIF image"
+NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "gif": "GIF", "avif": "AVIF"}
 
 _unpack = struct.unpack_from
 _AVIF_BRANDS = {b"avif", b"avis"}
@@ -101,7 +101,7 @@ def check_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None 
         buf = buf.cast("B")
     fmt = sniff(buf)
     if fmt is None:
-        raise BadImage(_NOT_AN_IMAGE)
+        raise BadImage(NOT_AN_IMAGE)
 
     def limit(width: int, height: int) -> None:
         if max_pixels is not None and width * height > max_pixels:
@@ -112,7 +112,7 @@ def check_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None 
     try:
         width, height = _CHECKS[fmt](buf, limit)
     except (IndexError, struct.error) as exc:  # a safety net: the parsers check bounds before they read
-        raise BadImage(f"{_NAMES[fmt]} image is malformed") from exc
+        raise BadImage(f"{NAMES[fmt]} image is malformed") from exc
     limit(width, height)
     return ImageInfo(fmt, width, height)
 
