@@ -30,9 +30,11 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any;
     `trace_id` the request's trace ("" when it is not traced); `error_code` the OpenAI error code of an
     error answer (counted under the proxy's own codes; anything an upstream made up counts as `other`)."""
-    # Templates, not raw paths: every image URL as its own label value would grow without bound.
+    # Templates, not raw paths: every image URL or job id as its own label value would grow without bound
+    # (a job id is whatever the client put in the path, answered 401 or 404 too).
     endpoint = ("/images/{name}" if path.startswith("/images/")
-                else "/v1/models/{model}" if "/v1/models/" in path else path)
+                else "/v1/models/{model}" if "/v1/models/" in path
+                else job_endpoint(path) if path.startswith(JOBS_PREFIX) else path)
     status_text = str(status)
     metrics.child(metrics.requests, endpoint, model, status_text).inc()
     if key is not None:
@@ -57,6 +59,14 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
         access_log.handle(access_log.makeRecord(
             access_log.name, logging.INFO, here.f_code.co_filename, here.f_lineno, _LINE, tuple(fields.values()),
             None, here.f_code.co_name, {"qip_fields": fields}))
+
+
+JOBS_PREFIX = "/v1/images/jobs/"
+
+
+def job_endpoint(path: str) -> str:
+    """The template of a path under /v1/images/jobs/: the job's id (and anything after it) replaced."""
+    return JOBS_PREFIX + ("{id}/cancel" if path.endswith("/cancel") else "{id}")
 
 
 _LINE = ("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d duration_ms=%d "

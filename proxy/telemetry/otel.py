@@ -40,12 +40,14 @@ def configure(config: TelemetryConfig) -> OtelTracing | None:
 
 
 def route_name(path: str) -> str:
-    """The span name's route: known endpoints as they are, image links and other paths by template (a
-    name per URL would make every trace its own operation, and an image link is a capability)."""
+    """The span name's route: known endpoints as they are, image links, job paths and other paths by template
+    (a name per URL would make every trace its own operation, and an image link is a capability)."""
     if path.startswith("/images/"):
         return "/images/{name}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/images/jobs/"):  # a job's id is as good as a URL of its own
+        return "/v1/images/jobs/{id}/cancel" if path.endswith("/cancel") else "/v1/images/jobs/{id}"
     if path.startswith("/v1/"):
         return path if path.startswith("/v1/images/") or path == "/v1/models" else "/v1/* (passthrough)"
     return path if path in ("/health", "/ready", "/metrics") else "/*"

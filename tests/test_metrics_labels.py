@@ -1,0 +1,63 @@
+"""/metrics and span names as a scraper and a collector see them: label values are templates and the proxy's
+own words, never what a client put in a URL, however many clients send."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from .conftest import base_config
+from .otlp_receiver import OtlpReceiver
+
+KEY = "metrics-labels-key-5b8e1d"
+
+
+def samples(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+async def test_job_ids_in_paths_never_become_label_values(start_proxy, tmp_path):
+    """Every job id a client polls (or makes up, without a key) was a series of its own in
+    qip_requests_total and qip_requests_by_key_total, for the life of the process."""
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"api_keys": [{"name": "team-a", "key": KEY}]}
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, _ = await start_proxy(cfg)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession() as s:
+        for i in range(3):
+            async with s.get(server.make_url(f"/v1/images/jobs/imgjob_nokey{i}")) as r:
+                assert r.status == 401
+            async with s.get(server.make_url(f"/v1/images/jobs/imgjob_made_up{i}"), headers=auth) as r:
+                assert r.status == 404
+            async with s.post(server.make_url(f"/v1/images/jobs/imgjob_made_up{i}/cancel"), headers=auth) as r:
+                assert r.status == 404
+        async with s.get(server.make_url("/metrics")) as r:
+            text = await r.text()
+    assert "imgjob_" not in text, [line for line in text.splitlines() if "imgjob_" in line]
+    requests = samples(text, "qip_requests_total")
+    assert 'qip_requests_total{endpoint="/v1/images/jobs/{id}",model="",status="401"} 3.0' in requests
+    assert 'qip_requests_total{endpoint="/v1/images/jobs/{id}",model="",status="404"} 3.0' in requests
+    assert 'qip_requests_total{endpoint="/v1/images/jobs/{id}/cancel",model="",status="404"} 3.0' in requests
+    by_key = samples(text, "qip_requests_by_key_total")
+    assert 'qip_requests_by_key_total{endpoint="/v1/images/jobs/{id}",key="team-a",model="",status="404"} 3.0' in by_key
+
+
+async def test_job_paths_are_one_span_name(start_proxy, tmp_path, aiohttp_server, monkeypatch):
+    """A span named after each job's own path made every poll its own operation in a collector."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    receiver = await OtlpReceiver().start(aiohttp_server)
+    cfg = base_config(tmp_path)
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    server, _ = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.make_url("/v1/images/jobs/imgjob_abc")) as r:
+            assert r.status == 404
+        async with s.post(server.make_url("/v1/images/jobs/imgjob_abc/cancel")) as r:
+            assert r.status == 404
+    get = await receiver.trace_with("GET /v1/images/jobs/{id}", timeout=15)
+    cancel = await receiver.trace_with("POST /v1/images/jobs/{id}/cancel", timeout=15)
+    for span in get + cancel:
+        assert "imgjob_abc" not in span.name and "imgjob_abc" not in str(span.attributes), span
