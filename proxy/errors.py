@@ -200,8 +200,10 @@ _TOKEN_RULES: list[tuple[re.Pattern[str], Any, tuple[str, ...]]] = [
     # A token has a digit somewhere: "key provided" stays readable, "Key 4f2a...:9c1e..." does not.
     (re.compile(r"(?i)\b(bearer|key|token|basic)(\s+)(?=[A-Za-z._~+/:=-]*\d)[A-Za-z0-9._~+/:=-]{8,}"),
      lambda m: f"{m.group(1)}{m.group(2)}[redacted]", ("bearer", "key", "token", "basic")),
-    (re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
-                r"(?!\[redacted\])[^\s\"',;}]{6,}"),
+    # "Authorization: Bearer <token>": the token goes whatever its shape (the rule above wants a digit in
+    # it), the scheme stays ("Authorization: Bearer <key>" in a message is an instruction, not a secret).
+    (re.compile(r"(?i)((?:api[_-]?key|authorization|x-api-key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?"
+                r"(?:(?:bearer|basic|token|key)\s+)?)(?!\[redacted\])(?!(?:bearer|basic|token|key)(?:\s|$))[^\s\"',;}]{6,}"),
      lambda m: f"{m.group(1)}[redacted]", ("key", "authorization", "token", "secret", "password")),
     (re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\br8_[A-Za-z0-9]{20,}"), "[redacted]", ("sk-", "pk-", "rk-", "r8_")),
 ]

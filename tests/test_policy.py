@@ -313,6 +313,8 @@ async def test_metrics_can_need_their_own_key(start_proxy, tmp_path, how):
         status, text = await get(server, "/metrics", key)
         assert status == 401 and json.loads(text)["error"]["type"] == "authentication_error"
         assert METRICS_KEY not in text
+        # The scrubber left the instruction readable (it said "send 'Authorization: [redacted] <key>'").
+        assert "send 'Authorization: Bearer <key>'" in json.loads(text)["error"]["message"]
     status, text = await get(server, "/metrics", METRICS_KEY)
     assert status == 200 and "qip_requests_total" in text
     for path in ("/health", "/ready"):  # probes stay open

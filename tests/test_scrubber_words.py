@@ -32,3 +32,16 @@ def test_a_prompt_without_credentials_is_kept_and_one_with_them_is_not():
     assert Scrubber([]).text(prompt) == prompt
     assert Scrubber([]).text("ſecret: hunter2hunter2") == "ſecret: [redacted]"
     assert Scrubber([]).text("BASIC dXNlcjpwYXNzd29yZDE=") == "BASIC [redacted]"
+
+
+def test_a_token_after_an_authorization_scheme_goes_whatever_its_shape_and_the_scheme_stays():
+    scrub = Scrubber([]).text
+    # Tokens without a digit went through whole (the rule for a bare "Bearer <token>" wants one), and the
+    # scheme word was redacted in their place.
+    assert scrub("Authorization: Bearer abcdefghijklmnop") == "Authorization: Bearer [redacted]"
+    assert scrub("authorization=Basic dXNlcjpwYXNz") == "authorization=Basic [redacted]"
+    assert scrub('{"Authorization": "Bearer abcdefghijklm"}') == '{"Authorization": "Bearer [redacted]"}'
+    assert scrub("Authorization: Bearer sk-abc123def456ghi789") == "Authorization: Bearer [redacted]"
+    assert scrub("x-api-key: ABCDEFGHIJ") == "x-api-key: [redacted]"
+    # An instruction is not a credential: it stays readable.
+    assert scrub("send 'Authorization: Bearer <key>' with the key") == "send 'Authorization: Bearer <key>' with the key"
