@@ -61,3 +61,36 @@ async def test_job_paths_are_one_span_name(start_proxy, tmp_path, aiohttp_server
     cancel = await receiver.trace_with("POST /v1/images/jobs/{id}/cancel", timeout=15)
     for span in get + cancel:
         assert "imgjob_abc" not in span.name and "imgjob_abc" not in str(span.attributes), span
+
+
+async def test_the_proxys_own_error_codes_are_counted_by_name(start_proxy, tmp_path):
+    """qip_errors_total counted every code the proxy gives an error where it raises it (invalid_json,
+    job_not_found, invalid_content_type...) as `other`, the bucket meant for codes an upstream made up."""
+    cfg = base_config(tmp_path)
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, _ = await start_proxy(cfg)
+    model = "qwen-image-placeholder"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.make_url("/v1/images/generations"), data=b'{"model": "' + model.encode() + b'", ',
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
+        async with s.get(server.make_url("/v1/images/jobs/imgjob_none")) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "job_not_found"
+        async with s.get(server.make_url("/metrics")) as r:
+            text = await r.text()
+    errors = samples(text, "qip_errors_total")
+    assert 'qip_errors_total{code="job_not_found",model=""} 1.0' in errors, errors
+    assert any('code="invalid_json"' in line for line in errors), errors
+    assert not [line for line in errors if 'code="other"' in line], errors
+
+
+def test_every_code_the_proxy_raises_by_name_counts_as_its_own():
+    """RAISED_CODES holds each `code="..."` the proxy's source gives an error (a new one lands in `other`)."""
+    import re
+    from pathlib import Path
+
+    from proxy.http.request_log import own_codes
+
+    root = Path(__file__).resolve().parent.parent / "proxy"
+    raised = {code for path in root.rglob("*.py") for code in re.findall(r'\bcode="([a-z_]+)"', path.read_text())}
+    assert raised and raised <= own_codes(), sorted(raised - own_codes())

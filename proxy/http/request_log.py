@@ -73,16 +73,29 @@ _LINE = ("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempt
          "outcome=%s")
 
 
+# The codes the proxy gives an error where it raises one (InvalidRequest(..., code="invalid_json")) rather
+# than by its class: its own words too, not an upstream's (tests/test_metrics_labels.py keeps this whole).
+RAISED_CODES = frozenset({
+    "client_closed_request", "content_policy_violation", "image_not_found", "internal_error", "invalid_body",
+    "invalid_content_type", "invalid_form", "invalid_idempotency_key", "invalid_image", "invalid_image_format",
+    "invalid_image_url", "invalid_json", "invalid_multipart", "invalid_webhook_url", "job_not_cancellable",
+    "job_not_finished", "job_not_found", "malformed_request", "missing_required_parameter",
+    "string_above_max_length", "timeout", "too_many_fields", "too_many_jobs", "unknown_url", "usage_disabled",
+    "usage_unavailable", "webhooks_not_configured",
+})
+
+
 @functools.cache
 def own_codes() -> frozenset[str]:
-    """The error codes of the proxy's own errors (every ProxyError subclass's), read once all are imported."""
+    """The error codes of the proxy's own errors (every ProxyError subclass's, and RAISED_CODES), read once all
+    are imported."""
     found, todo = set(), [ProxyError]
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
         if isinstance(cls.__dict__.get("code"), str):
             found.add(cls.__dict__["code"])
-    return frozenset(found | {"internal_error", "client_closed_request"})
+    return frozenset(found | RAISED_CODES)
 
 
 def outcome_of(error: ProxyError) -> str:
