@@ -46,7 +46,8 @@ class Metrics:
 
         self.outcomes = Counter(
             "qip_request_outcomes_total",
-            "Image requests by how they ended: ok, client_error, failed, timeout, cancelled, shutdown",
+            "Image requests by how they ended: ok, client_error, rate_limited, failed, timeout, cancelled, shutdown, "
+            "error",
             ["model", "outcome"], registry=self.registry,
         )
         # Key names only (a key's value never becomes a label): unnamed keys are key-1, key-2, ...
