@@ -23,6 +23,7 @@ from .errors import (
     PayloadTooLarge,
     ProxyError,
     ShuttingDown,
+    UpstreamError,
     from_http_exception,
 )
 from .http.request_log import REQUEST_ID, log_request, outcome_of, with_id
@@ -238,8 +239,12 @@ class Dispatcher:
                 await self.authenticate(request)
                 self._check_length(request)
                 # A client's key for this proxy is no key for the upstream: never forward it.
-                response = await self.gw.passthrough.forward(request, body=request.get(BODY),
-                                                          drop_client_auth=self.gw.has_keys)
+                try:
+                    response = await self.gw.passthrough.forward(request, body=request.get(BODY),
+                                                              drop_client_auth=self.gw.has_keys)
+                except UpstreamError as e:  # unreachable, too slow, a bad answer: counted under our 502 / 504
+                    self.gw.metrics.passthrough.labels(status=str(e.status)).inc()
+                    raise
                 self.gw.metrics.passthrough.labels(status=str(response.status)).inc()
                 return response
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")

@@ -1,5 +1,5 @@
 """/metrics and span names as a scraper and a collector see them: label values are templates and the proxy's
-own words, never what a client put in a URL, however many clients send."""
+own words, never what a client put in a URL, however many clients send; and what fails is counted."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 
 from .conftest import base_config
+from .fake_openai_upstream import free_port
 from .otlp_receiver import OtlpReceiver
 
 KEY = "metrics-labels-key-5b8e1d"
@@ -94,3 +95,18 @@ def test_every_code_the_proxy_raises_by_name_counts_as_its_own():
     root = Path(__file__).resolve().parent.parent / "proxy"
     raised = {code for path in root.rglob("*.py") for code in re.findall(r'\bcode="([a-z_]+)"', path.read_text())}
     assert raised and raised <= own_codes(), sorted(raised - own_codes())
+
+
+async def test_passthrough_calls_that_never_reach_the_upstream_are_counted(start_proxy, tmp_path):
+    """A passthrough upstream that cannot be reached answered every call 502, and /metrics counted none of
+    them (not in qip_passthrough_requests_total, nor anywhere else): an outage looked like no traffic."""
+    cfg = base_config(tmp_path)
+    cfg["passthrough"] = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": "pt-key-2c9d41"}
+    server, _ = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/chat/completions", "/v1/embeddings"):
+            async with s.post(server.make_url(path), json={}) as r:
+                assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_error"
+        async with s.get(server.make_url("/metrics")) as r:
+            text = await r.text()
+    assert samples(text, "qip_passthrough_requests_total") == ['qip_passthrough_requests_total{status="502"} 2.0']
