@@ -65,3 +65,37 @@ async def test_serve_writes_json_lines_with_request_and_trace_ids(tmp_path, aioh
     assert failed["request_id"] == "req-json-1" and failed["trace_id"] == trace_id
     assert any("serving on" in e["message"] and e["request_id"] is None for e in lines)
     assert UPSTREAM_KEY not in output and PROXY_KEY not in output and "a private prompt" not in output
+
+
+def test_a_traceback_that_held_a_secret_is_written_scrubbed_not_dropped():
+    """The handler as `serve` sets it up (log_format: json): the log scrubber replaces a traceback holding a
+    secret by its cleaned text, and the JSON line had no `exception` at all then, exactly when an operator
+    needs it (an upstream's failure quoting its key)."""
+    import io
+    import logging
+
+    from proxy.errors import Scrubber
+    from proxy.http.wire_errors import install_log_scrubbing
+    from proxy.telemetry.logs_json import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(Scrubber([UPSTREAM_KEY]).text))
+    handler.addFilter(install_log_scrubbing([UPSTREAM_KEY]))
+    log = logging.getLogger("proxy.test_logs_json")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for detail in (f"the upstream refused {UPSTREAM_KEY}", "no secret here"):
+            try:
+                raise RuntimeError(detail)
+            except RuntimeError:
+                log.exception("request r1 failed")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    with_secret, without = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "RuntimeError: no secret here" in without["exception"]
+    assert "Traceback (most recent call last)" in with_secret["exception"]
+    assert "RuntimeError: the upstream refused [redacted]" in with_secret["exception"]
+    assert UPSTREAM_KEY not in stream.getvalue()

@@ -85,6 +85,8 @@ class JsonFormatter(logging.Formatter):
         entry.update((k, v) for k, v in fields.items() if k not in entry)
         if record.exc_info:
             entry["exception"] = self.scrub(self.formatException(record.exc_info))
+        elif record.exc_text:  # a traceback the log scrubber already cleaned (it drops exc_info then)
+            entry["exception"] = self.scrub(record.exc_text)
         return _ENCODER.encode(entry)
 
 
