@@ -26,7 +26,7 @@ from .errors import (
     UpstreamError,
     from_http_exception,
 )
-from .http.request_log import REQUEST_ID, log_request, outcome_of, with_id
+from .http.request_log import REQUEST_ID, log_request, outcome_of, request_id_of, with_id
 from .http.wire_errors import install_log_scrubbing
 from .providers import Provider
 from .request import MAX_FORM_FIELDS
@@ -110,7 +110,7 @@ class Dispatcher:
                       for h in methods.values()} if fallback is not None else {})
 
         async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
-            request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
+            request_id = request_id_of(request.headers.get("X-Request-Id"))
             request[REQUEST_ID] = request_id
             gw = self.gw
             if gw.json_logs:  # every log line of the request carries its id

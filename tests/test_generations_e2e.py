@@ -663,6 +663,24 @@ async def test_prompts_longer_than_openais_limit_are_refused(start_proxy, tmp_pa
         assert e.value.body["param"] == param and "at most 32000 characters" in e.value.body["message"]
 
 
+async def test_a_client_request_id_is_kept_only_if_it_looks_like_one(start_proxy, tmp_path, caplog):
+    # One with spaces wrote fields of its own into the text log line; one of kilobytes went everywhere.
+    caplog.set_level("INFO", logger="proxy.requests")
+    server, _ = await start_proxy(base_config(tmp_path))
+    body = {"model": MODEL, "prompt": "x", "size": "16x16", "response_format": "b64_json"}
+    kept = ["req-77", "3f6c2a0e-9b1d-4c55-8a7e-0d1f2e3c4b5a", "trace:abc/42=x@y.z"]
+    for given in [*kept, "abc key=admin status=200", "x" * 129, "a\tb"]:
+        status, headers, _ = await call(server, "POST", "/v1/images/generations", json_body=body,
+                                        headers={"X-Request-Id": given})
+        assert status == 200
+        if given in kept:
+            assert headers["X-Request-Id"] == given
+        else:
+            assert headers["X-Request-Id"] != given and len(headers["X-Request-Id"]) == 32
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.requests"]
+    assert len(lines) == 6 and not any("key=admin" in line or "x" * 129 in line for line in lines)
+
+
 async def test_method_and_path_errors(start_proxy, tmp_path):
     server, client = await start_proxy(base_config(tmp_path))
     status, headers, text = await call(server, "GET", "/v1/images/generations")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+import secrets
 import sys
 from typing import Any
 
@@ -15,6 +17,16 @@ from ..telemetry.metrics import Metrics
 access_log = logging.getLogger("proxy.requests")
 # The client's X-Request-Id, or one made up for it: in the log line and the answer's headers.
 REQUEST_ID = web.RequestKey("qip_request_id", str)
+
+
+# A client's X-Request-Id is kept only if it looks like an id: one with spaces wrote fields of its own into
+# the text log line ("abc key=admin status=200"), and one of kilobytes went into every log line, the ledger
+# and the spans. Anything else gets an id made up here (the answer's X-Request-Id says which).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}").fullmatch
+
+
+def request_id_of(given: str | None) -> str:
+    return given if given is not None and _CLIENT_ID(given) else secrets.token_hex(16)
 
 
 def with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse:
