@@ -167,17 +167,6 @@ async def test_provider_capability_sets_images_per_call():
     assert sorted(r.n for r, _ in a.calls) == [2, 3]
 
 
-async def test_a_route_cannot_ask_more_per_call_than_its_provider_makes(caplog):
-    # max_images_per_call 4 on a provider that makes 1 a call failed every attempt ("returned 1 of 4").
-    a = FakeProvider("a", per_call=1)
-    with caplog.at_level("WARNING", logger="proxy.router"):
-        router = router_for(a, routes=[{"provider": "a", "max_images_per_call": 4}])
-    result = await router.generate(request(n=3, seed=5), soon())
-    assert sorted((r.n, r.seed) for r, _ in a.calls) == [(1, 5), (1, 6), (1, 7)]
-    assert [img.seed for img in result.images] == [5, 6, 7]
-    assert "max_images_per_call 4 is more than the provider makes in one call; using 1" in caplog.text
-
-
 async def test_a_route_that_makes_too_few_images_falls_back():
     async def short(req):
         return []

@@ -52,13 +52,7 @@ class Route:
     def __post_init__(self) -> None:
         # Read by every request, worked out once: a route's config and its provider's limits stay as built.
         self.name: str = self.config.provider
-        most = self.provider.capabilities.max_images_per_call
-        self.per_call: int = min(self.config.max_images_per_call or most, most)
-        if self.per_call < (self.config.max_images_per_call or 0):
-            # More than the provider makes in one call failed every attempt ("returned 1 of 4"): it can only
-            # lower the provider's own number.
-            log.warning("route %s: max_images_per_call %d is more than the provider makes in one call; using %d",
-                        self.name, self.config.max_images_per_call, most)
+        self.per_call: int = self.config.max_images_per_call or self.provider.capabilities.max_images_per_call
         self.timeout: float = self.config.timeout or self.provider.default_timeout
 
     @property
