@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -160,21 +161,38 @@ class GenerationResult:
     gpu_seconds: float = 0.0
 
 
+def lora_spec(value: Any, where: str) -> LoraSpec:
+    """A LoRA as the config writes it (a path, or {path, scale}) -> LoraSpec, checked now: a bad entry
+    used to pass check-config and then fail every request naming it with a TypeError (a 502, three
+    tracebacks in the log). Raises ValueError naming `where` (e.g. "loras.style")."""
+    if isinstance(value, LoraSpec):
+        spec = value
+    elif isinstance(value, str):
+        spec = LoraSpec(value)
+    elif isinstance(value, dict):
+        if set(value) - {"path", "scale"} or "path" not in value:
+            raise ValueError(f"{where}: a LoRA is a path or {{path, scale}}, not {sorted(map(str, value))}")
+        spec = LoraSpec(**value)
+    else:
+        raise ValueError(f"{where}: a LoRA is a path or {{path, scale}}")
+    if not isinstance(spec.path, str) or not spec.path.strip():
+        raise ValueError(f"{where}.path must be a non-empty string")
+    scale = spec.scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{where}.scale must be a finite number, not {scale!r}")
+    return spec
+
+
 def plain_options(options: dict) -> dict:
     """models.yaml's spelling of EngineConfig fields -> their types (pure): LoRAs given as paths or
     {path, scale} become LoraSpec, empty entries of the path lists go, and tiers left empty become {}.
     Keys are neither checked nor dropped: the callers do that (the local provider, a Ray pool)."""
 
-    def spec(value: Any) -> LoraSpec:  # a LoraSpec, a path, or {path, scale} from YAML
-        if isinstance(value, LoraSpec):
-            return value
-        return LoraSpec(value) if isinstance(value, str) else LoraSpec(**value)
-
     values = dict(options)
     if "loras" in values:
-        values["loras"] = {name: spec(v) for name, v in (values["loras"] or {}).items()}
+        values["loras"] = {name: lora_spec(v, f"loras.{name}") for name, v in (values["loras"] or {}).items()}
     if "base_loras" in values:
-        values["base_loras"] = [spec(v) for v in values["base_loras"] or []]
+        values["base_loras"] = [lora_spec(v, f"base_loras[{i}]") for i, v in enumerate(values["base_loras"] or [])]
     for key in ("lora_dirs", "lora_url_hosts"):
         if key in values:
             values[key] = [v for v in values[key] or [] if v]

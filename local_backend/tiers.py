@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import EngineConfig, LoraSpec, TierSpec
+from .config import EngineConfig, LoraSpec, TierSpec, lora_spec
 from .errors import EngineError, InvalidParamsError
 
 if TYPE_CHECKING:
@@ -49,16 +49,10 @@ class Tier:
 
 
 def _lora(value: object, where: str) -> LoraSpec:
-    if isinstance(value, LoraSpec):
-        return value
-    if isinstance(value, str):
-        return LoraSpec(value)
-    if isinstance(value, dict):
-        unknown = set(value) - {"path", "scale"}
-        if unknown or "path" not in value:
-            raise EngineError(f"{where}: a LoRA is a path or {{path, scale}}, not {sorted(value)}")
-        return LoraSpec(**value)
-    raise EngineError(f"{where}: a LoRA is a path or {{path, scale}}")
+    try:
+        return lora_spec(value, where)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
 
 
 def _tier(name: object, value: object) -> Tier:
@@ -88,7 +82,7 @@ def _tier(name: object, value: object) -> Tier:
     if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float))
                             or not math.isfinite(cfg) or cfg < 0):
         raise EngineError(f"{where}.cfg_scale must be a finite number >= 0")
-    return Tier(name, [_lora(v, f"{where}.loras") for v in loras], dict(scheduler), steps,
+    return Tier(name, [_lora(v, f"{where}.loras[{i}]") for i, v in enumerate(loras)], dict(scheduler), steps,
                 None if cfg is None else float(cfg))
 
 

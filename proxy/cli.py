@@ -292,13 +292,22 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     config, providers = _load_checked(args.config)
     gateway = Gateway(config, providers)
     problems = 0
+    said: set[int] = set()  # providers whose reason a model's warning already printed
     for name in config.models:
         routes = gateway.router.routes[name]
         reasons = [(route.name, route.provider.preflight()) for route in routes]
         if all(reason is not None for _, reason in reasons):
             problems += 1
+            said.update(id(route.provider) for route in routes)
             detail = "; ".join(f"route '{r}': {why}" for r, why in reasons)
             print(f"warning: model {name} has no usable route: {detail}")
+    # A malformed option behind a usable fallback was silent (and --strict passed): the route never
+    # serves, and only /ready said why.
+    invalid = 0
+    for pname, provider in providers.items():
+        if provider.config_problem and id(provider) not in said:
+            invalid += 1
+            print(f"warning: provider {pname}: {provider.config_problem}")
     for where, names in config.unset_vars.items():  # e.g. `path: ${DIR}/img` would store under /img
         print(f"warning: {where}: {', '.join('${' + n + '}' for n in names)} not set, read as empty "
               "(give a default: ${NAME:-value})")
@@ -307,7 +316,7 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             print(f"warning: provider {pname}: {warning}")
     print(f"{args.config}: {len(config.providers)} providers, {len(config.models)} models, "
           f"{problems} without a usable route")
-    sys.exit(1 if args.strict and problems else 0)
+    sys.exit(1 if args.strict and (problems or invalid) else 0)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -391,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     check = with_config(sub.add_parser("check-config", help="validate the config file"))
-    check.add_argument("--strict", action="store_true", help="exit 1 when a model has no usable route")
+    check.add_argument("--strict", action="store_true", help="exit 1 when a model has no usable route or a provider's options are invalid")
     check.set_defaults(func=cmd_check_config)
 
     gen = with_config(sub.add_parser("generate", help="make an image with the local engine, without the server"))

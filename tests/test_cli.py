@@ -105,6 +105,38 @@ def test_check_config_accepts_the_repo_models_yaml(tmp_path):
     assert "12 models" in out.stdout
 
 
+def test_check_config_names_a_bad_configured_lora(tmp_path):
+    # Named LoRAs and base_loras were taken unchecked: a scale of "abc" passed check-config, and every
+    # request naming the LoRA then failed with a TypeError (502, a traceback per retry); {scale: 2}
+    # without a path read "LoraSpec.__init__() missing 1 required positional argument: 'path'".
+    data = tiny_config(tmp_path, loras={"style": {"path": "a.safetensors", "scale": "abc"}})
+    data["providers"]["nopath"] = {"kind": "diffusers", "model": "tiny", "device": "cpu",
+                                   "loras": {"style": {"scale": 2}}}
+    data["providers"]["base"] = {"kind": "diffusers", "model": "tiny", "device": "cpu",
+                                 "base_loras": ["ok.safetensors", {"path": 7}]}
+    data["models"]["tiny"]["routes"] = ["tiny", "nopath", "base"]
+    out = run_cli(tmp_path, "check-config", "--strict", "--config", str(write_config(tmp_path, data)))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "route 'tiny': invalid options: loras.style.scale must be a finite number, not 'abc'" in out.stdout
+    assert "route 'nopath': invalid options: loras.style: a LoRA is a path or {path, scale}, not ['scale']" in out.stdout
+    assert "route 'base': invalid options: base_loras[1].path must be a non-empty string" in out.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_check_config_reports_an_invalid_route_behind_a_usable_fallback(tmp_path):
+    # Only a model without any usable route was reported: a malformed option on a local route that
+    # falls back to another passed check-config --strict in silence (the route never serves).
+    data = tiny_config(tmp_path, tiers={"fast": {"steps": 0}})
+    data["models"]["tiny"]["routes"] = ["tiny", "placeholder"]
+    path = write_config(tmp_path, data)
+    out = run_cli(tmp_path, "check-config", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        "warning: provider tiny: invalid options: tiers.fast.steps must be a positive integer")
+    assert run_cli(tmp_path, "check-config", "--strict", "--config", str(path)).returncode == 1
+
+
 def test_unreadable_config_is_one_line(tmp_path):
     out = run_cli(tmp_path, "serve", "--config", str(tmp_path / "nope.yaml"))
     assert out.returncode == 1

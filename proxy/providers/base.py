@@ -98,6 +98,12 @@ class Provider(ABC):
         """For `models` / `check-config`: what would stop this provider serving, without starting it."""
         return self.unavailable_reason
 
+    @property
+    def config_problem(self) -> str | None:
+        """A mistake in this provider's own options that makes it unusable (None: none). check-config
+        reports it even where the model falls back to another, usable route."""
+        return None
+
     def lora_file(self, path: str) -> str | None:
         """The file on this machine that a request's LoRA `path` loads (for the seeded-request cache's
         content hash); None where the proxy cannot see it (an upstream's LoRAs, a URL not yet downloaded).

@@ -147,6 +147,7 @@ class LocalProvider(Provider):
         self._load_started = 0.0
         self.metrics: Metrics | None = None
         self.config: EngineConfig | None
+        self._config_problem: str | None = None
         try:
             self.config = engine_config(options)
         except ImportError as e:
@@ -155,6 +156,7 @@ class LocalProvider(Provider):
         except (TypeError, ValueError) as e:
             self.config = None
             self._state = f"invalid options: {e}"
+            self._config_problem = self._state
         # All of n in one engine job: the engine splits it into calls of max_batch images itself, and a
         # job takes one queue slot. Split by the router instead, each part took a slot, and one request
         # of n > max_queue + 1 (at max_batch 1) was refused with 429 on an idle server.
@@ -188,6 +190,10 @@ class LocalProvider(Provider):
     @property
     def unavailable_reason(self) -> str | None:
         return self.loading_stage or self._state
+
+    @property
+    def config_problem(self) -> str | None:
+        return self._config_problem
 
     @property
     def warnings(self) -> list[str]:
