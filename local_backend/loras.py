@@ -131,7 +131,15 @@ class LoraManager:
             raise LoraError(f"LoRA {_safe_label(path)!r}: scale must be a finite number")
         if path in self.config.loras:  # operator-configured: trusted, its own scale times this one
             named = self.config.loras[path]
-            return LoraRef(path, named.scale * scale, self._source(named.path, trusted=True))
+            try:
+                source = self._source(named.path, trusted=True)
+            except (LoraError, OSError, ValueError) as e:
+                # The operator's file, not the client's: the client was told "LoRA '<its file>' not found:
+                # not a configured name", naming the server's path and denying the name it had asked for.
+                log.warning("configured LoRA %r cannot be loaded: %s", path, e)
+                raise LoraError(f"LoRA {path!r} is configured on this server but cannot be loaded "
+                                "(its file is missing or unreadable; the server's log says why)") from None
+            return LoraRef(path, named.scale * scale, source)
         try:
             source = self._source(path, trusted)
         except (OSError, ValueError) as e:  # e.g. a name too long for the file system, a malformed URL

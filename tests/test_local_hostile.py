@@ -99,3 +99,21 @@ def _rgb(image):
     import numpy as np
 
     return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+async def test_a_configured_lora_whose_file_is_gone_names_the_lora_not_the_servers_path(
+        start_proxy, tmp_path, tiny_dir, caplog):
+    """A named LoRA (`loras: {house-style: {path: ...}}`) whose file was moved: the client asking for
+    "house-style" was told "LoRA '/srv/.../house.safetensors' not found: not a configured name, ...",
+    the server's own path, and a denial of the name it had asked for."""
+    import openai
+
+    gone = tmp_path / "private-loras" / "house.safetensors"
+    server, client = await start_proxy(local_config(tmp_path, tiny_dir, loras={"house-style": str(gone)}))
+    with pytest.raises(openai.BadRequestError) as err:
+        await generate(client, loras=[{"path": "house-style"}], num_inference_steps=1)
+    body = err.value.response.json()["error"]
+    assert body["param"] == "loras"
+    assert "'house-style' is configured on this server but cannot be loaded" in body["message"]
+    assert "private-loras" not in body["message"] and "not a configured name" not in body["message"]
+    assert str(gone) in caplog.text  # the operator finds the path in the log
