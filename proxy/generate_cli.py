@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from local_backend import Engine, EngineError
+from local_backend.edit import UNIFIED_PIPELINES
+from local_backend.loading import declared_pipeline
 
 from .config import Config
 from .errors import ProxyError
@@ -71,9 +73,18 @@ async def run_generate(args: argparse.Namespace, config: Config) -> None:
     paths = _output_paths(args.output, req.n)
     _check_writable(paths)
 
+    try:
+        engine_options = engine_config(options)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    # An edit model makes nothing from text alone: say so before a load of minutes, not after it with
+    # "give 1 to 3 input images", which this command has no way to give.
+    if engine_options.task == "edit" and declared_pipeline(engine_options) not in UNIFIED_PIPELINES:
+        sys.exit(f"error: model '{args.model}' edits images and cannot generate from a prompt alone; "
+                 "send it input images through the server's /v1/images/edits")
     started = time.monotonic()
     try:
-        engine = Engine(engine_config(options))
+        engine = Engine(engine_options)
         engine.load(lambda stage: print(f"loading: {stage}", file=sys.stderr))
     except (EngineError, TypeError, ValueError) as e:  # a bad option, or a model that does not load
         sys.exit(f"error: {e}")

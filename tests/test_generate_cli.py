@@ -57,7 +57,7 @@ def run_all(commands: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.C
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_dir) -> Path:
+def workdir(tmp_path_factory, tiny_dir, tiny_edit_dir) -> Path:
     folder = tmp_path_factory.mktemp("cli")
     config = {
         "providers": {
@@ -84,6 +84,10 @@ def workdir(tmp_path_factory, tiny_dir) -> Path:
     bad = dict(config, providers={**config["providers"],
                                   "tiny": {**config["providers"]["tiny"], "no_such_option": 1}})
     (folder / "bad-option.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    edit = dict(config, providers={"edit": {"kind": "diffusers", "model": str(tiny_edit_dir), "task": "edit",
+                                            "device": "cpu"}},
+                models={"edit": {"sizes": "tiny", "routes": ["edit"]}})
+    (folder / "edit.yaml").write_text(yaml.safe_dump(edit, sort_keys=False))
     return folder
 
 
@@ -139,6 +143,8 @@ def test_generate_errors(workdir):
             "extension": [*base, "--model", "tiny", "-o", "x.txt"],
             "size": [*base, "--model", "tiny", "-o", "x.png", "--size", "9999x9999"],
             "option": ["generate", "a red fox", "-c", "bad-option.yaml", "--model", "tiny", "-o", "x.png"],
+            # It loaded the model first, then said "give 1 to 3 input images", which generate cannot give.
+            "edit model": ["generate", "a red fox", "-c", "edit.yaml", "--model", "edit", "-o", "x.png"],
         },
         workdir,
     )
@@ -148,6 +154,7 @@ def test_generate_errors(workdir):
         "extension": "cannot tell the image format from 'x.txt'",
         "size": "Invalid size 9999x9999",
         "option": "no_such_option: unknown key",
+        "edit model": "model 'edit' edits images and cannot generate from a prompt alone",
     }
     for name, message in expected.items():
         run = runs[name]
@@ -155,6 +162,7 @@ def test_generate_errors(workdir):
         assert message in run.stderr, (name, run.stderr)
         assert "Traceback" not in run.stderr, (name, run.stderr)
     assert not (workdir / "x.png").exists() and not (workdir / "x.txt").exists()
+    assert "loading:" not in runs["edit model"].stderr  # refused before the load
 
 
 # ---- models and check-config on the repo's models.yaml ---------------------------------------------
