@@ -90,6 +90,17 @@ def test_python_compiles(snippet):
 # ---- a renamed key, a fragment, a broken link: the checks catch them -------------------------------------
 
 
+def test_every_variable_of_the_shipped_models_yaml_is_in_the_table():
+    """configuration.md says the shipped models.yaml "reads these variables": six were missing (the 2.1,
+    2512 and edit-2511 weights, the usage ledger's path and database, the GPU's hourly cost)."""
+    lines = [line for line in (ROOT / "models.yaml").read_text().splitlines() if not line.lstrip().startswith("#")]
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", "\n".join(lines)))
+    assert "QIP_LOCAL_MODEL" in used
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    table = page[page.index("## The shipped models.yaml"):]
+    assert not {name for name in used if f"`{name}`" not in table}
+
+
 def test_a_renamed_config_key_fails_the_check():
     # What happens when the code renames a key the docs still use (or the docs misspell one).
     every_section = next(s for s in by_lang["yaml"] if "request_timeout:" in s.body and s.path.name == "configuration.md")
