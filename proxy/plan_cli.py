@@ -21,18 +21,24 @@ from local_backend.single_file import gguf_file
 from .config import Config
 
 
-def _routes(config: Config, providers: dict, name: str) -> list[tuple[str, EngineConfig, int | None]]:
-    """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`."""
+def _routes(config: Config, providers: dict, name: str
+            ) -> tuple[list[tuple[str, EngineConfig, int | None]], list[str]]:
+    """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`, and
+    "route <name>: <why>" for each local route whose options are invalid (nothing to plan there)."""
     if name not in config.models:
-        return [(name, EngineConfig(model=name, device="cuda"), None)]
+        return [(name, EngineConfig(model=name, device="cuda"), None)], []
     table = config.size_table(name)
-    found = []
+    found, invalid = [], []
     for route in config.models[name].routes:
         provider = providers.get(route.provider)
+        if provider is None or provider.kind != "diffusers":
+            continue
         engine_config = getattr(provider, "config", None)
-        if getattr(provider, "kind", None) == "diffusers" and engine_config is not None:
+        if engine_config is not None:
             found.append((route.provider, engine_config, table.max_pixels))
-    return found
+        else:
+            invalid.append(f"route {route.provider}: {provider.unavailable_reason}")
+    return found, invalid
 
 
 def _budget(args: argparse.Namespace) -> int | None:
@@ -51,9 +57,15 @@ def run_plan(args: argparse.Namespace, config: Config, providers: dict,
         budget = _budget(args)
     except ValueError as err:  # not `e`: that name is each route's estimate below
         fail(f"--gpu-memory: {err}")
-    routes = _routes(config, providers, args.model)
+    routes, invalid = _routes(config, providers, args.model)
+    # A local route with invalid options was skipped in silence: with no other, the model was said to
+    # have "no local (kind: diffusers) route to plan", and not why.
+    if not routes and invalid:
+        fail(f"model {args.model}: cannot plan " + "; ".join(invalid))
     if not routes:
         fail(f"model {args.model} has no local (kind: diffusers) route to plan")
+    for line in invalid:
+        print(f"warning: {line} (not planned)", file=sys.stderr)
     reports = []
     for route, engine_config, table_pixels in routes:
         pixels = min(engine_config.max_pixels, table_pixels or engine_config.max_pixels)

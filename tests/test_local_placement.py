@@ -106,6 +106,24 @@ def test_offload_auto_on_a_cpu_route_is_a_config_error(tmp_path, tiny_dir, capsy
     assert "offload: auto plans GPU memory, and this route runs on the CPU" in line
 
 
+def test_plan_says_why_a_local_route_cannot_be_planned(tmp_path, tiny_dir, capsys):
+    # A local route with invalid options was skipped in silence: "model tiny has no local (kind:
+    # diffusers) route to plan", though it has one, and not a word of what is wrong with it.
+    from proxy.cli import main
+
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local"] = {"kind": "diffusers", "model": str(tiny_dir), "device": "cuda",
+                                 "tiers": {"fast": {"steps": 0}}}
+    cfg["models"]["tiny"] = {"sizes": "qwen-image", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--config", str(path), "--model", "tiny", "--gpu-memory", "24GiB"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: model tiny: cannot plan route local: invalid options: tiers.fast.steps must be a positive integer"]
+
+
 def test_a_model_that_fits_nowhere_is_a_load_error_naming_the_card(tiny_dir, monkeypatch):
     import torch
 
