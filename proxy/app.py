@@ -147,6 +147,8 @@ class Dispatcher:
                 raise
             except ProxyError as e:
                 response, outcome, error_code = gw.scrubber.error(e).to_response(), outcome_of(e), e.code
+                if e.routed is not None:  # every route failed: the log line names the last one tried
+                    request[ROUTE] = e.routed
             except web.HTTPException as e:
                 error = from_http_exception(e)
                 response, outcome, error_code = error.to_response(), outcome_of(error), error.code

@@ -21,6 +21,9 @@ class ProxyError(Exception):
     retryable = False
     # Whether trying the same route again may help (not after a refused login, say).
     retry_same_route = True
+    # Where every route failed: the router's RouteResult (no images) of the routes it tried, so the log
+    # line and the request's span say which route failed last and after how many calls.
+    routed: Any = None
 
     def __init__(
         self,

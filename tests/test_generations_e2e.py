@@ -529,6 +529,21 @@ async def test_all_routes_down(start_proxy, tmp_path, fake_upstream):
         assert secret not in str(dict(e.value.response.headers))
 
 
+async def test_a_failed_request_logs_the_route_it_failed_on(start_proxy, tmp_path, fake_upstream, caplog):
+    # Its log line said route=- attempts=0 after three calls to two routes.
+    caplog.set_level("INFO", logger="proxy.requests")
+    a, b = await fake_upstream(api_key="ka"), await fake_upstream(api_key="kb")
+    a.fail(500, "INTERNAL_ERROR", "down")
+    b.fail(500, "INTERNAL_ERROR", "down too")
+    cfg = upstream_config(tmp_path, {"route-a": openai_provider(a, "ka", retries=1),
+                                     "route-b": openai_provider(b, "kb", retries=0)}, ["route-a", "route-b"])
+    _, client = await start_proxy(cfg)
+    with pytest.raises(InternalServerError):
+        await client.images.generate(model="qwen-image", prompt="p")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "proxy.requests"]
+    assert "route=route-b attempts=3 status=502" in line and "outcome=failed" in line
+
+
 async def test_all_routes_rate_limited(start_proxy, tmp_path, fake_upstream):
     a = await fake_upstream()
     b = await fake_upstream()

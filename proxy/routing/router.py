@@ -131,6 +131,7 @@ class Router:
             routes = able
         attempts: list[tuple[str, str]] = []
         failures: list[ProxyError] = []
+        tried: Route | None = None
         for i, route in enumerate(routes):
             later = routes[i + 1:]
             last = not later
@@ -151,6 +152,7 @@ class Router:
                     self._fallback(req.model, route, "circuit_open")
                     continue
                 breaker.probing = True  # the last route is never skipped: this call is its probe
+            tried = route
             try:
                 images = await self._try_route(route, req, deadline, finish, attempts, failures, last)
             except BaseException:
@@ -166,7 +168,10 @@ class Router:
                 break
             if not last:
                 self._fallback(req.model, route, "failed")
-        raise self._final_error(req.model, attempts, failures)
+        error = self._final_error(req.model, attempts, failures)
+        if tried is not None:
+            error.routed = RouteResult([], tried, attempts)
+        raise error
 
     async def _wait_loaded(self, route: Route, deadline: float, attempts: list[tuple[str, str]],
                            failures: list[ProxyError]) -> bool:
