@@ -44,6 +44,29 @@ async def test_job_ids_in_paths_never_become_label_values(start_proxy, tmp_path)
     assert 'qip_requests_by_key_total{endpoint="/v1/images/jobs/{id}",key="team-a",model="",status="404"} 3.0' in by_key
 
 
+async def test_job_polls_are_not_image_requests_in_the_outcomes_or_the_log(start_proxy, tmp_path, caplog):
+    """A job's polls and lists got an image request's log line (model "") and counted in
+    qip_request_outcomes_total; the submit is the image request."""
+    caplog.set_level("INFO", logger="proxy.requests")
+    cfg = base_config(tmp_path)
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, _ = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "qwen-image-placeholder", "prompt": "p", "size": "64x64", "background": True}
+        async with s.post(server.make_url("/v1/images/generations"), json=body) as r:
+            assert r.status == 202
+            job = await r.json()
+        for path in (f"/v1/images/jobs/{job['id']}", "/v1/images/jobs", "/v1/images/jobs/imgjob_none"):
+            async with s.get(server.make_url(path)) as r:
+                assert r.status in (200, 404)
+        async with s.get(server.make_url("/metrics")) as r:
+            text = await r.text()
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.requests"]
+    assert len(lines) == 1 and "endpoint=/v1/images/generations" in lines[0] and "status=202" in lines[0]
+    outcomes = samples(text, "qip_request_outcomes_total")
+    assert outcomes == ['qip_request_outcomes_total{model="qwen-image-placeholder",outcome="ok"} 1.0'], outcomes
+
+
 async def test_job_paths_are_one_span_name(start_proxy, tmp_path, aiohttp_server, monkeypatch):
     """A span named after each job's own path made every poll its own operation in a collector."""
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import parse_config
 from proxy.app import GATEWAY
 from proxy.errors import Scrubber
 from proxy.telemetry.logs_json import JsonFormatter
@@ -256,3 +257,12 @@ async def test_malformed_requests_never_put_a_key_into_the_apps_log(start_proxy,
     assert any("malformed request" in rec.getMessage() for rec in caplog.records)
     assert any(rec.name == "aiohttp.access" for rec in caplog.records)
     assert PROXY_KEY not in "\n".join(seen)
+
+
+def test_the_metrics_key_is_a_secret_like_the_others(tmp_path):
+    # The docs promise every configured secret is scrubbed; the metrics key was not in the list.
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"metrics_key_env": "QIP_TEST_METRICS", "api_keys": [{"name": "a", "key": PROXY_KEY}]}
+    config = parse_config(cfg, env={"QIP_TEST_METRICS": "sentinel-metrics-1b2c3d4e5f"})
+    assert "sentinel-metrics-1b2c3d4e5f" in config.secrets()
+    assert "sentinel-metrics-1b2c3d4e5f" not in Scrubber(config.secrets()).text("scraped with sentinel-metrics-1b2c3d4e5f")

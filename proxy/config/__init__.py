@@ -120,9 +120,11 @@ class Config(Strict):
         return {"name": name, "source": source, "picked_by": picked_by}
 
     def secrets(self) -> list[str]:
-        """Every secret this config holds: proxy keys, the passthrough key, the Redis password, providers'
-        keys and tokens (what the scrubber keeps out of answers and logs)."""
+        """Every secret this config holds: proxy keys, the metrics key, the passthrough key, the Redis password,
+        providers' keys and tokens (what the scrubber keeps out of answers and logs)."""
         found = [key.value for key in self.server.keys]
+        if self.server.metrics_key:
+            found.append(self.server.metrics_key)
         if self.passthrough.api_key:
             found.append(self.passthrough.api_key)
         for url in (self.state.redis_url, self.usage.database_url):

@@ -38,7 +38,8 @@ def with_id(response: web.StreamResponse, request_id: str) -> web.StreamResponse
 def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key: Any, status: int,
                 seconds: float, outcome: str, result: Any = None, trace_id: str = "",
                 error_code: str | None = None) -> None:
-    """Count every request the gateway answers; log a line for image requests (never for probes).
+    """Count every request the gateway answers; log a line for image requests (never for probes, nor for the
+    jobs API's polls, lists and cancels: the submit is the image request).
     `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any;
     `trace_id` the request's trace ("" when it is not traced); `error_code` the OpenAI error code of an
     error answer (counted under the proxy's own codes; anything an upstream made up counts as `other`)."""
@@ -54,7 +55,7 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     if status >= 400:
         code = error_code if error_code in own_codes() else "other"
         metrics.child(metrics.errors, model, code).inc()
-    if not path.startswith("/v1/images/"):
+    if not path.startswith("/v1/images/") or path.startswith(JOBS_PATH):  # (a job's poll is no image request)
         return
     metrics.child(metrics.outcomes, model, outcome).inc()
     if model:
@@ -73,7 +74,8 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
             None, here.f_code.co_name, {"qip_fields": fields}))
 
 
-JOBS_PREFIX = "/v1/images/jobs/"
+JOBS_PATH = "/v1/images/jobs"
+JOBS_PREFIX = JOBS_PATH + "/"
 
 
 def job_endpoint(path: str) -> str:
