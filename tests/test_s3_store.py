@@ -10,14 +10,15 @@ import hmac
 import io
 import os
 import time
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
 from openai import APIStatusError
 from PIL import Image
 
-from proxy.config import parse_config
+from proxy.config import ConfigError, parse_config
 from proxy.state.factory import make_store
 from proxy.state.store import StoreUnavailable
 from proxy.state.store_s3 import S3Store
@@ -163,6 +164,59 @@ async def test_public_links_without_presigning(moto_server, s3_bucket):  # noqa:
     assert await store.url_for("x.png", "http://proxy") == f"{moto_server.endpoint}/{s3_bucket}/images/x.png"
 
 
+async def test_public_links_name_the_stored_object_whatever_the_prefix_looks_like(moto_server, s3_bucket):  # noqa: F811
+    # obstore stores prefix "qip" as "qip/<name>": a public link to "qipNAME" would answer 404.
+    for prefix in ("qip", "qip/", "/two/levels", "my images/", ""):
+        store = S3Store(s3_bucket, ttl_seconds=60, endpoint_url=moto_server.endpoint, prefix=prefix,
+                        access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET, presign=False)
+        await store.start()
+        try:
+            name = await store.put(png_bytes(), "image/png")
+            url = await store.url_for(name, "http://proxy")
+        finally:
+            await store.close()
+        assert " " not in url
+        key = unquote(urlsplit(url).path).split("/", 2)[2]  # /<bucket>/<key>
+        listed = moto_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+        assert key in [obj["Key"] for obj in listed], (prefix, url)
+
+
+def test_a_prefix_the_bucket_client_cannot_use_is_a_config_error():
+    # It passed check-config, then stopped `serve` at start with a traceback from the bucket client.
+    for prefix in ("a//b/", "qip/../x", "./qip", "qip\n"):
+        with pytest.raises(ConfigError, match="store.prefix"):
+            parse_config({"store": {"kind": "s3", "bucket": "b", "prefix": prefix}}, env={})
+    for prefix in ("qip", "qip/", "/qip/", "a/b/", "my images/", ""):
+        assert parse_config({"store": {"kind": "s3", "bucket": "b", "prefix": prefix}}, env={}).store.prefix == prefix
+
+
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
+                 b'</Message><RequestId>R1</RequestId></Error>')
+
+
+async def test_a_bucket_that_denies_access_is_a_503_and_the_log_says_why(aiohttp_server, caplog):
+    async def deny(request: web.Request) -> web.Response:  # what S3 answers a key without the rights
+        return web.Response(status=403, body=ACCESS_DENIED, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", deny)
+    server = await aiohttp_server(app)
+    store = S3Store("qip-denied", ttl_seconds=60, endpoint_url=str(server.make_url("/")), prefix=PREFIX,
+                    access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET, timeout=2)
+    await store.start()
+    try:
+        for call in (lambda: store.put(b"x", "image/png"), lambda: store.open("A" * 32 + ".png")):
+            caplog.clear()
+            with pytest.raises(StoreUnavailable) as info:
+                await call()
+            assert info.value.status == 503 and info.value.code == "store_unavailable"
+            assert "AccessDenied" in caplog.text  # not only "403 Forbidden: <?xml version=...>"
+            for text in (info.value.message, caplog.text):
+                assert S3_SECRET not in text
+    finally:
+        await store.close()
+
+
 async def test_a_bucket_that_is_down_is_a_clear_503(caplog):
     store = S3Store("qip-down", ttl_seconds=60, endpoint_url=f"http://127.0.0.1:{free_port()}",
                     access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET, timeout=2)
@@ -260,3 +314,19 @@ async def test_e2e_a_bucket_that_is_down_is_a_503_never_a_silent_b64(start_proxy
     r = await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="64x64",
                                      response_format="b64_json")
     assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (64, 64)
+
+
+async def test_e2e_a_missing_bucket_is_a_503_not_links_that_look_expired(start_proxy, tmp_path, moto_server,  # noqa: F811
+                                                                         monkeypatch, caplog):
+    # S3 answers NoSuchBucket with a 404 like a missing object: GET /images/<id> said "does not exist or
+    # has expired" for every image while the bucket was gone.
+    cfg = s3_config(tmp_path, moto_server, "qip-no-such-bucket", monkeypatch, serve_via_proxy=True)
+    server, client = await start_proxy(cfg)
+    status, headers, body = await fetch(str(server.make_url("/images/" + "A" * 32 + ".png")))
+    assert status == 503 and b"store_unavailable" in body and headers["Retry-After"]
+    with pytest.raises(APIStatusError) as info:
+        await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="64x64",
+                                     response_format="url")
+    assert info.value.status_code == 503 and info.value.code == "store_unavailable"
+    assert "NoSuchBucket" in caplog.text
+    assert S3_SECRET not in caplog.text and S3_SECRET not in info.value.response.text

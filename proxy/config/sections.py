@@ -68,6 +68,20 @@ class StoreConfig(Strict):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("prefix")
+    @classmethod
+    def _object_prefix(cls, value: str) -> str:
+        # A key prefix the bucket client cannot parse would stop `serve` at start with a traceback (and
+        # pass check-config): "a//b", "." or ".." segments, control characters. Leading "/" are dropped,
+        # one trailing "/" is allowed.
+        path = value.lstrip("/")
+        path = path[:-1] if path.endswith("/") else path
+        if path and any(part in ("", ".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in part)
+                        for part in path.split("/")):
+            raise ValueError(f"{value!r} is not a usable key prefix: path segments separated by single '/', "
+                             "none of them empty, '.' or '..', no control characters (e.g. 'qip/')")
+        return value
+
     @model_validator(mode="after")
     def _kind_options(self) -> StoreConfig:
         if self.kind == "s3" and not self.bucket:

@@ -16,11 +16,13 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
 
@@ -33,6 +35,9 @@ log = logging.getLogger("proxy.store_s3")  # its name before proxy/ had packages
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 # Objects are streamed to clients in chunks of about this size.
 STREAM_CHUNK = 256 * 1024
+# The error code in an S3 error answer (NoSuchBucket, AccessDenied, ...): obstore's message puts the answer's
+# XML after its first line, which is all a log line keeps of it.
+_S3_CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
 
 def _obstore() -> ModuleType:
@@ -57,6 +62,9 @@ class S3Store:
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region
         self.prefix = prefix.lstrip("/")
+        # The objects' key prefix as obstore writes it: its path segments joined by "/", then "/" before the
+        # name, so "qip" and "qip/" both store "qip/<name>" (a public link must name the same key, URL-encoded).
+        self._key_prefix = "".join(f"{quote(part)}/" for part in self.prefix.split("/") if part)
         self.presign = presign
         self.public_url = public_url.rstrip("/") if public_url else None
         self.serve_via_proxy = serve_via_proxy
@@ -148,7 +156,7 @@ class S3Store:
             return proxy_url(base_url, name)
         if not self.presign:
             base = self.public_url or self._path_style_url()
-            return f"{base}/{self.prefix}{name}"
+            return f"{base}/{self._key_prefix}{name}"
         obstore = _obstore()
         seconds = max(1, min(MAX_PRESIGN_SECONDS, math.ceil(self.ttl)))
         try:
@@ -236,14 +244,23 @@ class S3Store:
         detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         for secret in self._secrets:
             detail = detail.replace(secret, "[redacted]")
-        log.warning("image store: cannot %s bucket %s: %s: %s", what, self.bucket, type(error).__name__, detail)
+        code = _s3_code(error)
+        log.warning("image store: cannot %s bucket %s: %s%s: %s", what, self.bucket, type(error).__name__,
+                    f" ({code})" if code else "", detail)
         return StoreUnavailable(f"The image store (bucket '{self.bucket}') is unavailable: the proxy could not "
                                 f"{what} it. Retry shortly.")
 
 
+def _s3_code(error: BaseException) -> str | None:
+    match = _S3_CODE.search(str(error))
+    return match.group(1) if match else None
+
+
 def _is_not_found(error: BaseException) -> bool:
+    """An object that is not there (an unknown or expired image). A bucket that is not there is also a 404
+    to obstore, but that is the store failing: every link would answer 'not found' as if expired."""
     try:
         from obstore.exceptions import NotFoundError
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(error, NotFoundError | FileNotFoundError)
+    return isinstance(error, NotFoundError | FileNotFoundError) and _s3_code(error) != "NoSuchBucket"
