@@ -1,5 +1,6 @@
 """Passthrough against hostile clients and upstreams: methods that echo or tunnel, Expect: 100-continue,
-a client that stops reading a chat stream, 1xx final answers, a malformed upstream model list."""
+a client that stops reading a chat stream, 1xx final answers, a malformed upstream model list, an upstream
+that dies mid-stream."""
 
 from __future__ import annotations
 
@@ -165,3 +166,27 @@ async def test_an_exception_inside_passthrough_is_openai_json_not_aiohttps_bare_
     assert e.value.body["code"] == "internal_error" and e.value.body["type"] == "server_error"
     assert "hunter2" not in e.value.response.text
     assert "hunter2" not in caplog.text
+
+
+async def test_an_upstream_that_dies_mid_stream_cuts_the_client_without_an_error_traceback(
+        start_proxy, tmp_path, caplog):
+    """An upstream that drops a chat stream half-way: the client gets the events sent so far and then a
+    cut connection (never a clean end), and the log one WARNING, not aiohttp's ERROR with a traceback."""
+    event = b'data: {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": []}\n\n'
+
+    async def dies(head, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        # then the connection closes, with no final chunk
+
+    url, upstream = await raw_upstream(dies)
+    async with upstream:
+        server, _ = await start_proxy(pt_config(tmp_path, url))
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/chat/completions"),
+                                                        json={"model": "m", "messages": MESSAGES, "stream": True}) as r:
+            assert r.status == 200
+            assert await r.content.readuntil(b"\n\n") == event
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    assert "passthrough stream broke off" in caplog.text
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], caplog.text

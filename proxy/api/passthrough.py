@@ -209,9 +209,14 @@ class Passthrough:
                 # The upstream got at most `limit` bytes and a cut connection, never the body's end.
                 raise _too_large(limit) from None
             if response is not None and response.prepared:
-                # The answer has started: no error can be sent any more, so the connection is cut.
+                # The answer has started: no error can be sent any more, so the connection is cut (the
+                # client sees a short body, never a clean end). Cut here rather than raised: raised, it
+                # reached aiohttp as an ERROR "Error handling request" with a traceback, every time an
+                # upstream dropped a chat stream. aiohttp's closing write_eof then fails quietly.
                 log.warning("passthrough stream broke off: %s", type(e).__name__)
-                raise
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             if isinstance(e, asyncio.TimeoutError):
                 raise UpstreamTimeout("The passthrough upstream did not answer in time.") from None
             raise UpstreamError(f"The passthrough upstream could not be reached ({type(e).__name__}).") from None
