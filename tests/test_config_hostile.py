@@ -123,6 +123,17 @@ def test_nesting_too_deep_for_pyyaml_is_one_line(tmp_path):
     assert assert_clean_failure(out) == [f"error: {path} is not valid YAML: nested too deeply"]
 
 
+def test_an_empty_or_mistyped_section_says_so_without_naming_our_classes(tmp_path):
+    # `passthrough:` with every key commented out is YAML's null: it was "Input should be a valid
+    # dictionary or instance of PassthroughConfig", a class name the author of the file never wrote.
+    path = write(tmp_path, BASE + "passthrough:\n  # base_url: https://api.openai.com/v1\nserver: [8000]\n")
+    out = run_cli(tmp_path, "check-config", "--config", str(path))
+    assert sorted(assert_clean_failure(out)) == [
+        f"error: {path}: passthrough: is empty: give it its keys, or remove it",
+        f"error: {path}: server: should be a mapping (key: value lines), not a list",
+    ]
+
+
 # ---- every problem at once, and values that used to fail only when serving ------------------------
 
 

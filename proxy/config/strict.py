@@ -80,6 +80,19 @@ def _walk(root: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel]
     return path, holder, branch
 
 
+def _yaml_kind(value: Any) -> str:
+    """What a parsed YAML value is, in YAML's words."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -99,6 +112,12 @@ def validation_problems(root: type[BaseModel], error: ValidationError, prefix: I
             if holder is root:
                 known |= set(extra_known)
             msg = _unknown_key(path[-1], known)
+        elif kind in ("model_type", "dict_type"):
+            # pydantic says "... or instance of ServerConfig", a class the file's author never wrote; and a
+            # section whose keys are all commented out (`server:` alone) is YAML's null, not a mistyped value.
+            value = err.get("input")
+            msg = ("is empty: give it its keys, or remove it" if value is None
+                   else f"should be a mapping (key: value lines), not {_yaml_kind(value)}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if kind.endswith("_parsing"):  # "..., unable to parse string as an integer": the input says it
