@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -63,6 +64,14 @@ async def test_the_content_security_policy_is_strict(proxy):
     assert policy["style-src"] == ["'self'"]
     assert policy["connect-src"] == ["'self'"]
     assert policy["object-src"] == ["'none'"] and policy["frame-ancestors"] == ["'none'"]
+
+
+def test_the_docs_give_the_headers_the_page_is_served_with():
+    # docs/playground.md spells out the security headers: it must say what is sent, word for word.
+    docs = " ".join((Path(__file__).resolve().parent.parent / "docs" / "playground.md").read_text().split())
+    for name, value in playground.SECURITY_HEADERS.items():
+        assert f"`{name}: {value}`" in docs, name
+    assert f"`Cache-Control: {playground.CACHE_CONTROL}`" in docs
 
 
 def test_no_inline_script_or_style_and_nothing_from_elsewhere():
