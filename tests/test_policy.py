@@ -232,6 +232,26 @@ async def test_a_key_at_its_concurrency_limit_can_still_queue_background_jobs(st
         assert done["status"] == "completed" and gated.started == 2
 
 
+async def test_a_background_submit_at_the_concurrency_limit_still_counts_against_rpm(start_proxy, tmp_path):
+    gated = GatedPlaceholder("placeholder", {})
+    cfg = with_keys(tmp_path, {"name": "ci", "key": CI, "concurrency": 1, "rpm": 2})
+    cfg["jobs"] = {"path": str(tmp_path / "jobs.sqlite3")}
+    server, _ = await start_proxy(cfg, providers={"placeholder": gated})
+    first = asyncio.create_task(generate(client_for(server, CI)))  # rpm 1 of 2, and the one slot
+    await wait_for(lambda: gated.started == 1)
+    body = {"model": MODEL, "prompt": "later", "size": "64x64", "background": True}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {CI}"}) as s:
+        async with s.post(server.make_url("/v1/images/generations"), json=body) as r:
+            assert r.status == 202  # rpm 2 of 2
+        with pytest.raises(RateLimitError) as e:  # refused for its slot: counts nothing
+            await generate(client_for(server, CI))
+        assert e.value.body["code"] == "concurrency_limit_exceeded"
+        async with s.post(server.make_url("/v1/images/generations"), json=body) as r:
+            assert r.status == 429 and (await r.json())["error"]["code"] == "rate_limit_exceeded"
+    gated.gate.set()
+    await asyncio.wait_for(first, 10)
+
+
 async def test_a_key_at_its_limit_does_not_hold_the_job_workers(start_proxy, tmp_path):
     """Jobs of a key with no free slot stay queued, in their place, and the workers run other keys' jobs
     (a worker used to wait for the slot while showing the job in_progress, and held everyone's jobs up)."""

@@ -80,8 +80,10 @@ async def generations(gw: Gateway, request: web.Request) -> web.StreamResponse:
         req = await parse_generation(gw, request)
     traced(req)
     if BACKGROUND in request:
+        if gw.policy.enabled:  # a background submit needs no concurrency slot
+            await gw.policy.without_slot(request)
         return await jobs.submit(gw, request, req)
-    if gw.policy.enabled:  # a background submit needs no concurrency slot; this call does
+    if gw.policy.enabled:  # this call needs one
         gw.policy.needs_slot(request)
     if req.stream:
         return await stream.respond(gw, request, replace(req, response_format="b64_json"), "image_generation")

@@ -31,9 +31,10 @@ class ConcurrencyLimited(RateLimited):
     code = "concurrency_limit_exceeded"
 
 
-# An image call of a key whose every concurrency slot was held when it came in: refused once it turns out
-# to need one (a synchronous call, or one passed on), let through when it does not (a background submit:
-# its job takes a slot when it runs). Absent for every call that found a slot.
+# An image call of a key whose every concurrency slot was held when it came in (nothing counted yet): refused
+# once it turns out to need one (a synchronous call, or one passed on), let through when it does not (a
+# background submit: its rpm counts then, and its job takes a slot when it runs). Absent for every call
+# that found a slot.
 SLOT_REFUSED = web.RequestKey("qip_slot_refused", ConcurrencyLimited)
 
 
@@ -197,9 +198,8 @@ class KeyPolicy:
         async def limited(request: web.Request) -> web.StreamResponse:
             try:
                 lease = await self.limits.acquire(key.name, rpm=key.rpm, concurrency=key.concurrency)
-            except ConcurrencyLimited as full:  # (refused, it counted nothing)
-                lease = await self.admit(key, image=False)  # its rpm counts all the same
-                request[SLOT_REFUSED] = full
+            except ConcurrencyLimited as full:  # (refused, it counted nothing: see without_slot)
+                lease, request[SLOT_REFUSED] = NO_LEASE, full
             except RateLimited as e:
                 self._rejected(key, e.code)
                 raise
@@ -209,6 +209,13 @@ class KeyPolicy:
                 await lease.release()
 
         return limited
+
+    async def without_slot(self, request: web.Request) -> None:
+        """A background submit, which needs no concurrency slot: if it came in while every slot of its key
+        was held, its request still counts against the key's rpm (429 past it)."""
+        if request.get(SLOT_REFUSED) is not None:
+            del request[SLOT_REFUSED]
+            await self.admit(request[API_KEY], image=False)
 
     def needs_slot(self, request: web.Request) -> None:
         """An image call about to route (not a background submit): 429 concurrency_limit_exceeded if it came
