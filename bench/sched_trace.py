@@ -13,7 +13,8 @@ kernel.perf_event_paranoid) while one client sends requests one after another, a
   turn (reading the answer and sending the next request);
 - the delay from a wake-up to running (median), by how long that CPU had been idle before: on a virtual
   machine a CPU that halts takes tens of microseconds to come back, and longer the longer it slept;
-- without perf, in a second pass: the CPU time each process spends per request (client, mock, target).
+- without perf, first: the CPU time each process spends per request (client, mock, target), the two
+  targets in turn for --rounds rounds, medians.
 
 The phases include the wake-up delays, and perf's own cost inflates them all: compare the targets within
 one run, not with bench_gateway.py's latencies. See docs/benchmarks.md for what it showed.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -112,13 +114,27 @@ def wake_delays(lines: list[str], pids: set[str]) -> dict[int, list[float]]:
     return found
 
 
+async def cpu_rounds(procs: dict[str, gw.Proc], mock: gw.Proc, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Without perf: the CPU each process spends per request (client, mock, target), the targets in turn for
+    args.rounds rounds (the machine's pace drifts within minutes), medians."""
+    found: dict[str, list[list[float]]] = {name: [] for name in procs}
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = {name: await stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1))) for name in procs}
+        for name, proc in procs.items():
+            await one_at_a_time(sessions[name], proc.base_url, args.size, 1.0)  # warm: connections, caches
+        for _ in range(args.rounds):
+            for name, proc in procs.items():
+                before = own_cpu(), process_cpu(mock.pid), process_cpu(proc.pid)
+                n = await one_at_a_time(sessions[name], proc.base_url, args.size, args.seconds / 2)
+                after = own_cpu(), process_cpu(mock.pid), process_cpu(proc.pid)
+                found[name].append([(b - a) / n * 1e6 for a, b in zip(before, after, strict=True)])
+    return {name: [statistics.median(column) for column in zip(*rows, strict=True)] for name, rows in found.items()}
+
+
 async def trace(name: str, proc: gw.Proc, mock: gw.Proc, args: argparse.Namespace, out: Path) -> dict:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
         await one_at_a_time(http, proc.base_url, args.size, 1.0)  # warm: connections, caches
-        # Without perf: the CPU each process spends per request.
-        cpu0 = own_cpu(), process_cpu(mock.pid), process_cpu(proc.pid)
-        n = await one_at_a_time(http, proc.base_url, args.size, args.seconds)
-        cpu1 = own_cpu(), process_cpu(mock.pid), process_cpu(proc.pid)
         data = out / f"{name}.perf"
         perf = subprocess.Popen(["perf", "sched", "record", "-a", "-o", str(data)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,8 +143,7 @@ async def trace(name: str, proc: gw.Proc, mock: gw.Proc, args: argparse.Namespac
         perf.send_signal(signal.SIGINT)
         perf.wait()
     roles = {str(os.getpid()): "client", str(mock.pid): "mock", str(proc.pid): "target"}
-    return {"requests": traced, "cpu_us": [(b - a) / n * 1e6 for a, b in zip(cpu0, cpu1, strict=True)],
-            "phases": phases(timehist(data, wakeups=True), roles),
+    return {"requests": traced, "phases": phases(timehist(data, wakeups=True), roles),
             "wakes": wake_delays(timehist(data, wakeups=False), set(roles))}
 
 
@@ -137,7 +152,7 @@ def report(results: dict[str, dict]) -> None:
     print("\n| per request (median µs) | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for i, who in enumerate(("client", "mock", "target")):
-        print(f"| CPU time of the {who} (no perf) | " + " | ".join(f"{results[n]['cpu_us'][i]:.0f}" for n in names) + " |")
+        print(f"| CPU time of the {who} (no perf, interleaved) | " + " | ".join(f"{results[n]['cpu_us'][i]:.0f}" for n in names) + " |")
     for phase in PHASES.values():
         print(f"| {phase} | " + " | ".join(f"{results[n]['phases'].get(phase, float('nan')):.0f}" for n in names) + " |")
     print("| the cycle | " + " | ".join(f"{sum(results[n]['phases'].values()):.0f}" for n in names) + " |")
@@ -157,7 +172,8 @@ def report(results: dict[str, dict]) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="64x64", choices=["64x64", "1024x1024"])
-    parser.add_argument("--seconds", type=float, default=3.0, help="of requests per target and pass")
+    parser.add_argument("--seconds", type=float, default=3.0, help="of requests per target under perf")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the CPU pass (each seconds/2)")
     parser.add_argument("--keep", type=Path, help="keep the perf data and logs in this folder")
     args = parser.parse_args()
     if shutil.which("perf") is None:
@@ -165,21 +181,24 @@ async def main() -> None:
     out = args.keep or Path(tempfile.mkdtemp(prefix="sched-trace-"))
     out.mkdir(parents=True, exist_ok=True)
     mock = gw.start_mock(out)
+    procs: dict[str, gw.Proc] = {}
     results = {}
     try:
         for name in ("floor", "proxy"):
-            proc = gw.start_proxy(out, mock.base_url, name)
-            try:
-                results[name] = await trace(name, proc, mock, args, out)
-            finally:
-                proc.stop()
+            procs[name] = gw.start_proxy(out, mock.base_url, name)
+        cpu = await cpu_rounds(procs, mock, args)
+        for name, proc in procs.items():
+            results[name] = {**await trace(name, proc, mock, args, out), "cpu_us": cpu[name]}
             if not results[name]["phases"]:
                 sys.exit(f"perf recorded no scheduler events (is kernel.perf_event_paranoid too high?); see {out}")
     finally:
+        for proc in procs.values():
+            proc.stop()
         mock.stop()
         if args.keep is None:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"{args.size} at c=1, {args.seconds:.0f} s per target and pass; "
+    print(f"{args.size} at c=1: CPU from {args.rounds} interleaved rounds of {args.seconds / 2:.1f} s per target, "
+          f"perf {args.seconds:.0f} s per target; "
           + ", ".join(f"{n}: {r['requests']} requests traced" for n, r in results.items()))
     report(results)
 
