@@ -3,6 +3,7 @@ built without torchvision), 1 to 3 input images, masks (inpainting), validation,
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 
@@ -12,9 +13,11 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 import numpy as np  # noqa: E402
+from openai import BadRequestError  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from local_backend import Engine, EngineConfig, EngineError, GenerationParams, InvalidParamsError  # noqa: E402
+from tests.conftest import base_config  # noqa: E402
 from tests.local_helpers import image_bytes, noise_image, tiny_edit_pipeline_dir  # noqa: E402
 
 STEPS = 2
@@ -364,3 +367,23 @@ async def test_a_too_narrow_input_names_the_param_the_client_sent(start_proxy, t
             "model": "tiny-edit", "prompt": "make it red", "size": "64x64",
             "images": [{"image_url": square}, {"image_url": url}]})
     assert "too narrow" in e.value.body["message"] and e.value.body["param"] == "images"
+
+
+async def test_a_generation_for_an_edit_model_points_to_edits_or_goes_to_a_route_that_generates(
+        start_proxy, tmp_path, tiny_edit_dir):
+    # It was a 400 "this model edits images: give 1 to 3 input images" (param images), and on a model with a
+    # route that generates after the edit route, that 400 came back without trying it.
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local-edit"] = {"kind": "diffusers", "model": str(tiny_edit_dir), "task": "edit",
+                                      "device": "cpu", "default_steps": STEPS}
+    cfg["models"]["edit-only"] = {"sizes": "qwen-image", "routes": ["local-edit"], "max_input_images": 3}
+    cfg["models"]["edit-or-text"] = {"sizes": "qwen-image", "routes": ["local-edit", "placeholder"],
+                                     "max_input_images": 3}
+    _, client = await start_proxy(cfg)
+    with pytest.raises(BadRequestError) as e:
+        await client.images.generate(model="edit-only", prompt="a fox", size="64x64")
+    assert e.value.body["param"] == "model" and "/v1/images/edits" in e.value.body["message"]
+    r = await client.images.with_raw_response.generate(model="edit-or-text", prompt="a fox", size="64x64",
+                                                       response_format="b64_json")
+    assert r.headers["x-qip-route"] == "placeholder"
+    assert Image.open(io.BytesIO(base64.b64decode(r.parse().data[0].b64_json))).size == (64, 64)

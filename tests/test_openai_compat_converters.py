@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
+from proxy import parse_config
 from proxy.config import RouteConfig
 from proxy.errors import (
     InvalidRequest,
@@ -388,3 +389,13 @@ def test_split_answer_never_raises(raw):
     doc = split_answer(raw)
     if doc is not None:
         assert isinstance(doc, dict)
+
+
+def test_an_unset_base_url_variable_is_named(tmp_path):
+    # "no base_url configured" left the operator to guess that ${LUMEN_URL} was unset (the key's case named it).
+    cfg = {"providers": {"up": {"kind": "openai", "base_url": "${LUMEN_URL}", "api_key": "k"}},
+           "models": {"m": {"routes": ["up"]}}, "store": {"path": str(tmp_path / "images")}}
+    config = parse_config(cfg, env={})
+    provider = OpenAICompatProvider("up", config.providers["up"].options, config.missing_vars.get("up"))
+    assert provider.unavailable_reason == "no base_url configured (set LUMEN_URL)"
+    assert OpenAICompatProvider("up", {"api_key": "k"}).unavailable_reason == "no base_url configured"

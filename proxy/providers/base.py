@@ -28,6 +28,8 @@ class Capabilities:
     edits: bool = False
     # Whether it takes a mask with an edit.
     masks: bool = False
+    # Whether it makes images from text alone (an edit-only model does not).
+    generates: bool = True
 
 
 @dataclass

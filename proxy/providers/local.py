@@ -50,6 +50,7 @@ from .local_convert import (
     decode_inputs,
     encode_all,
     engine_config,
+    generates,
     model_abilities,
     request_tier,
     to_params,
@@ -164,7 +165,7 @@ class LocalProvider(Provider):
         edits, masks = model_abilities(self.config) if self.config else (False, False)
         self.capabilities = Capabilities(
             max_images_per_call=per_call, output_formats=frozenset(MIME), output_compression=True,
-            edits=edits, masks=masks,
+            edits=edits, masks=masks, generates=generates(self.config) if self.config else True,
         )
         # The speed tiers ([{name, steps, cfg_scale}], base first), when there are more than base, and the
         # block cache's levels (fal's acceleration), when one is configured (local_backend.accel).

@@ -76,6 +76,12 @@ def model_abilities(config: EngineConfig) -> tuple[bool, bool]:
     return edits, edits
 
 
+def generates(config: EngineConfig) -> bool:
+    """Whether the configured model makes images from text alone: an edit model (task: edit) does not,
+    unless its pipeline also generates (Qwen-Image-2.1)."""
+    return config.task != "edit" or declared_pipeline(config) in UNIFIED_PIPELINES
+
+
 def request_tier(req: ImageRequest, config: EngineConfig) -> str | None:
     """The speed tier a request asks for (local_backend.tiers.choose_tier): the `tier` field, fal's
     use_turbo / acceleration, or OpenAI's quality through quality_tiers. None: base."""

@@ -59,7 +59,7 @@ from .base import (
     read_answer,
     started,
 )
-from .local_convert import advertised_accelerations, advertised_tiers, model_abilities
+from .local_convert import advertised_accelerations, advertised_tiers, generates, model_abilities
 from .ray_convert import images_from_reply, reencode, to_wire, unb64
 from .ray_transport import OnPartial, app_status, call_handle, call_http, connect, disconnect
 
@@ -119,7 +119,7 @@ class RayProvider(Provider):
         edits, masks = model_abilities(self.engine_config)
         self.capabilities = Capabilities(
             max_images_per_call=self.engine_config.max_batch, output_formats=frozenset({"png"}),
-            output_compression=False, edits=edits, masks=masks,
+            output_compression=False, edits=edits, masks=masks, generates=generates(self.engine_config),
         )
         # What /v1/models lists (and the playground offers): the same as an in-process engine of these options.
         self.tiers: list[dict] | None = advertised_tiers(self.engine_config)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import ModelConfig, RouteConfig, RoutingConfig
 from ..errors import (
+    InvalidRequest,
     ModelLoading,
     ProxyError,
     RateLimited,
@@ -103,6 +104,10 @@ class Router:
                       _retries(r, providers[r.provider], self.routing))
                 for r in cfg.routes
             ]
+        # Models with a route that edits only (an edit model on a local GPU): a generation skips those routes,
+        # and is the client's mistake where no route generates (a 400 pointing at /v1/images/edits).
+        self._edit_only_routes = {model for model, routes in self.routes.items()
+                                  if any(not r.provider.capabilities.generates for r in routes)}
 
     def candidates(self, model: str) -> list[Route]:
         """Routes that serve now or will once their model has loaded."""
@@ -129,6 +134,11 @@ class Router:
                 what = "an edit with a mask" if req.mask is not None else "edits"
                 raise ServiceUnavailable(f"No usable route of model '{req.model}' takes {what}.")
             routes = able
+        elif req.model in self._edit_only_routes:
+            routes = [r for r in routes if r.provider.capabilities.generates]
+            if not routes:
+                raise InvalidRequest(f"The model '{req.model}' edits images: it makes none from text alone. Send "
+                                     "the request to /v1/images/edits with the image(s) to edit.", param="model")
         attempts: list[tuple[str, str]] = []
         failures: list[ProxyError] = []
         tried: Route | None = None
