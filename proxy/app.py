@@ -249,6 +249,10 @@ class Dispatcher:
                     raise
                 self.gw.metrics.passthrough.labels(status=str(response.status)).inc()
                 return response
+            if request.path.startswith("/v1/") and not self.gw.passthrough:  # (an app pointed here for chat too)
+                raise NotFound(f"Invalid URL ({request.method} {request.path}): this server answers OpenAI's "
+                               "images API; other calls are forwarded only where it sets passthrough.base_url.",
+                               code="unknown_url")
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
         except ProxyError as e:
             return with_id(self.gw.scrubber.error(e).to_response(), request_id)
