@@ -7,15 +7,19 @@ the point is that the name never reaches it.
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 
 import aiohttp
 import pytest
 from aiohttp import web
+from PIL import Image
 
 from proxy.errors import InvalidRequest
 from proxy.media.fetch import FetchFailed, FetchPolicy, FetchRefused, GuardedFetcher
 from proxy.media.inputs import InputReader
+from proxy.media.output import fetch_image
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream
@@ -44,7 +48,9 @@ async def server(aiohttp_server):
 
 # Names no DNS can hold (an empty label, a label over 63 characters, a name over 253): the system
 # resolver's IDNA step raised UnicodeError, which no caller expects from the fetcher.
-BAD_NAMES = ["x..example.com", "a" * 64 + ".example.com", ".example.com", ("abcdefghi." * 26) + "example.com"]
+# The last: an IPv6-looking host of 400 characters, whose whole text the refusal used to quote.
+BAD_NAMES = ["x..example.com", "a" * 64 + ".example.com", ".example.com", ("abcdefghi." * 26) + "example.com",
+             "[" + "1:" * 200 + "1]"]
 
 
 @pytest.mark.parametrize("host", BAD_NAMES)
@@ -128,3 +134,65 @@ async def test_unicode_allowlist_entries_match_the_names_they_stand_for(server):
     assert names.calls == ["xn--bcher-kva.test", "xn--bcher-kva.test", "img.xn--bcher-kva.test"]
     # An entry that is no host name at all stays as written (it matches nothing) rather than stopping startup.
     assert "bad..entry" in FetchPolicy(allowed_hosts=frozenset({"bad..entry"})).allowed_hosts
+
+
+def _png_b64() -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+async def test_a_data_url_in_upper_case_is_a_data_url(aiohttp_server, start_proxy, tmp_path):
+    """A URL scheme is case-insensitive: `DATA:image/png;BASE64,...` is an image, not a URL to fetch. It was a
+    400 "image URLs are not fetched by this server; send ... a data: URL", or, with input_image_hosts set,
+    "could not be fetched: data: URLs are handled by the caller"."""
+    up = await FakeOpenAIUpstream().start(aiohttp_server)
+    image = _png_b64()
+    for hosts in ([], ["*.example.com"]):
+        cfg = base_config(tmp_path)
+        cfg["size_tables"]["small"] = SMALL_SIZES
+        cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": up.api_key}
+        cfg["models"]["qwen-image-edit"] = {"sizes": "small", "routes": ["up"], "max_input_images": 1}
+        cfg["fetch"] = {"input_image_hosts": hosts}
+        proxy, _ = await start_proxy(cfg)
+        for url in (f"DATA:image/png;base64,{image}", f"Data:image/png;BASE64,{image}"):
+            body = {"model": "qwen-image-edit", "prompt": "x", "images": [{"image_url": url}]}
+            async with aiohttp.ClientSession() as s, s.post(proxy.make_url("/v1/images/edits"), json=body) as r:
+                answer = await r.json()
+            assert r.status == 200, answer
+            assert len(answer["data"]) == 1
+    assert len(up.edit_forms) == 4
+    # An upstream answer's image in an upper-case data URI is decoded, not handed to the fetcher.
+    fetcher = GuardedFetcher()
+    try:
+        assert await fetch_image(fetcher, f"DATA:image/png;BASE64,{image}", FetchPolicy()) == base64.b64decode(image)
+    finally:
+        await fetcher.close()
+
+
+async def test_broken_punycode_with_tracing_on_is_a_failed_fetch_not_a_500(aiohttp_server, start_proxy, tmp_path,
+                                                                             monkeypatch):
+    """With telemetry on, the client span's hook read url.host, which raises UnicodeError on `xn--a`: an edit
+    naming such a host (a wildcard DNS answers for it) got a 500 (webhooks: test_jobs_hostile)."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from .otlp_receiver import OtlpReceiver
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2")
+    receiver = await OtlpReceiver().start(aiohttp_server)
+    up = await FakeOpenAIUpstream().start(aiohttp_server)
+    port = up.url.rsplit(":", 1)[1]
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = SMALL_SIZES
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": f"{up.url}/v1", "api_key": up.api_key}
+    cfg["models"]["qwen-image-edit"] = {"sizes": "small", "routes": ["up"], "max_input_images": 1}
+    # *.localhost is loopback whatever DNS says: the name reaches the connect without a DNS server.
+    cfg["fetch"] = {"input_image_hosts": ["*.localhost"], "allowed_networks": ["127.0.0.0/8"], "allow_http": True}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    proxy, _ = await start_proxy(cfg)
+    body = {"model": "qwen-image-edit", "prompt": "x", "images": [{"image_url": f"http://xn--a.localhost:{port}/x"}]}
+    async with aiohttp.ClientSession() as s, s.post(proxy.make_url("/v1/images/edits"), json=body) as r:
+        error = (await r.json())["error"]
+    assert r.status == 400, error
+    assert error["code"] == "invalid_image_url" and "fetching from xn--a.localhost failed" in error["message"]
+    assert up.edit_forms == []

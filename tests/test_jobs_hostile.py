@@ -174,3 +174,25 @@ async def test_a_broken_job_database_is_a_503_not_a_crash(start_proxy, tmp_path)
                                 json={"model": MODEL, "prompt": "x", "background": True})
     assert status == 202
     assert (await wait_done(server, job["id"]))["status"] == "completed"
+
+
+async def test_a_webhook_host_with_broken_punycode_fails_its_delivery_with_tracing_on(start_proxy, tmp_path,
+                                                                                      aiohttp_server, monkeypatch):
+    # `xn--a` passes the address rules (*.localhost is loopback, let through here); the client span's hook
+    # then raised UnicodeError out of every attempt: none was recorded and the message stayed pending for ever.
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+    from .otlp_receiver import OtlpReceiver
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2")
+    traces = await OtlpReceiver().start(aiohttp_server)
+    receiver = await Receiver().start(aiohttp_server)
+    cfg = jobs_config(tmp_path, webhook_retry_window=1)
+    cfg["telemetry"] = {"otlp_endpoint": traces.url}
+    server, client = await start_proxy(cfg)
+    port = receiver.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    _, _, job = await submit(client, size="64x64", webhook_url=f"http://xn--a.localhost:{port}/hook")
+    done = await wait_delivery(server, job["id"], "failed", timeout=20)
+    attempts = done["webhook"]["deliveries"][0]["attempts"]
+    assert attempts and all("UnicodeError" in a["error"] for a in attempts)
+    assert receiver.arrivals == []

@@ -208,7 +208,7 @@ class GuardedFetcher:
                     _PINNED.reset(token)
         except TimeoutError:
             raise FetchFailed(f"no answer within {policy.timeout:g} s") from None
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, UnicodeError) as e:  # UnicodeError: see _get
             raise FetchFailed(f"sending to {host} failed ({e.__class__.__name__})") from None
 
     async def _fetch(self, url: str, policy: FetchPolicy) -> bytes:
@@ -253,7 +253,9 @@ class GuardedFetcher:
         host = raw_host.lower().rstrip(".")
         if not host or "%" in host:
             raise FetchRefused(f"host {raw_host[:100]} is not a valid host name")
-        problem = host_name_problem(host) if ":" not in host else None
+        # An IPv6 literal skips the DNS-name rules, but not the length: messages show the host.
+        problem = host_name_problem(host) if ":" not in host else ("is longer than 253 characters"
+                                                                   if len(host) > 253 else None)
         if problem:
             raise FetchRefused(f"host {host[:100]} is not a valid host name: it {problem}")
         if not policy.host_allowed(host):
@@ -309,6 +311,8 @@ class GuardedFetcher:
         """One hop: the body on 200, the Location of a redirect, else FetchFailed.
 
         Messages name url.raw_host: url.host decodes punycode and raises UnicodeError on a broken label.
+        So may a trace hook that reads url.host (the gateway's client spans): that is a failed fetch too,
+        not an error no caller expects (a 500, a webhook delivery that never records its attempt).
         """
         try:
             async with self._http().get(url, allow_redirects=False,
@@ -332,7 +336,7 @@ class GuardedFetcher:
                         raise FetchFailed(f"the body is larger than the {policy.max_bytes} byte limit")
                     chunks.append(chunk)
                 return b"".join(chunks)
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, UnicodeError) as e:
             raise FetchFailed(f"fetching from {url.raw_host} failed ({e.__class__.__name__})") from None
 
 

@@ -101,7 +101,7 @@ def _upright(im: Image.Image, param: str) -> InputImage | None:
 
 def _data_url(url: str, param: str, max_bytes: int) -> bytes:
     header, _, payload = url.partition(",")
-    if ";base64" not in header:
+    if ";base64" not in header.lower():
         raise InvalidRequest(f"Invalid '{param}': a data URL must be base64.", param=param, code="invalid_image")
     if len(payload) > max_bytes * 4 // 3 + 4:
         raise InvalidRequest(f"Invalid '{param}': the image is larger than {max_bytes} bytes.", param=param,
@@ -153,7 +153,7 @@ class InputReader:
             return await asyncio.to_thread(fn, *args)
 
     async def from_url(self, param: str, url: str) -> InputImage:
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":  # a scheme is case-insensitive: DATA:image/png;base64,... is one too
             # Decoding tens of megabytes of base64 is CPU work: in the thread, with the check.
             return await self._check(self._check_data_url, param, url)
         if self.policy is None:

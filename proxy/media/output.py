@@ -204,9 +204,9 @@ def reencode(data: bytes, info: ImageInfo, target: str | None, compression: int 
 
 async def fetch_image(fetcher: GuardedFetcher, url: str, policy: FetchPolicy) -> bytes:
     """An upstream image by URL (through the guarded fetcher) or data URI."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":  # any case: the fetcher refuses data: URLs, they are decoded here
         header, _, payload = url.partition(",")
-        if ";base64" not in header:
+        if ";base64" not in header.lower():
             raise UpstreamError("the route returned a data URI that is not base64")
         if len(payload) > policy.max_bytes * 4 // 3 + 4:
             raise UpstreamError(f"the image is larger than the {policy.max_bytes} byte download limit")
