@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 import aiohttp
 import pytest
@@ -196,3 +198,31 @@ async def test_a_webhook_host_with_broken_punycode_fails_its_delivery_with_traci
     attempts = done["webhook"]["deliveries"][0]["attempts"]
     assert attempts and all("UnicodeError" in a["error"] for a in attempts)
     assert receiver.arrivals == []
+
+
+async def test_webhook_hosts_on_a_slow_dns_do_not_stall_image_work(start_proxy, tmp_path, monkeypatch):
+    # A webhook_url's host is resolved when the job is submitted. A zone whose DNS server answers late (an
+    # attacker's) held a thread of the event loop's default executor per lookup, where images are rendered,
+    # checked and encoded: eight such submits stalled every other client's images for the whole lookup.
+    real_getaddrinfo = socket.getaddrinfo
+
+    def slow_dns(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".slow.test"):
+            time.sleep(3)  # the resolver waiting on a DNS server that is slow to answer
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    server, client = await start_proxy(jobs_config(tmp_path))
+    hooks = [asyncio.ensure_future(http(server, "POST", "/v1/images/generations",
+                                        json={"model": MODEL, "prompt": "x", "background": True,
+                                              "webhook_url": f"https://h{i}.slow.test/hook"}))
+             for i in range(8)]
+    await asyncio.sleep(0.5)  # the lookups are under way
+    started = time.monotonic()
+    image = await client.images.generate(model=MODEL, prompt="a lighthouse", size="64x64",
+                                         response_format="b64_json")
+    took = time.monotonic() - started
+    assert image.data[0].b64_json and took < 2, f"an image took {took:.1f} s behind the webhook lookups"
+    for status, _, error in await asyncio.gather(*hooks):
+        assert status == 400 and error["error"]["code"] == "invalid_webhook_url", error

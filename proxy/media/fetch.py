@@ -27,6 +27,7 @@ import inspect
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -50,6 +51,8 @@ __all__ = ["FetchError", "FetchFailed", "FetchPolicy", "FetchRefused", "GuardedF
 HostResolver = Callable[[str], Iterable[str] | Awaitable[Iterable[str]]]
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Threads for the fetcher's own name lookups (see GuardedFetcher._lookups).
+LOOKUP_THREADS = 16
 
 
 class FetchError(Exception):
@@ -153,6 +156,10 @@ class GuardedFetcher:
         self.resolver = resolver
         self.trace_configs = trace_configs  # client spans for the downloads, when the gateway traces
         self._session: aiohttp.ClientSession | None = None
+        # getaddrinfo blocks a thread until the DNS server answers, and the names come from clients and
+        # upstreams: a zone that answers late would hold the loop's default executor, where images are
+        # decoded and encoded, and stall every request. Lookups wait on threads of their own instead.
+        self._lookups: ThreadPoolExecutor | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -177,6 +184,9 @@ class GuardedFetcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)  # a lookup still waiting is not waited for
+            self._lookups = None
 
     async def fetch(self, url: str, policy: FetchPolicy) -> bytes:
         """The body of `url` after following allowed redirects, or FetchRefused / FetchFailed."""
@@ -284,7 +294,10 @@ class GuardedFetcher:
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
         try:
             if self.resolver is None:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                if self._lookups is None:
+                    self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="qip-fetch-dns")
+                infos = await asyncio.get_running_loop().run_in_executor(
+                    self._lookups, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
                 raw = [info[4][0] for info in infos]
             elif isinstance(self.resolver, AbstractResolver):
                 raw = [r["host"] for r in await self.resolver.resolve(host, port, socket.AF_UNSPEC)]
