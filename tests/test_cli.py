@@ -190,3 +190,53 @@ def test_serve_answers_and_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_says_at_start_which_route_it_skips_behind_a_fallback(tmp_path):
+    # README's smallest config: without the key the upstream is skipped "(said once at start-up)" and the
+    # placeholder answers; before, only a model with no usable route at all was reported, so a key set
+    # under the wrong name left the placeholder answering in silence.
+    data = {"providers": {"placeholder": {"kind": "placeholder"},
+                          "upstream": {"kind": "openai", "base_url": "https://upstream.invalid/v1",
+                                       "api_key": "${QIP_TEST_UNSET_KEY}"}},
+            "models": {"qwen-image": {"routes": [{"provider": "upstream", "model": "qwen-image"}, "placeholder"]}}}
+    path = write_config(tmp_path, data)
+    env = cli_env(tmp_path)
+    env.pop("QIP_TEST_UNSET_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        before = []
+        for line in proc.stdout:
+            if "serving on" in line:
+                break
+            before.append(line)
+        said = [line for line in before if "upstream" in line]
+        assert len(said) == 1, before
+        assert "model qwen-image: route 'upstream' skipped" in said[0]
+        assert "no API key (set QIP_TEST_UNSET_KEY)" in said[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# A proxy-only install (`pip install .`, no torch, diffusers or transformers), as the install page offers.
+WITHOUT_TORCH = ("import runpy, sys; sys.modules.update(dict.fromkeys(('torch', 'diffusers', 'transformers')));"
+                 " runpy.run_module('proxy', run_name='__main__')")
+
+
+def test_a_proxy_only_install_says_the_local_routes_need_the_local_extra(tmp_path):
+    # Before, check-config, models and serve ended in a ModuleNotFoundError traceback on any config with a
+    # diffusers route (the shipped models.yaml has several), instead of naming what to install.
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    why = "route 'tiny': the local backend is not installed (torch); install with pip install '.[local]'"
+    for args in (["check-config", "--config", str(path)], ["models", "--config", str(path)]):
+        out = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=tmp_path, env=cli_env(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "Traceback" not in out.stderr
+        said = out.stdout + out.stderr
+        assert (why in said) if args[0] == "check-config" else (why.split(": ", 1)[1] in said), said

@@ -139,6 +139,13 @@ class Gateway:
             for name in self.config.models:
                 if not self.router.usable(name):
                     log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
+                    continue
+                # A route skipped for good (no key, no GPU) while another serves: said once, or a key set
+                # under the wrong name would leave the fallback answering in silence. Loading ones join later.
+                for route in self.router.routes[name]:
+                    if route.provider.unavailable_reason is not None and route.provider.state != "loading":
+                        log.warning("model %s: route '%s' skipped, the next routes serve: %s",
+                                    name, route.name, route.provider.unavailable_reason)
             self._started = True
 
     def _job_runner(self) -> JobRunner:

@@ -153,7 +153,7 @@ class LocalProvider(Provider):
             self.config = engine_config(options)
         except ImportError as e:
             self.config = None
-            self._state = f"the local backend is not installed ({e.name}); install with pip install '.[local]'"
+            self._state = _not_installed(e)
         except (TypeError, ValueError) as e:
             self.config = None
             self._state = f"invalid options: {e}"
@@ -259,15 +259,18 @@ class LocalProvider(Provider):
 
     def _precheck(self) -> str | None:
         """Why loading would fail before trying: no GPU where one is asked for, weights not on disk."""
-        import torch
+        try:
+            import torch
 
-        config = self._engine_config
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            return "no CUDA GPU on this machine"
+            config = self._engine_config
+            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                return "no CUDA GPU on this machine"
 
-        self._static_warnings = static_warnings(config, device)  # off the event loop: imports diffusers
-        problems = static_problems(config, device)
+            self._static_warnings = static_warnings(config, device)  # off the event loop: imports diffusers
+            problems = static_problems(config, device)
+        except ImportError as e:  # a proxy-only install (pip install .): the route is unusable, said so
+            return _not_installed(e)
         if problems:
             return problems[0]
         return weights_problem(config) or gguf_problem(config)
@@ -396,6 +399,10 @@ class LocalProvider(Provider):
         if revised is not None:
             params.prompt = revised
         return revised
+
+
+def _not_installed(e: ImportError) -> str:
+    return f"the local backend is not installed ({e.name}); install with pip install '.[local]'"
 
 
 def _engine_max_n() -> int:
