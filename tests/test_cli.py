@@ -240,3 +240,33 @@ def test_a_proxy_only_install_says_the_local_routes_need_the_local_extra(tmp_pat
         assert "Traceback" not in out.stderr
         said = out.stdout + out.stderr
         assert (why in said) if args[0] == "check-config" else (why.split(": ", 1)[1] in said), said
+
+
+def test_a_model_still_loading_at_start_is_no_warning(tmp_path):
+    # The shipped tiny models load in a second after `serve` starts: each was a WARNING "has no usable
+    # route yet" on every first run, beside the real ones (a key or a GPU missing).
+    data = tiny_config(tmp_path)
+    data["providers"]["upstream"] = {"kind": "openai", "base_url": "https://upstream.invalid/v1",
+                                     "api_key": "${QIP_TEST_UNSET_KEY}"}
+    data["models"]["keyless"] = {"sizes": "tiny", "routes": [{"provider": "upstream", "model": "m"}]}
+    path = write_config(tmp_path, data)
+    env = cli_env(tmp_path)
+    env.pop("QIP_TEST_UNSET_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        before = []
+        for line in proc.stdout:
+            if "serving on" in line:
+                break
+            before.append(line)
+        (loading,) = [line for line in before if "model tiny has no usable route yet" in line]
+        assert " INFO " in loading and "loading the model" in loading
+        (keyless,) = [line for line in before if "model keyless has no usable route yet" in line]
+        assert " WARNING " in keyless and "no API key (set QIP_TEST_UNSET_KEY)" in keyless
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -138,13 +138,16 @@ class Gateway:
                     log.warning("background jobs are not running: %s", e.message)
             for name in self.config.models:
                 if not self.router.usable(name):
-                    log.warning("model %s has no usable route yet: %s", name, self.router.why_unusable(name))
+                    # One still loading serves in a moment (the tiny ones in a second): not a warning.
+                    loading = any(r.provider.state == "loading" for r in self.router.routes[name])
+                    log.log(logging.INFO if loading else logging.WARNING, "model %s has no usable route yet: %s",
+                            name, self.router.why_unusable(name))
                     continue
                 # A route skipped for good (no key, no GPU) while another serves: said once, or a key set
                 # under the wrong name would leave the fallback answering in silence. Loading ones join later.
                 for route in self.router.routes[name]:
                     if route.provider.unavailable_reason is not None and route.provider.state != "loading":
-                        log.warning("model %s: route '%s' skipped, the next routes serve: %s",
+                        log.warning("model %s: route '%s' skipped, the model's other routes serve: %s",
                                     name, route.name, route.provider.unavailable_reason)
             self._started = True
 
