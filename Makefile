@@ -1,10 +1,13 @@
+# make help  - this list (also what a bare `make` prints)
 # make run   - install what serving needs into .venv and serve with models.yaml
 #              (make run CONFIG=other.yaml PORT=9000 HOST=0.0.0.0)
+# make install, make install-test - only the installs of `make run` and `make test`
 # make lint  - ruff and the type check (mypy), the same checks as pre-commit (.pre-commit-config.yaml)
 # make test  - install the test tools too, lint, build the docs (strict) and run the test suite
 # make docs  - build the documentation site into site/ (mkdocs build --strict: a broken link fails)
 # make bench - print benchmark numbers (not tests)
 # make bench-burst - thousands of requests in flight at once, then py-spy on the proxy (~12 minutes)
+# make clean - remove .venv, var/ (stored images, the usage ledger), site/ and the tools' caches
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +21,12 @@ TEST_STAMP := $(VENV)/.installed-test
 
 SERVE_ARGS := --config $(CONFIG) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-.PHONY: install install-test run test lint docs bench bench-burst clean
+.PHONY: help install install-test run test lint docs bench bench-burst clean
+# A bare `make` prints the targets rather than starting a multi-minute install.
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n 's/^# \(make .*\)/\1/p; s/^#   \( *(.*\)/    \1/p' $(firstword $(MAKEFILE_LIST))
 
 install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)

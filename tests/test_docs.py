@@ -257,3 +257,17 @@ def test_readme_links_point_at_pages_and_headings():
         if anchor:
             headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
             assert anchor in {slugify(h, "-") for h in headings}, f"README.md: no heading #{anchor} in {target}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_a_bare_make_lists_the_targets_and_installs_nothing(tmp_path):
+    # Before, `make` alone ran the first target, `install`: a multi-minute torch download, and `make help`
+    # was "No rule to make target". Every target a page names is in the list.
+    venv = tmp_path / "venv"
+    for args in ([], ["help"]):
+        out = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), f"VENV={venv}", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert not venv.exists()
+        listed = set(re.findall(r"\bmake ([a-z][\w-]*)", out.stdout))
+        assert {"run", "test", "lint", "docs", "install-test", "clean"} <= listed, out.stdout
