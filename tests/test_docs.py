@@ -271,3 +271,12 @@ def test_a_bare_make_lists_the_targets_and_installs_nothing(tmp_path):
         assert not venv.exists()
         listed = set(re.findall(r"\bmake ([a-z][\w-]*)", out.stdout))
         assert {"run", "test", "lint", "docs", "install-test", "clean"} <= listed, out.stdout
+
+
+def test_the_home_page_and_the_readme_list_every_page():
+    # The site's home page had no row for usage-and-budgets.md: only the nav reached it.
+    pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
+    index = (ROOT / "docs/index.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert [p for p in pages if p != "index.md" and f"({p})" not in index] == []
+    assert [p for p in pages if p != "index.md" and f"(docs/{p})" not in readme] == []
