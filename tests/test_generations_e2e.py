@@ -591,6 +591,13 @@ async def test_missing_key_skips_route(start_proxy, tmp_path, fake_upstream):
     err = assert_openai_error(e.value.response.text, code="no_route_available")
     assert "QIP_TEST_MISSING_KEY" in err["message"] and "nokey" in err["message"]
     assert a.requests == []
+    # No key will appear within the SDK's retries: it is told not to make them (it asked once, not three times).
+    assert e.value.response.headers["x-should-retry"] == "false"
+    retrying = client.with_options(max_retries=2)
+    with pytest.raises(InternalServerError):
+        await retrying.images.generate(model="dead", prompt="p")
+    status, _, text = await call(server, "GET", "/metrics")
+    assert 'qip_requests_total{endpoint="/v1/images/generations",model="dead",status="503"} 2.0' in text
 
     status, _, text = await call(server, "GET", "/health")
     health = json.loads(text)
