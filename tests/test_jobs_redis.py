@@ -4,6 +4,7 @@ exactly once, whichever proxy took it in, and a job whose proxy died is taken ov
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 
 import pytest
@@ -143,3 +144,24 @@ async def test_a_claim_passes_over_owners_with_no_free_slot_and_a_job_put_back_k
         assert again is not None and again.id == jobs[0].id  # in its place, ahead of the later one
     finally:
         await store.close()
+
+
+async def test_redis_away_is_logged_once_then_back_once(start_proxy, tmp_path, aiohttp_server, redis_server,  # noqa: F811
+                                                        caplog):
+    """The claim loop, the lease keeper and the webhook sender each logged every failed Redis call: ~20
+    warnings a second for as long as Redis was away."""
+    caplog.set_level(logging.INFO, logger="proxy.jobs")
+    fake = await FakeOpenAIUpstream().start(aiohttp_server)
+    server, _ = await start_proxy(redis_jobs_config(tmp_path, redis_server.url, fake))
+    await asyncio.sleep(0.3)
+    caplog.clear()
+    redis_server.stop()
+    await asyncio.sleep(3)
+    away = [r.getMessage() for r in caplog.records if r.name == "proxy.jobs"]
+    assert 1 <= len(away) <= 3, away  # the store's first failure, and the claim loop's once
+    redis_server.start()
+    for _ in range(100):
+        if any("Redis answers again" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.1)
+    assert any("Redis answers again" in r.getMessage() for r in caplog.records)

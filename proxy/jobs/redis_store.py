@@ -21,6 +21,8 @@ from .model import IN_PROGRESS, Job
 from .store import JobStoreUnavailable
 
 log = logging.getLogger("proxy.jobs")
+# While Redis stays away, its failure is logged once and then at most this often.
+FAILURE_LOG_SECONDS = 60.0
 
 _CREATE = """
 local p, id = ARGV[1], ARGV[2]
@@ -141,6 +143,8 @@ class RedisJobStore:
                 from None
         self.url, self.prefix, self.socket_timeout, self.ttl = url, prefix, socket_timeout, ttl
         self._client: Any = None
+        self._failing_since: float | None = None  # when Redis stopped answering (None: it answers)
+        self._failure_logged = 0.0
 
     @property
     def client(self) -> Any:
@@ -155,10 +159,22 @@ class RedisJobStore:
         from redis.exceptions import RedisError
 
         try:
-            return await asyncio.wait_for(awaitable, self.socket_timeout * 2)
+            found = await asyncio.wait_for(awaitable, self.socket_timeout * 2)
         except (RedisError, OSError, TimeoutError) as e:
-            log.warning("jobs: Redis call failed: %s", type(e).__name__)  # the URL may hold a password
+            # Said once, then once a minute while Redis stays away: the claim loop, the lease keeper and the
+            # webhook sender call it many times a second (20 warnings/s). The URL may hold a password.
+            now = time.monotonic()
+            if self._failing_since is None or now - self._failure_logged >= FAILURE_LOG_SECONDS:
+                since = "" if self._failing_since is None else f" (for {now - self._failing_since:.0f} s)"
+                log.warning("jobs: Redis call failed%s: %s", since, type(e).__name__)
+                self._failure_logged = now
+                if self._failing_since is None:
+                    self._failing_since = now
             raise JobStoreUnavailable() from None
+        if self._failing_since is not None:
+            log.warning("jobs: Redis answers again after %.0f s", time.monotonic() - self._failing_since)
+            self._failing_since = None
+        return found
 
     async def _eval(self, script: str, *args: Any) -> Any:
         return await self._call(self.client.eval(script, 0, self.prefix, *args))

@@ -76,6 +76,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self.webhooks = WebhookSender(store, settings, deliverer, self.worker, metrics=metrics, tracing=tracing)
         self._loops: list[asyncio.Task] = []
+        self._claim_failing = False
         self.stopping = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -151,8 +152,12 @@ class JobRunner:
                 try:
                     job = await self.store.claim(self.worker, self.settings.lease_seconds, frozenset(full))
                 except ProxyError as e:
-                    log.warning("jobs: cannot claim: %s", e.message)
+                    if not self._claim_failing:  # once per outage (the store logs its own failures)
+                        log.warning("jobs: cannot claim: %s", e.message)
+                    self._claim_failing = True
                     job = None
+                else:
+                    self._claim_failing = False
                 if job is None:
                     break
                 slot = await self._slot(job)
