@@ -97,7 +97,8 @@ def test_missing_vars_are_per_provider_and_sorted():
                                 "output_formats": ["${A_VAR}"]}
     cfg = parse_config(data, env={"UP_KEY": "k"})
     assert cfg.missing_vars == {"two": ["A_VAR", "B_KEY", "Z_URL"]}
-    assert openai_provider(cfg, "two").unavailable_reason == "no base_url configured"
+    assert openai_provider(cfg, "two").unavailable_reason == (
+        "no base_url configured (unset in this provider: A_VAR, B_KEY, Z_URL)")
 
 
 def test_missing_variable_outside_providers_is_not_a_provider_problem():

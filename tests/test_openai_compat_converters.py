@@ -397,5 +397,5 @@ def test_an_unset_base_url_variable_is_named(tmp_path):
            "models": {"m": {"routes": ["up"]}}, "store": {"path": str(tmp_path / "images")}}
     config = parse_config(cfg, env={})
     provider = OpenAICompatProvider("up", config.providers["up"].options, config.missing_vars.get("up"))
-    assert provider.unavailable_reason == "no base_url configured (set LUMEN_URL)"
+    assert provider.unavailable_reason == "no base_url configured (unset in this provider: LUMEN_URL)"
     assert OpenAICompatProvider("up", {"api_key": "k"}).unavailable_reason == "no base_url configured"

@@ -292,8 +292,9 @@ class OpenAICompatProvider(Provider):
 
     @property
     def unavailable_reason(self) -> str | None:
-        if not self.base_url:  # (a ${VAR} left unset reads as empty: name it, as for the key)
-            return "no base_url configured" + (f" (set {', '.join(self.missing_vars)})" if self.missing_vars else "")
+        if not self.base_url:  # (a ${VAR} left unset reads as empty: name the provider's unset ones)
+            unset = f" (unset in this provider: {', '.join(self.missing_vars)})" if self.missing_vars else ""
+            return "no base_url configured" + unset
         if not self.api_key and self.options.get("api_key_required", True):
             hint = ", ".join(self.missing_vars) or "api_key in models.yaml"
             return f"no API key (set {hint})"
