@@ -40,7 +40,7 @@ async def test_unknown_and_other_keys_ids_are_404(start_proxy, tmp_path):
 @pytest.mark.parametrize("url", [
     "http://10.0.0.1/hook", "https://169.254.169.254/latest/meta-data", "https://[::1]/x",
     "https://localhost/hook", "https://user:pw@example.com/hook", "ftp://example.com/hook", "file:///etc/passwd",
-    "https://0x7f000001/hook", "not a url",
+    "https://0x7f000001/hook", "not a url", "https://93.184.216.34:0/hook",
 ])
 async def test_webhook_urls_to_private_or_odd_places_are_refused(start_proxy, tmp_path, url):
     cfg = jobs_config(tmp_path)

@@ -257,6 +257,8 @@ class GuardedFetcher:
             raise FetchRefused(f"scheme {scheme or '(none)'} is not allowed")
         if url.raw_user is not None or url.raw_password is not None:
             raise FetchRefused("URLs with user information (user:password@) are not allowed")
+        if url.explicit_port == 0:  # nothing listens on port 0: a webhook there was retried for a day
+            raise FetchRefused("port 0 is not a port to send to")
         raw_host = url.raw_host
         if not raw_host:
             raise FetchRefused("the URL has no host")
