@@ -192,6 +192,22 @@ def test_serve_answers_and_stops_on_sigint(tmp_path):
             proc.wait()
 
 
+def serve_until_ready(tmp_path, data: dict) -> tuple[subprocess.Popen, list[str]]:
+    """`serve` of config `data` (QIP_TEST_UNSET_KEY unset), and the lines it printed before "serving on"."""
+    path = write_config(tmp_path, data)
+    env = cli_env(tmp_path)
+    env.pop("QIP_TEST_UNSET_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    before: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "serving on" in line:
+            break
+        before.append(line)
+    return proc, before
+
+
 def test_serve_says_at_start_which_route_it_skips_behind_a_fallback(tmp_path):
     # README's smallest config: without the key the upstream is skipped "(said once at start-up)" and the
     # placeholder answers; before, only a model with no usable route at all was reported, so a key set
@@ -200,17 +216,8 @@ def test_serve_says_at_start_which_route_it_skips_behind_a_fallback(tmp_path):
                           "upstream": {"kind": "openai", "base_url": "https://upstream.invalid/v1",
                                        "api_key": "${QIP_TEST_UNSET_KEY}"}},
             "models": {"qwen-image": {"routes": [{"provider": "upstream", "model": "qwen-image"}, "placeholder"]}}}
-    path = write_config(tmp_path, data)
-    env = cli_env(tmp_path)
-    env.pop("QIP_TEST_UNSET_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, before = serve_until_ready(tmp_path, data)
     try:
-        before = []
-        for line in proc.stdout:
-            if "serving on" in line:
-                break
-            before.append(line)
         said = [line for line in before if "upstream" in line]
         assert len(said) == 1, before
         assert "model qwen-image: route 'upstream' skipped" in said[0]
@@ -249,17 +256,8 @@ def test_a_model_still_loading_at_start_is_no_warning(tmp_path):
     data["providers"]["upstream"] = {"kind": "openai", "base_url": "https://upstream.invalid/v1",
                                      "api_key": "${QIP_TEST_UNSET_KEY}"}
     data["models"]["keyless"] = {"sizes": "tiny", "routes": [{"provider": "upstream", "model": "m"}]}
-    path = write_config(tmp_path, data)
-    env = cli_env(tmp_path)
-    env.pop("QIP_TEST_UNSET_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, before = serve_until_ready(tmp_path, data)
     try:
-        before = []
-        for line in proc.stdout:
-            if "serving on" in line:
-                break
-            before.append(line)
         (loading,) = [line for line in before if "model tiny has no usable route yet" in line]
         assert " INFO " in loading and "loading the model" in loading
         (keyless,) = [line for line in before if "model keyless has no usable route yet" in line]

@@ -73,24 +73,30 @@ def record(i: int, model: str, route: str, cost: float | None, ts: float) -> Usa
                        attempts=json.dumps([{"route": route}]))
 
 
-def test_usage_command_prints_a_table(tmp_path, capsys):
+def ledger_with(tmp_path, records: list[UsageRecord]):
+    """A SQLite ledger holding `records`, and the path of a models.yaml that uses it."""
     db = tmp_path / "usage.sqlite3"
-    now = time.time()
-    noon = now - now % 86400 - 2 * 86400 + 43200  # two days ago at 12:00 UTC: one day's bucket for all
 
     async def fill():
         ledger = SqliteLedger(str(db))
         await ledger.start()
-        await ledger.write([record(1, "m1", "fal", 0.02, noon), record(2, "m1", "fal", 0.02, noon + 10),
-                            record(3, "m2", "local", None, noon + 20)])
+        await ledger.write(records)
         await ledger.close()
 
     asyncio.run(fill())
     cfg = base_config(tmp_path)
     cfg["usage"] = {"path": str(db)}
+    parse_config(cfg)  # a valid config
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    parse_config(cfg)  # a valid config
+    return path
+
+
+def test_usage_command_prints_a_table(tmp_path, capsys):
+    now = time.time()
+    noon = now - now % 86400 - 2 * 86400 + 43200  # two days ago at 12:00 UTC: one day's bucket for all
+    path = ledger_with(tmp_path, [record(1, "m1", "fal", 0.02, noon), record(2, "m1", "fal", 0.02, noon + 10),
+                                  record(3, "m2", "local", None, noon + 20)])
     cli.main(["usage", "--config", str(path), "--since", "7d", "--group-by", "model,route"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["start", "model", "route", "requests", "images", "cost_usd", "unpriced", "gpu_s",
@@ -105,22 +111,10 @@ def test_usage_command_prints_a_table(tmp_path, capsys):
 def test_usage_command_since_with_an_offset_and_minute_buckets(tmp_path, capsys):
     """--since keeps a time's UTC offset (it was read as UTC: 5 hours late here, so no usage), and 1m buckets
     start on the minute (one began at second 30 and was printed as its minute, holding the next one's)."""
-    db = tmp_path / "usage.sqlite3"
     now = time.time()
     minute = now - now % 60 - 180  # three whole minutes ago
     at = minute + 70  # 10 s into the next minute
-
-    async def fill():
-        ledger = SqliteLedger(str(db))
-        await ledger.start()
-        await ledger.write([record(1, "m1", "fal", 0.02, at)])
-        await ledger.close()
-
-    asyncio.run(fill())
-    cfg = base_config(tmp_path)
-    cfg["usage"] = {"path": str(db)}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = ledger_with(tmp_path, [record(1, "m1", "fal", 0.02, at)])
     fmt = "%Y-%m-%d %H:%M"
     utc = datetime.datetime.fromtimestamp(minute + 30, datetime.UTC)
     cli.main(["usage", "--config", str(path), "--since", str(int(minute + 30)), "--bucket", "1m"])
