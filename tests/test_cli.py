@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -192,20 +194,29 @@ def test_serve_answers_and_stops_on_sigint(tmp_path):
             proc.wait()
 
 
-def serve_until_ready(tmp_path, data: dict) -> tuple[subprocess.Popen, list[str]]:
-    """`serve` of config `data` (QIP_TEST_UNSET_KEY unset), and the lines it printed before "serving on"."""
+@contextlib.contextmanager
+def serving(tmp_path, data: dict) -> Iterator[list[str]]:
+    """`serve` of config `data` (QIP_TEST_UNSET_KEY unset): the lines it printed before "serving on"; at the
+    block's end it is stopped with SIGINT and must exit cleanly."""
     path = write_config(tmp_path, data)
     env = cli_env(tmp_path)
     env.pop("QIP_TEST_UNSET_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    before: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "serving on" in line:
-            break
-        before.append(line)
-    return proc, before
+    try:
+        before: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "serving on" in line:
+                break
+            before.append(line)
+        yield before
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_says_at_start_which_route_it_skips_behind_a_fallback(tmp_path):
@@ -216,18 +227,11 @@ def test_serve_says_at_start_which_route_it_skips_behind_a_fallback(tmp_path):
                           "upstream": {"kind": "openai", "base_url": "https://upstream.invalid/v1",
                                        "api_key": "${QIP_TEST_UNSET_KEY}"}},
             "models": {"qwen-image": {"routes": [{"provider": "upstream", "model": "qwen-image"}, "placeholder"]}}}
-    proc, before = serve_until_ready(tmp_path, data)
-    try:
+    with serving(tmp_path, data) as before:
         said = [line for line in before if "upstream" in line]
         assert len(said) == 1, before
         assert "model qwen-image: route 'upstream' skipped" in said[0]
         assert "no API key (set QIP_TEST_UNSET_KEY)" in said[0]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # A proxy-only install (`pip install .`, no torch, diffusers or transformers), as the install page offers.
@@ -256,15 +260,8 @@ def test_a_model_still_loading_at_start_is_no_warning(tmp_path):
     data["providers"]["upstream"] = {"kind": "openai", "base_url": "https://upstream.invalid/v1",
                                      "api_key": "${QIP_TEST_UNSET_KEY}"}
     data["models"]["keyless"] = {"sizes": "tiny", "routes": [{"provider": "upstream", "model": "m"}]}
-    proc, before = serve_until_ready(tmp_path, data)
-    try:
+    with serving(tmp_path, data) as before:
         (loading,) = [line for line in before if "model tiny has no usable route yet" in line]
         assert " INFO " in loading and "loading the model" in loading
         (keyless,) = [line for line in before if "model keyless has no usable route yet" in line]
         assert " WARNING " in keyless and "no API key (set QIP_TEST_UNSET_KEY)" in keyless
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
