@@ -12,6 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+# The header that stops the openai SDKs' quick retries (two within seconds) of an answer they cannot change:
+# a spent budget, a model with no usable route.
+NO_RETRY = {"x-should-retry": "false"}
+
 
 class ProxyError(Exception):
     status = 500

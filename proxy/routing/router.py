@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import ModelConfig, RouteConfig, RoutingConfig
 from ..errors import (
+    NO_RETRY,
     InvalidRequest,
     ModelLoading,
     ProxyError,
@@ -33,8 +34,6 @@ from ..usage.meter import note_call
 from .breaker import CircuitBreaker
 from .timer import AttemptTimer
 
-# On an answer no retry within seconds can change (the openai SDKs retry a 5xx twice unless told not to).
-_NO_RETRY = {"x-should-retry": "false"}
 log = logging.getLogger("proxy.router")  # its name before proxy/ had packages: logging configs keep working
 
 # What the router does with a route's images before the attempt counts as a success.
@@ -127,13 +126,13 @@ class Router:
         routes = self.candidates(req.model)
         if not routes:  # none loading either (no key, no GPU): the openai SDKs' quick retries cannot help
             raise ServiceUnavailable(f"Model '{req.model}' has no usable route: {self.why_unusable(req.model)}.",
-                                     headers=_NO_RETRY)
+                                     headers=NO_RETRY)
         if req.is_edit:
             able = [r for r in routes if r.provider.capabilities.edits
                     and (req.mask is None or r.provider.capabilities.masks)]
             if not able:
                 what = "an edit with a mask" if req.mask is not None else "edits"
-                raise ServiceUnavailable(f"No usable route of model '{req.model}' takes {what}.", headers=_NO_RETRY)
+                raise ServiceUnavailable(f"No usable route of model '{req.model}' takes {what}.", headers=NO_RETRY)
             routes = able
         elif req.model in self._edit_only_routes:
             routes = [r for r in routes if r.provider.capabilities.generates]

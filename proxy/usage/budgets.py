@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config.usage import BudgetConfig
-from ..errors import ProxyError
+from ..errors import NO_RETRY, ProxyError
 
 if TYPE_CHECKING:
     from ..state.shared_redis import RedisState
@@ -71,15 +71,12 @@ def _limit(which: str, budget: BudgetConfig) -> str:
             "usd_per_month": f"{_usd(budget.usd_per_month)} per month"}[which]
 
 
-# The openai SDKs retry a 429 twice within seconds unless told not to: a spent budget refuses those too
-# (Retry-After still says when it resets).
-_NO_RETRY = {"x-should-retry": "false"}
 
 
 def refusal(which: str, budget: BudgetConfig, resets_at: float, now: float) -> QuotaExceeded:
     """OpenAI's answer for a spent quota, saying which budget and when it resets."""
     when = dt.datetime.fromtimestamp(resets_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    headers = {"x-qip-budget-resets-at": str(int(resets_at)), **_NO_RETRY}
+    headers = {"x-qip-budget-resets-at": str(int(resets_at)), **NO_RETRY}
     return QuotaExceeded(f"You exceeded your current quota: this API key's budget of {_limit(which, budget)} "
                          f"is spent (budget.{which}); it resets at {when}.", retry_after=max(1.0, resets_at - now),
                          headers=headers)
@@ -91,7 +88,7 @@ def beyond_budget(which: str, budget: BudgetConfig, images: int, micro_usd: int)
     asked = f"{images} image{'s' if images != 1 else ''}" + (f", about {_usd(micro_usd / 1_000_000)}" if micro_usd else "")
     return QuotaExceeded(f"You exceeded your current quota: this request alone ({asked}) is more than this API "
                          f"key's whole budget of {_limit(which, budget)} (budget.{which}); ask for fewer or "
-                         "smaller images.", headers=dict(_NO_RETRY))
+                         "smaller images.", headers=dict(NO_RETRY))
 
 
 def limits_of(budget: BudgetConfig) -> tuple[int, int, int]:
