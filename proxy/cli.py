@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = with_config(sub.add_parser("usage", help="print the usage ledger: requests, images, cost per day"))
     usage.add_argument("--since", default="7d", help="7d, 24h, 30m, a Unix time or a date (default: %(default)s)")
-    usage.add_argument("--group-by", default="model", help="comma-separated: api_key_id, model, size, source, "
-                       "route, provider (default: %(default)s)")
+    usage.add_argument("--group-by", default="model", help="comma-separated: project_id, user_id, api_key_id, "
+                       "model, size, source, route, provider (default: %(default)s)")
     usage.add_argument("--bucket", default="1d", help="1d, 1h or 1m (default: %(default)s)")
     usage.set_defaults(func=cmd_usage)
     return parser

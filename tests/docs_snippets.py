@@ -30,7 +30,8 @@ _REASONED = re.compile(r"^(not checked|compile only) \(.+\)$")
 DOC_ENV = {"QIP_CI_KEY": "ci-key-for-the-docs", "QIP_METRICS_KEY": "metrics-key-for-the-docs",
            "MOBILE_APP_KEY": "mobile-key-for-the-docs",
            "QIP_ADMIN_KEY": "admin-key-for-the-docs", "QIP_APP_KEY": "app-key-for-the-docs",
-           "QIP_BATCH_KEY": "batch-key-for-the-docs"}
+           "QIP_BATCH_KEY": "batch-key-for-the-docs", "QIP_WEB_KEY": "web-key-for-the-docs",
+           "QIP_WEB_STAGING_KEY": "web-staging-key-for-the-docs"}
 # Commands a shell block may run that the checks leave alone (a download, another program's CLI).
 OTHER_COMMANDS = {"hf", "ray", "serve", "npm", "node"}
 

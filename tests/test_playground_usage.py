@@ -21,7 +21,7 @@ ADMIN, USER = "sk-usage-admin-0000", "sk-usage-user-0000"
 def live_usage(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("playground-usage")
     cfg = base_config(tmp, server={"api_keys": [{"name": "ops", "key": ADMIN, "admin": True},
-                                                {"name": "app", "key": USER}]})
+                                                {"name": "app", "key": USER, "project": "mobile"}]})
     cfg["models"]["qwen-image-placeholder"]["routes"] = [{"provider": "placeholder", "price": {"per_image": 0.25}}]
     loop = Loop()
     runner, url = loop.run(serve(build_app(parse_config(cfg))))
@@ -62,6 +62,19 @@ def test_usage_view_shows_images_and_cost_per_day(browser, live_usage):  # noqa:
     assert seg.count() == 1 and seg.get_attribute("title") == "qwen-image-placeholder · placeholder: 2 images"
     assert page.locator("#usage-chart .usage-total").last.inner_text() == "2 images"  # today is the last day
     assert page.locator("#error").is_hidden()
+    assert not errors
+    context.close()
+
+
+def test_usage_view_by_project(browser, live_usage):  # noqa: F811
+    """The key's project (server.api_keys[].project) as the group: both endpoints group by project_id."""
+    context, page, errors = open_page(browser, live_usage, ADMIN)
+    page.click("#usage-panel summary")
+    page.select_option("#usage-group", "project_id")
+    page.click("#usage-load")
+    page.locator("#usage-rows tr").first.wait_for()
+    cells = page.locator("#usage-rows tr").first.locator("td").all_inner_texts()
+    assert cells[1:5] == ["mobile", "1", "2", "$0.5000"]
     assert not errors
     context.close()
 

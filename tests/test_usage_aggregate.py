@@ -59,7 +59,8 @@ def random_records(n: int, seed: int = 5) -> list[UsageRecord]:
             outcome="ok" if ok else "failed", status=200 if ok else 502, images_asked=2,
             images_delivered=rnd.randint(1, 2) if ok else 0, width=w, height=w, megapixels=None, steps=None,
             tier=None, latency_ms=1.0, gpu_seconds=rnd.choice([None, round(rnd.random(), 3)]), cost_usd=cost,
-            cache_hit=hit, stream=False, attempts=json.dumps(calls)))
+            cache_hit=hit, stream=False, attempts=json.dumps(calls),
+            project_id=rnd.choice(["web", "batch", None]), user_id=rnd.choice(["ann", None])))
     return out
 
 
@@ -83,7 +84,7 @@ def one_by_one(records: list[UsageRecord], lo: float, hi: float, origin: float, 
         for route, provider, cost, unpriced in shares:
             parts.append(Partial(start, r.key, r.model, r.source, route, provider, r.width, r.height,
                                  r.outcome == "ok", r.cache_hit, 1, r.images_delivered, r.gpu_seconds or 0.0,
-                                 cost or 0.0, unpriced))
+                                 cost or 0.0, unpriced, r.project_id, r.user_id))
     return parts
 
 
@@ -93,7 +94,13 @@ QUERIES = [
     (images_page, IMAGE_GROUPS, {"bucket_width": "1d", "group_by": "route,provider", "page": str(T0 + 7 * DAY)}),
     (images_page, IMAGE_GROUPS, {"bucket_width": "1h", "group_by": "model", "limit": "100",
                                  "api_key_ids": "alice", "sizes": "1024x1024"}),
+    (images_page, IMAGE_GROUPS, {"bucket_width": "1d", "group_by": "project_id,user_id", "limit": "31"}),
+    (images_page, IMAGE_GROUPS, {"bucket_width": "1d", "group_by": "api_key_id", "project_ids": "web",
+                                 "user_ids": "ann"}),
     (costs_page, COST_GROUPS, {"bucket_width": "1d", "group_by": "api_key_id,line_item", "limit": "31"}),
+    (costs_page, COST_GROUPS, {"bucket_width": "1d", "group_by": "project_id", "limit": "31"}),
+    (costs_page, COST_GROUPS, {"bucket_width": "1d", "group_by": "project_id,route", "project_ids": "batch",
+                               "limit": "31"}),
     (costs_page, COST_GROUPS, {"bucket_width": "1d", "group_by": "route", "limit": "31"}),
     (costs_page, COST_GROUPS, {"bucket_width": "1d", "group_by": "provider,model", "routes": "fal,local",
                                "limit": "5", "page": str(T0 + 2 * DAY)}),
@@ -130,8 +137,8 @@ async def check_backend(backend, records: list[UsageRecord]) -> None:
             assert rounded(got) == rounded(want), params
         # the CLI's table: a window that does not start on a day
         origin = T0 + 3 * 3600
-        got_rows = summary(await backend.aggregate(origin, T0 + 10 * DAY, origin, DAY), ["model", "route"])
-        want_rows = summary(one_by_one(records, origin, T0 + 10 * DAY, origin, DAY, False), ["model", "route"])
+        got_rows = summary(await backend.aggregate(origin, T0 + 10 * DAY, origin, DAY), ["project_id", "model", "route"])
+        want_rows = summary(one_by_one(records, origin, T0 + 10 * DAY, origin, DAY, False), ["project_id", "model", "route"])
         assert _round(got_rows) == _round(want_rows) and len(want_rows) > 10
     finally:
         await backend.close()

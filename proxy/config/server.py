@@ -40,6 +40,10 @@ class ApiKey:
     # Its spending limits (None: the default budget, if any) and whether it may read the usage API.
     budget: BudgetConfig | None = field(default=None, compare=False)
     admin: bool = False
+    # What the ledger records with each request, and the usage API groups and filters by as OpenAI's
+    # project_id and user_id (None: null there).
+    project: str | None = None
+    user: str | None = None
 
 
 def _env_from(context: Any) -> dict[str, str]:
@@ -71,6 +75,10 @@ class ApiKeyConfig(Strict):
     budget: BudgetConfig | None = None
     # May read GET /v1/organization/usage/images and /v1/organization/costs.
     admin: bool = False
+    # The project and the user (person or service) the key belongs to: each request's ledger record
+    # carries them, and the usage API groups and filters by them (project_id, user_id). Default: null.
+    project: str | None = None
+    user: str | None = None
     _value: str = PrivateAttr(default="")
 
     @field_validator("name")
@@ -80,6 +88,14 @@ class ApiKeyConfig(Strict):
             raise ValueError("a key's name is 1-64 letters, digits, '.', '_' or '-' (it shows in logs and "
                              "metrics)")
         return name
+
+    @field_validator("project", "user")
+    @classmethod
+    def _label_shape(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The same shape as a name: these show in the usage API's answers and the CLI's table.
+        if value is not None and not _KEY_NAME.fullmatch(value):
+            raise ValueError(f"a key's {info.field_name} is 1-64 letters, digits, '.', '_' or '-'")
+        return value
 
     def model_post_init(self, context: Any) -> None:
         # Not a model_validator: that would rename this member of the `str | ApiKeyConfig` union in error
@@ -107,12 +123,14 @@ class ApiKeyConfig(Strict):
             raise ValueError(f"the key is empty{f' ({given[0]})' if given[0] != 'key' else ''}")
         if self.name is not None and value == self.name:
             raise ValueError("the name must not be the key itself: names show in logs and metrics")
+        if value in (self.project, self.user):  # they show in the usage API's answers
+            raise ValueError("the project or user must not be the key itself: they show in usage reports")
         self._value = value
 
     def resolved(self, default_name: str) -> ApiKey:
         return ApiKey(self.name or default_name, self._value,
                       tuple(self.models) if self.models else None, self.rpm, self.concurrency,
-                      self.budget, self.admin)
+                      self.budget, self.admin, self.project, self.user)
 
 
 class _KeysFile(str):

@@ -34,6 +34,8 @@ class Partial:
     gpu_seconds: float
     cost_usd: float  # unknown costs count 0 here; `unpriced` counts them
     unpriced: int  # requests (or, by call, route shares) that called a route without a price
+    project_id: str | None = None  # the key's project and user when the request was made
+    user_id: str | None = None
 
     @property
     def size(self) -> str | None:
@@ -60,7 +62,7 @@ POSTGRES = Dialect(
     call_field="(j.value ->> '{name}')", call_cost="CAST(j.value ->> 'cost' AS DOUBLE PRECISION)",
     is_true="CAST({col} AS INTEGER)")
 
-_DIMENSIONS = "b, key, model, source, route, provider, width, height, ok, cache_hit"
+_DIMENSIONS = "b, key, model, source, route, provider, width, height, ok, cache_hit, project_id, user_id"
 _SUMS = "COUNT(*), SUM(images_delivered), SUM(gpu_seconds), SUM(cost_usd), SUM(unpriced)"
 
 
@@ -68,8 +70,8 @@ def _per_record(d: Dialect) -> str:
     """One row per record with the columns the sums need."""
     ok = d.is_true.format(col="(u.outcome = 'ok')")
     return (f"SELECT {d.bucket} AS b, u.key, u.model, u.source, u.route, u.provider, u.width, u.height, "
-            f"{ok} AS ok, {d.is_true.format(col='u.cache_hit')} AS cache_hit, u.images_delivered, u.gpu_seconds, "
-            f"u.cost_usd, CASE WHEN u.cost_usd IS NULL AND u.attempts <> '[]' THEN 1 ELSE 0 END AS unpriced "
+            f"{ok} AS ok, {d.is_true.format(col='u.cache_hit')} AS cache_hit, u.project_id, u.user_id, "
+            f"u.images_delivered, u.gpu_seconds, u.cost_usd, CASE WHEN u.cost_usd IS NULL AND u.attempts <> '[]' THEN 1 ELSE 0 END AS unpriced "
             f"FROM {TABLE} u WHERE u.ts >= {d.mark} AND u.ts < {d.mark}")
 
 
@@ -82,7 +84,7 @@ def _per_call(d: Dialect) -> str:
              f"ELSE SUM({d.call_cost}) END")
     split = (f"SELECT {d.bucket} AS b, u.key, u.model, u.source, {route} AS route, {provider} AS provider, "
              f"u.width, u.height, {ok} AS ok, {d.is_true.format(col='u.cache_hit')} AS cache_hit, "
-             f"u.images_delivered, u.gpu_seconds, {share} AS cost_usd, "
+             f"u.project_id, u.user_id, u.images_delivered, u.gpu_seconds, {share} AS cost_usd, "
              f"CASE WHEN {share} IS NULL THEN 1 ELSE 0 END AS unpriced "
              f"FROM {d.calls} WHERE u.ts >= {d.mark} AND u.ts < {d.mark} "
              f"GROUP BY u.id, {route}, {provider}")
@@ -103,8 +105,8 @@ def params(lo: float, hi: float, origin: float, width: int, by_call: bool) -> tu
 
 def partials(rows: Sequence[Sequence[Any]], origin: float, width: int) -> list[Partial]:
     out = []
-    for b, key, model, source, route, provider, w, h, ok, hit, n, images, gpu, cost, unpriced in rows:
+    for b, key, model, source, route, provider, w, h, ok, hit, project, user, n, images, gpu, cost, unpriced in rows:
         out.append(Partial(int(origin + int(b) * width), key, model, source, route, provider, w, h, bool(ok),
                            bool(hit), int(n), int(images or 0), float(gpu or 0.0), float(cost or 0.0),
-                           int(unpriced or 0)))
+                           int(unpriced or 0), project, user))
     return out

@@ -15,7 +15,8 @@ from .service import make_backend
 
 _SPAN = re.compile(r"(\d+)([mhdw])")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-GROUPS = tuple(dict.fromkeys(IMAGE_GROUPS[2:] + COST_GROUPS[2:]))  # the ones the ledger has values for
+# The API's groups but line_item (the model, by another name).
+GROUPS = tuple(g for g in dict.fromkeys(IMAGE_GROUPS + COST_GROUPS) if g != "line_item")
 
 
 def since_time(text: str, now: float) -> float:

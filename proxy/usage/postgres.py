@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import aggregate
 from .aggregate import Partial
 from .record import UsageRecord
-from .schema import CREATE, SELECT, from_row, insert
+from .schema import COLUMNS_NOW, CREATE, SELECT, add_columns, from_row, insert
 
 if TYPE_CHECKING:
     import psycopg
@@ -45,6 +45,11 @@ class PostgresLedger:
                                                          autocommit=False)
             async with conn.transaction():
                 for statement in CREATE:
+                    await conn.execute(statement)
+                # A ledger made by an older version gains its missing columns (only then an ALTER: it
+                # locks the table, and every proxy connects with this).
+                cur = await conn.execute(COLUMNS_NOW)
+                for statement in add_columns({d.name.lower() for d in cur.description or ()}, if_not_exists=True):
                     await conn.execute(statement)
             self._conn = conn
         return self._conn

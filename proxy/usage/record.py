@@ -39,6 +39,10 @@ class UsageRecord:
     cache_hit: bool
     stream: bool
     attempts: str  # JSON: [{route, provider, images, gpu_seconds, cost}] for every call, retries included
+    # The key's project and user (server.api_keys[].project / .user), OpenAI's project_id and user_id in the
+    # usage API. Last, with defaults: ledgers made before them gain them as their last columns (schema.py).
+    project_id: str | None = None
+    user_id: str | None = None
 
     @property
     def size(self) -> str | None:
@@ -55,7 +59,8 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def build_record(meter: Meter, *, calls: Sequence[Call] | None = None, ts: float, request_id: str, key: str | None, model: str, path: str,
-                 status: int, outcome: str, seconds: float) -> UsageRecord:
+                 status: int, outcome: str, seconds: float, project: str | None = None,
+                 user: str | None = None) -> UsageRecord:
     req = meter.req
     delivered = (req.n if req is not None else 0) if status == 200 and outcome == "ok" else 0
     calls = meter.calls if calls is None else calls
@@ -76,5 +81,5 @@ def build_record(meter: Meter, *, calls: Sequence[Call] | None = None, ts: float
         steps=getattr(req, "num_inference_steps", None), tier=getattr(req, "resolution", None),
         latency_ms=round(seconds * 1000, 3), gpu_seconds=sum(gpu_parts) if gpu_parts else None,
         cost_usd=cost, cache_hit=meter.cache_hit, stream=bool(getattr(req, "stream", False)),
-        attempts=_COMPACT.encode([c.__dict__ for c in calls]),
+        attempts=_COMPACT.encode([c.__dict__ for c in calls]), project_id=project, user_id=user,
     )

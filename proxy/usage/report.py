@@ -94,8 +94,7 @@ def parse_query(params: MultiMapping[str], groups: tuple[str, ...], now: float, 
 
 
 def _field(part: Partial, name: str) -> Any:
-    return {"api_key_id": part.key, "size": part.size, "project_id": None, "user_id": None,
-            "line_item": part.model}.get(name, getattr(part, name, None))
+    return {"api_key_id": part.key, "size": part.size, "line_item": part.model}.get(name, getattr(part, name, None))
 
 
 def _matches(part: Partial, q: Query) -> bool:

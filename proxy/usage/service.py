@@ -299,7 +299,8 @@ class Usage:
         key_name = key.name if key else None
         if self.writer is not None:  # its calls until now: a later note (a task it left behind) is not its own
             self.writer.add(partial(build_record, meter, calls=tuple(meter.calls), ts=time.time(), request_id=request_id, key=key_name,
-                                    model=model, path=path, status=status, outcome=outcome, seconds=seconds))
+                                    model=model, path=path, status=status, outcome=outcome, seconds=seconds,
+                                    project=key.project if key else None, user=key.user if key else None))
         ok = status == 200 and outcome == "ok"
         cost = 0.0 if meter.cache_hit else total([c.cost for c in meter.calls])
         m = self.metrics

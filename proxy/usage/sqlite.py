@@ -11,7 +11,7 @@ from pathlib import Path
 from . import aggregate
 from .aggregate import Partial
 from .record import UsageRecord
-from .schema import CREATE, SELECT, from_row, insert
+from .schema import COLUMNS_NOW, CREATE, SELECT, add_columns, from_row, insert
 
 log = logging.getLogger("proxy.usage")
 
@@ -38,6 +38,14 @@ class SqliteLedger:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
         for statement in CREATE:
             db.execute(statement)
+        # A ledger made by an older version: its missing columns, added once (a ledger is never recreated).
+        present = {d[0].lower() for d in db.execute(COLUMNS_NOW).description}
+        for statement in add_columns(present):
+            try:
+                db.execute(statement)
+            except sqlite3.OperationalError as e:  # another process (a second proxy, the CLI) added it first
+                if "duplicate column" not in str(e):
+                    raise
         db.commit()
         self._db = db
 

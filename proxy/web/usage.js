@@ -1,4 +1,4 @@
-// The usage view: images and cost per day by model, route or key, from the proxy's usage and costs API
+// The usage view: images and cost per day by model, route, key or project, from the proxy's usage and costs API
 // (GET /v1/organization/usage/images and /v1/organization/costs; an admin key when the proxy has keys).
 
 import { apiFetch, errorFrom } from "./api.js";
