@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 
 from .api import admin, edits, generations, playground, usage
 from .api import jobs as jobs_api
-from .api.context import BODY, METER, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
+from .api.context import BODY, FORWARDED, METER, MODEL, PASSED_ON, ROUTE, STREAM_ERROR, Handler, NotServedHere
 from .api.gateway import Gateway
 from .config import Config
 from .errors import (
@@ -26,7 +26,15 @@ from .errors import (
     UpstreamError,
     from_http_exception,
 )
-from .http.request_log import REQUEST_ID, log_request, outcome_of, request_id_of, with_id
+from .http.request_log import (
+    REQUEST_ID,
+    log_passthrough,
+    log_request,
+    outcome_of,
+    outcome_of_status,
+    request_id_of,
+    with_id,
+)
 from .http.wire_errors import install_log_scrubbing
 from .providers import Provider
 from .request import MAX_FORM_FIELDS
@@ -234,20 +242,27 @@ class Dispatcher:
         return handler
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:
-        """What the standalone app does with requests no gateway route answers."""
+        """What the standalone app does with requests no gateway route answers; a passthrough call gets its
+        log line here once its answer has ended (image calls never come here unless passed on)."""
         request_id = request.get(REQUEST_ID) or secrets.token_hex(16)
+        passthrough = self.gw.passthrough if request.path.startswith("/v1/") else None
+        started = time.monotonic()
+        status, outcome = 500, "error"  # what the log line says unless set below: the proxy's own failure
         try:
-            if self.gw.passthrough and request.path.startswith("/v1/"):
+            if passthrough is not None:
                 await self.authenticate(request)
                 self._check_length(request)
                 # A client's key for this proxy is no key for the upstream: never forward it.
                 try:
-                    response = await self.gw.passthrough.forward(request, body=request.get(BODY),
-                                                              drop_client_auth=self.gw.has_keys)
+                    response = await passthrough.forward(request, body=request.get(BODY),
+                                                         drop_client_auth=self.gw.has_keys)
                 except UpstreamError as e:  # unreachable, too slow, a bad answer: counted under our 502 / 504
                     self.gw.metrics.passthrough.labels(status=str(e.status)).inc()
                     raise
                 self.gw.metrics.passthrough.labels(status=str(response.status)).inc()
+                status, outcome = response.status, request.get(FORWARDED) or outcome_of_status(response.status)
+                if outcome == "cancelled":
+                    status = 499  # as an image request's line says of a client that left
                 return response
             if request.path.startswith("/v1/") and not self.gw.passthrough:  # (an app pointed here for chat too)
                 raise NotFound(f"Invalid URL ({request.method} {request.path}): this server answers OpenAI's "
@@ -255,13 +270,28 @@ class Dispatcher:
                                code="unknown_url")
             raise NotFound(f"Invalid URL ({request.method} {request.path}).", code="unknown_url")
         except ProxyError as e:
+            status, outcome = e.status, outcome_of(e)
             return with_id(self.gw.scrubber.error(e).to_response(), request_id)
+        except asyncio.CancelledError:
+            status, outcome = 499, "cancelled"
+            raise
         except Exception:
             if request.writer.output_size > 0:  # the answer has begun: nothing can be sent but a cut
                 raise
             # Never aiohttp's bare text 500 ("Server got itself in trouble"): the client gets OpenAI's shape.
             log.exception("request %s failed", request_id)
             return with_id(internal_error(request_id).to_response(), request_id)
+        finally:
+            if passthrough is not None:
+                self._log_passthrough(request, request_id, status, started, outcome)
+
+    def _log_passthrough(self, request: web.Request, request_id: str, status: int, started: float,
+                         outcome: str) -> None:
+        trace_id = self._annotate(request, status, outcome) if self.gw.tracing else ""
+        log_passthrough(request_id=request_id, trace_id=trace_id,
+                        key=request.get(API_KEY) if self.gw.policy.enabled else None, method=request.method,
+                        path=request.path, status=status, seconds=time.monotonic() - started, outcome=outcome,
+                        called=FORWARDED in request, scrub=self.gw.scrubber.text)
 
     def _check_length(self, request: web.Request) -> None:
         limit = self.gw.config.server.max_body_mb * 1024 * 1024

@@ -18,6 +18,10 @@ ROUTE = web.RequestKey("qip_route", object)
 PASSED_ON = web.RequestKey("qip_passed_on", bool)
 # The error a stream ended with (its HTTP status was 200 before it was known).
 STREAM_ERROR = web.RequestKey("qip_stream_error", ProxyError)
+# Set once a passthrough call goes to the upstream: "", or when its answer ended before its end, how, in the
+# log line's `outcome` words: "failed" or "timeout" (the upstream broke off or went silent), "cancelled" (the
+# client left, or was dropped).
+FORWARDED = web.RequestKey("qip_forwarded", str)
 # The usage meter of an image request (proxy/usage/): its calls and costs, recorded when it ends.
 METER = web.RequestKey("qip_usage_meter", object)
 

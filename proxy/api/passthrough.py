@@ -19,7 +19,9 @@ from yarl import URL
 
 from ..config import PassthroughConfig
 from ..errors import MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from ..http.request_log import REQUEST_ID
 from ..http.send import send_or_drop
+from .context import FORWARDED
 
 log = logging.getLogger("proxy.passthrough")  # its name before proxy/ had packages: logging configs keep working
 # Error bodies are small JSON; past this they are cut (they are scrubbed whole, so they are read whole).
@@ -184,6 +186,7 @@ class Passthrough:
         else:
             data = None
         response: web.StreamResponse | None = None
+        request[FORWARDED] = ""
         try:
             # encoded=True: the client's raw path and query as they are (yarl would turn %2F into /).
             assert self.http is not None  # start() runs before the server takes requests
@@ -193,16 +196,17 @@ class Passthrough:
                 if upstream.status < 200:  # 1xx is never a final answer (a 101 would switch protocols)
                     raise UpstreamError(f"The passthrough upstream answered {upstream.status} as a final answer.")
                 if self.scrub and upstream.status >= 400 and "event-stream" not in upstream.content_type:
-                    return await self._scrubbed(upstream, self.scrub)
+                    return _with_request_id(await self._scrubbed(upstream, self.scrub), request)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 response.headers.extend(forward_headers(upstream.headers, scrub=self.scrub))
+                _with_request_id(response, request)
                 await response.prepare(request)
                 try:
                     async for chunk in upstream.content.iter_any():
                         await send_or_drop(response.write(chunk), request.transport, self.send_timeout)
                     await response.write_eof()
                 except ConnectionResetError:  # writing to the client: it is gone, or was dropped
-                    pass  # leaving the block closes the upstream call at once
+                    request[FORWARDED] = "cancelled"  # leaving the block closes the upstream call at once
                 return response
         except (TimeoutError, aiohttp.ClientError) as e:
             if over and (response is None or not response.prepared):
@@ -214,6 +218,7 @@ class Passthrough:
                 # reached aiohttp as an ERROR "Error handling request" with a traceback, every time an
                 # upstream dropped a chat stream. aiohttp's closing write_eof then fails quietly.
                 log.warning("passthrough stream broke off: %s", type(e).__name__)
+                request[FORWARDED] = "timeout" if isinstance(e, asyncio.TimeoutError) else "failed"
                 if request.transport is not None:
                     request.transport.close()
                 return response
@@ -239,6 +244,14 @@ class Passthrough:
         text = scrub(raw.decode("utf-8", "replace"))
         headers = forward_headers(upstream.headers, frozenset({"content-length", "content-encoding"}), scrub)
         return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(), headers=headers)
+
+
+def _with_request_id(response: web.StreamResponse, request: web.Request) -> web.StreamResponse:
+    """The request's id (the one its log line has) as X-Request-Id, unless the upstream sent its own: that
+    one is what its vendor's support asks for."""
+    if "X-Request-Id" not in response.headers and REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+    return response
 
 
 async def _capped(stream: aiohttp.StreamReader, limit: int, over: list[int]) -> AsyncIterator[bytes]:

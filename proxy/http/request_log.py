@@ -1,4 +1,5 @@
-"""Request ids, one log line per image request, and the request counters behind /metrics."""
+"""Request ids, one log line per image request and per passthrough call, and the request counters behind
+/metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import logging
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -85,6 +88,42 @@ def job_endpoint(path: str) -> str:
 
 _LINE = ("request_id=%s trace_id=%s key=%s endpoint=%s model=%s route=%s attempts=%d status=%d duration_ms=%d "
          "outcome=%s")
+# A passthrough call's line: the image line's fields, then its method.
+_PASSTHROUGH_LINE = _LINE + " method=%s"
+# The client's path is logged percent-encoded (no space, quote or control character: no field of its own in
+# the line) and cut to this many characters; its query never (a vendor's key may ride there).
+_PATH_CHARS = 200
+_PATH_SAFE = "/[]!$&'()*+,;:@-._~"
+
+
+def log_passthrough(*, request_id: str, trace_id: str, key: Any, method: str, path: str, status: int,
+                    seconds: float, outcome: str, called: bool, scrub: Callable[[str], str]) -> None:
+    """The log line of a call forwarded to the passthrough upstream (written once its answer has ended,
+    streams included): the image line's fields with model=- (the body goes on unread), route=passthrough and
+    attempts=1 (route=- and attempts=0 when it was refused before the upstream was called), then method. Counted in /metrics elsewhere
+    (qip_passthrough_requests_total). `path` is the client's, `scrub` what removes secrets from it; `key` as
+    in log_request."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    endpoint = quote(scrub(path), safe=_PATH_SAFE)
+    if len(endpoint) > _PATH_CHARS:
+        endpoint = endpoint[:_PATH_CHARS] + "..."
+    fields = {"request_id": request_id, "trace_id": trace_id or "-", "key": key.name if key else "-",
+              "endpoint": endpoint, "model": "-", "route": "passthrough" if called else "-",
+              "attempts": int(called), "status": status, "duration_ms": round(seconds * 1000), "outcome": outcome,
+              "method": quote(method[:16], safe="")}  # (a method is any token the client likes)
+    access_log.info(_PASSTHROUGH_LINE, *fields.values(), extra={"qip_fields": fields})
+
+
+def outcome_of_status(status: int) -> str:
+    """The `outcome` of an answer with this status (an upstream's, passed on): the words outcome_of uses."""
+    if status < 400:
+        return "ok"
+    if status == 429:
+        return "rate_limited"
+    if status < 500:
+        return "client_error"
+    return "timeout" if status == 504 else "failed"
 
 
 # The codes the proxy gives an error where it raises one (InvalidRequest(..., code="invalid_json")) rather

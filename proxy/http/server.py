@@ -308,7 +308,7 @@ async def _trim_forever(busy: Callable[[], bool]) -> None:
 async def _serve(app: web.Application, sockets: list[socket.socket], limits: ConnectionLimits, *,
                  shutdown_timeout: float, on_ready: Callable[[], None], busy: Callable[[], bool]) -> None:
     # handler_cancellation: a client that hangs up cancels its request, and with it a local GPU job.
-    # access_log=None: the gateway logs one line per image request itself (proxy.requests); aiohttp's
+    # access_log=None: the gateway logs one line per image request and passthrough call (proxy.requests); aiohttp's
     # access log doubled that and logged every probe, 18 % of the loop's time at c=16.
     runner = GuardedAppRunner(app, limits, handle_signals=True, shutdown_timeout=shutdown_timeout, access_log=None,
                               handler_cancellation=True)
