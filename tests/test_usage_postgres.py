@@ -227,9 +227,9 @@ async def test_postgres_budget_counters_down_is_503_not_unchecked(start_proxy, a
 
 
 async def test_a_hanging_budget_database_fails_fast_not_in_turn():
-    """A PostgreSQL that accepts connections and never answers (a network that drops replies): the first
-    budget check waits out its timeout and answers 503; the checks queued behind it answer 503 at once
-    instead of each waiting out the timeout in turn (one connection, one check at a time)."""
+    """A PostgreSQL that accepts connections and never answers (a network that drops replies): checks at
+    once wait out one timeout together (not each in turn) and answer 503; the checks after them answer
+    503 at once rather than each waiting out the timeout again."""
     pytest.importorskip("psycopg")
     from proxy.state.shared import StateUnavailable
     from proxy.usage.budgets import Hold, periods
@@ -246,13 +246,96 @@ async def test_a_hanging_budget_database_fails_fast_not_in_turn():
     spend = PostgresSpend(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=1, retry_after=60)
     day, month, _, _ = periods(time.time())
     try:
-        results = await asyncio.gather(*(spend.reserve(Hold("alice", day, month, 1, 0), (3, 0, 0))
-                                         for _ in range(10)), return_exceptions=True)
-        assert all(isinstance(r, StateUnavailable) for r in results), results
-        assert len(connections) == 1  # one check tried the database; the nine behind it did not
+        for most in (10, 1):  # seconds: one timeout is 2 s (10 in turn would be 20 s); then none
+            started = time.monotonic()
+            results = await asyncio.gather(*(spend.reserve(Hold("alice", day, month, 1, 0), (3, 0, 0))
+                                             for _ in range(10)), return_exceptions=True)
+            assert all(isinstance(r, StateUnavailable) for r in results), results
+            assert time.monotonic() - started < most
     finally:
         await spend.close()
         for w in connections:
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def budget_proxy(start_proxy, aiohttp_server, tmp_path, database_url: str):
+    """A proxy whose keys alice and bob have budgets counted in PostgreSQL; post(key) -> (status, body)."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    for key in cfg["server"]["api_keys"][:2]:
+        key["budget"] = {"images_per_day": 100}
+    cfg["usage"] = {"database_url": database_url}
+    server, _ = await start_proxy(cfg)
+    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
+
+    async def post(key: str) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                        headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, await r.json()
+    return server, post
+
+
+async def test_a_locked_budget_counter_holds_up_only_its_own_key(start_proxy, aiohttp_server, tmp_path,
+                                                                 postgres_server):  # noqa: F811
+    """Another transaction holds alice's counters (another proxy's, or a person's UPDATE): alice's check
+    waits for it, and bob's checks meanwhile do not queue behind hers (they were all on one connection:
+    bob waited out alice's timeout and got a 503)."""
+    import psycopg
+
+    _, post = await budget_proxy(start_proxy, aiohttp_server, tmp_path, postgres_server.url)
+    assert (await post("sk-alice-0000000000"))[0] == 200
+    async with await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as holder, \
+            await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as watcher:
+        async with holder.transaction():
+            await holder.execute("UPDATE qip_budget_spend SET amount = amount WHERE key = 'alice'")
+            alice = asyncio.create_task(post("sk-alice-0000000000"))
+            async with asyncio.timeout(30):  # until alice's check waits for the row lock
+                while not (await (await watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).fetchone())[0]:
+                    await asyncio.sleep(0.02)
+            for _ in range(3):
+                status, answer = await post("sk-bob-0000000000")
+                assert status == 200, answer
+            assert not alice.done()
+        assert (await alice)[0] == 200  # the lock released: alice's request goes on
+
+
+async def test_killed_budget_connections_are_replaced_unseen(start_proxy, aiohttp_server, tmp_path,
+                                                             postgres_server):  # noqa: F811
+    """The proxy's database connections killed (pg_terminate_backend, as a failover or an admin does): the
+    next budget checks take fresh connections; no request gets a 503 (it did, and for a second after it
+    every budgeted request did)."""
+    import psycopg
+
+    _, post = await budget_proxy(start_proxy, aiohttp_server, tmp_path, postgres_server.url)
+    results = await asyncio.gather(*(post(key) for key in ["sk-alice-0000000000", "sk-bob-0000000000"] * 3))
+    assert [status for status, _ in results] == [200] * 6
+    async with await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as admin:
+        cur = await admin.execute("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                  "AND backend_type = 'client backend'")
+        pids = [pid for (pid,) in await cur.fetchall()]
+        assert pids
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        async with asyncio.timeout(30):  # until they are gone (the server has told their clients)
+            while (await (await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                              (pids,))).fetchone())[0]:
+                await asyncio.sleep(0.02)
+    for key in ["sk-alice-0000000000", "sk-bob-0000000000"] * 2:
+        status, answer = await post(key)
+        assert status == 200, answer
+
+
+async def test_the_database_password_stays_out_of_pool_logs(start_proxy, aiohttp_server, tmp_path,
+                                                            postgres_server, caplog):  # noqa: F811
+    """A URL whose password libpq cannot read: every connection attempt fails with libpq's message quoting
+    it, which psycopg's pool logs. The log lines and the 503 keep it out."""
+    secret = "pw%zz-s3cret-4711"
+    url = postgres_server.url.replace("postgres@", f"postgres:{secret}@")
+    _, post = await budget_proxy(start_proxy, aiohttp_server, tmp_path, url)
+    status, answer = await post("sk-alice-0000000000")
+    assert status == 503 and answer["error"]["code"] == "state_unavailable"
+    assert "s3cret" not in str(answer)
+    assert "percent-encoded" in caplog.text  # the pool did log the failure
+    assert "s3cret" not in caplog.text

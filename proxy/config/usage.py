@@ -63,6 +63,9 @@ class UsageConfig(Strict):
     flush_seconds: float = Field(default=1.0, gt=0)
     # Seconds one write to the database may take before it counts as failed (and is tried again).
     write_timeout: float = Field(default=5, gt=0)
+    # Budget counters in PostgreSQL (database_url without state.redis_url): at most this many connections
+    # per process check budgets at once (one is kept open; the ledger's writer has one more of its own).
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
     # The budget of keys that have none of their own.
     default_budget: BudgetConfig | None = None
 

@@ -146,7 +146,10 @@ SCRUBBER = LogScrubber()
 # aiohttp logs client bytes on these (the server's parser errors and tracebacks, the access log's request
 # line and headers); asyncio's and the proxy's own can carry an exception that quotes them.
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal", "aiohttp.websocket",
-                   "aiohttp.client", "asyncio")
+                   "aiohttp.client", "asyncio",
+                   # psycopg's pool logs each failed connection with libpq's message, which can quote the
+                   # database URL's password ("invalid percent-encoded token: ...")
+                   "psycopg", "psycopg.pool")
 # The per-request line holds only known fields: scrubbing it would cost every request for nothing.
 _UNSCRUBBED = ("proxy.requests",)
 

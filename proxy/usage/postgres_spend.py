@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import select
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from .budgets import Hold, over, periods
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("proxy.usage")
 
@@ -63,20 +65,54 @@ def spent_before(rows: list[tuple[str, str, int]], hold: Hold) -> tuple[int, int
 UNAVAILABLE = "The proxy's budget counters (PostgreSQL) are unavailable; retry shortly."
 
 
-class PostgresSpend:
-    """One connection of its own (a slow ledger batch never holds up a budget check), opened again after
-    it breaks; a database that cannot be reached refuses the request with a 503 (state_unavailable)
-    rather than letting it pass unchecked."""
+def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection has something to read: its server's "terminating connection" (a restart,
+    pg_terminate_backend) or the socket's end. An idle connection has nothing to read otherwise (a notice
+    at most), so this costs no round trip."""
+    try:
+        if not hasattr(select, "poll"):  # Windows
+            return bool(select.select([conn.fileno()], [], [], 0)[0])
+        poller = select.poll()  # not select(): it cannot watch descriptors past 1023
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed already
+        return True
 
-    def __init__(self, url: str, *, timeout: float = 3, retry_after: float = 1.0) -> None:
+
+async def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a connection from the pool can be used: one that looks gone is asked for real (one round
+    trip). Not the pool's own `check`: after a failed one it waits a second or more before the next
+    connection, and after a restart every idle connection fails it."""
+    if not _gone(conn):
+        return True
+    try:
+        await conn.execute("")
+        return True
+    except Exception:  # noqa: BLE001 - broken: the pool drops it and connects a new one
+        return False
+
+
+class PostgresSpend:
+    """A pool of connections of its own (a slow ledger batch never holds up a budget check; concurrent
+    checks do not wait for each other), a connection the server closed skipped and replaced; a
+    database that cannot be reached refuses the request with a 503 (state_unavailable) rather than letting
+    it pass unchecked."""
+
+    def __init__(self, url: str, *, timeout: float = 3, retry_after: float = 1.0, pool_size: int = 10) -> None:
         self.url = url
         self.timeout = timeout
-        # After a failure, checks answer 503 at once for this long: requests queued behind a database that
-        # hangs would otherwise each wait out the timeout in turn (one connection, one check at a time).
+        self.pool_size = pool_size
+        # After a timeout, one check at a time tries the database again (at most one every `retry_after` s);
+        # the others answer 503 at once: requests behind a database that is away or hangs would otherwise
+        # each wait out the timeout.
         self.retry_after = retry_after
         self._down_until = 0.0
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._lock = asyncio.Lock()
+        self._down = False
+        self._probing = False
+        self._created = False
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._opening, self._creating = asyncio.Lock(), asyncio.Lock()
+        self._slow: tuple[type[Exception], ...] = (TimeoutError,)  # and the pool's PoolTimeout, once imported
 
     async def start(self) -> None:
         try:
@@ -85,41 +121,79 @@ class PostgresSpend:
             log.warning("budgets: PostgreSQL is not reachable at start-up; budget checks answer 503 until it is")
 
     async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
             with contextlib.suppress(Exception):
-                await conn.close()
+                await pool.close(timeout=1)
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        import psycopg  # optional dependency: pip install qwen-image-proxy[postgres]
+    async def _connections(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            if self._pool is not None:
+                return self._pool
+            # optional dependency: pip install qwen-image-proxy[postgres]
+            from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=max(1, int(self.timeout)),
-                                                         autocommit=True)
-            await conn.execute(CREATE)
-            self._conn = conn
-        return self._conn
+            pool_log = logging.getLogger("psycopg.pool")
+            if pool_log.level == logging.NOTSET:  # its INFO lines come with every check: warnings only
+                pool_log.setLevel(logging.WARNING)
+            pool = AsyncConnectionPool(
+                self.url, min_size=1, max_size=self.pool_size, open=False, name="budgets",
+                kwargs={"autocommit": True, "connect_timeout": max(1, int(self.timeout))},
+                # The longest wait for a connection: a new one takes no longer (connect_timeout), and with all
+                # of them busy one is free again in milliseconds. Then PoolTimeout: a slow failure.
+                configure=self._configure, timeout=self.timeout,
+                # A connection attempt that keeps failing is given up after this long (not the default five
+                # minutes of ever longer waits between tries): the next check starts a new one at once, so a
+                # database that is back is used again within seconds.
+                reconnect_timeout=2 * self.timeout)
+            await pool.open()
+            self._slow = (TimeoutError, PoolTimeout)
+            self._pool = pool
+            return pool
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The table, once a process (not on each of the pool's connections, which would race: two
+        CREATE TABLE IF NOT EXISTS at once can still collide)."""
+        import psycopg
+
+        async with self._creating:
+            if not self._created:
+                with contextlib.suppress(psycopg.errors.UniqueViolation):  # another proxy made it just now
+                    await conn.execute(CREATE)
+                self._created = True
 
     async def _run(self, step: Any, *args: Any) -> Any:
-        """One step on the connection, under the timeout; any failure is a StateUnavailable (503), and so
-        is every step for `retry_after` s after one."""
-        self._fail_fast()
-        async with self._lock:
-            self._fail_fast()  # it failed while this one waited its turn
-            try:
-                return await asyncio.wait_for(step(await self._connection(), *args), self.timeout * 2)
-            except Exception as e:  # noqa: BLE001 - the URL may carry a password: only the error's type
-                log.warning("budgets: PostgreSQL call failed: %s", type(e).__name__)
-                self._down_until = time.monotonic() + self.retry_after
-                conn, self._conn = self._conn, None  # a timeout may have left it mid-statement
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1)
-                raise StateUnavailable(UNAVAILABLE) from None
-
-    def _fail_fast(self) -> None:
-        if time.monotonic() < self._down_until:
-            raise StateUnavailable(UNAVAILABLE)
+        """One step on a pooled connection, under the timeout; any failure is a StateUnavailable (503). After
+        a timeout, the steps answer that 503 at once, but one at a time (at most one every `retry_after` s),
+        which tries the database, until one succeeds."""
+        probe = self._down
+        if probe:
+            if self._probing or time.monotonic() < self._down_until:
+                raise StateUnavailable(UNAVAILABLE)
+            self._probing = True
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                pool = await self._connections()
+                while True:  # past the connections that the server closed (killed, restarted): no request fails
+                    async with pool.connection() as conn:
+                        if await _usable(conn):
+                            result = await step(conn, *args)
+                            break
+            self._down = False
+            return result
+        except Exception as e:  # noqa: BLE001 - the URL may carry a password: only the error's type
+            log.warning("budgets: PostgreSQL call failed: %s", type(e).__name__ if not isinstance(e, ImportError)
+                        else f"{e.name} is not installed (pip install 'qwen-image-proxy[postgres]')")
+            # Only a slow failure (no connection or no answer in time) makes the checks behind it fail at
+            # once; one that failed fast (a connection killed under its statement) costs only its request.
+            if probe or isinstance(e, self._slow):
+                self._down, self._down_until = True, time.monotonic() + self.retry_after
+            raise StateUnavailable(UNAVAILABLE) from None
+        finally:
+            if probe:
+                self._probing = False
 
     async def _expire(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(EXPIRE, (time.time() - 86400,))

@@ -82,7 +82,8 @@ class Usage:
         # Shared running totals: in Redis, else in the ledger's PostgreSQL, else in this process.
         self.spend: RedisSpend | PostgresSpend | MemorySpend = (
             RedisSpend(redis) if redis is not None else
-            PostgresSpend(self.usage.database_url) if self.usage.database_url else MemorySpend())
+            PostgresSpend(self.usage.database_url, pool_size=self.usage.database_pool_size)
+            if self.usage.database_url else MemorySpend())
         self.cache = SeededCache(store, RedisIndex(redis) if redis is not None else MemoryIndex())
         self._signatures = {name: routes_signature(m.routes) for name, m in config.models.items() if m.cache}
         # Models whose answers the seeded cache keeps: only their requests have a lookup before routing
