@@ -1,7 +1,8 @@
-"""Real backing services for tests: a redis-server process and moto's S3 server, each on a free loopback
-port, started and stopped by fixtures. Import the fixtures into a test module to use them:
+"""Real backing services for tests: a redis-server process, a three-master Redis Cluster and moto's S3
+server, each on free loopback ports, started and stopped by fixtures. Import the fixtures into a test module
+to use them:
 
-    from .services import moto_server, redis_server, s3_bucket  # noqa: F401
+    from .services import moto_server, redis_cluster, redis_server, s3_bucket  # noqa: F401
 """
 
 from __future__ import annotations
@@ -92,6 +93,93 @@ def redis_server():
     finally:
         server.resume()
         server.stop()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with contextlib.suppress(OSError), socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+                return port
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster: three masters (no replicas, no persistence) in a temp dir on loopback,
+    joined with `redis-cli --cluster create`. Its slots are spread over the three, so keys of one request
+    that do not share a hash tag land on different nodes (CROSSSLOT), as on a managed cluster."""
+
+    def __init__(self, binary: str, cli: str):
+        import tempfile
+
+        self.binary, self.cli = binary, cli
+        self.root = tempfile.mkdtemp(prefix="qip-redis-cluster-")
+        self.ports = [cluster_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """Any one node: the cluster client finds the others (a plain client would meet MOVED)."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def _cli(self, port: int, *args: str) -> str:
+        return subprocess.run([self.cli, "-p", str(port), *args], check=True, capture_output=True, text=True,
+                              timeout=30).stdout
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--protected-mode", "no", "--dir", self.root, "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_for_port(port)
+        subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
+            time.sleep(0.05)
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self._cli(port, "flushall")
+
+    def keys_by_node(self) -> dict[int, list[str]]:
+        """Every key, by the port of the node that holds it."""
+        return {p: sorted(self._cli(p, "--scan").split()) for p in self.ports}
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        self.procs = []
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session():
+    binary, cli = redis_binary(), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        service_missing("redis-server and redis-cli are not installed (apt-get install -y redis-server)")
+    cluster = RedisCluster(binary, cli)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session):
+    """A started three-master Redis Cluster on free ports, emptied for each test (it takes seconds to form,
+    so the session shares one)."""
+    redis_cluster_session.flush()
+    return redis_cluster_session
 
 
 class MotoServer:

@@ -99,6 +99,9 @@ class StateConfig(Strict):
 
     # redis://[user:password@]host:port/db, rediss:// for TLS; empty: in memory.
     redis_url: str | None = None
+    # redis_url is one node of a Redis Cluster (ElastiCache / Memorystore cluster mode, a self-hosted
+    # cluster): the client finds the others and follows MOVED; the keys of one step share a hash tag.
+    redis_cluster: bool = False
     key_prefix: str = "qip:"
     # Seconds a Redis call may take (connect included) before the request gets 503 state_unavailable.
     socket_timeout: float = Field(default=2, gt=0)
@@ -115,6 +118,26 @@ class StateConfig(Strict):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value or None
+
+    @model_validator(mode="after")
+    def _cluster(self) -> StateConfig:
+        if not self.redis_cluster:
+            return self
+        if not self.redis_url:
+            raise ValueError("redis_cluster: true needs state.redis_url (one node of the cluster)")
+        parts = urlsplit(self.redis_url)
+        if parts.scheme == "unix":
+            raise ValueError("redis_cluster: a Redis Cluster is reached over TCP (redis:// or rediss://), "
+                             "not a unix socket")
+        if parts.path.strip("/") not in ("", "0"):
+            raise ValueError("redis_cluster: a Redis Cluster has only database 0; end redis_url with /0 or "
+                             "no database")
+        # The proxy puts its own hash tag ({...}) into each key after the prefix: a brace in the prefix
+        # would end up in the tag, and one request's keys could land in different slots.
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError("key_prefix: with redis_cluster the prefix may not hold { or } (the proxy "
+                             "adds the hash tags itself)")
+        return self
 
 
 class FetchConfig(Strict):

@@ -13,7 +13,11 @@ if TYPE_CHECKING:
 
 
 def make_job_store(config: Config) -> JobStore:
-    if config.state.redis_url:
-        return RedisJobStore(config.state.redis_url, prefix=config.state.key_prefix + "jobs:",
-                             socket_timeout=config.state.socket_timeout, ttl=config.jobs.ttl_seconds)
+    state = config.state
+    if state.redis_url:
+        # On a cluster every job key shares the hash tag {jobs}: a job's scripts touch the queue, the job and
+        # its owner's sets at once (redis_store.py). On one node the names stay as they always were.
+        prefix = state.key_prefix + ("{jobs}:" if state.redis_cluster else "jobs:")
+        return RedisJobStore(state.redis_url, prefix=prefix, socket_timeout=state.socket_timeout,
+                             ttl=config.jobs.ttl_seconds, cluster=state.redis_cluster)
     return SqliteJobStore(config.jobs.path)

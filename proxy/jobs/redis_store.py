@@ -5,7 +5,13 @@ is taken over by exactly one, and a proxy that lost its lease writes nothing.
 Keys under the prefix: job:<id> (a hash: doc, status, owner, seq, request, result, lease_owner, cancel),
 queue (zset by seq), running (zset by lease end, ms), owner:<hash> (zset by seq), active:<hash> (the
 owner's queued and running ids), deliveries (zset by next attempt, ms), seq (a counter). The redis package
-is imported only when a RedisJobStore is made."""
+is imported only when a RedisJobStore is made.
+
+The scripts build their keys from the prefix (ARGV[1]) and name one of them (the queue) as KEYS[1], which
+routes them on a Redis Cluster. There, the prefix holds a hash tag ({jobs}), so that every job key sits in
+one slot: a claim looks at the queue, the job and its owner's keys in one atomic step, which no set of keys
+spread over slots allows. So all the jobs live on one master of the cluster (its memory bounds how many
+wait and are kept); the rest of the state is spread by API key and model."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from ..state.shared_redis import check_not_cluster, connect, redis_errors
 from .model import IN_PROGRESS, Job
 from .store import JobStoreUnavailable
 
@@ -118,6 +125,18 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+_DELETE = """
+local p, id = ARGV[1], ARGV[2]
+local k = p..'job:'..id
+local owner = redis.call('HGET', k, 'owner')
+redis.call('DEL', k)
+redis.call('ZREM', p..'queue', id) redis.call('ZREM', p..'running', id) redis.call('ZREM', p..'deliveries', id)
+if owner then
+  redis.call('ZREM', p..'owner:'..owner, id)
+  redis.call('SREM', p..'active:'..owner, id)
+end
+return 1
+"""
 _SAVE_DELIVERIES = """
 local p, id = ARGV[1], ARGV[2]
 local k = p..'job:'..id
@@ -135,13 +154,14 @@ def _ms(seconds: float) -> int:
 class RedisJobStore:
     kind = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "qip:jobs:", socket_timeout: float = 2, ttl: float = 7 * 86400):
+    def __init__(self, url: str, *, prefix: str = "qip:jobs:", socket_timeout: float = 2, ttl: float = 7 * 86400,
+                 cluster: bool = False):
         try:
             import redis.asyncio  # noqa: F401
         except ImportError:  # pragma: no cover - the message is the point
             raise RuntimeError("state.redis_url needs the redis package: pip install 'qwen-image-proxy[redis]'") \
                 from None
-        self.url, self.prefix, self.socket_timeout, self.ttl = url, prefix, socket_timeout, ttl
+        self.url, self.prefix, self.socket_timeout, self.ttl, self.cluster = url, prefix, socket_timeout, ttl, cluster
         self._client: Any = None
         self._failing_since: float | None = None  # when Redis stopped answering (None: it answers)
         self._failure_logged = 0.0
@@ -149,18 +169,13 @@ class RedisJobStore:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(self.url, socket_timeout=self.socket_timeout,
-                                          socket_connect_timeout=self.socket_timeout)
+            self._client = connect(self.url, cluster=self.cluster, socket_timeout=self.socket_timeout)
         return self._client
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
-        from redis.exceptions import RedisError
-
         try:
             found = await asyncio.wait_for(awaitable, self.socket_timeout * 2)
-        except (RedisError, OSError, TimeoutError) as e:
+        except redis_errors() as e:
             # Said once, then once a minute while Redis stays away: the claim loop, the lease keeper and the
             # webhook sender call it many times a second (20 warnings/s). The URL may hold a password.
             now = time.monotonic()
@@ -177,7 +192,8 @@ class RedisJobStore:
         return found
 
     async def _eval(self, script: str, *args: Any) -> Any:
-        return await self._call(self.client.eval(script, 0, self.prefix, *args))
+        # KEYS[1] (the queue) only routes the script to the node of the jobs' slot on a cluster.
+        return await self._call(self.client.eval(script, 1, f"{self.prefix}queue", self.prefix, *args))
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -185,6 +201,8 @@ class RedisJobStore:
     async def start(self) -> None:
         with contextlib.suppress(JobStoreUnavailable):
             await self._call(self.client.ping())
+            if not self.cluster:
+                await check_not_cluster(self.client, "jobs")
 
     async def close(self) -> None:
         if self._client is not None:
@@ -289,15 +307,7 @@ class RedisJobStore:
         await self._eval(_SAVE_DELIVERIES, job.id, job.to_doc(), "" if due is None else _ms(due))
 
     async def delete(self, job_id: str) -> None:
-        owner = await self._call(self.client.hget(self._key(job_id), "owner"))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._key(job_id))
-        for zset in ("queue", "running", "deliveries"):
-            pipe.zrem(self.prefix + zset, job_id)
-        if owner:
-            pipe.zrem(f"{self.prefix}owner:{owner.decode()}", job_id)
-            pipe.srem(f"{self.prefix}active:{owner.decode()}", job_id)
-        await self._call(pipe.execute())
+        await self._eval(_DELETE, job_id)  # one script: a cluster client has no MULTI across commands
 
     async def purge(self, before: float) -> builtins.list[str]:
         return []  # finished jobs expire by themselves (PEXPIRE jobs.ttl_seconds when they end)

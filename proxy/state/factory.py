@@ -21,7 +21,8 @@ def make_state(config: Config) -> State:
     claim) frees itself within a short lease should its process die holding it (shared_redis.py)."""
     state = config.state
     if state.redis_url:
-        return RedisState(state.redis_url, prefix=state.key_prefix, socket_timeout=state.socket_timeout)
+        return RedisState(state.redis_url, prefix=state.key_prefix, socket_timeout=state.socket_timeout,
+                          cluster=state.redis_cluster)
     return MemoryState(state.memory_max_records, int(state.memory_max_mb * 1024 * 1024))
 
 

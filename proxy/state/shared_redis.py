@@ -8,6 +8,10 @@ renews while it holds it: one whose holder died, or whose taking timed out here 
 moment later, frees itself within that lease. The limits (`RedisLimits`)
 implement proxy.routing.policy's `Limits` for per-key rpm and concurrency. The redis package is imported
 only when a RedisState is made (factory.py makes one when a redis_url is configured).
+
+On a Redis Cluster (`state.redis_cluster`) the client is redis-py's cluster client, and every script or
+multi-key command names keys that share a hash tag (`tag`), so they sit in one slot; on one node the key
+names stay as they always were (nothing in a live Redis is renamed by an upgrade).
 """
 
 from __future__ import annotations
@@ -27,6 +31,27 @@ from .shared import Answer, Record, Records, StateUnavailable, decode_record, ru
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
 # The least a held slot or claim lives in Redis without a renewal (longer with a long socket_timeout).
 LEASE_SECONDS = 15.0
+
+
+def connect(url: str, *, cluster: bool, socket_timeout: float, **options: Any) -> Any:
+    """A redis.asyncio client for `url`: redis.asyncio.RedisCluster (which finds the other nodes and follows
+    MOVED / ASK) when `cluster`, else redis.asyncio.Redis."""
+    if cluster:
+        from redis.asyncio import RedisCluster
+
+        return RedisCluster.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                     **options)
+    from redis.asyncio import Redis
+
+    return Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, **options)
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a failing Redis call raises: RedisError, and the cluster client's RedisClusterException (not a
+    RedisError: no node reachable, a slot nobody serves, keys of one command in several slots)."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    return RedisError, RedisClusterException, OSError, TimeoutError
 
 
 # ---- idempotency records --------------------------------------------------------------------------
@@ -173,11 +198,12 @@ class RedisLimits:
         self.state = state
         self.lease = lease  # seconds a slot lives in Redis unless renewed
 
+    # One admission touches both: on a cluster they share the key's hash tag.
     def bucket_key(self, key: str) -> str:
-        return f"{self.state.prefix}rpm:{key}"
+        return f"{self.state.prefix}rpm:{self.state.tag(key)}"
 
     def slots_key(self, key: str) -> str:
-        return f"{self.state.prefix}slots:{key}"
+        return f"{self.state.prefix}slots:{self.state.tag(key)}"
 
     async def acquire(self, key: str, *, rpm: int | None, concurrency: int | None) -> Lease:
         if rpm is None and concurrency is None:
@@ -210,7 +236,8 @@ class RedisState:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float | None = None) -> None:
+    def __init__(self, url: str, *, prefix: str = "qip:", socket_timeout: float = 2, lease: float | None = None,
+                 cluster: bool = False) -> None:
         try:
             import redis.asyncio  # noqa: F401
         except ImportError:  # pragma: no cover - the message is the point
@@ -218,6 +245,7 @@ class RedisState:
                 from None
         self.url = url
         self.prefix = prefix
+        self.cluster = cluster
         self.socket_timeout = socket_timeout
         self._client: Any = None
         # Short, and renewed every third of it, so a renewal has two more tries (each at most 2 x
@@ -228,28 +256,31 @@ class RedisState:
         self.records: Records = RedisRecords(self)
         self.limits: RedisLimits | None = RedisLimits(self, self.lease)
 
+    def tag(self, part: str) -> str:
+        """`part` as a key's hash tag on a cluster ({part}: every key naming it sits in one slot), as it is
+        on one node (the names single-node deployments have always had)."""
+        return f"{{{part}}}" if self.cluster else part
+
     @property
-    def client(self) -> Any:  # redis.asyncio.Redis, imported only when Redis is used
+    def client(self) -> Any:  # redis.asyncio.Redis or RedisCluster, imported only when Redis is used
         if self._client is None:
-            from redis.asyncio import Redis
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
             # No retries inside the client: each call is bounded by socket_timeout, and `call` bounds the
             # whole of it again, so a Redis that is down or stalled costs a request at most that long.
-            self._client = Redis.from_url(self.url, socket_timeout=self.socket_timeout,
-                                          socket_connect_timeout=self.socket_timeout,
-                                          retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
-                                          health_check_interval=30)
+            # (A cluster client still follows MOVED / ASK, and maps the slots again after a failed call.)
+            options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 30}
+            if not self.cluster:
+                options["retry_on_timeout"] = False
+            self._client = connect(self.url, cluster=self.cluster, socket_timeout=self.socket_timeout, **options)
         return self._client
 
     async def call(self, awaitable: Awaitable[Any]) -> Any:
         """Await one Redis call; any failure to reach Redis is a StateUnavailable."""
-        from redis.exceptions import RedisError
-
         try:
             return await asyncio.wait_for(awaitable, self.socket_timeout * 2)
-        except (RedisError, OSError, TimeoutError) as e:
+        except redis_errors() as e:
             # The URL may carry a password: never in a message or a log.
             log.warning("shared state: Redis call failed: %s", type(e).__name__)
             raise StateUnavailable() from None
@@ -278,6 +309,8 @@ class RedisState:
     async def start(self) -> None:
         try:
             await self.call(self.client.ping())
+            if not self.cluster:
+                await check_not_cluster(self.client, "shared state")
         except StateUnavailable:
             # Serve anyway: requests that need the state get 503 until it is back.
             log.warning("shared state: Redis is not reachable yet; requests that need it get 503 until it is")
@@ -292,6 +325,16 @@ class RedisState:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
             self._client = None
+
+
+async def check_not_cluster(client: Any, who: str) -> None:
+    """Say so at start when a plain client was pointed at a cluster node: every call would fail with MOVED
+    or CROSSSLOT (503 state_unavailable), and the log would only name the error's type."""
+    with contextlib.suppress(*redis_errors()):
+        info = await asyncio.wait_for(client.info("cluster"), 5)
+        if str(info.get("cluster_enabled", 0)) == "1":
+            log.error("%s: this Redis is a node of a Redis Cluster: set state.redis_cluster: true (until then "
+                      "requests that need Redis get 503 state_unavailable)", who)
 
 
 def _ms(seconds: float) -> int:

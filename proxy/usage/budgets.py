@@ -188,9 +188,13 @@ class RedisSpend:
     def __init__(self, state: RedisState) -> None:
         self.state = state
 
+    def _key(self, key: str, period: str, what: str) -> str:
+        # A key's counters share its hash tag on a cluster: one script reads and raises all three.
+        return f"{self.state.prefix}budget:{self.state.tag(key)}:{period}:{what}"
+
     def _keys(self, hold: Hold) -> tuple[str, str, str]:
-        p = f"{self.state.prefix}budget:{hold.key}:"
-        return f"{p}{hold.day}:img", f"{p}{hold.day}:usd", f"{p}{hold.month}:usd"
+        return (self._key(hold.key, hold.day, "img"), self._key(hold.key, hold.day, "usd"),
+                self._key(hold.key, hold.month, "usd"))
 
     async def reserve(self, hold: Hold, limits: tuple[int, int, int]) -> str | None:
         which = await self.state.call(self.state.client.eval(
@@ -203,9 +207,16 @@ class RedisSpend:
         made before a key had a budget counts too (a month's period is "YYYY-MM", a day's "YYYY-MM-DD")."""
         if not totals:
             return
-        keys = [f"{self.state.prefix}budget:{key}:{period}:{what}" for key, period, what in totals]
-        args = [a for (_, period, _), amount in totals.items() for a in (amount, int(len(period) == 7))]
-        await self.state.call(self.state.client.eval(_FLOOR, len(keys), *keys, _DAY_TTL, _MONTH_TTL, *args))
+        # One script per API key (its counters share a slot on a cluster), all in one round trip.
+        by_key: dict[str, list[tuple[str, str, int]]] = {}
+        for (key, period, what), amount in totals.items():
+            by_key.setdefault(key, []).append((period, what, amount))
+        pipe = self.state.client.pipeline(transaction=False)
+        for key, counters in by_key.items():
+            keys = [self._key(key, period, what) for period, what, _ in counters]
+            args = [a for period, _, amount in counters for a in (amount, int(len(period) == 7))]
+            pipe.eval(_FLOOR, len(keys), *keys, _DAY_TTL, _MONTH_TTL, *args)
+        await self.state.call(pipe.execute())
 
     async def add(self, hold: Hold, images: int, micro_usd: int) -> None:
         await self.state.call(self.state.client.eval(

@@ -102,7 +102,8 @@ class RedisIndex:
     def _keys(self, model: str, key: tuple) -> tuple[str, str, str]:
         # repr of plain values (text, numbers, bytes, None, tuples) is the same in every process.
         digest = hashlib.sha256(repr(key).encode()).hexdigest()
-        base = f"{self.state.prefix}cache:{model}"
+        # A model's entries and its books share its hash tag on a cluster: a put may drop other entries.
+        base = f"{self.state.prefix}cache:{self.state.tag(model)}"
         return f"{base}:{digest}", f"{base}:by-expiry", f"{base}:sizes"
 
     async def get(self, model: str, key: tuple) -> Entry | None:
