@@ -92,6 +92,28 @@ async def test_limits_and_idempotency_shared_by_two_proxies_on_a_cluster(start_p
     assert all(len(ports) == 1 for ports in by_tag.values())
 
 
+async def test_held_slots_and_claims_are_renewed_across_nodes(redis_cluster):  # noqa: F811
+    """What running requests hold in several slots (on several nodes) is renewed in one pipeline, and
+    outlives its lease while held."""
+    from proxy.routing.policy import ConcurrencyLimited
+
+    one, two = (RedisState(redis_cluster.url, socket_timeout=0.5, lease=0.6, cluster=True) for _ in range(2))
+    try:
+        leases = [await one.limits.acquire(f"key-{i}", rpm=None, concurrency=1) for i in range(6)]
+        assert await one.records.claim("order-1", "fp", "owner-a", ttl=30) is None
+        await asyncio.sleep(1.5)  # 2.5 leases: only the renewals keep them
+        for i in range(6):
+            with pytest.raises(ConcurrencyLimited):
+                await two.limits.acquire(f"key-{i}", rpm=None, concurrency=1)
+        assert not (await two.records.claim("order-1", "fp", "owner-b", ttl=30)).done
+        for lease in leases:
+            await lease.release()
+        await two.limits.acquire("key-0", rpm=None, concurrency=1)
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_budgets_shared_and_seeded_from_the_ledger_on_a_cluster(start_proxy, aiohttp_server, tmp_path,
                                                                       redis_cluster):  # noqa: F811
     """Alice and bob spend before they have budgets; proxies started later with images_per_day: 3 raise
