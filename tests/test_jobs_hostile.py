@@ -178,10 +178,11 @@ async def test_a_broken_job_database_is_a_503_not_a_crash(start_proxy, tmp_path)
     assert (await wait_done(server, job["id"]))["status"] == "completed"
 
 
-async def test_a_webhook_host_with_broken_punycode_fails_its_delivery_with_tracing_on(start_proxy, tmp_path,
-                                                                                      aiohttp_server, monkeypatch):
+async def test_a_webhook_host_with_broken_punycode_is_delivered_with_tracing_on(start_proxy, tmp_path,
+                                                                                aiohttp_server, monkeypatch):
     # `xn--a` passes the address rules (*.localhost is loopback, let through here); the client span's hook
-    # then raised UnicodeError out of every attempt: none was recorded and the message stayed pending for ever.
+    # then raised UnicodeError out of every attempt: none was recorded and the message stayed pending for ever
+    # (later: every attempt failed with UnicodeError). Tracing changes nothing now: it is delivered.
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
     from .otlp_receiver import OtlpReceiver
 
@@ -194,10 +195,8 @@ async def test_a_webhook_host_with_broken_punycode_fails_its_delivery_with_traci
     server, client = await start_proxy(cfg)
     port = receiver.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
     _, _, job = await submit(client, size="64x64", webhook_url=f"http://xn--a.localhost:{port}/hook")
-    done = await wait_delivery(server, job["id"], "failed", timeout=20)
-    attempts = done["webhook"]["deliveries"][0]["attempts"]
-    assert attempts and all("UnicodeError" in a["error"] for a in attempts)
-    assert receiver.arrivals == []
+    await wait_delivery(server, job["id"], "delivered", timeout=20)
+    assert len(receiver.arrivals) == 1
 
 
 async def test_webhook_hosts_on_a_slow_dns_do_not_stall_image_work(start_proxy, tmp_path, monkeypatch):

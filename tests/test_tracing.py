@@ -248,3 +248,30 @@ def test_settings_from_config_and_standard_variables():
     own = TelemetryConfig(otlp_endpoint="http://c:4318", headers_env="MY_OTLP_HEADERS", service_name="mine")
     mine = settings_from(own, {**env, "MY_OTLP_HEADERS": "api-key=s3cret"})
     assert mine.headers == {"api-key": "s3cret"} and mine.service_name == "mine"
+
+
+async def test_an_upstream_host_with_broken_punycode_fails_as_it_does_without_tracing(start_proxy, tmp_path,
+                                                                                     receiver):
+    """The client span's hook read url.host, which raises UnicodeError on a broken punycode label (`xn--a`,
+    which a wildcard DNS answers): with tracing on, a route on such a base_url failed as "internal error in
+    the route (UnicodeError)" with a traceback and no span, whatever the host would have answered (the
+    fetcher and webhooks: test_fetch_hostile, test_jobs_hostile). Now the call goes out as without tracing."""
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = copy.deepcopy(SMALL_SIZES)
+    cfg["providers"]["broken"] = {"kind": "openai", "base_url": "http://xn--a.localhost:9/v1", "api_key": "k"}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["broken", "placeholder"]}
+    cfg["routing"] = {"retries": 0}
+    cfg["telemetry"] = {"otlp_endpoint": receiver.url}
+    server, client = await start_proxy(cfg)
+    body = {"model": "qwen-image", "prompt": "a fox", "size": "64x64", "response_format": "b64_json"}
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(server.make_url("/v1/images/generations"), json=body, headers={"X-Request-Id": "req-puny-1"})
+        assert r.status == 200, await r.text()
+        assert r.headers["x-qip-route"] == "placeholder"
+    spans = await receiver.trace_with("POST /v1/images/generations", **{"qip.request_id": "req-puny-1"})
+    first = children(spans, one(spans, "POST /v1/images/generations"), "route_attempt")[0]
+    assert first.attributes["qip.route"] == "broken" and "internal error" not in first.attributes["qip.error"]
+    (call,) = children(spans, first, "POST")
+    assert call.attributes["server.address"] == "xn--a.localhost" and call.attributes["server.port"] == 9
+    assert call.attributes["url.full"] == "http://xn--a.localhost:9/v1/images/generations"
+    assert call.status == 2

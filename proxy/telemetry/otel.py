@@ -160,8 +160,11 @@ class OtelTracing:
         async def on_start(_session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams) -> None:
             url = params.url
             bare = url.with_user(None).with_password(None).with_query(None).with_fragment(None)
+            # raw_host: the name as it goes on the wire. url.host decodes punycode and raises UnicodeError on
+            # a broken label (xn--a.example.com): raised here, it failed the call itself (a 500, a route's
+            # "internal error") where an untraced call only failed to connect.
             span = self.tracer.start_span(params.method, kind=self._client, attributes={
-                "http.request.method": params.method, "server.address": url.host or "",
+                "http.request.method": params.method, "server.address": url.raw_host or "",
                 "server.port": url.port or 0, "url.full": str(bare)})
             ctx.qip_span = span
             self.propagator.inject(params.headers, context=self._in_context(span))
