@@ -237,6 +237,66 @@ async def test_a_bucket_that_is_down_is_a_clear_503(caplog):
         await store.close()
 
 
+AWS_KEY_ID, AWS_SECRET, AWS_TOKEN = "AKIAFROMTHEENVIRONMENT", "aws-env-secret-0000000000", "aws-env-session-token-000000"
+
+
+def aws_variables(monkeypatch) -> None:
+    """Credentials in the standard variables only, as on a machine with an assumed role's keys."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", AWS_TOKEN)
+
+
+async def test_credentials_from_the_aws_variables_never_reach_logs_or_answers(aiohttp_server, start_proxy, tmp_path,
+                                                                               monkeypatch, caplog):
+    """Keys from AWS_* (obstore's fallback when the config names none) were not secrets to the store or the
+    log scrubber: a bucket's error that quotes them (S3's ExpiredToken and InvalidToken carry the session
+    token) put them into the log line, where the named variables' values were taken out."""
+    aws_variables(monkeypatch)
+
+    async def expired(request: web.Request) -> web.Response:  # a terse server: the whole answer on one line
+        token = request.headers.get("x-amz-security-token", "")
+        body = f"<Error><Code>ExpiredToken</Code><Token-0>{token}</Token-0></Error>"
+        return web.Response(status=400, text=body, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", expired)
+    bucket = await aiohttp_server(app)
+    cfg = base_config(tmp_path)
+    cfg["store"] = {"kind": "s3", "bucket": "qip-echo", "endpoint_url": str(bucket.make_url("")).rstrip("/"),
+                    "timeout": 2}
+    _, client = await start_proxy(cfg)
+    with pytest.raises(APIStatusError) as info:
+        await client.images.generate(model="qwen-image-placeholder", prompt="a fox", size="64x64",
+                                     response_format="url")
+    assert info.value.status_code == 503 and info.value.code == "store_unavailable"
+    assert "ExpiredToken" in caplog.text and "[redacted]" in caplog.text  # the log still says why
+    for text in (caplog.text, info.value.response.text):
+        for secret in (AWS_KEY_ID, AWS_SECRET, AWS_TOKEN):
+            assert secret not in text
+
+
+def test_a_secret_the_log_line_cuts_through_is_still_taken_out(caplog):
+    """The log keeps 300 characters of the bucket's error; they were cut first and redacted after, so a
+    secret across the cut (an echoed key, as above) left its first part in the log."""
+    store = S3Store("qip-cut", ttl_seconds=60, endpoint_url="http://127.0.0.1:9",
+                    access_key_id=S3_KEY_ID, secret_access_key=S3_SECRET)
+    error = store._unavailable("save images to", OSError("<Error>" + "." * 273 + S3_SECRET + "</Error>"))
+    assert isinstance(error, StoreUnavailable)
+    assert "....[redacted]" in caplog.text and S3_SECRET[:12] not in caplog.text
+
+
+def test_the_buckets_credentials_are_secrets_like_the_others(monkeypatch, tmp_path):
+    """config.secrets() (what every log record and error answer is scrubbed of) held no store credential."""
+    aws_variables(monkeypatch)
+    monkeypatch.setenv("QIP_TEST_S3_SECRET", "named-variable-secret-00")
+    cfg = base_config(tmp_path)
+    cfg["store"] = {"kind": "s3", "bucket": "b", "secret_access_key_env": "QIP_TEST_S3_SECRET"}
+    found = parse_config(cfg, env={}).secrets()
+    assert {"named-variable-secret-00", AWS_KEY_ID, AWS_SECRET, AWS_TOKEN} <= set(found)
+    assert AWS_SECRET not in parse_config(base_config(tmp_path), env={}).secrets()  # a folder reads no AWS_*
+
+
 def test_config_builds_the_store_and_reads_keys_from_the_named_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("MY_S3_KEY", "AKIAFROMENV")
     monkeypatch.setenv("MY_S3_SECRET", "secret-from-env")

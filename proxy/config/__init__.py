@@ -121,8 +121,9 @@ class Config(Strict):
 
     def secrets(self) -> list[str]:
         """Every secret this config holds: proxy keys, the metrics key, the passthrough key, the Redis password,
-        providers' keys and tokens (what the scrubber keeps out of answers and logs)."""
-        found = [key.value for key in self.server.keys]
+        the bucket's credentials (AWS_* variables included), providers' keys and tokens (what the scrubber
+        keeps out of answers and logs)."""
+        found = [key.value for key in self.server.keys] + self.store.secrets()
         if self.server.metrics_key:
             found.append(self.server.metrics_key)
         if self.passthrough.api_key:

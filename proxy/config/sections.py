@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -12,6 +14,10 @@ from .strict import Strict
 
 _S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "secret_access_key_env",
             "presign", "public_url", "serve_via_proxy", "timeout")
+# The standard variables the bucket client (obstore) takes credentials from when the store names none:
+# secrets like the ones the config names (AWS_TOKEN is obstore's other name for the session token).
+AWS_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN",
+                        "AWS_SSE_CUSTOMER_KEY_BASE64")
 
 
 def http_url(value: str | None, example: str = "https://api.openai.com/v1") -> str | None:
@@ -81,6 +87,15 @@ class StoreConfig(Strict):
             raise ValueError(f"{value!r} is not a usable key prefix: path segments separated by single '/', "
                              "none of them empty, '.' or '..', no control characters (e.g. 'qip/')")
         return value
+
+    def secrets(self, env: Mapping[str, str] | None = None) -> list[str]:
+        """A bucket's credentials: the variables access_key_id_env / secret_access_key_env name, and the
+        standard AWS_* ones the client falls back to (none for kind: filesystem)."""
+        if self.kind != "s3":
+            return []
+        source = os.environ if env is None else env
+        names = [n for n in (self.access_key_id_env, self.secret_access_key_env) if n] + list(AWS_SECRET_VARIABLES)
+        return [value for name in names if (value := source.get(name))]
 
     @model_validator(mode="after")
     def _kind_options(self) -> StoreConfig:

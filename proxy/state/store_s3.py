@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from ..config.sections import AWS_SECRET_VARIABLES
 from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
 
 if TYPE_CHECKING:
@@ -69,8 +70,11 @@ class S3Store:
         self.public_url = public_url.rstrip("/") if public_url else None
         self.serve_via_proxy = serve_via_proxy
         self.timeout = timeout
-        # Kept only to take them out of messages that reach logs (never out of this object otherwise).
-        self._secrets = [s for s in (access_key_id, secret_access_key) if s]
+        # Kept only to take them out of messages that reach logs (never out of this object otherwise). Without
+        # keys given here, obstore takes them from the AWS_* variables: those are as secret.
+        self._secrets = sorted({s for s in (access_key_id, secret_access_key,
+                                            *(os.environ.get(name) for name in AWS_SECRET_VARIABLES)) if s},
+                               key=len, reverse=True)
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._store: Any = None
@@ -241,9 +245,10 @@ class S3Store:
         return f"https://{self.bucket}.s3.{region}.amazonaws.com"
 
     def _unavailable(self, what: str, error: BaseException) -> StoreUnavailable:
-        detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-        for secret in self._secrets:
+        detail = str(error).splitlines()[0][:4000] if str(error) else type(error).__name__
+        for secret in self._secrets:  # before the cut: one cut through a secret would leave its first part
             detail = detail.replace(secret, "[redacted]")
+        detail = detail[:300]
         code = _s3_code(error)
         log.warning("image store: cannot %s bucket %s: %s%s: %s", what, self.bucket, type(error).__name__,
                     f" ({code})" if code else "", detail)
