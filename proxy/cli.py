@@ -181,6 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
               "127.0.0.1, or set server.allow_unauthenticated: true")
     for where, names in config.unset_vars.items():
         log.warning("%s: %s not set, read as empty", where, ", ".join("${" + n + "}" for n in names))
+    if (links := config.store.link_warning()) is not None:
+        log.warning("%s", links)
     if open_to_network:
         log.warning("listening on %s without API keys (server.allow_unauthenticated): anyone who can reach "
                     "it can use it", _where(host, port))
@@ -311,6 +313,8 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     for where, names in config.unset_vars.items():  # e.g. `path: ${DIR}/img` would store under /img
         print(f"warning: {where}: {', '.join('${' + n + '}' for n in names)} not set, read as empty "
               "(give a default: ${NAME:-value})")
+    if (links := config.store.link_warning()) is not None:
+        print(f"warning: {links}")
     for pname, provider in providers.items():  # options a usable route would serve without
         for warning in provider.warnings if provider.preflight() is None else []:
             print(f"warning: provider {pname}: {warning}")

@@ -9,24 +9,30 @@ import hashlib
 import hmac
 import io
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from openai import APIStatusError
 from PIL import Image
 
 from proxy.config import ConfigError, parse_config
 from proxy.state.factory import make_store
+from proxy.state.shared_redis import RedisState
 from proxy.state.store import StoreUnavailable
 from proxy.state.store_s3 import S3Store
 
 from .conftest import base_config
-from .services import S3_KEY_ID, S3_SECRET, free_port, moto_server, s3_bucket  # noqa: F401
+from .services import S3_KEY_ID, S3_SECRET, free_port, moto_server, redis_server, s3_bucket  # noqa: F401
 
 PREFIX = "images/"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -390,3 +396,47 @@ async def test_e2e_a_missing_bucket_is_a_503_not_links_that_look_expired(start_p
     assert info.value.status_code == 503 and info.value.code == "store_unavailable"
     assert "NoSuchBucket" in caplog.text
     assert S3_SECRET not in caplog.text and S3_SECRET not in info.value.response.text
+
+
+# ---- links that outlive S3's 7 days ---------------------------------------------------------------------
+
+
+async def test_idempotent_replays_of_presigned_links_end_when_the_links_do(start_proxy, tmp_path, moto_server,  # noqa: F811
+                                                                          s3_bucket, monkeypatch, redis_server):  # noqa: F811
+    """A presigned link lives 7 days at most, but a url answer was kept for min(idempotency_ttl,
+    store.ttl_seconds): with both at 30 days, a repeat on day 8 replayed links S3 refuses (403). It is
+    kept no longer than its links now (a repeat after that generates again), as for a shorter TTL."""
+    month = 30 * 86400
+    cfg = s3_config(tmp_path, moto_server, s3_bucket, monkeypatch, ttl_seconds=month)
+    cfg["state"] = {"redis_url": redis_server.url, "key_prefix": "qip-links:", "idempotency_ttl": month}
+    _, client = await start_proxy(cfg)
+    ask = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "64x64", "response_format": "url",
+           "extra_headers": {"Idempotency-Key": "links-1"}}
+    first = await client.images.generate(**ask)
+    assert "X-Amz-Expires=604800&" in first.data[0].url  # S3's limit, not the TTL's 30 days
+    again = await client.images.with_raw_response.generate(**ask)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.parse().data[0].url == first.data[0].url
+    db = RedisState(redis_server.url)
+    await db.start()
+    try:
+        (key,) = await db.client.keys("qip-links:idem:*")
+        assert 0 < await db.client.pttl(key) <= 7 * 86400 * 1000  # it was 30 days
+    finally:
+        await db.close()
+
+
+def test_check_config_warns_when_images_outlive_their_presigned_links(tmp_path):
+    cfg = base_config(tmp_path)
+    cfg["store"] = {"kind": "s3", "bucket": "b", "ttl_seconds": 30 * 86400}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "proxy", "check-config", "--strict", "--config", str(path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr  # links that expire early still work: a warning, not an error
+    assert "warning: store.ttl_seconds is 2592000, but presigned links live at most 604800 s" in out.stdout
+    assert "serve_via_proxy: true" in out.stdout
+    for fine in ({"ttl_seconds": 604800}, {"ttl_seconds": 30 * 86400, "serve_via_proxy": True},
+                 {"ttl_seconds": 30 * 86400, "presign": False}):
+        cfg["store"] = {"kind": "s3", "bucket": "b", **fine}
+        assert parse_config(cfg, env={}).store.link_warning() is None

@@ -16,6 +16,8 @@ _S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "
             "presign", "public_url", "serve_via_proxy", "timeout")
 # The standard variables the bucket client (obstore) takes credentials from when the store names none:
 # secrets like the ones the config names (AWS_TOKEN is obstore's other name for the session token).
+# SigV4 presigned links live at most 7 days (S3 refuses a longer X-Amz-Expires).
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 AWS_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN",
                         "AWS_SSE_CUSTOMER_KEY_BASE64")
 
@@ -87,6 +89,22 @@ class StoreConfig(Strict):
             raise ValueError(f"{value!r} is not a usable key prefix: path segments separated by single '/', "
                              "none of them empty, '.' or '..', no control characters (e.g. 'qip/')")
         return value
+
+    @property
+    def link_ttl(self) -> float:
+        """Seconds a url answer's links work: ttl_seconds, but a presigned link at most 7 days."""
+        if self.kind == "s3" and self.presign and not self.serve_via_proxy:
+            return min(self.ttl_seconds, MAX_PRESIGN_SECONDS)
+        return self.ttl_seconds
+
+    def link_warning(self) -> str | None:
+        """A line for check-config and serve when images outlive the links to them."""
+        if self.link_ttl >= self.ttl_seconds:
+            return None
+        return (f"store.ttl_seconds is {self.ttl_seconds:.0f}, but presigned links live at most {MAX_PRESIGN_SECONDS} s "
+                "(7 days, S3's limit): url answers' links expire before their images, and an Idempotency-Key "
+                "repeat of a url request is replayed for 7 days at most; set serve_via_proxy: true for links "
+                f"that last as long as the images, or ttl_seconds: {MAX_PRESIGN_SECONDS}")
 
     def secrets(self, env: Mapping[str, str] | None = None) -> list[str]:
         """A bucket's credentials: the variables access_key_id_env / secret_access_key_env name, and the

@@ -10,8 +10,8 @@ fingerprinted by its normalized fields and the bytes of its input images. Within
 - a first attempt that ended in an error (4xx, 5xx, a cancelled request) is not kept: a retry runs again.
 
 Answers larger than `state.idempotency_max_mb` are not kept either (a retry generates again), and url
-answers only as long as their links live (`store.ttl_seconds`). Streamed requests (`stream: true`) are
-answered as usual, without idempotency.
+answers only as long as their links live (`store.ttl_seconds`; a presigned S3 link 7 days at most).
+Streamed requests (`stream: true`) are answered as usual, without idempotency.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class Idempotency:
                  wait_timeout: float = 600, url_ttl: float | None = None) -> None:
         self.records = records
         self.ttl = ttl
-        # A url answer is kept no longer than its links live (store.ttl_seconds): a replay must not be
-        # links that answer 404; past that, a repeat generates again.
+        # A url answer is kept no longer than its links live (store.ttl_seconds, 7 days at most for presigned
+        # S3 links): a replay must not be links that answer 404 or 403; past that, a repeat generates again.
         self.url_ttl = min(ttl, url_ttl) if url_ttl else ttl
         self.max_bytes = max_bytes
         self.wait_timeout = wait_timeout
@@ -104,7 +104,7 @@ class Idempotency:
     def from_config(cls, state: State, config: Config) -> Idempotency:
         return cls(state.records, ttl=config.state.idempotency_ttl,
                    max_bytes=int(config.state.idempotency_max_mb * 1024 * 1024),
-                   wait_timeout=config.server.request_timeout, url_ttl=config.store.ttl_seconds)
+                   wait_timeout=config.server.request_timeout, url_ttl=config.store.link_ttl)
 
     async def respond(self, request: web.Request, req: ImageRequest, work: Work, *,
                       scope: str | None = None) -> web.Response:

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ..config.sections import AWS_SECRET_VARIABLES
+from ..config.sections import AWS_SECRET_VARIABLES, MAX_PRESIGN_SECONDS
 from .store import CONTENT_TYPES, StoredImage, StoreUnavailable, new_name, proxy_url, valid_name
 
 if TYPE_CHECKING:
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.store_s3")  # its name before proxy/ had packages: logging configs keep working
 
-# SigV4 presigned links live at most 7 days.
-MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 # Objects are streamed to clients in chunks of about this size.
 STREAM_CHUNK = 256 * 1024
 # The error code in an S3 error answer (NoSuchBucket, AccessDenied, ...): obstore's message puts the answer's
