@@ -196,6 +196,29 @@ def test_a_prefix_the_bucket_client_cannot_use_is_a_config_error():
         assert parse_config({"store": {"kind": "s3", "bucket": "b", "prefix": prefix}}, env={}).store.prefix == prefix
 
 
+def test_bucket_urls_and_names_the_client_cannot_use_are_config_errors():
+    """endpoint_url: minio:9000 (no scheme) passed check-config; then every url request was a 503 and the
+    bucket client printed a panic's stack trace. A user:password@ in endpoint_url or public_url went out
+    in every link; a bucket named "a b" panicked the same way, "b?x" signed links with the key in the query."""
+    def problem(**store) -> str:
+        with pytest.raises(ConfigError) as info:
+            parse_config({"store": {"kind": "s3", "bucket": "b", **store}}, env={})
+        return str(info.value)
+
+    for url in ("minio:9000", "127.0.0.1:9000", "ftp://minio:9000", "not a url"):
+        assert "store.endpoint_url: must be an http:// or https:// URL" in problem(endpoint_url=url)
+        assert "store.public_url: must be an http:// or https:// URL" in problem(presign=False, public_url=url)
+    for key in ("endpoint_url", "public_url"):
+        text = problem(**{key: "https://admin:hunter2-pw@minio.example.com"})
+        assert f"store.{key}: must not hold credentials" in text and "hunter2-pw" not in text
+    for name in ("a b", "b?x", "b/x", "..", "b\nx", "x" * 256):
+        assert "store.bucket:" in problem(bucket=name)
+    for url in ("http://127.0.0.1:9000", "https://s3.eu-central-1.amazonaws.com/", "http://[::1]:9000"):
+        store = parse_config({"store": {"kind": "s3", "bucket": "my.images_Old-1", "endpoint_url": url,
+                                        "public_url": url}}, env={}).store
+        assert store.endpoint_url == url and store.bucket == "my.images_Old-1"
+
+
 ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied'
                  b'</Message><RequestId>R1</RequestId></Error>')
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ _S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "
             "presign", "public_url", "serve_via_proxy", "timeout")
 # The standard variables the bucket client (obstore) takes credentials from when the store names none:
 # secrets like the ones the config names (AWS_TOKEN is obstore's other name for the session token).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # SigV4 presigned links live at most 7 days (S3 refuses a longer X-Amz-Expires).
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 AWS_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN",
@@ -75,6 +77,26 @@ class StoreConfig(Strict):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("endpoint_url", "public_url")
+    @classmethod
+    def _bucket_url(cls, value: str | None) -> str | None:
+        # Without a scheme ("minio:9000") every call to the bucket failed (a panic's stack trace on stderr
+        # and a 503 per request) though check-config passed; user:password@ went out in every url answer.
+        if value and has_credentials(value):
+            raise ValueError("must not hold credentials (user:password@host): the bucket's keys go in the "
+                             "variables access_key_id_env / secret_access_key_env name")
+        return http_url(value, "https://minio.example.com:9000")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str | None) -> str | None:
+        # S3's names (and the older, laxer ones some servers keep): "a b" made every upload panic in the
+        # client, "b?x" signed links whose query held the key.
+        if value and (not _BUCKET.fullmatch(value) or value in (".", "..")):
+            raise ValueError(f"{value[:70]!r} is not a bucket name: 1 to 255 letters, digits, '.', '-' or '_' "
+                             "(e.g. my-images)")
+        return value
 
     @field_validator("prefix")
     @classmethod
