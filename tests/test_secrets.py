@@ -266,3 +266,17 @@ def test_the_metrics_key_is_a_secret_like_the_others(tmp_path):
     config = parse_config(cfg, env={"QIP_TEST_METRICS": "sentinel-metrics-1b2c3d4e5f"})
     assert "sentinel-metrics-1b2c3d4e5f" in config.secrets()
     assert "sentinel-metrics-1b2c3d4e5f" not in Scrubber(config.secrets()).text("scraped with sentinel-metrics-1b2c3d4e5f")
+
+
+def test_the_collectors_headers_are_secrets_whichever_variable_holds_them(tmp_path, monkeypatch):
+    """Only the variable telemetry.headers_env names was on the list, as written: the standard
+    OTEL_EXPORTER_OTLP_HEADERS / _TRACES_HEADERS (which the exporter sends in any case) were not, nor
+    the URL-decoded value that goes out ("Bearer%20tok" is sent as "Bearer tok")."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-honeycomb-team=sentinel-team-5e6f7a8b9c")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "Authorization=Bearer%20sentinel-otlp-0a1b2c3d")
+    monkeypatch.setenv("QIP_TEST_OTLP", "api-key=sentinel%2Fnamed-9f8e7d")
+    cfg = base_config(tmp_path)
+    cfg["telemetry"] = {"otlp_endpoint": "http://127.0.0.1:4318", "headers_env": "QIP_TEST_OTLP"}
+    scrub = Scrubber(parse_config(cfg, env={}).secrets()).text
+    for sent in ("sentinel-team-5e6f7a8b9c", "sentinel-otlp-0a1b2c3d", "sentinel/named-9f8e7d", "sentinel%2Fnamed-9f8e7d"):
+        assert sent not in scrub(f"collector said: unknown team {sent}")

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, PrivateAttr, ValidationError
 
@@ -131,8 +131,13 @@ class Config(Strict):
         for url in (self.state.redis_url, self.usage.database_url):
             if url and (password := urlsplit(url).password):
                 found.append(password)
-        if self.telemetry.headers_env and os.environ.get(self.telemetry.headers_env):
-            found += [v.partition("=")[2].strip() for v in os.environ[self.telemetry.headers_env].split(",")]
+        # The exporter's headers (a collector's token): the variable the config names, and the standard ones
+        # the exporter reads in any case; values as written, URL-decoded (as sent), and a token after its
+        # scheme ("Bearer%20tok": "Bearer tok", "tok").
+        for name in (self.telemetry.headers_env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
+            for item in os.environ.get(name, "").split(",") if name else ():
+                value = item.partition("=")[2].strip()
+                found += [value, unquote(value), *unquote(value).split()[-1:]]
         found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]
         for provider in self.providers.values():
             for name, value in provider.options.items():
