@@ -15,13 +15,13 @@ from .strict import Strict
 
 _S3_ONLY = ("bucket", "endpoint_url", "region", "prefix", "access_key_id_env", "secret_access_key_env",
             "presign", "public_url", "serve_via_proxy", "timeout")
-# The standard variables the bucket client (obstore) takes credentials from when the store names none:
-# secrets like the ones the config names (AWS_TOKEN is obstore's other name for the session token).
+# A bucket name: S3's rules, and the older, laxer names some servers still keep (upper case, '_').
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 # SigV4 presigned links live at most 7 days (S3 refuses a longer X-Amz-Expires).
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
-AWS_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN",
-                        "AWS_SSE_CUSTOMER_KEY_BASE64")
+# The standard variables the bucket client (obstore) takes secrets from when the store names none (AWS_TOKEN
+# is obstore's other name for the session token). AWS_ACCESS_KEY_ID is no secret: every presigned link shows it.
+AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_TOKEN", "AWS_SSE_CUSTOMER_KEY_BASE64")
 
 
 def http_url(value: str | None, example: str = "https://api.openai.com/v1") -> str | None:
@@ -129,12 +129,13 @@ class StoreConfig(Strict):
                 f"that last as long as the images, or ttl_seconds: {MAX_PRESIGN_SECONDS}")
 
     def secrets(self, env: Mapping[str, str] | None = None) -> list[str]:
-        """A bucket's credentials: the variables access_key_id_env / secret_access_key_env name, and the
-        standard AWS_* ones the client falls back to (none for kind: filesystem)."""
+        """A bucket's secrets: the variable secret_access_key_env names, and the standard AWS_* ones the client
+        falls back to (none for kind: filesystem). Not the access key id: every presigned link shows it, and a
+        dummy one ("test", "minioadmin") would be cut out of every log line and revised prompt."""
         if self.kind != "s3":
             return []
         source = os.environ if env is None else env
-        names = [n for n in (self.access_key_id_env, self.secret_access_key_env) if n] + list(AWS_SECRET_VARIABLES)
+        names = [n for n in (self.secret_access_key_env,) if n] + list(AWS_SECRET_VARIABLES)
         return [value for name in names if (value := source.get(name))]
 
     @model_validator(mode="after")

@@ -70,7 +70,7 @@ class S3Store:
         self.timeout = timeout
         # Kept only to take them out of messages that reach logs (never out of this object otherwise). Without
         # keys given here, obstore takes them from the AWS_* variables: those are as secret.
-        self._secrets = sorted({s for s in (access_key_id, secret_access_key,
+        self._secrets = sorted({s for s in (access_key_id, secret_access_key, os.environ.get("AWS_ACCESS_KEY_ID"),
                                             *(os.environ.get(name) for name in AWS_SECRET_VARIABLES)) if s},
                                key=len, reverse=True)
         self._access_key_id = access_key_id
