@@ -16,6 +16,13 @@ TASKS = ("generate", "edit")
 PREVIEWS = ("latent", "vae")
 
 
+def default_dtype(device: str) -> str:
+    """The dtype a pipeline loads in on `device` ("cpu", "cuda", "cuda:1") when the config sets none:
+    float32 on the CPU, bfloat16 on a GPU. One rule for the loader and the memory plan, so that `plan`
+    says what will really be loaded."""
+    return "float32" if device.split(":")[0] == "cpu" else "bfloat16"
+
+
 @dataclass
 class LoraSpec:
     """A LoRA to load, named in the config or per request.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .accel_options import TORCHAO, quant_skip, transformer_layers
-from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig
+from .config import DTYPES, OFFLOAD_MODES, PREVIEWS, TASKS, EngineConfig, default_dtype
 from .edit import EDIT_PIPELINES, UNIFIED_PIPELINES, load_processor
 from .errors import EngineError
 from .exclusive import exclusive
@@ -79,8 +79,7 @@ def resolve_device(config: EngineConfig) -> str:
 def resolve_dtype(config: EngineConfig, device: str) -> torch.dtype:
     import torch
 
-    name = config.dtype or ("float32" if device == "cpu" else "bfloat16")
-    return getattr(torch, name)
+    return getattr(torch, config.dtype or default_dtype(device))
 
 
 def local_files_only(config: EngineConfig) -> bool:

@@ -13,7 +13,7 @@ Activations are a model of the peak, not a measurement: the transformer holds ab
 of its hidden states (batch x tokens x width) at once; Qwen-Image-2.1 also keeps the text and reference
 tokens' keys and values of every block (its KV cache, for the conditional and the unconditional pass);
 the VAE decoder about VAE_FACTOR copies of its first-stage feature map at full resolution, for one image
-(on a GPU the engine decodes a batch one image at a time). Check them
+on a GPU (the engine decodes a batch one image at a time there), for the whole batch on the CPU. Check them
 with bench/bench_engine.py --gpu (torch.cuda.max_memory_allocated) before trusting the last GiB.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import EngineConfig
+from .config import EngineConfig, default_dtype
 from .errors import EngineError
 from .tiny import tiny_pipeline_dir
 from .tiny21 import tiny21_pipeline_dir
@@ -78,6 +78,7 @@ class Estimate:
     size: tuple[int, int]  # the largest image planned for
     batch: int
     references: int
+    device: str = "cuda"  # what the plan is for: cuda (placements on a GPU) or cpu (a route with device: cpu)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -197,7 +198,10 @@ def estimate(config: EngineConfig, *, size: tuple[int, int] | None = None, batch
     model that edits)."""
     configs, _ = component_configs(source or config.model, True if config.local_files_only is None
                                    else config.local_files_only)
-    device_dtype = config.dtype or "bfloat16"  # planning is for a GPU
+    # A route with device: cpu loads in float32 unless its dtype says otherwise (local_backend.loading):
+    # its plan counts those bytes. Without a device the plan is for a GPU (where auto places the model).
+    device = "cpu" if (config.device or "cuda").split(":")[0] == "cpu" else "cuda"
+    device_dtype = config.dtype or default_dtype(device)
     family = "qwen-image-2.1" if configs["transformer"].get("_class_name") == "QwenImage21Transformer2DModel" \
         else "qwen-image"
     components: dict[str, ComponentSize] = {}
@@ -216,8 +220,9 @@ def estimate(config: EngineConfig, *, size: tuple[int, int] | None = None, batch
     batch = batch or config.max_batch
     edits = config.task == "edit" or family == "qwen-image-2.1"
     references = (1 if edits else 0) if references is None else references
-    activations = _activations(family, components, size, batch, references, DTYPE_BYTES[device_dtype])
-    return Estimate(config.model, family, components, activations, size, batch, references)
+    activations = _activations(family, components, size, batch, references, DTYPE_BYTES[device_dtype],
+                               sliced_vae=device == "cuda")
+    return Estimate(config.model, family, components, activations, size, batch, references, device)
 
 
 def _shape(name: str, config: dict) -> tuple[int, int]:
@@ -230,7 +235,7 @@ def _shape(name: str, config: dict) -> tuple[int, int]:
 
 
 def _activations(family: str, parts: dict[str, ComponentSize], size: tuple[int, int], batch: int,
-                 references: int, unit: int) -> dict[str, int]:
+                 references: int, unit: int, sliced_vae: bool = True) -> dict[str, int]:
     """Peak activation bytes of each phase (see the module's docstring for the model)."""
     width, height = size
     image_tokens = width * height // TOKEN_PIXELS
@@ -243,5 +248,6 @@ def _activations(family: str, parts: dict[str, ComponentSize], size: tuple[int, 
     encoder = parts["text_encoder"]
     vision_tokens = references * REFERENCE_PIXELS // (28 * 28) if references else 0
     text = batch * (TEXT_TOKENS + vision_tokens) * encoder.width * unit * ACT_FACTOR // 2
-    vae = width * height * parts["vae"].width * unit * VAE_FACTOR  # sliced: one image at a time (offload.place)
+    # On a GPU the VAE is sliced: one image at a time (offload.place); on the CPU it decodes the batch at once.
+    vae = (1 if sliced_vae else batch) * width * height * parts["vae"].width * unit * VAE_FACTOR
     return {"text_encoder": text, "transformer": denoise, "vae": vae}

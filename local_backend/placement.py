@@ -139,14 +139,24 @@ def no_fit_message(e: Estimate, result: Plan) -> str:
             "use a smaller transformer (a GGUF file), a lower max_pixels or max_batch, or a bigger GPU")
 
 
-def table(e: Estimate, result: Plan) -> str:
-    """The plan as text: the components, then one line per placement, then the pick."""
+def cpu_memory(e: Estimate) -> int:
+    """The RAM a route on the CPU needs (no margin): all the weights, plus the largest phase's activations."""
+    return e.weights + max(e.activations.values())
+
+
+def table(e: Estimate, result: Plan | None) -> str:
+    """The plan as text: the components, then one line per placement, then the pick. `result` None: a
+    route on the CPU, which has no placement to pick (its line says the RAM it needs instead)."""
     lines = [f"{e.model} ({e.family}): up to {e.batch} x {e.size[0]}x{e.size[1]}"
              + (f", {e.references} reference image(s)" if e.references else "")]
     for c in e.components.values():
         lines.append(f"  {c.name:<13} {c.params / 1e9:7.3f} B params  {gib(c.bytes):>10}  {c.precision}")
     act = ", ".join(f"{k} {gib(v)}" for k, v in e.activations.items())
     lines.append(f"  activations (peak per phase): {act}")
+    if result is None:
+        lines.append(f"runs on the CPU (device: cpu): no GPU placement to plan; RAM for the weights and the "
+                     f"largest phase: {gib(cpu_memory(e))} (estimated, no margin)")
+        return "\n".join(lines)
     budget = f"{gib(result.gpu_memory)}" if result.gpu_memory is not None else "unknown (no GPU here; use --gpu-memory)"
     lines.append(f"GPU memory to fit in: {budget}; estimates include a {MARGIN:.0%} margin + {gib(RESERVE)}")
     for r in result.rows:

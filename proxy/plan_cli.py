@@ -13,21 +13,19 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from local_backend import EngineConfig, EngineError
-from local_backend.memory import estimate
+from local_backend.memory import Estimate, estimate
 from local_backend.offload import text_encoder_device
-from local_backend.placement import parse_bytes, plan, table
+from local_backend.placement import Plan, cpu_memory, parse_bytes, plan, table
 from local_backend.single_file import gguf_file
 
 from .config import Config
 
 
-def _routes(config: Config, providers: dict, name: str
-            ) -> tuple[list[tuple[str, EngineConfig, int | None]], list[str]]:
-    """(route name, EngineConfig, the model's size-table max_pixels) of each local route of `name`, and
-    "route <name>: <why>" for each local route whose options are invalid (nothing to plan there)."""
+def _routes(config: Config, providers: dict, name: str) -> tuple[list[tuple[str, EngineConfig]], list[str]]:
+    """(route name, EngineConfig) of each local route of `name`, and "route <name>: <why>" for each local
+    route whose options are invalid (nothing to plan there)."""
     if name not in config.models:
-        return [(name, EngineConfig(model=name, device="cuda"), None)], []
-    table = config.size_table(name)
+        return [(name, EngineConfig(model=name, device="cuda"))], []
     found, invalid = [], []
     for route in config.models[name].routes:
         provider = providers.get(route.provider)
@@ -35,7 +33,7 @@ def _routes(config: Config, providers: dict, name: str
             continue
         engine_config = getattr(provider, "config", None)
         if engine_config is not None:
-            found.append((route.provider, engine_config, table.max_pixels))
+            found.append((route.provider, engine_config))
         else:
             invalid.append(f"route {route.provider}: {provider.unavailable_reason}")
     return found, invalid
@@ -49,6 +47,11 @@ def _budget(args: argparse.Namespace) -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0]
     return None
+
+
+def _on_cpu(e: Estimate) -> dict:
+    """The JSON of a route on the CPU: no GPU and no placement; the RAM it needs instead."""
+    return {"gpu_memory": None, "pick": None, "smallest_gpu": None, "rows": [], "ram": cpu_memory(e)}
 
 
 def run_plan(args: argparse.Namespace, config: Config, providers: dict,
@@ -66,10 +69,10 @@ def run_plan(args: argparse.Namespace, config: Config, providers: dict,
         fail(f"model {args.model} has no local (kind: diffusers) route to plan")
     for line in invalid:
         print(f"warning: {line} (not planned)", file=sys.stderr)
-    reports = []
-    for route, engine_config, table_pixels in routes:
-        pixels = min(engine_config.max_pixels, table_pixels or engine_config.max_pixels)
-        side = int(pixels ** 0.5) // 16 * 16
+    reports: list[tuple[str, Estimate, Plan | None]] = []
+    for route, engine_config in routes:
+        # Planned for the size the engine itself plans for when it loads (its own max_pixels): capped by
+        # the model's size table here, the plan printed a pick the load did not make.
         try:
             path = None
             if engine_config.transformer:
@@ -77,9 +80,12 @@ def run_plan(args: argparse.Namespace, config: Config, providers: dict,
                     path = gguf_file(engine_config.transformer, True)
                 except EngineError:
                     path = None  # not here: its size comes from its type's name
-            e = estimate(engine_config, size=(side, side), gguf_path=path)
+            e = estimate(engine_config, gguf_path=path)
         except EngineError as err:
             fail(f"{route}: {err}")
+        if e.device == "cpu":  # device: cpu: its real dtype and RAM, no GPU placement
+            reports.append((route, e, None))
+            continue
         cap = budget
         if engine_config.gpu_memory is not None and cap is not None:
             cap = min(cap, parse_bytes(engine_config.gpu_memory))
@@ -90,11 +96,12 @@ def run_plan(args: argparse.Namespace, config: Config, providers: dict,
                 "references": e.references,
                 "components": {c.name: {"params": c.params, "bytes": c.bytes, "precision": c.precision}
                                for c in e.components.values()},
-                "activations": e.activations, **result.as_dict()} for route, e, result in reports]
+                "activations": e.activations, "device": e.device,
+                **(planned.as_dict() if planned else _on_cpu(e))} for route, e, planned in reports]
         json.dump({"model": args.model, "routes": out}, sys.stdout, indent=2)
         print()
         return
-    for i, (route, e, result) in enumerate(reports):
+    for i, (route, e, planned) in enumerate(reports):
         if i:
             print()
-        print(f"route {route}: {table(e, result)}")
+        print(f"route {route}: {table(e, planned)}")

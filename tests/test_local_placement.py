@@ -197,3 +197,60 @@ def test_text_encoder_on_the_cpu_stays_out_of_model_offload(tiny_dir):
         assert (image() == before).all()
         assert type(pipe.text_encoder._hf_hook).__name__ == "AlignDevicesHook"  # its own, not model offload's
         assert type(pipe.transformer._hf_hook).__name__ == "CpuOffload"
+
+
+def test_plan_of_a_cpu_route_says_float32_and_no_gpu_placement(tmp_path, tiny_dir, capsys):
+    # A route with device: cpu and no dtype loads in float32 (local_backend.loading); plan said bfloat16,
+    # counted half the bytes, and printed GPU placements and "auto picks: none" for a route that never
+    # touches a GPU.
+    from proxy.cli import main
+
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local"] = {"kind": "diffusers", "model": str(tiny_dir), "device": "cpu", "max_pixels": 64 * 64}
+    cfg["models"]["tiny"] = {"sizes": "tiny", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["plan", "--config", str(path), "--model", "tiny", "--gpu-memory", "24GiB", "--json"])
+    (route,) = json.loads(capsys.readouterr().out)["routes"]
+    with Engine(EngineConfig(model=str(tiny_dir), device="cpu")) as engine:  # what really loads
+        for name in ("transformer", "text_encoder", "vae"):
+            params, nbytes = real_bytes(getattr(engine.pipe, name))
+            assert route["components"][name] == {"params": params, "bytes": nbytes, "precision": "float32"}
+    assert (route["device"], route["pick"], route["rows"]) == ("cpu", None, [])
+    assert route["ram"] >= sum(c["bytes"] for c in route["components"].values())
+    main(["plan", "--config", str(path), "--model", "tiny", "--gpu-memory", "24GiB"])
+    text = capsys.readouterr().out
+    assert "float32" in text and "bfloat16" not in text and "runs on the CPU" in text and "auto picks" not in text
+
+
+@pytest.mark.parametrize("gpu_gib", [12, 68])
+def test_plan_picks_what_the_load_picks(tmp_path, capsys, monkeypatch, gpu_gib):
+    # plan planned for the model's size table (2048x2048) while the load plans for the route's own
+    # max_pixels (here its default, 2656x2656): with 12 GiB plan said "auto picks: group" and the load
+    # failed with "does not fit"; with 68 GiB plan said none and the load picked model offload.
+    import torch
+
+    from local_backend.offload import choose
+    from proxy.cli import main
+
+    cfg = base_config(tmp_path)
+    options = {"kind": "diffusers", "model": "Qwen/Qwen-Image", "device": "cuda", "offload": "auto", "max_batch": 1}
+    cfg["providers"]["local"] = options
+    cfg.pop("size_tables")  # the built-in qwen-image table: up to 4 MP (2048x2048)
+    cfg["models"]["big"] = {"sizes": "qwen-image", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["plan", "--config", str(path), "--model", "big", "--gpu-memory", f"{gpu_gib}GiB", "--json"])
+    (route,) = json.loads(capsys.readouterr().out)["routes"]
+    # The load's own plan, on a GPU with that much free (nothing reaches it: no weight is read).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu_gib * GIB, 80 * GIB))
+    config = EngineConfig(**{k: v for k, v in options.items() if k != "kind"})
+    try:
+        offload, te_device, placement = choose(config, config.model, "cuda", lambda stage: None)
+    except EngineError as e:
+        assert route["pick"] is None, f"plan picked {route['pick']}, the load failed: {e}"
+    else:
+        pick = next(r for r in route["rows"] if r["placement"] == route["pick"])
+        assert (pick["offload"], pick["text_encoder"]) == (offload, te_device)
+        assert round(pick["gpu_peak"] / GIB, 2) == placement["estimated_peak_gib"]
