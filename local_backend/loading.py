@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +38,15 @@ Progress = Callable[[str], None]
 QUANTIZATIONS = ("int8", "nf4", "fp4", "int8wo", "float8wo")
 
 
+# The devices a pipeline can be put on (torch's names, an index allowed: cuda:1). Anything else passed
+# check-config and then failed the load with torch's RuntimeError (a traceback from `generate`).
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]+)?")
+
+
 def validate_config(config: EngineConfig) -> None:
     """Fail early, with the field's name, on values that would only break later."""
+    if config.device is not None and (not isinstance(config.device, str) or not DEVICE.fullmatch(config.device)):
+        raise EngineError(f"device must be cpu, cuda or cuda:N (or mps, xpu), not {config.device!r}")
     if config.offload not in OFFLOAD_MODES:
         raise EngineError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {config.offload!r}")
     if config.dtype is not None and config.dtype not in DTYPES:

@@ -48,3 +48,30 @@ def test_cuda_asked_on_a_cpu_machine():
 
 def test_unknown_option_is_reported():
     assert "unknown option" in LocalProvider("x", {"modle": "tiny"}).preflight()
+
+
+@pytest.mark.parametrize("options, said", [
+    # torch's RuntimeError at load (a traceback from `generate`), after check-config had passed it
+    ({"model": "tiny", "device": "gpu"}, "invalid options: device must be cpu, cuda or cuda:N (or mps, xpu), not 'gpu'"),
+    # a mistyped folder with downloads allowed: passed, then from_pretrained's ValueError at load
+    ({"model": "/no/such/qwen-image", "local_files_only": False},
+     "/no/such/qwen-image is neither a pipeline folder on this machine nor a Hugging Face repo id"),
+])
+def test_check_config_refuses_what_cannot_load(tmp_path, monkeypatch, capsys, options, said):
+    import yaml
+
+    from proxy.cli import main
+
+    from .conftest import base_config
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local"] = {"kind": "diffusers", "device": "cpu", **options}
+    cfg["models"]["tiny"] = {"sizes": "tiny", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as done:
+        main(["check-config", "--strict", "--config", str(path)])
+    assert done.value.code == 1
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "model tiny" in line]
+    assert line.endswith(f"route 'local': {said}")

@@ -154,23 +154,26 @@ def client_param(req: ImageRequest, param: str | None) -> str | None:
 
 
 def weights_problem(config: EngineConfig) -> str | None:
-    """Whether the weights are on disk, when they may not be downloaded."""
+    """Why the model cannot load from here (None: it can): neither a folder nor a repo id, or its weights
+    not on disk when they may not be downloaded."""
     from pathlib import Path
 
+    from huggingface_hub import try_to_load_from_cache
 
     model = config.model
-    if model in ("tiny", "tiny-edit", "tiny-2.1") or not local_files_only(config):
+    if model in ("tiny", "tiny-edit", "tiny-2.1"):
         return None
     if Path(model).expanduser().is_dir():
         return None if (Path(model).expanduser() / "model_index.json").is_file() else (
             f"{model} has no model_index.json (not a diffusers pipeline folder)")
-    from huggingface_hub import try_to_load_from_cache
-
+    # Checked whether downloads are allowed or not: a mistyped folder (/models/qwen-imgae) is no repo id
+    # either, and passed check-config to fail only at load.
     try:
-        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            return None
-    except ValueError:  # not a repo id either
-        return f"{model} is neither a pipeline folder nor a Hugging Face repo id"
+        cached = try_to_load_from_cache(model, "model_index.json")  # reads the cache's folders only
+    except ValueError:  # huggingface_hub's HFValidationError: not a repo id
+        return f"{model} is neither a pipeline folder on this machine nor a Hugging Face repo id"
+    if not local_files_only(config) or isinstance(cached, str):
+        return None
     return (f"the weights of {model} are not in the Hugging Face cache "
             f"(run `hf download {model}`, or set local_files_only: false)")
 
