@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from local_backend import EngineConfig, EngineError
-from local_backend.memory import Estimate, estimate
+from local_backend.edit import EDIT_PIPELINES
+from local_backend.loading import declared_pipeline
+from local_backend.memory import KNOWN_MODELS, Estimate, estimate
 from local_backend.offload import text_encoder_device
 from local_backend.placement import Plan, cpu_memory, parse_bytes, plan, table
 from local_backend.single_file import gguf_file
@@ -25,7 +27,12 @@ def _routes(config: Config, providers: dict, name: str) -> tuple[list[tuple[str,
     """(route name, EngineConfig) of each local route of `name`, and "route <name>: <why>" for each local
     route whose options are invalid (nothing to plan there)."""
     if name not in config.models:
-        return [(name, EngineConfig(model=name, device="cuda"))], []
+        bare = EngineConfig(model=name, device="cuda")
+        # An edit model (its model_index.json here, or a published Qwen-Image-Edit repo) is planned as it
+        # loads, with task: edit and so its reference image; as task: generate its plan left that out.
+        if declared_pipeline(bare) in EDIT_PIPELINES or (name in KNOWN_MODELS and "-Edit" in name):
+            bare.task = "edit"
+        return [(name, bare)], []
     found, invalid = [], []
     for route in config.models[name].routes:
         provider = providers.get(route.provider)

@@ -254,3 +254,16 @@ def test_plan_picks_what_the_load_picks(tmp_path, capsys, monkeypatch, gpu_gib):
         pick = next(r for r in route["rows"] if r["placement"] == route["pick"])
         assert (pick["offload"], pick["text_encoder"]) == (offload, te_device)
         assert round(pick["gpu_peak"] / GIB, 2) == placement["estimated_peak_gib"]
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen-Image-Edit-2511", "tiny-edit"])
+def test_plan_of_an_edit_model_by_name_counts_its_reference_image(name, capsys):
+    # `plan --model Qwen/Qwen-Image-Edit-2511` (a repo id, not a model of the config) planned it as a
+    # text-to-image model: no reference image, fewer tokens than its edits have.
+    from proxy.cli import main
+
+    main(["plan", "--config", "models.yaml", "--model", name, "--gpu-memory", "24GiB", "--json"])
+    (route,) = json.loads(capsys.readouterr().out)["routes"]
+    edit = estimate(EngineConfig(model=name, device="cuda", task="edit"))
+    assert route["references"] == 1
+    assert route["activations"] == edit.activations
