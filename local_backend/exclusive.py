@@ -17,6 +17,10 @@ time in the process (reentrant: a load holds it while it loads its LoRAs), and o
 whatever `_targets()` lists that differs from what was there on the way in is put back, with a
 warning that names it.
 
+Inside it, diffusers' and transformers' progress bars are off (and put back after): their "Loading
+pipeline components" and "Loading weights" bars went to the server's stderr between its log lines,
+lines no log collector reads (log_format: json); the load reports its stages through `progress`.
+
 A pipeline call does not take it (it creates no modules): a load would otherwise stop every other
 provider's requests for minutes. The one process-wide value a load changes that a call could read is
 torch's default dtype (bf16 while transformers builds a bf16 model): the tiny fp32 model on the CPU
@@ -125,7 +129,8 @@ def exclusive(progress: Callable[[str], None] | None = None) -> Iterator[None]:
         before = snapshot()
         failed = True
         try:
-            yield
+            with _no_progress_bars():
+                yield
             failed = False
         finally:
             restored = restore(before)
@@ -134,6 +139,23 @@ def exclusive(progress: Callable[[str], None] | None = None) -> Iterator[None]:
                             "a failed model load" if failed else "a model load", ", ".join(restored))
     finally:
         _LOCK.release()
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """diffusers' and transformers' tqdm bars off for the block (each library's own switch), then as they were."""
+    switches = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        module = sys.modules.get(name)
+        if module is not None:
+            switches.append((module, module.is_progress_bar_enabled()))
+            module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in switches:
+            if enabled:
+                module.enable_progress_bar()
 
 
 def snapshot() -> list:

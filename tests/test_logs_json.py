@@ -99,3 +99,31 @@ def test_a_traceback_that_held_a_secret_is_written_scrubbed_not_dropped():
     assert "Traceback (most recent call last)" in with_secret["exception"]
     assert "RuntimeError: the upstream refused [redacted]" in with_secret["exception"]
     assert UPSTREAM_KEY not in stream.getvalue()
+
+
+async def test_loading_a_local_model_writes_no_progress_bars(tmp_path, tiny_dir):
+    # diffusers' "Loading pipeline components" and transformers' "Loading weights" tqdm bars went to the
+    # server's stderr between the JSON lines while a local model loaded: lines no log collector reads.
+    port = free_port()
+    cfg = base_config(tmp_path)
+    cfg["server"] = {"port": port, "log_format": "json"}
+    cfg["providers"]["local"] = {"kind": "diffusers", "model": str(tiny_dir), "device": "cpu", "default_steps": 2,
+                                 "load_in_background": False}
+    cfg["models"]["tiny"] = {"sizes": "tiny", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await wait_listening(port, proc)  # load_in_background: false: listening once loaded
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{port}/v1/images/generations",
+                json={"model": "tiny", "prompt": "a cat", "size": "64x64"}) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await wait_exit(proc, 30)
+    output = proc.stdout.read().decode()
+    assert any("loaded" in json.loads(line)["message"] for line in output.splitlines() if line.startswith("{"))
+    for bar in ("Loading pipeline components", "Loading weights", "it/s]"):
+        assert bar not in output
