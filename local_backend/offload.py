@@ -43,6 +43,10 @@ def check_options(config: EngineConfig) -> None:
         if quant is not None and quant not in TEXT_ENCODER_QUANTIZATIONS:
             raise EngineError(f"text_encoder.quantization must be one of {', '.join(TEXT_ENCODER_QUANTIZATIONS)}, "
                               f"not {quant!r}")
+        if device == "cuda" and (config.device or "").startswith("cpu"):
+            # It ran on the CPU with the rest, while /ready said "text_encoder": "cuda".
+            raise EngineError("text_encoder.device cuda and device: cpu cannot both apply: this route runs on "
+                              "the CPU (drop text_encoder.device, or use device: cuda)")
         if quant in BNB and (device == "cpu" or (config.device or "").startswith("cpu")):
             raise EngineError(f"text_encoder.quantization {quant} (bitsandbytes) runs on a GPU only: on the CPU use int8wo")
         if quant and config.quantization in BNB:

@@ -56,8 +56,12 @@ def test_unknown_option_is_reported():
     # a mistyped folder with downloads allowed: passed, then from_pretrained's ValueError at load
     ({"model": "/no/such/qwen-image", "local_files_only": False},
      "/no/such/qwen-image is neither a pipeline folder on this machine nor a Hugging Face repo id"),
+    # the text encoder ran on the CPU with the rest while /ready said "text_encoder": "cuda"
+    ({"model": "tiny", "text_encoder": {"device": "cuda"}},
+     "invalid options: text_encoder.device cuda and device: cpu cannot both apply: this route runs on the CPU "
+     "(drop text_encoder.device, or use device: cuda)"),
 ])
-def test_check_config_refuses_what_cannot_load(tmp_path, monkeypatch, capsys, options, said):
+def test_check_config_refuses_local_options_that_cannot_work(tmp_path, monkeypatch, capsys, options, said):
     import yaml
 
     from proxy.cli import main
