@@ -163,8 +163,11 @@ class Dispatcher:
             except Exception:
                 log.exception("request %s failed", request_id)
                 response, outcome, error_code = internal_error(request_id).to_response(), "error", "internal_error"
-            if STREAM_ERROR in request:
-                outcome, error_code = outcome_of(request[STREAM_ERROR]), request[STREAM_ERROR].code
+            if STREAM_ERROR in request:  # a stream that failed after its head: a 200 that ended in an error event
+                stream_error = request[STREAM_ERROR]
+                outcome, error_code = outcome_of(stream_error), stream_error.code
+                if stream_error.routed is not None:  # as for an error answer: the line names the last route tried
+                    request[ROUTE] = stream_error.routed
             # aiohttp keeps a keep-alive connection's last request (and response) until the next request
             # arrives on it: let go of the megabytes they would hold meanwhile (its body, the images).
             result = request.pop(ROUTE, None)

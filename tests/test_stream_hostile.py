@@ -133,10 +133,13 @@ async def test_a_failure_before_the_first_event_is_an_http_error(start_proxy, ai
     assert f"status={status} " in line and f"outcome={outcome}" in line
 
 
-async def test_a_failure_after_previews_ends_the_stream_with_an_error_event(start_proxy, aiohttp_server, tmp_path):
-    """Once previews went out the status is sent: the failure is the stream's error event."""
+async def test_a_failure_after_previews_ends_the_stream_with_an_error_event(start_proxy, aiohttp_server, tmp_path,
+                                                                          caplog):
+    """Once previews went out the status is sent: the failure is the stream's error event. Its log line
+    names the route that failed and the calls made, as a failure answered with an HTTP status does."""
     from openai import APIError
 
+    caplog.set_level(logging.INFO, logger="proxy.requests")
     _, _, client = await start(start_proxy, aiohttp_server, tmp_path,
                                sse_script(preview(0), event("error", error={"message": "boom"})))
     stream = await client.images.generate(model="qwen-image", prompt="p", size="64x64", stream=True,
@@ -147,6 +150,12 @@ async def test_a_failure_after_previews_ends_the_stream_with_an_error_event(star
             seen.append(e)
     assert [e.type for e in seen] == ["image_generation.partial_image"]
     decoded(seen[0].b64_json, "PNG", (64, 64))
+    for _ in range(50):  # written once the answer has ended
+        lines = [r.getMessage() for r in caplog.records if r.name == "proxy.requests"]
+        if lines:
+            break
+        await asyncio.sleep(0.02)
+    assert "route=up attempts=1 status=200 " in lines[0] and "outcome=failed" in lines[0], lines
 
 
 # ---- previews: as many as asked, images, in the asked format -----------------------------------------
