@@ -195,6 +195,42 @@ async def test_upstream_previews_are_images_in_the_asked_format(start_proxy, aio
         decoded(e.b64_json, "JPEG", (64, 64))
 
 
+async def test_a_preview_with_a_malformed_index_is_still_a_preview(start_proxy, aiohttp_server, tmp_path, caplog):
+    """The proxy numbers previews itself: an upstream's partial_image_index that is not a number (or
+    image_index that is not one) costs nothing, not the route (no ERROR traceback, no failed request)."""
+    odd = event("image_generation.partial_image", b64_json=b64(make_image(64, 64, 0)), partial_image_index="first",
+                image_index="0", output_format="png")
+    up, _, client = await start(start_proxy, aiohttp_server, tmp_path,
+                                sse_script(odd, event("image_generation.partial_image", b64_json=b64(make_image(64, 64, 1)),
+                                                      partial_image_index=[1], image_index=0), COMPLETED))
+    stream = await client.images.generate(model="qwen-image", prompt="p", size="64x64", stream=True,
+                                          partial_images=2)
+    events = [e async for e in stream]
+    assert up.calls == 1
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for e in events:
+        decoded(e.b64_json, "PNG", (64, 64))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+async def test_an_upstream_error_event_in_the_responses_shape_keeps_its_message(start_proxy, aiohttp_server,
+                                                                                tmp_path):
+    """OpenAI's streaming error event may carry its message at the top ({"type": "error", "code",
+    "message", "param"}, as the Responses API sends it) rather than under "error": the client hears the
+    upstream's reason, not "the stream ended without a completed image"."""
+    from openai import APIError
+
+    _, _, client = await start(start_proxy, aiohttp_server, tmp_path,
+                               sse_script(preview(0), event("error", code="server_error", message="the GPU melted",
+                                                            param=None)))
+    stream = await client.images.generate(model="qwen-image", prompt="p", size="64x64", stream=True,
+                                          partial_images=2)
+    with pytest.raises(APIError, match="the GPU melted") as e:
+        [_ async for _ in stream]
+    assert e.value.body["code"] == "upstream_error"
+
+
 # ---- a client that stops reading ----------------------------------------------------------------------
 
 

@@ -109,8 +109,11 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest,
     partials = 0  # handed on: at most partial_images for each image, however many the upstream sends
     async for event in _sse_events(resp.content, answer_limit(req)):
         kind = str(event.get("type") or "")
-        if "error" in event and not kind.endswith((".partial_image", ".completed")):
-            err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+        if kind == "error" or ("error" in event and not kind.endswith((".partial_image", ".completed"))):
+            # {"error": {...}} (the openai package's shape), or the Responses API's flat {"type": "error",
+            # "code", "message"}: either way the upstream's reason, not "ended without a completed image".
+            err = event.get("error", event)
+            err = err if isinstance(err, dict) else {"message": str(err)}
             message = clip(str(err.get("message") or err))
             raise redacted(UpstreamError(f"the upstream's stream failed: {message}"))
         b64 = event.get("b64_json")
@@ -122,9 +125,10 @@ async def read_event_stream(resp: aiohttp.ClientResponse, req: ImageRequest,
             partials += 1
             data = await run_cpu(len(b64), _b64decode, b64)
             if data is not None:
-                given = event.get("image_index")
+                # Indexes that are not numbers are not trusted (nor raised on): the stream numbers previews itself.
+                given, order = event.get("image_index"), event.get("partial_image_index")
                 index = given if isinstance(given, int) else len(images)
-                emit(PartialImage(req.first_index + index, int(event.get("partial_image_index") or 0), data,
+                emit(PartialImage(req.first_index + index, order if isinstance(order, int) else 0, data,
                                   str(event.get("output_format") or req.output_format or "png")))
         elif kind.endswith(".completed"):
             if len(images) == req.n:  # not collected past what was asked: they would pile up in memory
