@@ -16,13 +16,16 @@ import logging
 import os
 import socket
 
+import aiohttp
 import pytest
 from aiohttp import web
 from openai import BadRequestError, RateLimitError
 from PIL import Image
 
+from proxy import image_proxy_middleware, parse_config
+
 from .conftest import base_config
-from .fake_openai_upstream import SMALL_SIZES, make_image
+from .fake_openai_upstream import SMALL_SIZES, free_port, make_image
 
 
 def event(kind: str, **data) -> bytes:
@@ -272,3 +275,52 @@ async def test_a_client_that_stops_reading_the_previews_is_dropped(start_proxy, 
         gc.collect()  # an unretrieved task exception is logged when the task is collected
         await asyncio.sleep(0.1)
         assert not [r for r in caplog.records if r.name == "asyncio"], [r.getMessage() for r in caplog.records]
+
+
+async def test_a_client_that_hangs_up_on_a_mounted_stream_is_a_cancelled_request(aiohttp_server, tmp_path, caplog):
+    """Mounted in a host app served the aiohttp default way (handler_cancellation off), the proxy learns that
+    a streaming client left when it writes the next preview: that is a request the client cancelled (499,
+    its upstream call stopped), as with `serve`, not a failure of the proxy (an ERROR traceback, a 500)."""
+    caplog.set_level(logging.INFO)
+
+    async def previews_then_hang(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for k in range(3):
+            await response.write(preview(k))
+            await asyncio.sleep(0.1)  # the next preview comes before the gateway's disconnect watcher looks
+        await asyncio.sleep(3600)
+        return response
+
+    up = Scripted(previews_then_hang)
+    up_app = web.Application()
+    up_app.router.add_post("/v1/images/generations", up.handle)
+    upstream = await aiohttp_server(up_app)
+    cfg = base_config(tmp_path)
+    cfg["size_tables"]["small"] = SMALL_SIZES
+    cfg["providers"]["up"] = {"kind": "openai", "base_url": str(upstream.make_url("/v1")), "api_key": "k",
+                              "stream": True, "retries": 0}
+    cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["up"]}
+    host = web.Application()
+    host.middlewares.append(image_proxy_middleware(parse_config(cfg, env={}), host))
+    runner = web.AppRunner(host)  # handler_cancellation off: aiohttp's default
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(f"http://127.0.0.1:{port}/v1/images/generations",
+                             json={"model": "qwen-image", "prompt": "p", "stream": True, "partial_images": 3})
+            assert r.status == 200
+            assert (await r.content.readuntil(b"\n\n")).startswith(b"event: image_generation.partial_image")
+            r.close()  # hangs up after the first preview
+        await asyncio.wait_for(up.cancelled.wait(), 10)  # the upstream call was stopped
+        for _ in range(100):
+            lines = [r.getMessage() for r in caplog.records if r.name == "proxy.requests"]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        assert "status=499 " in lines[0] and "outcome=cancelled" in lines[0], lines
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    finally:
+        await runner.cleanup()

@@ -45,9 +45,15 @@ class _Events:
         self.request, self.response, self.stall = request, response, gw.config.server.send_timeout
 
     async def send(self, data: bytes) -> None:
-        if not self.response.prepared:
-            await self.response.prepare(self.request)
-        await send_or_drop(self.response.write(data), self.request.transport, self.stall)
+        try:
+            if not self.response.prepared:
+                await self.response.prepare(self.request)
+            await send_or_drop(self.response.write(data), self.request.transport, self.stall)
+        except ConnectionError:
+            # The client left (or was dropped). A server without handler_cancellation (a host app the
+            # gateway is mounted in) learns it here, not by cancelling the request: it is still the
+            # client's cancel (499, the work stopped), not a failure of the proxy (an ERROR and a 500).
+            raise asyncio.CancelledError("the client disconnected") from None
 
 
 async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: str) -> web.StreamResponse:
@@ -95,7 +101,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
             raise  # nothing sent yet: an HTTP error with its status (and Retry-After), as without stream
         request[STREAM_ERROR] = e
         await _end_with_error(out, gw.scrubber.error(e))
-    except (ConnectionError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise  # the client left: nobody to tell
     except Exception:
         if not response.prepared:
