@@ -121,6 +121,10 @@ async def test_a_key_may_use_only_its_models(start_proxy, tmp_path):
     assert e.value.body["code"] == "model_not_allowed" and e.value.body["param"] == "model"
     assert OTHER in e.value.body["message"] and MODEL in e.value.body["message"]
     assert CI not in e.value.response.text
+    # Checked before a stream starts: the same 403, not a 200 whose stream holds an error event.
+    with pytest.raises(PermissionDeniedError) as e:
+        await ci.images.generate(model=OTHER, prompt="p", size="64x64", stream=True, partial_images=1)
+    assert e.value.status_code == 403 and e.value.body["code"] == "model_not_allowed"
     # A key without a models list may use every model.
     assert (await generate(client_for(server, PLAIN), OTHER)).data[0].b64_json
 
