@@ -493,7 +493,7 @@ async def test_model_that_does_not_load_is_unusable(start_proxy, tmp_path, tiny_
     # Offline (HF_HUB_OFFLINE, as in CI) the pre-check names it; online the load attempt fails.
     reason = route["reason"]
     assert ("failed to load /nonexistent/dir" in reason
-            or "/nonexistent/dir is neither a pipeline folder nor a Hugging Face repo id" in reason)
+            or "/nonexistent/dir is neither a pipeline folder on this machine nor a Hugging Face repo id" in reason)
 
     with pytest.raises(InternalServerError) as e:
         await generate(client, model="broken-only")
