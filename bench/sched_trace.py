@@ -11,6 +11,9 @@ kernel.perf_event_paranoid) while one client sends requests one after another, a
 - the cycle's four phases (median, from one wake-up to the next): the target from the client's request
   to its upstream call, the mock's turn, the target from the upstream's answer to its own, the client's
   turn (reading the answer and sending the next request);
+- how often the target was asleep when the request, and the upstream's answer, came: a target still busy
+  (or preempted by the process it just woke, and waiting for the CPU) is woken by nobody, and whatever it
+  had left to do then runs before the input that came (the phases above count only complete cycles);
 - the delay from a wake-up to running (median), by how long that CPU had been idle before: on a virtual
   machine a CPU that halts takes tens of microseconds to come back, and longer the longer it slept;
 - without perf, first: the CPU time each process spends per request (client, mock, target), the two
@@ -81,8 +84,9 @@ def timehist(data: Path, wakeups: bool) -> list[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
 
 
-def phases(lines: list[str], roles: dict[str, str]) -> dict[str, float]:
-    """Median µs between consecutive hand-overs (a wake-up of one role by another)."""
+def hand_overs(lines: list[str], roles: dict[str, str]) -> list[tuple[float, str, str]]:
+    """(µs, waker, wakee) for each wake-up of one role by another, in order. A process that was not asleep
+    when its input came (still running, or preempted and waiting for the CPU) is woken by nobody."""
     events = []
     for line in lines:
         m = _WAKE.match(line)
@@ -90,6 +94,17 @@ def phases(lines: list[str], roles: dict[str, str]) -> dict[str, float]:
             waker, wakee = roles.get(m.group(3) or m.group(2)), roles.get(m.group(5) or m.group(4))
             if waker and wakee and waker != wakee:
                 events.append((float(m.group(1)) * 1e6, waker, wakee))
+    return events
+
+
+def asleep_shares(events: list[tuple[float, str, str]], requests: int) -> dict[str, float]:
+    """How often the target was asleep when the client's request / the mock's answer came (share of requests)."""
+    return {who: sum(1 for _, waker, wakee in events if (waker, wakee) == (who, "target")) / max(1, requests)
+            for who in ("client", "mock")}
+
+
+def phases(events: list[tuple[float, str, str]]) -> dict[str, float]:
+    """Median µs between consecutive hand-overs (a wake-up of one role by another)."""
     spans: dict[str, list[float]] = defaultdict(list)
     for (t0, a0, b0), (t1, a1, _) in zip(events, events[1:], strict=False):
         if (a0, b0) in PHASES and b0 == a1:
@@ -143,7 +158,8 @@ async def trace(name: str, proc: gw.Proc, mock: gw.Proc, args: argparse.Namespac
         perf.send_signal(signal.SIGINT)
         perf.wait()
     roles = {str(os.getpid()): "client", str(mock.pid): "mock", str(proc.pid): "target"}
-    return {"requests": traced, "phases": phases(timehist(data, wakeups=True), roles),
+    events = hand_overs(timehist(data, wakeups=True), roles)
+    return {"requests": traced, "phases": phases(events), "asleep": asleep_shares(events, traced),
             "wakes": wake_delays(timehist(data, wakeups=False), set(roles))}
 
 
@@ -156,6 +172,9 @@ def report(results: dict[str, dict]) -> None:
     for phase in PHASES.values():
         print(f"| {phase} | " + " | ".join(f"{results[n]['phases'].get(phase, float('nan')):.0f}" for n in names) + " |")
     print("| the cycle | " + " | ".join(f"{sum(results[n]['phases'].values()):.0f}" for n in names) + " |")
+    for who, what in (("client", "the request"), ("mock", "the upstream's answer")):
+        print(f"| the target asleep when {what} came (share of requests) | "
+              + " | ".join(f"{results[n]['asleep'][who]:.0%}" for n in names) + " |")
     print("\nwake-up delay (median µs, number of wake-ups) by the CPU's idle time before it:")
     buckets = sorted({b for n in names for b in results[n]["wakes"]})
     print("| idle before | " + " | ".join(names) + " |")
