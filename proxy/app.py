@@ -217,7 +217,8 @@ class Dispatcher:
 
         An image call gets `handler` back wrapped to run under the key's limits (rpm and concurrency,
         429 past them), holding its slot until it ends; any other call counts against the key's rpm
-        alone. Probes and image links carry no key; /metrics needs server.metrics_key when one is set.
+        alone (while the shared counter is unreachable, the proxy's own calls go on uncounted, and
+        passthrough calls get 503 state_unavailable, as image calls do). Probes and image links carry no key; /metrics needs server.metrics_key when one is set.
         """
         path, policy = request.path, self.gw.policy
         if path.startswith("/v1/images/") and not jobs_api.serves(path):  # an image call (none is open)
@@ -241,7 +242,9 @@ class Dispatcher:
         request[API_KEY] = key
         if handler is not None and image_call:
             return policy.guard(key, handler)
-        await policy.admit(key, image=False)
+        # Without a handler it is a call passed on to the passthrough upstream: it spends there, so it is
+        # refused (503) while its rpm cannot be counted; the proxy's own other calls spend nothing and go on.
+        await policy.admit(key, image=False, spends=handler is None)
         return handler
 
     async def fallback(self, request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import json
 import time
 
 import aiohttp
+import openai
 import pytest
 
 from proxy.errors import RateLimited
@@ -16,8 +17,9 @@ from proxy.state.factory import make_state
 from proxy.state.shared import Answer, StateUnavailable
 from proxy.state.shared_redis import RedisState
 
+from .fake_openai_upstream import FakeOpenAIUpstream
 from .services import redis_server  # noqa: F401
-from .test_idempotency import BODY, CountingPlaceholder, edit_config, post
+from .test_idempotency import BODY, MODEL, CountingPlaceholder, edit_config, post
 
 
 @pytest.fixture
@@ -239,3 +241,114 @@ async def test_two_proxies_share_a_keys_rpm_and_concurrency(start_proxy, tmp_pat
     status, headers, body = await post(server_two, auth=auth)
     assert status == 429 and json.loads(body)["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["Retry-After"]) > 1
+
+
+# ---- what goes on while Redis is away, what says so, and the way back ------------------------------------
+
+
+async def probe(server, path: str):
+    async with aiohttp.ClientSession() as s, s.get(server.make_url(path)) as r:
+        return r.status, (await r.json() if path != "/metrics" else await r.text())
+
+
+async def until(check, seconds: float):
+    """check()'s first truthy answer within `seconds`, polling (no request but the probe's own)."""
+    deadline = time.monotonic() + seconds
+    while not (found := await check()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.1)
+    return found
+
+
+async def test_redis_down_refuses_what_it_cannot_count_and_says_so(
+        start_proxy, tmp_path, redis_server, aiohttp_server):  # noqa: F811
+    """While Redis is away: image calls (and passthrough calls) of a key with limits get 503 state_unavailable,
+    but its model list does not (it spends nothing: listing models is not worth refusing for an rpm that
+    cannot be counted); a key without limits is served; /ready stays 200 but says "degraded", as do /health
+    and qip_shared_state_up. Redis back: all of it recovers by itself, without a request to notice it."""
+    upstream = await FakeOpenAIUpstream(api_key="pt").start(aiohttp_server)
+    cfg = redis_config(tmp_path, redis_server.url)
+    cfg["server"] = {"api_keys": [{"name": "team", "key": "key-team", "rpm": 100, "concurrency": 2},
+                                  {"name": "free", "key": "key-free"}], "request_timeout": 10}
+    cfg["passthrough"] = {"base_url": f"{upstream.url}/v1", "api_key": "pt"}
+    server, _ = await start_proxy(cfg, providers={"placeholder": CountingPlaceholder()})
+    base = str(server.make_url("/v1"))
+    team = openai.AsyncOpenAI(base_url=base, api_key="key-team", max_retries=0)
+    free = openai.AsyncOpenAI(base_url=base, api_key="key-free", max_retries=0)
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        assert [m.id for m in (await team.models.list()).data][0] == MODEL
+        status, ready = await probe(server, "/ready")
+        assert status == 200 and ready["status"] == "ready"
+        assert ready["shared_state"] == {"backend": "redis", "reachable": True}
+
+        redis_server.stop()
+        # Seen without any request: the state checks Redis itself.
+        status, ready = await until(lambda: _degraded(server), 10)
+        assert status == 200 and ready["shared_state"]["error"] == "ConnectionError"
+        assert "127.0.0.1" not in json.dumps(ready)  # the URL (it may hold a password) never shows
+        assert (await probe(server, "/health"))[1]["shared_state"]["reachable"] is False
+        assert "qip_shared_state_up 0.0" in (await probe(server, "/metrics"))[1]
+
+        # The limited key: no image call, no passthrough call (both spend), but its model list and cards.
+        with pytest.raises(openai.APIStatusError) as refused:
+            await team.images.generate(model=MODEL, prompt="a kite", size="64x64")
+        assert refused.value.status_code == 503 and refused.value.response.headers["Retry-After"]
+        assert refused.value.body["code"] == "state_unavailable"
+        with pytest.raises(openai.APIStatusError) as refused:
+            await team.chat.completions.create(**chat)
+        assert refused.value.status_code == 503 and refused.value.body["code"] == "state_unavailable"
+        assert MODEL in [m.id for m in (await team.models.list()).data]
+        assert (await team.models.retrieve(MODEL)).id == MODEL
+        # The key without limits needs no shared state.
+        assert len((await free.images.generate(model=MODEL, prompt="a kite", size="64x64")).data) == 1
+        assert (await free.chat.completions.create(**chat)).choices[0].message.content == "echo: hi"
+
+        redis_server.start()
+        started = time.monotonic()
+        status, ready = await until(lambda: _ready(server), 10)
+        assert time.monotonic() - started < 5  # within about a second, no restart, no request needed
+        assert ready["shared_state"] == {"backend": "redis", "reachable": True}
+        assert "qip_shared_state_up 1.0" in (await probe(server, "/metrics"))[1]
+        assert len((await team.images.generate(model=MODEL, prompt="a kite", size="64x64")).data) == 1
+        assert (await team.chat.completions.create(**chat)).choices[0].message.content == "echo: hi"
+    finally:
+        await team.close()
+        await free.close()
+
+
+async def _degraded(server):
+    status, ready = await probe(server, "/ready")
+    return (status, ready) if ready["status"] == "degraded" else None
+
+
+async def _ready(server):
+    status, ready = await probe(server, "/ready")
+    return (status, ready) if ready["status"] == "ready" else None
+
+
+async def test_a_proxy_started_while_redis_is_down_serves_limited_keys_once_it_is_up(start_proxy, tmp_path,
+                                                                                     redis_server):  # noqa: F811
+    redis_server.stop()
+    cfg = redis_config(tmp_path, redis_server.url)
+    cfg["server"] = {"api_keys": [{"name": "team", "key": "key-team", "rpm": 100}], "request_timeout": 10}
+    server, _ = await start_proxy(cfg, providers={"placeholder": CountingPlaceholder()})
+    status, ready = await probe(server, "/ready")
+    assert status == 200 and ready["status"] == "degraded"
+    assert (await post(server, auth="Bearer key-team"))[0] == 503
+    redis_server.start()
+    await until(lambda: _ready(server), 5)
+    assert (await post(server, auth="Bearer key-team"))[0] == 200
+
+
+async def test_a_redis_that_answers_with_an_error_is_not_reported_down(states):
+    """Out of memory (noeviction) is a 503 for the call, but Redis answers: /ready must not say it is away
+    (a PING would say it is back a second later, and the log would flap)."""
+    state = states[0]
+    await state.client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StateUnavailable):
+            await state.records.claim("oom", "fp", "owner", 10)
+        assert state.reachable and state.health() == {"backend": "redis", "reachable": True}
+    finally:
+        await state.client.config_set("maxmemory", "0")

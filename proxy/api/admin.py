@@ -46,16 +46,22 @@ def model_states(gw: Gateway) -> dict[str, dict]:
 async def health(gw: Gateway, request: web.Request) -> web.Response:
     """Liveness: 200 while the process serves, whatever its models are doing."""
     return web.json_response({"status": "draining" if gw.draining else "ok", "pid": os.getpid(),
-                              "models": model_states(gw)})
+                              "models": model_states(gw), "shared_state": gw.state.health()})
 
 
 async def ready(gw: Gateway, request: web.Request) -> web.Response:
-    """Readiness: 200 when every model that has a possible route can serve now; 503 while loading or draining."""
+    """Readiness: 200 when every model that has a possible route can serve now; 503 while loading or draining.
+
+    A shared state (Redis) that cannot be reached makes it "degraded", still 200: every instance shares that
+    Redis, so a load balancer pulling them all would turn an outage of limited keys into one of every key.
+    The body, the qip_shared_state_up gauge and its alert say so instead."""
     models = model_states(gw)
     waiting = [name for name, m in models.items() if m["possible"] and not m["ready"]]
     ok = not gw.draining and not waiting
-    status = "draining" if gw.draining else ("ready" if ok else "not_ready")
-    body = {"status": status, "waiting_for": waiting, "models": models}
+    shared = gw.state.health()
+    status = "draining" if gw.draining else ("not_ready" if not ok else "ready" if shared["reachable"]
+                                             else "degraded")
+    body = {"status": status, "waiting_for": waiting, "shared_state": shared, "models": models}
     return web.json_response(body, status=200 if ok else 503)
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..config.server import ApiKey, ServerConfig
 from ..errors import AuthenticationFailed, ProxyError, RateLimited
+from ..state.shared import StateUnavailable
 from ..telemetry.metrics import Metrics
 
 # The key a request was made with, once authenticated (absent when the proxy has no keys).
@@ -182,14 +183,23 @@ class KeyPolicy:
             raise AuthenticationFailed("Missing or invalid metrics key: send 'Authorization: Bearer <key>' "
                                        "with the key configured as server.metrics_key.")
 
-    async def admit(self, key: ApiKey, *, image: bool) -> Lease:
-        """Count a request against the key's rpm; an image call also takes a concurrency slot."""
+    async def admit(self, key: ApiKey, *, image: bool, spends: bool = True) -> Lease:
+        """Count a request against the key's rpm; an image call also takes a concurrency slot.
+
+        When the shared counter (Redis) cannot be reached, a call that spends (an image call, a call passed
+        on to the passthrough upstream) is refused: 503 state_unavailable, for a limit that cannot be
+        counted cannot be kept. One that spends nothing (`spends=False`: the proxy's own answers from what
+        it holds, such as the model list, a job's status or the usage reports) goes on uncounted."""
         try:
             return await self.limits.acquire(key.name, rpm=key.rpm,
                                              concurrency=key.concurrency if image else None)
         except RateLimited as e:
             self._rejected(key, e.code)
             raise
+        except StateUnavailable:
+            if spends:
+                raise
+            return NO_LEASE
 
     def guard(self, key: ApiKey, handler: Handler) -> Handler:
         """`handler`, admitted under the key's limits and holding its slot until it ends, however it ends

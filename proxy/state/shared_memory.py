@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .shared import Answer, Record, Records
 
@@ -103,6 +103,10 @@ class MemoryRecords:
 
 class MemoryState:
     kind = "memory"
+    reachable = True  # in this process: always
+
+    def health(self) -> dict[str, Any]:
+        return {"backend": "memory", "reachable": True}
 
     def __init__(self, max_records: int = 10000, max_bytes: int = 512 * 1024 * 1024) -> None:
         self.records: Records = MemoryRecords(max_records, max_bytes)

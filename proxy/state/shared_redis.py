@@ -2,7 +2,9 @@
 process and machine using the same Redis sees.
 
 Redis that is down or slow is never waited on for long: every call is bounded by `state.socket_timeout`,
-and a failure is a StateUnavailable (503 state_unavailable with Retry-After). What a request holds while
+and a failure is a StateUnavailable (503 state_unavailable with Retry-After). Whether Redis answers (every
+call says, and a PING every few seconds when none comes) is what /ready, /health and qip_shared_state_up
+show, and when it is back nothing needs a restart. What a request holds while
 it runs (a concurrency slot, an idempotency claim) lives in Redis for a short lease that this process
 renews while it holds it: one whose holder died, or whose taking timed out here although Redis did it a
 moment later, frees itself within that lease. The limits (`RedisLimits`)
@@ -21,6 +23,7 @@ import contextlib
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -31,6 +34,11 @@ from .shared import Answer, Record, Records, StateUnavailable, decode_record, ru
 log = logging.getLogger("proxy.state")  # the state's logger, whichever backend holds it
 # The least a held slot or claim lives in Redis without a renewal (longer with a long socket_timeout).
 LEASE_SECONDS = 15.0
+# How often the state asks Redis whether it answers (PING), while it does and while it does not: /ready, the
+# qip_shared_state_up gauge and the log see an outage that no request met, and its end within about a second.
+CHECK_UP_SECONDS, CHECK_DOWN_SECONDS = 5.0, 1.0
+# A Redis that stays away is logged once, then once a minute (every request that needs it fails meanwhile).
+FAILURE_LOG_SECONDS = 60.0
 
 
 def connect(url: str, *, cluster: bool, socket_timeout: float, **options: Any) -> Any:
@@ -253,6 +261,12 @@ class RedisState:
         self.lease = lease if lease is not None else max(LEASE_SECONDS, 6 * socket_timeout)
         self._held: dict[tuple, tuple] = {}  # what this process holds -> (renewal script, key, args)
         self._keeper: asyncio.Task | None = None
+        # Whether Redis answered the last call (a request's, or the watcher's PING), and since when it has not.
+        self.reachable = True
+        self.down_since: float | None = None  # time.time() of the first failed call of this outage
+        self.down_error = ""  # that call's error type (never its message: the URL may hold a password)
+        self._failure_logged = self._refusal_logged = -FAILURE_LOG_SECONDS
+        self._watcher: asyncio.Task | None = None
         self.records: Records = RedisRecords(self)
         self.limits: RedisLimits | None = RedisLimits(self, self.lease)
 
@@ -279,11 +293,50 @@ class RedisState:
     async def call(self, awaitable: Awaitable[Any]) -> Any:
         """Await one Redis call; any failure to reach Redis is a StateUnavailable."""
         try:
-            return await asyncio.wait_for(awaitable, self.socket_timeout * 2)
+            found = await asyncio.wait_for(awaitable, self.socket_timeout * 2)
         except redis_errors() as e:
-            # The URL may carry a password: never in a message or a log.
-            log.warning("shared state: Redis call failed: %s", type(e).__name__)
+            self._failed(e)
             raise StateUnavailable() from None
+        if not self.reachable:
+            log.warning("shared state: Redis answers again after %.0f s", time.time() - (self.down_since or 0))
+            self.reachable, self.down_since, self.down_error = True, None, ""
+        return found
+
+    def _failed(self, e: BaseException) -> None:
+        # Said once, then once a minute while Redis stays away (each request that needs it fails meanwhile).
+        # The URL may carry a password: never in a message or a log.
+        from redis.exceptions import ResponseError
+
+        now, error = time.monotonic(), type(e).__name__
+        if isinstance(e, ResponseError):
+            # Redis answered, with an error (out of memory, MOVED from a cluster): reachable, so a PING would
+            # say it is back at once; said at most once a minute, without flipping `reachable`.
+            if now - self._refusal_logged >= FAILURE_LOG_SECONDS:
+                self._refusal_logged = now
+                log.warning("shared state: Redis refused a call: %s", error)
+            return
+        if self.reachable:
+            self.reachable, self.down_since, self.down_error = False, time.time(), error
+            self._failure_logged = now
+            log.warning("shared state: Redis call failed: %s; requests that need it (per-key limits, "
+                        "Idempotency-Key, budgets) get 503 state_unavailable until it answers", error)
+        elif now - self._failure_logged >= FAILURE_LOG_SECONDS:
+            self._failure_logged = now
+            log.warning("shared state: Redis call failed (for %.0f s): %s", time.time() - (self.down_since or 0),
+                        error)
+
+    def health(self) -> dict[str, Any]:
+        """What /ready and /health say of the shared state (never the URL: it may hold a password)."""
+        if self.reachable:
+            return {"backend": "redis", "reachable": True}
+        return {"backend": "redis", "reachable": False, "error": self.down_error,
+                "down_seconds": round(time.time() - (self.down_since or time.time()), 1)}
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_UP_SECONDS if self.reachable else CHECK_DOWN_SECONDS)
+            with contextlib.suppress(StateUnavailable):
+                await self.call(self.client.ping())
 
     def hold(self, ident: tuple, script: str, key: str, *args: Any) -> None:
         """Renew `key` with `script` every third of the lease until `drop(ident)`."""
@@ -312,11 +365,17 @@ class RedisState:
             if not self.cluster:
                 await check_not_cluster(self.client, "shared state")
         except StateUnavailable:
-            # Serve anyway: requests that need the state get 503 until it is back.
-            log.warning("shared state: Redis is not reachable yet; requests that need it get 503 until it is")
+            # Serve anyway: requests that need the state get 503 until it is back (the watcher sees when).
+            pass
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
 
     async def close(self) -> None:
         self._held.clear()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait({self._watcher})
+            self._watcher = None
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.wait({self._keeper})  # its end, without raising its cancellation here

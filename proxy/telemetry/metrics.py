@@ -97,6 +97,10 @@ class Metrics:
                                      "Usage records dropped: the ledger's queue was full (database down)",
                                      registry=self.registry)
 
+        self.shared_state_up = Gauge(
+            "qip_shared_state_up", "1 while the shared state (Redis at state.redis_url) answers, 0 while it cannot "
+            "be reached (always 1 without Redis)", registry=self.registry)
+
         self.pool_replicas = Gauge("qip_pool_replicas", "Replicas of a Ray pool by state", ["provider", "state"],
                                    registry=self.registry)
         self.pool_queue = Gauge("qip_pool_queue_depth", "Jobs waiting in each replica's engine",
@@ -113,7 +117,8 @@ class Metrics:
         return found
 
     def refresh(self, gateway: Any) -> None:
-        """Gauges read at scrape time: local queue depths and route states."""
+        """Gauges read at scrape time: local queue depths, route states, whether the shared state answers."""
+        self.shared_state_up.set(1 if gateway.state.reachable else 0)
         for provider in gateway.providers.values():
             if hasattr(provider, "queue_depth"):
                 self.local_queue.labels(provider=provider.name).set(provider.queue_depth)
