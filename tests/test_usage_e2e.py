@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -18,7 +19,7 @@ import time
 import aiohttp
 import pytest
 import yaml
-from openai import AsyncOpenAI, RateLimitError
+from openai import APIStatusError, AsyncOpenAI, RateLimitError
 from PIL import Image
 
 from proxy.app import GATEWAY
@@ -462,3 +463,107 @@ async def test_calls_without_a_valid_key_leave_no_record(start_proxy, aiohttp_se
     usage = server.app[GATEWAY].usage
     await usage.writer.flush()
     assert await usage.writer.backend.query(0, time.time() + 10) == []
+
+
+async def test_a_call_that_timed_out_is_in_the_attempts_and_its_cost_follows_the_price(start_proxy, aiohttp_server,
+                                                                                        tmp_path):
+    """A vendor that hangs past its route's timeout was still called: the record's attempts name that call
+    (no images: not charged where the route has a price; unknown where it has none, so the request's cost
+    is null, never 0), and the fallback that answered is charged as ever."""
+    hanging = await FakeOpenAIUpstream(delay=30).start(aiohttp_server)
+    cfg = usage_config(tmp_path, hanging.url)
+    cfg["providers"]["vendor"]["timeout"] = 0.3
+    cfg["models"] = {
+        "priced": {"sizes": "small", "routes": [{"provider": "vendor", "price": {"per_call": 0.005}},
+                                                {"provider": "placeholder", "price": {"per_image": 0.01}}]},
+        "unpriced": {"sizes": "small", "routes": ["vendor", {"provider": "placeholder", "price": {"per_image": 0.01}}]},
+        "only-unpriced": {"sizes": "small", "routes": ["vendor"]},
+    }
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    start = int(time.time()) - 5
+    try:
+        raw = await alice.images.with_raw_response.generate(model="priced", prompt="a fox", size="64x64")
+        assert raw.headers["x-qip-route"] == "placeholder" and raw.headers["x-qip-cost-usd"] == "0.010000"
+        raw = await alice.images.with_raw_response.generate(model="unpriced", prompt="a fox", size="64x64")
+        assert raw.headers["x-qip-route"] == "placeholder"
+        assert "x-qip-cost-usd" not in raw.headers  # a call on a route without a price: unknown, never 0
+        with pytest.raises(Exception):  # noqa: B017 - the only route timed out: an error status
+            await alice.images.generate(model="only-unpriced", prompt="a fox", size="64x64")
+    finally:
+        await alice.close()
+    assert len(hanging.image_calls) == 3
+
+    status, page = await api(server, "/v1/organization/costs",
+                             [("start_time", str(start)), ("group_by", "model,route")])
+    assert status == 200, page
+    got = {(x["model"], x["route"]): (pytest.approx(x["amount"]["value"]), x["unpriced_requests"])
+           for x in page["data"][0]["results"]}
+    assert got == {("priced", "vendor"): (0.0, 0), ("priced", "placeholder"): (0.01, 0),
+                   ("unpriced", "vendor"): (0.0, 1), ("unpriced", "placeholder"): (0.01, 0),
+                   ("only-unpriced", "vendor"): (0.0, 1)}
+    status, page = await api(server, "/v1/organization/costs", [("start_time", str(start)), ("group_by", "model")])
+    assert {x["model"]: x["unpriced_requests"] for x in page["data"][0]["results"]} == {
+        "priced": 0, "unpriced": 1, "only-unpriced": 1}
+
+    records = {r.model: r for r in await server.app[GATEWAY].usage.writer.backend.query(0, time.time() + 10)}
+    assert records["priced"].cost_usd == pytest.approx(0.01)
+    assert records["unpriced"].cost_usd is None and records["only-unpriced"].cost_usd is None
+    assert records["only-unpriced"].outcome == "timeout"
+    assert [(a["route"], a["images"], a["cost"]) for a in json.loads(records["priced"].attempts)] == [
+        ("vendor", 0, 0.0), ("placeholder", 1, 0.01)]
+    assert [(a["route"], a["images"], a["cost"]) for a in json.loads(records["unpriced"].attempts)] == [
+        ("vendor", 0, None), ("placeholder", 1, 0.01)]
+    assert [(a["route"], a["images"]) for a in json.loads(records["only-unpriced"].attempts)] == [("vendor", 0)]
+
+
+async def test_a_call_cut_short_by_the_deadline_or_the_client_is_in_the_attempts(start_proxy, aiohttp_server,
+                                                                                   tmp_path):
+    """A call the proxy stopped waiting for (the request's deadline, server.request_timeout, cut the route's
+    attempt short; the client hung up) was made all the same: the record's attempts name it. Without images
+    it is not charged where the route has a price; where it has none the request's cost is unknown: null,
+    never 0 (it read 0.0 with no attempts: the ledger had forgotten the call)."""
+    hanging = await FakeOpenAIUpstream(delay=30).start(aiohttp_server)
+    cfg = usage_config(tmp_path, hanging.url)
+    cfg["server"]["request_timeout"] = 0.5  # the route's own timeout (300 s) never comes
+    cfg["models"] = {"priced": {"sizes": "small", "routes": [{"provider": "vendor", "price": {"per_call": 0.005}}]},
+                     "unpriced": {"sizes": "small", "routes": ["vendor"]}}
+    server, _ = await start_proxy(cfg)
+    alice = client_for(server, "sk-alice-0000000000")
+    start = int(time.time()) - 5
+    try:
+        for model in ("priced", "unpriced"):
+            with pytest.raises(APIStatusError) as info:
+                await alice.images.generate(model=model, prompt="a fox", size="64x64")
+            assert info.value.status_code == 504
+        # The client hangs up while the call runs.
+        body = {"model": "unpriced", "prompt": "a hare", "size": "64x64"}
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.ensure_future(s.post(server.make_url("/v1/images/generations"), json=body,
+                                                headers={"Authorization": "Bearer sk-alice-0000000000"}))
+            for _ in range(200):
+                if len(hanging.image_calls) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await alice.close()
+    assert len(hanging.image_calls) == 3
+
+    usage = server.app[GATEWAY].usage
+    for _ in range(100):  # the hung-up request's record is written once the proxy saw it go
+        records = await usage.writer.backend.query(0, time.time() + 10)
+        if len(records) == 3:
+            break
+        await asyncio.sleep(0.02)
+    got = sorted(((r.model, r.outcome, r.cost_usd, [(a["route"], a["images"], a["cost"])
+                                                      for a in json.loads(r.attempts)]) for r in records), key=str)
+    assert got == [("priced", "timeout", 0.0, [("vendor", 0, 0.0)]),
+                   ("unpriced", "cancelled", None, [("vendor", 0, None)]),
+                   ("unpriced", "timeout", None, [("vendor", 0, None)])]
+    status, page = await api(server, "/v1/organization/costs", [("start_time", str(start)), ("group_by", "model")])
+    assert status == 200, page
+    assert {x["model"]: (x["amount"]["value"], x["unpriced_requests"]) for x in page["data"][0]["results"]} == {
+        "priced": (0.0, 0), "unpriced": (0.0, 2)}

@@ -45,7 +45,8 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     jobs API's polls, lists and cancels: the submit is the image request).
     `key` is the caller's key (its name is logged, never its value); `result` the RouteResult, if any;
     `trace_id` the request's trace ("" when it is not traced); `error_code` the OpenAI error code of an
-    error answer (counted under the proxy's own codes; anything an upstream made up counts as `other`)."""
+    error answer, or of the error event a stream ended with after its 200 (counted under the proxy's own
+    codes; anything an upstream made up counts as `other`)."""
     # Templates, not raw paths: every image URL or job id as its own label value would grow without bound
     # (a job id is whatever the client put in the path, answered 401 or 404 too).
     endpoint = ("/images/{name}" if path.startswith("/images/")
@@ -55,7 +56,7 @@ def log_request(metrics: Metrics, *, path: str, request_id: str, model: str, key
     metrics.child(metrics.requests, endpoint, model, status_text).inc()
     if key is not None:
         metrics.child(metrics.requests_by_key, key.name, endpoint, model, status_text).inc()
-    if status >= 400:
+    if status >= 400 or error_code is not None:  # (a stream that ended in an error event went out as a 200)
         code = error_code if error_code in own_codes() else "other"
         metrics.child(metrics.errors, model, code).inc()
     if not path.startswith("/v1/images/") or path.startswith(JOBS_PATH):  # (a job's poll is no image request)

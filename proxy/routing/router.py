@@ -363,6 +363,12 @@ class _Parts:
                 raise
             self.errors.append(e)
             return []  # generate_n finds too few images; generate() raises this error instead
+        except BaseException:
+            # Cut short (the attempt's timeout or the request's deadline, the client gone, a sibling call's
+            # failure) or a provider bug: the call was made all the same, and the ledger says so (no images:
+            # not charged on a priced route, an unknown cost on one without a price).
+            note_call(self.route, chunk, None)
+            raise
         note_call(self.route, chunk, images)  # charged even if the images fail their checks later
         if len(images) > chunk.n:
             # A surplus (an upstream that ignored `n`) would be taken for the next call's images when n is
