@@ -20,6 +20,9 @@ import yaml
 from openai import AsyncOpenAI
 
 from proxy.config import ConfigError, parse_config
+from proxy.usage.meter import Meter
+from proxy.usage.postgres import PostgresLedger
+from proxy.usage.record import build_record
 
 from .conftest import base_config
 from .fake_openai_upstream import free_port
@@ -229,6 +232,28 @@ async def test_cost_per_project_on_an_old_postgres_ledger(start_proxy, tmp_path,
         await bob.close()
     page = await get(base, "/v1/organization/usage/images", {"start_time": str(start), "group_by": "project_id"})
     assert summed(page, "project_id") == {("web",): 5, ("batch",): 3 + 2, (None,): 3}
+
+
+async def test_proxies_starting_at_once_upgrade_an_old_postgres_ledger(tmp_path, postgres_server, caplog):  # noqa: F811
+    """A rolling deploy: proxies of this version start together on a ledger the previous one made. Each
+    used to hold the table (CREATE INDEX) while waiting for another's to ALTER it: PostgreSQL broke the
+    deadlock by failing one ("usage ledger: PostgreSQL is not reachable at start-up (DeadlockDetected)")."""
+    psycopg = pytest.importorskip("psycopg")
+    async with await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as conn:
+        for statement in V1_CREATE:
+            await conn.execute(statement)
+    ledgers = [PostgresLedger(postgres_server.url) for _ in range(4)]  # each proxy's, as `serve` starts it
+    try:
+        with caplog.at_level("WARNING", logger="proxy.usage"):
+            await asyncio.gather(*(ledger.start() for ledger in ledgers))
+        assert not [r.getMessage() for r in caplog.records if r.name == "proxy.usage"]
+        record = build_record(Meter(), ts=time.time(), request_id="r1", key="alice", model="m", path="/v1/x",
+                              status=200, outcome="ok", seconds=0.1, project="web", user="ann")
+        await ledgers[-1].write([record])
+        assert [(r.project_id, r.user_id) for r in await ledgers[0].query(0, time.time() + 1)] == [("web", "ann")]
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
 
 
 def test_project_and_user_in_the_keys_config():

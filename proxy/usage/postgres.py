@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 from . import aggregate
 from .aggregate import Partial
 from .record import UsageRecord
-from .schema import COLUMNS_NOW, CREATE, SELECT, add_columns, from_row, insert
+from .schema import COLUMNS_NOW, CREATE, SELECT, TABLE, add_columns, from_row, insert
 
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger("proxy.usage")
+# Taken while a proxy creates or upgrades the table: a transaction-level advisory lock, named by the table.
+SETUP_LOCK = f"SELECT pg_advisory_xact_lock(hashtext('{TABLE}'))"
 
 
 class PostgresLedger:
@@ -43,14 +45,23 @@ class PostgresLedger:
         if self._conn is None or self._conn.closed or self._conn.broken:
             conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)),
                                                          autocommit=False)
-            async with conn.transaction():
-                for statement in CREATE:
-                    await conn.execute(statement)
-                # A ledger made by an older version gains its missing columns (only then an ALTER: it
-                # locks the table, and every proxy connects with this).
-                cur = await conn.execute(COLUMNS_NOW)
-                for statement in add_columns({d.name.lower() for d in cur.description or ()}, if_not_exists=True):
-                    await conn.execute(statement)
+            try:
+                async with conn.transaction():
+                    # One proxy at a time, to the end of this transaction: two upgrading an older ledger at
+                    # once each held the table (CREATE INDEX) while waiting for the other's to ALTER it, a
+                    # deadlock that failed one of them.
+                    await conn.execute(SETUP_LOCK)
+                    for statement in CREATE:
+                        await conn.execute(statement)
+                    # A ledger made by an older version gains its missing columns (only then an ALTER: it
+                    # locks the table, and every proxy connects with this).
+                    cur = await conn.execute(COLUMNS_NOW)
+                    for statement in add_columns({d.name.lower() for d in cur.description or ()},
+                                                 if_not_exists=True):
+                        await conn.execute(statement)
+            except BaseException:
+                await conn.close()  # not left open for the garbage collector, one per failed try
+                raise
             self._conn = conn
         return self._conn
 
