@@ -235,6 +235,24 @@ async def test_a_plain_client_on_a_cluster_says_what_to_set(start_proxy, tmp_pat
     assert status == 503 and json.loads(body)["error"]["code"] == "state_unavailable"
 
 
+async def test_a_cluster_client_on_one_redis_says_what_to_set(start_proxy, tmp_path, aiohttp_server,
+                                                              redis_server, caplog):  # noqa: F811
+    """state.redis_cluster: true on a Redis that is no cluster: the cluster client refuses it, so every call
+    fails. The log used to say only "Redis is not reachable yet" (of a Redis that answers): it says what
+    to set, for the shared state and for the jobs."""
+    fake = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = clustered(with_vendor(jobs_config(tmp_path), fake), redis_server.url)
+    cfg["server"]["api_keys"][0]["rpm"] = 5
+    with caplog.at_level(logging.WARNING):
+        server, _ = await start_proxy(cfg)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert sorted(m.split(":")[0] for m in errors if "set state.redis_cluster: false" in m) == ["jobs", "shared state"]
+    assert "not reachable" not in caplog.text
+    status, _, body = await http(server, "POST", "/v1/images/generations",
+                                 json={"model": MODEL, "prompt": "x", "size": "64x64"}, key=KEY)
+    assert status == 503 and body["error"]["code"] == "state_unavailable"
+
+
 async def test_a_cluster_that_cannot_be_reached_is_a_quick_503(start_proxy, tmp_path, aiohttp_server):
     port = free_port()  # nothing listens there
     state = RedisState(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5, cluster=True)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from ..state.shared_redis import check_not_cluster, connect, redis_errors
+from ..state.shared_redis import check_not_cluster, connect, not_a_cluster, redis_errors
 from .model import IN_PROGRESS, Job
 from .store import JobStoreUnavailable
 
@@ -199,10 +199,13 @@ class RedisJobStore:
         return f"{self.prefix}job:{job_id}"
 
     async def start(self) -> None:
-        with contextlib.suppress(JobStoreUnavailable):
+        try:
             await self._call(self.client.ping())
             if not self.cluster:
                 await check_not_cluster(self.client, "jobs")
+        except JobStoreUnavailable:
+            if self.cluster:
+                await not_a_cluster(self.url, self.socket_timeout, "jobs")
 
     async def close(self) -> None:
         if self._client is not None:

@@ -366,7 +366,9 @@ class RedisState:
                 await check_not_cluster(self.client, "shared state")
         except StateUnavailable:
             # Serve anyway: requests that need the state get 503 until it is back (the watcher sees when).
-            pass
+            # A cluster client pointed at one plain Redis fails every call: say what to set.
+            if self.cluster:
+                await not_a_cluster(self.url, self.socket_timeout, "shared state")
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch())
 
@@ -394,6 +396,25 @@ async def check_not_cluster(client: Any, who: str) -> None:
         if str(info.get("cluster_enabled", 0)) == "1":
             log.error("%s: this Redis is a node of a Redis Cluster: set state.redis_cluster: true (until then "
                       "requests that need Redis get 503 state_unavailable)", who)
+
+
+async def not_a_cluster(url: str, socket_timeout: float, who: str) -> bool:
+    """Whether state.redis_cluster names a Redis that is no node of a cluster (then said at start, as an
+    error): the cluster client refuses it ("Cluster mode is not enabled"), so every call fails, and the log
+    only said Redis was "not reachable yet"."""
+    plain = connect(url, cluster=False, socket_timeout=socket_timeout)
+    try:
+        info = await asyncio.wait_for(plain.info("cluster"), 5)
+    except redis_errors():
+        return False  # not reachable at all (or INFO refused): nothing more to say
+    finally:
+        with contextlib.suppress(Exception):
+            await plain.aclose()
+    if str(info.get("cluster_enabled", 0)) == "1":
+        return False
+    log.error("%s: this Redis is not a node of a Redis Cluster: set state.redis_cluster: false (until then "
+              "requests that need Redis get 503 state_unavailable)", who)
+    return True
 
 
 def _ms(seconds: float) -> int:
