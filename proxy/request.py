@@ -13,6 +13,11 @@ from .errors import InvalidRequest
 from .wire_json import _loads, _safe, check_values
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "avif")
+# OpenAI's values of `quality` (the openai package's ImageGenerateParams; standard and hd: DALL-E's, still
+# accepted there). A model's local routes may name more in their quality_tiers (Provider.qualities).
+QUALITIES = frozenset({"auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"})
+# OpenAI's values of `background` (`true` / `false` asks for a background job: proxy.jobs.ask takes it out).
+BACKGROUNDS = ("transparent", "opaque", "auto")
 SEED_MAX = 2**32 - 1
 MAX_N = 10
 MAX_LORAS = 3
@@ -62,7 +67,7 @@ class _GenerationBody(BaseModel):
     output_format: Literal["png", "jpeg", "webp", "gif", "avif"] | None = None
     output_compression: int | None = Field(default=None, ge=0, le=100)
     quality: str | None = None
-    background: str | None = None
+    background: str | None = None  # one of BACKGROUNDS (proxy.api.generations.check_choices)
     style: str | None = None
     moderation: str | None = None
     user: str | None = None

@@ -60,8 +60,12 @@ def seed_colour(seed: int | None) -> tuple[int, int, int]:
     return tuple(hashlib.sha256(str(seed).encode()).digest()[:3])
 
 
-def make_image(width: int, height: int, seed: int | None, fmt: str = "png") -> bytes:
+def make_image(width: int, height: int, seed: int | None, fmt: str = "png", transparent: bool = False) -> bytes:
     im = Image.new("RGB", (width, height), seed_colour(seed))
+    if transparent:  # the seed's colour in the middle, fully transparent around it
+        im = im.convert("RGBA")
+        im.putalpha(0)
+        im.paste(seed_colour(seed) + (255,), (width // 4, height // 4, width * 3 // 4, height * 3 // 4))
     out = io.BytesIO()
     im.save(out, format=fmt.upper(), **({"quality": 95} if fmt in ("jpeg", "webp") else {}))
     return out.getvalue()
@@ -126,6 +130,8 @@ class FakeOpenAIUpstream:
     models: tuple[str, ...] = ("qwen-image", "gpt-4o-mini", "text-embedding-3-small")
     # A Set-Cookie header on image answers (a load balancer's affinity cookie, say).
     set_cookie: str | None = None
+    # Image calls with background "transparent" get images with transparent pixels (else it is ignored).
+    makes_transparency: bool = False
 
     requests: list[Received] = field(default_factory=list)
     edit_forms: list[tuple[dict, list]] = field(default_factory=list)
@@ -295,10 +301,11 @@ class FakeOpenAIUpstream:
             return self.error(400, "INVALID_REQUEST", f"bad size {body.get('size')!r}")
         fmt = self.image_format or body.get("output_format") or "png"
         seed = body.get("seed")
+        alpha = self.makes_transparency and body.get("background") == "transparent"
         images = await asyncio.to_thread(
-            lambda: [make_image(width, height, None if seed is None else seed + i, fmt) for i in range(n)])
+            lambda: [make_image(width, height, None if seed is None else seed + i, fmt, alpha) for i in range(n)])
         if body.get("stream") and self.can_stream:
-            return await self.stream_images(request, body, images, fmt)
+            return await self.stream_images(request, body, images, fmt, alpha)
         base = str(request.url.origin())
         data = []
         for im in images:
@@ -318,14 +325,15 @@ class FakeOpenAIUpstream:
                      **({"Set-Cookie": self.set_cookie} if self.set_cookie else {})},
         )
 
-    async def stream_images(self, request: web.Request, body: dict, images: list[bytes], fmt: str):
+    async def stream_images(self, request: web.Request, body: dict, images: list[bytes], fmt: str,
+                            transparent: bool = False):
         """OpenAI image streaming: partial_images small previews per image, then its completed event."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         prefix = "image_edit" if request.path.endswith("/edits") else "image_generation"
         for index, image in enumerate(images):
             for k in range(int(body.get("partial_images") or 0)):
-                preview = make_image(16, 16, k, fmt)
+                preview = make_image(16, 16, k, fmt, transparent)
                 event = {"type": f"{prefix}.partial_image", "b64_json": base64.b64encode(preview).decode(),
                          "partial_image_index": k, "image_index": index, "output_format": fmt}
                 await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())

@@ -89,6 +89,7 @@ async def parse_edit(gw: Gateway, request: web.Request) -> ImageRequest:
     check_work(table, width, height, parsed.n)
     req = replace(build_request(parsed, model, width, height), images=tuple(images), mask=mask)
     check_output_request(req)
+    generations.check_choices(gw, req)
     return req
 
 

@@ -19,9 +19,10 @@ from ..jobs.runner import JobRunner
 from ..media.fetch import FetchPolicy, GuardedFetcher
 from ..media.output import OutputSettings
 from ..providers import Provider, ProviderContext, build_providers
+from ..request import QUALITIES
 from ..routing.inflight import InFlight
 from ..routing.policy import KeyPolicy
-from ..routing.router import Router
+from ..routing.router import Router, makes_transparency
 from ..state.factory import make_state, make_store
 from ..state.idempotency import Idempotency
 from ..telemetry import otel
@@ -47,6 +48,12 @@ class Gateway:
         self.router = Router(config.models, self.providers, self.metrics, routing=config.routing,
                              max_load_wait=config.server.max_load_wait, scrub=self.scrubber.text)
         self.size_tables = {name: config.size_table(name) for name in config.models}
+        # What each model's routes can honour (generations.check_choices): the values of `quality` (OpenAI's,
+        # and its local routes' quality_tiers), and whether any route may make a transparent background.
+        self.qualities = {name: QUALITIES.union(*(r.provider.qualities for r in routes))
+                          for name, routes in self.router.routes.items()}
+        self.transparent_models = {name for name, routes in self.router.routes.items()
+                                   if any(makes_transparency(r) for r in routes)}
         # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.
         limits = [t.pixel_limit for t in self.size_tables.values()] or [0]
         Image.MAX_IMAGE_PIXELS = max(OutputSettings.max_image_pixels, 4 * max(limits))

@@ -24,12 +24,13 @@ from ..jobs.ask import BACKGROUND, mark_background
 from ..jobs.runner import SHUTTING_DOWN
 from ..media.output import check_output_request
 from ..media.sizing import check_work, resolve_size
-from ..request import ImageRequest, parse_fields, request_from
+from ..request import BACKGROUNDS, ImageRequest, parse_fields, request_from
 from ..routing.policy import API_KEY
 from ..state.idempotency import HEADER as IDEMPOTENCY_KEY
 from ..state.idempotency import REPLAYED
 from ..state.shared import Answer
 from ..telemetry import tracing
+from ..wire_json import _safe
 from . import jobs, stream
 from .context import BODY, MODEL, NotServedHere
 from .serving import generate, route_headers
@@ -59,6 +60,26 @@ def served_model(gw: Gateway, request: web.Request, asked: object, default: str 
     return model
 
 
+def check_choices(gw: Gateway, req: ImageRequest) -> None:
+    """`quality` and `background` as the model can honour them: the answer echoes both, so a value no route
+    takes (OpenAI refuses it too) or a transparency no route can make is a 400, never an answer that says so."""
+    if req.quality is not None and req.quality not in gw.qualities[req.model]:
+        raise InvalidRequest(f"Invalid 'quality': '{_safe(req.quality)}' is not one of "
+                             f"{', '.join(sorted(gw.qualities[req.model]))}.", param="quality")
+    if req.background is not None and req.background not in BACKGROUNDS:
+        raise InvalidRequest(f"Invalid 'background': '{_safe(req.background)}' is not one of "
+                             f"{', '.join(BACKGROUNDS)}.", param="background")
+    if req.background != "transparent":
+        return
+    if req.output_format == "jpeg":  # as OpenAI: JPEG has no alpha channel
+        raise InvalidRequest("Invalid 'background': a transparent background needs an output_format with an "
+                             "alpha channel (png, webp, gif or avif), not jpeg.", param="background")
+    if req.model not in gw.transparent_models:
+        raise InvalidRequest(f"Transparent background is not supported for the model '{req.model}': its routes "
+                             "make opaque images. Send background 'opaque' or 'auto', or leave it out.",
+                             param="background")
+
+
 async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     body = await read_body(request, files=False)
     fields = body.fields
@@ -72,6 +93,7 @@ async def parse_generation(gw: Gateway, request: web.Request) -> ImageRequest:
     check_work(table, width, height, values["n"])
     req = request_from(values, extra, model, width, height)
     check_output_request(req)
+    check_choices(gw, req)
     return req
 
 

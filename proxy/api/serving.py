@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..errors import AuthenticationFailed
-from ..media.output import FinalImage, finish_images, render_images
+from ..media.output import FinalImage, background_of, finish_images, render_images
 from ..providers.base import GeneratedImage, Provider
 from ..request import ImageRequest
 from ..routing.policy import API_KEY
@@ -64,12 +64,16 @@ async def generate(gw: Gateway, request: web.Request | None, req: ImageRequest,
     for item in items:  # an upstream's text: it may echo what it was sent, keys included
         item["revised_prompt"] = gw.scrubber.text(item["revised_prompt"])
     gw.metrics.child(gw.metrics.images, req.model, result.route.name).inc(len(items))
-    out_format = next((img.format for img in result.images if img.format), req.output_format or "png")
-    payload = {"created": int(time.time()), "data": items, "output_format": out_format, "size": req.size_text}
+    payload: dict = {"created": int(time.time()), "data": items}
+    # The format and size the images have (each was checked, and fitted to the resolved size); none for an
+    # upstream URL handed on unseen (store.rehost_upstream_urls: false): the proxy cannot say what it holds.
+    if all(img.format for img in result.images):
+        payload["output_format"], payload["size"] = result.images[0].format, req.size_text
     if req.quality is not None:
         payload["quality"] = req.quality
-    if req.background is not None:
-        payload["background"] = req.background
+    # What the images are, not what was asked (an upstream may ignore it; "auto" is resolved, as OpenAI does).
+    if req.background is not None and (background := await background_of(result.images)) is not None:
+        payload["background"] = background
     seeds = [img.seed for img in result.images]
     if None not in seeds:
         payload["seeds"] = seeds

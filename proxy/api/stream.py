@@ -20,7 +20,7 @@ from aiohttp import web
 from ..errors import ProxyError, UpstreamError
 from ..http.request_log import REQUEST_ID
 from ..http.send import send_or_drop
-from ..media.output import inspect, reencode
+from ..media.output import has_transparency, inspect, reencode
 from ..media.partials import PartialImage, open_sink
 from ..request import ImageRequest
 from ..telemetry import tracing
@@ -111,6 +111,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
                      "type": f"{prefix}.completed", "b64_json": item["b64_json"],
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
+                     "background": payload.get("background", common["background"]),  # what the images are
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
             if i == last:  # the request's cost, known only now (the head went out long ago): our own fields
                 completed |= gw.usage.stream_fields()
@@ -165,27 +166,31 @@ class _Previews:
             checked = await asyncio.to_thread(self._checked, partial.data)
         if checked is None:
             return None
-        b64, fmt = checked
+        b64, fmt, background = checked
         self.sent[partial.image_index] = count + 1
         event = {"type": f"{self.prefix}.partial_image", "b64_json": b64, "partial_image_index": count,
                  "image_index": partial.image_index, "created_at": int(time.time()), **self.common,
-                 "output_format": fmt}
+                 "output_format": fmt, "background": background}
         return sse_with_b64(event["type"], event)
 
-    def _checked(self, data: bytes) -> tuple[str, str] | None:
-        """The preview as base64 and its format; None for one that is not an image (CPU: off the loop)."""
+    def _checked(self, data: bytes) -> tuple[str, str, str] | None:
+        """The preview as base64, its format and background (what it is, when the request asked one); None
+        for one that is not an image (CPU: off the loop)."""
         try:
             info = inspect(data, self.max_pixels)
             target = self.req.output_format or info.format
             if target != info.format:  # the preview's own size: it is a preview
                 data = reencode(data, info, target, self.req.output_compression, (info.width, info.height)).data
+            background = self.common["background"]
+            if self.req.background is not None:
+                background = "transparent" if has_transparency(data) else "opaque"
         except UpstreamError as e:
             log.info("skipping a partial image: %s", e)
             return None
         except Exception:  # a preview that cannot be converted is skipped, never the image
             log.exception("could not convert a partial image")
             return None
-        return base64.b64encode(data).decode("ascii"), target
+        return base64.b64encode(data).decode("ascii"), target, background
 
 
 async def _end_with_error(out: _Events, error: ProxyError) -> None:

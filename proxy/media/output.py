@@ -263,6 +263,9 @@ class FinalImage:
     b64: str | bytes | memoryview | None = None
     # An upstream URL handed on untouched (store.rehost_upstream_urls: false and nothing to convert).
     url: str | None = None
+    # Whether a pixel is not fully opaque (has_transparency); None: not looked at (the request asked no
+    # background, or the image is a URL handed on unseen).
+    transparent: bool | None = None
 
     @property
     def mime(self) -> str:
@@ -325,13 +328,41 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
             if traced:
                 span.set_attributes({"qip.format": info.format, "qip.width": info.width, "qip.height": info.height,
                                      "qip.converted": final is None})
-        if final is not None:
-            return final
-        # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
-        with tracing.span("image.convert", {"qip.to_format": req.output_format, "qip.compression": req.output_compression}):
-            return await asyncio.to_thread(_converted, img, checked, info, req)
+        if final is None:
+            # A conversion decodes pixels: a small file can still be a large picture, so always a thread.
+            with tracing.span("image.convert", {"qip.to_format": req.output_format,
+                                                "qip.compression": req.output_compression}):
+                final = await asyncio.to_thread(_converted, img, checked, info, req)
+        if req.background is not None:  # the answer's `background` says what the image is, not what was asked
+            data = final.data if final.data is not None else checked
+            final.transparent = await run_cpu(len(data), has_transparency, data)
+        return final
 
     return await gather_or_cancel([one(img) for img in images])
+
+
+def has_transparency(data: bytes) -> bool:
+    """Whether a checked image has a pixel that is not fully opaque. One without alpha (or a transparent
+    colour) is known from its header; only one with it is decoded (CPU: off the event loop when large)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if "A" not in im.getbands() and "transparency" not in im.info:
+                return False
+            low, _ = im.convert("RGBA").getchannel("A").getextrema()  # one band: two numbers
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None
+    return bool(low < 255)  # type: ignore[operator]  # (typed for several bands)
+
+
+async def background_of(images: list[FinalImage]) -> str | None:
+    """The answer's `background`: "transparent" when every image has transparent pixels, else "opaque";
+    None when one was not seen (an upstream URL handed on)."""
+    for img in images:
+        if img.transparent is None and img.data is not None:  # from the seeded-request cache: not yet looked at
+            img.transparent = await run_cpu(len(img.data), has_transparency, img.data)
+    if any(img.transparent is None for img in images):
+        return None
+    return "transparent" if all(img.transparent for img in images) else "opaque"
 
 
 def _ready_item(img: FinalImage, req: ImageRequest) -> dict | None:

@@ -30,6 +30,9 @@ class Capabilities:
     masks: bool = False
     # Whether it makes images from text alone (an edit-only model does not).
     generates: bool = True
+    # Whether it may make a transparent background: it hands `background` on to a model that may honour
+    # it. Routes without it make opaque images, and never get a request for a transparent one.
+    transparency: bool = False
 
 
 @dataclass
@@ -111,6 +114,11 @@ class Provider(ABC):
         content hash); None where the proxy cannot see it (an upstream's LoRAs, a URL not yet downloaded).
         Blocking (file system): call it off the event loop."""
         return None
+
+    @property
+    def qualities(self) -> frozenset[str]:
+        """Values of `quality` this provider documents beyond OpenAI's (a local engine's quality_tiers keys)."""
+        return frozenset()
 
     @property
     def trusted_origin(self) -> str | None:

@@ -197,6 +197,10 @@ class LocalProvider(Provider):
         return self._config_problem
 
     @property
+    def qualities(self) -> frozenset[str]:
+        return frozenset(self.config.quality_tiers) if self.config is not None else frozenset()
+
+    @property
     def warnings(self) -> list[str]:
         """Speed options this route serves without, each with the reason: known ahead (a package not
         installed, a backend this device cannot run) until the model is loaded, then what the load found."""

@@ -279,6 +279,7 @@ class OpenAICompatProvider(Provider):
             output_compression=True,
             edits=True,
             masks=True,
+            transparency=True,  # `background` is handed on: the upstream's model may make it
         )
         self.http: aiohttp.ClientSession | None = None
         # Fixed by the options: built once rather than on every call, as multidicts (aiohttp converts a

@@ -145,6 +145,10 @@ class RayProvider(Provider):
     # ----- state -----
 
     @property
+    def qualities(self) -> frozenset[str]:
+        return frozenset(self.engine_config.quality_tiers)
+
+    @property
     def unavailable_reason(self) -> str | None:
         return self._stage or self._state
 

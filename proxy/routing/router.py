@@ -86,6 +86,12 @@ def _retries(route: RouteConfig, provider: Provider, routing: RoutingConfig) -> 
     return routing.retries if value is None else int(value)
 
 
+def makes_transparency(route: Route) -> bool:
+    """Whether a route may make a transparent background: its provider hands `background` on (and the
+    route does not drop it)."""
+    return route.provider.capabilities.transparency and "background" not in route.config.drop
+
+
 class Router:
     def __init__(self, models: dict[str, ModelConfig], providers: dict[str, Provider], metrics: Metrics | None = None,
                  routing: RoutingConfig | None = None, max_load_wait: float = 120.0,
@@ -139,6 +145,11 @@ class Router:
             if not routes:
                 raise InvalidRequest(f"The model '{req.model}' edits images: it makes none from text alone. Send "
                                      "the request to /v1/images/edits with the image(s) to edit.", param="model")
+        if req.background == "transparent":  # never an opaque image from a route that cannot make it
+            routes = [r for r in routes if makes_transparency(r)]
+            if not routes:  # (a model with no such route at all: a 400 when the request was read)
+                raise ServiceUnavailable(f"No usable route of model '{req.model}' makes transparent backgrounds.",
+                                         headers=NO_RETRY)
         attempts: list[tuple[str, str]] = []
         failures: list[ProxyError] = []
         tried: Route | None = None
