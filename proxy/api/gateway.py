@@ -50,8 +50,11 @@ class Gateway:
         self.size_tables = {name: config.size_table(name) for name in config.models}
         # What each model's routes can honour (generations.check_choices): the values of `quality` (OpenAI's,
         # and its local routes' quality_tiers), and whether any route may make a transparent background.
-        self.qualities = {name: QUALITIES.union(*(r.provider.qualities for r in routes))
-                          for name, routes in self.router.routes.items()}
+        # (None: a route hands `quality` on to an upstream as sent, which judges the value itself.)
+        self.qualities: dict[str, frozenset[str] | None] = {
+            name: None if any(r.provider.capabilities.hands_on_fields and "quality" not in r.config.drop
+                              for r in routes) else QUALITIES.union(*(r.provider.qualities for r in routes))
+            for name, routes in self.router.routes.items()}
         self.transparent_models = {name for name, routes in self.router.routes.items()
                                    if any(makes_transparency(r) for r in routes)}
         # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.

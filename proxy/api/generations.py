@@ -63,9 +63,10 @@ def served_model(gw: Gateway, request: web.Request, asked: object, default: str 
 def check_choices(gw: Gateway, req: ImageRequest) -> None:
     """`quality` and `background` as the model can honour them: the answer echoes both, so a value no route
     takes (OpenAI refuses it too) or a transparency no route can make is a 400, never an answer that says so."""
-    if req.quality is not None and req.quality not in gw.qualities[req.model]:
+    qualities = gw.qualities[req.model]  # (None: an upstream that gets it as sent judges it)
+    if req.quality is not None and qualities is not None and req.quality not in qualities:
         raise InvalidRequest(f"Invalid 'quality': '{_safe(req.quality)}' is not one of "
-                             f"{', '.join(sorted(gw.qualities[req.model]))}.", param="quality")
+                             f"{', '.join(sorted(qualities))}.", param="quality")
     if req.background is not None and req.background not in BACKGROUNDS:
         raise InvalidRequest(f"Invalid 'background': '{_safe(req.background)}' is not one of "
                              f"{', '.join(BACKGROUNDS)}.", param="background")

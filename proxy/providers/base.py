@@ -33,6 +33,9 @@ class Capabilities:
     # Whether it may make a transparent background: it hands `background` on to a model that may honour
     # it. Routes without it make opaque images, and never get a request for a transparent one.
     transparency: bool = False
+    # Whether the request's other fields (quality, style, vendor options...) go to its upstream as sent: that
+    # upstream, not the proxy, then judges a value the proxy does not know.
+    hands_on_fields: bool = False
 
 
 @dataclass

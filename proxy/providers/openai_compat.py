@@ -280,6 +280,7 @@ class OpenAICompatProvider(Provider):
             edits=True,
             masks=True,
             transparency=True,  # `background` is handed on: the upstream's model may make it
+            hands_on_fields=True,
         )
         self.http: aiohttp.ClientSession | None = None
         # Fixed by the options: built once rather than on every call, as multidicts (aiohttp converts a
