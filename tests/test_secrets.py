@@ -280,3 +280,14 @@ def test_the_collectors_headers_are_secrets_whichever_variable_holds_them(tmp_pa
     scrub = Scrubber(parse_config(cfg, env={}).secrets()).text
     for sent in ("sentinel-team-5e6f7a8b9c", "sentinel-otlp-0a1b2c3d", "sentinel/named-9f8e7d", "sentinel%2Fnamed-9f8e7d"):
         assert sent not in scrub(f"collector said: unknown team {sent}")
+
+
+def test_a_collectors_plain_headers_are_no_secrets(tmp_path, monkeypatch):
+    """A tenant or dataset name is no credential: as a secret it was cut from every log line and revised
+    prompt ("x-tenant=prod" turned "a product photo" into "a [redacted]uct photo")."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=prod,x-scope-orgid=acme,dd-api-key=sentinel-dd-1a2b")
+    cfg = base_config(tmp_path)
+    cfg["telemetry"] = {"otlp_endpoint": "http://127.0.0.1:4318"}
+    scrub = Scrubber(parse_config(cfg, env={}).secrets()).text
+    assert scrub("a product photo for acme") == "a product photo for acme"
+    assert "sentinel-dd-1a2b" not in scrub("rejected key sentinel-dd-1a2b")

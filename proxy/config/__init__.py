@@ -60,6 +60,10 @@ __all__ = [
     "parse_config",
 ]
 
+# Collector headers that carry a credential (Authorization, api-key, x-honeycomb-team, dd-api-key,
+# lightstep-access-token...); any value of 20 characters or more is taken for one too.
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|pass|cookie|team|credential|signature", re.IGNORECASE)
+
 class Config(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -133,11 +137,13 @@ class Config(Strict):
                 found.append(password)
         # The exporter's headers (a collector's token): the variable the config names, and the standard ones
         # the exporter reads in any case; values as written, URL-decoded (as sent), and a token after its
-        # scheme ("Bearer%20tok": "Bearer tok", "tok").
+        # scheme ("Bearer%20tok": "Bearer tok", "tok"). Not a plain tenant or dataset name: every secret is
+        # cut from every log line and revised prompt ("x-tenant=prod" would cut "a product photo").
         for name in (self.telemetry.headers_env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
             for item in os.environ.get(name, "").split(",") if name else ():
-                value = item.partition("=")[2].strip()
-                found += [value, unquote(value), *unquote(value).split()[-1:]]
+                header, _, value = (part.strip() for part in item.partition("="))
+                if _SECRET_HEADER.search(header) or len(value) >= 20:
+                    found += [value, unquote(value), *unquote(value).split()[-1:]]
         found += [s for s in (self.jobs.webhook_secret, *(w.secret for w in self.jobs.key_webhooks.values())) if s]
         for provider in self.providers.values():
             for name, value in provider.options.items():
