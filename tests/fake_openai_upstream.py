@@ -132,6 +132,9 @@ class FakeOpenAIUpstream:
     set_cookie: str | None = None
     # Image calls with background "transparent" get images with transparent pixels (else it is ignored).
     makes_transparency: bool = False
+    # Every image (and preview) has transparent pixels, whatever background asks: an upstream that ignores
+    # "opaque" (a cut-out model, or one whose images always carry alpha).
+    always_transparent: bool = False
 
     requests: list[Received] = field(default_factory=list)
     edit_forms: list[tuple[dict, list]] = field(default_factory=list)
@@ -301,7 +304,7 @@ class FakeOpenAIUpstream:
             return self.error(400, "INVALID_REQUEST", f"bad size {body.get('size')!r}")
         fmt = self.image_format or body.get("output_format") or "png"
         seed = body.get("seed")
-        alpha = self.makes_transparency and body.get("background") == "transparent"
+        alpha = self.always_transparent or (self.makes_transparency and body.get("background") == "transparent")
         images = await asyncio.to_thread(
             lambda: [make_image(width, height, None if seed is None else seed + i, fmt, alpha) for i in range(n)])
         if body.get("stream") and self.can_stream:

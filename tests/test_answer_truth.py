@@ -13,7 +13,7 @@ from openai import BadRequestError, InternalServerError
 from PIL import Image
 
 from .conftest import base_config
-from .fake_openai_upstream import FakeOpenAIUpstream
+from .fake_openai_upstream import FakeOpenAIUpstream, make_image
 from .test_generations_e2e import download, openai_provider, upstream_config
 
 PH, PH_EDIT = "qwen-image-placeholder", "edit-placeholder"
@@ -207,3 +207,79 @@ async def test_a_cached_answer_says_what_its_images_are(start_proxy, tmp_path, f
         r = raw.parse()
         assert transparent(decode(r.data[0].b64_json)) and r.background == "transparent", expected
     assert len(up.image_calls) == 1
+
+
+async def test_opaque_asked_is_made_opaque(start_proxy, tmp_path, fake_upstream):
+    # An upstream whose images carry transparent pixels whatever background asks: "opaque" was answered with
+    # the transparent image (and background "transparent"), under a request that asked for none.
+    up = await fake_upstream(always_transparent=True, can_stream=True)
+    _, client = await start_proxy(upstream_config(tmp_path, {"lumen": openai_provider(up, up.api_key, stream=True)},
+                                                  ["lumen"]))
+    for fmt in ("png", "webp"):
+        r = await client.images.generate(model="qwen-image", prompt="p", background="opaque", output_format=fmt,
+                                         response_format="b64_json")
+        im = decode(r.data[0].b64_json)
+        assert not transparent(im) and r.background == "opaque", fmt
+        assert (im.format.lower(), f"{im.width}x{im.height}") == (r.output_format, r.size) == (fmt, "64x64")
+        corner = im.convert("RGB").getpixel((0, 0))  # the upstream's transparent border: on white
+        assert min(corner) >= 250, (fmt, corner)
+    r = await client.images.generate(model="qwen-image", prompt="p", background="opaque", response_format="url")
+    _, ctype, body = await download(r.data[0].url)
+    assert ctype == "image/png" and not transparent(Image.open(io.BytesIO(body))) and r.background == "opaque"
+    # "auto" and no background at all keep the upstream's image as it is (nothing decoded to flatten it).
+    r = await client.images.generate(model="qwen-image", prompt="p", background="auto", response_format="b64_json")
+    assert transparent(decode(r.data[0].b64_json)) and r.background == "transparent"
+    r = await client.images.generate(model="qwen-image", prompt="p", response_format="b64_json")
+    assert transparent(decode(r.data[0].b64_json)) and r.background is None
+    # Streamed: the previews and the image are flattened too.
+    stream = await client.images.generate(model="qwen-image", prompt="p", background="opaque", stream=True,
+                                          partial_images=2)
+    events = [e async for e in stream]
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    for event in events:
+        assert not transparent(decode(event.b64_json)) and event.background == "opaque", event.type
+
+
+async def test_opaque_leaves_opaque_images_untouched(start_proxy, tmp_path, fake_upstream):
+    # An image without alpha is handed on byte for byte: the header says it has nothing to flatten.
+    up = await fake_upstream()
+    _, client = await start_proxy(upstream_config(tmp_path, {"lumen": openai_provider(up, up.api_key)}, ["lumen"]))
+    raw = await client.images.with_raw_response.generate(model="qwen-image", prompt="p", background="opaque",
+                                                         response_format="b64_json", extra_body={"seed": 3})
+    r = raw.parse()
+    assert r.background == "opaque"
+    assert base64.b64decode(r.data[0].b64_json) == make_image(64, 64, 3)
+
+
+async def test_stream_previews_have_the_size_their_events_say(start_proxy, tmp_path, fake_upstream):
+    # The upstream's previews are 16x16: the events said size "80x64" (the requested image's, as OpenAI's
+    # partial events do) over a 16x16 picture. They are fitted to the requested size, as the final image is.
+    up = await fake_upstream(can_stream=True)
+    _, client = await start_proxy(upstream_config(tmp_path, {"lumen": openai_provider(up, up.api_key, stream=True)},
+                                                  ["lumen"]))
+    stream = await client.images.generate(model="qwen-image", prompt="p", stream=True, partial_images=2,
+                                          size="80x64")
+    events = [e async for e in stream]
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    for event in events:
+        im = decode(event.b64_json)
+        assert (f"{im.width}x{im.height}", im.format.lower()) == (event.size, event.output_format), event.type
+        assert event.size == "80x64"
+
+
+async def test_stream_completed_events_say_what_their_image_is(start_proxy, tmp_path, fake_upstream):
+    # Without background, completed events said "auto"; OpenAI's say transparent or opaque, what was made.
+    clear, cut_out = await fake_upstream(), await fake_upstream(always_transparent=True, can_stream=True)
+    cfg = upstream_config(tmp_path, {"clear": openai_provider(clear, clear.api_key),
+                                     "cut": openai_provider(cut_out, cut_out.api_key, stream=True)},
+                          [{"provider": "clear", "model": "qwen-image"}],
+                          cut=[{"provider": "cut", "model": "qwen-image"}])
+    _, client = await start_proxy(cfg)
+    for model, expected in (("qwen-image", "opaque"), ("cut", "transparent")):
+        stream = await client.images.generate(model=model, prompt="p", stream=True, partial_images=1)
+        events = [e async for e in stream]
+        completed = events[-1]
+        assert completed.type == "image_generation.completed"
+        assert completed.background == expected and transparent(decode(completed.b64_json)) == (expected == "transparent")
+        for event in events[:-1]:  # a partial event: the request's setting, as OpenAI's partial events say
+            assert event.background == "auto"

@@ -20,7 +20,7 @@ from aiohttp import web
 from ..errors import ProxyError, UpstreamError
 from ..http.request_log import REQUEST_ID
 from ..http.send import send_or_drop
-from ..media.output import has_transparency, inspect, reencode
+from ..media.output import FinalImage, background_of, has_transparency, inspect, reencode
 from ..media.partials import PartialImage, open_sink
 from ..request import ImageRequest
 from ..telemetry import tracing
@@ -101,7 +101,8 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
                 getter = None
             elif not done:
                 await out.send(b": keepalive\n\n")
-        _, payload = work.result()
+        result, payload = work.result()
+        await background_of(result.images)  # a cache hit's images are looked at now
         while sink is not None and not sink.queue.empty():  # previews that came in with the result
             if (event := await previews.event(sink.queue.get_nowait())) is not None:
                 await out.send(*event)
@@ -111,7 +112,7 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
                      "type": f"{prefix}.completed", "b64_json": item["b64_json"],
                      "created_at": payload["created"],
                      **common, "output_format": payload["output_format"],
-                     "background": payload.get("background", common["background"]),  # what the images are
+                     "background": _background(result.images[i], common["background"]),
                      "revised_prompt": item["revised_prompt"], "usage": NO_USAGE}
             if i == last:  # the request's cost, known only now (the head went out long ago): our own fields
                 completed |= gw.usage.stream_fields()
@@ -142,6 +143,14 @@ async def respond(gw: Gateway, request: web.Request, req: ImageRequest, prefix: 
     return response
 
 
+def _background(image: FinalImage, asked: str) -> str:
+    """A completed event's background: what its own image is (OpenAI's completed events say transparent or
+    opaque, "auto" resolved, whether the request set one or not)."""
+    if image.transparent is None:  # not seen (cannot happen for a stream's base64 images; kept safe)
+        return asked
+    return "transparent" if image.transparent else "opaque"
+
+
 # Token counts mean nothing for a diffusion model; the field is there because the event schema has it.
 NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
             "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
@@ -151,7 +160,9 @@ class _Previews:
     """The partial_image events of one stream: at most partial_images for each of the n images, numbered
     0, 1, ... here (a route retried, or fallen back to, after some previews sends its own from 0 again).
     An upstream's previews are not trusted: one that is not an image, or of an image the request does not
-    have, is skipped; one in another format than the asked one is converted (at its own size)."""
+    have, is skipped; one in another format than the asked one is converted, one of another size fitted to
+    the requested size (the event's `size`, as the final image is fitted), one with transparent pixels
+    under background "opaque" flattened, as the final image is."""
 
     def __init__(self, req: ImageRequest, prefix: str, common: dict, max_pixels: int) -> None:
         self.req, self.prefix, self.common, self.max_pixels = req, prefix, common, max_pixels
@@ -179,8 +190,12 @@ class _Previews:
         try:
             info = inspect(data, self.max_pixels)
             target = self.req.output_format or info.format
-            if target != info.format:  # the preview's own size: it is a preview
-                data = reencode(data, info, target, self.req.output_compression, (info.width, info.height)).data
+            size = (self.req.width, self.req.height)
+            # OpenAI's partial events carry the requested image's size, and its previews have it; an upstream's
+            # smaller previews would draw in a corner of a client's canvas laid out from `size`.
+            opaque = self.req.background == "opaque" and has_transparency(data)
+            if target != info.format or (info.width, info.height) != size or opaque:
+                data = reencode(data, info, target, self.req.output_compression, size, opaque).data
             background = self.common["background"]
             if self.req.background is not None:
                 background = "transparent" if has_transparency(data) else "opaque"

@@ -93,11 +93,7 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
     """Encode a Pillow image in fmt; compression is OpenAI's output_compression (100 = best quality)."""
     out = io.BytesIO()
     if fmt == "jpeg" and im.mode != "RGB":
-        # JPEG has no alpha: flatten on white rather than on black.
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        rgba = im.convert("RGBA")
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        im = background
+        im = flatten(im)  # JPEG has no alpha: on white rather than on black
     elif fmt in ("webp", "avif") and im.mode not in ("RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in im.getbands() or im.mode == "P" else "RGB")
     kwargs: dict = {}
@@ -113,6 +109,15 @@ def encode_image(im: Image.Image, fmt: str, compression: int | None) -> bytes:
         kwargs["speed"] = 8
     im.save(out, format=fmt.upper(), **kwargs)
     return out.getvalue()
+
+
+def flatten(im: Image.Image) -> Image.Image:
+    """The image on white, without alpha: what an image with transparent pixels becomes where the client
+    asked for an opaque one (or a format without alpha). White, as JPEG conversions have always been here."""
+    background = Image.new("RGB", im.size, (255, 255, 255))
+    rgba = im.convert("RGBA")
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
 
 
 def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -190,13 +195,16 @@ def convert(
 
 
 def reencode(data: bytes, info: ImageInfo, target: str | None, compression: int | None,
-             size: tuple[int, int]) -> Encoded:
-    """Decode checked image bytes in full and encode them in the target format at exactly `size`."""
+             size: tuple[int, int], opaque: bool = False) -> Encoded:
+    """Decode checked image bytes in full and encode them in the target format at exactly `size`
+    (`opaque`: flattened on white)."""
     target = target or info.format
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             im = opened if opened.size == tuple(size) else fit(opened, size)
+            if opaque:
+                im = flatten(im)
             return Encoded(encode_image(im, target, compression), target, *im.size)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None
@@ -263,8 +271,8 @@ class FinalImage:
     b64: str | bytes | memoryview | None = None
     # An upstream URL handed on untouched (store.rehost_upstream_urls: false and nothing to convert).
     url: str | None = None
-    # Whether a pixel is not fully opaque (has_transparency); None: not looked at (the request asked no
-    # background, or the image is a URL handed on unseen).
+    # Whether a pixel is not fully opaque (has_transparency); None: not looked at (a request without stream
+    # that asked no background, or the image is a URL handed on unseen).
     transparent: bool | None = None
 
     @property
@@ -333,25 +341,44 @@ async def finish_images(images: list[GeneratedImage], req: ImageRequest, *, fetc
             with tracing.span("image.convert", {"qip.to_format": req.output_format,
                                                 "qip.compression": req.output_compression}):
                 final = await asyncio.to_thread(_converted, img, checked, info, req)
-        if req.background is not None:  # the answer's `background` says what the image is, not what was asked
+        # The answer's `background` (and a stream's completed events, which always carry one) says what the
+        # image is, not what was asked. Nothing is decoded for an image without alpha (its header says so).
+        if req.background is not None or req.stream:
             data = final.data if final.data is not None else checked
-            final.transparent = await run_cpu(len(data), has_transparency, data)
+            final.transparent = await is_transparent(data)
+            if final.transparent and req.background == "opaque":
+                # The client asked for an opaque image and the route made transparent pixels: flattened
+                # here, in its format and size (what a route lacks, the proxy emulates).
+                enc = await asyncio.to_thread(reencode, data, info, final.format, req.output_compression,
+                                              (req.width, req.height), True)
+                final = FinalImage(enc.data, enc.format, img.seed, img.revised_prompt, transparent=False)
         return final
 
     return await gather_or_cancel([one(img) for img in images])
 
 
-def has_transparency(data: bytes) -> bool:
+def has_transparency(data: bytes, header_only: bool = False) -> bool:
     """Whether a checked image has a pixel that is not fully opaque. One without alpha (or a transparent
-    colour) is known from its header; only one with it is decoded (CPU: off the event loop when large)."""
+    colour) is known from its header; only one with it is decoded (CPU: off the event loop).
+    `header_only`: True for one with alpha, without decoding it (whether it may have such a pixel)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             if "A" not in im.getbands() and "transparency" not in im.info:
                 return False
+            if header_only:
+                return True
             low, _ = im.convert("RGBA").getchannel("A").getextrema()  # one band: two numbers
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UpstreamError(f"the route returned an image that does not decode ({type(e).__name__})") from None
     return bool(low < 255)  # type: ignore[operator]  # (typed for several bands)
+
+
+async def is_transparent(data: bytes) -> bool:
+    """has_transparency from the event loop: the header is read there (most images have no alpha: done), the
+    pixels in a thread. Not by file size: a 6 KB PNG can be a 1024x1024 picture, ~20 ms of decoding."""
+    if not has_transparency(data, header_only=True):
+        return False
+    return await asyncio.to_thread(has_transparency, data)
 
 
 async def background_of(images: list[FinalImage]) -> str | None:
@@ -359,7 +386,7 @@ async def background_of(images: list[FinalImage]) -> str | None:
     None when one was not seen (an upstream URL handed on)."""
     for img in images:
         if img.transparent is None and img.data is not None:  # from the seeded-request cache: not yet looked at
-            img.transparent = await run_cpu(len(img.data), has_transparency, img.data)
+            img.transparent = await is_transparent(img.data)
     if any(img.transparent is None for img in images):
         return None
     return "transparent" if all(img.transparent for img in images) else "opaque"
