@@ -118,7 +118,8 @@ async def test_partials_from_an_upstream_that_streams(start_proxy, aiohttp_serve
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert streaming.stream_calls == 1 and streaming.image_bodies[0]["stream"] is True
     decoded(events[-1].b64_json, "png")
-    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (16, 16)  # the upstream's preview
+    # The upstream's 16x16 preview, fitted to the size its event names (OpenAI's: the requested image's).
+    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (64, 64) and events[0].size == "64x64"
     assert events[-1].revised_prompt == "p, revised by the fake"
 
     # An upstream that cannot stream: the completed event only, and it was asked without stream.
