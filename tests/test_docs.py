@@ -280,3 +280,15 @@ def test_the_home_page_and_the_readme_list_every_page():
     readme = (ROOT / "README.md").read_text()
     assert [p for p in pages if p != "index.md" and f"({p})" not in index] == []
     assert [p for p in pages if p != "index.md" and f"(docs/{p})" not in readme] == []
+
+
+def test_the_collector_header_rule_is_the_one_the_code_applies():
+    # observability.md said every value of the collector's headers was a secret (it would cut a tenant name
+    # out of every log line); only credential-named headers and long values are. Both pages name the words.
+    from proxy.config import _SECRET_HEADER
+
+    words = _SECRET_HEADER.pattern.split("|")
+    phrase = ", ".join(words[:-1]) + " or " + words[-1]
+    for page in ("security.md", "observability.md"):
+        text = " ".join((ROOT / "docs" / page).read_text().split())
+        assert phrase in text and "20 characters or more" in text, page

@@ -303,6 +303,18 @@ async def test_redis_down_refuses_what_it_cannot_count_and_says_so(
         # The key without limits needs no shared state.
         assert len((await free.images.generate(model=MODEL, prompt="a kite", size="64x64")).data) == 1
         assert (await free.chat.completions.create(**chat)).choices[0].message.content == "echo: hi"
+        # Background jobs live in that Redis too (docs/scaling-out.md's table): whatever the key, a submit and
+        # every /v1/images/jobs call are 503 job_store_unavailable.
+        with pytest.raises(openai.APIStatusError) as refused:
+            await free.images.generate(model=MODEL, prompt="a kite", size="64x64", extra_body={"background": True})
+        assert refused.value.status_code == 503 and refused.value.body["code"] == "job_store_unavailable"
+        headers = {"Authorization": "Bearer key-free"}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            job = "/v1/images/jobs/imgjob_" + "0" * 24
+            for method, path in (("GET", "/v1/images/jobs"), ("GET", job), ("POST", f"{job}/cancel"),
+                                 ("DELETE", job)):
+                async with s.request(method, server.make_url(path)) as r:
+                    assert (r.status, (await r.json())["error"]["code"]) == (503, "job_store_unavailable"), path
 
         redis_server.start()
         started = time.monotonic()
