@@ -28,20 +28,30 @@ def redis_jobs_config(tmp_path, redis_url: str, fake, **jobs) -> dict:
     return cfg
 
 
+async def submit_to_each_in_turn(proxies, count: int, **fields) -> list[str]:
+    """`count` jobs of vendor-image (prompts p0, p1, ...) submitted to the proxies in turn; their ids."""
+    ids = []
+    for i in range(count):
+        status, _, job = await submit(proxies[i % len(proxies)][1], model="vendor-image", prompt=f"p{i}", **fields)
+        assert status == 202
+        ids.append(job["id"])
+    return ids
+
+
+async def wait_completed_through_another(proxies, ids: list[str]) -> None:
+    """Each job (submitted by submit_to_each_in_turn) completes, read through a proxy that did not take it in."""
+    for i, job_id in enumerate(ids):
+        done = await wait_done(proxies[(i + 1) % len(proxies)][0], job_id)
+        assert done["status"] == "completed", done["error"]
+
+
 async def test_two_proxies_run_each_of_30_jobs_once(start_proxy, tmp_path, aiohttp_server, redis_server):  # noqa: F811
     fake = await FakeOpenAIUpstream(delay=0.05).start(aiohttp_server)
     receiver = await Receiver().start(aiohttp_server)
     proxies = [await start_proxy(redis_jobs_config(tmp_path / name, redis_server.url, fake, workers=3))
                for name in ("a", "b")]
-    ids = []
-    for i in range(30):
-        server, client = proxies[i % 2]
-        status, _, job = await submit(client, model="vendor-image", prompt=f"p{i}", webhook_url=receiver.url)
-        assert status == 202
-        ids.append(job["id"])
-    for i, job_id in enumerate(ids):
-        done = await wait_done(proxies[(i + 1) % 2][0], job_id)  # read through the other proxy
-        assert done["status"] == "completed", done["error"]
+    ids = await submit_to_each_in_turn(proxies, 30, webhook_url=receiver.url)
+    await wait_completed_through_another(proxies, ids)
     prompts = Counter(r.json["prompt"] for r in fake.requests)
     assert prompts == Counter({f"p{i}": 1 for i in range(30)})  # each run exactly once
     arrivals = await receiver.wait_for(30)
@@ -104,13 +114,7 @@ async def test_two_proxies_hold_a_keys_budget_for_jobs_together(start_proxy, tmp
         cfg = redis_jobs_config(tmp_path / name, redis_server.url, fake)
         cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
         proxies.append(await start_proxy(cfg))
-    ids = []
-    for i in range(3):
-        status, _, job = await submit(proxies[i % 2][1], model="vendor-image", prompt=f"p{i}")
-        assert status == 202
-        ids.append(job["id"])
-    for i, job_id in enumerate(ids):
-        assert (await wait_done(proxies[(i + 1) % 2][0], job_id))["status"] == "completed"
+    await wait_completed_through_another(proxies, await submit_to_each_in_turn(proxies, 3))
     for server, client in proxies:
         with pytest.raises(RateLimitError) as info:
             await submit(client, model="vendor-image")

@@ -205,6 +205,16 @@ class SlowUpstream:
         return self
 
 
+def serve(cfg: dict, tmp_path) -> tuple[subprocess.Popen, Path]:
+    """`python -m proxy serve` started on cfg, written to tmp_path/models.yaml (returned too); its log in
+    proc.stdout. wait_listening() until it takes requests."""
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, path
+
+
 def start_serving(tmp_path, upstream_url: str, grace: float) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = base_config(tmp_path)
@@ -212,10 +222,7 @@ def start_serving(tmp_path, upstream_url: str, grace: float) -> tuple[subprocess
     cfg["size_tables"]["small"] = SMALL_SIZES
     cfg["providers"]["slow"] = {"kind": "openai", "base_url": upstream_url, "api_key": "k", "timeout": 60}
     cfg["models"]["qwen-image"] = {"sizes": "small", "routes": ["slow"]}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, _ = serve(cfg, tmp_path)
     return proc, port
 
 

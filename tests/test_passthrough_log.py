@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import aiohttp
 import openai
 import pytest
-import yaml
 from openai import AsyncOpenAI
 from yarl import URL
 
 from .conftest import base_config
 from .fake_openai_upstream import FakeOpenAIUpstream, free_port
 from .otlp_receiver import OtlpReceiver
-from .test_lifecycle import ROOT, wait_exit, wait_listening
+from .test_lifecycle import serve, wait_exit, wait_listening
 from .test_passthrough_hostile import raw_upstream
 
 PT_KEY = "sk-pt-log-key-61d0c3"
@@ -169,10 +165,7 @@ async def test_serve_writes_passthrough_lines_as_json(tmp_path, aiohttp_server):
     port = free_port()
     cfg = pt_config(tmp_path, f"{up.url}/v1", port=port, log_format="json")
     cfg["telemetry"] = {"otlp_endpoint": receiver.url}
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc, _ = serve(cfg, tmp_path)
     try:
         await wait_listening(port, proc)
         async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=PROXY_KEY, max_retries=0) as client:

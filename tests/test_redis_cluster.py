@@ -22,12 +22,17 @@ from .fake_openai_upstream import FakeOpenAIUpstream
 from .services import free_port, redis_cluster, redis_cluster_session, redis_server  # noqa: F401
 from .test_idempotency import BODY, CountingPlaceholder, edit_config, post
 from .test_jobs_e2e import KEY, MODEL, http, jobs_config, submit, wait_done, with_vendor
-from .test_usage_cache import seeded
+from .test_jobs_redis import submit_to_each_in_turn, wait_completed_through_another
+from .test_usage_cache import seeded, two_proxies_sharing_a_cache
 from .test_usage_e2e import client_for, usage_config
 
 
+def cluster_state(url: str, **state) -> dict:
+    return {"redis_url": url, "redis_cluster": True, "socket_timeout": 1, **state}
+
+
 def clustered(cfg: dict, url: str, **state) -> dict:
-    cfg["state"] = {"redis_url": url, "redis_cluster": True, "socket_timeout": 1, **state}
+    cfg["state"] = cluster_state(url, **state)
     return cfg
 
 
@@ -159,14 +164,8 @@ async def test_budgets_shared_and_seeded_from_the_ledger_on_a_cluster(start_prox
 
 async def test_seeded_cache_shared_on_a_cluster(start_proxy, aiohttp_server, tmp_path, redis_cluster):  # noqa: F811
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
-    servers = []
-    for i in range(2):
-        cfg = clustered(usage_config(tmp_path / f"p{i}", vendor.url), redis_cluster.url)
-        cfg["store"]["path"] = str(tmp_path / "shared-images")
-        cfg["models"]["vendor-image"]["cache"] = {"scope": "shared", "max_mb": 1}
-        server, _ = await start_proxy(cfg)
-        servers.append(server)
-    a, b = client_for(servers[0], "sk-alice-0000000000"), client_for(servers[1], "sk-bob-0000000000")
+    a, b = await two_proxies_sharing_a_cache(start_proxy, tmp_path, vendor.url, cluster_state(redis_cluster.url),
+                                             max_mb=1)
     try:
         first = await seeded(a, seed=11)
         calls = len(vendor.image_calls)
@@ -186,14 +185,8 @@ async def test_background_jobs_shared_by_two_proxies_on_a_cluster(start_proxy, t
         cfg = clustered(with_vendor(jobs_config(tmp_path / name, workers=2), fake), redis_cluster.url)
         cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 12}
         proxies.append(await start_proxy(cfg))
-    ids = []
-    for i in range(12):
-        status, _, job = await submit(proxies[i % 2][1], model="vendor-image", prompt=f"p{i}")
-        assert status == 202
-        ids.append(job["id"])
-    for i, job_id in enumerate(ids):
-        done = await wait_done(proxies[(i + 1) % 2][0], job_id)  # read through the other proxy
-        assert done["status"] == "completed", done["error"]
+    ids = await submit_to_each_in_turn(proxies, 12)
+    await wait_completed_through_another(proxies, ids)
     assert Counter(r.json["prompt"] for r in fake.requests) == Counter({f"p{i}": 1 for i in range(12)})
     # The budget is spent (12 images): one more is refused by either proxy, jobs and calls alike.
     with pytest.raises(RateLimitError) as info:

@@ -32,6 +32,20 @@ async def seeded(client, seed=None, prompt="a fox", fmt="b64_json", headers=None
         extra_headers=headers)
 
 
+async def two_proxies_sharing_a_cache(start_proxy, tmp_path, vendor_url: str, state: dict, **cache):
+    """Two proxies with one image store and a shared seeded cache indexed in `state` (a Redis): a client
+    for alice on the first, one for bob on the second."""
+    servers = []
+    for i in range(2):
+        cfg = usage_config(tmp_path / f"p{i}", vendor_url)
+        cfg["store"]["path"] = str(tmp_path / "shared-images")
+        cfg["state"] = dict(state)
+        cfg["models"]["vendor-image"]["cache"] = {"scope": "shared", **cache}
+        server, _ = await start_proxy(cfg)
+        servers.append(server)
+    return client_for(servers[0], "sk-alice-0000000000"), client_for(servers[1], "sk-bob-0000000000")
+
+
 async def test_seeded_repeat_is_a_hit(start_proxy, aiohttp_server, tmp_path):
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
     cfg = usage_config(tmp_path, vendor.url)
@@ -130,15 +144,7 @@ async def test_without_cache_config_a_seeded_repeat_goes_upstream(start_proxy, a
 async def test_two_proxies_share_the_cache_through_redis(start_proxy, aiohttp_server, tmp_path, redis_server):  # noqa: F811
     """With state.redis_url and one image store, a seeded request made on one proxy is a hit on another."""
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
-    servers = []
-    for i in range(2):
-        cfg = usage_config(tmp_path / f"p{i}", vendor.url)
-        cfg["store"]["path"] = str(tmp_path / "shared-images")
-        cfg["state"] = {"redis_url": redis_server.url}
-        cfg["models"]["vendor-image"]["cache"] = {"scope": "shared"}
-        server, _ = await start_proxy(cfg)
-        servers.append(server)
-    a, b = client_for(servers[0], "sk-alice-0000000000"), client_for(servers[1], "sk-bob-0000000000")
+    a, b = await two_proxies_sharing_a_cache(start_proxy, tmp_path, vendor.url, {"redis_url": redis_server.url})
     try:
         first = await seeded(a, seed=11)
         calls = len(vendor.image_calls)

@@ -12,13 +12,10 @@ import io
 import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
-import yaml
 from openai import APIStatusError, AsyncOpenAI, RateLimitError
 from PIL import Image
 
@@ -26,7 +23,7 @@ from proxy.app import GATEWAY
 
 from .conftest import base_config
 from .fake_openai_upstream import SMALL_SIZES, FakeOpenAIUpstream, free_port
-from .test_lifecycle import ROOT, SlowUpstream, wait_exit, wait_listening
+from .test_lifecycle import SlowUpstream, serve, wait_exit, wait_listening
 
 KEYS = [{"name": "alice", "key": "sk-alice-0000000000"}, {"name": "bob", "key": "sk-bob-0000000000"},
         {"name": "ops", "key": "sk-admin-000000000", "admin": True}]
@@ -318,10 +315,7 @@ async def test_sigterm_writes_what_is_queued(aiohttp_server, tmp_path):
     cfg["providers"]["slow"] = {"kind": "openai", "base_url": up.url, "api_key": "k", "timeout": 60}
     cfg["models"]["qwen-image"] = {"sizes": "small", "routes": [{"provider": "slow", "price": {"per_image": 0.05}}]}
     cfg["usage"]["flush_seconds"] = 3600
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, _ = serve(cfg, tmp_path)
     try:
         await wait_listening(port, proc)
         client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)

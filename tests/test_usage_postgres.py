@@ -24,6 +24,26 @@ async def ledger_rows(server) -> list:
     return await usage.writer.backend.query(0, time.time() + 10)
 
 
+async def budget_proxy(start_proxy, aiohttp_server, tmp_path, database_url: str,
+                       images_per_day: dict[str, int] | None = None, **usage):
+    """A proxy whose keys have budgets counted in PostgreSQL: images_per_day by key name (alice and bob 100
+    unless given), `usage` more of the usage section. post(key) -> (status, body) of one generation."""
+    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
+    cfg = usage_config(tmp_path, vendor.url)
+    for name, count in (images_per_day or {"alice": 100, "bob": 100}).items():
+        (key,) = [k for k in cfg["server"]["api_keys"] if k["name"] == name]
+        key["budget"] = {"images_per_day": count}
+    cfg["usage"] = {"database_url": database_url, **usage}
+    server, _ = await start_proxy(cfg)
+    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
+
+    async def post(key: str) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
+                                                        headers={"Authorization": f"Bearer {key}"}) as r:
+            return r.status, await r.json()
+    return server, post
+
+
 async def test_postgres_down_mid_run(start_proxy, aiohttp_server, tmp_path, postgres_server):  # noqa: F811
     vendor = await FakeOpenAIUpstream().start(aiohttp_server)
     cfg = usage_config(tmp_path, vendor.url)
@@ -197,18 +217,8 @@ async def test_postgres_budget_counters_down_is_503_not_unchecked(start_proxy, a
                                                                   postgres_server):  # noqa: F811
     """The counters' database away: a key with a budget gets 503 state_unavailable (never an unchecked
     pass), a key without one is served; once it is back, the budget is checked again."""
-    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
-    cfg = usage_config(tmp_path, vendor.url)
-    cfg["server"]["api_keys"][0]["budget"] = {"images_per_day": 3}
-    cfg["usage"] = {"database_url": postgres_server.url, "write_timeout": 1}
-    server, _ = await start_proxy(cfg)
-    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
-
-    async def post(key: str) -> tuple[int, dict]:
-        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
-                                                        headers={"Authorization": f"Bearer {key}"}) as r:
-            return r.status, await r.json()
-
+    _, post = await budget_proxy(start_proxy, aiohttp_server, tmp_path, postgres_server.url,
+                                 images_per_day={"alice": 3}, write_timeout=1)
     assert (await post("sk-alice-0000000000"))[0] == 200
     postgres_server.stop()
     status, answer = await post("sk-alice-0000000000")
@@ -258,23 +268,6 @@ async def test_a_hanging_budget_database_fails_fast_not_in_turn():
             w.close()
         server.close()
         await server.wait_closed()
-
-
-async def budget_proxy(start_proxy, aiohttp_server, tmp_path, database_url: str):
-    """A proxy whose keys alice and bob have budgets counted in PostgreSQL; post(key) -> (status, body)."""
-    vendor = await FakeOpenAIUpstream().start(aiohttp_server)
-    cfg = usage_config(tmp_path, vendor.url)
-    for key in cfg["server"]["api_keys"][:2]:
-        key["budget"] = {"images_per_day": 100}
-    cfg["usage"] = {"database_url": database_url}
-    server, _ = await start_proxy(cfg)
-    body = {"model": "qwen-image-placeholder", "prompt": "a fox", "size": "1024x1024"}
-
-    async def post(key: str) -> tuple[int, dict]:
-        async with aiohttp.ClientSession() as s, s.post(server.make_url("/v1/images/generations"), json=body,
-                                                        headers={"Authorization": f"Bearer {key}"}) as r:
-            return r.status, await r.json()
-    return server, post
 
 
 async def test_a_locked_budget_counter_holds_up_only_its_own_key(start_proxy, aiohttp_server, tmp_path,

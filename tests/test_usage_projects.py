@@ -16,7 +16,6 @@ from collections import defaultdict
 
 import aiohttp
 import pytest
-import yaml
 from openai import AsyncOpenAI
 
 from proxy.config import ConfigError, parse_config
@@ -28,7 +27,7 @@ from .conftest import base_config
 from .fake_openai_upstream import free_port
 from .services import postgres_server  # noqa: F401
 from .test_jobs_e2e import wait_done
-from .test_lifecycle import ROOT, wait_exit, wait_listening
+from .test_lifecycle import ROOT, serve, wait_exit, wait_listening
 
 # The ledger as version 0.1 made it (proxy/usage/schema.py then): no project_id, no user_id.
 V1_CREATE = [
@@ -161,10 +160,7 @@ async def test_cost_per_project_from_a_running_serve_on_an_old_sqlite_ledger(tmp
     port = free_port()
     cfg = projects_config(tmp_path)
     cfg["server"]["port"] = port
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, path = serve(cfg, tmp_path)
     try:
         await wait_listening(port, proc)
         base = f"http://127.0.0.1:{port}"
