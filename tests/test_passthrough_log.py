@@ -10,6 +10,7 @@ import signal
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from openai import AsyncOpenAI
 from yarl import URL
 
@@ -187,3 +188,49 @@ async def test_serve_writes_passthrough_lines_as_json(tmp_path, aiohttp_server):
         assert e["status"] == 200 and e["outcome"] == "ok" and e["key"] == "team-a" and e["method"] == "POST"
         assert isinstance(e["duration_ms"], int) and e["level"] == "info" and len(e["trace_id"]) == 32
     assert PT_KEY not in output and PROXY_KEY not in output
+
+
+async def test_a_body_over_the_limit_is_logged_as_the_413_with_or_without_a_length(start_proxy, tmp_path,
+                                                                                   aiohttp_server, caplog):
+    """A sized body over server.max_body_mb is refused before the upstream is called (route=- attempts=0); a
+    chunked one cannot be judged before it is read, so it was streamed upstream and cut at the limit: the
+    client gets the same 413, the upstream a request that never ended, and the line says it was called."""
+    caplog.set_level("INFO", logger="proxy.requests")
+    got: list[tuple[int, bool]] = []  # (bytes the upstream read, whether the body ended)
+
+    async def reader(request: web.Request) -> web.Response:
+        read, ended = 0, False
+        try:
+            async for chunk in request.content.iter_any():
+                read += len(chunk)
+            ended = True
+        finally:
+            got.append((read, ended))
+        return web.json_response({"read": read})
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", reader)
+    up = await aiohttp_server(upstream)
+    server, _ = await start_proxy(pt_config(tmp_path, str(up.make_url("/v1")), max_body_mb=0.01), api_key=PROXY_KEY)
+    limit = int(0.01 * 1024 * 1024)
+
+    async def chunked():
+        for _ in range(40):  # 40,000 bytes in 1,000-byte chunks, no Content-Length
+            yield b"x" * 1000
+            await asyncio.sleep(0.002)
+
+    url, auth = server.make_url("/v1/chat/completions"), {"Authorization": f"Bearer {PROXY_KEY}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, data=b"x" * 40000, headers=auth) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
+        async with s.post(url, data=chunked(), headers=auth) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
+    sized, streamed = await lines(caplog, 2)
+    assert (sized["route"], sized["attempts"], sized["status"]) == ("-", "0", "413")
+    assert (streamed["route"], streamed["attempts"], streamed["status"]) == ("passthrough", "1", "413")
+    assert streamed["outcome"] == sized["outcome"] == "client_error"
+    for _ in range(100):  # the upstream's handler ends once the cut connection reaches it
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    assert len(got) == 1 and got[0][0] <= limit and not got[0][1]  # the chunked one only, cut at the limit

@@ -332,3 +332,30 @@ async def test_the_database_password_stays_out_of_pool_logs(start_proxy, aiohttp
     assert "s3cret" not in str(answer)
     assert "percent-encoded" in caplog.text  # the pool did log the failure
     assert "s3cret" not in caplog.text
+
+
+async def test_closed_budget_counters_refuse_without_a_new_pool(postgres_server):  # noqa: F811
+    """A budget check or settlement after close() (the shutdown; a request answered late in the drain)
+    is refused with the shutdown's 503, and opens no new pool: one did, and nothing ever closed it."""
+    import psycopg
+
+    from proxy.errors import ShuttingDown
+    from proxy.usage.budgets import Hold, periods
+    from proxy.usage.postgres_spend import PostgresSpend
+
+    spend = PostgresSpend(postgres_server.url)
+    await spend.start()
+    day, month, _, _ = periods(time.time())
+    hold = Hold("alice", day, month, 1, 0)
+    assert await spend.reserve(hold, (3, -1, -1)) is None
+    await spend.close()
+    for late in (spend.reserve(hold, (3, -1, -1)), spend.add(hold, 1, 0), spend.floor({("alice", day, "img"): 1})):
+        with pytest.raises(ShuttingDown) as info:
+            await late
+        answer = info.value.to_response()
+        assert answer.status == 503 and info.value.code == "shutting_down"
+    assert spend._pool is None
+    async with await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as admin:
+        cur = await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                                  "AND backend_type = 'client backend'")
+        assert (await cur.fetchone())[0] == 0  # no connection of the closed counters' is left open

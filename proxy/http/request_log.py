@@ -101,7 +101,8 @@ def log_passthrough(*, request_id: str, trace_id: str, key: Any, method: str, pa
                     seconds: float, outcome: str, called: bool, scrub: Callable[[str], str]) -> None:
     """The log line of a call forwarded to the passthrough upstream (written once its answer has ended,
     streams included): the image line's fields with model=- (the body goes on unread), route=passthrough and
-    attempts=1 (route=- and attempts=0 when it was refused before the upstream was called), then method. Counted in /metrics elsewhere
+    attempts=1 (route=- and attempts=0 when it was refused before the upstream was called; a chunked body cut
+    at the size limit was called, and says so beside its 413), then method. Counted in /metrics elsewhere
     (qip_passthrough_requests_total). `path` is the client's, `scrub` what removes secrets from it; `key` as
     in log_request."""
     if not access_log.isEnabledFor(logging.INFO):

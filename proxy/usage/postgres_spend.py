@@ -17,6 +17,7 @@ import select
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ShuttingDown
 from ..state.shared import StateUnavailable
 from .budgets import Hold, over, periods
 
@@ -63,6 +64,7 @@ def spent_before(rows: list[tuple[str, str, int]], hold: Hold) -> tuple[int, int
 
 
 UNAVAILABLE = "The proxy's budget counters (PostgreSQL) are unavailable; retry shortly."
+CLOSED = "The server is shutting down; retry on another instance."
 
 
 def _gone(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -110,6 +112,7 @@ class PostgresSpend:
         self._down = False
         self._probing = False
         self._created = False
+        self._closed = False
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._opening, self._creating = asyncio.Lock(), asyncio.Lock()
         self._slow: tuple[type[Exception], ...] = (TimeoutError,)  # and the pool's PoolTimeout, once imported
@@ -121,6 +124,9 @@ class PostgresSpend:
             log.warning("budgets: PostgreSQL is not reachable at start-up; budget checks answer 503 until it is")
 
     async def close(self) -> None:
+        # For good: a check or a settlement that comes after the shutdown (a request answered late in the
+        # drain) is refused, not served by a new pool that nothing would close.
+        self._closed = True
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with contextlib.suppress(Exception):
@@ -132,6 +138,8 @@ class PostgresSpend:
         async with self._opening:
             if self._pool is not None:
                 return self._pool
+            if self._closed:
+                raise ShuttingDown(CLOSED, retry_after=1)
             # optional dependency: pip install qwen-image-proxy[postgres]
             from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -149,6 +157,9 @@ class PostgresSpend:
                 # database that is back is used again within seconds.
                 reconnect_timeout=2 * self.timeout)
             await pool.open()
+            if self._closed:  # closed while this one opened: nothing would close it later
+                await pool.close(timeout=1)
+                raise ShuttingDown(CLOSED, retry_after=1)
             self._slow = (TimeoutError, PoolTimeout)
             self._pool = pool
             return pool
@@ -167,7 +178,9 @@ class PostgresSpend:
     async def _run(self, step: Any, *args: Any) -> Any:
         """One step on a pooled connection, under the timeout; any failure is a StateUnavailable (503). After
         a timeout, the steps answer that 503 at once, but one at a time (at most one every `retry_after` s),
-        which tries the database, until one succeeds."""
+        which tries the database, until one succeeds. Closed: ShuttingDown (503 shutting_down), no connection."""
+        if self._closed:
+            raise ShuttingDown(CLOSED, retry_after=1)
         probe = self._down
         if probe:
             if self._probing or time.monotonic() < self._down_until:
@@ -183,6 +196,8 @@ class PostgresSpend:
                             break
             self._down = False
             return result
+        except ShuttingDown:  # closed meanwhile: not the database's failure
+            raise
         except Exception as e:  # noqa: BLE001 - the URL may carry a password: only the error's type
             log.warning("budgets: PostgreSQL call failed: %s", type(e).__name__ if not isinstance(e, ImportError)
                         else f"{e.name} is not installed (pip install 'qwen-image-proxy[postgres]')")
