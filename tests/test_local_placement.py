@@ -223,6 +223,24 @@ def test_plan_of_a_cpu_route_says_float32_and_no_gpu_placement(tmp_path, tiny_di
     assert "float32" in text and "bfloat16" not in text and "runs on the CPU" in text and "auto picks" not in text
 
 
+def test_plan_of_a_cpu_route_is_for_the_largest_image_its_model_allows(tmp_path, tiny_dir, capsys):
+    # Nothing is planned when a CPU route loads; planned at the engine's default max_pixels (4 x 2656x2656)
+    # the shipped tiny model's plan said 20.2 GiB of RAM, where a generation at its largest size uses ~1 GiB.
+    from proxy.cli import main
+    from proxy.config import load_config
+
+    cfg = base_config(tmp_path)
+    cfg["providers"]["local"] = {"kind": "diffusers", "model": str(tiny_dir), "device": "cpu"}  # no max_pixels
+    cfg["models"]["tiny"] = {"sizes": "tiny", "routes": ["local"]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["plan", "--config", str(path), "--model", "tiny", "--json"])
+    (route,) = json.loads(capsys.readouterr().out)["routes"]
+    allowed = load_config(path).size_table("tiny").pixel_limit
+    assert route["size"][0] * route["size"][1] <= allowed < (route["size"][0] + 16) * (route["size"][1] + 16)
+    assert route["ram"] < 2 * 1024**3
+
+
 @pytest.mark.parametrize("gpu_gib", [12, 68])
 def test_plan_picks_what_the_load_picks(tmp_path, capsys, monkeypatch, gpu_gib):
     # plan planned for the model's size table (2048x2048) while the load plans for the route's own
