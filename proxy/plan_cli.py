@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import NoReturn
 
 from local_backend import EngineConfig, EngineError
@@ -56,16 +57,14 @@ def _budget(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _cpu_size(config: Config, model: str, engine_config: EngineConfig) -> tuple[int, int] | None:
-    """The size a `device: cpu` route is planned at: the largest image its model's size table lets a request
-    ask for, within the engine's max_pixels. Nothing is planned when a CPU route loads, so the engine's own
-    limit (2656x2656 by default) only made the shipped tiny model's plan say 20 GiB for ~1 GiB used.
-    None (the engine's max_pixels, as it plans when it loads): a GPU route, or a model named by repo id."""
+def _as_planned(config: Config, model: str, engine_config: EngineConfig) -> EngineConfig:
+    """The engine config a route is planned with. A `device: cpu` route: capped at the largest image its
+    model's size table lets a request ask for. Nothing is planned when a CPU route loads, so the engine's
+    own limit (2656x2656 by default) only made the shipped tiny model's plan say 20 GiB for ~1 GiB used.
+    Any other (a GPU route, a model named by repo id): as it is, the engine's max_pixels, as its load plans."""
     if (engine_config.device or "cuda").split(":")[0] != "cpu" or model not in config.models:
-        return None
-    limit = min(engine_config.max_pixels, config.size_table(model).pixel_limit)
-    side = int((limit ** 0.5) // 16 * 16)
-    return side, side
+        return engine_config
+    return replace(engine_config, max_pixels=min(engine_config.max_pixels, config.size_table(model).pixel_limit))
 
 
 def _on_cpu(e: Estimate) -> dict:
@@ -99,7 +98,7 @@ def run_plan(args: argparse.Namespace, config: Config, providers: dict,
                     path = gguf_file(engine_config.transformer, True)
                 except EngineError:
                     path = None  # not here: its size comes from its type's name
-            e = estimate(engine_config, gguf_path=path, size=_cpu_size(config, args.model, engine_config))
+            e = estimate(_as_planned(config, args.model, engine_config), gguf_path=path)
         except EngineError as err:
             fail(f"{route}: {err}")
         if e.device == "cpu":  # device: cpu: its real dtype and RAM, no GPU placement

@@ -22,7 +22,7 @@ from ..providers import Provider, ProviderContext, build_providers
 from ..request import QUALITIES
 from ..routing.inflight import InFlight
 from ..routing.policy import KeyPolicy
-from ..routing.router import Router, makes_transparency
+from ..routing.router import Router, hands_on
 from ..state.factory import make_state, make_store
 from ..state.idempotency import Idempotency
 from ..telemetry import otel
@@ -52,11 +52,11 @@ class Gateway:
         # and its local routes' quality_tiers), and whether any route may make a transparent background.
         # (None: a route hands `quality` on to an upstream as sent, which judges the value itself.)
         self.qualities: dict[str, frozenset[str] | None] = {
-            name: None if any(r.provider.capabilities.hands_on_fields and "quality" not in r.config.drop
-                              for r in routes) else QUALITIES.union(*(r.provider.qualities for r in routes))
+            name: None if any(hands_on(r, "quality") for r in routes)
+            else QUALITIES.union(*(r.provider.qualities for r in routes))
             for name, routes in self.router.routes.items()}
         self.transparent_models = {name for name, routes in self.router.routes.items()
-                                   if any(makes_transparency(r) for r in routes)}
+                                   if any(hands_on(r, "background") for r in routes)}
         # Pillow's own bomb guard as a backstop at the largest limit the checks ever apply.
         limits = [t.pixel_limit for t in self.size_tables.values()] or [0]
         Image.MAX_IMAGE_PIXELS = max(OutputSettings.max_image_pixels, 4 * max(limits))

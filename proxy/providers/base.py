@@ -30,11 +30,9 @@ class Capabilities:
     masks: bool = False
     # Whether it makes images from text alone (an edit-only model does not).
     generates: bool = True
-    # Whether it may make a transparent background: it hands `background` on to a model that may honour
-    # it. Routes without it make opaque images, and never get a request for a transparent one.
-    transparency: bool = False
-    # Whether the request's other fields (quality, style, vendor options...) go to its upstream as sent: that
-    # upstream, not the proxy, then judges a value the proxy does not know.
+    # Whether the request's other fields (background, quality, style, vendor options...) go to its upstream
+    # as sent: that upstream, not the proxy, then judges a value the proxy does not know, and may make a
+    # transparent background. Routes without it make opaque images (never asked for a transparent one).
     hands_on_fields: bool = False
 
 

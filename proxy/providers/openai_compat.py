@@ -279,8 +279,7 @@ class OpenAICompatProvider(Provider):
             output_compression=True,
             edits=True,
             masks=True,
-            transparency=True,  # `background` is handed on: the upstream's model may make it
-            hands_on_fields=True,
+            hands_on_fields=True,  # `background` and `quality` included: the upstream's model judges them
         )
         self.http: aiohttp.ClientSession | None = None
         # Fixed by the options: built once rather than on every call, as multidicts (aiohttp converts a

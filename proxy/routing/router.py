@@ -86,10 +86,10 @@ def _retries(route: RouteConfig, provider: Provider, routing: RoutingConfig) -> 
     return routing.retries if value is None else int(value)
 
 
-def makes_transparency(route: Route) -> bool:
-    """Whether a route may make a transparent background: its provider hands `background` on (and the
-    route does not drop it)."""
-    return route.provider.capabilities.transparency and "background" not in route.config.drop
+def hands_on(route: Route, field: str) -> bool:
+    """Whether a route's upstream gets `field` as the client sent it (its provider hands fields on, and the
+    route does not drop it): a route that hands `background` on may make a transparent one."""
+    return route.provider.capabilities.hands_on_fields and field not in route.config.drop
 
 
 class Router:
@@ -146,7 +146,7 @@ class Router:
                 raise InvalidRequest(f"The model '{req.model}' edits images: it makes none from text alone. Send "
                                      "the request to /v1/images/edits with the image(s) to edit.", param="model")
         if req.background == "transparent":  # never an opaque image from a route that cannot make it
-            routes = [r for r in routes if makes_transparency(r)]
+            routes = [r for r in routes if hands_on(r, "background")]
             if not routes:  # (a model with no such route at all: a 400 when the request was read)
                 raise ServiceUnavailable(f"No usable route of model '{req.model}' makes transparent backgrounds.",
                                          headers=NO_RETRY)
